@@ -1,0 +1,591 @@
+#!/usr/bin/env python3
+"""Ingest throughput: silverlabel vs img2dataset vs the in-process kernel.
+
+A figure, not a test. Everything runs on this machine over loopback:
+
+1. make a pool of N photo-like JPEGs (~640x480, ``silverlabel.demodata``),
+   serve them from a separate process (``ImageServerProcess``) and write the
+   URL list as ``urls.parquet`` (column ``url``) and ``urls.txt``;
+2. time ``silverlabel ingest urls.parquet -o OUT/silverlabel --workers W
+   --samples-per-shard 250 --no-progress`` (wall clock of the whole command);
+3. time img2dataset (its own venv, ``bench/.venv-img2dataset``, created on
+   first use) on the same URLs with matching settings (keep_ratio, shortest
+   edge 600 only if bigger, JPEG q90, webdataset, 250 per shard, W processes);
+4. time the kernel limit: the same JPEG bytes already in memory, W worker
+   processes doing PIL decode -> (resize shortest edge to 600 if bigger,
+   LANCZOS) -> JPEG q90 encode; no network, no writing;
+5. print a markdown table (and append it, with the command and a machine
+   description, to ``--markdown FILE``).
+
+Usage::
+
+    .venv/bin/python bench/ingest.py --n 2000 --workers 2 --markdown bench/RESULTS.md
+
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+I2D_VENV = BENCH / ".venv-img2dataset"
+I2D_REQUIREMENTS = BENCH / "requirements-img2dataset.txt"
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+
+try:
+    from silverlabel import demodata
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(REPO / "src"))
+    from silverlabel import demodata
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# pool generation (parallel, deterministic)
+# ---------------------------------------------------------------------------
+
+
+def _gen_chunk(args: tuple[int, int, int, int, int]) -> list[tuple[str, bytes]]:
+    start, count, w, h, seed = args
+    return list(demodata.photo_like_images(count, size=(w, h), seed=seed, start=start))
+
+
+def make_pool(n: int, size: tuple[int, int], seed: int, procs: int) -> list[tuple[str, bytes]]:
+    chunk = 50
+    tasks = [(s, min(chunk, n - s), size[0], size[1], seed) for s in range(0, n, chunk)]
+    if procs <= 1:
+        return [item for t in tasks for item in _gen_chunk(t)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        return [item for part in pool.imap(_gen_chunk, tasks) for item in part]
+
+
+# ---------------------------------------------------------------------------
+# URL tables
+# ---------------------------------------------------------------------------
+
+
+def write_url_lists(urls: list[str], directory: Path) -> tuple[Path, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    parquet = directory / "urls.parquet"
+    txt = directory / "urls.txt"
+    pq.write_table(pa.table({"url": pa.array(urls, pa.string())}), parquet)
+    txt.write_text("".join(u + "\n" for u in urls))
+    return parquet, txt
+
+
+# ---------------------------------------------------------------------------
+# counting webdataset output
+# ---------------------------------------------------------------------------
+
+
+def count_wds_images(directory: Path) -> tuple[int, int]:
+    """(#samples with an image member, #tar shards) under ``directory``."""
+    keys: set[str] = set()
+    shards = 0
+    for tar_path in sorted(directory.rglob("*.tar")):
+        shards += 1
+        try:
+            with tarfile.open(tar_path) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base, _, ext = m.name.rpartition(".")
+                    if ext.lower() in IMAGE_EXTS:
+                        keys.add(f"{tar_path}:{base}")
+        except (tarfile.TarError, OSError) as exc:
+            log(f"warning: cannot read {tar_path}: {exc}")
+    return len(keys), shards
+
+
+def i2d_stats(directory: Path) -> dict[str, int]:
+    tot: dict[str, int] = {}
+    for p in directory.glob("*_stats.json"):
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            tot[k] = tot.get(k, 0) + int(st.get(k, 0) or 0)
+    return tot
+
+
+# ---------------------------------------------------------------------------
+# subprocess runner
+# ---------------------------------------------------------------------------
+
+
+def run_timed(cmd: list[str], log_path: Path, env: Optional[dict] = None, timeout: float = 3600) -> tuple[float, int]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as fh:
+        fh.write(("$ " + shlex.join(cmd) + "\n").encode())
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+        dt = time.perf_counter() - t0
+    return dt, proc.returncode
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------
+# silverlabel
+# ---------------------------------------------------------------------------
+
+
+def silverlabel_command(args: argparse.Namespace) -> Optional[list[str]]:
+    if args.silverlabel:
+        return shlex.split(args.silverlabel)
+    exe = Path(sys.executable).parent / "silverlabel"
+    if exe.exists():
+        return [str(exe)]
+    venv_exe = REPO / ".venv" / "bin" / "silverlabel"
+    if venv_exe.exists():
+        return [str(venv_exe)]
+    if (REPO / "src" / "silverlabel" / "cli.py").exists():
+        return [sys.executable, "-m", "silverlabel.cli"]
+    return None
+
+
+def run_silverlabel(base_cmd: list[str], urls_parquet: Path, out: Path, args, tag: str) -> dict[str, Any]:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = base_cmd + [
+        "ingest", str(urls_parquet), "-o", str(out),
+        "--workers", str(args.workers),
+        "--samples-per-shard", str(args.samples_per_shard),
+        "--min-side", "48", "--max-shortest-edge", str(args.max_edge),
+        "--quality", str(args.quality),
+        "--no-progress",
+    ] + shlex.split(args.silverlabel_extra)
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(REPO / "src"))
+    dt, rc = run_timed(cmd, out.parent / "logs" / f"silverlabel-{tag}.log", env=env)
+    ok, shards = count_wds_images(out)
+    return {"seconds": dt, "rc": rc, "successes": ok, "shards": shards, "cmd": cmd,
+            "log": out.parent / "logs" / f"silverlabel-{tag}.log"}
+
+
+# ---------------------------------------------------------------------------
+# img2dataset (own venv)
+# ---------------------------------------------------------------------------
+
+I2D_RUNNER = """
+import json, sys
+cfg = json.loads(sys.argv[1])
+from img2dataset import download
+download(**cfg)
+"""
+
+
+def _find_i2d_python(explicit: Optional[str]) -> str:
+    """img2dataset imports ``imghdr`` (removed in Python 3.13): need <= 3.12."""
+    if explicit:
+        return explicit
+    if sys.version_info < (3, 13):
+        return sys.executable
+    for name in ("python3.12", "python3.11", "python3.10"):
+        p = shutil.which(name)
+        if p:
+            return p
+    raise SystemExit("img2dataset needs Python <= 3.12 (it imports imghdr); pass --i2d-python")
+
+
+def ensure_i2d_venv(python: str) -> Path:
+    py = I2D_VENV / "bin" / "python"
+    if py.exists():
+        probe = subprocess.run([str(py), "-c", "import img2dataset"], capture_output=True,
+                               env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        if probe.returncode == 0:
+            return py
+    log(f"creating {I2D_VENV} with {python} and installing img2dataset (one-off, a few minutes)")
+    subprocess.run([python, "-m", "venv", "--clear", str(I2D_VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["-r", str(I2D_REQUIREMENTS)], check=True)
+    return py
+
+
+def i2d_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "NO_ALBUMENTATIONS_UPDATE": "1",   # albumentations phones home on import otherwise
+        "WANDB_MODE": "disabled",
+        "WANDB_DISABLED": "true",
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    })
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def i2d_config(url_txt: Path, out: Path, args) -> dict[str, Any]:
+    return {
+        "url_list": str(url_txt),
+        "input_format": "txt",
+        "output_folder": str(out),
+        "output_format": "webdataset",
+        "processes_count": args.workers,
+        "thread_count": args.i2d_threads,
+        "distributor": "multiprocessing",
+        "number_sample_per_shard": args.samples_per_shard,
+        "resize_mode": "keep_ratio",
+        "image_size": args.max_edge,
+        "resize_only_if_bigger": True,
+        "encode_quality": args.quality,
+        "encode_format": "jpg",
+        "skip_reencode": False,
+        "disable_all_reencoding": False,
+        "min_image_size": 48,
+        "timeout": args.timeout,
+        "retries": 0,
+        "enable_wandb": False,
+        "compute_hash": None,        # no hashing extras
+        "extract_exif": False,       # no exif extras (cheaper for img2dataset)
+        "disallowed_header_directives": ["noai", "noimageai"],  # same as silverlabel
+        "incremental_mode": "overwrite",
+    }
+
+
+def run_i2d(py: Path, url_txt: Path, out: Path, args, tag: str) -> dict[str, Any]:
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = i2d_config(url_txt, out, args)
+    cmd = [str(py), "-c", I2D_RUNNER, json.dumps(cfg)]
+    logp = out.parent / "logs" / f"img2dataset-{tag}.log"
+    dt, rc = run_timed(cmd, logp, env=i2d_env())
+    ok, shards = count_wds_images(out)
+    st = i2d_stats(out)
+    return {"seconds": dt, "rc": rc, "successes": ok, "shards": shards, "stats": st,
+            "cmd": cmd, "config": cfg, "log": logp}
+
+
+# ---------------------------------------------------------------------------
+# in-process kernel limit
+# ---------------------------------------------------------------------------
+
+_KERNEL_IMAGES: list[bytes] = []
+
+
+def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int]:
+    from PIL import Image
+
+    lo, hi, max_edge, quality = task
+    ok = 0
+    nbytes = 0
+    for i in range(lo, hi):
+        try:
+            im = Image.open(io.BytesIO(_KERNEL_IMAGES[i]))
+            im.load()
+            if im.mode not in ("RGB", "L"):
+                im = im.convert("RGB")
+            w, h = im.size
+            short = min(w, h)
+            if short > max_edge:
+                s = max_edge / short
+                im = im.resize((max(1, round(w * s)), max(1, round(h * s))),
+                               Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=quality)
+            nbytes += buf.tell()
+            ok += 1
+        except Exception:  # noqa: BLE001 - count as failure
+            pass
+    return ok, nbytes
+
+
+def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int) -> dict[str, Any]:
+    global _KERNEL_IMAGES
+    _KERNEL_IMAGES = images  # inherited by forked workers: no pickling of inputs
+    n = len(images)
+    chunk = 20
+    tasks = [(lo, min(n, lo + chunk), max_edge, quality) for lo in range(0, n, chunk)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        # warm-up: imports, first decoder/encoder use, in every worker
+        warm = [(lo, min(n, lo + 5), max_edge, quality) for lo in range(0, min(n, 5 * workers * 2), 5)]
+        list(pool.imap_unordered(_kernel_chunk, warm))
+        t0 = time.perf_counter()
+        results = list(pool.imap_unordered(_kernel_chunk, tasks))
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "rc": 0, "successes": sum(r[0] for r in results),
+            "out_bytes": sum(r[1] for r in results)}
+
+
+# ---------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        nproc = str(len(os.sched_getaffinity(0)))
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f", {int(line.split()[1]) / 1024 / 1024:.1f} GiB RAM"
+    except (OSError, ValueError):
+        pass
+    import PIL
+
+    return (f"nproc {nproc}, CPU: {model}{mem}; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; Pillow {PIL.__version__}")
+
+
+def _versions(i2d_py: Optional[Path]) -> str:
+    parts = []
+    try:
+        from importlib.metadata import version
+
+        parts.append(f"silverlabel {version('silverlabel')}")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        if rev:
+            parts.append(f"git {rev}")
+    except OSError:
+        pass
+    if i2d_py is not None:
+        out = subprocess.run(
+            [str(i2d_py), "-c", "import importlib.metadata as m, sys; "
+             "print(m.version('img2dataset'), m.version('opencv-python-headless'), sys.version.split()[0])"],
+            capture_output=True, text=True, env=i2d_env())
+        if out.returncode == 0 and out.stdout.strip():
+            v, cv, pyv = out.stdout.split()[:3]
+            parts.append(f"img2dataset {v} (opencv {cv}, Python {pyv})")
+    return "; ".join(parts)
+
+
+def fmt_table(rows: list[dict[str, Any]], n: int) -> str:
+    def rate(r):
+        return r["successes"] / r["seconds"] if r.get("seconds") else 0.0
+
+    ref_i2d = next((rate(r) for r in rows if r["method"].startswith("img2dataset") and r.get("seconds")), None)
+    ref_k = next((rate(r) for r in rows if r["method"].startswith("kernel") and r.get("seconds")), None)
+    lines = [
+        "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("seconds") is None:
+            lines.append(f"| {r['method']} | {n} | – | – | – | – | – |  <!-- {r.get('note', '')} -->")
+            continue
+        rr = rate(r)
+        vi = f"{rr / ref_i2d:.2f}x" if ref_i2d else "–"
+        vk = f"{rr / ref_k:.2f}x" if ref_k else "–"
+        lines.append(f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} |")
+    return "\n".join(lines)
+
+
+def summarize(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    secs = [r["seconds"] for r in runs]
+    return {"method": method, "seconds": statistics.median(secs), "all_seconds": secs,
+            "successes": min(r["successes"] for r in runs), "runs": runs}
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="number of images in the pool")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for every method")
+    p.add_argument("--out", type=Path, default=None, help="work dir (default: a fresh temp dir, removed at the end)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per method (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="640x480", help="nominal pool image size WxH")
+    p.add_argument("--samples-per-shard", type=int, default=250)
+    p.add_argument("--max-edge", type=int, default=600, help="shortest edge cap (resize only if bigger)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG re-encode quality")
+    p.add_argument("--timeout", type=int, default=10, help="per-request timeout, seconds")
+    p.add_argument("--i2d-threads", type=int, default=32, help="img2dataset thread_count (per process)")
+    p.add_argument("--i2d-python", default=None, help="interpreter for bench/.venv-img2dataset (<= 3.12)")
+    p.add_argument("--silverlabel", default=None, help="silverlabel command (default: next to this python)")
+    p.add_argument("--silverlabel-extra", default="", help="extra args appended to `silverlabel ingest`")
+    p.add_argument("--only", default="silverlabel,img2dataset,kernel",
+                   help="comma list of methods to run")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
+    p.add_argument("--markdown", type=Path, default=None, help="append results to this markdown file")
+    p.add_argument("--keep", action="store_true", help="keep outputs when --out is not given")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    only = {m.strip() for m in args.only.split(",") if m.strip()}
+    w, h = (int(x) for x in args.size.lower().split("x"))
+    import tempfile
+
+    tmp = None
+    if args.out is None:
+        tmp = tempfile.mkdtemp(prefix="silverlabel-bench-")
+        out = Path(tmp)
+    else:
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    pool = make_pool(args.n, (w, h), args.seed, max(1, args.workers))
+    gen_s = time.perf_counter() - t0
+    total_mb = sum(len(b) for _, b in pool) / 1e6
+    log(f"pool: {len(pool)} JPEGs, {total_mb:.1f} MB, generated in {gen_s:.1f}s")
+
+    files = demodata.as_served_files(pool)
+    rows: list[dict[str, Any]] = []
+    i2d_py: Optional[Path] = None
+    problems: list[str] = []
+
+    # img2dataset venv first: its creation must not happen while timing.
+    if "img2dataset" in only:
+        try:
+            i2d_py = ensure_i2d_venv(_find_i2d_python(args.i2d_python))
+        except (subprocess.CalledProcessError, SystemExit, OSError) as exc:
+            problems.append(f"img2dataset unavailable: {exc}")
+            log(problems[-1])
+
+    sl_cmd = silverlabel_command(args) if "silverlabel" in only else None
+    if "silverlabel" in only and sl_cmd is None:
+        problems.append("silverlabel CLI not found (no bin/silverlabel, no src/silverlabel/cli.py)")
+        log(problems[-1])
+
+    with demodata.ImageServerProcess(files) as srv:
+        log(f"serving on {srv.base_url} (pid {srv.pid})")
+        urls = [srv.url(name) for name, _ in pool]
+        urls_parquet, urls_txt = write_url_lists(urls, out / "urls")
+        n_warm = min(len(urls), max(50, 25 * args.workers))
+        warm_parquet, warm_txt = write_url_lists(urls[:n_warm], out / "urls-warmup")
+
+        if sl_cmd is not None:
+            if not args.no_warmup:
+                r = run_silverlabel(sl_cmd, warm_parquet, out / "silverlabel", args, "warmup")
+                log(f"silverlabel warm-up: rc={r['rc']} {r['successes']}/{n_warm} in {r['seconds']:.2f}s")
+            runs = []
+            for k in range(args.repeat):
+                r = run_silverlabel(sl_cmd, urls_parquet, out / "silverlabel", args, f"run{k}")
+                log(f"silverlabel run {k}: rc={r['rc']} {r['successes']}/{len(urls)} in {r['seconds']:.2f}s")
+                if r["rc"] != 0:
+                    problems.append(f"silverlabel exited {r['rc']}; log tail:\n{tail(r['log'])}")
+                    log(problems[-1])
+                runs.append(r)
+            rows.append(summarize("silverlabel ingest", runs))
+            rows[-1]["cmd"] = shlex.join(runs[-1]["cmd"])
+        elif "silverlabel" in only:
+            rows.append({"method": "silverlabel ingest", "seconds": None, "note": "CLI not found"})
+
+        if i2d_py is not None:
+            if not args.no_warmup:
+                r = run_i2d(i2d_py, warm_txt, out / "img2dataset", args, "warmup")
+                log(f"img2dataset warm-up: rc={r['rc']} {r['successes']}/{n_warm} in {r['seconds']:.2f}s")
+            runs = []
+            for k in range(args.repeat):
+                r = run_i2d(i2d_py, urls_txt, out / "img2dataset", args, f"run{k}")
+                log(f"img2dataset run {k}: rc={r['rc']} {r['successes']}/{len(urls)} "
+                    f"in {r['seconds']:.2f}s stats={r['stats']}")
+                if r["rc"] != 0:
+                    problems.append(f"img2dataset exited {r['rc']}; log tail:\n{tail(r['log'])}")
+                    log(problems[-1])
+                if r["successes"] != len(urls):
+                    problems.append(f"img2dataset wrote {r['successes']} of {len(urls)} images "
+                                    f"(stats {r['stats']}): comparison not like for like")
+                    log(problems[-1])
+                runs.append(r)
+            rows.append(summarize(f"img2dataset ({args.i2d_threads} threads/proc)", runs))
+            rows[-1]["config"] = runs[-1]["config"]
+        elif "img2dataset" in only:
+            rows.append({"method": "img2dataset", "seconds": None, "note": "not installed"})
+
+    if "kernel" in only:
+        images = [b for _, b in pool]
+        runs = []
+        for k in range(args.repeat):
+            r = run_kernel(images, args.workers, args.max_edge, args.quality)
+            log(f"kernel run {k}: {r['successes']}/{len(images)} in {r['seconds']:.2f}s")
+            runs.append(r)
+        rows.append(summarize("kernel (in-memory decode→resize→encode)", runs))
+
+    table = fmt_table(rows, len(pool))
+    print(table)
+    for p_ in problems:
+        print(f"\nNOTE: {p_}")
+
+    if args.markdown is not None:
+        cmd = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
+                          else sys.executable, os.path.relpath(__file__, REPO)] + sys.argv[1:])
+        md = [f"\n## ingest benchmark, {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n",
+              f"`{cmd}`\n",
+              f"- machine: {machine_description()}",
+              f"- versions: {_versions(i2d_py)}",
+              f"- pool: {len(pool)} photo-like JPEGs (q92, nominal {w}x{h}, mixed 4:3/3:4/3:2), "
+              f"{total_mb:.1f} MB, served from 127.0.0.1 by a separate process; "
+              f"{args.workers} worker processes for every method; shortest edge capped at "
+              f"{args.max_edge} (resize only if bigger), JPEG q{args.quality}, "
+              f"{args.samples_per_shard} samples/shard; median of {args.repeat} timed run(s) after a warm-up",
+              ""]
+        md.append(table)
+        md.append("")
+        for r in rows:
+            if r.get("cmd"):
+                md.append(f"- silverlabel: `{r['cmd']}`")
+            if r.get("config"):
+                md.append(f"- img2dataset: `download(**{json.dumps(r['config'])})`")
+            if r.get("all_seconds") and len(r["all_seconds"]) > 1:
+                md.append(f"- {r['method']} runs: " + ", ".join(f"{s:.2f}s" for s in r["all_seconds"]))
+        for p_ in problems:
+            md.append(f"- NOTE: {p_.splitlines()[0]}")
+        with open(args.markdown, "a") as fh:
+            fh.write("\n".join(md) + "\n")
+        log(f"appended to {args.markdown}")
+
+    if tmp is not None and not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp is not None:
+        log(f"outputs kept in {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""silverlabel: web images -> machine-labeled, ImageNet-like pretraining datasets.
+
+Stages (``silverlabel --help``): ingest, label, select, shard, reinforce, train, eval, card.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""The ``silverlabel`` command: a thin layer that builds a stage's config and runs it.
+
+Bad input ends with one line on stderr naming the file, row or flag, and exit code 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from silverlabel import __version__
+
+_EPILOG_INGEST = """\
+examples:
+  # a URL table (parquet/csv/tsv/jsonl, .gz ok; COYO-700M and DataComp metadata work as is)
+  silverlabel ingest urls.parquet -o data/pool
+  # DataComp metadata, keeping two columns, 8 processes
+  silverlabel ingest metadata/ -o data/dc --keep-cols clip_b32_similarity_score,face_bboxes --workers 8
+  # an ImageFolder tree (class = folder name) and existing WebDataset shards
+  silverlabel ingest train/ -o data/in1k
+  silverlabel ingest 'shards/imagenet12k-train-{0000..1023}.tar' -o data/in12k
+  # after a crash: run the same command again; to re-try only failed downloads:
+  silverlabel ingest urls.parquet -o data/pool --retry-failed
+"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``20MB`` -> 20971520 (binary units; plain numbers are bytes)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20MB, 512KB, 1000000)")
+    unit = (m.group(2) or "b").lower()[0]
+    return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit])
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    from silverlabel.sources.http import FetchConfig
+
+    d = FetchConfig()
+    p = sub.add_parser(
+        "ingest",
+        help="URL tables, folders or tar shards -> WebDataset shards + samples table",
+        description="Fetch/read images, filter and resize them, and write WebDataset shards plus a samples "
+        "table with one row per input (failures included). Resumable: rerun the same command.",
+        epilog=_EPILOG_INGEST,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="URL table file/folder, image folder, or tar shards")
+    p.add_argument("-o", "--output", required=True, metavar="DATASET", help="dataset directory to write")
+    p.add_argument("--name", default="data", help="shard name prefix (default: data)")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10_000, metavar="N", help="default: 10000")
+    p.add_argument("--source-kind", choices=["table", "folder", "tar"], help="do not guess the source kind")
+    g = p.add_argument_group("URL table columns")
+    g.add_argument("--url-col", default="url")
+    g.add_argument("--caption-col", default=None, help="default: caption, else text (COYO/DataComp)")
+    g.add_argument("--uid-col", default="uid")
+    g.add_argument("--id-col", default="id")
+    g.add_argument("--keep-cols", type=_csv_list, default=(), metavar="A,B", help="extra columns to carry through")
+    g.add_argument("--folder-labels", choices=["auto", "on", "off"], default="auto",
+                   help="ImageFolder class labels from sub-folder names (default: auto)")
+    g = p.add_argument_group("images")
+    g.add_argument("--min-side", type=_positive_int, default=48, help="drop images whose shorter side is smaller (48)")
+    g.add_argument("--max-shortest-edge", type=int, default=600,
+                   help="downscale so the shortest edge is at most this; 0 keeps the size (600)")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (90)")
+    g.add_argument("--max-pixels", type=_positive_int, default=100_000_000, help="decompression-bomb cap (1e8)")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--timeout", type=float, default=d.timeout, help=f"total deadline per request, s ({d.timeout:g})")
+    g.add_argument("--max-bytes", type=parse_size, default=d.max_bytes, help="byte cap per image (20MB)")
+    g.add_argument("--retries", type=int, default=d.retries, help=f"retries for errors, 429, 5xx ({d.retries})")
+    g.add_argument("--max-redirects", type=int, default=d.max_redirects)
+    g.add_argument("--per-host", type=_positive_int, default=d.per_host, help=f"connections per host ({d.per_host})")
+    g.add_argument("--user-agent", default=d.user_agent)
+    g.add_argument("--robots-optout", type=_csv_list, default=(), metavar="D1,D2",
+                   help="X-Robots-Tag directives to honour besides noai,noimageai (e.g. noindex)")
+    g.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag (not recommended)")
+    g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: cores)")
+    g.add_argument("--threads", type=_positive_int, default=64, help="concurrent fetches per process (64)")
+    g.add_argument("--retry-failed", action="store_true", help="re-attempt failed downloads of finished shards")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from silverlabel.imageops import ImageConfig
+    from silverlabel.sources import SourceOptions
+    from silverlabel.sources.http import FetchConfig
+    from silverlabel.stages.ingest import IngestConfig, run_ingest
+
+    base = FetchConfig()
+    fetch = FetchConfig(
+        timeout=args.timeout,
+        max_bytes=args.max_bytes,
+        retries=args.retries,
+        max_redirects=args.max_redirects,
+        per_host=args.per_host,
+        user_agent=args.user_agent,
+        robots_optout=tuple(dict.fromkeys(base.robots_optout + args.robots_optout)),
+        respect_robots=not args.ignore_robots,
+        verify_tls=not args.insecure,
+    )
+    cfg = IngestConfig(
+        sources=tuple(args.sources),
+        output=args.output,
+        name=args.name,
+        samples_per_shard=args.samples_per_shard,
+        image=ImageConfig(
+            min_side=args.min_side,
+            max_shortest_edge=args.max_shortest_edge or None,
+            quality=args.quality,
+            max_pixels=args.max_pixels,
+        ),
+        fetch=fetch,
+        source_options=SourceOptions(
+            url_col=args.url_col,
+            caption_col=args.caption_col,
+            uid_col=args.uid_col,
+            id_col=args.id_col,
+            keep_cols=args.keep_cols,
+            folder_labels=args.folder_labels,
+            kind=args.source_kind,
+        ),
+        workers=args.workers,
+        threads=args.threads,
+        retry_failed=args.retry_failed,
+    )
+    bar = _Progress(enabled=not args.no_progress)
+    try:
+        summary = run_ingest(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print_ingest_summary(summary)
+    return 0
+
+
+class _Progress:
+    """tqdm bar showing images/s and the success rate."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.done = self.ok = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="img", desc="ingest", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+    def update(self, done: int, ok: int) -> None:
+        self.done += done
+        self.ok += ok
+        if self.bar is not None:
+            self.bar.update(done)
+            self.bar.set_postfix_str(f"success {100 * self.ok / max(1, self.done):.1f}%", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_ingest_summary(s) -> None:
+    total = sum(s.counts.values())
+    print(f"\nsilverlabel ingest: {total} samples in {s.shards} shards ({s.shards_done_now} written now, "
+          f"{s.shards_skipped} already complete)")
+    width = max((len(k) for k in s.counts), default=7)
+    for status, n in s.counts.items():
+        print(f"  {status:<{width}}  {n:>10}  {100 * n / max(1, total):5.1f}%")
+    if s.items_now:
+        print(f"  throughput: {s.items_now} inputs in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s")
+    print(f"  dataset: {os.path.abspath(s.output)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="silverlabel",
+        description="Turn pools of web images into machine-labeled, ImageNet-like pretraining datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"silverlabel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_ingest(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    t0 = time.monotonic()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"silverlabel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsilverlabel {args.command}: interrupted after {time.monotonic() - t0:.0f} s; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The local engine: a process pool on one machine.
+
+Units are submitted through a bounded window (so a table of 700M rows is never
+materialised as work items), results come back as they complete, and per-item progress
+from the workers flows through a queue to the driver's progress bar. ``workers=1`` runs
+in-process, which keeps tracebacks simple when debugging.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+from silverlabel.engine import Report, ShardFn
+
+_progress_queue: Any = None
+
+
+def _init_worker(q: Any) -> None:
+    global _progress_queue
+    _progress_queue = q
+
+
+class _BatchedReport:
+    """Coalesce per-item progress into a queue message every ~0.2 s."""
+
+    def __init__(self, q: Any):
+        self.q = q
+        self.done = self.ok = 0
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, ok: int) -> None:
+        self.done += done
+        self.ok += ok
+        now = time.monotonic()
+        if now - self.last >= 0.2:
+            self.flush()
+            self.last = now
+
+    def flush(self) -> None:
+        if self.done or self.ok:
+            self.q.put((self.done, self.ok))
+            self.done = self.ok = 0
+
+
+def _run_unit(fn: ShardFn, unit: Any, config: Any) -> Any:
+    report = _BatchedReport(_progress_queue)
+    try:
+        return fn(unit, config, report)
+    finally:
+        report.flush()
+
+
+class LocalEngine:
+    """Map a shard function over units with ``workers`` processes."""
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def map(self, fn: ShardFn, units: Iterable[Any], config: Any, progress: Report | None = None) -> Iterator[Any]:
+        report: Report = progress or (lambda d, s: None)
+        if self.workers == 1:
+            for unit in units:
+                yield fn(unit, config, report)
+            return
+        ctx = mp.get_context("spawn")  # no fork: the driver may run threads (progress, servers)
+        q = ctx.Queue()
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set() or not q.empty():
+                try:
+                    d, s = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                except (EOFError, OSError):
+                    return
+                report(d, s)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        pending: set[Future] = set()
+        it = iter(units)
+        exhausted = False
+        try:
+            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+                while True:
+                    while not exhausted and len(pending) < 2 * self.workers:
+                        try:
+                            unit = next(it)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        pending.add(pool.submit(_run_unit, fn, unit, config))
+                    if not pending:
+                        break
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+            time.sleep(0.05)
+            stop.set()
+            drainer.join(timeout=2)

@@ -1,0 +1,576 @@
+"""Fetch images over HTTP(S) with the standard library, robustly enough for the real web.
+
+    >>> from silverlabel.sources.http import Fetcher, FetchConfig
+    >>> with Fetcher(FetchConfig(timeout=10)) as f:          # doctest: +SKIP
+    ...     r = f.fetch("https://example.org/cat.jpg")
+    >>> r.status, r.http_status, len(r.data or b"")          # doctest: +SKIP
+    ('success', 200, 48213)
+
+One :class:`Fetcher` is shared by all worker threads of a process. Its parts:
+
+* **Connection pool**: idle keep-alive ``http.client`` connections per (scheme, host,
+  port), most recently used first, at most ``_MAX_IDLE`` in all and ``_IDLE_TIMEOUT``
+  seconds old. A connection goes back only when its response was read to the end and did
+  not say ``Connection: close``; on any error it is closed. A pooled connection that fails
+  before a response arrives (the server dropped it while idle) is tried once more on a new
+  connection, which does not count as a retry.
+* **Per-host limit**: a ``BoundedSemaphore`` per host (created on demand, dropped when no
+  thread uses it) is held from connecting until the body is read. Time spent queueing for
+  a slot does not count against the deadline.
+* **DNS cache**: ``socket.getaddrinfo`` once per (host, port) per ``dns_ttl`` seconds;
+  connections go to the cached addresses while Host header, SNI and certificate checks
+  use the real host name.
+* **Deadline**: each attempt (connect, TLS, request, headers, body, redirects) has
+  ``timeout`` seconds in all. Every socket operation gets the time that is left, the body
+  is read in 64 KiB pieces checked against deadline and byte cap, and a watchdog thread
+  shuts down any socket whose deadline passed, so servers that trickle bytes cannot
+  stretch an attempt either. (Name resolution itself cannot be interrupted.)
+* **Retries**: connection errors, connect/TLS timeouts, truncated bodies, 408, 429 and
+  5xx are retried ``retries`` times with exponential backoff and jitter, or after the
+  server's ``Retry-After`` when given (one longer than ``max_retry_after`` fails at once).
+  A timeout after the connection was made (server stalls) is not retried: a fetch
+  therefore takes at most about ``(retries + 1) * timeout`` plus the waits.
+* **Checks before the body is read**: ``X-Robots-Tag`` opt-outs, the content type, and a
+  Content-Length over the byte cap.
+
+``fetch`` never raises for network or HTTP problems: every outcome is a :class:`FetchResult`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import http.client
+import itertools
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote, urljoin, urlsplit
+
+__all__ = ["FetchConfig", "FetchResult", "Fetcher", "robots_opt_out"]
+
+
+def _version() -> str:
+    import silverlabel
+
+    version = getattr(silverlabel, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("silverlabel")
+    except Exception:
+        return "0"
+
+
+_CHUNK = 64 * 1024
+_DRAIN_LIMIT = 64 * 1024  # error/redirect bodies up to this size are read to keep the connection
+_MAX_IDLE = 128
+_IDLE_TIMEOUT = 30.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_IMAGE_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+# Robots directives that take a value after a colon ("max-snippet: 20"), i.e. are not bot names.
+_VALUED_DIRECTIVES = frozenset(
+    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+)
+_BOT_PREFIX = re.compile(r"\s*([A-Za-z0-9_.*-]+)\s*:(.*)", re.S)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How a :class:`Fetcher` behaves; see the module docstring for the semantics."""
+
+    timeout: float = 20.0
+    max_bytes: int = 20 * 1024 * 1024
+    retries: int = 2
+    backoff: float = 0.5
+    max_retry_after: float = 30.0
+    max_redirects: int = 5
+    per_host: int = 16
+    user_agent: str = f"silverlabel/{_version()} (+https://github.com/silverlabel/silverlabel)"
+    user_agent_token: str = "silverlabel"
+    robots_optout: tuple[str, ...] = ("noai", "noimageai")
+    respect_robots: bool = True
+    dns_ttl: float = 300.0
+    verify_tls: bool = True
+
+
+@dataclass
+class FetchResult:
+    """Outcome of one fetch: ``status`` is "success", "failed_download" or "opted_out"."""
+
+    status: str
+    error: str = ""
+    data: bytes | None = None
+    http_status: int | None = None
+    final_url: str | None = None
+    attempts: int = 1
+
+
+def robots_opt_out(values: list[str], token: str, optout: tuple[str, ...]) -> str | None:
+    """Return the first opt-out directive in X-Robots-Tag header values that applies to us.
+
+    Directives are comma-separated; ``name: a, b`` scopes the following directives to bot
+    ``name`` (until the next prefix), and only ``token`` and ``*`` address us.
+
+        >>> robots_opt_out(["googlebot: noai", "noindex, NoImageAI"], "silverlabel", ("noai", "noimageai"))
+        'noimageai'
+    """
+    wanted = {d.strip().lower() for d in optout}
+    token = token.strip().lower()
+    for value in values:
+        scope = None  # None: all bots
+        for part in value.split(","):
+            m = _BOT_PREFIX.fullmatch(part)
+            if m and m.group(1).lower() not in _VALUED_DIRECTIVES:
+                scope, part = m.group(1).lower(), m.group(2)
+            directive = part.strip().lower()
+            if directive in wanted and scope in (None, "*", token):
+                return directive
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, (http.client.IncompleteRead, OSError)):
+        return True  # ConnectionError, RemoteDisconnected, resets, unreachable networks, TLS EOF
+    return False  # other protocol errors (garbage status line, too many headers...)
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: str
+    scheme: str
+    host: str  # ASCII (IDNA) host name, lower case
+    port: int
+    path: str  # path and query, percent-quoted
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
+
+
+def _target(url: str) -> _Target:
+    """Parse an absolute http(s) URL; ValueError if it is not one."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(url)
+    host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
+    port = parts.port or (443 if scheme == "https" else 80)  # .port raises ValueError if bad
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
+    if parts.query:
+        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=~-._?")
+    if any(c in host for c in " /\\@") or any(ord(c) < 33 for c in path):
+        raise ValueError(url)
+    return _Target(url, scheme, host, port, path)
+
+
+class _Outcome(Exception):
+    """Ends an attempt; ``retry`` says whether another attempt may help."""
+
+    def __init__(self, result: FetchResult, retry: bool = False, wait: float | None = None):
+        super().__init__(result.error)
+        self.result, self.retry, self.wait = result, retry, wait
+
+
+class _Stale(Exception):
+    """A pooled connection turned out to be closed by the server."""
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        return left
+
+
+class _DNSCache:
+    def __init__(self, ttl: float):
+        self._ttl, self._lock = ttl, threading.Lock()
+        self._entries: dict[tuple[str, int], tuple[float, list]] = {}
+        self._resolving: dict[tuple[str, int], threading.Lock] = {}
+
+    def _cached(self, key: tuple[str, int]) -> list | None:
+        hit = self._entries.get(key)
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    def resolve(self, host: str, port: int) -> list:
+        """getaddrinfo results for (host, port), resolving at most once at a time per key."""
+        key = (host, port)
+        with self._lock:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            gate = self._resolving.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if (hit := self._cached(key)) is not None:
+                    return hit
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            finally:
+                with self._lock:
+                    self._resolving.pop(key, None)
+            with self._lock:
+                if len(self._entries) > 50_000:
+                    now = time.monotonic()
+                    self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if self._ttl > 0:
+                    self._entries[key] = (time.monotonic() + self._ttl, infos)
+            return infos
+
+    def connect(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A TCP socket connected to the first cached address of host that accepts."""
+        error: OSError = OSError(f"no address for {host}")
+        for family, type_, proto, _, addr in self.resolve(host, port):
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    dns: _DNSCache
+
+    def connect(self) -> None:
+        self.sock = self.dns.connect(self.host, self.port, self.timeout)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    dns: _DNSCache
+
+    def connect(self) -> None:  # TLS handshake under the socket timeout; SNI = real host
+        sock = self.dns.connect(self.host, self.port, self.timeout)
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _Watchdog:
+    """One daemon thread that shuts down sockets whose attempt deadline has passed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[list] = []  # [deadline, seq, socket or None when done, fired]
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, at: float, sock: socket.socket) -> list:
+        entry = [at, next(self._seq), sock, False]
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="silverlabel-http-watchdog", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    def done(self, entry: list) -> bool:
+        """Stop watching; True if the deadline had already fired (socket is dead)."""
+        with self._cond:
+            entry[2] = None
+            return entry[3]
+
+    def stop(self) -> None:
+        with self._cond:
+            self._thread = None
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            while self._thread is me:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2] is None or self._heap[0][0] <= now):
+                    entry = heapq.heappop(self._heap)
+                    if entry[2] is not None:
+                        entry[3] = True
+                        try:  # the plain socket call: safe next to a thread inside an SSL read
+                            socket.socket.shutdown(entry[2], socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+
+class Fetcher:
+    """Thread-safe image fetcher with pooling, per-host limits, DNS cache and retries.
+
+        >>> with Fetcher(FetchConfig(timeout=5, retries=1)) as f:   # doctest: +SKIP
+        ...     [f.fetch(u).status for u in ["https://example.org/a.jpg", "ftp://x"]]
+        ['success', 'failed_download']
+    """
+
+    def __init__(self, cfg: FetchConfig = FetchConfig()) -> None:
+        self.cfg = cfg
+        self._dns = _DNSCache(cfg.dns_ttl)
+        self._tls = ssl.create_default_context()
+        if not cfg.verify_tls:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[int, tuple[tuple, http.client.HTTPConnection, float]] = OrderedDict()
+        self._slots: dict[str, list] = {}  # host -> [BoundedSemaphore, users]
+        self._watchdog = _Watchdog()
+        self._closed = False
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close all pooled keep-alive connections and stop the watchdog thread."""
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+        for _, conn, _ in idle:
+            conn.close()
+        self._watchdog.stop()
+
+    def fetch(self, url: str) -> FetchResult:
+        """Download ``url``; never raises for network or HTTP problems.
+
+            >>> Fetcher().fetch("file:///etc/passwd").error
+            "invalid url 'file:///etc/passwd'"
+        """
+        try:
+            _target(url)
+        except (ValueError, UnicodeError):
+            return FetchResult("failed_download", f"invalid url {url!r}")
+        attempt = 0
+        while True:
+            try:
+                result, retry, wait = self._attempt(url), False, None
+            except _Outcome as out:
+                result, retry, wait = out.result, out.retry, out.wait
+            except Exception as exc:  # a bug or an exotic error: still a result, never a raise
+                result, retry, wait = FetchResult("failed_download", _describe(exc)), False, None
+            result.attempts = attempt + 1
+            if not retry or attempt >= self.cfg.retries:
+                return result
+            if wait is None:
+                wait = self.cfg.backoff * 2**attempt * random.uniform(1.0, 1.2)
+            time.sleep(wait)
+            attempt += 1
+
+    # -- one attempt: a redirect chain under one deadline ---------------------------------
+
+    def _attempt(self, url: str) -> FetchResult:
+        deadline = _Deadline(self.cfg.timeout)
+        for _ in range(self.cfg.max_redirects + 1):
+            try:
+                target = _target(url)
+            except (ValueError, UnicodeError):
+                raise _Outcome(FetchResult("failed_download", f"redirect to unsupported url {url!r}")) from None
+            status, location, body = self._hop(target, deadline)
+            if location is None:
+                return FetchResult("success", data=body, http_status=status, final_url=url)
+            url = urljoin(url, location)
+        error = f"too many redirects (>{self.cfg.max_redirects})"
+        raise _Outcome(FetchResult("failed_download", error, http_status=status, final_url=url))
+
+    def _hop(self, t: _Target, deadline: _Deadline) -> tuple[int, str | None, bytes | None]:
+        """One request under the host's slot: (status, redirect location or None, body)."""
+        with self._lock:
+            slot = self._slots.setdefault(t.host, [threading.BoundedSemaphore(self.cfg.per_host), 0])
+            slot[1] += 1
+        queued = time.monotonic()
+        slot[0].acquire()
+        deadline.at += time.monotonic() - queued
+        try:
+            conn = self._take(t.key)
+            if conn is not None:
+                try:
+                    return self._exchange(conn, t, deadline, reused=True)
+                except _Stale:
+                    pass
+            cls = _HTTPSConnection if t.scheme == "https" else _HTTPConnection
+            kwargs = {"context": self._tls} if t.scheme == "https" else {}
+            conn = cls(t.host, t.port, **kwargs)
+            conn.dns = self._dns
+            return self._exchange(conn, t, deadline, reused=False)
+        finally:
+            with self._lock:
+                slot[0].release()
+                slot[1] -= 1
+                if not slot[1]:
+                    del self._slots[t.host]
+
+    def _exchange(self, conn: http.client.HTTPConnection, t: _Target, deadline: _Deadline,
+                  reused: bool) -> tuple[int, str | None, bytes | None]:
+        cfg, phase, watch, status = self.cfg, "connect", None, None
+        fail = lambda error, **kw: FetchResult("failed_download", error, http_status=status, final_url=t.url, **kw)
+        try:
+            if conn.sock is None:
+                conn.timeout = deadline.left()
+                conn.connect()
+            sock = conn.sock
+            watch = self._watchdog.watch(deadline.at, sock)
+            phase = "request"
+            sock.settimeout(deadline.left())
+            conn.putrequest("GET", t.path, skip_accept_encoding=True)
+            conn.putheader("User-Agent", cfg.user_agent)
+            conn.putheader("Accept", "image/*,*/*;q=0.8")
+            conn.putheader("Accept-Encoding", "identity")
+            conn.endheaders()
+            sock.settimeout(deadline.left())
+            resp = conn.getresponse()
+            phase, status = "response", resp.status
+            if status in _REDIRECTS or not 200 <= status < 300:
+                location = resp.getheader("Location") if status in _REDIRECTS else None
+                self._finish(conn, t, resp, watch, self._read(resp, sock, deadline, _DRAIN_LIMIT, drain=True))
+                watch = None
+                if location:
+                    return status, location, None
+                if status in (408, 429) or status >= 500:
+                    wait = _retry_after(resp.getheader("Retry-After"))
+                    if wait is not None and wait > cfg.max_retry_after:
+                        raise _Outcome(fail(f"HTTP {status}, Retry-After {wait:g} s exceeds cap"))
+                    raise _Outcome(fail(f"HTTP {status}"), retry=True, wait=wait)
+                raise _Outcome(fail(f"HTTP {status}" + (" without Location" if status in _REDIRECTS else "")))
+            if cfg.respect_robots:
+                directive = robots_opt_out(resp.headers.get_all("X-Robots-Tag") or [], cfg.user_agent_token, cfg.robots_optout)
+                if directive:
+                    raise _Outcome(replace(fail(f"X-Robots-Tag: {directive}"), status="opted_out"))
+            ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype not in _IMAGE_TYPES and not ctype.startswith("image/"):
+                raise _Outcome(fail(f"content-type {ctype} is not an image"))
+            if resp.length is not None and resp.length > cfg.max_bytes:
+                raise _Outcome(fail(f"body exceeds byte cap of {cfg.max_bytes} bytes"))
+            body = self._read(resp, sock, deadline, cfg.max_bytes)
+            if body is None:
+                raise _Outcome(fail(f"body exceeds byte cap of {cfg.max_bytes} bytes"))
+            self._finish(conn, t, resp, watch, True)
+            watch = None
+            encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+            if encoding in ("gzip", "x-gzip", "deflate"):  # sent although we asked for identity
+                try:
+                    body = _inflate(body, cfg.max_bytes)
+                except zlib.error as exc:
+                    raise _Outcome(fail(f"bad {encoding} body: {exc}")) from None
+            return status, None, body
+        except _Outcome:
+            conn.close()
+            raise
+        except Exception as exc:
+            conn.close()
+            fired = watch is not None and self._watchdog.done(watch)
+            if fired or isinstance(exc, TimeoutError) or time.monotonic() >= deadline.at:
+                # timeouts once connected mean a stalling server: not retried (bounds wall time)
+                raise _Outcome(fail(f"timeout after {float(cfg.timeout)} s"), retry=phase == "connect") from None
+            if reused and phase == "request":
+                raise _Stale() from exc
+            raise _Outcome(fail(_describe(exc)), retry=_retryable(exc)) from None
+        finally:
+            if watch is not None:
+                self._watchdog.done(watch)
+
+    @staticmethod
+    def _read(resp: http.client.HTTPResponse, sock: socket.socket, deadline: _Deadline,
+              cap: int, drain: bool = False) -> bytes | bool | None:
+        """Read the body in pieces under deadline and cap: bytes, or None over the cap.
+
+        With ``drain`` (error and redirect bodies), return whether the body was read to the
+        end within ``cap``, never raising: the connection is then reusable.
+        """
+        expected, body = resp.length, bytearray()
+        try:
+            if drain and expected is not None and expected > cap:
+                return False
+            while chunk := (sock.settimeout(deadline.left()) or resp.read1(_CHUNK)):
+                body += chunk
+                if len(body) > cap:
+                    return False if drain else None
+            if expected is not None and len(body) < expected:
+                raise http.client.IncompleteRead(bytes(body[:0]), expected - len(body))
+            deadline.left()
+            resp.close()
+        except Exception:
+            if drain:
+                return False
+            raise
+        return True if drain else bytes(body)
+
+    def _finish(self, conn: http.client.HTTPConnection, t: _Target, resp: http.client.HTTPResponse,
+                watch: list, complete: bool) -> None:
+        """Stop the watchdog and pool the connection if it can carry another request."""
+        fired = self._watchdog.done(watch)
+        if not complete or fired or resp.will_close or conn.sock is None or self._closed:
+            conn.close()
+            return
+        with self._lock:
+            self._idle[id(conn)] = (t.key, conn, time.monotonic())
+            evicted = self._idle.popitem(last=False)[1][1] if len(self._idle) > _MAX_IDLE else None
+        if evicted is not None:
+            evicted.close()
+
+    def _take(self, key: tuple) -> http.client.HTTPConnection | None:
+        """The most recently pooled idle connection for key, if one is fresh enough."""
+        stale, found = [], None
+        with self._lock:
+            now = time.monotonic()
+            for ident, (k, conn, since) in reversed(self._idle.items()):
+                if now - since > _IDLE_TIMEOUT:
+                    stale.append(ident)
+                elif k == key:
+                    found = ident
+                    break
+            conns = [self._idle.pop(i)[1] for i in stale]
+            conn = self._idle.pop(found)[1] if found is not None else None
+        for c in conns:
+            c.close()
+        return conn
+
+
+def _inflate(data: bytes, cap: int) -> bytes:
+    """Decode a gzip/zlib/raw-deflate body, refusing to expand beyond cap bytes."""
+    try:
+        d = zlib.decompressobj(wbits=47)  # gzip or zlib header, detected
+        out = d.decompress(data, cap + 1)
+    except zlib.error:
+        d = zlib.decompressobj(wbits=-15)  # raw deflate, as some servers send it
+        out = d.decompress(data, cap + 1)
+    if len(out) > cap:
+        raise zlib.error(f"decoded body exceeds byte cap of {cap} bytes")
+    return out

@@ -1,0 +1,249 @@
+"""URL tables: parquet, csv, tsv, jsonl (optionally .gz), one file or a folder of them.
+
+Columns are found by name (``url``, ``caption``, ``uid``, ``id`` by default). When no
+caption column is named and the table has no ``caption``, ``text`` is used: that is the
+caption column of both COYO-700M and DataComp metadata, so their files work unchanged.
+Tables are streamed in record batches, never loaded whole.
+
+    >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq, os
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "t.parquet")
+    >>> pq.write_table(pa.table({"url": ["http://a/x.jpg", ""], "text": ["a cat", None]}), p)
+    >>> [(i.url, i.caption, i.error) for i in TableSource(p, SourceOptions()).items()]
+    [('http://a/x.jpg', 'a cat', None), (None, None, 'empty url')]
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from silverlabel.sources import (
+    KIND_URL,
+    TABLE_SUFFIXES,
+    Item,
+    SourceOptions,
+    derive_uid,
+    normalize_uid,
+    register_source,
+)
+
+BATCH_ROWS = 65_536
+
+
+def _table_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if not n.startswith(".") and (n[:-3] if n.endswith(".gz") else n).lower().endswith(TABLE_SUFFIXES)
+        )
+        if not files:
+            raise ValueError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return [path]
+
+
+def _format_of(path: str) -> str:
+    name = path.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
+        if name.endswith(ext):
+            return fmt
+    raise ValueError(f"{path}: unknown table format (use .parquet, .csv, .tsv, .jsonl, optionally .gz)")
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, Iterator[list[dict[str, Any]]]]:
+    """The file's schema and an iterator over batches of rows (dicts)."""
+    fmt = _format_of(path)
+    if fmt == "parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        schema = pf.schema_arrow
+
+        def gen():
+            cols = [c for c in (columns or schema.names) if c in schema.names]
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                yield batch.to_pylist()
+
+        return schema, gen()
+    if fmt in ("csv", "tsv"):
+        delim = "," if fmt == "csv" else "\t"
+        with _open_text(path) as f:
+            header = next(csv.reader(f, delimiter=delim), None)
+        if not header:
+            raise ValueError(f"{path}: empty {fmt} file (no header row)")
+        schema = pa.schema([(h, pa.string()) for h in header])  # everything as text: uids, ids stay exact
+        try:
+            reader = pacsv.open_csv(
+                pa.input_stream(path, compression="detect"),
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={h: pa.string() for h in header}, strings_can_be_null=True,
+                    include_columns=[c for c in (columns or header) if c in header],
+                ),
+            )
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: cannot parse {fmt}: {e}") from None
+
+        def gen():
+            try:
+                for batch in reader:
+                    yield batch.to_pylist()
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"{path}: cannot parse {fmt}: {e}") from None
+
+        return schema, gen()
+    # jsonl: one object per line; line numbers in errors. Objects may omit keys, so the
+    # schema is the union of the keys of the first rows.
+    head: list[dict[str, Any]] = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(obj, dict):
+                head.append(obj)
+            if len(head) >= 1000:
+                break
+    keys = list(dict.fromkeys(k for obj in head for k in obj))  # rows may omit keys
+    try:
+        schema = pa.Table.from_pydict({k: [obj.get(k) for obj in head] for k in keys}).schema
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep the names, read as text
+        schema = pa.schema([(k, pa.string()) for k in keys])
+
+    def gen():
+        batch: list[dict[str, Any]] = []
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+                batch.append(obj)
+                if len(batch) >= BATCH_ROWS:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    return schema, gen()
+
+
+def _check_url(url: Any) -> tuple[str | None, str | None]:
+    if url is None or (isinstance(url, str) and not url.strip()):
+        return None, "empty url"
+    url = str(url).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return url, f"invalid url {url[:200]!r}: only http(s) URLs are fetched"
+    return url, None
+
+
+def _to_int(value: Any) -> tuple[int | None, str | None]:
+    if value is None or value == "":
+        return None, None
+    try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value), None
+    except (TypeError, ValueError):
+        return None, f"id {str(value)[:40]!r} is not an integer"
+
+
+@register_source("table")
+class TableSource:
+    """Rows of URL tables become items of kind ``url``."""
+
+    def __init__(self, path: str, options: SourceOptions):
+        self.path = path
+        self.options = options
+        self.files = _table_files(path)
+        schema, _ = _batches(self.files[0])
+        names = set(schema.names)
+        o = options
+        if o.url_col not in names:
+            raise ValueError(
+                f"{self.files[0]}: no column {o.url_col!r} (columns: {', '.join(schema.names) or 'none'}); "
+                "name the URL column with --url-col"
+            )
+        if o.caption_col is not None:
+            if o.caption_col not in names:
+                raise ValueError(f"{self.files[0]}: no caption column {o.caption_col!r} (--caption-col)")
+            self.caption_col = o.caption_col
+        else:
+            self.caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
+        self.uid_col = o.uid_col if o.uid_col in names else None
+        self.id_col = o.id_col if o.id_col in names else None
+        missing = [c for c in o.keep_cols if c not in names]
+        if missing:
+            raise ValueError(f"{self.files[0]}: --keep-cols names missing columns: {', '.join(missing)}")
+        reserved = {"key", "status", "error", "shard", "source", "label", "width", "height", "sha256", "imagehash",
+                    "original_width", "original_height", "url", "uid", "id", "caption"}
+        clash = [c for c in o.keep_cols if c in reserved]
+        if clash:
+            raise ValueError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
+        self.extra_fields = [schema.field(c) for c in o.keep_cols]
+        self._columns = [c for c in (o.url_col, self.caption_col, self.uid_col, self.id_col, *o.keep_cols) if c]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "table",
+            "path": os.path.abspath(self.path),
+            "files": len(self.files),
+            "columns": {"url": self.options.url_col, "caption": self.caption_col, "uid": self.uid_col, "id": self.id_col},
+            "keep_cols": list(self.options.keep_cols),
+        }
+
+    def items(self) -> Iterator[Item]:
+        index = 0
+        o = self.options
+        for path in self.files:
+            schema, batches = _batches(path, self._columns)
+            if o.url_col not in schema.names:
+                raise ValueError(f"{path}: no column {o.url_col!r} (columns: {', '.join(schema.names)})")
+            for rows in batches:
+                for row in rows:
+                    url, err = _check_url(row.get(o.url_col))
+                    uid, uid_err = normalize_uid(row.get(self.uid_col)) if self.uid_col else (None, None)
+                    id_, id_err = _to_int(row.get(self.id_col)) if self.id_col else (None, None)
+                    caption = row.get(self.caption_col) if self.caption_col else None
+                    yield Item(
+                        index=index,
+                        kind=KIND_URL,
+                        source=url or "",
+                        url=url,
+                        uid=uid or (derive_uid(url) if url else None),
+                        id=id_,
+                        caption=None if caption is None else str(caption),
+                        extra={c: row.get(c) for c in o.keep_cols} or None,
+                        error=err or uid_err or id_err,
+                    )
+                    index += 1

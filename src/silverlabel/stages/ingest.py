@@ -1,0 +1,440 @@
+"""``silverlabel ingest``: URL tables, folders and tar shards -> WebDataset shards + samples table.
+
+The unit of work is one output shard: :func:`ingest_shard` takes the items of shard ``i``
+(consecutive input rows), fetches or reads them on a thread pool, runs the image kernel,
+and writes ``shards/{name}-{i:06d}.tar`` and then ``samples/{name}-{i:06d}.parquet``
+(the latter records the tar's size, so a shard is complete only when both exist and
+agree). It is a pure function of (unit, config): an engine can run it anywhere, and a
+rerun after a crash redoes exactly the incomplete shards.
+
+    >>> from silverlabel.stages.ingest import IngestConfig, run_ingest   # doctest: +SKIP
+    >>> summary = run_ingest(IngestConfig(sources=("urls.parquet",), output="ds"))  # doctest: +SKIP
+    >>> summary.counts["success"]  # doctest: +SKIP
+    280
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from silverlabel import __version__
+from silverlabel.dataset import Dataset, atomic_write
+from silverlabel.engine import Report, create_engine
+from silverlabel.formats.tables import read_parquet_metadata, samples_table, write_parquet_atomic
+from silverlabel.formats.wds import ShardWriter
+from silverlabel.imageops import ImageConfig, process_image
+from silverlabel.sources import KIND_URL, Item, SourceOptions, load_bytes, open_source
+from silverlabel.sources.http import FetchConfig, Fetcher
+
+STATUS_INVALID = "invalid_input"
+STATUS_FAILED_DOWNLOAD = "failed_download"
+STATUS_FAILED_READ = "failed_read"
+#: Statuses that ``--retry-failed`` re-attempts (transient by nature).
+RETRYABLE = (STATUS_FAILED_DOWNLOAD,)
+_TAR_BYTES_KEY = "silverlabel.tar_bytes"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Everything ``ingest`` needs. Options under ``runtime`` do not change the output."""
+
+    sources: tuple[str, ...]
+    output: str
+    name: str = "data"
+    samples_per_shard: int = 10_000
+    image: ImageConfig = field(default_factory=ImageConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    # runtime: how fast, not what
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = 64
+    decode_threads: int = 2
+    retry_failed: bool = False
+    engine: str = "local"
+    extra_fields: tuple = ()  # filled from the sources (typed --keep-cols)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("ingest needs at least one SOURCE")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.threads < 1 or self.decode_threads < 1:
+            raise ValueError("--threads and --decode-threads must be >= 1")
+        if not self.name or any(c in self.name for c in "/\\.{} "):
+            raise ValueError(f"--name {self.name!r}: use letters, digits, '-' or '_'")
+
+    def output_config(self) -> dict[str, Any]:
+        """The settings that determine the output; a resumed run must match them."""
+        fetch = asdict(self.fetch)
+        for k in ("retries", "backoff", "max_retry_after", "per_host", "dns_ttl"):
+            fetch.pop(k, None)  # how hard/fast we try, not what we store
+        return {
+            "sources": list(self.sources),
+            "name": self.name,
+            "samples_per_shard": self.samples_per_shard,
+            "image": asdict(self.image),
+            "fetch": fetch,
+            "source_options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.source_options).items()},
+        }
+
+
+@dataclass
+class IngestUnit:
+    """One output shard's worth of input items."""
+
+    shard: int
+    items: list[Item]
+    retry: bool = False
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    counts: dict[str, int]
+    items: int
+    seconds: float
+    bytes_written: int
+
+
+@dataclass
+class IngestSummary:
+    output: str
+    counts: dict[str, int]  # over the whole dataset
+    shards: int
+    shards_done_now: int
+    shards_skipped: int
+    items_now: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.items_now / self.seconds if self.seconds > 0 else 0.0
+
+
+def key_for(index: int) -> str:
+    """Deterministic sample key from the global input position: ``000001234``."""
+    return f"{index:09d}"
+
+
+# ---------------------------------------------------------------------------------------
+# the unit function
+
+
+def _row_base(item: Item, shard_name: str) -> dict[str, Any]:
+    return {
+        "key": key_for(item.index),
+        "uid": item.uid,
+        "id": item.id if item.id is not None else item.index,
+        "url": item.url,
+        "caption": item.caption,
+        "shard": shard_name,
+        "source": item.source,
+        "label": item.label,
+        **(item.extra or {}),
+    }
+
+
+def _json_member(row: dict[str, Any], extra_names: list[str]) -> bytes:
+    meta = {
+        k: row.get(k)
+        for k in ("key", "uid", "id", "url", "caption", "source", "label", "width", "height",
+                  "original_width", "original_height", "sha256", "imagehash", *extra_names)
+    }
+    return json.dumps(meta, ensure_ascii=False, sort_keys=False, default=str).encode()
+
+
+class _Spool:
+    """Append-only temp file for finished JPEGs, so the tar is written in input order
+    without holding a shard's images in memory."""
+
+    def __init__(self, folder: Path, tag: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"spool-{tag}-{os.getpid()}-{threading.get_ident()}"
+        self.f = open(self.path, "w+b")
+        self.lock = threading.Lock()
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        with self.lock:
+            off = self.f.seek(0, os.SEEK_END)
+            self.f.write(data)
+            return off, len(data)
+
+    def get(self, loc: tuple[int, int]) -> bytes:
+        self.f.seek(loc[0])
+        return self.f.read(loc[1])
+
+    def close(self) -> None:
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _previous_results(ds: Dataset, cfg: IngestConfig, shard: int) -> tuple[dict[str, dict], dict[str, dict[str, bytes]]]:
+    """Rows and stored members of a finished shard (for --retry-failed)."""
+    from silverlabel.formats.wds import iter_tar_samples, read_member
+
+    rows = {r["key"]: r for r in pq.read_table(ds.samples_path(cfg.name, shard)).to_pylist()}
+    members: dict[str, dict[str, bytes]] = {}
+    tar_path = ds.shard_path(cfg.name, shard)
+    with open(tar_path, "rb") as f:
+        for s in iter_tar_samples(str(tar_path)):
+            members[s.key] = {ext: read_member(f, *loc) for ext, loc in s.members.items()}
+    return rows, members
+
+
+def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = None) -> ShardResult:
+    """Produce shard ``unit.shard``: its tar and its samples table, atomically.
+
+    Every item becomes exactly one row, whatever happens to it. Idempotent: running it
+    twice gives byte-identical files.
+    """
+    t0 = time.monotonic()
+    report = report or (lambda d, s: None)
+    ds = Dataset(cfg.output)
+    shard_name = ds.shard_path(cfg.name, unit.shard).name
+    extra_names = [f.name for f in cfg.extra_fields]
+    previous_rows: dict[str, dict] = {}
+    previous_members: dict[str, dict[str, bytes]] = {}
+    if unit.retry:
+        previous_rows, previous_members = _previous_results(ds, cfg, unit.shard)
+
+    decode_gate = threading.Semaphore(cfg.decode_threads)
+    needs_fetch = any(it.kind == KIND_URL and it.error is None for it in unit.items)
+    fetcher = Fetcher(cfg.fetch) if needs_fetch else None
+    spool = _Spool(ds.tmp_dir, f"{cfg.name}-{unit.shard:06d}")
+
+    def work(item: Item) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        row = _row_base(item, shard_name)
+        if item.error:
+            row.update(status=STATUS_INVALID, error=item.error)
+            return row, None
+        if item.kind == KIND_URL:
+            fr = fetcher.fetch(item.url)
+            if fr.status != "success":
+                row.update(status=fr.status, error=fr.error)
+                return row, None
+            raw = fr.data
+        else:
+            try:
+                raw = load_bytes(item)
+            except OSError as e:
+                row.update(status=STATUS_FAILED_READ, error=f"{type(e).__name__}: {e}")
+                return row, None
+        with decode_gate:
+            res = process_image(raw, cfg.image)
+        del raw
+        row.update(
+            status=res.status,
+            error=res.error,
+            width=res.width,
+            height=res.height,
+            original_width=res.original_width,
+            original_height=res.original_height,
+            sha256=res.sha256,
+            imagehash=res.imagehash,
+        )
+        if res.status != "success":
+            return row, None
+        return row, {"jpg": spool.put(res.data)}
+
+    rows: list[dict[str, Any] | None] = [None] * len(unit.items)
+    stored: list[dict[str, Any] | None] = [None] * len(unit.items)
+    todo: list[int] = []
+    for pos, item in enumerate(unit.items):
+        prev = previous_rows.get(key_for(item.index))
+        if prev is not None and prev["status"] not in RETRYABLE:
+            rows[pos] = prev
+            if prev["status"] == "success":
+                stored[pos] = {"prev": previous_members.get(prev["key"], {})}
+            report(1, int(prev["status"] == "success"))
+        else:
+            todo.append(pos)
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(cfg.threads, max(1, len(todo)))) as ex:
+            window = max(2 * cfg.threads, 8)
+            pending = {}
+            it = iter(todo)
+            while True:
+                for pos in it:
+                    pending[ex.submit(work, unit.items[pos])] = pos
+                    if len(pending) >= window:
+                        break
+                if not pending:
+                    break
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    pos = pending.pop(fut)
+                    rows[pos], stored[pos] = fut.result()
+                    report(1, int(rows[pos]["status"] == "success"))
+
+        tar_path = ds.shard_path(cfg.name, unit.shard)
+        with atomic_write(tar_path) as f:
+            with ShardWriter(f) as writer:
+                for row, st in zip(rows, stored):
+                    if st is None:
+                        continue
+                    if "prev" in st:
+                        members = st["prev"]
+                    else:
+                        members = {"jpg": spool.get(st["jpg"]), "json": _json_member(row, extra_names)}
+                        if row.get("caption") is not None:
+                            members["txt"] = str(row["caption"]).encode()
+                    writer.write(row["key"], members)
+            f.flush()
+            tar_bytes = f.tell()
+    finally:
+        spool.close()
+        if fetcher is not None:
+            fetcher.close()
+
+    table = samples_table(rows, list(cfg.extra_fields))
+    write_parquet_atomic(
+        table,
+        ds.samples_path(cfg.name, unit.shard),
+        metadata={_TAR_BYTES_KEY: str(tar_bytes), "silverlabel.version": __version__},
+    )
+    counts = Counter(r["status"] for r in rows)
+    return ShardResult(unit.shard, dict(counts), len(rows), time.monotonic() - t0, tar_bytes)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+
+
+def shard_complete(ds: Dataset, name: str, shard: int) -> bool:
+    """True when the shard's samples table exists and its tar has the size it records."""
+    table = ds.samples_path(name, shard)
+    tar = ds.shard_path(name, shard)
+    if not table.is_file() or not tar.is_file():
+        return False
+    try:
+        recorded = int(read_parquet_metadata(table).get(_TAR_BYTES_KEY, -1))
+    except Exception:
+        return False
+    return recorded == tar.stat().st_size
+
+
+def _has_retryable(ds: Dataset, name: str, shard: int) -> bool:
+    status = pq.read_table(ds.samples_path(name, shard), columns=["status"]).column("status").to_pylist()
+    return any(s in RETRYABLE for s in status)
+
+
+def plan_units(cfg: IngestConfig, ds: Dataset, skipped: list[int]) -> Iterator[IngestUnit]:
+    """Stream the sources in order and cut them into shard units, skipping finished shards."""
+    sources = [open_source(s, cfg.source_options) for s in cfg.sources]
+    index = 0
+    shard = 0
+    batch: list[Item] = []
+
+    def emit(shard: int, batch: list[Item]) -> IngestUnit | None:
+        if shard_complete(ds, cfg.name, shard):
+            if cfg.retry_failed and _has_retryable(ds, cfg.name, shard):
+                return IngestUnit(shard, batch, retry=True)
+            skipped.append(shard)
+            return None
+        return IngestUnit(shard, batch)
+
+    for src in sources:
+        for item in src.items():
+            item.index = index
+            index += 1
+            batch.append(item)
+            if len(batch) == cfg.samples_per_shard:
+                unit = emit(shard, batch)
+                if unit is not None:
+                    yield unit
+                shard += 1
+                batch = []
+    if batch:
+        unit = emit(shard, batch)
+        if unit is not None:
+            yield unit
+
+
+def dataset_counts(ds: Dataset) -> tuple[dict[str, int], int]:
+    """Counts by status over all completed samples tables, and the number of shards."""
+    counts: Counter[str] = Counter()
+    files = ds.samples_files()
+    for p in files:
+        counts.update(pq.read_table(p, columns=["status"]).column("status").to_pylist())
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), len(files)
+
+
+def _check_compatible(ds: Dataset, cfg: IngestConfig) -> None:
+    if not ds.exists():
+        if ds.root.exists() and any(p for p in ds.root.iterdir() if not p.name.startswith(".")):
+            raise ValueError(f"{ds.root}: output folder exists and is not a silverlabel dataset; choose another -o")
+        return
+    man = ds.read_manifest()
+    old = man.get("config", {})
+    new = cfg.output_config()
+    if man.get("stage") != "ingest":
+        raise ValueError(f"{ds.root}: holds a {man.get('stage')!r} dataset, not an ingest output")
+    diffs = [k for k in new if old.get(k) != new[k]]
+    if diffs:
+        raise ValueError(
+            f"{ds.root}: was ingested with different settings ({', '.join(diffs)}); "
+            "resume with the same command or write to a new -o"
+        )
+
+
+def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSummary:
+    """Ingest ``cfg.sources`` into ``cfg.output``; resumes a previous partial run."""
+    ds = Dataset(cfg.output)
+    # Validate the sources up front so bad input fails before any file is written.
+    sources = [open_source(s, cfg.source_options) for s in cfg.sources]
+    extra: dict[str, Any] = {}
+    for src in sources:
+        for f in src.extra_fields:
+            extra.setdefault(f.name, f)
+    if list(extra.values()) != list(cfg.extra_fields):
+        cfg = _replace(cfg, extra_fields=tuple(extra.values()))
+    _check_compatible(ds, cfg)
+    ds.root.mkdir(parents=True, exist_ok=True)
+    ds.clean_temporaries()
+    manifest = {
+        "stage": "ingest",
+        "state": "running",
+        "silverlabel_version": __version__,
+        "name": cfg.name,
+        "config": cfg.output_config(),
+        "parents": [s.describe() for s in sources],
+        "counts": None,
+    }
+    if not ds.exists():
+        ds.write_manifest(manifest)
+
+    t0 = time.monotonic()
+    skipped: list[int] = []
+    engine = create_engine(cfg.engine, workers=cfg.workers)
+    done_now = 0
+    items_now = 0
+    for res in engine.map(ingest_shard, plan_units(cfg, ds, skipped), cfg, progress):
+        done_now += 1
+        items_now += res.items
+    seconds = time.monotonic() - t0
+    counts, shards = dataset_counts(ds)
+    manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
+    ds.write_manifest(manifest)
+    with contextlib.suppress(OSError):
+        ds.tmp_dir.rmdir()
+    return IngestSummary(str(ds.root), counts, shards, done_now, len(skipped), items_now, seconds)
+
+
+def _replace(cfg: IngestConfig, **changes: Any) -> IngestConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)

@@ -1,0 +1,176 @@
+"""Sources: URL tables in every format, folders, tar shards."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from silverlabel.formats.wds import ShardWriter, iter_tar_samples
+from silverlabel.sources import SourceOptions, kind_of, open_source
+from silverlabel.sources.tars import expand_braces
+
+UIDS = ["0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"]
+
+
+def _items(path, **kw):
+    return list(open_source(str(path), SourceOptions(**kw)).items())
+
+
+def test_coyo_shaped_parquet(tmp_path):
+    p = tmp_path / "coyo.parquet"
+    pq.write_table(pa.table({
+        "id": pa.array([4_123_000_001, 4_123_000_002], pa.int64()),
+        "url": ["http://a.example/1.jpg", "https://b.example/2.png"],
+        "text": ["a dog", "a cat"],
+        "width": [640, 800], "height": [480, 600], "image_phash": ["ab", "cd"],
+        "clip_similarity_vitb32": [0.31, 0.29],
+    }), p)
+    src = open_source(str(p), SourceOptions(keep_cols=("clip_similarity_vitb32",)))
+    items = list(src.items())
+    assert [i.id for i in items] == [4_123_000_001, 4_123_000_002]
+    assert [i.caption for i in items] == ["a dog", "a cat"]  # 'text' is the caption
+    assert items[0].extra == {"clip_similarity_vitb32": 0.31}
+    assert src.extra_fields[0].type == pa.float64()
+    assert all(len(i.uid) == 32 for i in items)
+
+
+def test_datacomp_shaped_parquet_keeps_uids(tmp_path):
+    p = tmp_path / "dc.parquet"
+    pq.write_table(pa.table({"uid": [UIDS[0], UIDS[1].upper()], "url": ["http://x/1", "http://x/2"],
+                             "text": ["t1", "t2"], "original_width": [1, 2], "sha256": ["s", "t"]}), p)
+    items = _items(p)
+    assert [i.uid for i in items] == [UIDS[0], UIDS[1]]
+    assert [i.id for i in items] == [None, None]  # filled from the input position by ingest
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "csv.gz", "jsonl.gz"])
+def test_text_formats(tmp_path, fmt):
+    rows = [{"url": "http://h/1.jpg", "caption": "one, with comma", "uid": UIDS[0], "id": "7"},
+            {"url": "http://h/2.jpg", "caption": "two", "uid": UIDS[1], "id": "8"}]
+    base = fmt.replace(".gz", "")
+    if base == "jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        d = "," if base == "csv" else "\t"
+        lines = [d.join(rows[0])] + [d.join((f'"{v}"' if d in str(v) else str(v)) for v in r.values()) for r in rows]
+        text = "\n".join(lines) + "\n"
+    p = tmp_path / f"urls.{fmt}"
+    data = text.encode()
+    p.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    items = _items(p)
+    assert [(i.url, i.caption, i.uid, i.id) for i in items] == [
+        ("http://h/1.jpg", "one, with comma", UIDS[0], 7), ("http://h/2.jpg", "two", UIDS[1], 8)]
+
+
+def test_folder_of_tables_in_order(tmp_path):
+    d = tmp_path / "meta"
+    d.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"url": [f"http://h/{i}-{j}.jpg" for j in range(2)]}), d / f"part-{i:03d}.parquet")
+    items = _items(d)
+    assert [i.url.rsplit("/", 1)[1] for i in items] == ["0-0.jpg", "0-1.jpg", "1-0.jpg", "1-1.jpg", "2-0.jpg", "2-1.jpg"]
+    assert kind_of(str(d)) == "table"
+
+
+def test_bad_rows_become_invalid_items(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"url": None}, {"url": "  "}, {"url": "ftp://x/y.jpg"}, {"url": "http://ok/1.jpg", "uid": "xyz"},
+        {"url": "http://ok/2.jpg", "id": "seven"}, {"url": "http://ok/3.jpg"}]) + "\n")
+    errs = [i.error for i in _items(p)]
+    assert errs[0] == errs[1] == "empty url"
+    assert "only http(s)" in errs[2] and "32 hex" in errs[3] and "not an integer" in errs[4]
+    assert errs[5] is None
+
+
+def test_bad_tables_give_clear_errors(tmp_path):
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"link": ["http://x"]}), p)
+    with pytest.raises(ValueError, match=r"t\.parquet: no column 'url'.*--url-col"):
+        _items(p)
+    assert _items(p, url_col="link")[0].url == "http://x"
+    with pytest.raises(ValueError, match="--keep-cols names missing columns: nope"):
+        _items(p, url_col="link", keep_cols=("nope",))
+    j = tmp_path / "broken.jsonl"
+    j.write_text('{"url": "http://a"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+        _items(j)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        _items(junk)
+    with pytest.raises(FileNotFoundError):
+        _items(tmp_path / "missing.csv")
+
+
+def test_imagefolder_and_flat_folder(tmp_path):
+    for rel in ["n01/a.JPEG", "n01/b.png", "n02/sub/c.jpg", "n02/notes.txt", "n02/.hidden.jpg"]:
+        f = tmp_path / "in" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    items = _items(tmp_path / "in")
+    assert [(i.source, i.label) for i in items] == [("n01/a.JPEG", "n01"), ("n01/b.png", "n01"), ("n02/sub/c.jpg", "n02")]
+    flat = _items(tmp_path / "in", folder_labels="off")
+    assert all(i.label is None for i in flat)
+    (tmp_path / "in" / "top.jpg").write_bytes(b"x")
+    assert all(i.label is None for i in _items(tmp_path / "in"))  # images at the top: not ImageFolder
+
+
+def _wds(path, samples):
+    with open(path, "wb") as f, ShardWriter(f) as w:
+        for key, members in samples:
+            w.write(key, members)
+
+
+def test_tar_shards_img2dataset_and_imagenet12k_styles(tmp_path):
+    _wds(tmp_path / "a-00.tar", [
+        ("000000000", {"jpg": b"J0", "txt": b"caption 0", "json": json.dumps({"url": "http://src/0.jpg", "key": "000000000"}).encode()}),
+        ("000000001", {"jpg": b"J1", "cls": b"417", "json": b"{}"}),
+    ])
+    _wds(tmp_path / "a-01.tar", [("k2", {"json": b"{}"})])  # no image member
+    items = _items(str(tmp_path / "a-{00..01}.tar"))
+    assert [i.source for i in items] == ["a-00.tar#000000000", "a-00.tar#000000001", "a-01.tar#k2"]
+    assert items[0].caption == "caption 0" and items[0].url == "http://src/0.jpg"
+    assert items[1].label == "417"
+    assert "no image member" in items[2].error
+    from silverlabel.sources import load_bytes
+
+    assert load_bytes(items[1]) == b"J1"
+
+
+def test_tar_member_names_are_never_paths(tmp_path):
+    """Malicious member names are only keys: reading a tar writes nothing anywhere."""
+    p = tmp_path / "evil.tar"
+    with tarfile.open(p, "w") as t:
+        for name, data in [("../../etc/evil.jpg", b"E1"), ("/abs/path.jpg", b"E2"), ("ok.jpg", b"E3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        t.addfile(link)
+    before = set(os.listdir(tmp_path))
+    items = _items(p)
+    assert len(items) == 3  # the symlink is ignored
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_expand_braces():
+    assert expand_braces("x-{000..002}.tar") == ["x-000.tar", "x-001.tar", "x-002.tar"]
+
+
+def test_shard_writer_is_reproducible(tmp_path):
+    for name in ("one.tar", "two.tar"):
+        _wds(tmp_path / name, [("000000001", {"jpg": b"a", "json": b"{}"})])
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    assert [s.key for s in iter_tar_samples(str(tmp_path / "one.tar"))] == ["000000001"]
+    with pytest.raises(ValueError):
+        ShardWriter(io.BytesIO()).write("bad.key", {"jpg": b""})
