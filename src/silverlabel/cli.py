@@ -159,17 +159,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, desc: str = "ingest"):
         self.bar = None
+        self.enabled = enabled
+        self.desc = desc
         self.done = self.ok = 0
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit="img", desc="ingest", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
 
     def update(self, done: int, ok: int) -> None:
         self.done += done
         self.ok += ok
+        if self.enabled and self.bar is None:  # created on first progress: errors print no empty bar
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="img", desc=self.desc, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
         if self.bar is not None:
             self.bar.update(done)
             self.bar.set_postfix_str(f"success {100 * self.ok / max(1, self.done):.1f}%", refresh=False)

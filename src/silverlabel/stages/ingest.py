@@ -380,7 +380,7 @@ def _check_compatible(ds: Dataset, cfg: IngestConfig) -> None:
         return
     man = ds.read_manifest()
     old = man.get("config", {})
-    new = cfg.output_config()
+    new = json.loads(json.dumps(cfg.output_config()))  # compare as stored (tuples -> lists)
     if man.get("stage") != "ingest":
         raise ValueError(f"{ds.root}: holds a {man.get('stage')!r} dataset, not an ingest output")
     diffs = [k for k in new if old.get(k) != new[k]]
