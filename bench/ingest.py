@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -101,10 +102,11 @@ def write_url_lists(urls: list[str], directory: Path) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------
 
 
-def count_wds_images(directory: Path) -> tuple[int, int]:
-    """(#samples with an image member, #tar shards) under ``directory``."""
+def count_wds_images(directory: Path) -> tuple[int, int, int]:
+    """(#samples with an image member, #tar shards, image bytes) under ``directory``."""
     keys: set[str] = set()
     shards = 0
+    nbytes = 0
     for tar_path in sorted(directory.rglob("*.tar")):
         shards += 1
         try:
@@ -115,9 +117,10 @@ def count_wds_images(directory: Path) -> tuple[int, int]:
                     base, _, ext = m.name.rpartition(".")
                     if ext.lower() in IMAGE_EXTS:
                         keys.add(f"{tar_path}:{base}")
+                        nbytes += m.size
         except (tarfile.TarError, OSError) as exc:
             log(f"warning: cannot read {tar_path}: {exc}")
-    return len(keys), shards
+    return len(keys), shards, nbytes
 
 
 def i2d_stats(directory: Path) -> dict[str, int]:
@@ -137,16 +140,41 @@ def i2d_stats(directory: Path) -> dict[str, int]:
 # ---------------------------------------------------------------------------
 
 
-def run_timed(cmd: list[str], log_path: Path, env: Optional[dict] = None, timeout: float = 3600) -> tuple[float, int]:
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def proc_cpu_seconds(pid: Optional[int]) -> float:
+    """user+system CPU seconds of a live process (all its threads), from /proc."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def run_timed(cmd: list[str], log_path: Path, env: Optional[dict] = None,
+              timeout: float = 3600) -> tuple[float, int, float]:
+    """Run ``cmd``; return (wall seconds, exit code, CPU seconds of it and its
+    reaped descendants)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    cpu0 = _children_cpu()
     with open(log_path, "wb") as fh:
         fh.write(("$ " + shlex.join(cmd) + "\n").encode())
         fh.flush()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+            fh.write(f"\n[bench] killed after {timeout}s\n".encode())
         dt = time.perf_counter() - t0
-    return dt, proc.returncode
+    return dt, rc, _children_cpu() - cpu0
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -184,13 +212,16 @@ def run_silverlabel(base_cmd: list[str], urls_parquet: Path, out: Path, args, ta
         "--samples-per-shard", str(args.samples_per_shard),
         "--min-side", "48", "--max-shortest-edge", str(args.max_edge),
         "--quality", str(args.quality),
+        "--timeout", str(args.timeout),
         "--no-progress",
     ] + shlex.split(args.silverlabel_extra)
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(REPO / "src"))
-    dt, rc = run_timed(cmd, out.parent / "logs" / f"silverlabel-{tag}.log", env=env)
-    ok, shards = count_wds_images(out)
-    return {"seconds": dt, "rc": rc, "successes": ok, "shards": shards, "cmd": cmd,
+    dt, rc, cpu = run_timed(cmd, out.parent / "logs" / f"silverlabel-{tag}.log", env=env,
+                            timeout=args.run_timeout)
+    ok, shards, nbytes = count_wds_images(out)
+    return {"seconds": dt, "rc": rc, "cpu": cpu, "successes": ok, "shards": shards, "out_bytes": nbytes,
+            "cmd": cmd,
             "log": out.parent / "logs" / f"silverlabel-{tag}.log"}
 
 
@@ -272,7 +303,9 @@ def i2d_config(url_txt: Path, out: Path, args) -> dict[str, Any]:
         "compute_hash": None,        # no hashing extras
         "extract_exif": False,       # no exif extras (cheaper for img2dataset)
         "disallowed_header_directives": ["noai", "noimageai"],  # same as silverlabel
-        "incremental_mode": "overwrite",
+        # output dir is removed before each run; "overwrite" is broken in
+        # 1.47.0 (it deletes its own _tmp dir right after creating it)
+        "incremental_mode": "incremental",
     }
 
 
@@ -282,10 +315,11 @@ def run_i2d(py: Path, url_txt: Path, out: Path, args, tag: str) -> dict[str, Any
     cfg = i2d_config(url_txt, out, args)
     cmd = [str(py), "-c", I2D_RUNNER, json.dumps(cfg)]
     logp = out.parent / "logs" / f"img2dataset-{tag}.log"
-    dt, rc = run_timed(cmd, logp, env=i2d_env())
-    ok, shards = count_wds_images(out)
+    dt, rc, cpu = run_timed(cmd, logp, env=i2d_env(), timeout=args.run_timeout)
+    ok, shards, nbytes = count_wds_images(out)
     st = i2d_stats(out)
-    return {"seconds": dt, "rc": rc, "successes": ok, "shards": shards, "stats": st,
+    return {"seconds": dt, "rc": rc, "cpu": cpu, "successes": ok, "shards": shards, "out_bytes": nbytes,
+            "stats": st,
             "cmd": cmd, "config": cfg, "log": logp}
 
 
@@ -296,10 +330,11 @@ def run_i2d(py: Path, url_txt: Path, out: Path, args, tag: str) -> dict[str, Any
 _KERNEL_IMAGES: list[bytes] = []
 
 
-def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int]:
+def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int, float]:
     from PIL import Image
 
     lo, hi, max_edge, quality = task
+    cpu0 = time.process_time()
     ok = 0
     nbytes = 0
     for i in range(lo, hi):
@@ -320,7 +355,7 @@ def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int]:
             ok += 1
         except Exception:  # noqa: BLE001 - count as failure
             pass
-    return ok, nbytes
+    return ok, nbytes, time.process_time() - cpu0
 
 
 def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int) -> dict[str, Any]:
@@ -337,7 +372,7 @@ def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int) -
         results = list(pool.imap_unordered(_kernel_chunk, tasks))
         dt = time.perf_counter() - t0
     return {"seconds": dt, "rc": 0, "successes": sum(r[0] for r in results),
-            "out_bytes": sum(r[1] for r in results)}
+            "out_bytes": sum(r[1] for r in results), "cpu": sum(r[2] for r in results)}
 
 
 # ---------------------------------------------------------------------------
@@ -404,24 +439,31 @@ def fmt_table(rows: list[dict[str, Any]], n: int) -> str:
     ref_i2d = next((rate(r) for r in rows if r["method"].startswith("img2dataset") and r.get("seconds")), None)
     ref_k = next((rate(r) for r in rows if r["method"].startswith("kernel") and r.get("seconds")), None)
     lines = [
-        "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel "
+        "| CPU s | server CPU s | output MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("seconds") is None:
-            lines.append(f"| {r['method']} | {n} | – | – | – | – | – |  <!-- {r.get('note', '')} -->")
+            lines.append(f"| {r['method']} ({r.get('note', '')}) | {n} | – | – | – | – | – | – | – | – |")
             continue
         rr = rate(r)
         vi = f"{rr / ref_i2d:.2f}x" if ref_i2d else "–"
         vk = f"{rr / ref_k:.2f}x" if ref_k else "–"
-        lines.append(f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} |")
+        lines.append(
+            f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} "
+            f"| {r['cpu']:.1f} | {r['server_cpu']:.1f} | {r['out_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
 
 
 def summarize(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median run (by wall time) of a method; keeps all wall times."""
     secs = [r["seconds"] for r in runs]
+    med = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
     return {"method": method, "seconds": statistics.median(secs), "all_seconds": secs,
-            "successes": min(r["successes"] for r in runs), "runs": runs}
+            "successes": min(r["successes"] for r in runs), "cpu": med.get("cpu", 0.0),
+            "server_cpu": med.get("server_cpu", 0.0), "out_bytes": med.get("out_bytes", 0),
+            "runs": runs}
 
 
 # ---------------------------------------------------------------------------
@@ -448,6 +490,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--silverlabel-extra", default="", help="extra args appended to `silverlabel ingest`")
     p.add_argument("--only", default="silverlabel,img2dataset,kernel",
                    help="comma list of methods to run")
+    p.add_argument("--run-timeout", type=float, default=1800, help="kill a CLI run after this many seconds")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     p.add_argument("--markdown", type=Path, default=None, help="append results to this markdown file")
     p.add_argument("--keep", action="store_true", help="keep outputs when --out is not given")
@@ -499,53 +542,61 @@ def main(argv: Optional[list[str]] = None) -> int:
         n_warm = min(len(urls), max(50, 25 * args.workers))
         warm_parquet, warm_txt = write_url_lists(urls[:n_warm], out / "urls-warmup")
 
+        methods: list[tuple[str, Any]] = []
         if sl_cmd is not None:
-            if not args.no_warmup:
-                r = run_silverlabel(sl_cmd, warm_parquet, out / "silverlabel", args, "warmup")
-                log(f"silverlabel warm-up: rc={r['rc']} {r['successes']}/{n_warm} in {r['seconds']:.2f}s")
-            runs = []
-            for k in range(args.repeat):
-                r = run_silverlabel(sl_cmd, urls_parquet, out / "silverlabel", args, f"run{k}")
-                log(f"silverlabel run {k}: rc={r['rc']} {r['successes']}/{len(urls)} in {r['seconds']:.2f}s")
-                if r["rc"] != 0:
-                    problems.append(f"silverlabel exited {r['rc']}; log tail:\n{tail(r['log'])}")
-                    log(problems[-1])
-                runs.append(r)
-            rows.append(summarize("silverlabel ingest", runs))
-            rows[-1]["cmd"] = shlex.join(runs[-1]["cmd"])
-        elif "silverlabel" in only:
-            rows.append({"method": "silverlabel ingest", "seconds": None, "note": "CLI not found"})
-
+            methods.append(("silverlabel ingest", lambda urls_pq, urls_txt, tag: run_silverlabel(
+                sl_cmd, urls_pq, out / "silverlabel", args, tag)))
         if i2d_py is not None:
-            if not args.no_warmup:
-                r = run_i2d(i2d_py, warm_txt, out / "img2dataset", args, "warmup")
-                log(f"img2dataset warm-up: rc={r['rc']} {r['successes']}/{n_warm} in {r['seconds']:.2f}s")
-            runs = []
-            for k in range(args.repeat):
-                r = run_i2d(i2d_py, urls_txt, out / "img2dataset", args, f"run{k}")
-                log(f"img2dataset run {k}: rc={r['rc']} {r['successes']}/{len(urls)} "
-                    f"in {r['seconds']:.2f}s stats={r['stats']}")
+            methods.append((f"img2dataset ({args.i2d_threads} threads/proc)", lambda urls_pq, urls_txt, tag: run_i2d(
+                i2d_py, urls_txt, out / "img2dataset", args, tag)))
+        if "kernel" in only:
+            images = [b for _, b in pool]
+            methods.append(("kernel (in-memory decode→resize→encode)", lambda urls_pq, urls_txt, tag: run_kernel(
+                images, args.workers, args.max_edge, args.quality)))
+
+        def measured(fn, *a):
+            s0 = proc_cpu_seconds(srv.pid)
+            r = fn(*a)
+            r["server_cpu"] = proc_cpu_seconds(srv.pid) - s0
+            return r
+
+        if not args.no_warmup:
+            for name, fn in methods:
+                if name.startswith("kernel"):
+                    continue  # run_kernel warms its own pool up
+                r = fn(warm_parquet, warm_txt, "warmup")
+                log(f"{name} warm-up: rc={r['rc']} {r['successes']}/{n_warm} in {r['seconds']:.2f}s")
+
+        # Interleave the methods run by run, so slow drifts of a shared
+        # machine do not favour one of them.
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in methods}
+        for k in range(args.repeat):
+            for name, fn in methods:
+                r = measured(fn, urls_parquet, urls_txt, f"run{k}")
+                extra = f" stats={r['stats']}" if "stats" in r else ""
+                log(f"{name} run {k}: rc={r['rc']} {r['successes']}/{len(urls)} in {r['seconds']:.2f}s "
+                    f"(cpu {r.get('cpu', 0):.1f}s, server cpu {r['server_cpu']:.1f}s){extra}")
                 if r["rc"] != 0:
-                    problems.append(f"img2dataset exited {r['rc']}; log tail:\n{tail(r['log'])}")
+                    problems.append(f"{name} exited {r['rc']}; log tail:\n{tail(r['log'])}")
                     log(problems[-1])
                 if r["successes"] != len(urls):
-                    problems.append(f"img2dataset wrote {r['successes']} of {len(urls)} images "
-                                    f"(stats {r['stats']}): comparison not like for like")
+                    problems.append(f"{name} wrote {r['successes']} of {len(urls)} images"
+                                    + (f" (stats {r['stats']})" if "stats" in r else "")
+                                    + ": comparison not like for like")
                     log(problems[-1])
-                runs.append(r)
-            rows.append(summarize(f"img2dataset ({args.i2d_threads} threads/proc)", runs))
-            rows[-1]["config"] = runs[-1]["config"]
-        elif "img2dataset" in only:
+                results[name].append(r)
+        for name, _ in methods:
+            row = summarize(name, results[name])
+            last = results[name][-1]
+            if name.startswith("silverlabel"):
+                row["cmd"] = shlex.join(last["cmd"])
+            if "config" in last:
+                row["config"] = last["config"]
+            rows.append(row)
+        if "silverlabel" in only and sl_cmd is None:
+            rows.insert(0, {"method": "silverlabel ingest", "seconds": None, "note": "CLI not found"})
+        if "img2dataset" in only and i2d_py is None:
             rows.append({"method": "img2dataset", "seconds": None, "note": "not installed"})
-
-    if "kernel" in only:
-        images = [b for _, b in pool]
-        runs = []
-        for k in range(args.repeat):
-            r = run_kernel(images, args.workers, args.max_edge, args.quality)
-            log(f"kernel run {k}: {r['successes']}/{len(images)} in {r['seconds']:.2f}s")
-            runs.append(r)
-        rows.append(summarize("kernel (in-memory decode→resize→encode)", runs))
 
     table = fmt_table(rows, len(pool))
     print(table)

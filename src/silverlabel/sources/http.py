@@ -151,8 +151,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+    name, text = type(exc).__name__, " ".join(str(exc).split())
+    return (text if text.startswith(name) else f"{name}: {text}" if text else name)[:300]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -254,10 +254,11 @@ class _DNSCache:
     def connect(self, host: str, port: int, timeout: float) -> socket.socket:
         """A TCP socket connected to the first cached address of host that accepts."""
         error: OSError = OSError(f"no address for {host}")
+        end = time.monotonic() + timeout
         for family, type_, proto, _, addr in self.resolve(host, port):
             sock = socket.socket(family, type_, proto)
             try:
-                sock.settimeout(timeout)
+                sock.settimeout(max(end - time.monotonic(), 0.001))
                 sock.connect(addr)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
@@ -361,8 +362,12 @@ class Fetcher:
         self.close()
 
     def close(self) -> None:
-        """Close all pooled keep-alive connections and stop the watchdog thread."""
+        """Close all pooled keep-alive connections and stop the watchdog thread.
+
+        The fetcher stays usable afterwards, only without keeping connections alive.
+        """
         with self._lock:
+            self._closed = True
             idle, self._idle = list(self._idle.values()), OrderedDict()
         for _, conn, _ in idle:
             conn.close()
@@ -439,7 +444,7 @@ class Fetcher:
 
     def _exchange(self, conn: http.client.HTTPConnection, t: _Target, deadline: _Deadline,
                   reused: bool) -> tuple[int, str | None, bytes | None]:
-        cfg, phase, watch, status = self.cfg, "connect", None, None
+        cfg, phase, watch, status, released = self.cfg, "connect", None, None, False
         fail = lambda error, **kw: FetchResult("failed_download", error, http_status=status, final_url=t.url, **kw)
         try:
             if conn.sock is None:
@@ -460,7 +465,7 @@ class Fetcher:
             if status in _REDIRECTS or not 200 <= status < 300:
                 location = resp.getheader("Location") if status in _REDIRECTS else None
                 self._finish(conn, t, resp, watch, self._read(resp, sock, deadline, _DRAIN_LIMIT, drain=True))
-                watch = None
+                watch, released = None, True
                 if location:
                     return status, location, None
                 if status in (408, 429) or status >= 500:
@@ -482,7 +487,7 @@ class Fetcher:
             if body is None:
                 raise _Outcome(fail(f"body exceeds byte cap of {cfg.max_bytes} bytes"))
             self._finish(conn, t, resp, watch, True)
-            watch = None
+            watch, released = None, True
             encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
             if encoding in ("gzip", "x-gzip", "deflate"):  # sent although we asked for identity
                 try:
@@ -491,7 +496,8 @@ class Fetcher:
                     raise _Outcome(fail(f"bad {encoding} body: {exc}")) from None
             return status, None, body
         except _Outcome:
-            conn.close()
+            if not released:
+                conn.close()
             raise
         except Exception as exc:
             conn.close()
@@ -523,7 +529,7 @@ class Fetcher:
                 if len(body) > cap:
                     return False if drain else None
             if expected is not None and len(body) < expected:
-                raise http.client.IncompleteRead(bytes(body[:0]), expected - len(body))
+                raise http.client.IncompleteRead(bytes(body), expected - len(body))
             deadline.left()
             resp.close()
         except Exception:
