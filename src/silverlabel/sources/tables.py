@@ -116,7 +116,28 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
         return schema, gen()
     # jsonl: one object per line; line numbers in errors. Objects may omit keys, so the
     # schema is the union of the keys of the first rows.
-    head: list[dict[str, Any]] = []
+    head = [obj for _, obj in zip(range(1000), _json_objects(path))]
+    keys = list(dict.fromkeys(k for obj in head for k in obj))
+    try:
+        schema = pa.Table.from_pydict({k: [obj.get(k) for obj in head] for k in keys}).schema
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep the names, read as text
+        schema = pa.schema([(k, pa.string()) for k in keys])
+
+    def gen():
+        batch: list[dict[str, Any]] = []
+        for obj in _json_objects(path):
+            batch.append(obj)
+            if len(batch) >= BATCH_ROWS:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    return schema, gen()
+
+
+def _json_objects(path: str) -> Iterator[dict[str, Any]]:
+    """Objects of a JSON-lines file; errors name the file and line."""
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -125,36 +146,9 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if isinstance(obj, dict):
-                head.append(obj)
-            if len(head) >= 1000:
-                break
-    keys = list(dict.fromkeys(k for obj in head for k in obj))  # rows may omit keys
-    try:
-        schema = pa.Table.from_pydict({k: [obj.get(k) for obj in head] for k in keys}).schema
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep the names, read as text
-        schema = pa.schema([(k, pa.string()) for k in keys])
-
-    def gen():
-        batch: list[dict[str, Any]] = []
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
-                batch.append(obj)
-                if len(batch) >= BATCH_ROWS:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
-
-    return schema, gen()
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+            yield obj
 
 
 def _check_url(url: Any) -> tuple[str | None, str | None]:
