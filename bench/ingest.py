@@ -294,7 +294,9 @@ def i2d_config(url_txt: Path, out: Path, args) -> dict[str, Any]:
         "resize_only_if_bigger": True,
         "encode_quality": args.quality,
         "encode_format": "jpg",
-        "skip_reencode": False,
+        # silverlabel keeps the bytes of an RGB JPEG that needs no resize
+        # (imageops passthrough); skip_reencode=True is img2dataset's same rule
+        "skip_reencode": not args.i2d_reencode_all,
         "disable_all_reencoding": False,
         "min_image_size": 48,
         "timeout": args.timeout,
@@ -328,23 +330,39 @@ def run_i2d(py: Path, url_txt: Path, out: Path, args, tag: str) -> dict[str, Any
 # ---------------------------------------------------------------------------
 
 _KERNEL_IMAGES: list[bytes] = []
+KERNEL_ALL = "kernel: decode→resize→encode every image"
+KERNEL_PASS = "kernel: same, keep RGB JPEGs needing no resize"
 
 
-def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int, float]:
+def _kernel_chunk(task: tuple[int, int, int, int, bool]) -> tuple[int, int, float]:
+    """Decode -> resize (shortest edge <= max_edge, LANCZOS) -> JPEG encode.
+
+    With ``passthrough``, RGB JPEGs that need no resize keep their bytes (after
+    a full decode), and others are converted to RGB: silverlabel's policy.
+    """
     from PIL import Image
 
-    lo, hi, max_edge, quality = task
+    lo, hi, max_edge, quality, passthrough = task
     cpu0 = time.process_time()
     ok = 0
     nbytes = 0
     for i in range(lo, hi):
         try:
-            im = Image.open(io.BytesIO(_KERNEL_IMAGES[i]))
+            raw = _KERNEL_IMAGES[i]
+            im = Image.open(io.BytesIO(raw))
+            fmt = im.format
             im.load()
-            if im.mode not in ("RGB", "L"):
-                im = im.convert("RGB")
             w, h = im.size
             short = min(w, h)
+            if passthrough:
+                if fmt == "JPEG" and im.mode == "RGB" and short <= max_edge:
+                    nbytes += len(raw)  # already what we would store: keep the bytes
+                    ok += 1
+                    continue
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+            elif im.mode not in ("RGB", "L"):
+                im = im.convert("RGB")
             if short > max_edge:
                 s = max_edge / short
                 im = im.resize((max(1, round(w * s)), max(1, round(h * s))),
@@ -358,15 +376,17 @@ def _kernel_chunk(task: tuple[int, int, int, int]) -> tuple[int, int, float]:
     return ok, nbytes, time.process_time() - cpu0
 
 
-def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int) -> dict[str, Any]:
+def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int,
+               passthrough: bool = False) -> dict[str, Any]:
     global _KERNEL_IMAGES
     _KERNEL_IMAGES = images  # inherited by forked workers: no pickling of inputs
     n = len(images)
     chunk = 20
-    tasks = [(lo, min(n, lo + chunk), max_edge, quality) for lo in range(0, n, chunk)]
+    tasks = [(lo, min(n, lo + chunk), max_edge, quality, passthrough) for lo in range(0, n, chunk)]
     with mp.get_context("fork").Pool(workers) as pool:
         # warm-up: imports, first decoder/encoder use, in every worker
-        warm = [(lo, min(n, lo + 5), max_edge, quality) for lo in range(0, min(n, 5 * workers * 2), 5)]
+        warm = [(lo, min(n, lo + 5), max_edge, quality, passthrough)
+                for lo in range(0, min(n, 5 * workers * 2), 5)]
         list(pool.imap_unordered(_kernel_chunk, warm))
         t0 = time.perf_counter()
         results = list(pool.imap_unordered(_kernel_chunk, tasks))
@@ -402,6 +422,11 @@ def machine_description() -> str:
         pass
     import PIL
 
+    try:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        mem += f"; load avg now {load}"
+    except OSError:
+        pass
     return (f"nproc {nproc}, CPU: {model}{mem}; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}; Pillow {PIL.__version__}")
 
@@ -437,21 +462,23 @@ def fmt_table(rows: list[dict[str, Any]], n: int) -> str:
         return r["successes"] / r["seconds"] if r.get("seconds") else 0.0
 
     ref_i2d = next((rate(r) for r in rows if r["method"].startswith("img2dataset") and r.get("seconds")), None)
-    ref_k = next((rate(r) for r in rows if r["method"].startswith("kernel") and r.get("seconds")), None)
+    ref_k = next((rate(r) for r in rows if r["method"] == KERNEL_ALL and r.get("seconds")), None)
+    ref_kp = next((rate(r) for r in rows if r["method"] == KERNEL_PASS and r.get("seconds")), None)
     lines = [
         "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel "
-        "| CPU s | server CPU s | output MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs kernel (keep) | CPU s | server CPU s | output MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("seconds") is None:
-            lines.append(f"| {r['method']} ({r.get('note', '')}) | {n} | – | – | – | – | – | – | – | – |")
+            lines.append(f"| {r['method']} ({r.get('note', '')}) | {n} |" + " – |" * 9)
             continue
         rr = rate(r)
         vi = f"{rr / ref_i2d:.2f}x" if ref_i2d else "–"
         vk = f"{rr / ref_k:.2f}x" if ref_k else "–"
+        vkp = f"{rr / ref_kp:.2f}x" if ref_kp else "–"
         lines.append(
-            f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} "
+            f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} | {vkp} "
             f"| {r['cpu']:.1f} | {r['server_cpu']:.1f} | {r['out_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
 
@@ -485,6 +512,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=90, help="JPEG re-encode quality")
     p.add_argument("--timeout", type=int, default=10, help="per-request timeout, seconds")
     p.add_argument("--i2d-threads", type=int, default=32, help="img2dataset thread_count (per process)")
+    p.add_argument("--i2d-reencode-all", action="store_true",
+                   help="img2dataset skip_reencode=False: re-encode even JPEGs that need no resize "
+                        "(silverlabel keeps those bytes, so this makes img2dataset do more work)")
     p.add_argument("--i2d-python", default=None, help="interpreter for bench/.venv-img2dataset (<= 3.12)")
     p.add_argument("--silverlabel", default=None, help="silverlabel command (default: next to this python)")
     p.add_argument("--silverlabel-extra", default="", help="extra args appended to `silverlabel ingest`")
@@ -511,6 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
 
+    machine_at_start = machine_description()
     t0 = time.perf_counter()
     pool = make_pool(args.n, (w, h), args.seed, max(1, args.workers))
     gen_s = time.perf_counter() - t0
@@ -547,12 +578,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             methods.append(("silverlabel ingest", lambda urls_pq, urls_txt, tag: run_silverlabel(
                 sl_cmd, urls_pq, out / "silverlabel", args, tag)))
         if i2d_py is not None:
-            methods.append((f"img2dataset ({args.i2d_threads} threads/proc)", lambda urls_pq, urls_txt, tag: run_i2d(
+            methods.append((f"img2dataset ({args.i2d_threads} threads/proc"
+                            + (", re-encode all)" if args.i2d_reencode_all else ")"), lambda urls_pq, urls_txt, tag: run_i2d(
                 i2d_py, urls_txt, out / "img2dataset", args, tag)))
         if "kernel" in only:
             images = [b for _, b in pool]
-            methods.append(("kernel (in-memory decode→resize→encode)", lambda urls_pq, urls_txt, tag: run_kernel(
+            methods.append((KERNEL_ALL, lambda urls_pq, urls_txt, tag: run_kernel(
                 images, args.workers, args.max_edge, args.quality)))
+            methods.append((KERNEL_PASS, lambda urls_pq, urls_txt, tag: run_kernel(
+                images, args.workers, args.max_edge, args.quality, passthrough=True)))
 
         def measured(fn, *a):
             s0 = proc_cpu_seconds(srv.pid)
@@ -597,6 +631,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.insert(0, {"method": "silverlabel ingest", "seconds": None, "note": "CLI not found"})
         if "img2dataset" in only and i2d_py is None:
             rows.append({"method": "img2dataset", "seconds": None, "note": "not installed"})
+        # the fixed reference rows go last
+        rows.sort(key=lambda r: r["method"].startswith("kernel"))
 
     table = fmt_table(rows, len(pool))
     print(table)
@@ -608,7 +644,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                           else sys.executable, os.path.relpath(__file__, REPO)] + sys.argv[1:])
         md = [f"\n## ingest benchmark, {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n",
               f"`{cmd}`\n",
-              f"- machine: {machine_description()}",
+              f"- machine at start: {machine_at_start}",
+              f"- at end: {machine_description().split('; load avg now ')[-1].split(';')[0]} (load avg; "
+              "other work on a shared machine shows up here and in the spread of the runs)",
               f"- versions: {_versions(i2d_py)}",
               f"- pool: {len(pool)} photo-like JPEGs (q92, nominal {w}x{h}, mixed 4:3/3:4/3:2), "
               f"{total_mb:.1f} MB, served from 127.0.0.1 by a separate process; "
@@ -624,7 +662,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if r.get("config"):
                 md.append(f"- img2dataset: `download(**{json.dumps(r['config'])})`")
             if r.get("all_seconds") and len(r["all_seconds"]) > 1:
-                md.append(f"- {r['method']} runs: " + ", ".join(f"{s:.2f}s" for s in r["all_seconds"]))
+                md.append(f"- {r['method']} runs: " + ", ".join(f"{s:.2f}s" for s in r["all_seconds"])
+                          + "; CPU s: " + ", ".join(f"{x.get('cpu', 0):.1f}" for x in r["runs"]))
         for p_ in problems:
             md.append(f"- NOTE: {p_.splitlines()[0]}")
         with open(args.markdown, "a") as fh:

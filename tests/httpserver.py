@@ -12,7 +12,7 @@ with :meth:`MisbehavingServer.add` are served as given; built-in routes misbehav
 ``/status/<code>``        that status with a small text body
 ``/flaky/<name>``         500 on the first request for the path, then a JPEG
 ``/ratelimit/<name>``     429 with ``Retry-After: 1`` first, then a JPEG
-``/unavailable/<name>``   503 with an HTTP-date ``Retry-After`` 1 s ahead, then a JPEG
+``/unavailable/<name>``   503 with an HTTP-date ``Retry-After`` (the next whole second), then a JPEG
 ``/slow-retry-after``     always 429 with ``Retry-After: 3600``
 ``/hang``                 headers (Content-Length 100000), then no body until stop()
 ``/drip-headers``         a status line, then one header byte every 0.2 s
@@ -157,7 +157,8 @@ def truncated_jpeg() -> bytes:
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    crc = zlib.crc32(kind + payload)
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
 @lru_cache(maxsize=4)
@@ -274,8 +275,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def route_unavailable(self, arg: str, n: int, q: dict) -> None:
         if n == 1:
-            when = email.utils.formatdate(time.time() + 1, usegmt=True)
-            return self.send(503, b"later", "text/plain", [("Retry-After", when)])
+            when = int(time.time()) + 1  # whole seconds: 0 to 1 s ahead
+            self.server.owner.retry_after_wait = when - time.time()
+            date = email.utils.formatdate(when, usegmt=True)
+            return self.send(503, b"later", "text/plain", [("Retry-After", date)])
         self.send(200, sample_jpeg())
 
     def route_slow_retry_after(self, arg: str, n: int, q: dict) -> None:
@@ -355,7 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def route_html(self, arg: str, n: int, q: dict) -> None:
-        self.send(200, b"<!doctype html><title>Not an image</title><p>hello</p>", "text/html; charset=utf-8")
+        page = b"<!doctype html><title>Not an image</title><p>hello</p>"
+        self.send(200, page, "text/html; charset=utf-8")
 
     def route_json(self, arg: str, n: int, q: dict) -> None:
         self.send(200, b'{"error": "nope"}', "application/json")
@@ -416,12 +420,13 @@ class MisbehavingServer:
     """
 
     def __init__(self, tls: tuple[str, str] | None = None) -> None:
-        self.files: dict[str, tuple[bytes, str, list[tuple[str, str]]]] = {}
+        self.files: dict[str, tuple[bytes, str | None, list[tuple[str, str]]]] = {}
         self.hits: Counter[str] = Counter()
         self.sent: dict[str, int] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.client_ports: set[int] = set()
         self.in_flight = self.max_in_flight = 0
+        self.retry_after_wait = 0.0  # seconds the latest HTTP-date Retry-After asked for
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._sockets: set[socket.socket] = set()
@@ -434,8 +439,8 @@ class MisbehavingServer:
             self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True,
                                                  do_handshake_on_connect=False)
             self.scheme = "https"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="misbehaving-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.01}, name="misbehaving-server")
 
     @property
     def port(self) -> int:
@@ -445,9 +450,12 @@ class MisbehavingServer:
         """Absolute URL of path on this server (host may be "localhost")."""
         return f"{self.scheme}://{host}:{self.port}{path}"
 
-    def add(self, path: str, data: bytes, content_type: str = "image/jpeg",
+    def add(self, path: str, data: bytes, content_type: str | None = "image/jpeg",
             headers: dict[str, str] | list[tuple[str, str]] | None = None) -> str:
-        """Serve ``data`` at ``path`` (extra headers may repeat as a list of pairs); returns its URL."""
+        """Serve ``data`` at ``path``; returns its URL.
+
+        ``content_type=None`` sends no Content-Type; headers may repeat as a list of pairs.
+        """
         pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
         self.files[path] = (data, content_type, pairs)
         return self.url(path)

@@ -156,6 +156,154 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG_LABEL = """\
+examples:
+  silverlabel label data/pool                      # default teacher, top-50 over in21k, GPU if present
+  silverlabel label data/pool --limit 500          # a quick look at the first 500 images
+  silverlabel label data/pool --teacher timm:vit_base_patch16_224 --checkpoint vit.safetensors
+  silverlabel label data/pool --teacher efficientnet_lite0 --teacher timm:convnext_tiny --checkpoint - --checkpoint ct.pth
+  silverlabel label --stats data/pool              # COYO's threshold table
+"""
+
+
+def _add_label(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label",
+        help="teacher top-k labels (COYO-Labeled-300M format)",
+        description="Run a teacher (or an ensemble) over a dataset's shards and write top-k class indices and "
+        "probabilities per image, in the COYO-Labeled-300M schema. Resumable per shard.",
+        epilog=_EPILOG_LABEL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", metavar="DATASET")
+    p.add_argument("--teacher", action="append", default=None,
+                   help="efficientnet_lite0 (default) or timm:NAME; repeat for an ensemble (probabilities averaged)")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="weights for the matching --teacher (safetensors or .pth, weights only); '-' for none")
+    p.add_argument("--teacher-space", choices=["in1k", "in12k", "in21k"], help="native label space of a timm teacher")
+    p.add_argument("--activation", choices=["softmax", "sigmoid"], help="softmax (single-label) or sigmoid (multi-label)")
+    p.add_argument("--label-space", default="in21k", choices=["in1k", "in12k", "in21k"], help="output space (in21k)")
+    p.add_argument("--topk", type=_positive_int, default=50, help="labels kept per image (50)")
+    p.add_argument("--name", dest="output_name", help="folder under labels/ (default: the teacher name)")
+    p.add_argument("--img-size", type=_positive_int, help="override the teacher's input size")
+    p.add_argument("--crop-pct", type=float, help="override the teacher's crop_pct")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear"], help="override the teacher's interpolation")
+    p.add_argument("--limit", type=_positive_int, help="label only the first N images (a quick look)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
+    p.add_argument("--stats", action="store_true", help="print the threshold table of existing labels and exit")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_label)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from silverlabel.stages.label import LabelConfig, run_label
+    from silverlabel.teachers import TeacherSpec
+
+    if args.stats:
+        return print_label_stats(args.dataset, args.output_name)
+    names = args.teacher or ["efficientnet_lite0"]
+    ckpts = args.checkpoint or []
+    if len(ckpts) > len(names):
+        raise ValueError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
+    ckpts = [None if c in (None, "-") else c for c in ckpts] + [None] * (len(names) - len(ckpts))
+    specs = tuple(TeacherSpec.parse(n, checkpoint=c, activation=args.activation, label_space=args.teacher_space)
+                  for n, c in zip(names, ckpts))
+    workers = args.workers
+    if workers is None:
+        workers = 1
+        if args.device in ("auto", "cuda"):
+            import torch
+
+            workers = max(1, torch.cuda.device_count())
+    cfg = LabelConfig(
+        dataset=args.dataset, teachers=specs, label_space=args.label_space, topk=args.topk,
+        output_name=args.output_name, img_size=args.img_size, crop_pct=args.crop_pct,
+        interpolation=args.interpolation, limit=args.limit, device=args.device, batch_size=args.batch_size,
+        compile=args.compile, workers=workers,
+    )
+    bar = _Progress(enabled=not args.no_progress, desc="label")
+    try:
+        s = run_label(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
+          f"({s.shards_done_now} written now), {s.decode_errors} decode errors")
+    if s.images_now:
+        print(f"  throughput: {s.images_now} images in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s on {s.device}")
+    print(f"  labels: {os.path.abspath(s.output)}")
+    return 0
+
+
+def print_label_stats(dataset: str, name: str | None) -> int:
+    from silverlabel.dataset import Dataset
+    from silverlabel.stages.label import threshold_stats
+
+    ds = Dataset(dataset)
+    man = ds.read_manifest()
+    done = sorted(man.get("labels", {}))
+    if not done:
+        raise ValueError(f"{dataset}: no labels yet (run silverlabel label {dataset})")
+    name = name or done[0]
+    if name not in done:
+        raise ValueError(f"{dataset}: no labels named {name!r} (have: {', '.join(done)})")
+    from silverlabel.teachers.labelspace import get_label_space
+
+    n_classes = len(get_label_space(man["labels"][name]["config"]["label_space"]))
+    files = sorted((ds.root / "labels" / name).glob("*.parquet"))
+    rows = threshold_stats(files, num_classes=n_classes)
+    print(f"labels/{name}: {rows[0]['images'] if rows else 0} images")
+    print(f"{'threshold':>9}  {'labels/image':>12}  {'distinct labels':>15}  {'images with >=1':>15}")
+    for r in rows:
+        print(f"{r['threshold']:>9.1f}  {r['avg_labels_per_image']:>12.3f}  {r['distinct_labels']:>15}  "
+              f"{100 * r['share_with_label']:>14.1f}%")
+    return 0
+
+
+def _add_classes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classes",
+        help="look up a class by index, wnid or name; show its WordNet ancestors",
+        description="Look up classes of a label space (in1k, in12k, in21k) by index, wnid or name, "
+        "and show their WordNet 3.0 ancestors.",
+        epilog="examples:\n  silverlabel classes 'egyptian cat'\n  silverlabel classes n02124075 --space in1k\n"
+        "  silverlabel classes 285 --space in1k",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("query", nargs="+", help="index, wnid (n02124075) or name")
+    p.add_argument("--space", default="in21k", choices=["in1k", "in12k", "in21k"], help="label space (in21k)")
+    p.add_argument("--max", type=_positive_int, default=10, help="most matches to show per query (10)")
+    p.set_defaults(func=cmd_classes)
+
+
+def cmd_classes(args: argparse.Namespace) -> int:
+    from silverlabel.teachers.hierarchy import load_hierarchy
+    from silverlabel.teachers.labelspace import get_label_space
+
+    space = get_label_space(args.space)
+    hier = load_hierarchy()
+    found_any = False
+    for query in args.query:
+        hits = space.find(query)
+        if not hits:
+            print(f"{query!r}: no class in {args.space}")
+            continue
+        found_any = True
+        for i in hits[: args.max]:
+            wnid = space.wnids[i]
+            print(f"{args.space}[{i}] {wnid}  {space.lemma(i)}")
+            if wnid in hier:
+                if hier.gloss(wnid):
+                    print(f"    {hier.gloss(wnid)}")
+                chain = [f"{a} {hier.lemma(a)}" for a in hier.path_to_root(wnid)[1:]]
+                print(f"    depth {hier.depth(wnid)}; ancestors: " + " > ".join(chain))
+        if len(hits) > args.max:
+            print(f"    ... {len(hits) - args.max} more (--max)")
+    return 0 if found_any else 1
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -201,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"silverlabel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
+    _add_label(sub)
+    _add_classes(sub)
     return parser
 
 

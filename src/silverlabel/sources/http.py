@@ -28,10 +28,13 @@ One :class:`Fetcher` is shared by all worker threads of a process. Its parts:
 * **Retries**: connection errors, connect/TLS timeouts, truncated bodies, 408, 429 and
   5xx are retried ``retries`` times with exponential backoff and jitter, or after the
   server's ``Retry-After`` when given (one longer than ``max_retry_after`` fails at once).
-  A timeout after the connection was made (server stalls) is not retried: a fetch
-  therefore takes at most about ``(retries + 1) * timeout`` plus the waits.
-* **Checks before the body is read**: ``X-Robots-Tag`` opt-outs, the content type, and a
-  Content-Length over the byte cap.
+  Not retried: other 4xx, unknown host names (only EAI_AGAIN is), certificate errors,
+  protocol garbage, and a timeout after the connection was made (the server stalls): a
+  fetch thus takes at most about ``(retries + 1) * timeout`` plus the waits.
+* **Checks before the body is read**: ``X-Robots-Tag`` opt-outs (see
+  :func:`robots_opt_out`), the content type, and a Content-Length over the byte cap.
+  Error and redirect bodies up to 64 KiB are read (to keep the connection), never kept.
+  A gzip/deflate body sent despite ``Accept-Encoding: identity`` is decoded, under the cap.
 
 ``fetch`` never raises for network or HTTP problems: every outcome is a :class:`FetchResult`.
 """
@@ -49,7 +52,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -120,8 +123,11 @@ def robots_opt_out(values: list[str], token: str, optout: tuple[str, ...]) -> st
     Directives are comma-separated; ``name: a, b`` scopes the following directives to bot
     ``name`` (until the next prefix), and only ``token`` and ``*`` address us.
 
-        >>> robots_opt_out(["googlebot: noai", "noindex, NoImageAI"], "silverlabel", ("noai", "noimageai"))
+        >>> optout = ("noai", "noimageai")
+        >>> robots_opt_out(["googlebot: noai", "noindex, NoImageAI"], "silverlabel", optout)
         'noimageai'
+        >>> robots_opt_out(["googlebot: noindex, noai"], "silverlabel", optout) is None
+        True
     """
     wanted = {d.strip().lower() for d in optout}
     token = token.strip().lower()
@@ -184,11 +190,13 @@ def _target(url: str) -> _Target:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(url)
-    host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
+    host = parts.hostname
+    if not host.isascii():
+        host = host.encode("idna").decode("ascii")
     port = parts.port or (443 if scheme == "https" else 80)  # .port raises ValueError if bad
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=[]~")  # keeps existing %-escapes
     if parts.query:
-        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=~-._?")
+        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=[]~?")
     if any(c in host for c in " /\\@") or any(ord(c) < 33 for c in path):
         raise ValueError(url)
     return _Target(url, scheme, host, port, path)
@@ -240,15 +248,17 @@ class _DNSCache:
                     return hit
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            finally:
+            except BaseException:
                 with self._lock:
                     self._resolving.pop(key, None)
+                raise
             with self._lock:
                 if len(self._entries) > 50_000:
                     now = time.monotonic()
                     self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
                 if self._ttl > 0:
                     self._entries[key] = (time.monotonic() + self._ttl, infos)
+                self._resolving.pop(key, None)  # only once the entry is there
             return infos
 
     def connect(self, host: str, port: int, timeout: float) -> socket.socket:
@@ -300,7 +310,8 @@ class _Watchdog:
         entry = [at, next(self._seq), sock, False]
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="silverlabel-http-watchdog", daemon=True)
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="silverlabel-http-watchdog")
                 self._thread.start()
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:
@@ -345,12 +356,11 @@ class Fetcher:
     def __init__(self, cfg: FetchConfig = FetchConfig()) -> None:
         self.cfg = cfg
         self._dns = _DNSCache(cfg.dns_ttl)
-        self._tls = ssl.create_default_context()
-        if not cfg.verify_tls:
-            self._tls.check_hostname = False
-            self._tls.verify_mode = ssl.CERT_NONE
+        self._tls: ssl.SSLContext | None = None  # made on first HTTPS use (loading CAs is slow)
         self._lock = threading.Lock()
-        self._idle: OrderedDict[int, tuple[tuple, http.client.HTTPConnection, float]] = OrderedDict()
+        # id(conn) -> (pool key, connection, time pooled), oldest first
+        self._idle: OrderedDict[int, tuple[tuple, http.client.HTTPConnection, float]]
+        self._idle = OrderedDict()
         self._slots: dict[str, list] = {}  # host -> [BoundedSemaphore, users]
         self._watchdog = _Watchdog()
         self._closed = False
@@ -407,7 +417,8 @@ class Fetcher:
             try:
                 target = _target(url)
             except (ValueError, UnicodeError):
-                raise _Outcome(FetchResult("failed_download", f"redirect to unsupported url {url!r}")) from None
+                error = f"redirect to unsupported url {url!r}"
+                raise _Outcome(FetchResult("failed_download", error, final_url=url)) from None
             status, location, body = self._hop(target, deadline)
             if location is None:
                 return FetchResult("success", data=body, http_status=status, final_url=url)
@@ -418,7 +429,9 @@ class Fetcher:
     def _hop(self, t: _Target, deadline: _Deadline) -> tuple[int, str | None, bytes | None]:
         """One request under the host's slot: (status, redirect location or None, body)."""
         with self._lock:
-            slot = self._slots.setdefault(t.host, [threading.BoundedSemaphore(self.cfg.per_host), 0])
+            slot = self._slots.get(t.host)
+            if slot is None:
+                slot = self._slots[t.host] = [threading.BoundedSemaphore(self.cfg.per_host), 0]
             slot[1] += 1
         queued = time.monotonic()
         slot[0].acquire()
@@ -430,9 +443,10 @@ class Fetcher:
                     return self._exchange(conn, t, deadline, reused=True)
                 except _Stale:
                     pass
-            cls = _HTTPSConnection if t.scheme == "https" else _HTTPConnection
-            kwargs = {"context": self._tls} if t.scheme == "https" else {}
-            conn = cls(t.host, t.port, **kwargs)
+            if t.scheme == "https":
+                conn = _HTTPSConnection(t.host, t.port, context=self._tls_context())
+            else:
+                conn = _HTTPConnection(t.host, t.port)
             conn.dns = self._dns
             return self._exchange(conn, t, deadline, reused=False)
         finally:
@@ -442,10 +456,23 @@ class Fetcher:
                 if not slot[1]:
                     del self._slots[t.host]
 
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+                if not self.cfg.verify_tls:
+                    self._tls.check_hostname = False
+                    self._tls.verify_mode = ssl.CERT_NONE
+            return self._tls
+
     def _exchange(self, conn: http.client.HTTPConnection, t: _Target, deadline: _Deadline,
                   reused: bool) -> tuple[int, str | None, bytes | None]:
+        """Send the request on conn and read the answer: (status, location or None, body)."""
         cfg, phase, watch, status, released = self.cfg, "connect", None, None, False
-        fail = lambda error, **kw: FetchResult("failed_download", error, http_status=status, final_url=t.url, **kw)
+
+        def fail(error: str, outcome: str = "failed_download") -> FetchResult:
+            return FetchResult(outcome, error, http_status=status, final_url=t.url)
+
         try:
             if conn.sock is None:
                 conn.timeout = deadline.left()
@@ -462,38 +489,42 @@ class Fetcher:
             sock.settimeout(deadline.left())
             resp = conn.getresponse()
             phase, status = "response", resp.status
-            if status in _REDIRECTS or not 200 <= status < 300:
-                location = resp.getheader("Location") if status in _REDIRECTS else None
-                self._finish(conn, t, resp, watch, self._read(resp, sock, deadline, _DRAIN_LIMIT, drain=True))
+            if not 200 <= status < 300:  # keep the connection if the body is small, then decide
+                complete = self._read(resp, sock, deadline, _DRAIN_LIMIT, drain=True)
+                self._finish(conn, t, resp, watch, complete)
                 watch, released = None, True
+                location = resp.getheader("Location") if status in _REDIRECTS else None
                 if location:
                     return status, location, None
                 if status in (408, 429) or status >= 500:
                     wait = _retry_after(resp.getheader("Retry-After"))
                     if wait is not None and wait > cfg.max_retry_after:
-                        raise _Outcome(fail(f"HTTP {status}, Retry-After {wait:g} s exceeds cap"))
+                        error = f"HTTP {status}, Retry-After {wait:g} s exceeds cap"
+                        raise _Outcome(fail(error))
                     raise _Outcome(fail(f"HTTP {status}"), retry=True, wait=wait)
-                raise _Outcome(fail(f"HTTP {status}" + (" without Location" if status in _REDIRECTS else "")))
+                missing = " without Location" if status in _REDIRECTS else ""
+                raise _Outcome(fail(f"HTTP {status}{missing}"))
             if cfg.respect_robots:
-                directive = robots_opt_out(resp.headers.get_all("X-Robots-Tag") or [], cfg.user_agent_token, cfg.robots_optout)
+                values = resp.headers.get_all("X-Robots-Tag") or []
+                directive = robots_opt_out(values, cfg.user_agent_token, cfg.robots_optout)
                 if directive:
-                    raise _Outcome(replace(fail(f"X-Robots-Tag: {directive}"), status="opted_out"))
+                    raise _Outcome(fail(f"X-Robots-Tag: {directive}", "opted_out"))
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
             if ctype not in _IMAGE_TYPES and not ctype.startswith("image/"):
                 raise _Outcome(fail(f"content-type {ctype} is not an image"))
+            too_big = f"body exceeds byte cap of {cfg.max_bytes} bytes"
             if resp.length is not None and resp.length > cfg.max_bytes:
-                raise _Outcome(fail(f"body exceeds byte cap of {cfg.max_bytes} bytes"))
+                raise _Outcome(fail(too_big))
             body = self._read(resp, sock, deadline, cfg.max_bytes)
             if body is None:
-                raise _Outcome(fail(f"body exceeds byte cap of {cfg.max_bytes} bytes"))
+                raise _Outcome(fail(too_big))
             self._finish(conn, t, resp, watch, True)
             watch, released = None, True
-            encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+            encoding = (resp.getheader("Content-Encoding") or "").strip().lower()
             if encoding in ("gzip", "x-gzip", "deflate"):  # sent although we asked for identity
-                try:
-                    body = _inflate(body, cfg.max_bytes)
-                except zlib.error as exc:
-                    raise _Outcome(fail(f"bad {encoding} body: {exc}")) from None
+                body = _inflate(body, cfg.max_bytes)
+                if body is None:
+                    raise _Outcome(fail(too_big))
             return status, None, body
         except _Outcome:
             if not released:
@@ -503,8 +534,9 @@ class Fetcher:
             conn.close()
             fired = watch is not None and self._watchdog.done(watch)
             if fired or isinstance(exc, TimeoutError) or time.monotonic() >= deadline.at:
-                # timeouts once connected mean a stalling server: not retried (bounds wall time)
-                raise _Outcome(fail(f"timeout after {float(cfg.timeout)} s"), retry=phase == "connect") from None
+                # once connected, a timeout means a stalling server: not retried (bounds wall time)
+                error = f"timeout after {float(cfg.timeout)} s"
+                raise _Outcome(fail(error), retry=phase == "connect") from None
             if reused and phase == "request":
                 raise _Stale() from exc
             raise _Outcome(fail(_describe(exc)), retry=_retryable(exc)) from None
@@ -524,13 +556,17 @@ class Fetcher:
         try:
             if drain and expected is not None and expected > cap:
                 return False
-            while chunk := (sock.settimeout(deadline.left()) or resp.read1(_CHUNK)):
+            while True:
+                sock.settimeout(deadline.left())
+                chunk = resp.read1(_CHUNK)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > cap:
                     return False if drain else None
             if expected is not None and len(body) < expected:
                 raise http.client.IncompleteRead(bytes(body), expected - len(body))
-            deadline.left()
+            deadline.left()  # an EOF caused by the watchdog is a timeout, not the end
             resp.close()
         except Exception:
             if drain:
@@ -538,8 +574,8 @@ class Fetcher:
             raise
         return True if drain else bytes(body)
 
-    def _finish(self, conn: http.client.HTTPConnection, t: _Target, resp: http.client.HTTPResponse,
-                watch: list, complete: bool) -> None:
+    def _finish(self, conn: http.client.HTTPConnection, t: _Target,
+                resp: http.client.HTTPResponse, watch: list, complete: bool) -> None:
         """Stop the watchdog and pool the connection if it can carry another request."""
         fired = self._watchdog.done(watch)
         if not complete or fired or resp.will_close or conn.sock is None or self._closed:
@@ -569,14 +605,15 @@ class Fetcher:
         return conn
 
 
-def _inflate(data: bytes, cap: int) -> bytes:
-    """Decode a gzip/zlib/raw-deflate body, refusing to expand beyond cap bytes."""
-    try:
-        d = zlib.decompressobj(wbits=47)  # gzip or zlib header, detected
-        out = d.decompress(data, cap + 1)
-    except zlib.error:
-        d = zlib.decompressobj(wbits=-15)  # raw deflate, as some servers send it
-        out = d.decompress(data, cap + 1)
-    if len(out) > cap:
-        raise zlib.error(f"decoded body exceeds byte cap of {cap} bytes")
-    return out
+def _inflate(data: bytes, cap: int) -> bytes | None:
+    """Decode a gzip/zlib/raw-deflate body; None if it expands beyond cap bytes.
+
+    Undecodable data is returned as it came (the image decoder will reject it if bad).
+    """
+    for wbits in (47, -15):  # gzip or zlib header (detected), then raw deflate
+        try:
+            out = zlib.decompressobj(wbits=wbits).decompress(data, cap + 1)
+        except zlib.error:
+            continue
+        return out if len(out) <= cap else None
+    return data

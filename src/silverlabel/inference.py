@@ -1,0 +1,287 @@
+"""Batched teacher inference over WebDataset shards, on the CPU or a CUDA GPU.
+
+The label stage (and later reinforce) feed JPEG bytes in and get per-image probabilities
+in a target label space out. Two paths share one contract:
+
+- **CPU**: Pillow decodes on a thread pool (decoding releases the GIL) and timm's eval
+  transform (resize shorter side to ``floor(size / crop_pct)``, center crop, normalize)
+  prepares each image exactly as the teacher's pretrained config says.
+- **GPU**: JPEGs are decoded in batches on the GPU (nvJPEG through
+  ``torchvision.io.decode_jpeg(device="cuda")``), resized with an antialiased bicubic
+  filter, center-cropped and normalized there, then run in bf16 autocast with
+  channels_last (optionally ``torch.compile``). Reading the tar, decoding the next batch
+  and copying results back all overlap with the model: a reader thread fills a queue, a
+  preprocessing thread works on its own CUDA stream, and results come back through pinned
+  host buffers. Top-k is taken on the GPU. Images nvJPEG cannot decode fall back to Pillow.
+
+    >>> import torch
+    >>> tfm = EvalTransform(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    >>> tfm.scale_size
+    256
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from silverlabel.teachers import Teacher
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """A teacher's eval preprocessing, as numbers (from timm's data config)."""
+
+    size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, overrides: dict[str, Any] | None = None) -> EvalTransform:
+        cfg = {**teacher.data_config, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        size = cfg["input_size"][-1] if "input_size" in cfg else cfg["size"]
+        return cls(int(size), float(cfg.get("crop_pct", 0.875)), str(cfg.get("interpolation", "bicubic")),
+                   tuple(cfg["mean"]), tuple(cfg["std"]))
+
+    @property
+    def scale_size(self) -> int:
+        return math.floor(self.size / self.crop_pct)  # timm's rule
+
+    def cpu(self):
+        """The torchvision transform timm builds for evaluation (PIL in, tensor out)."""
+        import timm.data
+
+        return timm.data.create_transform(
+            input_size=(3, self.size, self.size), interpolation=self.interpolation,
+            crop_pct=self.crop_pct, mean=self.mean, std=self.std, is_training=False,
+        )
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Pillow decode to RGB (raises on bad data)."""
+    im = Image.open(io.BytesIO(data))
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------
+# teachers -> probabilities in the target space
+
+
+class Labeler:
+    """One or more teachers (an ensemble averages probabilities) mapped to ``target_space``.
+
+    ``run(batches)`` takes an iterable of ``(keys, list_of_jpeg_bytes)`` and yields
+    ``(keys_ok, top_indices[N,k] int32, top_probs[N,k] float32, failed: list[(key, error)])``.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
+                 compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None):
+        import torch
+
+        from silverlabel.teachers.labelspace import get_label_space, index_map
+
+        if not teachers:
+            raise ValueError("at least one teacher")
+        self.torch = torch
+        self.teachers = list(teachers)
+        self.device = torch.device(device)
+        self.target = get_label_space(target_space)
+        if not 1 <= topk <= len(self.target):
+            raise ValueError(f"--topk must be in 1..{len(self.target)}, got {topk}")
+        self.topk = topk
+        self.transforms = [EvalTransform.from_teacher(t, overrides) for t in self.teachers]
+        self.maps = []
+        for t in self.teachers:
+            src = get_label_space(t.label_space)
+            if src.name == self.target.name:
+                self.maps.append(None)
+            else:
+                self.maps.append(torch.as_tensor(index_map(src, self.target), device=self.device))
+        self.models = []
+        for t in self.teachers:
+            m = t.model.to(self.device).eval()
+            if self.device.type == "cuda":
+                m = m.to(memory_format=torch.channels_last)
+                if compile:
+                    m = torch.compile(m)
+            self.models.append(m)
+        self.pool = ThreadPoolExecutor(max(1, decode_threads))
+        self._cpu_tfms = [tf.cpu() for tf in self.transforms] if self.device.type == "cpu" else None
+
+    # -- the shared tail: logits -> probs -> target space -> top-k ---------------------
+    def _probs(self, i: int, logits):
+        torch = self.torch
+        logits = logits.float()
+        probs = logits.softmax(-1) if self.teachers[i].activation == "softmax" else logits.sigmoid()
+        mapping = self.maps[i]
+        if mapping is None:
+            return probs
+        out = torch.zeros(probs.shape[0], len(self.target), device=probs.device, dtype=probs.dtype)
+        keep = mapping >= 0
+        out.index_add_(1, mapping[keep], probs[:, keep])
+        return out
+
+    def _topk(self, per_teacher: list):
+        probs = per_teacher[0] if len(per_teacher) == 1 else sum(per_teacher) / len(per_teacher)
+        vals, idx = probs.topk(self.topk, dim=-1, largest=True, sorted=True)
+        return idx.to(self.torch.int32), vals.to(self.torch.float32)
+
+    # -- CPU path -----------------------------------------------------------------------
+    def _prep_cpu(self, data: bytes):
+        img = decode_rgb(data)
+        return [tf(img) for tf in self._cpu_tfms]
+
+    def _run_cpu(self, batches: Iterable[tuple[list[str], list[bytes]]]):
+        torch = self.torch
+        for keys, blobs in batches:
+            futures = [self.pool.submit(self._prep_cpu, b) for b in blobs]
+            ok_keys, tensors, failed = [], [], []
+            for key, fut in zip(keys, futures):
+                try:
+                    tensors.append(fut.result())
+                    ok_keys.append(key)
+                except Exception as e:
+                    failed.append((key, f"{type(e).__name__}: {e}"))
+            if not ok_keys:
+                yield [], np.zeros((0, self.topk), np.int32), np.zeros((0, self.topk), np.float32), failed
+                continue
+            with torch.inference_mode():
+                per_teacher = []
+                for i, model in enumerate(self.models):
+                    x = torch.stack([t[i] for t in tensors])
+                    per_teacher.append(self._probs(i, model(x)))
+                idx, vals = self._topk(per_teacher)
+            yield ok_keys, idx.numpy(), vals.numpy(), failed
+
+    # -- GPU path -----------------------------------------------------------------------
+    def _decode_gpu(self, blobs: list[bytes]) -> tuple[list[Any], list[str | None]]:
+        """Decode on the GPU in one batch; Pillow for what nvJPEG refuses."""
+        import torchvision.io as tio
+
+        torch = self.torch
+        datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        errors: list[str | None] = [None] * len(blobs)
+        try:
+            images = tio.decode_jpeg(datas, device=self.device, mode=tio.ImageReadMode.RGB)
+        except Exception:
+            images = []
+            for j, d in enumerate(datas):
+                try:
+                    images.append(tio.decode_jpeg(d, device=self.device, mode=tio.ImageReadMode.RGB))
+                except Exception:
+                    images.append(None)
+        for j, im in enumerate(images):
+            if im is None:
+                try:
+                    arr = np.asarray(decode_rgb(blobs[j]))
+                    images[j] = torch.from_numpy(arr).permute(2, 0, 1).to(self.device, non_blocking=True)
+                except Exception as e:
+                    errors[j] = f"{type(e).__name__}: {e}"
+        return images, errors
+
+    def _prep_gpu(self, images: list[Any], tf: EvalTransform):
+        """Resize shorter side (antialiased), center crop, normalize: (N,3,S,S) bf16 channels_last."""
+        torch = self.torch
+        F = torch.nn.functional
+        n = len(images)
+        out = torch.empty((n, 3, tf.size, tf.size), device=self.device, dtype=torch.float32)
+        mode = "bicubic" if tf.interpolation == "bicubic" else "bilinear"
+        for j, im in enumerate(images):
+            h, w = im.shape[-2:]
+            s = tf.scale_size  # shorter side -> s, as torchvision's Resize(int)
+            nh, nw = (max(1, int(s * h / w)), s) if w <= h else (s, max(1, int(s * w / h)))
+            x = im.unsqueeze(0).float()
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+            top = int(round((nh - tf.size) / 2.0))
+            left = int(round((nw - tf.size) / 2.0))
+            out[j] = x[0, :, top : top + tf.size, left : left + tf.size].clamp_(0, 255).round_()
+        mean = torch.tensor(tf.mean, device=self.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(tf.std, device=self.device).view(1, 3, 1, 1) * 255
+        out.sub_(mean).div_(std)
+        return out.contiguous(memory_format=torch.channels_last)
+
+    def _run_gpu(self, batches: Iterable[tuple[list[str], list[bytes]]]):
+        torch = self.torch
+        prep_stream = torch.cuda.Stream(self.device)
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = object()
+
+        def producer():
+            try:
+                with torch.cuda.stream(prep_stream):
+                    for keys, blobs in batches:
+                        images, errors = self._decode_gpu(blobs)
+                        ok = [j for j, e in enumerate(errors) if e is None]
+                        failed = [(keys[j], errors[j]) for j in range(len(keys)) if errors[j] is not None]
+                        xs = [self._prep_gpu([images[j] for j in ok], tf) for tf in self.transforms] if ok else []
+                        ev = torch.cuda.Event()
+                        ev.record(prep_stream)
+                        q.put(([keys[j] for j in ok], xs, failed, ev))
+            except BaseException as e:  # surface errors in the consumer
+                q.put(e)
+                return
+            q.put(stop)
+
+        th = threading.Thread(target=producer, daemon=True)
+        th.start()
+        pending = None  # (keys, idx_host, val_host, failed, event) of the previous batch
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is stop:
+                break
+            keys, xs, failed, ev = item
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            if keys:
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    per_teacher = [self._probs(i, m(xs[i])) for i, m in enumerate(self.models)]
+                    idx, vals = self._topk(per_teacher)
+                idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
+                val_h = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+                idx_h.copy_(idx, non_blocking=True)
+                val_h.copy_(vals, non_blocking=True)
+            else:
+                idx_h = torch.zeros((0, self.topk), dtype=torch.int32)
+                val_h = torch.zeros((0, self.topk), dtype=torch.float32)
+            done = torch.cuda.Event()
+            done.record()
+            # hand back the previous batch while this one computes
+            if pending is not None:
+                pending[4].synchronize()
+                yield pending[0], pending[1].numpy(), pending[2].numpy(), pending[3]
+            pending = (keys, idx_h, val_h, failed, done)
+        if pending is not None:
+            pending[4].synchronize()
+            yield pending[0], pending[1].numpy(), pending[2].numpy(), pending[3]
+        th.join()
+
+    def run(self, batches: Iterable[tuple[list[str], list[bytes]]]) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list]]:
+        """Label batches of JPEG bytes; see the class docstring."""
+        if self.device.type == "cuda":
+            yield from self._run_gpu(batches)
+        else:
+            yield from self._run_cpu(batches)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    return device

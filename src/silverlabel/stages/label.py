@@ -1,0 +1,379 @@
+"""``silverlabel label``: teacher top-k labels in the COYO-Labeled-300M format.
+
+For every ingest shard ``shards/{name}-{i}.tar`` this writes
+``labels/{teacher}/{name}-{i}.parquet``: one row per image that decoded, with the top-k
+class indices (most probable first) in the output label space (default: the 21,841
+ImageNet-21k fall11 synsets in sorted-wnid order) and their float32 probabilities, plus
+id, url, imagehash, width, height and key — COYO-Labeled-300M's schema plus ``key``.
+Samples whose ingest failed are skipped; images that fail to decode here get no row and
+are counted (``silverlabel.decode_errors`` in the file's metadata and the summary).
+
+    >>> from silverlabel.stages.label import LABELS_SCHEMA
+    >>> LABELS_SCHEMA.field("labels").type
+    ListType(list<item: int32>)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from silverlabel import __version__
+from silverlabel.dataset import Dataset
+from silverlabel.engine import Report, create_engine
+from silverlabel.formats.tables import read_parquet_metadata, write_parquet_atomic
+from silverlabel.teachers import TeacherSpec
+
+LABELS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("url", pa.string()),
+        ("imagehash", pa.string()),
+        ("labels", pa.list_(pa.int32())),
+        ("label_probs", pa.list_(pa.float32())),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("key", pa.string()),
+    ]
+)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Everything ``label`` needs; ``runtime`` fields change speed, not the output."""
+
+    dataset: str
+    teachers: tuple[TeacherSpec, ...] = (TeacherSpec("efficientnet_lite0"),)
+    label_space: str = "in21k"
+    topk: int = 50
+    output_name: str | None = None  # folder under labels/ (default: teacher slug(s))
+    img_size: int | None = None  # preprocessing overrides (default: the teacher's config)
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    limit: int | None = None
+    # runtime
+    device: str = "auto"
+    batch_size: int = 0  # 0: 256 on GPU, 32 on CPU
+    compile: bool = False
+    workers: int = 1
+    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("label needs at least one --teacher")
+        if self.topk < 1:
+            raise ValueError(f"--topk must be >= 1, got {self.topk}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+    @property
+    def name(self) -> str:
+        if self.output_name:
+            return self.output_name
+        return "+".join(t.slug for t in self.teachers) if len(self.teachers) > 1 else self.teachers[0].slug
+
+    def output_config(self) -> dict[str, Any]:
+        return {
+            "teachers": [{"name": t.name, "checkpoint": t.checkpoint, "activation": t.activation,
+                          "label_space": t.label_space} for t in self.teachers],
+            "label_space": self.label_space,
+            "topk": self.topk,
+            "img_size": self.img_size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass
+class LabelUnit:
+    shard: int
+    tar: str
+    samples: str
+    output: str
+    limit: int | None = None
+
+
+@dataclass
+class LabelResult:
+    shard: int
+    rows: int
+    decode_errors: int
+    seconds: float
+
+
+@dataclass
+class LabelSummary:
+    output: str
+    rows: int
+    decode_errors: int
+    shards: int
+    shards_done_now: int
+    images_now: int
+    seconds: float
+    device: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_now / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# the unit function
+
+_LABELER_CACHE: dict[Any, Any] = {}
+
+
+def _device_for_worker(device: str) -> str:
+    """One worker per GPU: pool worker k uses GPU k (mod the count)."""
+    import multiprocessing as mp
+
+    from silverlabel.inference import resolve_device
+
+    device = resolve_device(device)
+    if device == "cuda":
+        import torch
+
+        ident = mp.current_process()._identity
+        if ident and torch.cuda.device_count() > 1:
+            return f"cuda:{(ident[0] - 1) % torch.cuda.device_count()}"
+        return "cuda:0"
+    return device
+
+
+def get_labeler(cfg: LabelConfig):
+    """The process's Labeler for ``cfg`` (teachers load once per worker, not per shard)."""
+    from silverlabel.inference import Labeler
+    from silverlabel.teachers import create_teacher
+
+    device = _device_for_worker(cfg.device)
+    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation)
+    if key not in _LABELER_CACHE:
+        _LABELER_CACHE.clear()
+        teachers = [create_teacher(t) for t in cfg.teachers]
+        overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None,
+                     "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
+        _LABELER_CACHE[key] = Labeler(teachers, cfg.label_space, cfg.topk, device=device, compile=cfg.compile,
+                                      decode_threads=cfg.decode_threads, overrides=overrides)
+    return _LABELER_CACHE[key]
+
+
+def _read_batches(tar_path: str, wanted: dict[str, Any], batch_size: int, limit: int | None,
+                  report: Report) -> Iterator[tuple[list[str], list[bytes]]]:
+    """Image bytes of the wanted keys, in tar order, read sequentially, in batches."""
+    from silverlabel.formats.wds import iter_tar_samples
+
+    keys: list[str] = []
+    blobs: list[bytes] = []
+    n = 0
+    with open(tar_path, "rb") as f:
+        for s in iter_tar_samples(tar_path):
+            if s.key not in wanted:
+                continue
+            ext = s.image_ext()
+            if ext is None:
+                continue
+            off, size = s.members[ext]
+            f.seek(off)
+            keys.append(s.key)
+            blobs.append(f.read(size))
+            n += 1
+            if len(keys) == batch_size:
+                yield keys, blobs
+                report(len(keys), len(keys))
+                keys, blobs = [], []
+            if limit is not None and n >= limit:
+                break
+    if keys:
+        yield keys, blobs
+        report(len(keys), len(keys))
+
+
+def _list_array(values: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=dtype))
+
+
+def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None) -> LabelResult:
+    """Label one shard and write its labels parquet atomically."""
+    t0 = time.monotonic()
+    report = report or (lambda d, s: None)
+    labeler = get_labeler(cfg)
+    samples = pq.read_table(unit.samples, columns=["key", "id", "url", "imagehash", "width", "height", "status"])
+    samples = samples.filter(pc.equal(samples["status"], "success"))
+    meta = {r["key"]: r for r in samples.to_pylist()}
+    batch = cfg.batch_size or (256 if labeler.device.type == "cuda" else 32)
+    keys_all: list[str] = []
+    idx_parts: list[np.ndarray] = []
+    val_parts: list[np.ndarray] = []
+    errors: list[tuple[str, str]] = []
+    for keys, idx, vals, failed in labeler.run(_read_batches(unit.tar, meta, batch, unit.limit, report)):
+        keys_all.extend(keys)
+        idx_parts.append(idx)
+        val_parts.append(vals)
+        errors.extend(failed)
+    k = cfg.topk
+    idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, k), np.int32)
+    vals = np.concatenate(val_parts) if val_parts else np.zeros((0, k), np.float32)
+    rows = [meta[key] for key in keys_all]
+    table = pa.Table.from_arrays(
+        [
+            pa.array([r["id"] for r in rows], pa.int64()),
+            pa.array([r["url"] for r in rows], pa.string()),
+            pa.array([r["imagehash"] for r in rows], pa.string()),
+            _list_array(idx.astype(np.int32), pa.int32()),
+            _list_array(vals.astype(np.float32), pa.float32()),
+            pa.array([r["width"] for r in rows], pa.int32()),
+            pa.array([r["height"] for r in rows], pa.int32()),
+            pa.array(keys_all, pa.string()),
+        ],
+        schema=LABELS_SCHEMA,
+    )
+    write_parquet_atomic(
+        table,
+        unit.output,
+        metadata={
+            "silverlabel.decode_errors": str(len(errors)),
+            "silverlabel.errors": json.dumps(errors[:100]),
+            "silverlabel.limit": "" if unit.limit is None else str(unit.limit),
+            "silverlabel.label_config": json.dumps(cfg.output_config()),
+            "silverlabel.version": __version__,
+        },
+    )
+    return LabelResult(unit.shard, len(rows), len(errors), time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+
+
+def labels_dir(ds: Dataset, name: str):
+    return ds.root / "labels" / name
+
+
+def _complete(path, cfg: LabelConfig) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        md = read_parquet_metadata(path)
+    except Exception:
+        return False
+    return md.get("silverlabel.limit", "") == "" and json.loads(md.get("silverlabel.label_config", "{}")) == json.loads(
+        json.dumps(cfg.output_config())
+    )
+
+
+def plan_label_units(cfg: LabelConfig, ds: Dataset, skipped: list[int]) -> list[LabelUnit]:
+    man = ds.read_manifest()
+    if man.get("stage") != "ingest":
+        raise ValueError(f"{ds.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
+    name = man["name"]
+    out_dir = labels_dir(ds, cfg.name)
+    units = []
+    remaining = cfg.limit
+    for samples in ds.samples_files():
+        shard = int(samples.stem.rsplit("-", 1)[1])
+        tar = ds.shard_path(name, shard)
+        out = out_dir / f"{name}-{shard:06d}.parquet"
+        if remaining is not None:
+            if remaining <= 0:
+                break
+            n_ok = pq.read_table(samples, columns=["status"]).column("status").to_pylist().count("success")
+            units.append(LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining))
+            remaining -= n_ok
+            continue
+        if _complete(out, cfg):
+            skipped.append(shard)
+            continue
+        units.append(LabelUnit(shard, str(tar), str(samples), str(out)))
+    if not units and not skipped:
+        raise ValueError(f"{ds.root}: no finished shards to label (run ingest first)")
+    return units
+
+
+def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
+    """Label every finished shard of ``cfg.dataset``; resumes per shard."""
+    from silverlabel.inference import resolve_device
+    from silverlabel.teachers.labelspace import get_label_space
+
+    from silverlabel.teachers import validate_teacher_spec
+
+    ds = Dataset(cfg.dataset)
+    get_label_space(cfg.label_space)  # fail early on bad input, before any model loads
+    for spec in cfg.teachers:
+        validate_teacher_spec(spec)
+    skipped: list[int] = []
+    units = plan_label_units(cfg, ds, skipped)
+    device = resolve_device(cfg.device)
+    t0 = time.monotonic()
+    engine = create_engine("local", workers=cfg.workers)
+    done_now = images_now = errors_now = 0
+    for res in engine.map(label_shard, units, cfg, progress):
+        done_now += 1
+        images_now += res.rows + res.decode_errors
+        errors_now += res.decode_errors
+    seconds = time.monotonic() - t0
+    out_dir = labels_dir(ds, cfg.name)
+    files = sorted(out_dir.glob("*.parquet"))
+    rows = sum(pq.read_metadata(p).num_rows for p in files)
+    decode_errors = sum(int(read_parquet_metadata(p).get("silverlabel.decode_errors", 0)) for p in files)
+    man = ds.read_manifest()
+    man.setdefault("labels", {})[cfg.name] = {
+        "config": cfg.output_config(),
+        "rows": rows,
+        "decode_errors": decode_errors,
+        "files": len(files),
+        "partial": cfg.limit is not None,
+        "silverlabel_version": __version__,
+    }
+    ds.write_manifest({k: v for k, v in man.items() if k not in ("format_version", "updated")})
+    return LabelSummary(str(out_dir), rows, decode_errors, len(files), done_now, images_now, seconds, device)
+
+
+# ---------------------------------------------------------------------------------------
+# COYO's threshold table
+
+
+def threshold_stats(paths: list, thresholds: tuple[float, ...] = THRESHOLDS, num_classes: int = 21841) -> list[dict]:
+    """For each threshold: average labels per image, distinct labels, share of images with >= 1.
+
+    Streams one file at a time (a 300M-row table never sits in memory).
+    """
+    n_images = 0
+    per_t = {t: {"labels": 0, "with_one": 0, "seen": np.zeros(num_classes, bool)} for t in thresholds}
+    for p in paths:
+        pf = pq.ParquetFile(p)
+        for batch in pf.iter_batches(columns=["labels", "label_probs"], batch_size=65536):
+            labels = batch.column(0)
+            probs = batch.column(1)
+            offsets = np.asarray(probs.offsets)
+            pv = np.asarray(probs.values, dtype=np.float32)
+            lv = np.asarray(labels.values, dtype=np.int64)
+            rows = np.repeat(np.arange(len(batch)), np.diff(offsets))
+            n_images += len(batch)
+            for t, acc in per_t.items():
+                hit = pv >= t
+                acc["labels"] += int(hit.sum())
+                acc["with_one"] += int(np.unique(rows[hit]).size)
+                if hit.any():
+                    acc["seen"][lv[hit]] = True
+    return [
+        {
+            "threshold": t,
+            "images": n_images,
+            "avg_labels_per_image": acc["labels"] / n_images if n_images else 0.0,
+            "distinct_labels": int(acc["seen"].sum()),
+            "share_with_label": acc["with_one"] / n_images if n_images else 0.0,
+        }
+        for t, acc in per_t.items()
+    ]
