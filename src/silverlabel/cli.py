@@ -192,6 +192,8 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
     p.add_argument("--batch-size", type=int, default=0, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="GPU autocast precision (fp16: matches the fp32 CPU path best)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
     p.add_argument("--stats", action="store_true", help="print the threshold table of existing labels and exit")
     p.add_argument("--no-progress", action="store_true")
@@ -222,7 +224,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         dataset=args.dataset, teachers=specs, label_space=args.label_space, topk=args.topk,
         output_name=args.output_name, img_size=args.img_size, crop_pct=args.crop_pct,
         interpolation=args.interpolation, limit=args.limit, device=args.device, batch_size=args.batch_size,
-        compile=args.compile, workers=workers,
+        compile=args.compile, workers=workers, precision=args.precision,
     )
     bar = _Progress(enabled=not args.no_progress, desc="label")
     try:
@@ -366,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"silverlabel {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"\nsilverlabel {args.command}: interrupted after {time.monotonic() - t0:.0f} s; "
               "run the same command again to resume", file=sys.stderr)

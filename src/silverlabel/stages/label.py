@@ -64,6 +64,8 @@ class LabelConfig:
     # runtime
     device: str = "auto"
     batch_size: int = 0  # 0: 256 on GPU, 32 on CPU
+    precision: str = "fp16"  # GPU autocast: fp16 | bf16 | fp32
+    gpu_decode_threads: int = 4
     compile: bool = False
     workers: int = 1
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -91,6 +93,7 @@ class LabelConfig:
             "img_size": self.img_size,
             "crop_pct": self.crop_pct,
             "interpolation": self.interpolation,
+            "precision": self.precision,
         }
 
 
@@ -156,14 +159,16 @@ def get_labeler(cfg: LabelConfig):
     from silverlabel.teachers import create_teacher
 
     device = _device_for_worker(cfg.device)
-    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation)
+    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
+           cfg.precision, cfg.gpu_decode_threads)
     if key not in _LABELER_CACHE:
         _LABELER_CACHE.clear()
         teachers = [create_teacher(t) for t in cfg.teachers]
         overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None,
                      "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
         _LABELER_CACHE[key] = Labeler(teachers, cfg.label_space, cfg.topk, device=device, compile=cfg.compile,
-                                      decode_threads=cfg.decode_threads, overrides=overrides)
+                                      decode_threads=cfg.decode_threads, overrides=overrides,
+                                      precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads)
     return _LABELER_CACHE[key]
 
 
