@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -105,22 +107,207 @@ def phash(img: Image.Image) -> str:
     """64-bit perceptual hash as 16 hex digits, identical to ``str(imagehash.phash(img))``.
 
     Same steps as the ``imagehash`` package (grayscale, 32x32 Lanczos, 2-D DCT-II, low
-    8x8 block against its median) with the same DCT routine, so the bits agree exactly,
-    including on flat images where only rounding noise separates the coefficients.
+    8x8 block against its median) and the same bits, including on flat images where only
+    rounding noise separates the coefficients. Two exact shortcuts make it ~3x cheaper:
+
+    * the 32x32 Lanczos downscale, which costs as much as decoding the JPEG when done by
+      Pillow's scalar loops, is recomputed with BLAS on Pillow's own fixed-point
+      coefficients (see :func:`_resize32`): integer sums in float64 are exact, so the
+      pixels are Pillow's, bit for bit; sizes that fail a self-check use Pillow;
+    * the DCT is a small matrix product; only when a coefficient lies so close to the
+      median that rounding could flip its bit (flat or near-flat images) is the hash
+      recomputed with ``scipy.fftpack`` and ``numpy.median``, exactly as ``imagehash``.
+      scipy is thus rarely imported (its import costs ~0.5 s of CPU per process).
 
     >>> from PIL import Image
     >>> phash(Image.new("RGB", (64, 64), "white"))
     '8000000000000000'
     """
+    gray = img.convert("L")
+    pixels = _resize32(gray)
+    if pixels is None:
+        pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
+    low = _DCT8 @ pixels.astype(np.float64) @ _DCT8.T  # == fftpack dct(dct(x,0),1)[:8,:8] up to rounding
+    flat = np.sort(low, axis=None)
+    med = (flat[31] + flat[32]) / 2
+    if np.min(np.abs(low - med)) <= _DCT_MARGIN * max(1.0, float(np.abs(flat).max())):
+        return _phash_reference(pixels)  # a bit could depend on rounding: do it imagehash's way
+    bits = (low > med).ravel()
+    return f"{int.from_bytes(np.packbits(bits).tobytes(), 'big'):016x}"
+
+
+def _phash_reference(pixels: np.ndarray) -> str:
     import scipy.fftpack  # the DCT imagehash uses: same routine, same rounding
 
-    small = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    pixels = np.asarray(small)
     dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)
     low = dct[:8, :8]
     bits = (low > np.median(low)).ravel()
-    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
-    return f"{value:016x}"
+    return f"{int.from_bytes(np.packbits(bits).tobytes(), 'big'):016x}"
+
+
+# Rows 0..7 of the unnormalised DCT-II matrix scipy.fftpack uses: y[k] = 2 sum x[n] cos(pi k (2n+1) / 2N).
+_DCT8 = 2.0 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64.0)
+# Relative distance to the median below which a bit is recomputed the reference way. The
+# matrix product and pocketfft differ by ~1e-15 relative; 1e-9 leaves a wide safety margin.
+_DCT_MARGIN = 1e-9
+
+# --- exact Pillow Lanczos downscale to 32x32 (8-bit, one band), on BLAS -----------------
+#
+# Pillow resamples 8-bit images in two separable passes with fixed-point coefficients
+# k = round(w * 2**22) (w: normalised Lanczos weights) and rounds every pass:
+# out = clip((sum(pixel * k) + 2**21) >> 22, 0, 255). A pass is thus a matrix product of
+# integers, which float64 computes exactly (the sums stay far below 2**53), followed by
+# the same floor and clip. The integer coefficients are read back from Pillow itself by
+# resizing impulses in an "I" (int32) image, whose pass computes round(2**22 * w) with the
+# same weights, so no resampling code is re-implemented. Which pass Pillow runs first
+# depends on the shape, so it is learnt per size from a probe image, along with a check
+# that the result is Pillow's; a size that fails the check (or is small, or huge) uses
+# Pillow. Plans are cached per (width, height) and built on a size's second sighting.
+
+_ONE = 1 << 22
+_HALF = float(1 << 21)
+_INV = 1.0 / _ONE
+_PLAN_SIDE = (33, 4096)  # sides outside this range use Pillow
+_PLANS: dict[tuple[int, int], object] = {}  # (w, h) -> _Plan, or False for "use Pillow"
+_SEEN: dict[tuple[int, int], int] = {}
+_PLAN_LOCK = threading.Lock()
+_MAX_PLANS = 64  # a plan holds two (side, 32) float64 matrices: <= ~4 MB each
+
+
+def _weights(n_in: int) -> np.ndarray:
+    """Pillow's 8-bit fixed-point Lanczos weights for n_in -> 32: matrix (n_in, 32)."""
+    support = 3.0 * max(n_in / 32.0, 1.0)
+    period = 2 * math.ceil(support) + 5  # > any window plus slack: one impulse per window
+    rows = min(period, n_in)
+    comb = np.zeros((rows, n_in), np.int32)
+    for r in range(rows):
+        comb[r, r::rows] = _ONE
+    out = np.asarray(Image.fromarray(comb, "I").resize((32, rows), Image.Resampling.LANCZOS), np.float64)
+    m = np.zeros((n_in, 32))
+    scale = n_in / 32.0
+    for x in range(32):
+        center = (x + 0.5) * scale
+        lo = max(0, math.floor(center - support) - 1)
+        hi = min(n_in, math.ceil(center + support) + 2)
+        j = np.arange(lo, hi)
+        m[j, x] = out[j % rows, x]
+    return m
+
+
+def _bands(m: np.ndarray, block: int) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Split the banded (n_in, 32) weights into row blocks with the outputs they reach."""
+    out = []
+    for lo in range(0, m.shape[0], block):
+        part = m[lo : lo + block]
+        nz = np.flatnonzero(part.any(axis=0))
+        if len(nz):
+            a, b = int(nz[0]), int(nz[-1]) + 1
+            out.append((lo, lo + len(part), a, b, np.ascontiguousarray(part[:, a:b])))
+    return out
+
+
+def _fix(sums: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor((sums + _HALF) * _INV), 0.0, 255.0)
+
+
+class _Plan:
+    def __init__(self, w: int, h: int):
+        block = max(64, 2 * math.ceil(3.0 * max(w, h) / 32.0))
+        self.w, self.h = w, h
+        self.horiz = _weights(w)  # (w, 32)
+        self.vert = _weights(h)  # (h, 32)
+        self.hbands = _bands(self.horiz, block)  # over input columns
+        self.vbands = _bands(self.vert, block)  # over input rows
+        self.vertical_first: bool | None = None
+
+    def run(self, a: np.ndarray, vertical_first: bool) -> np.ndarray:
+        if vertical_first:
+            tmp = np.zeros((32, self.w))
+            for lo, hi, ya, yb, k in self.vbands:
+                tmp[ya:yb] += k.T @ a[lo:hi]
+            return _fix(_fix(tmp) @ self.horiz)
+        tmp = np.zeros((self.h, 32))
+        for lo, hi, xa, xb, k in self.hbands:
+            tmp[:, xa:xb] += a[:, lo:hi] @ k
+        return _fix(self.vert.T @ _fix(tmp))
+
+    def learn(self) -> bool:
+        """Find Pillow's pass order for this size on noise; False if neither matches."""
+        rng = np.random.default_rng(self.w * 7919 + self.h)
+        for _ in range(2):
+            probe = rng.integers(0, 256, (self.h, self.w), dtype=np.uint8)
+            ref = np.asarray(Image.fromarray(probe, "L").resize((32, 32), Image.Resampling.LANCZOS))
+            a = probe.astype(np.float64)
+            hits = [vf for vf in (False, True) if np.array_equal(self.run(a, vf), ref)]
+            if len(hits) != 1 or (self.vertical_first is not None and hits[0] != self.vertical_first):
+                return False
+            self.vertical_first = hits[0]
+        return True
+
+
+_THREAD = threading.local()
+
+
+def _blas_single_thread() -> None:
+    """Make numpy's OpenBLAS run this thread's products on this thread only.
+
+    The products here are small; OpenBLAS would otherwise hand them to its own threads,
+    whose busy-waiting roughly doubles the CPU used next to other workers. Only the calling
+    thread is affected (``openblas_set_num_threads_local``); a no-op where unavailable.
+    """
+    global _BLAS_SET_LOCAL
+    if _BLAS_SET_LOCAL is None:
+        _BLAS_SET_LOCAL = False
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as maps:
+                libs = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]}
+            for lib in sorted(libs):
+                fn = getattr(ctypes.CDLL(lib), "openblas_set_num_threads_local", None)
+                if fn is not None:
+                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                    _BLAS_SET_LOCAL = fn
+                    break
+        except Exception:  # noqa: BLE001 - not Linux, other BLAS: leave it as it is
+            _BLAS_SET_LOCAL = False
+    if _BLAS_SET_LOCAL:
+        _BLAS_SET_LOCAL(1)
+
+
+_BLAS_SET_LOCAL = None
+
+
+def _resize32(gray: Image.Image) -> np.ndarray | None:
+    """``gray.resize((32, 32), LANCZOS)`` as a uint8 array, exactly; None: use Pillow."""
+    size = gray.size
+    plan = _PLANS.get(size)
+    if plan is None:
+        if not all(_PLAN_SIDE[0] <= s <= _PLAN_SIDE[1] for s in size):
+            return None
+        with _PLAN_LOCK:
+            seen = _SEEN[size] = _SEEN.get(size, 0) + 1
+            if len(_SEEN) > 8 * _MAX_PLANS:
+                _SEEN.clear()
+            if seen < 2:
+                return None  # a one-off size: building a plan costs more than it saves
+            plan = _PLANS.get(size)
+            if plan is None:
+                try:
+                    built = _Plan(*size)
+                    plan = built if built.learn() else False
+                except Exception:  # noqa: BLE001 - any surprise: Pillow does it
+                    plan = False
+                if len(_PLANS) >= _MAX_PLANS:
+                    _PLANS.clear()
+                _PLANS[size] = plan
+    if plan is False:
+        return None
+    if not getattr(_THREAD, "blas_one", False):
+        _THREAD.blas_one = True
+        _blas_single_thread()
+    a = np.asarray(gray, dtype=np.float64)
+    return plan.run(a, plan.vertical_first).astype(np.uint8)
 
 
 def strip_jpeg_metadata(data: bytes) -> bytes:

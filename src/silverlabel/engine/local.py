@@ -9,7 +9,9 @@ in-process, which keeps tracebacks simple when debugging.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,6 +26,12 @@ _progress_queue: Any = None
 def _init_worker(q: Any) -> None:
     global _progress_queue
     _progress_queue = q
+    # Parallelism comes from the worker processes: numpy's OpenBLAS must not start a
+    # thread per core in each of them (idle BLAS threads busy-wait and eat the CPU the other
+    # workers need). Runs before the unit function's module imports numpy; the user's own
+    # setting wins.
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 class _BatchedReport:

@@ -15,6 +15,7 @@ rerun after a crash redoes exactly the incomplete shards.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -185,13 +186,37 @@ def _previous_results(ds: Dataset, cfg: IngestConfig, shard: int) -> tuple[dict[
     """Rows and stored members of a finished shard (for --retry-failed)."""
     from silverlabel.formats.wds import iter_tar_samples, read_member
 
-    rows = {r["key"]: r for r in pq.read_table(ds.samples_path(cfg.name, shard)).to_pylist()}
+    rows = {r["key"]: r for r in pq.ParquetFile(ds.samples_path(cfg.name, shard)).read().to_pylist()}
     members: dict[str, dict[str, bytes]] = {}
     tar_path = ds.shard_path(cfg.name, shard)
     with open(tar_path, "rb") as f:
         for s in iter_tar_samples(str(tar_path)):
             members[s.key] = {ext: read_member(f, *loc) for ext, loc in s.members.items()}
     return rows, members
+
+
+_FETCHERS: dict[FetchConfig, Fetcher] = {}
+_FETCHERS_LOCK = threading.Lock()
+
+
+def _process_fetcher(cfg: FetchConfig) -> Fetcher:
+    """One Fetcher per process and FetchConfig, shared by the units this process runs, so
+    keep-alive connections and the DNS cache outlive a shard; closed at exit."""
+    with _FETCHERS_LOCK:
+        fetcher = _FETCHERS.get(cfg)
+        if fetcher is None:
+            if not _FETCHERS:
+                atexit.register(_close_fetchers)
+            fetcher = _FETCHERS[cfg] = Fetcher(cfg)
+        return fetcher
+
+
+def _close_fetchers() -> None:
+    with _FETCHERS_LOCK:
+        fetchers = list(_FETCHERS.values())
+        _FETCHERS.clear()
+    for f in fetchers:
+        f.close()
 
 
 def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = None) -> ShardResult:
@@ -212,7 +237,7 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 
     decode_gate = threading.Semaphore(cfg.decode_threads)
     needs_fetch = any(it.kind == KIND_URL and it.error is None for it in unit.items)
-    fetcher = Fetcher(cfg.fetch) if needs_fetch else None
+    fetcher = _process_fetcher(cfg.fetch) if needs_fetch else None
     spool = _Spool(ds.tmp_dir, f"{cfg.name}-{unit.shard:06d}")
 
     def work(item: Item) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -297,8 +322,6 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
             tar_bytes = f.tell()
     finally:
         spool.close()
-        if fetcher is not None:
-            fetcher.close()
 
     table = samples_table(rows, list(cfg.extra_fields))
     write_parquet_atomic(
@@ -327,8 +350,13 @@ def shard_complete(ds: Dataset, name: str, shard: int) -> bool:
     return recorded == tar.stat().st_size
 
 
+def _status_column(path: Path) -> list[str]:
+    # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset/compute (~1 s of CPU)
+    return pq.ParquetFile(path).read(columns=["status"]).column("status").to_pylist()
+
+
 def _has_retryable(ds: Dataset, name: str, shard: int) -> bool:
-    status = pq.read_table(ds.samples_path(name, shard), columns=["status"]).column("status").to_pylist()
+    status = _status_column(ds.samples_path(name, shard))
     return any(s in RETRYABLE for s in status)
 
 
@@ -369,7 +397,7 @@ def dataset_counts(ds: Dataset) -> tuple[dict[str, int], int]:
     counts: Counter[str] = Counter()
     files = ds.samples_files()
     for p in files:
-        counts.update(pq.read_table(p, columns=["status"]).column("status").to_pylist())
+        counts.update(_status_column(p))
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), len(files)
 
 
