@@ -160,6 +160,7 @@ def silverlabel_rate(cfg, ds: Path) -> tuple[float, int]:
 
 
 def decode_rate(labeler, ds: Path, batch: int, threads: int) -> float:
+    """In-process GPU decode + prep (one nvJPEG decoder) with ``threads`` host threads."""
     from silverlabel.formats.wds import read_member
 
     items = tar_items(ds)[: 8 * batch]
@@ -168,15 +169,16 @@ def decode_rate(labeler, ds: Path, batch: int, threads: int) -> float:
         with open(path, "rb") as f:
             blobs.append(read_member(f, off, size))
     tf = labeler.transforms[0]
-    labeler.gpu_decode_threads = threads
+    prep = labeler.gpu_prep
+    prep.gpu_decode_threads = threads
     for _ in range(2):
-        imgs, _ = labeler._decode_gpu(blobs[:batch])
-        labeler._prep_gpu(imgs, tf)
+        imgs, _ = prep.decode(blobs[:batch])
+        prep.prep(imgs, tf)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(0, len(blobs), batch):
-        imgs, _ = labeler._decode_gpu(blobs[i : i + batch])
-        labeler._prep_gpu(imgs, tf)
+        imgs, _ = prep.decode(blobs[i : i + batch])
+        prep.prep(imgs, tf)
     torch.cuda.synchronize()
     return len(blobs) / (time.perf_counter() - t0)
 
@@ -206,6 +208,7 @@ def main() -> int:
     ap.add_argument("--agree", type=int, default=2000, help="images for the GPU/CPU top-1 agreement (0: skip)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--decode-procs", type=int, default=-1, help="GPU decode processes (-1: label's default)")
     ap.add_argument("--markdown", help="append the results here")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
@@ -236,7 +239,8 @@ def main() -> int:
             spec = TeacherSpec(f"timm:{name}", checkpoint=str(ckpt))
             teacher = create_teacher(spec)
         cfg = LabelConfig(dataset=str(ds), teachers=(spec,), device="cuda", batch_size=args.batch,
-                          compile=args.compile, output_name=f"bench-{spec.slug}", precision=args.precision)
+                          compile=args.compile, output_name=f"bench-{spec.slug}", precision=args.precision,
+                          decode_procs=args.decode_procs)
         labeler = get_labeler(cfg)
         model = labeler.models[0]
         size = labeler.transforms[0].size
@@ -254,6 +258,8 @@ def main() -> int:
         del labeler, model, teacher
         from silverlabel.stages import label as label_mod
 
+        for lab in label_mod._LABELER_CACHE.values():
+            lab.close()
         label_mod._LABELER_CACHE.clear()
         torch.cuda.empty_cache()
     agree = agreement(ds, args.agree, args.precision) if args.agree else None
@@ -261,7 +267,7 @@ def main() -> int:
         f"### label — {time.strftime('%Y-%m-%d')} — {gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "",
         f"Command: `python bench/label.py --images {args.images} --batch {args.batch} --teachers {args.teachers}"
-        f"{' --compile' if args.compile else ''} --precision {args.precision}`. Shards: {args.images} photo-like 640x480 JPEGs "
+        f"{' --compile' if args.compile else ''} --precision {args.precision} --decode-procs {args.decode_procs}`. Shards: {args.images} photo-like 640x480 JPEGs "
         f"written by `silverlabel ingest`. bf16 matmul peak measured in the same run: {peak / 1e12:.0f} TFLOP/s.",
         "",
         "| teacher | GFLOP/img | silverlabel img/s | naive img/s | speedup | synthetic img/s | GPU decode+prep img/s (4 thr / 1 thr) | MFU end-to-end | MFU synthetic |",

@@ -195,6 +195,8 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="GPU autocast precision (fp16: matches the fp32 CPU path best)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
+    p.add_argument("--decode-procs", type=int, default=-1,
+                   help="GPU JPEG-decode processes per GPU worker (default: 3; 0 decodes in the labeling process)")
     p.add_argument("--stats", action="store_true", help="print the threshold table of existing labels and exit")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_label)
@@ -224,7 +226,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         dataset=args.dataset, teachers=specs, label_space=args.label_space, topk=args.topk,
         output_name=args.output_name, img_size=args.img_size, crop_pct=args.crop_pct,
         interpolation=args.interpolation, limit=args.limit, device=args.device, batch_size=args.batch_size,
-        compile=args.compile, workers=workers, precision=args.precision,
+        compile=args.compile, workers=workers, precision=args.precision, decode_procs=args.decode_procs,
     )
     bar = _Progress(enabled=not args.no_progress, desc="label")
     try:

@@ -66,6 +66,7 @@ class LabelConfig:
     batch_size: int = 0  # 0: 256 on GPU, 32 on CPU
     precision: str = "fp16"  # GPU autocast: fp16 | bf16 | fp32
     gpu_decode_threads: int = 4
+    decode_procs: int = -1  # GPU decode worker processes (-1: 3 on a GPU, 0: decode in-process)
     compile: bool = False
     workers: int = 1
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -160,46 +161,49 @@ def get_labeler(cfg: LabelConfig):
 
     device = _device_for_worker(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs)
     if key not in _LABELER_CACHE:
+        for old in _LABELER_CACHE.values():
+            old.close()
         _LABELER_CACHE.clear()
+        procs = cfg.decode_procs if cfg.decode_procs >= 0 else (3 if device.startswith("cuda") else 0)
         teachers = [create_teacher(t) for t in cfg.teachers]
         overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None,
                      "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
         _LABELER_CACHE[key] = Labeler(teachers, cfg.label_space, cfg.topk, device=device, compile=cfg.compile,
                                       decode_threads=cfg.decode_threads, overrides=overrides,
-                                      precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads)
+                                      precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads,
+                                      decode_procs=procs)
     return _LABELER_CACHE[key]
 
 
 def _read_batches(tar_path: str, wanted: dict[str, Any], batch_size: int, limit: int | None,
-                  report: Report) -> Iterator[tuple[list[str], list[bytes]]]:
-    """Image bytes of the wanted keys, in tar order, read sequentially, in batches."""
+                  report: Report) -> Iterator[tuple[list[str], str, list[tuple[int, int]]]]:
+    """Batches of (keys, tar, member locations) for the wanted keys, in tar order.
+
+    Only the index is read here; whoever decodes reads the bytes (sequentially)."""
     from silverlabel.formats.wds import iter_tar_samples
 
     keys: list[str] = []
-    blobs: list[bytes] = []
+    locs: list[tuple[int, int]] = []
     n = 0
-    with open(tar_path, "rb") as f:
-        for s in iter_tar_samples(tar_path):
-            if s.key not in wanted:
-                continue
-            ext = s.image_ext()
-            if ext is None:
-                continue
-            off, size = s.members[ext]
-            f.seek(off)
-            keys.append(s.key)
-            blobs.append(f.read(size))
-            n += 1
-            if len(keys) == batch_size:
-                yield keys, blobs
-                report(len(keys), len(keys))
-                keys, blobs = [], []
-            if limit is not None and n >= limit:
-                break
+    for s in iter_tar_samples(tar_path):
+        if s.key not in wanted:
+            continue
+        ext = s.image_ext()
+        if ext is None:
+            continue
+        keys.append(s.key)
+        locs.append(s.members[ext])
+        n += 1
+        if len(keys) == batch_size:
+            yield keys, tar_path, locs
+            report(len(keys), len(keys))
+            keys, locs = [], []
+        if limit is not None and n >= limit:
+            break
     if keys:
-        yield keys, blobs
+        yield keys, tar_path, locs
         report(len(keys), len(keys))
 
 
@@ -230,6 +234,9 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     k = cfg.topk
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, k), np.int32)
     vals = np.concatenate(val_parts) if val_parts else np.zeros((0, k), np.float32)
+    order = sorted(range(len(keys_all)), key=keys_all.__getitem__)  # tar order: keys increase
+    keys_all = [keys_all[i] for i in order]
+    idx, vals = idx[order], vals[order]
     rows = [meta[key] for key in keys_all]
     table = pa.Table.from_arrays(
         [
