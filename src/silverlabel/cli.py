@@ -190,7 +190,7 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interpolation", choices=["bicubic", "bilinear"], help="override the teacher's interpolation")
     p.add_argument("--limit", type=_positive_int, help="label only the first N images (a quick look)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 256 on GPU, 16 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="GPU autocast precision (fp16: matches the fp32 CPU path best)")

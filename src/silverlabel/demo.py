@@ -2,7 +2,9 @@
 
 Starts a loopback HTTP server with scikit-image's real photos and a few hundred
 photo-like images made from them (plus a few broken links, so the samples table shows
-failures too), writes a URL table, ingests it, and prints where the dataset is.
+failures too), writes a URL table, ingests it, labels it with the default teacher
+(EfficientNet-Lite0, real ImageNet weights; GPU if present), prints COYO's threshold
+table and the top labels of a few real photos, and says where everything is.
 
     python -m silverlabel.demo --out demo-output
 """
@@ -56,9 +58,37 @@ def main(argv: list[str] | None = None) -> int:
                        "--workers", str(args.workers), "--retries", "0"])
     if rc != 0:
         return rc
-    print(f"\ndemo: done. The dataset is in {os.path.join(out, 'pool')} "
-          "(shards/*.tar, samples/*.parquet, silverlabel.json)")
+    pool = os.path.join(out, "pool")
+    print("\ndemo: labeling with the default teacher (top-50 over the 21,841 ImageNet-21k classes)")
+    rc = cli_main(["label", pool])
+    if rc != 0:
+        return rc
+    print()
+    cli_main(["label", "--stats", pool])
+    show_examples(pool)
+    print(f"\ndemo: done. The dataset is in {pool}: shards/*.tar, samples/*.parquet, "
+          "labels/efficientnet_lite0/*.parquet, silverlabel.json")
     return 0
+
+
+def show_examples(pool: str, names: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")) -> None:
+    """Print the top-3 labels of a few of the real photos."""
+    import glob
+
+    from silverlabel.teachers.labelspace import get_label_space
+
+    samples = pq.read_table(os.path.join(pool, "samples"), columns=["key", "url"]).to_pylist()
+    by_key = {r["key"]: r["url"] for r in samples}
+    files = sorted(glob.glob(os.path.join(pool, "labels", "efficientnet_lite0", "*.parquet")))
+    space = get_label_space("in21k")
+    print("\ndemo: top labels of some real photos")
+    for f in files:
+        for r in pq.read_table(f, columns=["key", "labels", "label_probs"]).to_pylist():
+            url = by_key.get(r["key"], "")
+            name = url.rsplit("/", 1)[-1].split(".")[0]
+            if name in names:
+                top = ", ".join(f"{space.lemma(i)} {p:.2f}" for i, p in zip(r["labels"][:3], r["label_probs"][:3]))
+                print(f"  {name:<10} {top}")
 
 
 if __name__ == "__main__":

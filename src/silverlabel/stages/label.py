@@ -63,7 +63,7 @@ class LabelConfig:
     limit: int | None = None
     # runtime
     device: str = "auto"
-    batch_size: int = 0  # 0: 256 on GPU, 32 on CPU
+    batch_size: int = 0  # 0: 256 on GPU, 16 on CPU
     precision: str = "fp16"  # GPU autocast: fp16 | bf16 | fp32
     gpu_decode_threads: int = 4
     decode_procs: int = -1  # GPU decode worker processes (-1: 3 on a GPU, 0: decode in-process)
@@ -221,7 +221,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     samples = pq.read_table(unit.samples, columns=["key", "id", "url", "imagehash", "width", "height", "status"])
     samples = samples.filter(pc.equal(samples["status"], "success"))
     meta = {r["key"]: r for r in samples.to_pylist()}
-    batch = cfg.batch_size or (256 if labeler.device.type == "cuda" else 32)
+    batch = cfg.batch_size or (256 if labeler.device.type == "cuda" else 16)
     keys_all: list[str] = []
     idx_parts: list[np.ndarray] = []
     val_parts: list[np.ndarray] = []
