@@ -19,7 +19,7 @@ A figure, not a test. Everything runs on this machine over loopback:
 
 Usage::
 
-    .venv/bin/python bench/ingest.py --n 2000 --workers 2 --markdown bench/RESULTS.md
+    .venv/bin/python bench/ingest.py --n 2000 --workers 2 --markdown BENCHMARKS.md
 
 See bench/README.md.
 """
