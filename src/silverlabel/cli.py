@@ -308,6 +308,84 @@ def cmd_classes(args: argparse.Namespace) -> int:
     return 0 if found_any else 1
 
 
+_EPILOG_SELECT = """\
+examples:
+  # imagenet-12k: top 11,821 classes by count, 40 validation images each, >= 400 left for training
+  silverlabel select data/pool -o sel/in12k --top-classes 11821 --val-per-class 40 --min-train-per-class 400
+  # label-balanced 1% subset of the training split (imagenet2012_subset)
+  silverlabel select data/in1k --label source -o sel/in1k-1pct --fraction 0.01 --balanced
+  silverlabel select data/in1k --label source -o sel/simclr-1pct --keys-file 1percent.txt
+  # the published COYO-Labeled-300M metadata, no images: threshold and map to in1k
+  silverlabel select coyo-labeled-300m/ -o sel/coyo --min-prob 0.3 --label-space in1k
+  # DataComp-style uid subset, de-duplicated and decontaminated against an eval set
+  silverlabel select data/pool -o sel/dc --uids uids.npy --dedupe phash:8 --exclude-near data/eval
+"""
+
+
+def _add_select(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "select",
+        help="classes, splits, 1%%/10%% subsets, uid lists, de-duplication -> a selection",
+        description="Choose samples and classes from a dataset (or a bare COYO-Labeled / DataComp table) with "
+        "DuckDB over parquet, and write a selection: parquet rows with key/id/uid/url/split/cls/class_name, "
+        "classes.json and report.json.",
+        epilog=_EPILOG_SELECT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="DATASET_OR_TABLE")
+    p.add_argument("-o", "--output", required=True, metavar="SELECTION")
+    g = p.add_argument_group("labels")
+    g.add_argument("--labels", dest="labels_name", help="which labels/NAME of the dataset (default: the first)")
+    g.add_argument("--label", choices=["auto", "top1", "source", "none"], default="auto",
+                   help="top1: teacher's top-1 class; source: ImageFolder/.cls label (auto: top1 if labeled)")
+    g.add_argument("--min-prob", type=float, help="keep samples whose top-1 probability is >= P")
+    g.add_argument("--multi-label", action="store_true", help="with --min-prob: keep every label >= P")
+    g.add_argument("--label-space", choices=["in1k", "in12k", "in21k"], help="remap the labels to this space")
+    g.add_argument("--rollup-depth", type=int, help="roll labels up to their WordNet ancestor at this depth")
+    g.add_argument("--rollup-to", metavar="FILE", help="roll labels up to the nearest ancestor listed (wnids)")
+    g = p.add_argument_group("classes and splits")
+    g.add_argument("--top-classes", type=_positive_int, metavar="N", help="keep the N largest classes")
+    g.add_argument("--val-per-class", type=int, default=0, metavar="V", help="validation samples per class")
+    g.add_argument("--min-train-per-class", type=int, default=0, metavar="T",
+                   help="keep classes that still have T training samples after V validation ones")
+    g.add_argument("--fraction", type=float, help="subset of the training split (with --balanced)")
+    g.add_argument("--balanced", action="store_true", help="equal per class, remainder +1 for random classes")
+    g.add_argument("--keys-file", help="an official list (keys, file names or uids, one per line)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("uids and duplicates")
+    g.add_argument("--uids", help="DataComp uids.npy (u8,u8) or uids.txt (32 hex a line)")
+    g.add_argument("--dedupe", help="exact (sha256) or phash:D (pHash within Hamming distance D)")
+    g.add_argument("--exclude-near", metavar="REF", help="drop samples near a reference dataset or hash list")
+    g.add_argument("--max-distance", type=int, default=8, help="distance for --exclude-near (8)")
+    g = p.add_argument_group("run")
+    g.add_argument("--memory-limit", default="4GB", help="DuckDB memory limit (4GB); spills beyond it")
+    g.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_select)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from silverlabel.stages.select import SelectConfig, run_select
+
+    cfg = SelectConfig(
+        source=args.source, output=args.output, labels_name=args.labels_name, label=args.label,
+        min_prob=args.min_prob, multi_label=args.multi_label, label_space=args.label_space,
+        rollup_depth=args.rollup_depth, rollup_to=args.rollup_to, top_classes=args.top_classes,
+        val_per_class=args.val_per_class, min_train_per_class=args.min_train_per_class, fraction=args.fraction,
+        balanced=args.balanced, keys_file=args.keys_file, uids=args.uids, dedupe=args.dedupe,
+        exclude_near=args.exclude_near, max_distance=args.max_distance, seed=args.seed,
+        memory_limit=args.memory_limit, threads=args.threads,
+    )
+    s = run_select(cfg)
+    splits = ", ".join(f"{k} {v}" for k, v in s.splits.items()) or "nothing"
+    print(f"silverlabel select: {s.rows} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
+    for why, n in s.removed.items():
+        print(f"  removed {n:>10}  {why.replace('_', ' ')}")
+    print(f"  selection: {os.path.abspath(s.output)}")
+    if s.from_table:
+        print(f"  (no images yet: fetch them with  silverlabel ingest {s.output} -o DATASET)")
+    return 0
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -354,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
     _add_label(sub)
+    _add_select(sub)
     _add_classes(sub)
     return parser
 

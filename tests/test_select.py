@@ -1,0 +1,153 @@
+"""select: the imagenet-12k rule, the 1% rule, uids, label remapping — on tables with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from silverlabel.stages.select import SelectConfig, balanced_quotas, load_uids, run_select, uids_to_npy
+
+
+def _imagenet_like_counts(k: int = 1000, total: int = 1_281_167, lo: int = 732, hi: int = 1300, seed: int = 0):
+    """k class sizes in [lo, hi] summing exactly to total (ImageNet-1k's train split shape)."""
+    rng = np.random.default_rng(seed)
+    c = rng.integers(lo, hi + 1, k)
+    while c.sum() != total:
+        i = rng.integers(k)
+        step = np.sign(total - c.sum())
+        if lo <= c[i] + step <= hi:
+            c[i] += step
+    return c
+
+
+def _labels_table(path: Path, counts, space_size: int = 21841, seed: int = 1) -> None:
+    """A bare COYO-Labeled-300M table: class i has counts[i] images with top-1 = class i."""
+    rng = np.random.default_rng(seed)
+    cls = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    rng.shuffle(cls)
+    n = len(cls)
+    second = (cls + 1) % space_size
+    labels = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+                                      pa.array(np.stack([cls, second], 1).reshape(-1)))
+    p1 = rng.uniform(0.3, 0.95, n).astype(np.float32)
+    probs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+                                     pa.array(np.stack([p1, (1 - p1) / 2], 1).reshape(-1)))
+    pq.write_table(pa.table({
+        "id": pa.array(np.arange(n, dtype=np.int64) + 10_000), "url": pa.array([f"http://x/{i}.jpg" for i in range(n)]),
+        "imagehash": pa.array([f"{i:016x}" for i in range(n)]), "labels": labels, "label_probs": probs,
+        "width": pa.array(np.full(n, 640, np.int32)), "height": pa.array(np.full(n, 480, np.int32)),
+    }), path)
+
+
+def test_balanced_quotas_is_the_simclr_rule():
+    counts = dict(enumerate(_imagenet_like_counts()))
+    q = balanced_quotas(counts, total=int(0.01 * 1_281_167), seed=0)
+    assert sum(q.values()) == 12_811
+    assert sorted(np.unique(list(q.values()), return_counts=True)[1].tolist()) == [189, 811]
+    assert {v for v in q.values()} == {12, 13}
+    q10 = balanced_quotas(counts, total=int(0.1 * 1_281_167), seed=0)
+    assert sum(q10.values()) == 128_116
+    with pytest.raises(ValueError, match="fewer than its quota"):
+        balanced_quotas({"a": 1, "b": 10}, total=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def imagenet_table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in1k") / "labels.parquet"
+    _labels_table(path, _imagenet_like_counts())
+    return path
+
+
+def test_one_percent_subset_exactly(imagenet_table, tmp_path):
+    s = run_select(SelectConfig(source=str(imagenet_table), output=str(tmp_path / "sel"), fraction=0.01,
+                                balanced=True, seed=3, threads=2))
+    assert s.splits == {"train": 12_811}
+    t = pq.read_table(tmp_path / "sel" / "selection")
+    per_class = np.unique(t.column("cls").to_numpy(), return_counts=True)[1]
+    assert len(per_class) == 1000 and sorted(np.unique(per_class, return_counts=True)[1].tolist()) == [189, 811]
+    assert set(per_class.tolist()) == {12, 13}
+    again = run_select(SelectConfig(source=str(imagenet_table), output=str(tmp_path / "sel2"), fraction=0.01,
+                                    balanced=True, seed=3, threads=2))
+    assert again.rows == s.rows
+    assert pq.read_table(tmp_path / "sel2" / "selection").equals(t)  # deterministic
+    other = pq.read_table(run_select(SelectConfig(source=str(imagenet_table), output=str(tmp_path / "sel3"),
+                                                  fraction=0.01, balanced=True, seed=4, threads=2)).output + "/selection")
+    assert not other.column("key").equals(t.column("key"))  # the seed matters
+
+
+def test_imagenet12k_rule(tmp_path):
+    # 30 classes of 5..60 images: keep classes with >= 4 validation + 20 train, then the 10 largest
+    counts = np.arange(5, 65, 2)
+    path = tmp_path / "labels.parquet"
+    _labels_table(path, counts)
+    s = run_select(SelectConfig(source=str(path), output=str(tmp_path / "sel"), top_classes=10, val_per_class=4,
+                                min_train_per_class=20, seed=0, threads=2))
+    kept = sorted(counts.tolist())[-10:]
+    assert s.classes == 10 and s.splits == {"train": sum(kept) - 40, "validation": 40}
+    classes = json.loads((tmp_path / "sel" / "classes.json").read_text())
+    assert [c["validation"] for c in classes["classes"]] == [4] * 10
+    assert classes["classes"][0]["wnid"].startswith("n") and classes["label_space"] == "in21k"
+    t = pq.read_table(tmp_path / "sel" / "selection").to_pylist()
+    assert {r["cls"] for r in t} == set(range(10))
+    # the selection is ordered train first, then validation, by key
+    assert [r["split"] for r in t] == sorted(r["split"] for r in t)
+
+
+def test_min_prob_and_multilabel(tmp_path):
+    path = tmp_path / "labels.parquet"
+    _labels_table(path, [50, 50])
+    s = run_select(SelectConfig(source=str(path), output=str(tmp_path / "a"), min_prob=0.6, threads=2))
+    probs = [r["label_probs"][0] for r in pq.read_table(tmp_path / "a" / "selection").to_pylist()]
+    assert s.rows == len(probs) < 100 and min(probs) >= 0.6
+    run_select(SelectConfig(source=str(path), output=str(tmp_path / "b"), min_prob=0.1, multi_label=True, threads=2))
+    rows = pq.read_table(tmp_path / "b" / "selection").to_pylist()
+    assert all(min(r["label_probs"]) >= 0.1 and len(r["labels"]) == len(r["label_probs"]) for r in rows)
+
+
+def test_label_space_remap_to_in1k(tmp_path):
+    from silverlabel.teachers.labelspace import get_label_space
+
+    in21k, in1k = get_label_space("in21k"), get_label_space("in1k")
+    cat = in21k.index("n02124075")  # Egyptian cat, in both spaces
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "labels": [[cat, 0], [cat, 5]], "label_probs": [[0.7, 0.2], [0.6, 0.3]]}),
+                   path)
+    run_select(SelectConfig(source=str(path), output=str(tmp_path / "s"), label_space="in1k", threads=2))
+    rows = pq.read_table(tmp_path / "s" / "selection").to_pylist()
+    assert [in1k.wnids[r["labels"][0]] for r in rows] == ["n02124075", "n02124075"]
+    assert rows[0]["class_name"] == "Egyptian cat"
+
+
+def test_uids_npy_selection_with_repeats(tmp_path):
+    uids = [f"{i:032x}" for i in range(1, 41)]
+    path = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"uid": uids, "url": [f"http://x/{i}" for i in range(40)], "text": ["t"] * 40}), path)
+    wanted = uids[:5] + [uids[7], uids[7]] + ["f" * 32]  # one listed twice, one not in the pool
+    uids_to_npy(wanted, str(tmp_path / "uids.npy"))
+    assert np.load(tmp_path / "uids.npy").dtype == np.dtype("u8,u8")
+    s = run_select(SelectConfig(source=str(path), output=str(tmp_path / "s"), uids=str(tmp_path / "uids.npy"), threads=2))
+    rows = pq.read_table(tmp_path / "s" / "selection").to_pylist()
+    assert s.rows == 7
+    keys = sorted(r["key"] for r in rows)
+    assert f"{uids[7]}-1" in keys and f"{uids[7]}-2" in keys
+    assert s.removed["uids_missing_from_pool"] == 1
+    (tmp_path / "uids.txt").write_text("\n".join(wanted[:3]) + "\n")
+    assert run_select(SelectConfig(source=str(path), output=str(tmp_path / "t"), uids=str(tmp_path / "uids.txt"),
+                                   threads=2)).rows == 3
+    assert load_uids(str(tmp_path / "uids.txt")).num_rows == 3
+
+
+def test_bad_input_errors(tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"foo": [1]}), path)
+    with pytest.raises(ValueError, match="needs the COYO-Labeled columns"):
+        run_select(SelectConfig(source=str(path), output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError):
+        run_select(SelectConfig(source=str(tmp_path / "missing"), output=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="needs --balanced"):
+        SelectConfig(source="x", output="y", fraction=0.1)
