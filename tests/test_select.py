@@ -151,3 +151,28 @@ def test_bad_input_errors(tmp_path):
         run_select(SelectConfig(source=str(tmp_path / "missing"), output=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="needs --balanced"):
         SelectConfig(source="x", output="y", fraction=0.1)
+
+
+def test_select_from_a_dataset_with_source_labels_and_keys_file(tmp_path):
+    """An ImageFolder dataset: --label source, a balanced fraction and an official file-name list."""
+    from silverlabel.demodata import photo_like_images
+    from silverlabel.stages.ingest import IngestConfig, run_ingest
+
+    root = tmp_path / "imgs"
+    images = list(photo_like_images(30, size=(160, 120), seed=4))
+    for i, (name, data) in enumerate(images):
+        d = root / f"n0000000{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    run_ingest(IngestConfig(sources=(str(root),), output=str(tmp_path / "ds"), workers=1, samples_per_shard=8))
+    s = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "sel"), fraction=0.5,
+                                balanced=True, seed=1, threads=2))
+    rows = pq.read_table(tmp_path / "sel" / "selection").to_pylist()
+    assert s.rows == 15 and s.classes == 3
+    assert sorted(np.unique([r["class_name"] for r in rows], return_counts=True)[1].tolist()) == [5, 5, 5]
+    assert all(r["source_dataset"] == str((tmp_path / "ds").resolve()) and r["source_shard"].endswith(".tar")
+               for r in rows)
+    (tmp_path / "keys.txt").write_text(f"{images[0][0]}\n{images[4][0]}\n")
+    k = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "k"),
+                                keys_file=str(tmp_path / "keys.txt"), threads=2))
+    assert k.rows == 2

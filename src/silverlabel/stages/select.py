@@ -434,17 +434,22 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     if removed_by_class:
         removed["class_filter"] = removed_by_class
 
-    # 5. validation: V per class at random (md5 of seed and key); the rest is train
+    # 5. validation: V per class at random (md5 of seed and key); the rest is train. The
+    #    per-sample rules run on a narrow table (key, class, names to match), never on the
+    #    wide rows with their label lists; those are joined back once, when writing.
+    con.execute("""CREATE TEMP TABLE narrow AS SELECT key, class_id, uid,
+                   regexp_extract(coalesce(source_path, url, ''), '[^/#]+$') AS fname FROM labeled""")
     rnd = f"md5('{cfg.seed}:' || key)"
     if mode == "none":
-        con.execute("CREATE TEMP VIEW split_t AS SELECT *, -1::INTEGER AS cls, NULL::VARCHAR AS class_name, "
-                    "'train' AS split FROM labeled")
+        con.execute("CREATE TEMP VIEW split_t AS SELECT key, uid, fname, -1::INTEGER AS cls, "
+                    "NULL::VARCHAR AS class_name, 'train' AS split FROM narrow")
     else:
         con.execute(f"""CREATE TEMP VIEW split_t AS
-            SELECT * EXCLUDE (r), CASE WHEN r <= {cfg.val_per_class} THEN 'validation' ELSE 'train' END AS split
-            FROM (SELECT l.*, c.cls, c.class_name,
-                         row_number() OVER (PARTITION BY l.class_id ORDER BY {rnd}, key) AS r
-                  FROM labeled l JOIN classes_t c USING (class_id))""")
+            SELECT key, uid, fname, cls, class_name,
+                   CASE WHEN r <= {cfg.val_per_class} THEN 'validation' ELSE 'train' END AS split
+            FROM (SELECT n.*, c.cls, c.class_name,
+                         row_number() OVER (PARTITION BY n.class_id ORDER BY {rnd}, key) AS r
+                  FROM narrow n JOIN classes_t c USING (class_id))""")
     final = "split_t"
 
     # 6. balanced fraction of train (imagenet2012_subset)
@@ -475,18 +480,18 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
         n0 = con.execute(f"SELECT count(*) FROM {final}").fetchall()[0][0]
         con.execute(f"""CREATE TEMP VIEW keys_v AS SELECT * FROM {final}
             WHERE key IN (SELECT name FROM keys_t) OR uid IN (SELECT name FROM keys_t)
-               OR regexp_extract(coalesce(source_path, url, ''), '[^/#]+$') IN (SELECT name FROM keys_t)""")
+               OR fname IN (SELECT name FROM keys_t)""")
         final = "keys_v"
         removed["not_in_keys_file"] = n0 - con.execute(f"SELECT count(*) FROM {final}").fetchall()[0][0]
 
     # write: parts of the selection table in (split, key) order, then classes, report, manifest
     src_ds = f"'{inp.source_dataset}'" if inp.source_dataset else "NULL"
-    query = f"""SELECT key, source_key, CAST(id AS BIGINT) AS id, uid, url, caption, split,
-                       CAST(cls AS INTEGER) AS cls, class_name,
-                       CAST(labels AS INTEGER[]) AS labels, CAST(label_probs AS FLOAT[]) AS label_probs,
-                       CAST(width AS INTEGER) AS width, CAST(height AS INTEGER) AS height, imagehash,
-                       {src_ds} AS source_dataset, source_shard
-                FROM {final} ORDER BY split, key"""
+    query = f"""SELECT w.key, w.source_key, CAST(w.id AS BIGINT) AS id, w.uid, w.url, w.caption, f.split,
+                       CAST(f.cls AS INTEGER) AS cls, f.class_name,
+                       CAST(w.labels AS INTEGER[]) AS labels, CAST(w.label_probs AS FLOAT[]) AS label_probs,
+                       CAST(w.width AS INTEGER) AS width, CAST(w.height AS INTEGER) AS height, w.imagehash,
+                       {src_ds} AS source_dataset, w.source_shard
+                FROM labeled w JOIN {final} f USING (key) ORDER BY f.split, w.key"""
     sel_dir = out / SELECTION_DIR
     sel_dir.mkdir(parents=True, exist_ok=True)
     for old in sel_dir.glob("*.parquet"):
