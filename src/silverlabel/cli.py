@@ -386,6 +386,88 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG_SHARD = """\
+examples:
+  silverlabel shard data/sel -o data/trainset                 # 10000 samples per shard, seed 0
+  silverlabel shard data/sel -o data/in12k --name imagenet12k --shards train=1024,validation=64
+  silverlabel shard data/sel -o data/trainset --shards 16 --seed 1 --workers 8
+  # train on it with timm (the folder is the root of wds/NAME):
+  python train.py --data-dir data/trainset --dataset wds/NAME --train-split train --val-split validation
+  # after a crash: run the same command again; finished shards are kept
+"""
+
+
+def _shard_counts(text: str) -> int | dict[str, int]:
+    """``16`` (every split) or ``train=1024,validation=64``."""
+    if "=" not in text:
+        return _positive_int(text)
+    out: dict[str, int] = {}
+    for part in _csv_list(text):
+        split, sep, n = part.partition("=")
+        if not sep or not split.strip():
+            raise argparse.ArgumentTypeError(f"not SPLIT=N: {part!r}")
+        out[split.strip()] = _positive_int(n.strip())
+    return out
+
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    from silverlabel.stages.shard import DEFAULT_TEMPLATE
+
+    p = sub.add_parser(
+        "shard",
+        help="selection -> pre-shuffled WebDataset shards + _info.json (timm, wids)",
+        description="Materialize a selection into new WebDataset shards: a global pre-shuffle, shard lengths "
+        "differing by at most one per split, images copied without re-encoding, .cls and .json per sample, "
+        "_info.json for timm's wds reader and a wids index per split. Resumable: rerun the same command.",
+        epilog=_EPILOG_SHARD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("selection", metavar="SELECTION", help="selection folder (silverlabel select)")
+    p.add_argument("-o", "--output", required=True, metavar="TRAINSET", help="folder to write the shards to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global pre-shuffle (0)")
+    p.add_argument("--shards", type=_shard_counts, metavar="N|SPLIT=N,...",
+                   help="shards per split: N for every split, or per split (the others use --samples-per-shard)")
+    p.add_argument("--samples-per-shard", type=_positive_int, metavar="M",
+                   help="ceil(n/M) shards per split of n samples (default: 10000)")
+    p.add_argument("--name", help="dataset name (default: the selection folder's name)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"shard file names (default: {DEFAULT_TEMPLATE})")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard)
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from silverlabel.stages.shard import ShardConfig, run_shard
+
+    cfg = ShardConfig(
+        selection=args.selection,
+        output=args.output,
+        seed=args.seed,
+        shards=args.shards,
+        samples_per_shard=args.samples_per_shard,
+        name=args.name,
+        template=args.template,
+        workers=args.workers,
+    )
+    bar = _Progress(enabled=not args.no_progress, desc="shard")
+    try:
+        s = run_shard(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print(f"\nsilverlabel shard: {s.samples} samples in {s.shards} shards ({s.shards_done_now} written now, "
+          f"{s.shards_skipped} already complete)")
+    width = max((len(k) for k in s.splits), default=5)
+    for split, info in s.splits.items():
+        lengths = info["shard_lengths"]
+        print(f"  {split:<{width}}  {info['samples']:>10} samples  {info['shards']:>6} shards "
+              f"({min(lengths)}-{max(lengths)} per shard)")
+    if s.samples_now:
+        print(f"  throughput: {s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB) in {s.seconds:.1f} s "
+              f"= {s.samples_per_second:.1f} samples/s")
+    print(f"  training set: {os.path.abspath(s.output)}  (timm: --data-dir {s.output} --dataset wds/{s.name})")
+    return 0
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -434,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label(sub)
     _add_select(sub)
     _add_classes(sub)
+    _add_shard(sub)
     return parser
 
 

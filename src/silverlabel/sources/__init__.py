@@ -104,6 +104,8 @@ def kind_of(path: str) -> str:
     if name.endswith(TABLE_SUFFIXES):
         return "table"
     if os.path.isdir(path):
+        if selection_table_dir(path) is not None:
+            return "table"
         entries = [e.name.lower() for e in os.scandir(path) if not e.name.startswith(".")]
         if entries and all(_strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries if os.path.isfile(os.path.join(path, e))) and any(
             _strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries
@@ -117,11 +119,28 @@ def kind_of(path: str) -> str:
     raise ValueError(f"{path}: cannot tell what kind of source this is; use --source-kind table|folder|tar")
 
 
+def selection_table_dir(path: str) -> str | None:
+    """``SELECTION/selection`` when ``path`` is a selection directory (the output of
+    ``silverlabel select``, manifest stage ``select``), else None: a selection is a URL
+    table, so ``silverlabel ingest SELECTION`` downloads the selected images."""
+    import json
+
+    try:
+        with open(os.path.join(path, "silverlabel.json")) as f:
+            stage = json.load(f).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    table_dir = os.path.join(path, "selection")
+    return table_dir if stage == "select" and os.path.isdir(table_dir) else None
+
+
 def open_source(path: str, options: SourceOptions) -> Source:
     """Create the source for ``path`` (detected kind unless ``options.kind`` forces one)."""
     from silverlabel.sources import folder, tables, tars  # noqa: F401  (registration)
 
     kind = options.kind or kind_of(path)
+    if kind == "table" and os.path.isdir(path):
+        path = selection_table_dir(path) or path
     if kind not in _REGISTRY:
         raise ValueError(f"unknown source kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[kind](path, options)
@@ -169,4 +188,5 @@ __all__ = [
     "normalize_uid",
     "open_source",
     "register_source",
+    "selection_table_dir",
 ]
