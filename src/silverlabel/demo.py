@@ -4,7 +4,9 @@ Starts a loopback HTTP server with scikit-image's real photos and a few hundred
 photo-like images made from them (plus a few broken links, so the samples table shows
 failures too), writes a URL table, ingests it, labels it with the default teacher
 (EfficientNet-Lite0, real ImageNet weights; GPU if present), prints COYO's threshold
-table and the top labels of a few real photos, and says where everything is.
+table and the top labels of a few real photos, selects the largest classes with a
+validation split (near-duplicates removed), writes pre-shuffled timm-ready shards, and
+says where everything is.
 
     python -m silverlabel.demo --out demo-output
 """
@@ -66,8 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     cli_main(["label", "--stats", pool])
     show_examples(pool)
-    print(f"\ndemo: done. The dataset is in {pool}: shards/*.tar, samples/*.parquet, "
-          "labels/efficientnet_lite0/*.parquet, silverlabel.json")
+    selection = os.path.join(out, "selection")
+    trainset = os.path.join(out, "trainset")
+    print("\ndemo: selecting the 8 largest teacher classes (2 validation images each), near-duplicates removed")
+    rc = cli_main(["select", pool, "-o", selection, "--top-classes", "8", "--val-per-class", "2",
+                   "--min-train-per-class", "3", "--dedupe", "phash:4"])
+    if rc != 0:
+        return rc
+    print("\ndemo: writing pre-shuffled, timm-ready shards")
+    rc = cli_main(["shard", selection, "-o", trainset, "--samples-per-shard", "40", "--name", "demo"])
+    if rc != 0:
+        return rc
+    print(f"\ndemo: done.\n  dataset:   {pool} (shards/*.tar, samples/*.parquet, labels/efficientnet_lite0/)\n"
+          f"  selection: {selection} (selection/*.parquet, classes.json, report.json)\n"
+          f"  trainset:  {trainset} (_info.json: timm.data.create_dataset('wds/demo', root=trainset))")
     return 0
 
 

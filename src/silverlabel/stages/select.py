@@ -14,7 +14,7 @@ remapping, WordNet roll-up) -> ``--min-prob`` -> class filter (``--val-per-class
 (``--seed``, key) through md5, so the same input and seed give the same selection.
 
     >>> balanced_quotas({"a": 500, "b": 500, "c": 500}, total=7, seed=0)
-    {'a': 3, 'b': 2, 'c': 2}
+    {'a': 2, 'b': 2, 'c': 3}
 """
 
 from __future__ import annotations
