@@ -176,3 +176,26 @@ def test_select_from_a_dataset_with_source_labels_and_keys_file(tmp_path):
     k = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "k"),
                                 keys_file=str(tmp_path / "keys.txt"), threads=2))
     assert k.rows == 2
+
+
+def test_rollup_to_wordnet_ancestors(tmp_path):
+    from silverlabel.teachers.hierarchy import load_hierarchy
+    from silverlabel.teachers.labelspace import get_label_space
+
+    in21k = get_label_space("in21k")
+    hier = load_hierarchy()
+    cats = ["n02124075", "n02123159", "n02123045"]  # Egyptian, tiger, tabby cat
+    dog = "n02099601"  # golden retriever
+    path = tmp_path / "labels.parquet"
+    rows = [[in21k.index(w)] for w in cats + [dog]]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "labels": rows, "label_probs": [[0.9]] * 4}), path)
+    (tmp_path / "targets.txt").write_text("n02121808\nn02084071\n")  # domestic cat, dog
+    s = run_select(SelectConfig(source=str(path), output=str(tmp_path / "to"), rollup_to=str(tmp_path / "targets.txt"),
+                                threads=2))
+    got = {r["id"]: r["class_name"] for r in pq.read_table(tmp_path / "to" / "selection").to_pylist()}
+    assert got == {1: "domestic cat", 2: "domestic cat", 3: "domestic cat", 4: "dog"} and s.classes == 2
+    d = 6
+    run_select(SelectConfig(source=str(path), output=str(tmp_path / "depth"), rollup_depth=d, threads=2))
+    classes = json.loads((tmp_path / "depth" / "classes.json").read_text())["classes"]
+    assert all(hier.depth(c["wnid"]) <= d for c in classes)
+    assert {c["wnid"] for c in classes} == {hier.ancestor_at_depth(w, d) for w in cats + [dog]}
