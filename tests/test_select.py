@@ -199,3 +199,45 @@ def test_rollup_to_wordnet_ancestors(tmp_path):
     classes = json.loads((tmp_path / "depth" / "classes.json").read_text())["classes"]
     assert all(hier.depth(c["wnid"]) <= d for c in classes)
     assert {c["wnid"] for c in classes} == {hier.ancestor_at_depth(w, d) for w in cats + [dog]}
+
+
+def test_dedupe_and_decontamination_on_planted_copies(tmp_path):
+    """Rescaled, recompressed and slightly cropped copies are found; distinct photos are kept."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from silverlabel.stages.ingest import IngestConfig, run_ingest
+
+    def jpeg(img, q=92):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=q)
+        return buf.getvalue()
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    originals = {n: Image.fromarray(getattr(skimage.data, n)()).convert("RGB")
+                 for n in ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")}
+    for n, img in originals.items():
+        (pool / f"{n}.jpg").write_bytes(jpeg(img))
+    a = originals["astronaut"]
+    w, h = a.size
+    (pool / "astronaut_small.jpg").write_bytes(jpeg(a.resize((w * 3 // 4, h * 3 // 4))))
+    (pool / "astronaut_q40.jpg").write_bytes(jpeg(a, 40))
+    (pool / "astronaut_crop.jpg").write_bytes(jpeg(a.crop((8, 8, w - 8, h - 8))))
+    run_ingest(IngestConfig(sources=(str(pool),), output=str(tmp_path / "ds"), workers=1))
+    s = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "d"), label="none",
+                                dedupe="phash:10", threads=2))
+    kept = {r["key"] for r in pq.read_table(tmp_path / "d" / "selection").to_pylist()}
+    samples = {r["key"]: r["source"] for r in pq.read_table(tmp_path / "ds" / "samples").to_pylist()}
+    assert sorted(samples[k] for k in kept) == sorted(f"{n}.jpg" for n in originals)  # one astronaut kept
+    assert s.removed["near_duplicates_phash_10"] == 3
+    # decontamination against an "eval set" holding only the chelsea photo, recompressed
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "cat.jpg").write_bytes(jpeg(originals["chelsea"], 50))
+    run_ingest(IngestConfig(sources=(str(ref),), output=str(tmp_path / "eval"), workers=1))
+    e = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "e"), label="none",
+                                exclude_near=str(tmp_path / "eval"), max_distance=10, threads=2))
+    assert e.removed["near_reference"] == 1 and e.rows == 8

@@ -265,12 +265,11 @@ def _class_name(wnid: str) -> str:
 
 def _hashes(con, sql: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(keys, uint64 pHashes, valid mask) of a query's key/imagehash columns."""
+    from silverlabel.dedupe import hex_to_u64_masked
+
     t = con.sql(f"SELECT key, imagehash FROM ({sql}) ORDER BY key").to_arrow_table()
-    keys = t.column("key").to_pylist()
-    hexes = t.column("imagehash").to_pylist()
-    valid = np.array([isinstance(h, str) and len(h) == 16 for h in hexes])
-    vals = np.array([int(h, 16) if ok else 0 for h, ok in zip(hexes, valid)], dtype=np.uint64)
-    return keys, vals, valid
+    vals, valid = hex_to_u64_masked(t.column("imagehash"))
+    return t.column("key").to_pylist(), vals, valid
 
 
 def _reference_hashes(path: str) -> np.ndarray:
