@@ -295,14 +295,17 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
 
     t0 = time.monotonic()
     out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "silverlabel.json").is_file():
-            raise ValueError(f"{out}: exists and is not a selection; choose another -o")
+    ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, "silverlabel.json"}
+    if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"{out}: exists and is not a selection; choose another -o")
     con = duckdb.connect()
+    inp = _open_input(cfg, con)  # validate the input before touching the output
+    # A selection is rewritten whole: drop the old manifest first, so a run that dies
+    # half way leaves no manifest and `shard` refuses the folder instead of reading a mix.
+    (out / "silverlabel.json").unlink(missing_ok=True)
     con.execute(f"SET memory_limit='{cfg.memory_limit}'")
     con.execute(f"SET threads={max(1, cfg.threads)}")
     con.execute("SET preserve_insertion_order=true")
-    inp = _open_input(cfg, con)
     removed: dict[str, int] = {}
     con.execute(f"CREATE TEMP VIEW pool0 AS {inp.pool_sql}")
     total_in = con.execute("SELECT count(*) FROM pool0").fetchall()[0][0]
