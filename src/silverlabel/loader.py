@@ -1,0 +1,435 @@
+"""The streaming training loader: a training set's shards -> deterministic, resumable batches.
+
+Reads the shards of one split of a ``silverlabel shard`` output (``TRAINSET/_info.json``)
+and yields ``(images [B,3,H,W] float32, cls [B] int64, labels [B,k] int64,
+label_probs [B,k] float32)`` (plus ``keys``, a list of B sample keys, when
+``return_keys``). ::
+
+    >>> cfg = LoaderConfig("trainset", batch_size=256, rank=rank, world_size=world)  # doctest: +SKIP
+    >>> for epoch in range(epochs):                                                 # doctest: +SKIP
+    ...     for step, (x, cls, labels, probs) in enumerate(create_loader(cfg, epoch), start=0):
+    ...         ...
+
+Order (all of it a pure function of the config, ``epoch`` and nothing else):
+
+1. *Shards*: in epoch ``e`` the split's shards are permuted with
+   ``np.random.default_rng((seed, e))`` (training; eval keeps the file order), and rank
+   ``r`` takes shards ``order[r::world_size]`` of that permutation (with fewer shards than
+   ranks, rank ``r`` reads every shard starting at ``order[r % S]``).
+2. *Samples*: a rank reads its shards in that order; the samples of shard ``s`` are read
+   in the order of ``np.random.default_rng((seed, e, 1, s)).permutation(len)`` (training;
+   eval keeps the shard's order). This concatenation, repeated cyclically, is the rank's
+   *stream*; the epoch is its first ``per_rank`` positions, where ``per_rank =
+   num_samples // world_size`` (``drop_last``; otherwise ``ceil(num_samples /
+   world_size)``), so every rank yields exactly the same number of samples and batches
+   (a rank whose shards hold fewer samples wraps around to its first shards: no DDP hang).
+3. *Batches*: batch ``b`` is stream positions ``[b*B, (b+1)*B)``; ``steps_per_epoch =
+   per_rank // B`` with ``drop_last`` (``ceil`` without). ``start_step=k`` starts at batch
+   ``k``: the skipped samples are never read or decoded (positions map to (shard, offset)
+   arithmetically; only tar headers are read).
+4. *Workers*: with ``num_workers = W > 0`` worker ``w`` builds the whole batches
+   ``start_step + j`` with ``j % W == w``; the DataLoader returns worker results
+   round-robin in order, so **the batch sequence is identical for any ``num_workers``**
+   (and for any ``start_step``: resuming at ``k`` gives exactly batches ``k, k+1, ...`` of
+   the uninterrupted run, pixels included).
+5. *Augmentation*: each sample's crop and flip come from
+   ``np.random.default_rng((seed, e, 2, rank, position))``, so they too are reproduced on
+   resume and independent of ``num_workers``. Training: RandomResizedCrop(img_size,
+   scale, ratio) with torchvision's parameter sampling (10 tries, then a central crop
+   clamped to ``ratio``), bicubic, horizontal flip with probability ``hflip``. Eval:
+   shorter side to ``int(img_size / 0.875)`` bicubic, then a center crop. JPEGs much
+   larger than needed are decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``), chosen so
+   the crop region still has at least ``img_size`` pixels each way (no quality loss
+   beyond the decoder's DCT scaling).
+
+``labels``/``label_probs`` are the sample's top-k teacher labels from its ``.json``,
+padded with -1 / 0.0 (or cut) to ``k`` = ``topk`` or, when that is None, the number of
+labels of the first sample of the split's first shard (1 when the set has no top-k
+labels; a sample without them then gets ``[cls]`` / ``[1.0]`` when ``cls >= 0``).
+
+Shards are read through one open file at a time per worker, member by member at offsets
+from the tar headers (:func:`silverlabel.formats.wds.iter_tar_samples`); no more than one
+sample's bytes are held at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
+from silverlabel.stages.shard import read_info
+
+EVAL_CROP_PCT = 0.875
+_BICUBIC = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What the loader yields. Everything here except ``num_workers`` (which never changes
+    the batches) determines the sample sequence."""
+
+    trainset: str
+    split: str = "train"
+    batch_size: int = 64
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    img_size: int = 224
+    scale: tuple[float, float] = (0.05, 1.0)  # COYO-ViT inception crop area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    train: bool = True  # False: resize shorter side to img_size/0.875 + center crop, no flip, no shuffle
+    drop_last: bool = True
+    topk: int | None = None  # width of labels/label_probs; None: from the first sample
+    return_keys: bool = False  # append the batch's sample keys (list[str]) to each batch
+    draft: bool = True  # decode large JPEGs at reduced scale when that loses nothing
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "ratio", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+
+
+# ---------------------------------------------------------------------------------------
+# the order
+
+
+def _split_info(cfg: LoaderConfig) -> tuple[list[str], list[int]]:
+    info = read_info(cfg.trainset)
+    splits = info.get("splits", {})
+    if cfg.split not in splits:
+        raise ValueError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
+    s = splits[cfg.split]
+    files, lengths = list(s["filenames"]), [int(x) for x in s["shard_lengths"]]
+    if len(files) != len(lengths) or not files:
+        raise ValueError(f"{cfg.trainset}: split {cfg.split!r} lists no shards or mismatched shard_lengths")
+    return files, lengths
+
+
+def samples_per_rank(cfg: LoaderConfig, num_samples: int | None = None) -> int:
+    """Samples each rank yields per epoch (before batching)."""
+    if num_samples is None:
+        num_samples = sum(_split_info(cfg)[1])
+    if cfg.drop_last:
+        return num_samples // cfg.world_size
+    return -(-num_samples // cfg.world_size)
+
+
+def steps_per_epoch(cfg: LoaderConfig) -> int:
+    """Batches per epoch, the same on every rank."""
+    per_rank = samples_per_rank(cfg)
+    return per_rank // cfg.batch_size if cfg.drop_last else -(-per_rank // cfg.batch_size)
+
+
+def shard_order(cfg: LoaderConfig, epoch: int, num_shards: int) -> np.ndarray:
+    """The epoch's shard order (before the split over ranks)."""
+    if not cfg.train:
+        return np.arange(num_shards)
+    return np.random.default_rng((cfg.seed, epoch)).permutation(num_shards)
+
+
+def rank_shards(cfg: LoaderConfig, epoch: int, num_shards: int) -> list[int]:
+    """The shards rank ``cfg.rank`` reads in ``epoch``, in reading order."""
+    order = shard_order(cfg, epoch, num_shards)
+    if num_shards >= cfg.world_size:
+        return order[cfg.rank :: cfg.world_size].tolist()
+    start = cfg.rank % num_shards
+    return np.concatenate([order[start:], order[:start]]).tolist()
+
+
+def sample_order(cfg: LoaderConfig, epoch: int, shard: int, length: int) -> np.ndarray:
+    """The order in which the samples of ``shard`` are read in ``epoch``."""
+    if not cfg.train:
+        return np.arange(length)
+    return np.random.default_rng((cfg.seed, epoch, 1, shard)).permutation(length)
+
+
+class _Stream:
+    """A rank's stream: position -> (shard, index in shard), cyclic over its shards."""
+
+    def __init__(self, cfg: LoaderConfig, epoch: int, lengths: list[int]):
+        self.cfg, self.epoch = cfg, epoch
+        self.shards = rank_shards(cfg, epoch, len(lengths))
+        lens = np.array([lengths[s] for s in self.shards], dtype=np.int64)
+        keep = lens > 0
+        self.shards = [s for s, k in zip(self.shards, keep) if k]
+        lens = lens[keep]
+        if len(lens) == 0:
+            raise ValueError(f"{cfg.trainset}: rank {cfg.rank} has only empty shards in split {cfg.split!r}")
+        self.lengths = lens
+        self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        self.total = int(lens.sum())
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        q = pos % self.total
+        j = int(np.searchsorted(self.starts, q, side="right")) - 1
+        shard = self.shards[j]
+        if self._perm is None or self._perm[0] != j:
+            self._perm = (j, sample_order(self.cfg, self.epoch, shard, int(self.lengths[j])))
+        return shard, int(self._perm[1][q - int(self.starts[j])])
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+def _crop_params(rng: np.random.Generator, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with a numpy RNG: (top, left, h, w)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _draft(img: Image.Image, need_w: float, need_h: float) -> float:
+    """Decode a JPEG at 1/2..1/8 scale if it stays >= (need_w, need_h); returns the factor."""
+    if img.format != "JPEG":
+        return 1.0
+    w0, h0 = img.size
+    if w0 < 2 * need_w or h0 < 2 * need_h:
+        return 1.0
+    img.draft("RGB", (max(1, math.ceil(need_w)), max(1, math.ceil(need_h))))
+    return img.size[0] / w0
+
+
+def decode_image(data: bytes, cfg: LoaderConfig, rng: np.random.Generator | None) -> Image.Image:
+    """JPEG bytes -> the augmented (train) or center-cropped (eval) RGB image, img_size^2."""
+    size = cfg.img_size
+    img = Image.open(io.BytesIO(data))
+    w0, h0 = img.size
+    if cfg.train:
+        assert rng is not None
+        top, left, h, w = _crop_params(rng, w0, h0, cfg.scale, cfg.ratio)
+        flip = rng.random() < cfg.hflip
+        f = _draft(img, w0 * size / w, h0 * size / h) if cfg.draft else 1.0
+        img = img.convert("RGB")
+        if f != 1.0:
+            fx, fy = img.size[0] / w0, img.size[1] / h0
+            box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        else:
+            box = (left, top, left + w, top + h)
+        img = img.resize((size, size), _BICUBIC, box=box)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+    short = int(size / EVAL_CROP_PCT)
+    if w0 <= h0:
+        nw, nh = short, int(short * h0 / w0)
+    else:
+        nw, nh = int(short * w0 / h0), short
+    if cfg.draft:
+        _draft(img, nw, nh)
+    img = img.convert("RGB")
+    img = img.resize((nw, nh), _BICUBIC)
+    top = int(round((nh - size) / 2.0))
+    left = int(round((nw - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """PIL RGB -> normalized float32 [3, H, W] (ToTensor + Normalize)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+def _targets(cls: int, meta: dict[str, Any], k: int) -> tuple[list[int], list[float]]:
+    labels = meta.get("labels")
+    probs = meta.get("label_probs")
+    if labels is None:
+        labels, probs = ([cls], [1.0]) if cls >= 0 else ([], [])
+    elif probs is None:
+        probs = [1.0] * len(labels)
+    labels = [int(x) for x in labels[:k]]
+    probs = [float(x) for x in probs[:k]]
+    return labels + [-1] * (k - len(labels)), probs + [0.0] * (k - len(probs))
+
+
+def collate(samples: list[tuple]) -> tuple:
+    """``[(image, cls, labels, label_probs[, key]), ...]`` -> ``(images [B,3,H,W], cls [B],
+    labels [B,k] int64, label_probs [B,k] float32[, keys])``."""
+    images = torch.stack([s[0] for s in samples])
+    cls = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    labels = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    probs = torch.tensor([s[3] for s in samples], dtype=torch.float32)
+    if len(samples[0]) > 4:
+        return images, cls, labels, probs, [s[4] for s in samples]
+    return images, cls, labels, probs
+
+
+def _identity(x):
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# the dataset
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's batches of one epoch, from ``start_step`` on (see the module docstring).
+
+    Iterating yields collated batches; inside a DataLoader worker only that worker's share
+    (batches ``start_step + j`` with ``j % num_workers == worker``), which the DataLoader
+    (``batch_size=None``) puts back in order. :meth:`samples` yields single samples.
+    """
+
+    def __init__(self, cfg: LoaderConfig, epoch: int = 0, start_step: int = 0):
+        if epoch < 0 or start_step < 0:
+            raise ValueError("epoch and start_step must be >= 0")
+        self.cfg, self.epoch, self.start_step = cfg, epoch, start_step
+        self.files, self.lengths = _split_info(cfg)
+        self.num_samples = sum(self.lengths)
+        self.per_rank = samples_per_rank(cfg, self.num_samples)
+        self.steps = (self.per_rank // cfg.batch_size if cfg.drop_last
+                      else -(-self.per_rank // cfg.batch_size))
+        if len(self.files) < cfg.world_size and cfg.train:
+            warnings.warn(f"{cfg.trainset}: {len(self.files)} shards for {cfg.world_size} ranks; "
+                          "ranks will read overlapping shards", stacklevel=2)
+        self.k = cfg.topk if cfg.topk is not None else self._first_k()
+        self._index: OrderedDict[int, list[TarSample]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def _first_k(self) -> int:
+        first = next(i for i, n in enumerate(self.lengths) if n > 0)
+        path = os.path.join(self.cfg.trainset, self.files[first])
+        sample = next(iter_tar_samples(path), None)
+        if sample is None or "json" not in sample.members:
+            return 1
+        with open(path, "rb") as f:
+            meta = json.loads(read_member(f, *sample.members["json"]))
+        labels = meta.get("labels")
+        return max(1, len(labels)) if labels else 1
+
+    def _shard_index(self, shard: int) -> list[TarSample]:
+        idx = self._index.get(shard)
+        if idx is None:
+            path = os.path.join(self.cfg.trainset, self.files[shard])
+            idx = list(iter_tar_samples(path))
+            if len(idx) != self.lengths[shard]:
+                raise ValueError(f"{path}: holds {len(idx)} samples, _info.json says {self.lengths[shard]}")
+            self._index[shard] = idx
+            while len(self._index) > 2:
+                self._index.popitem(last=False)
+        else:
+            self._index.move_to_end(shard)
+        return idx
+
+    def _batches(self) -> list[int]:
+        """The batch numbers this process builds."""
+        info = torch.utils.data.get_worker_info()
+        batches = range(self.start_step, self.steps)
+        if info is None or info.num_workers <= 1:
+            return list(batches)
+        return list(batches[info.id :: info.num_workers])
+
+    def _read(self, positions: Iterator[int]) -> Iterator[tuple]:
+        cfg = self.cfg
+        stream = _Stream(cfg, self.epoch, self.lengths)
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
+        f, open_shard = None, -1
+        try:
+            for pos in positions:
+                shard, i = stream.locate(pos)
+                s = self._shard_index(shard)[i]
+                if shard != open_shard:
+                    if f is not None:
+                        f.close()
+                    f = open(os.path.join(cfg.trainset, self.files[shard]), "rb")
+                    open_shard = shard
+                ext = s.image_ext()
+                if ext is None:
+                    raise ValueError(f"{self.files[shard]}: sample {s.key!r} has no image member")
+                data = read_member(f, *s.members[ext])
+                meta = json.loads(read_member(f, *s.members["json"])) if "json" in s.members else {}
+                if "cls" in s.members:
+                    cls = int(read_member(f, *s.members["cls"]).decode().strip())
+                else:
+                    cls = int(meta.get("label", -1))
+                rng = np.random.default_rng((cfg.seed, self.epoch, 2, cfg.rank, pos)) if cfg.train else None
+                try:
+                    img = decode_image(data, cfg, rng)
+                except Exception as e:
+                    raise ValueError(f"{self.files[shard]}: sample {s.key!r}: cannot decode image ({e})") from e
+                labels, probs = _targets(cls, meta, self.k)
+                item = (to_tensor(img, mean, std), cls, labels, probs)
+                yield (*item, s.key) if cfg.return_keys else item
+        finally:
+            if f is not None:
+                f.close()
+
+    def samples(self) -> Iterator[tuple]:
+        """This rank's samples from ``start_step * batch_size`` on, unbatched, in order:
+        ``(image, cls, labels, label_probs[, key])``."""
+        end = min(self.per_rank, self.steps * self.cfg.batch_size)
+        return self._read(iter(range(self.start_step * self.cfg.batch_size, end)))
+
+    def __iter__(self) -> Iterator[tuple]:
+        B = self.cfg.batch_size
+        end = min(self.per_rank, self.steps * B)
+        batches = self._batches()
+        positions = (p for b in batches for p in range(b * B, min((b + 1) * B, end)))
+        buf: list[tuple] = []
+        for item in self._read(positions):
+            buf.append(item)
+            if len(buf) == B:
+                yield collate(buf)
+                buf = []
+        if buf:
+            yield collate(buf)
+
+
+def create_loader(cfg: LoaderConfig, epoch: int = 0, start_step: int = 0, *, pin_memory: bool = False,
+                  prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over rank ``cfg.rank``'s batches of ``epoch``, starting at batch
+    ``start_step``; make a new one per epoch. ``len(loader) == steps_per_epoch(cfg) -
+    start_step``; the batches do not depend on ``num_workers``."""
+    ds = ShardStream(cfg, epoch, start_step)
+    kwargs: dict[str, Any] = {}
+    if cfg.num_workers > 0 and prefetch_factor is not None:
+        kwargs["prefetch_factor"] = prefetch_factor
+    return torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity, num_workers=cfg.num_workers,
+                                       pin_memory=pin_memory, **kwargs)

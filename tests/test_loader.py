@@ -1,0 +1,291 @@
+"""The streaming training loader: counts, order, resume, workers, decoding, targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from silverlabel.demodata import photo_like_images
+from silverlabel.formats.wds import ShardWriter
+from silverlabel.loader import (
+    LoaderConfig,
+    ShardStream,
+    create_loader,
+    decode_image,
+    rank_shards,
+    steps_per_epoch,
+)
+
+LENGTHS = [13, 12, 12, 12, 11]
+N = sum(LENGTHS)
+TOPK = 3
+
+
+def _write_trainset(root, lengths=LENGTHS, with_labels=True):
+    images = list(photo_like_images(sum(lengths), size=(160, 120), seed=5))
+    root.mkdir(parents=True, exist_ok=True)
+    files, i = [], 0
+    for s, n in enumerate(lengths):
+        name = f"toy-train-{s:04d}.tar"
+        with open(root / name, "wb") as f, ShardWriter(f) as w:
+            for _ in range(n):
+                key = f"s{i:05d}"
+                im = Image.open(io.BytesIO(images[i][1]))
+                meta = {"label": i % 7, "class_name": f"c{i % 7}"}
+                if with_labels:
+                    # sample 0 (first of shard 0) has TOPK labels; others vary (1..TOPK+1)
+                    m = TOPK if i == 0 else 1 + i % (TOPK + 1)
+                    meta["labels"] = [(i + j) % 7 for j in range(m)]
+                    meta["label_probs"] = [round(0.5 / (j + 1), 4) for j in range(m)]
+                meta.update(width=im.width, height=im.height, source={"key": key})
+                w.write(key, {"jpg": images[i][1], "cls": str(i % 7).encode(),
+                              "json": json.dumps(meta).encode()})
+                i += 1
+        files.append(name)
+    (root / "_info.json").write_text(json.dumps({
+        "name": "toy",
+        "splits": {"train": {"name": "train", "num_samples": sum(lengths), "filenames": files,
+                             "shard_lengths": list(lengths)}},
+    }))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trainset(tmp_path_factory):
+    return str(_write_trainset(tmp_path_factory.mktemp("trainset")))
+
+
+def _cfg(trainset, **kw):
+    base = dict(batch_size=4, img_size=32, return_keys=True)
+    base.update(kw)
+    return LoaderConfig(trainset, **base)
+
+
+def _keys(cfg, epoch=0, start_step=0):
+    """The rank's key sequence, read without decoding images (cheap order checks)."""
+    ds = ShardStream(cfg, epoch, start_step)
+    B = cfg.batch_size
+    end = min(ds.per_rank, ds.steps * B)
+    from silverlabel.loader import _Stream
+
+    stream = _Stream(cfg, epoch, ds.lengths)
+    out = []
+    for pos in range(start_step * B, end):
+        shard, i = stream.locate(pos)
+        out.append(ds._shard_index(shard)[i].key)
+    return out
+
+
+def _run(loader):
+    return list(loader)
+
+
+def test_steps_per_epoch(trainset):
+    assert steps_per_epoch(_cfg(trainset, batch_size=4)) == 60 // 4
+    assert steps_per_epoch(_cfg(trainset, batch_size=7)) == 60 // 7
+    assert steps_per_epoch(_cfg(trainset, batch_size=7, world_size=2)) == 30 // 7
+    assert steps_per_epoch(_cfg(trainset, batch_size=7, world_size=7, rank=3)) == 8 // 7
+    assert steps_per_epoch(_cfg(trainset, batch_size=7, drop_last=False)) == 9
+    loader = create_loader(_cfg(trainset, batch_size=7), epoch=0, start_step=3)
+    assert len(loader) == 8 - 3
+
+
+def test_batch_shapes_dtypes_and_padding(trainset):
+    cfg = _cfg(trainset, batch_size=5, img_size=48)
+    batches = _run(create_loader(cfg, epoch=0))
+    assert len(batches) == 12
+    x, cls, labels, probs, keys = batches[0]
+    assert x.shape == (5, 3, 48, 48) and x.dtype == torch.float32
+    assert cls.shape == (5,) and cls.dtype == torch.int64
+    assert labels.shape == (5, TOPK) and labels.dtype == torch.int64
+    assert probs.shape == (5, TOPK) and probs.dtype == torch.float32
+    assert len(keys) == 5 and all(isinstance(k, str) for k in keys)
+    # normalized: roughly zero-centred, well beyond [0, 1]
+    assert -3 < float(x.mean()) < 3 and float(x.min()) < 0
+    for b in batches:
+        _, cls, labels, probs, keys = b
+        for j, key in enumerate(keys):
+            i = int(key[1:])
+            assert int(cls[j]) == i % 7
+            m = TOPK if i == 0 else 1 + i % (TOPK + 1)
+            want = [(i + t) % 7 for t in range(min(m, TOPK))]
+            assert labels[j].tolist() == want + [-1] * (TOPK - len(want))
+            p = probs[j].tolist()
+            assert p[: len(want)] == pytest.approx([0.5 / (t + 1) for t in range(len(want))], abs=1e-4)
+            assert p[len(want):] == [0.0] * (TOPK - len(want))
+    # without the flag: 4-tuples
+    plain = next(iter(create_loader(dataclasses.replace(cfg, return_keys=False))))
+    assert len(plain) == 4
+
+
+def test_topk_override_and_no_labels(tmp_path):
+    root = _write_trainset(tmp_path / "nolabels", lengths=[3, 3], with_labels=False)
+    cfg = LoaderConfig(str(root), batch_size=3, img_size=16, return_keys=True)
+    x, cls, labels, probs, keys = next(iter(create_loader(cfg)))
+    assert labels.shape == (3, 1)
+    assert labels[:, 0].tolist() == cls.tolist() and probs[:, 0].tolist() == [1.0] * 3
+    cfg5 = dataclasses.replace(cfg, topk=5)
+    _, cls, labels, probs, _ = next(iter(create_loader(cfg5)))
+    assert labels.shape == (3, 5) and (labels[:, 1:] == -1).all() and (probs[:, 1:] == 0).all()
+
+
+def test_ranks_equal_counts_and_coverage(trainset):
+    seen = []
+    counts = []
+    for rank in range(2):
+        cfg = _cfg(trainset, batch_size=4, world_size=2, rank=rank)
+        keys = _keys(cfg, epoch=1)
+        counts.append(len(keys))
+        assert len(keys) == steps_per_epoch(cfg) * 4 == 28
+        seen.append(keys)
+    assert counts[0] == counts[1]
+    # every shard goes to exactly one rank; 5 shards -> 3 + 2, so one rank holds more
+    # samples than 28 (it stops early) and the other fewer (it wraps around)
+    shards = [rank_shards(_cfg(trainset, world_size=2, rank=r), 1, 5) for r in range(2)]
+    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(5))
+    for r, keys in enumerate(seen):
+        held = sum(LENGTHS[s] for s in shards[r])
+        distinct = min(held, 28)
+        assert len(set(keys)) == distinct and len(set(keys[:distinct])) == distinct
+        if held < 28:  # the wrap repeats the rank's stream from its start
+            assert keys[held:] == keys[: 28 - held]
+    union = set(seen[0]) | set(seen[1])
+    assert not set(seen[0]) & set(seen[1])
+    assert len(union) >= N - 13  # only the longer rank's unread tail is missed this epoch
+
+
+def test_rank_wraps_around_when_short(trainset):
+    # 3 ranks: shards split 2/2/1 -> a rank with one 11..13-sample shard must wrap to reach 20
+    for rank in range(3):
+        cfg = _cfg(trainset, batch_size=5, world_size=3, rank=rank, drop_last=True)
+        keys = _keys(cfg, epoch=0)
+        assert len(keys) == 20
+    # more ranks than shards still gives every rank the same count
+    for rank in range(7):
+        cfg = _cfg(trainset, batch_size=2, world_size=7, rank=rank)
+        with pytest.warns(UserWarning, match="overlapping"):
+            assert len(_keys(cfg)) == 8
+
+
+def test_real_loader_two_ranks_equal_batches(trainset):
+    n = []
+    for rank in range(2):
+        cfg = _cfg(trainset, batch_size=6, world_size=2, rank=rank, img_size=16)
+        batches = _run(create_loader(cfg, epoch=0))
+        n.append([len(b[4]) for b in batches])
+        assert [k for b in batches for k in b[4]] == _keys(cfg, epoch=0)
+    assert n[0] == n[1] == [6] * 5
+
+
+def test_epoch_order_deterministic_and_different(trainset):
+    cfg = _cfg(trainset)
+    e0, e0b, e1 = _keys(cfg, 0), _keys(cfg, 0), _keys(cfg, 1)
+    assert e0 == e0b
+    assert e0 != e1
+    assert sorted(e0) == sorted(e1)  # world_size 1, 60 % 4 == 0: a permutation of all samples
+    assert len(set(e0)) == N
+    assert _keys(dataclasses.replace(cfg, seed=1), 0) != e0
+    # shards really are shuffled between epochs (and samples within them)
+    orders = {tuple(rank_shards(cfg, e, 5)) for e in range(6)}
+    assert len(orders) > 1
+
+
+def test_resume_is_the_exact_tail(trainset):
+    cfg = _cfg(trainset, batch_size=4, img_size=24)
+    full = _run(create_loader(cfg, epoch=2))
+    k = 6
+    tail = _run(create_loader(cfg, epoch=2, start_step=k))
+    assert len(tail) == len(full) - k
+    for a, b in zip(full[k:], tail):
+        assert a[4] == b[4]
+        for ta, tb in zip(a[:4], b[:4]):
+            assert torch.equal(ta, tb)
+
+
+def test_resume_skips_without_decoding(trainset, monkeypatch):
+    import silverlabel.loader as L
+
+    calls = []
+    orig = L.decode_image
+    monkeypatch.setattr(L, "decode_image", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    cfg = _cfg(trainset, batch_size=4, img_size=16)
+    batches = _run(create_loader(cfg, epoch=0, start_step=13))
+    assert len(batches) == 2 and len(calls) == 8
+
+
+def test_workers_give_the_same_batches(trainset):
+    cfg = _cfg(trainset, batch_size=7, img_size=24, drop_last=False)
+    single = _run(create_loader(cfg, epoch=3))
+    multi = _run(create_loader(dataclasses.replace(cfg, num_workers=2), epoch=3))
+    assert [b[4] for b in single] == [b[4] for b in multi]
+    assert [len(b[4]) for b in single] == [7] * 8 + [4]
+    for a, b in zip(single, multi):
+        for ta, tb in zip(a[:4], b[:4]):
+            assert torch.equal(ta, tb)
+    # and resume works with workers too (odd start)
+    resumed = _run(create_loader(dataclasses.replace(cfg, num_workers=2), epoch=3, start_step=5))
+    assert [b[4] for b in resumed] == [b[4] for b in single[5:]]
+    assert torch.equal(resumed[0][0], single[5][0])
+
+
+def test_augmentation_varies_but_eval_is_deterministic(trainset):
+    cfg = _cfg(trainset, batch_size=6, img_size=32)
+    a = next(iter(create_loader(cfg, epoch=0)))
+    b = next(iter(create_loader(cfg, epoch=0)))
+    assert torch.equal(a[0], b[0])
+    ev = dataclasses.replace(cfg, train=False, draft=False)  # exact reference below
+    e1 = _run(create_loader(ev, epoch=0))
+    e2 = _run(create_loader(ev, epoch=5))
+    # eval: file order, no shuffle, no augmentation (epoch does not matter)
+    assert [k for b in e1 for k in b[4]] == [f"s{i:05d}" for i in range(N)]
+    for x, y in zip(e1, e2):
+        assert torch.equal(x[0], y[0])
+    # eval pixels are the center crop of the resized image
+    from silverlabel.loader import to_tensor
+
+    raw = list(photo_like_images(1, size=(160, 120), seed=5))[0][1]
+    im = Image.open(io.BytesIO(raw)).convert("RGB")
+    short = int(32 / 0.875)
+    w, h = im.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    l, t = int(round((nw - 32) / 2)), int(round((nh - 32) / 2))
+    want = to_tensor(im.crop((l, t, l + 32, t + 32)), torch.tensor(cfg.mean).view(3, 1, 1),
+                     torch.tensor(cfg.std).view(3, 1, 1))
+    assert torch.equal(e1[0][0][0], want)
+    # train crops differ from the eval center crop and between epochs
+    t0 = next(iter(create_loader(cfg, epoch=0)))
+    t1 = next(iter(create_loader(cfg, epoch=1)))
+    assert not torch.equal(t0[0], t1[0])
+
+
+def test_draft_decoding_close_to_full_decode():
+    raw = list(photo_like_images(1, size=(640, 480), seed=2))[0][1]
+    for train in (False, True):
+        cfg = LoaderConfig("unused", img_size=64, train=train, scale=(0.5, 1.0))
+        fast = decode_image(raw, cfg, np.random.default_rng(0) if train else None)
+        slow = decode_image(raw, dataclasses.replace(cfg, draft=False), np.random.default_rng(0) if train else None)
+        assert fast.size == slow.size == (64, 64)
+        diff = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(slow, dtype=np.int16))
+        assert diff.mean() < 6, diff.mean()
+    # draft actually reduces the decoded size when the target is much smaller
+    im = Image.open(io.BytesIO(raw))
+    im.draft("RGB", (160, 120))
+    assert im.size[0] < 640
+
+
+def test_bad_split_and_mismatched_lengths(trainset, tmp_path):
+    with pytest.raises(ValueError, match="no split"):
+        ShardStream(_cfg(trainset, split="validation"))
+    root = _write_trainset(tmp_path / "bad", lengths=[3, 2])
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["train"]["shard_lengths"] = [2, 3]
+    (root / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="holds 3 samples"):
+        _run(create_loader(LoaderConfig(str(root), batch_size=1, img_size=8, train=False)))
