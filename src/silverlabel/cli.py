@@ -468,6 +468,70 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a timm model on a training set (silverlabel shard output)",
+        description="Train a timm model from scratch (or fine-tune with --init) on a training set: ce on the "
+        "class, or bce-multihot / soft-topk on the teacher's top-k labels. Checkpoints RUN/checkpoint.pt; "
+        "--resume continues at the exact step. Metrics in RUN/metrics.jsonl and RUN/metrics.csv. "
+        "Under torchrun (WORLD_SIZE > 1) it trains with DDP.",
+    )
+    p.add_argument("trainset", metavar="TRAINSET", help="training set folder (silverlabel shard)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN", help="run folder (checkpoints, metrics)")
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name (vit_small_patch16_224)")
+    p.add_argument("--img-size", type=_positive_int, default=224, help="input size (224)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per rank and micro-step (64)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: --epochs worth)")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="epochs when --steps is not given (1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (0)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (0.05)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip; 0 = off (1.0)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
+    p.add_argument("--loss", choices=("ce", "bce-multihot", "soft-topk"), default="ce")
+    p.add_argument("--label-threshold", type=float, help="bce-multihot: only labels with prob >= T")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="ce / soft-topk label smoothing (0)")
+    p.add_argument("--label-space-classes", type=_positive_int,
+                   help="head size for bce-multihot/soft-topk (default: from classes.json's label_space)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
+    p.add_argument("--accum-steps", type=_positive_int, default=1, help="gradient accumulation micro-steps (1)")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay")
+    p.add_argument("--ckpt-every", type=_positive_int, default=100, help="checkpoint every N steps (100)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="metrics row every N steps (10)")
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes (0)")
+    p.add_argument("--init", metavar="CKPT", help="fine-tune from this checkpoint (new head / pos-embed resampled)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from silverlabel.stages.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        trainset=args.trainset, output=args.output, model=args.model, img_size=args.img_size,
+        batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
+        optimizer=args.optimizer, schedule=args.schedule, loss=args.loss, label_threshold=args.label_threshold,
+        label_smoothing=args.label_smoothing, label_space_classes=args.label_space_classes, seed=args.seed,
+        device=args.device, accum_steps=args.accum_steps, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
+        log_every=args.log_every, num_workers=args.workers, init=args.init,
+    )
+    s = run_train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "n/a"
+    print(f"\nsilverlabel train: {s.steps} steps ({s.steps - s.start_step} now, {s.epochs:.2f} epochs), "
+          f"final loss {loss}")
+    print(f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
+    print(f"  checkpoint: {os.path.abspath(s.checkpoint)}")
+    return 0
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -517,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_classes(sub)
     _add_shard(sub)
+    _add_train(sub)
     return parser
 
 

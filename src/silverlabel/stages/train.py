@@ -1,0 +1,492 @@
+"""``silverlabel train``: train a timm model on a ``silverlabel shard`` training set.
+
+One plain loop that reads top to bottom (nanoGPT-style)::
+
+    >>> cfg = TrainConfig("data/trainset", "runs/vit-s", steps=10_000, loss="bce-multihot")  # doctest: +SKIP
+    >>> summary = run_train(cfg)                                                             # doctest: +SKIP
+
+- **Model**: ``timm.create_model(model, pretrained=False, num_classes=N, img_size=...)``
+  (``img_size`` only for models that take it). ``N`` is ``num_classes`` of
+  ``TRAINSET/classes.json`` for ``loss="ce"`` (targets: the ``cls`` of each sample). For
+  ``bce-multihot``/``soft-topk`` the targets are the teacher's top-k ``labels`` (indices in
+  the teacher's label space), so ``N`` is ``label_space_classes`` or, when that is None, the
+  size of ``classes.json``'s ``label_space`` (in1k 1000, in12k 11821, in21k 21841);
+  anything else is an error asking for ``--label-space-classes``.
+- **Losses**: ``ce``: cross-entropy on ``cls`` with ``label_smoothing`` (``cls == -1``
+  ignored). ``bce-multihot``: sigmoid BCE against a multi-hot of the top-k labels (all of
+  them, or those with ``prob >= label_threshold``), summed over classes and averaged over the
+  batch; the head bias starts at -10 (COYO-ViT). ``label_smoothing`` is not applied to it.
+  ``soft-topk``: cross-entropy to the renormalised top-k probabilities (KL up to a
+  constant; padding ``-1``/``0.0`` ignored), mixed with ``label_smoothing`` of uniform.
+- **Optimisation**: AdamW (no decay on biases/norms/1-d params and pos/cls tokens) or SGD
+  (momentum 0.9, nesterov off); :func:`lr_at` is a pure function of the step (linear warmup,
+  then cosine or linear decay to 0); gradient clipping; ``accum_steps`` micro-batches per
+  step; bf16 autocast on CUDA only; optional EMA of the weights (``ema_decay``).
+- **Steps and data**: one step = ``accum_steps`` loader batches of ``batch_size`` (per
+  rank). ``steps_per_epoch = loader steps // accum_steps``; global step ``s`` is in epoch
+  ``s // steps_per_epoch`` and starts at loader batch ``(s % steps_per_epoch) *
+  accum_steps``; the loader is a pure function of (seed, epoch, start_step), so resuming
+  needs only the step. ``steps`` (if given) overrides ``epochs``.
+- **Checkpoints**: ``RUN/checkpoint.pt`` every ``ckpt_every`` steps and at the end, plus
+  ``RUN/checkpoint-final.pt``; a plain dict ``{model, optimizer, ema, step, epoch, config,
+  torch_rng, format}`` (config a plain dict) written atomically, loadable with
+  ``torch.load(..., weights_only=True)``. ``resume=True`` continues at the exact step; on CPU
+  the loss trajectory equals the uninterrupted run (deterministic algorithms, fixed seeds).
+- **Metrics**: ``RUN/metrics.jsonl`` and ``RUN/metrics.csv``, one row per ``log_every``
+  steps: step, epoch, loss (that step's loss, averaged over ranks), lr, samples/s. On resume
+  the rows after the checkpoint's step are dropped first.
+- **DDP**: when ``WORLD_SIZE > 1`` (torchrun), a gloo (CPU) or nccl (CUDA) process group,
+  ``DistributedDataParallel``, and the loader's ``rank``/``world_size``; only rank 0 writes.
+- **Fine-tuning** (``init``): weights from a checkpoint (or a plain state dict); tensors
+  whose shape differs are dropped (a new head when the class count differs) except
+  ``pos_embed``, which is resampled to the new ``img_size`` (timm's
+  ``resample_abs_pos_embed``). Optimizer state and step are not taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from silverlabel.dataset import atomic_write
+from silverlabel.loader import LoaderConfig, create_loader, steps_per_epoch
+
+LOSSES = ("ce", "bce-multihot", "soft-topk")
+LABEL_SPACE_SIZES = {"in1k": 1000, "in12k": 11821, "in21k": 21841}
+CKPT_FORMAT = 1
+METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    trainset: str
+    output: str
+    model: str = "vit_small_patch16_224"
+    img_size: int = 224
+    batch_size: int = 64  # per rank, per micro-batch
+    steps: int | None = None  # optimizer steps; None: epochs * steps_per_epoch
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    grad_clip: float | None = 1.0
+    optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "cosine"  # cosine | linear
+    loss: str = "ce"  # ce | bce-multihot | soft-topk
+    label_threshold: float | None = None  # bce-multihot: labels with prob >= t (None: all top-k)
+    label_smoothing: float = 0.0  # ce and soft-topk
+    label_space_classes: int | None = None  # head size for bce-multihot/soft-topk
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    accum_steps: int = 1
+    ema_decay: float | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    num_workers: int = 0
+    init: str | None = None  # fine-tune from this checkpoint
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+        for name in ("img_size", "batch_size", "epochs", "accum_steps", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.warmup_steps < 0 or self.num_workers < 0 or self.seed < 0:
+            raise ValueError("warmup_steps, num_workers and seed must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.label_space_classes is not None and self.label_space_classes < 1:
+            raise ValueError(f"label_space_classes must be >= 1, got {self.label_space_classes}")
+
+
+@dataclass
+class TrainSummary:
+    output: str
+    steps: int  # global step reached
+    start_step: int  # step this run started at (> 0 when resumed)
+    epochs: float
+    final_loss: float | None
+    seconds: float
+    samples_per_second: float
+    num_classes: int
+    checkpoint: str
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every logged step
+
+
+# ---------------------------------------------------------------------------------------
+# pieces
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of (0-based) ``step``: linear warmup over ``warmup_steps``, then cosine
+    or linear decay to 0 at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    p = min(max(p, 0.0), 1.0)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    return cfg.lr * (1.0 - p)
+
+
+def num_classes_for(cfg: TrainConfig) -> int:
+    """The head size (see the module docstring)."""
+    path = Path(cfg.trainset) / "classes.json"
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if cfg.loss == "ce":
+        if "num_classes" not in doc:
+            raise ValueError(f"{path}: missing or has no num_classes (needed for --loss ce)")
+        return int(doc["num_classes"])
+    if cfg.label_space_classes is not None:
+        return cfg.label_space_classes
+    space = doc.get("label_space")
+    if space in LABEL_SPACE_SIZES:
+        return LABEL_SPACE_SIZES[space]
+    raise ValueError(f"{path}: label_space is {space!r}, not one of {', '.join(LABEL_SPACE_SIZES)}; "
+                     f"pass --label-space-classes for --loss {cfg.loss}")
+
+
+def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, img_size=cfg.img_size)
+    except TypeError:  # models without an img_size argument (CNNs)
+        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"unknown timm model {cfg.model!r}") from e
+        raise
+
+
+def load_init(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
+    """Load fine-tuning weights into ``model``: mismatched tensors are dropped (the head)
+    except ``pos_embed``, which is resampled. Returns ``{"dropped", "resampled", "missing"}``."""
+    from timm.layers import resample_abs_pos_embed
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init: no such file: {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    state = ck["model"] if isinstance(ck, dict) and isinstance(ck.get("model"), dict) else ck
+    own = model.state_dict()
+    out: dict[str, list[str]] = {"dropped": [], "resampled": [], "missing": []}
+    new_state = {}
+    for k, v in state.items():
+        if k not in own:
+            out["dropped"].append(k)
+        elif own[k].shape == v.shape:
+            new_state[k] = v
+        elif k.endswith("pos_embed") and v.ndim == 3 and hasattr(model, "patch_embed"):
+            npt = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+            new_state[k] = resample_abs_pos_embed(v, new_size=list(model.patch_embed.grid_size),
+                                                  num_prefix_tokens=npt)
+            out["resampled"].append(k)
+        else:
+            out["dropped"].append(k)
+    res = model.load_state_dict(new_state, strict=False)
+    out["missing"] = list(res.missing_keys)
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms (1-d tensors) and timm's no_weight_decay() names."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def compute_loss(cfg: TrainConfig, logits: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor,
+                 probs: torch.Tensor) -> torch.Tensor:
+    """The batch loss (float32) for ``cfg.loss``."""
+    logits = logits.float()
+    n = logits.shape[1]
+    if cfg.loss == "ce":
+        if int(cls.max()) >= n:
+            raise ValueError(f"class index {int(cls.max())} >= num_classes {n}")
+        return F.cross_entropy(logits, cls, ignore_index=-1, label_smoothing=cfg.label_smoothing)
+    valid = labels >= 0
+    if int(labels.max()) >= n:
+        raise ValueError(f"label index {int(labels.max())} >= head size {n}; set --label-space-classes")
+    idx = labels.clamp(min=0)
+    if cfg.loss == "bce-multihot":
+        keep = valid if cfg.label_threshold is None else valid & (probs >= cfg.label_threshold)
+        target = torch.zeros_like(logits)
+        target.scatter_reduce_(1, idx, keep.to(logits.dtype), reduce="amax")  # padding (0 at index 0) never clears a 1
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+    # soft-topk
+    p = torch.where(valid, probs, torch.zeros_like(probs)).clamp(min=0)
+    mass = p.sum(1, keepdim=True)
+    rows = (mass.squeeze(1) > 0).to(logits.dtype)
+    p = p / mass.clamp(min=1e-12)
+    logp = F.log_softmax(logits, dim=1)
+    ce = -(p * logp.gather(1, idx)).sum(1)
+    if cfg.label_smoothing > 0:
+        ce = (1 - cfg.label_smoothing) * ce - cfg.label_smoothing * logp.mean(1)
+    return (ce * rows).sum() / rows.sum().clamp(min=1)
+
+
+class Ema:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_write(path) as f:
+        f.write(buf.getbuffer())
+
+
+def _metrics_truncate(out: Path, step: int) -> None:
+    """On resume: drop metric rows after ``step`` (written after the checkpoint)."""
+    jl = out / "metrics.jsonl"
+    if jl.exists():
+        lines = [ln for ln in jl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        with atomic_write(jl) as f:
+            f.write("".join(ln + "\n" for ln in lines).encode())
+        with atomic_write(out / "metrics.csv") as f:
+            s = io.StringIO()
+            w = csv.DictWriter(s, fieldnames=METRIC_FIELDS, lineterminator="\n")
+            w.writeheader()
+            for ln in lines:
+                w.writerow({k: json.loads(ln)[k] for k in METRIC_FIELDS})
+            f.write(s.getvalue().encode())
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+              progress: bool = True, log=print) -> TrainSummary:
+    """Train (see the module docstring). ``resume``: continue from ``RUN/checkpoint.pt``
+    (a fresh start when there is none). ``stop_after``: stop (with a checkpoint) once this
+    global step is reached, as if interrupted; the schedule still runs to the full length."""
+    # -- setup: distributed, device, determinism
+    rank, world, local_rank = _dist_env()
+    ddp = world > 1
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and ddp and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    if ddp and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(cfg.output)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
+    if cfg.init is not None and not os.path.exists(cfg.init):
+        raise FileNotFoundError(f"--init: no such file: {cfg.init}")
+
+    # -- data
+    lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                        num_workers=cfg.num_workers, img_size=cfg.img_size)
+    loader_steps = steps_per_epoch(lcfg)
+    per_epoch = loader_steps // cfg.accum_steps
+    if per_epoch < 1:
+        raise ValueError(f"{cfg.trainset}: fewer than batch_size * accum_steps = "
+                         f"{cfg.batch_size * cfg.accum_steps} samples per rank; lower --batch-size")
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    end = total if stop_after is None else min(total, stop_after)
+
+    # -- model, optimizer, EMA
+    num_classes = num_classes_for(cfg)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg, num_classes)
+    if cfg.loss == "bce-multihot":
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if isinstance(head, torch.nn.Linear) and head.bias is not None:
+            torch.nn.init.constant_(head.bias, -10.0)
+    if cfg.init is not None:
+        info = load_init(model, cfg.init)
+        if master:
+            log(f"init from {cfg.init}: new {', '.join(info['missing']) or 'nothing'}; "
+                f"resampled {', '.join(info['resampled']) or 'nothing'}")
+    model.to(device)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    else:
+        opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
+    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+
+    step = 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.module.load_state_dict(ck["ema"])
+        torch.set_rng_state(ck["torch_rng"])
+        step = int(ck["step"])
+        if master:
+            _metrics_truncate(out, step)
+            log(f"resumed from {ckpt_path} at step {step}")
+    start_step = step
+    train_model = model
+    if ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def checkpoint(path: Path) -> None:
+        if master:
+            save_checkpoint(path, {
+                "format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None, "step": step,
+                "epoch": step // per_epoch, "config": asdict(cfg), "num_classes": num_classes,
+                "torch_rng": torch.get_rng_state()})
+
+    # -- metrics files (rank 0)
+    jl = csv_f = csv_w = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        jl = open(out / "metrics.jsonl", "a")
+        new_csv = not (out / "metrics.csv").exists() or (out / "metrics.csv").stat().st_size == 0
+        csv_f = open(out / "metrics.csv", "a", newline="")
+        csv_w = csv.DictWriter(csv_f, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        if new_csv:
+            csv_w.writeheader()
+    bar = None
+    if master and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=end, initial=step, unit="step", desc="train", dynamic_ncols=True)
+
+    # -- the loop
+    losses: list[tuple[int, float]] = []
+    samples_per_step = cfg.batch_size * cfg.accum_steps * world
+    t0 = t_log = time.monotonic()
+    steps_since_log = 0
+    last_loss: float | None = None
+    train_model.train()
+    try:
+        while step < end:
+            epoch, within = divmod(step, per_epoch)
+            batches = iter(create_loader(lcfg, epoch, within * cfg.accum_steps))
+            while within < per_epoch and step < end:
+                lr = lr_at(step, cfg, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                step_loss = torch.zeros((), device=device)
+                for micro in range(cfg.accum_steps):
+                    x, cls, labels, probs = next(batches)
+                    x, cls = x.to(device, non_blocking=True), cls.to(device, non_blocking=True)
+                    labels, probs = labels.to(device, non_blocking=True), probs.to(device, non_blocking=True)
+                    sync = not ddp or micro == cfg.accum_steps - 1
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                        with autocast:
+                            logits = train_model(x)
+                        loss = compute_loss(cfg, logits, cls, labels, probs) / cfg.accum_steps
+                        loss.backward()
+                    step_loss += loss.detach()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+                within += 1
+                steps_since_log += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == end:
+                    if ddp:
+                        torch.distributed.all_reduce(step_loss)
+                        step_loss /= world
+                    last_loss = float(step_loss)
+                    if not math.isfinite(last_loss):
+                        raise ValueError(f"loss is {last_loss} at step {step}; lower --lr")
+                    now = time.monotonic()
+                    row = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
+                           "samples_per_s": round(steps_since_log * samples_per_step / max(now - t_log, 1e-9), 2)}
+                    t_log, steps_since_log = now, 0
+                    losses.append((step, last_loss))
+                    if master:
+                        jl.write(json.dumps(row) + "\n")
+                        jl.flush()
+                        csv_w.writerow(row)
+                        csv_f.flush()
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e}", refresh=False)
+                if step % cfg.ckpt_every == 0 and step < end:
+                    checkpoint(ckpt_path)
+            del batches
+        checkpoint(ckpt_path)
+        if step >= total:
+            checkpoint(out / "checkpoint-final.pt")
+    finally:
+        if bar is not None:
+            bar.close()
+        if jl is not None:
+            jl.close()
+            csv_f.close()
+        if ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    seconds = time.monotonic() - t0
+    done = step - start_step
+    return TrainSummary(
+        output=str(out), steps=step, start_step=start_step, epochs=step / per_epoch, final_loss=last_loss,
+        seconds=seconds, samples_per_second=done * samples_per_step / max(seconds, 1e-9),
+        num_classes=num_classes, checkpoint=str(ckpt_path if step < total else out / "checkpoint-final.pt"),
+        losses=losses)

@@ -1,0 +1,193 @@
+"""silverlabel train: loss goes down, every loss runs, exact resume, --init fine-tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from silverlabel.demodata import photo_like_images
+from silverlabel.formats.wds import ShardWriter
+from silverlabel.stages.train import TrainConfig, compute_loss, lr_at, run_train
+
+LENGTHS = [16, 16, 16]
+NUM_CLASSES = 4
+SPACE = 10  # teacher label space of the toy set
+
+
+def _write_trainset(root):
+    images = list(photo_like_images(sum(LENGTHS), size=(80, 64), seed=3))
+    root.mkdir(parents=True, exist_ok=True)
+    files, i = [], 0
+    for s, n in enumerate(LENGTHS):
+        name = f"toy-train-{s:04d}.tar"
+        with open(root / name, "wb") as f, ShardWriter(f) as w:
+            for _ in range(n):
+                c = i % NUM_CLASSES
+                im = Image.open(io.BytesIO(images[i][1]))
+                m = 1 + i % 3
+                meta = {"label": c, "labels": [(c + 2 * j) % SPACE for j in range(m)],
+                        "label_probs": [round(0.6 / (j + 1), 4) for j in range(m)],
+                        "width": im.width, "height": im.height}
+                w.write(f"s{i:05d}", {"jpg": images[i][1], "cls": str(c).encode(),
+                                      "json": json.dumps(meta).encode()})
+                i += 1
+        files.append(name)
+    (root / "classes.json").write_text(json.dumps({"label_space": "top1", "num_classes": NUM_CLASSES}))
+    (root / "_info.json").write_text(json.dumps({
+        "name": "toy", "splits": {"train": {"name": "train", "num_samples": sum(LENGTHS), "filenames": files,
+                                            "shard_lengths": LENGTHS}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trainset(tmp_path_factory):
+    return str(_write_trainset(tmp_path_factory.mktemp("trainset")))
+
+
+def _cfg(trainset, out, **kw):
+    base = dict(model="test_vit", img_size=32, batch_size=8, lr=2e-3, log_every=1, ckpt_every=1000,
+                warmup_steps=2, label_space_classes=SPACE)
+    base.update(kw)
+    return TrainConfig(trainset, str(out), **base)
+
+
+def _metric_losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_lr_schedule():
+    cfg = TrainConfig("x", "y", lr=1.0, warmup_steps=4)
+    assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg, 14) == 1.0 and lr_at(9, cfg, 14) == pytest.approx(0.5) and lr_at(14, cfg, 14) == 0.0
+    lin = dataclasses.replace(cfg, schedule="linear")
+    assert lr_at(9, lin, 14) == pytest.approx(0.5)
+
+
+def test_loss_goes_down(trainset, tmp_path):
+    # a fixed small set: one epoch of 6 batches, repeated; 36 steps
+    s = run_train(_cfg(trainset, tmp_path / "run", steps=36, lr=3e-3), progress=False, log=lambda *a: None)
+    losses = [loss for _, loss in s.losses]
+    assert len(losses) == 36 and s.steps == 36
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, (first, last)
+    assert (tmp_path / "run" / "checkpoint-final.pt").exists()
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss,lr,samples_per_s" and len(rows) == 37
+
+
+@pytest.mark.parametrize("loss,extra", [("ce", {"label_smoothing": 0.1}),
+                                        ("bce-multihot", {"label_threshold": 0.25}),
+                                        ("soft-topk", {"label_smoothing": 0.1})])
+def test_each_loss_runs(trainset, tmp_path, loss, extra):
+    s = run_train(_cfg(trainset, tmp_path / loss, steps=2, loss=loss, optimizer="sgd", **extra),
+                  progress=False, log=lambda *a: None)
+    assert s.steps == 2 and s.final_loss is not None and s.final_loss == s.final_loss
+    assert s.num_classes == (NUM_CLASSES if loss == "ce" else SPACE)
+    if loss == "bce-multihot":
+        ck = torch.load(tmp_path / loss / "checkpoint.pt", weights_only=True)
+        assert float(ck["model"]["head.bias"].mean()) < -9  # COYO-ViT init, barely moved
+
+
+def test_loss_targets():
+    logits = torch.zeros(2, 5)
+    labels = torch.tensor([[3, 0, -1], [1, -1, -1]])
+    probs = torch.tensor([[0.6, 0.2, 0.0], [0.5, 0.0, 0.0]])
+    cls = torch.tensor([3, 1])
+    # bce with a threshold: row 0 keeps only label 3 (0.2 < 0.3); padding never sets index 0
+    cfg = TrainConfig("x", "y", loss="bce-multihot", label_threshold=0.3)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.tensor([[0, 0, 0, 1, 0], [0, 1, 0, 0, 0.]]), reduction="sum") / 2
+    assert compute_loss(cfg, logits, cls, labels, probs) == pytest.approx(float(want))
+    # soft-topk on uniform logits: cross-entropy = log(5) whatever the target
+    cfg = TrainConfig("x", "y", loss="soft-topk")
+    assert float(compute_loss(cfg, logits, cls, labels, probs)) == pytest.approx(float(torch.log(torch.tensor(5.))))
+    # a confident correct logit on label 3 (weight 0.75 after renormalising) lowers it
+    logits2 = logits.clone()
+    logits2[0, 3] = 5
+    assert compute_loss(cfg, logits2, cls, labels, probs) < compute_loss(cfg, logits, cls, labels, probs)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(trainset, tmp_path, accum):
+    # 48 samples / 8 = 6 loader batches per epoch -> 6 // accum steps per epoch: 20 steps cross epochs
+    kw = dict(steps=20 // accum, accum_steps=accum, ckpt_every=4, ema_decay=0.9, loss="soft-topk")
+    quiet = dict(progress=False, log=lambda *a: None)
+    full = run_train(_cfg(trainset, tmp_path / "full", **kw), **quiet)
+    part = run_train(_cfg(trainset, tmp_path / "part", **kw), stop_after=10 // accum, **quiet)
+    assert part.steps == 10 // accum and not (tmp_path / "part" / "checkpoint-final.pt").exists()
+    # without --resume an existing run is refused
+    with pytest.raises(ValueError, match="--resume"):
+        run_train(_cfg(trainset, tmp_path / "part", **kw), **quiet)
+    rest = run_train(_cfg(trainset, tmp_path / "part", **kw), resume=True, **quiet)
+    assert rest.start_step == 10 // accum and rest.steps == 20 // accum
+    a, b = _metric_losses(tmp_path / "full"), _metric_losses(tmp_path / "part")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 20 // accum + 1))
+    assert [x for _, x in a] == [x for _, x in b]  # bit-exact on CPU
+    ca = torch.load(tmp_path / "full" / "checkpoint-final.pt", weights_only=True)
+    cb = torch.load(tmp_path / "part" / "checkpoint-final.pt", weights_only=True)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+        assert torch.equal(ca["ema"][k], cb["ema"][k]), k
+
+
+def test_init_finetune_new_classes_and_img_size(trainset, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    run_train(_cfg(trainset, tmp_path / "pre", steps=3, loss="bce-multihot"), **quiet)
+    ck = torch.load(tmp_path / "pre" / "checkpoint-final.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["config"]["model"] == "test_vit" and ck["model"]["head.weight"].shape[0] == SPACE
+    msgs = []
+    s = run_train(_cfg(trainset, tmp_path / "ft", steps=2, img_size=48, init=str(tmp_path / "pre" / "checkpoint-final.pt")),
+                  progress=False, log=msgs.append)
+    assert s.steps == 2 and s.num_classes == NUM_CLASSES
+    ft = torch.load(tmp_path / "ft" / "checkpoint-final.pt", weights_only=True)
+    assert ft["model"]["head.weight"].shape[0] == NUM_CLASSES
+    assert ft["model"]["pos_embed"].shape[1] == 1 + 3 * 3  # 48/16 = 3x3 patches + cls token
+    assert any("pos_embed" in m and "head" in m for m in msgs)
+
+
+def test_bad_input(trainset, tmp_path):
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(trainset, str(tmp_path), loss="mse")
+    with pytest.raises(ValueError, match="label-space-classes"):
+        run_train(TrainConfig(trainset, str(tmp_path / "r"), model="test_vit", img_size=32, batch_size=8, loss="soft-topk"),
+                  progress=False)
+    with pytest.raises(ValueError, match="batch"):
+        run_train(_cfg(trainset, tmp_path / "r2", batch_size=64), progress=False)
+
+
+def test_cli_train(trainset, tmp_path, capsys):
+    from silverlabel.cli import main
+
+    out = tmp_path / "cli"
+    args = [trainset, "-o", str(out), "--model", "test_vit", "--img-size", "32", "--batch-size", "8",
+            "--log-every", "1", "--steps", "3", "--no-progress"]
+    assert main(["train", *args]) == 0
+    assert "3 steps" in capsys.readouterr().out
+    assert main(["train", *args]) == 2  # exists, no --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *args[:-3], "--steps", "4", "--no-progress", "--resume"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_ddp_two_process_gloo(trainset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "silverlabel.cli", "train", trainset, "-o", str(out), "--model", "test_vit",
+                        "--img-size", "32", "--batch-size", "4", "--steps", "4", "--log-every", "1",
+                        "--device", "cpu", "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("silverlabel train: 4 steps") == 1  # rank 0 only
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    assert torch.load(out / "checkpoint-final.pt", weights_only=True)["step"] == 4
