@@ -3,4 +3,4 @@
 Stages (``silverlabel --help``): ingest, label, select, shard, reinforce, train, eval, card.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
