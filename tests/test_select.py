@@ -241,3 +241,21 @@ def test_dedupe_and_decontamination_on_planted_copies(tmp_path):
     e = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "e"), label="none",
                                 exclude_near=str(tmp_path / "eval"), max_distance=10, threads=2))
     assert e.removed["near_reference"] == 1 and e.rows == 8
+
+
+def test_exact_dedupe_by_sha256(tmp_path):
+    from silverlabel.demodata import photo_like_images
+    from silverlabel.stages.ingest import IngestConfig, run_ingest
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = list(photo_like_images(4, size=(120, 90), seed=8))
+    for name, data in images:
+        (folder / name).write_bytes(data)
+    (folder / "zz_copy.jpg").write_bytes(images[1][1])  # the same bytes under another name
+    run_ingest(IngestConfig(sources=(str(folder),), output=str(tmp_path / "ds"), workers=1))
+    s = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "s"), label="none",
+                                dedupe="exact", threads=2))
+    assert s.rows == 4 and s.removed["exact_duplicates"] == 1
+    kept = {r["key"] for r in pq.read_table(tmp_path / "s" / "selection").to_pylist()}
+    assert "000000004" not in kept  # the later key of the pair is the one removed
