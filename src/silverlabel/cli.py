@@ -532,6 +532,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a trained run on a split of a training set",
+        description="Evaluate a run's checkpoint (RUN/checkpoint-final.pt, else RUN/checkpoint.pt) on a split: "
+        "top-1/top-5 on cls, per-class accuracy, ReaL-style accuracy with --real-labels. Writes "
+        "RUN/eval-SPLIT.json (or --out) and prints a table.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder (silverlabel train -o) or a checkpoint file")
+    p.add_argument("--data", required=True, metavar="TRAINSET", help="training set folder (silverlabel shard)")
+    p.add_argument("--split", default="validation", help="split to evaluate (validation)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (64)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
+    p.add_argument("--real-labels", metavar="FILE",
+                   help="JSON list of lists (split order) or {key: [classes]}: ReaL-style multi-label accuracy")
+    p.add_argument("--head-space", metavar="SPACE", help="label space of the model's head (e.g. in21k)")
+    p.add_argument("--target-space", metavar="SPACE", help="label space of the labels (e.g. in1k)")
+    p.add_argument("--out", metavar="FILE", help="JSON report (default RUN/eval-SPLIT.json)")
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes (0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from silverlabel.stages.evaluate import EvalConfig, format_report, run_eval
+
+    cfg = EvalConfig(run=args.run, trainset=args.data, split=args.split, batch_size=args.batch_size, ema=args.ema,
+                     device=args.device, real_labels=args.real_labels, head_space=args.head_space,
+                     target_space=args.target_space, out=args.out, num_workers=args.workers)
+    bar = None
+    log = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="img", desc="eval", dynamic_ncols=True)
+
+        def log(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+    try:
+        report = run_eval(cfg, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(format_report(report))
+    return 0
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -582,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classes(sub)
     _add_shard(sub)
     _add_train(sub)
+    _add_eval(sub)
     return parser
 
 
