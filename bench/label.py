@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -218,7 +217,7 @@ def main() -> int:
     import timm
 
     from silverlabel.stages.label import LabelConfig, get_labeler
-    from silverlabel.teachers import Teacher, TeacherSpec, create_teacher
+    from silverlabel.teachers import TeacherSpec, create_teacher
 
     root = Path(tempfile.mkdtemp(prefix="sl-bench-label-"))
     ds = build_dataset(root, args.images, args.unique, args.workers)

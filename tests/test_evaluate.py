@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import pytest
 import torch
-from PIL import Image
+
+from toy_trainset import write_toy_trainset
 
 from silverlabel.cli import main
-from silverlabel.demodata import photo_like_images
-from silverlabel.formats.wds import ShardWriter
 from silverlabel.stages.evaluate import EvalConfig, map_scores, real_accuracy, run_eval, topk_accuracy
 from silverlabel.stages.train import TrainConfig, run_train
 
@@ -21,31 +19,15 @@ SPLITS = {"train": [12, 12], "validation": [7, 6]}  # validation: 13, not a mult
 
 
 def _write_trainset(root):
-    total = sum(sum(v) for v in SPLITS.values())
-    images = list(photo_like_images(total, size=(48, 40), seed=5))
-    root.mkdir(parents=True, exist_ok=True)
-    info, i = {}, 0
-    for split, lengths in SPLITS.items():
-        files = []
-        for s, n in enumerate(lengths):
-            name = f"toy-{split}-{s:04d}.tar"
-            with open(root / name, "wb") as f, ShardWriter(f) as w:
-                for _ in range(n):
-                    c = i % NUM_CLASSES
-                    if split == "validation" and i % 5 == 0:
-                        c = -1  # unlabeled: skipped by top-k
-                    im = Image.open(io.BytesIO(images[i][1]))
-                    meta = {"label": c, "width": im.width, "height": im.height}
-                    w.write(f"s{i:05d}", {"jpg": images[i][1], "cls": str(c).encode(),
-                                          "json": json.dumps(meta).encode()})
-                    i += 1
-            files.append(name)
-        info[split] = {"name": split, "num_samples": sum(lengths), "filenames": files, "shard_lengths": lengths}
-    (root / "classes.json").write_text(json.dumps({
-        "label_space": "top1", "num_classes": NUM_CLASSES,
-        "classes": [{"cls": c, "wnid": f"n{c:08d}", "name": f"class-{c}"} for c in range(NUM_CLASSES)]}))
-    (root / "_info.json").write_text(json.dumps({"name": "toy", "splits": info}))
-    return root
+    def sample(i, split, width, height):
+        c = i % NUM_CLASSES
+        if split == "validation" and i % 5 == 0:
+            c = -1  # unlabeled: skipped by top-k
+        return c, {"label": c, "width": width, "height": height}
+
+    classes = {"label_space": "top1", "num_classes": NUM_CLASSES,
+               "classes": [{"cls": c, "wnid": f"n{c:08d}", "name": f"class-{c}"} for c in range(NUM_CLASSES)]}
+    return write_toy_trainset(root, SPLITS, sample, size=(48, 40), seed=5, classes=classes)
 
 
 @pytest.fixture(scope="module")

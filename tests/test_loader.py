@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from toy_trainset import write_toy_trainset
+
 from silverlabel.demodata import photo_like_images
-from silverlabel.formats.wds import ShardWriter
 from silverlabel.loader import (
     LoaderConfig,
     ShardStream,
@@ -28,32 +29,17 @@ TOPK = 3
 
 
 def _write_trainset(root, lengths=LENGTHS, with_labels=True):
-    images = list(photo_like_images(sum(lengths), size=(160, 120), seed=5))
-    root.mkdir(parents=True, exist_ok=True)
-    files, i = [], 0
-    for s, n in enumerate(lengths):
-        name = f"toy-train-{s:04d}.tar"
-        with open(root / name, "wb") as f, ShardWriter(f) as w:
-            for _ in range(n):
-                key = f"s{i:05d}"
-                im = Image.open(io.BytesIO(images[i][1]))
-                meta = {"label": i % 7, "class_name": f"c{i % 7}"}
-                if with_labels:
-                    # sample 0 (first of shard 0) has TOPK labels; others vary (1..TOPK+1)
-                    m = TOPK if i == 0 else 1 + i % (TOPK + 1)
-                    meta["labels"] = [(i + j) % 7 for j in range(m)]
-                    meta["label_probs"] = [round(0.5 / (j + 1), 4) for j in range(m)]
-                meta.update(width=im.width, height=im.height, source={"key": key})
-                w.write(key, {"jpg": images[i][1], "cls": str(i % 7).encode(),
-                              "json": json.dumps(meta).encode()})
-                i += 1
-        files.append(name)
-    (root / "_info.json").write_text(json.dumps({
-        "name": "toy",
-        "splits": {"train": {"name": "train", "num_samples": sum(lengths), "filenames": files,
-                             "shard_lengths": list(lengths)}},
-    }))
-    return root
+    def sample(i, split, width, height):
+        meta = {"label": i % 7, "class_name": f"c{i % 7}"}
+        if with_labels:
+            # sample 0 (first of shard 0) has TOPK labels; others vary (1..TOPK+1)
+            m = TOPK if i == 0 else 1 + i % (TOPK + 1)
+            meta["labels"] = [(i + j) % 7 for j in range(m)]
+            meta["label_probs"] = [round(0.5 / (j + 1), 4) for j in range(m)]
+        meta.update(width=width, height=height, source={"key": f"s{i:05d}"})
+        return i % 7, meta
+
+    return write_toy_trainset(root, {"train": list(lengths)}, sample, size=(160, 120), seed=5)
 
 
 @pytest.fixture(scope="module")

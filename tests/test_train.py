@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 
 import pytest
 import torch
-from PIL import Image
 
-from silverlabel.demodata import photo_like_images
-from silverlabel.formats.wds import ShardWriter
+from toy_trainset import write_toy_trainset
+
 from silverlabel.stages.train import TrainConfig, compute_loss, lr_at, run_train
 
 LENGTHS = [16, 16, 16]
@@ -20,28 +18,13 @@ SPACE = 10  # teacher label space of the toy set
 
 
 def _write_trainset(root):
-    images = list(photo_like_images(sum(LENGTHS), size=(80, 64), seed=3))
-    root.mkdir(parents=True, exist_ok=True)
-    files, i = [], 0
-    for s, n in enumerate(LENGTHS):
-        name = f"toy-train-{s:04d}.tar"
-        with open(root / name, "wb") as f, ShardWriter(f) as w:
-            for _ in range(n):
-                c = i % NUM_CLASSES
-                im = Image.open(io.BytesIO(images[i][1]))
-                m = 1 + i % 3
-                meta = {"label": c, "labels": [(c + 2 * j) % SPACE for j in range(m)],
-                        "label_probs": [round(0.6 / (j + 1), 4) for j in range(m)],
-                        "width": im.width, "height": im.height}
-                w.write(f"s{i:05d}", {"jpg": images[i][1], "cls": str(c).encode(),
-                                      "json": json.dumps(meta).encode()})
-                i += 1
-        files.append(name)
-    (root / "classes.json").write_text(json.dumps({"label_space": "top1", "num_classes": NUM_CLASSES}))
-    (root / "_info.json").write_text(json.dumps({
-        "name": "toy", "splits": {"train": {"name": "train", "num_samples": sum(LENGTHS), "filenames": files,
-                                            "shard_lengths": LENGTHS}}}))
-    return root
+    def sample(i, split, width, height):
+        c, m = i % NUM_CLASSES, 1 + i % 3
+        return c, {"label": c, "labels": [(c + 2 * j) % SPACE for j in range(m)],
+                   "label_probs": [round(0.6 / (j + 1), 4) for j in range(m)], "width": width, "height": height}
+
+    return write_toy_trainset(root, {"train": LENGTHS}, sample, size=(80, 64), seed=3,
+                              classes={"label_space": "top1", "num_classes": NUM_CLASSES})
 
 
 @pytest.fixture(scope="module")

@@ -112,9 +112,6 @@ class Dataset:
         """Completed samples tables, in shard order."""
         return sorted(self.samples_dir.glob("*.parquet")) if self.samples_dir.is_dir() else []
 
-    def shard_files(self) -> list[Path]:
-        return sorted(self.shards_dir.glob("*.tar")) if self.shards_dir.is_dir() else []
-
     # -- manifest -------------------------------------------------------------------
     def exists(self) -> bool:
         return self.manifest_path.is_file()

@@ -526,11 +526,3 @@ def _has_strippable_segment(data: bytes) -> bool:
     head_end = data.find(b"\xff\xda")
     head = data[: head_end if head_end > 0 else 65536]
     return b"\xff\xe1" in head or b"\xff\xed" in head
-
-
-def image_size_from_header(raw: bytes) -> tuple[int, int] | None:
-    """Width and height from the header only (no pixel decode); None if unreadable."""
-    try:
-        return Image.open(io.BytesIO(raw)).size
-    except Exception:
-        return None

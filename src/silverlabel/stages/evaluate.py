@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from silverlabel.dataset import write_json_atomic
 from silverlabel.loader import LoaderConfig, create_loader
 from silverlabel.stages.shard import read_info
 
@@ -308,10 +308,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
     }
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if Path(cfg.run).is_dir() else ckpt.parent) / f"eval-{cfg.split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, report)
     report["output"] = str(out)
     return report
 

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -360,9 +360,10 @@ def _has_retryable(ds: Dataset, name: str, shard: int) -> bool:
     return any(s in RETRYABLE for s in status)
 
 
-def plan_units(cfg: IngestConfig, ds: Dataset, skipped: list[int]) -> Iterator[IngestUnit]:
+def plan_units(cfg: IngestConfig, ds: Dataset, skipped: list[int], sources: list | None = None) -> Iterator[IngestUnit]:
     """Stream the sources in order and cut them into shard units, skipping finished shards."""
-    sources = [open_source(s, cfg.source_options) for s in cfg.sources]
+    if sources is None:
+        sources = [open_source(s, cfg.source_options) for s in cfg.sources]
     index = 0
     shard = 0
     batch: list[Item] = []
@@ -429,7 +430,7 @@ def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSumma
         for f in src.extra_fields:
             extra.setdefault(f.name, f)
     if list(extra.values()) != list(cfg.extra_fields):
-        cfg = _replace(cfg, extra_fields=tuple(extra.values()))
+        cfg = replace(cfg, extra_fields=tuple(extra.values()))
     _check_compatible(ds, cfg)
     ds.root.mkdir(parents=True, exist_ok=True)
     ds.clean_temporaries()
@@ -450,7 +451,7 @@ def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSumma
     engine = create_engine(cfg.engine, workers=cfg.workers)
     done_now = 0
     items_now = 0
-    for res in engine.map(ingest_shard, plan_units(cfg, ds, skipped), cfg, progress):
+    for res in engine.map(ingest_shard, plan_units(cfg, ds, skipped, sources), cfg, progress):
         done_now += 1
         items_now += res.items
     seconds = time.monotonic() - t0
@@ -460,9 +461,3 @@ def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSumma
     with contextlib.suppress(OSError):
         ds.tmp_dir.rmdir()
     return IngestSummary(str(ds.root), counts, shards, done_now, len(skipped), items_now, seconds)
-
-
-def _replace(cfg: IngestConfig, **changes: Any) -> IngestConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)

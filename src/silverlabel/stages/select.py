@@ -320,13 +320,11 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
                    p.key AS source_key
             FROM {current} p JOIN uid_list u ON p.uid = u.uid,
                  LATERAL (SELECT unnest(range(1, u.copies + 1)) AS i) c""")
-        n = con.execute("SELECT count(*) FROM pool1").fetchall()[0][0]
         matched = con.execute("SELECT count(DISTINCT source_key) FROM pool1").fetchall()[0][0]
         removed["not_in_uids"] = total_in - matched
         removed["uids_missing_from_pool"] = int(len(uids)) - con.execute(
             f"SELECT count(DISTINCT uid) FROM {current} WHERE uid IN (SELECT uid FROM uid_list)").fetchall()[0][0]
         current = "pool1"
-        del n
     else:
         con.execute(f"CREATE TEMP VIEW pool1 AS SELECT *, key AS source_key FROM {current}")
         current = "pool1"
@@ -515,9 +513,14 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     by_cls: dict[int, dict[str, int]] = {}
     for c, s, n in per_class:
         by_cls.setdefault(c, {})[s] = n
+    if mode != "top1":
+        label_space_name = mode  # "source" names, or "none"
+    elif cfg.rollup_depth is not None or cfg.rollup_to:
+        label_space_name = "wordnet-rollup"
+    else:
+        label_space_name = cfg.label_space or inp.label_space
     classes_doc = {
-        "label_space": (cfg.label_space or inp.label_space) if mode == "top1" and not (cfg.rollup_depth is not None or cfg.rollup_to)
-        else ("wordnet-rollup" if mode == "top1" else mode),
+        "label_space": label_space_name,
         "num_classes": len(class_ids),
         "classes": [
             {"cls": cls_of[c], "wnid": names[c][0], "name": names[c][1],
