@@ -106,16 +106,34 @@ def test_resume_is_exact(trainset, tmp_path, accum):
     # without --resume an existing run is refused
     with pytest.raises(ValueError, match="--resume"):
         run_train(_cfg(trainset, tmp_path / "part", **kw), **quiet)
+    # as if killed after logging steps past the checkpoint: those events must not survive
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "part" / "tb")) as w:
+        w.add_scalar("train/loss", 999.0, 10 // accum + 1)
     rest = run_train(_cfg(trainset, tmp_path / "part", **kw), resume=True, **quiet)
     assert rest.start_step == 10 // accum and rest.steps == 20 // accum
     a, b = _metric_losses(tmp_path / "full"), _metric_losses(tmp_path / "part")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 20 // accum + 1))
     assert [x for _, x in a] == [x for _, x in b]  # bit-exact on CPU
+    # TensorBoard: the resumed run's events (purged past the checkpoint) equal the full run's
+    ta, tb = _tb_losses(tmp_path / "full"), _tb_losses(tmp_path / "part")
+    assert [s for s, _ in ta] == [s for s, _ in a]
+    assert ta == tb
+    assert [x for _, x in ta] == pytest.approx([x for _, x in a], rel=1e-6)  # float32 in the event file
     ca = torch.load(tmp_path / "full" / "checkpoint-final.pt", weights_only=True)
     cb = torch.load(tmp_path / "part" / "checkpoint-final.pt", weights_only=True)
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
         assert torch.equal(ca["ema"][k], cb["ema"][k]), k
+
+
+def _tb_losses(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
 
 
 def test_init_finetune_new_classes_and_img_size(trainset, tmp_path):

@@ -34,7 +34,9 @@ One plain loop that reads top to bottom (nanoGPT-style)::
   the loss trajectory equals the uninterrupted run (deterministic algorithms, fixed seeds).
 - **Metrics**: ``RUN/metrics.jsonl`` and ``RUN/metrics.csv``, one row per ``log_every``
   steps: step, epoch, loss (that step's loss, averaged over ranks), lr, samples/s. On resume
-  the rows after the checkpoint's step are dropped first.
+  the rows after the checkpoint's step are dropped first. The same scalars go to TensorBoard
+  event files in ``RUN/tb`` (``tensorboard --logdir RUN``; resumed runs purge the steps after
+  the checkpoint).
 - **DDP**: when ``WORLD_SIZE > 1`` (torchrun), a gloo (CPU) or nccl (CUDA) process group,
   ``DistributedDataParallel``, and the loader's ``rank``/``world_size``; only rank 0 writes.
 - **Fine-tuning** (``init``): weights from a checkpoint (or a plain state dict); tensors
@@ -96,6 +98,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     init: str | None = None  # fine-tune from this checkpoint
+    tensorboard: bool = True  # also log to RUN/tb (TensorBoard event files)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -298,6 +301,16 @@ def _metrics_truncate(out: Path, step: int) -> None:
             f.write(s.getvalue().encode())
 
 
+def _tensorboard_writer(path: Path, step: int):
+    """A SummaryWriter on ``RUN/tb``; on resume it starts at ``step`` (``purge_step`` hides
+    the events logged after the checkpoint: steps > ``step``). None without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: CSV/JSONL are always written
+        return None
+    return SummaryWriter(str(path), purge_step=step + 1 if step > 0 else None)
+
+
 def _dist_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
@@ -397,7 +410,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                 "torch_rng": torch.get_rng_state()})
 
     # -- metrics files (rank 0)
-    jl = csv_f = csv_w = None
+    jl = csv_f = csv_w = tb = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
         jl = open(out / "metrics.jsonl", "a")
@@ -406,6 +419,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         csv_w = csv.DictWriter(csv_f, fieldnames=METRIC_FIELDS, lineterminator="\n")
         if new_csv:
             csv_w.writeheader()
+        if cfg.tensorboard:
+            tb = _tensorboard_writer(out / "tb", step)
     bar = None
     if master and progress:
         from tqdm import tqdm
@@ -467,6 +482,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                         jl.flush()
                         csv_w.writerow(row)
                         csv_f.flush()
+                        if tb is not None:
+                            for name in ("loss", "lr", "samples_per_s"):
+                                tb.add_scalar(f"train/{name}", row[name], step)
+                            tb.add_scalar("train/epoch", epoch, step)
+                            tb.flush()
                     if bar is not None:
                         bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e}", refresh=False)
                 if step % cfg.ckpt_every == 0 and step < end:
@@ -481,6 +501,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         if jl is not None:
             jl.close()
             csv_f.close()
+        if tb is not None:
+            tb.close()
         if ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     seconds = time.monotonic() - t0
