@@ -501,6 +501,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay")
     p.add_argument("--ckpt-every", type=_positive_int, default=100, help="checkpoint every N steps (100)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="metrics row every N steps (10)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events to RUN/tb")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes (0)")
     p.add_argument("--init", metavar="CKPT", help="fine-tune from this checkpoint (new head / pos-embed resampled)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
@@ -519,7 +520,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, schedule=args.schedule, loss=args.loss, label_threshold=args.label_threshold,
         label_smoothing=args.label_smoothing, label_space_classes=args.label_space_classes, seed=args.seed,
         device=args.device, accum_steps=args.accum_steps, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-        log_every=args.log_every, num_workers=args.workers, init=args.init,
+        log_every=args.log_every, num_workers=args.workers, init=args.init, tensorboard=not args.no_tensorboard,
     )
     s = run_train(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -553,12 +554,35 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="JSON report (default RUN/eval-SPLIT.json)")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes (0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("low-shot (imagenet2012_subset protocol)")
+    g.add_argument("--lowshot", type=float, nargs="+", metavar="F",
+                   help="instead of evaluating the head: label-balanced subsets of these fractions of --train-split "
+                   "(0.01 0.1 = ImageNet's 1%%/10%%), a linear probe on frozen features and/or a short fine-tune on "
+                   "each, accuracy on the whole --split; writes RUN/lowshot/lowshot.json (or --out DIR)")
+    g.add_argument("--lowshot-modes", nargs="+", choices=("probe", "finetune"), default=["probe", "finetune"],
+                   help="probe, finetune or both (both)")
+    g.add_argument("--train-split", default="train", help="split the subsets are drawn from (train)")
+    g.add_argument("--seed", type=int, default=0, help="subset draw seed, as select --seed (0)")
+    g.add_argument("--ft-steps", type=_positive_int, default=500, help="fine-tuning steps per subset (500)")
+    g.add_argument("--ft-lr", type=float, default=1e-4, help="fine-tuning peak learning rate (1e-4)")
+    g.add_argument("--ft-batch-size", type=_positive_int, help="fine-tuning batch size (default --batch-size)")
+    g.add_argument("--img-size", type=_positive_int, help="input size (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from silverlabel.stages.evaluate import EvalConfig, format_report, run_eval
 
+    if args.lowshot:
+        from silverlabel.stages.lowshot import LowShotConfig, format_lowshot, run_lowshot
+
+        lcfg = LowShotConfig(run=args.run, trainset=args.data, fractions=tuple(args.lowshot),
+                             modes=tuple(args.lowshot_modes), train_split=args.train_split, val_split=args.split,
+                             seed=args.seed, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                             ema=args.ema, img_size=args.img_size, ft_steps=args.ft_steps, ft_lr=args.ft_lr,
+                             ft_batch_size=args.ft_batch_size, out=args.out)
+        print(format_lowshot(run_lowshot(lcfg, log=lambda m: print(m, file=sys.stderr))))
+        return 0
     cfg = EvalConfig(run=args.run, trainset=args.data, split=args.split, batch_size=args.batch_size, ema=args.ema,
                      device=args.device, real_labels=args.real_labels, head_space=args.head_space,
                      target_space=args.target_space, out=args.out, num_workers=args.workers)
