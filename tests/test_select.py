@@ -233,6 +233,12 @@ def test_dedupe_and_decontamination_on_planted_copies(tmp_path):
     samples = {r["key"]: r["source"] for r in pq.read_table(tmp_path / "ds" / "samples").to_pylist()}
     assert sorted(samples[k] for k in kept) == sorted(f"{n}.jpg" for n in originals)  # one astronaut kept
     assert s.removed["near_duplicates_phash_10"] == 3
+    # which duplicates were removed, and for which kept sample (duplicates.parquet)
+    dups = pq.read_table(tmp_path / "d" / "duplicates.parquet").to_pylist()
+    assert len(dups) == 3 and {d["rule"] for d in dups} == {"near"}
+    assert sorted(samples[d["removed_key"]] for d in dups) == ["astronaut_crop.jpg", "astronaut_q40.jpg",
+                                                               "astronaut_small.jpg"]
+    assert {samples[d["kept_key"]] for d in dups} == {"astronaut.jpg"} and all(0 <= d["distance"] <= 10 for d in dups)
     # decontamination against an "eval set" holding only the chelsea photo, recompressed
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -241,6 +247,9 @@ def test_dedupe_and_decontamination_on_planted_copies(tmp_path):
     e = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "e"), label="none",
                                 exclude_near=str(tmp_path / "eval"), max_distance=10, threads=2))
     assert e.removed["near_reference"] == 1 and e.rows == 8
+    ref_dups = pq.read_table(tmp_path / "e" / "duplicates.parquet").to_pylist()
+    assert [(samples[d["removed_key"]], d["kept_key"], d["rule"]) for d in ref_dups] == [
+        ("chelsea.jpg", None, "near_reference")]
 
 
 def test_exact_dedupe_by_sha256(tmp_path):
@@ -257,5 +266,7 @@ def test_exact_dedupe_by_sha256(tmp_path):
     s = run_select(SelectConfig(source=str(tmp_path / "ds"), output=str(tmp_path / "s"), label="none",
                                 dedupe="exact", threads=2))
     assert s.rows == 4 and s.removed["exact_duplicates"] == 1
+    [dup] = pq.read_table(tmp_path / "s" / "duplicates.parquet").to_pylist()
+    assert (dup["distance"], dup["rule"]) == (0, "exact") and dup["removed_key"] > dup["kept_key"]
     kept = {r["key"] for r in pq.read_table(tmp_path / "s" / "selection").to_pylist()}
     assert "000000004" not in kept  # the later key of the pair is the one removed

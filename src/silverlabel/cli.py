@@ -54,6 +54,23 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _add_engine_args(g, what: str = "processes (default: cores)") -> None:
+    """``--engine local|ray`` and ``--ray-address`` (every shard-parallel stage)."""
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: a process pool on this machine; ray: Ray tasks/actors on a cluster "
+                   "(pip install 'silverlabel[ray]')")
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT|ray://HOST:PORT", default=None,
+                   help="with --engine ray: the cluster to join (default: RAY_ADDRESS, else the cluster this "
+                   "machine belongs to, else a new local one; auto: an existing one or fail)")
+
+
+def _engine_workers(args: argparse.Namespace, local_default: int) -> int:
+    """--workers as given; else the local default, or 0 (= the whole cluster) with --engine ray."""
+    if args.workers is not None:
+        return args.workers
+    return 0 if args.engine == "ray" else local_default
+
+
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     from silverlabel.sources.http import FetchConfig
 
@@ -97,8 +114,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag (not recommended)")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: cores)")
+    g.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes (default: cores; with --engine ray: the cluster's CPUs)")
     g.add_argument("--threads", type=_positive_int, default=64, help="concurrent fetches per process (64)")
+    _add_engine_args(g)
     g.add_argument("--retry-failed", action="store_true", help="re-attempt failed downloads of finished shards")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
@@ -143,9 +162,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             folder_labels=args.folder_labels,
             kind=args.source_kind,
         ),
-        workers=args.workers,
+        workers=_engine_workers(args, os.cpu_count() or 1),
         threads=args.threads,
         retry_failed=args.retry_failed,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     bar = _Progress(enabled=not args.no_progress)
     try:
@@ -194,7 +215,9 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (GPU)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="GPU autocast precision (fp16: matches the fp32 CPU path best)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes (default: one per GPU, 1 on CPU; with --engine ray: one actor per cluster GPU)")
+    _add_engine_args(p)
     p.add_argument("--decode-procs", type=int, default=-1,
                    help="GPU JPEG-decode processes per GPU worker (default: 3; 0 decodes in the labeling process)")
     p.add_argument("--stats", action="store_true", help="print the threshold table of existing labels and exit")
@@ -216,6 +239,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     specs = tuple(TeacherSpec.parse(n, checkpoint=c, activation=args.activation, label_space=args.teacher_space)
                   for n, c in zip(names, ckpts))
     workers = args.workers
+    if workers is None and args.engine == "ray":
+        workers = 0
     if workers is None:
         workers = 1
         if args.device in ("auto", "cuda"):
@@ -227,6 +252,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         output_name=args.output_name, img_size=args.img_size, crop_pct=args.crop_pct,
         interpolation=args.interpolation, limit=args.limit, device=args.device, batch_size=args.batch_size,
         compile=args.compile, workers=workers, precision=args.precision, decode_procs=args.decode_procs,
+        engine=args.engine, ray_address=args.ray_address,
     )
     bar = _Progress(enabled=not args.no_progress, desc="label")
     try:
@@ -431,7 +457,9 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
                    help="ceil(n/M) shards per split of n samples (default: 10000)")
     p.add_argument("--name", help="dataset name (default: the selection folder's name)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"shard file names (default: {DEFAULT_TEMPLATE})")
-    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: cores)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes (default: cores; with --engine ray: the cluster's CPUs)")
+    _add_engine_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shard)
 
@@ -447,7 +475,9 @@ def cmd_shard(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         name=args.name,
         template=args.template,
-        workers=args.workers,
+        workers=_engine_workers(args, os.cpu_count() or 1),
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     bar = _Progress(enabled=not args.no_progress, desc="shard")
     try:
@@ -490,11 +520,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip; 0 = off (1.0)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
-    p.add_argument("--loss", choices=("ce", "bce-multihot", "soft-topk"), default="ce")
+    p.add_argument("--loss", choices=("ce", "bce-multihot", "soft-topk", "kd"), default="ce",
+                   help="kd: distil from the stored teacher outputs of a silverlabel reinforce output (ce)")
     p.add_argument("--label-threshold", type=float, help="bce-multihot: only labels with prob >= T")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="ce / soft-topk label smoothing (0)")
     p.add_argument("--label-space-classes", type=_positive_int,
                    help="head size for bce-multihot/soft-topk (default: from classes.json's label_space)")
+    p.add_argument("--kd-aug", choices=("random", "sequential"), default="random",
+                   help="kd: which stored augmentation a sample replays: random per epoch, or epoch %% K (random)")
+    p.add_argument("--p-reinforced", type=float, default=1.0,
+                   help="kd: share of samples on a stored augmentation; the rest are plain samples (1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     p.add_argument("--accum-steps", type=_positive_int, default=1, help="gradient accumulation micro-steps (1)")
@@ -521,6 +556,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing, label_space_classes=args.label_space_classes, seed=args.seed,
         device=args.device, accum_steps=args.accum_steps, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
         log_every=args.log_every, num_workers=args.workers, init=args.init, tensorboard=not args.no_tensorboard,
+        kd_aug=args.kd_aug, p_reinforced=args.p_reinforced,
     )
     s = run_train(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -605,6 +641,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG_CARD = """\
+examples:
+  silverlabel card data/trainset                       # README.md + card/*.png in the training set
+  silverlabel card data/trainset --html report/        # and a static HTML report (open report/index.html)
+  silverlabel card sel/in12k --name "ImageNet-12k (silver)" --license cc-by-4.0
+  silverlabel card data/pool -o cards/pool.md --no-plots   # the card of an ingested, labeled pool
+"""
+
+
+def _add_card(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "card",
+        help="dataset card (README.md), plots and an HTML report",
+        description="Write a Hugging Face-style dataset card (YAML front matter, structure, splits, creation from "
+        "the lineage, COYO's threshold table) and PNG plots for a pool, selection or training set; with --html, "
+        "a static report with thumbnails per class that opens from disk.",
+        epilog=_EPILOG_CARD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", metavar="DATASET", help="ingested pool, selection or training set")
+    p.add_argument("-o", "--output", metavar="README", help="card path (default DATASET/README.md); plots go next to it")
+    p.add_argument("--html", metavar="DIR", help="also write the HTML report into DIR (DIR/index.html)")
+    p.add_argument("--name", dest="pretty_name", help="pretty_name of the card (default: the dataset's name)")
+    p.add_argument("--license", default="other", help="license id for the front matter (default: other)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--per-class", type=int, default=8, metavar="K", help="thumbnails per class in the report (8)")
+    p.add_argument("--max-classes", type=int, default=10_000, metavar="N", help="classes shown, largest first (10000)")
+    p.add_argument("--least-confident", type=int, default=48, metavar="N", help="least confident samples shown (48)")
+    p.add_argument("--thumb-size", type=int, default=96, metavar="PX", help="thumbnail size (96)")
+    p.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from silverlabel.stages.card import CardConfig, run_card
+
+    cfg = CardConfig(dataset=args.dataset, output=args.output, html=args.html, plots=not args.no_plots,
+                     pretty_name=args.pretty_name, license=args.license, per_class=args.per_class,
+                     max_classes=args.max_classes, least_confident=args.least_confident, thumb_size=args.thumb_size,
+                     threads=args.threads)
+    s = run_card(cfg)
+    splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
+    print(f"silverlabel card: {s.kind}, {s.samples} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
+    print(f"  card:   {os.path.abspath(s.readme)}")
+    if s.plots:
+        print(f"  plots:  {os.path.dirname(os.path.abspath(s.plots[0]))} ({len(s.plots)})")
+    if s.report:
+        print(f"  report: {os.path.abspath(s.report)} ({s.thumbnails} thumbnails)")
+    for note in s.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 class _Progress:
     """tqdm bar showing images/s and the success rate."""
 
@@ -642,6 +731,124 @@ def print_ingest_summary(s) -> None:
     print(f"  dataset: {os.path.abspath(s.output)}")
 
 
+_EPILOG_REINFORCE = """\
+examples:
+  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 10 --topk 10     # ImageNet+-style, GPU if present
+  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 30 --embeddings  # DataCompDR-style: + pre-logits
+  silverlabel reinforce train/in1k -o rnf --teacher efficientnet_lite0 --teacher timm:convnext_tiny \\
+      --checkpoint - --checkpoint ct.pth --mix both                         # an ensemble; mixup/cutmix pairs
+  silverlabel reinforce --inspect train/in1k-rnf [--key KEY]                 # one sample's augmentations + top-k
+  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50     # distil without the teacher
+"""
+
+
+def _pair(text: str) -> tuple[float, float]:
+    parts = _csv_list(text)
+    try:
+        a, b = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not MIN,MAX: {text!r}") from None
+    return a, b
+
+
+def _add_reinforce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reinforce",
+        help="K stored augmentations x teacher top-k (and embeddings) per sample, for --loss kd",
+        description="Write a reinforced copy of a training set: each sample keeps its members and gains {key}.rnf "
+        "with K augmentations (crop box as fractions of the source, flip, RandAugment ops, optional mixup/cutmix "
+        "partner) and the teacher's top-k probabilities (float16 + int32 indices) on each, optionally its "
+        "pre-logits embedding. silverlabel train --loss kd replays a stored augmentation exactly. Resumable per shard.",
+        epilog=_EPILOG_REINFORCE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trainset", metavar="TRAINSET", help="training set (silverlabel shard), or with --inspect a reinforced one")
+    p.add_argument("-o", "--output", metavar="OUT", help="folder for the reinforced training set")
+    p.add_argument("--augs", type=_positive_int, default=10, help="augmentations stored per sample, K (10)")
+    p.add_argument("--topk", type=_positive_int, default=10, help="teacher probabilities kept per augmentation (10)")
+    p.add_argument("--embeddings", action="store_true", help="also store the teacher's pre-logits embedding (float16)")
+    p.add_argument("--teacher", action="append", default=None,
+                   help="efficientnet_lite0 (default) or timm:NAME; repeat for an ensemble (probabilities averaged, "
+                   "embeddings concatenated)")
+    p.add_argument("--checkpoint", action="append", default=None, help="weights for the matching --teacher; '-' for none")
+    p.add_argument("--teacher-space", choices=["in1k", "in12k", "in21k"], help="native label space of a timm teacher")
+    p.add_argument("--label-space", choices=["in1k", "in12k", "in21k"],
+                   help="space of the stored indices (default: the first teacher's own)")
+    p.add_argument("--split", action="append", default=None, help="split to reinforce (repeatable; default train); "
+                   "the others are copied")
+    p.add_argument("--seed", type=int, default=0, help="augmentations are drawn from (seed, key) (0)")
+    p.add_argument("--scale", type=_pair, default=(0.08, 1.0), metavar="MIN,MAX", help="crop area range (0.08,1)")
+    p.add_argument("--ratio", type=_pair, default=(3 / 4, 4 / 3), metavar="MIN,MAX", help="crop aspect range (3/4,4/3)")
+    p.add_argument("--hflip", type=float, default=0.5, help="flip probability (0.5)")
+    p.add_argument("--ra-ops", type=int, default=2, help="RandAugment ops per augmentation; 0 = none (2)")
+    p.add_argument("--ra-magnitude", type=float, default=9.0, help="RandAugment magnitude, 0-10 (9)")
+    p.add_argument("--mix", choices=["none", "mixup", "cutmix", "both"], default="none",
+                   help="mix each augmentation with another sample of the shard (none)")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="share of augmentations mixed, with --mix (1.0)")
+    p.add_argument("--img-size", type=_positive_int, help="teacher input size (default: the teacher's)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
+    p.add_argument("--batch-size", type=int, default=0, help="augmented images per teacher forward (256 GPU, 32 CPU)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="GPU autocast precision")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="replay threads per process (default: cores/workers)")
+    _add_engine_args(p)
+    p.add_argument("--inspect", action="store_true", help="print one sample of a reinforced training set and exit")
+    p.add_argument("--key", help="with --inspect: the sample to show (default: the first)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reinforce)
+
+
+def cmd_reinforce(args: argparse.Namespace) -> int:
+    from silverlabel.augment import AugPolicy
+    from silverlabel.stages.reinforce import ReinforceConfig, inspect_sample, run_reinforce
+    from silverlabel.teachers import TeacherSpec
+
+    if args.inspect:
+        print(inspect_sample(args.trainset, key=args.key, split=args.split[0] if args.split else None))
+        return 0
+    if not args.output:
+        raise ValueError("reinforce needs -o OUT (or --inspect)")
+    names = args.teacher or ["efficientnet_lite0"]
+    ckpts = args.checkpoint or []
+    if len(ckpts) > len(names):
+        raise ValueError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
+    ckpts = [None if c in (None, "-") else c for c in ckpts] + [None] * (len(names) - len(ckpts))
+    specs = tuple(TeacherSpec.parse(n, checkpoint=c, label_space=args.teacher_space) for n, c in zip(names, ckpts))
+    workers = args.workers
+    if workers is None and args.engine == "ray":
+        workers = 0
+    if workers is None:
+        workers = 1
+        if args.device in ("auto", "cuda"):
+            import torch
+
+            workers = max(1, torch.cuda.device_count())
+    policy = AugPolicy(scale=args.scale, ratio=args.ratio, hflip=args.hflip, ra_ops=args.ra_ops,
+                       ra_magnitude=args.ra_magnitude, mix=args.mix, mix_prob=args.mix_prob)
+    cfg = ReinforceConfig(
+        trainset=args.trainset, output=args.output, teachers=specs, label_space=args.label_space, augs=args.augs,
+        topk=args.topk, embeddings=args.embeddings, splits=tuple(args.split or ("train",)), seed=args.seed,
+        policy=policy, img_size=args.img_size, device=args.device, batch_size=args.batch_size,
+        precision=args.precision, workers=workers,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // max(1, workers)),
+        engine=args.engine, ray_address=args.ray_address,
+    )
+    bar = _Progress(enabled=not args.no_progress, desc="reinforce")
+    try:
+        s = run_reinforce(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print(f"\nsilverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations in {s.shards} shards "
+          f"({s.shards_done_now} written now, {s.shards_skipped} already complete), top-{cfg.topk} in {s.label_space}")
+    print(f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
+          f"({s.rnf_bytes / 1e6:.2f} MB of .rnf members)")
+    if s.augs_now:
+        print(f"  throughput: {s.augs_now} augmentations ({s.samples_now} samples) in {s.seconds:.1f} s = "
+              f"{s.augs_per_second:.1f} augmentations/s on {s.device}")
+    print(f"  training set: {os.path.abspath(s.output)}  (silverlabel train {s.output} --loss kd ...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="silverlabel",
@@ -654,8 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_classes(sub)
     _add_shard(sub)
+    _add_reinforce(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_card(sub)
     return parser
 
 

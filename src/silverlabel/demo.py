@@ -79,10 +79,48 @@ def main(argv: list[str] | None = None) -> int:
     rc = cli_main(["shard", selection, "-o", trainset, "--samples-per-shard", "40", "--name", "demo"])
     if rc != 0:
         return rc
+    runs = os.path.join(out, "runs")
+    rc = train_and_evaluate(cli_main, trainset, runs)
+    if rc != 0:
+        return rc
+    report = os.path.join(out, "report")
+    print("\ndemo: writing the training set's dataset card (README.md, plots) and the HTML report")
+    rc = cli_main(["card", trainset, "--html", report])
+    if rc != 0:
+        return rc
     print(f"\ndemo: done.\n  dataset:   {pool} (shards/*.tar, samples/*.parquet, labels/efficientnet_lite0/)\n"
           f"  selection: {selection} (selection/*.parquet, classes.json, report.json)\n"
-          f"  trainset:  {trainset} (_info.json: timm.data.create_dataset('wds/demo', root=trainset))")
+          f"  trainset:  {trainset} (_info.json: timm.data.create_dataset('wds/demo', root=trainset))\n"
+          f"  runs:      {runs} (pretrain/, finetune/: checkpoints, metrics.csv, tb/; eval and low-shot JSON)")
+    print(f"  card:      {os.path.join(trainset, 'README.md')} (plots in {os.path.join(trainset, 'card')})\n"
+          f"  report:    {os.path.join(report, 'index.html')} (open it in a browser; no server needed)")
     return 0
+
+
+def train_and_evaluate(cli_main, trainset: str, runs: str) -> int:
+    """COYO-ViT in miniature: pretrain a ViT with sigmoid BCE on the teacher's multi-hot top-k
+    (ImageNet-21k space), fine-tune it with a new head on the selected classes at a higher
+    resolution (position embeddings resampled), evaluate top-1/top-5, then low-shot probes."""
+    pre, ft = os.path.join(runs, "pretrain"), os.path.join(runs, "finetune")
+    print("\ndemo: pretraining a tiny ViT on the machine labels (sigmoid BCE, multi-hot top-k over 21,841 classes)")
+    rc = cli_main(["train", trainset, "-o", pre, "--model", "vit_tiny_patch16_224", "--img-size", "64",
+                   "--batch-size", "32", "--steps", "20", "--lr", "1e-3", "--warmup-steps", "2",
+                   "--loss", "bce-multihot", "--log-every", "5", "--no-progress"])
+    if rc != 0:
+        return rc
+    print("\ndemo: fine-tuning it on the selected classes at 96 px (new head, position embeddings resampled)")
+    rc = cli_main(["train", trainset, "-o", ft, "--model", "vit_tiny_patch16_224", "--img-size", "96",
+                   "--batch-size", "32", "--steps", "10", "--lr", "5e-4", "--warmup-steps", "1", "--loss", "ce",
+                   "--init", os.path.join(pre, "checkpoint-final.pt"), "--log-every", "5", "--no-progress"])
+    if rc != 0:
+        return rc
+    print("\ndemo: evaluating the fine-tuned model on the validation split")
+    rc = cli_main(["eval", ft, "--data", trainset, "--no-progress"])
+    if rc != 0:
+        return rc
+    print("\ndemo: low-shot evaluation of the pretrained model (linear probe on 10% / 25% of the labels)")
+    return cli_main(["eval", pre, "--data", trainset, "--lowshot", "0.1", "0.25", "--lowshot-modes", "probe",
+                     "--no-progress"])
 
 
 def show_examples(pool: str, names: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")) -> None:

@@ -36,6 +36,8 @@ from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 
 ROWS_PER_PART = 1_000_000
+#: What the duplicate rules removed: removed_key, kept_key (null for --exclude-near), distance, rule.
+DUPLICATES_FILE = "duplicates.parquet"
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
 
     t0 = time.monotonic()
     out = Path(cfg.output)
-    ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, "silverlabel.json"}
+    ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, DUPLICATES_FILE, "silverlabel.json", "README.md", "card"}
     if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"{out}: exists and is not a selection; choose another -o")
     con = duckdb.connect()
@@ -331,31 +333,38 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
 
     # 2. duplicates: exact (sha256, else pHash) and near (pHash within D), keep the smallest key
     drop_keys: list[str] = []
+    dups: list[tuple[str, str | None, int, str]] = []  # (removed, kept, distance, rule) -> DUPLICATES_FILE
     if cfg.dedupe == "exact":
         col = "sha256" if con.execute(f"SELECT count(sha256) FROM {current}").fetchall()[0][0] else "imagehash"
-        dup = con.execute(f"""SELECT key FROM (SELECT key, row_number() OVER (PARTITION BY {col} ORDER BY key) AS r
-                              FROM {current} WHERE {col} IS NOT NULL) WHERE r > 1""").fetchall()
+        dup = con.execute(f"""SELECT key, k0 FROM (SELECT key, first_value(key) OVER w AS k0, row_number() OVER w AS r
+                              FROM {current} WHERE {col} IS NOT NULL WINDOW w AS (PARTITION BY {col} ORDER BY key))
+                              WHERE r > 1""").fetchall()
         drop_keys += [r[0] for r in dup]
+        dups += [(r[0], r[1], 0, "exact") for r in dup]
         removed["exact_duplicates"] = len(dup)
     elif cfg.dedupe:
-        from silverlabel.dedupe import dedupe_keep_first
+        from silverlabel.dedupe import dedupe_keep_first, hamming
 
         d = int(cfg.dedupe.split(":", 1)[1])
         keys, vals, valid = _hashes(con, f"SELECT * FROM {current}")
         idx = np.flatnonzero(valid)
-        keep, _dup_of = dedupe_keep_first(vals[idx], d)
+        keep, dup_of = dedupe_keep_first(vals[idx], d)
         gone = [keys[i] for i in idx[~keep]]
         drop_keys += gone
+        g, k = idx[~keep], idx[dup_of[~keep]]
+        dups += list(zip(gone, [keys[i] for i in k], hamming(vals[g], vals[k]).tolist(), ["near"] * len(gone)))
         removed[f"near_duplicates_phash_{d}"] = len(gone)
     if cfg.exclude_near:
-        from silverlabel.dedupe import near_any
+        from silverlabel.dedupe import hamming, near_any
 
         ref = _reference_hashes(cfg.exclude_near)
         keys, vals, valid = _hashes(con, f"SELECT * FROM {current}")
         idx = np.flatnonzero(valid)
-        hit, _ = near_any(vals[idx], ref, cfg.max_distance)
+        hit, ref_of = near_any(vals[idx], ref, cfg.max_distance)
         gone = [keys[i] for i in idx[hit]]
         drop_keys += gone
+        dist = hamming(vals[idx[hit]], ref[ref_of[hit]]).tolist()
+        dups += list(zip(gone, [None] * len(gone), dist, ["near_reference"] * len(gone)))
         removed["near_reference"] = len(gone)
     if drop_keys:
         con.register("drop_keys", pa.table({"key": pa.array(sorted(set(drop_keys)), pa.string())}))
@@ -534,6 +543,15 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     report = {"input_rows": total_in, "selected_rows": rows, "splits": splits, "classes": len(class_ids),
               "removed": removed, "label_rule": mode}
     write_json_atomic(out / REPORT_FILE, report)
+    if cfg.dedupe or cfg.exclude_near:
+        cols = list(zip(*dups)) if dups else [[], [], [], []]
+        with atomic_write(out / DUPLICATES_FILE) as f:
+            pq.write_table(pa.table({"removed_key": pa.array(cols[0], pa.string()),
+                                     "kept_key": pa.array(cols[1], pa.string()),
+                                     "distance": pa.array(cols[2], pa.int32()),
+                                     "rule": pa.array(cols[3], pa.string())}), f, compression="zstd")
+    else:
+        (out / DUPLICATES_FILE).unlink(missing_ok=True)
     Dataset(out).write_manifest({
         "stage": "select",
         "silverlabel_version": __version__,
