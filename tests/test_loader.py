@@ -19,6 +19,7 @@ from silverlabel.loader import (
     ShardStream,
     create_loader,
     decode_image,
+    normalize_on,
     rank_shards,
     steps_per_epoch,
 )
@@ -218,6 +219,21 @@ def test_workers_give_the_same_batches(trainset):
     resumed = _run(create_loader(dataclasses.replace(cfg, num_workers=2), epoch=3, start_step=5))
     assert [b[4] for b in resumed] == [b[4] for b in single[5:]]
     assert torch.equal(resumed[0][0], single[5][0])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_batches_normalized_on_device_equal_cpu_path(trainset, train):
+    cfg = _cfg(trainset, batch_size=8, img_size=24, train=train, drop_last=False)
+    a = _run(create_loader(cfg, epoch=1))
+    ucfg = dataclasses.replace(cfg, normalize=False)
+    b = _run(create_loader(ucfg, epoch=1))
+    assert len(a) == len(b)
+    for ba, bb in zip(a, b):
+        assert bb[0].dtype == torch.uint8 and ba[0].dtype == torch.float32
+        assert torch.equal(normalize_on(bb[0], ucfg), ba[0])  # same arithmetic, same bits
+        assert normalize_on(ba[0], cfg) is ba[0]  # float batches pass through
+        for ta, tb in zip(ba[1:4], bb[1:4]):
+            assert torch.equal(ta, tb)
 
 
 def test_augmentation_varies_but_eval_is_deterministic(trainset):

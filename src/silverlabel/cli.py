@@ -54,7 +54,7 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _add_engine_args(g, what: str = "processes (default: cores)") -> None:
+def _add_engine_args(g) -> None:
     """``--engine local|ray`` and ``--ray-address`` (every shard-parallel stage)."""
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: a process pool on this machine; ray: Ray tasks/actors on a cluster "
@@ -386,6 +386,9 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--memory-limit", default="4GB", help="DuckDB memory limit (4GB); spills beyond it")
     g.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    _add_engine_args(g)
+    g.add_argument("--workers", type=_positive_int, default=None,
+                   help="with --engine ray: tasks at once (default: the cluster's CPUs)")
     p.set_defaults(func=cmd_select)
 
 
@@ -401,7 +404,12 @@ def cmd_select(args: argparse.Namespace) -> int:
         exclude_near=args.exclude_near, max_distance=args.max_distance, seed=args.seed,
         memory_limit=args.memory_limit, threads=args.threads,
     )
-    s = run_select(cfg)
+    if args.engine == "ray":  # passes over the label shards (the rules that allow it; others say so)
+        from silverlabel.stages.select_sharded import run_select_sharded
+
+        s = run_select_sharded(cfg, engine="ray", workers=_engine_workers(args, 1), ray_address=args.ray_address)
+    else:
+        s = run_select(cfg)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items()) or "nothing"
     print(f"silverlabel select: {s.rows} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
     for why, n in s.removed.items():
@@ -762,7 +770,8 @@ def _add_reinforce(sub: argparse._SubParsersAction) -> None:
         epilog=_EPILOG_REINFORCE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("trainset", metavar="TRAINSET", help="training set (silverlabel shard), or with --inspect a reinforced one")
+    p.add_argument("trainset", metavar="TRAINSET",
+                   help="training set (silverlabel shard), or with --inspect a reinforced one")
     p.add_argument("-o", "--output", metavar="OUT", help="folder for the reinforced training set")
     p.add_argument("--augs", type=_positive_int, default=10, help="augmentations stored per sample, K (10)")
     p.add_argument("--topk", type=_positive_int, default=10, help="teacher probabilities kept per augmentation (10)")
@@ -770,7 +779,8 @@ def _add_reinforce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", action="append", default=None,
                    help="efficientnet_lite0 (default) or timm:NAME; repeat for an ensemble (probabilities averaged, "
                    "embeddings concatenated)")
-    p.add_argument("--checkpoint", action="append", default=None, help="weights for the matching --teacher; '-' for none")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="weights for the matching --teacher; '-' for none")
     p.add_argument("--teacher-space", choices=["in1k", "in12k", "in21k"], help="native label space of a timm teacher")
     p.add_argument("--label-space", choices=["in1k", "in12k", "in21k"],
                    help="space of the stored indices (default: the first teacher's own)")
@@ -790,7 +800,8 @@ def _add_reinforce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="augmented images per teacher forward (256 GPU, 32 CPU)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="GPU autocast precision")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="replay threads per process (default: cores/workers)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="replay threads per process (default: cores/workers)")
     _add_engine_args(p)
     p.add_argument("--inspect", action="store_true", help="print one sample of a reinforced training set and exit")
     p.add_argument("--key", help="with --inspect: the sample to show (default: the first)")

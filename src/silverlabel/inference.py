@@ -303,6 +303,38 @@ class Labeler:
         vals, idx = probs.topk(self.topk, dim=-1, largest=True, sorted=True)
         return idx.to(self.torch.int32), vals.to(self.torch.float32)
 
+    # -- prepared images (reinforce) -----------------------------------------------------
+    def classify(self, images: Sequence[Any], embeddings: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Teacher outputs for already-augmented images: ``images[i]`` is a uint8
+        ``(N, S_i, S_i, 3)`` array at teacher ``i``'s input size (``self.transforms[i].size``),
+        normalized here with the teacher's mean/std (no resize, no crop).
+
+        Returns numpy ``(top indices [N,k] int32, top probs [N,k] float32, embeddings)``;
+        ``embeddings`` (with ``embeddings=True``) is float16 ``[N, sum D_i]``: each teacher's
+        pre-logits (timm ``forward_head(pre_logits=True)``), concatenated in teacher order.
+        Probabilities of an ensemble are averaged in the target space, as in :meth:`run`."""
+        torch = self.torch
+        cuda = self.device.type == "cuda"
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
+        per_teacher, embs = [], []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=cuda and self.precision != "fp32"):
+            for i, (model, tf) in enumerate(zip(self.models, self.transforms)):
+                x = torch.from_numpy(np.ascontiguousarray(images[i]))
+                if cuda:
+                    x = x.to(self.device)
+                x = normalize_batch(x.permute(0, 3, 1, 2), tf)
+                if embeddings:
+                    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+                    logits = model.get_classifier()(pre)
+                    embs.append(pre.float())
+                else:
+                    logits = model(x)
+                per_teacher.append(self._probs(i, logits))
+            idx, vals = self._topk(per_teacher)
+            emb = torch.cat(embs, 1).to(torch.float16).cpu().numpy() if embeddings else None
+        return idx.cpu().numpy(), vals.cpu().numpy(), emb
+
     # -- CPU path -----------------------------------------------------------------------
     def _prep_cpu(self, data: bytes):
         img = decode_rgb(data)

@@ -26,13 +26,34 @@ class Engine(Protocol):
         ...
 
 
+#: Options that only the Ray engine reads; the local engine ignores them.
+RAY_OPTIONS = ("address", "actor", "gpus_per_worker", "cpus_per_worker", "max_retries", "runtime_env")
+
+
 def create_engine(name: str, workers: int = 1, **options: Any) -> Engine:
-    """``local`` (process pool) is built in; other engines are imported only when asked for."""
+    """``local`` (process pool) is built in; other engines are imported only when asked for.
+
+    ``ray`` (:mod:`silverlabel.engine.ray_engine`) takes ``address`` (None, ``auto`` or
+    ``ray://host:port``), ``actor=True`` for GPU stages (a pool of actors that keep the
+    model loaded), ``gpus_per_worker``, ``cpus_per_worker``, ``max_retries``, ``runtime_env``.
+    The local engine never imports Ray.
+    """
+    unknown = set(options) - set(RAY_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
     if name == "local":
         from silverlabel.engine.local import LocalEngine
 
         return LocalEngine(workers=workers)
-    raise ValueError(f"unknown engine {name!r} (available: local)")
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--engine ray needs Ray: pip install 'silverlabel[ray]' ({e})") from None
+        from silverlabel.engine.ray_engine import RayEngine
+
+        return RayEngine(workers=workers, **options)
+    raise ValueError(f"unknown engine {name!r} (available: local, ray)")
 
 
 def _square(x, _cfg, _report):  # for the doctest (must be importable by workers)

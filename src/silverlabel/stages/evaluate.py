@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from silverlabel.dataset import write_json_atomic
-from silverlabel.loader import LoaderConfig, create_loader
+from silverlabel.loader import LoaderConfig, create_loader, normalize_on
 from silverlabel.stages.shard import read_info
 
 
@@ -242,7 +242,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     img_size = int(tconf.get("img_size", 224))
     sigmoid = tconf.get("loss") == "bce-multihot"
     lcfg = LoaderConfig(cfg.trainset, split=cfg.split, batch_size=cfg.batch_size, img_size=img_size, train=False,
-                        drop_last=False, return_keys=True, num_workers=cfg.num_workers)
+                        drop_last=False, return_keys=True, num_workers=cfg.num_workers, normalize=device.type != "cuda")
 
     ks = tuple(sorted(set(cfg.ks)))
     kmax = max(ks)
@@ -255,7 +255,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     num_out = None
     with torch.inference_mode():
         for x, cls, _labels, _probs, bkeys in create_loader(lcfg, pin_memory=device.type == "cuda"):
-            logits = model(x.to(device, non_blocking=True)).float()
+            logits = model(normalize_on(x.to(device, non_blocking=True), lcfg)).float()
             if cfg.head_space is not None:
                 probs = logits.sigmoid() if sigmoid else logits.softmax(dim=1)
                 scores = map_scores(probs, cfg.head_space, cfg.target_space)

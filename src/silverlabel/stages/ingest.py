@@ -63,7 +63,8 @@ class IngestConfig:
     threads: int = 64
     decode_threads: int = 2
     retry_failed: bool = False
-    engine: str = "local"
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
     extra_fields: tuple = ()  # filled from the sources (typed --keep-cols)
 
     def __post_init__(self) -> None:
@@ -448,13 +449,14 @@ def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSumma
 
     t0 = time.monotonic()
     skipped: list[int] = []
-    engine = create_engine(cfg.engine, workers=cfg.workers)
+    engine = create_engine(cfg.engine, workers=cfg.workers, address=cfg.ray_address)
     done_now = 0
     items_now = 0
     for res in engine.map(ingest_shard, plan_units(cfg, ds, skipped, sources), cfg, progress):
         done_now += 1
         items_now += res.items
     seconds = time.monotonic() - t0
+    ds.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
     counts, shards = dataset_counts(ds)
     manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
     ds.write_manifest(manifest)

@@ -68,8 +68,10 @@ class LabelConfig:
     gpu_decode_threads: int = 4
     decode_procs: int = -1  # GPU decode worker processes (-1: 3 on a GPU, 0: decode in-process)
     compile: bool = False
-    workers: int = 1
+    workers: int = 1  # processes (local) or actors (ray; 0 = one per cluster GPU)
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    engine: str = "local"  # local | ray (a pool of actors that keep the teacher loaded)
+    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -326,9 +328,15 @@ def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
         validate_teacher_spec(spec)
     skipped: list[int] = []
     units = plan_label_units(cfg, ds, skipped)
-    device = resolve_device(cfg.device)
+    if cfg.engine == "ray":  # the device is the cluster's: a GPU per actor where it has GPUs
+        device = f"ray ({cfg.device})"
+        gpus = {"cpu": 0}.get(cfg.device, None if cfg.device == "auto" else 1)
+        engine = create_engine("ray", workers=cfg.workers, address=cfg.ray_address, actor=True,
+                               gpus_per_worker=gpus)
+    else:
+        device = resolve_device(cfg.device)
+        engine = create_engine(cfg.engine, workers=cfg.workers)
     t0 = time.monotonic()
-    engine = create_engine("local", workers=cfg.workers)
     done_now = images_now = errors_now = 0
     for res in engine.map(label_shard, units, cfg, progress):
         done_now += 1
@@ -336,6 +344,8 @@ def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
         errors_now += res.decode_errors
     seconds = time.monotonic() - t0
     out_dir = labels_dir(ds, cfg.name)
+    for tmp in out_dir.glob(".*.tmp-*"):  # left by units that died and were retried (cluster engines)
+        tmp.unlink(missing_ok=True)
     files = sorted(out_dir.glob("*.parquet"))
     rows = sum(pq.read_metadata(p).num_rows for p in files)
     decode_errors = sum(int(read_parquet_metadata(p).get("silverlabel.decode_errors", 0)) for p in files)

@@ -102,7 +102,8 @@ class ShardConfig:
     template: str = DEFAULT_TEMPLATE
     # runtime: how fast, not what
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    engine: str = "local"
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
     memory_limit: int = 1 << 30  # spool a shard's images to disk above this many bytes
 
     def __post_init__(self) -> None:
@@ -131,7 +132,7 @@ class ShardConfig:
         shard_filename(self.template, self.name, "train", 0)  # validates the template
         if shard_filename(self.template, self.name, "train", 0) == shard_filename(self.template, self.name, "train", 1):
             raise ValueError(f"--template {self.template!r} must contain {{index}}")
-        if self.workers < 1:
+        if self.workers < (0 if self.engine == "ray" else 1):  # ray: 0 = the cluster's CPUs
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if os.path.abspath(self.output) == os.path.abspath(self.selection):
             raise ValueError("-o must not be the selection folder")
@@ -633,7 +634,7 @@ def run_shard(cfg: ShardConfig, progress: Report | None = None) -> ShardSummary:
     if not ds.exists():
         ds.write_manifest(manifest)
 
-    engine = create_engine(cfg.engine, workers=cfg.workers)
+    engine = create_engine(cfg.engine, workers=cfg.workers, address=cfg.ray_address)
     samples_now = bytes_now = 0
     if todo:
         # locate the images of the rows still to write: each source tar indexed once
@@ -664,6 +665,7 @@ def run_shard(cfg: ShardConfig, progress: Report | None = None) -> ShardSummary:
             samples_now += res.samples
             bytes_now += res.bytes
     done_now = len(todo)
+    _clean(out)  # what units that died and were retried (cluster engines) left behind
 
     # the index files, _info.json last
     classes = Path(cfg.selection) / CLASSES_FILE

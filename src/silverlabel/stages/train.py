@@ -18,6 +18,13 @@ One plain loop that reads top to bottom (nanoGPT-style)::
   batch; the head bias starts at -10 (COYO-ViT). ``label_smoothing`` is not applied to it.
   ``soft-topk``: cross-entropy to the renormalised top-k probabilities (KL up to a
   constant; padding ``-1``/``0.0`` ignored), mixed with ``label_smoothing`` of uniform.
+  ``kd`` (on a ``silverlabel reinforce`` output): each sample is one of its stored
+  augmentations, replayed exactly, and its target the teacher's stored top-k densified by
+  spreading the leftover mass uniformly over the other classes (ImageNet+'s "smooth");
+  the loss is KL(teacher || student). ``kd_aug`` picks the augmentation (``random`` per
+  (seed, epoch, key), or ``sequential``: ``epoch % K``); ``p_reinforced < 1`` mixes in plain
+  samples (usual crop/flip, their ``.json`` top-k densified the same way). The head is the
+  reinforce label space (``num_classes`` in the manifest's ``reinforce`` block).
 - **Optimisation**: AdamW (no decay on biases/norms/1-d params and pos/cls tokens) or SGD
   (momentum 0.9, nesterov off); :func:`lr_at` is a pure function of the step (linear warmup,
   then cosine or linear decay to 0); gradient clipping; ``accum_steps`` micro-batches per
@@ -63,9 +70,9 @@ import torch
 import torch.nn.functional as F
 
 from silverlabel.dataset import atomic_write
-from silverlabel.loader import LoaderConfig, create_loader, steps_per_epoch
+from silverlabel.loader import LoaderConfig, create_loader, normalize_on, steps_per_epoch
 
-LOSSES = ("ce", "bce-multihot", "soft-topk")
+LOSSES = ("ce", "bce-multihot", "soft-topk", "kd")
 LABEL_SPACE_SIZES = {"in1k": 1000, "in12k": 11821, "in21k": 21841}
 CKPT_FORMAT = 1
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s")
@@ -86,7 +93,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     optimizer: str = "adamw"  # adamw | sgd
     schedule: str = "cosine"  # cosine | linear
-    loss: str = "ce"  # ce | bce-multihot | soft-topk
+    loss: str = "ce"  # ce | bce-multihot | soft-topk | kd
     label_threshold: float | None = None  # bce-multihot: labels with prob >= t (None: all top-k)
     label_smoothing: float = 0.0  # ce and soft-topk
     label_space_classes: int | None = None  # head size for bce-multihot/soft-topk
@@ -98,6 +105,8 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     init: str | None = None  # fine-tune from this checkpoint
+    kd_aug: str = "random"  # kd: stored augmentation per sample, random | sequential (epoch % K)
+    p_reinforced: float = 1.0  # kd: share of samples on a stored augmentation (the rest plain)
     tensorboard: bool = True  # also log to RUN/tb (TensorBoard event files)
 
     def __post_init__(self) -> None:
@@ -122,6 +131,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.kd_aug not in ("random", "sequential"):
+            raise ValueError(f"kd_aug must be random or sequential, got {self.kd_aug!r}")
+        if not 0.0 <= self.p_reinforced <= 1.0:
+            raise ValueError(f"p_reinforced must be in [0, 1], got {self.p_reinforced}")
         if self.label_space_classes is not None and self.label_space_classes < 1:
             raise ValueError(f"label_space_classes must be >= 1, got {self.label_space_classes}")
 
@@ -171,6 +184,14 @@ def num_classes_for(cfg: TrainConfig) -> int:
         return int(doc["num_classes"])
     if cfg.label_space_classes is not None:
         return cfg.label_space_classes
+    if cfg.loss == "kd":
+        from silverlabel.stages.reinforce import reinforce_info
+
+        rinfo = reinforce_info(cfg.trainset)
+        if rinfo is None or not rinfo.get("num_classes"):
+            raise ValueError(f"{cfg.trainset}: not a reinforced training set (run silverlabel reinforce), "
+                             "or pass --label-space-classes")
+        return int(rinfo["num_classes"])
     space = doc.get("label_space")
     if space in LABEL_SPACE_SIZES:
         return LABEL_SPACE_SIZES[space]
@@ -249,6 +270,8 @@ def compute_loss(cfg: TrainConfig, logits: torch.Tensor, cls: torch.Tensor, labe
         target = torch.zeros_like(logits)
         target.scatter_reduce_(1, idx, keep.to(logits.dtype), reduce="amax")  # padding (0 at index 0) never clears a 1
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+    if cfg.loss == "kd":
+        return kd_loss(logits, idx, probs, valid)
     # soft-topk
     p = torch.where(valid, probs, torch.zeros_like(probs)).clamp(min=0)
     mass = p.sum(1, keepdim=True)
@@ -259,6 +282,28 @@ def compute_loss(cfg: TrainConfig, logits: torch.Tensor, cls: torch.Tensor, labe
     if cfg.label_smoothing > 0:
         ce = (1 - cfg.label_smoothing) * ce - cfg.label_smoothing * logp.mean(1)
     return (ce * rows).sum() / rows.sum().clamp(min=1)
+
+
+def kd_target(labels: torch.Tensor, probs: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Dense teacher distribution from sparse top-k ("smooth", as ImageNet+): the stored
+    probabilities at their classes, the leftover mass ``1 - sum`` spread uniformly over the
+    other ``num_classes - k`` classes. Padding (``-1``) carries nothing."""
+    valid = labels >= 0 if valid is None else valid
+    idx = labels.clamp(min=0)
+    p = torch.where(valid, probs.float(), torch.zeros_like(probs, dtype=torch.float32)).clamp(min=0)
+    hit = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
+    hit.scatter_reduce_(1, idx, valid.float(), reduce="amax")
+    dense = torch.zeros_like(hit).scatter_add_(1, idx, p)
+    rest = (1.0 - p.sum(1, keepdim=True)).clamp(min=0) / (num_classes - hit.sum(1, keepdim=True)).clamp(min=1)
+    return torch.where(hit > 0, dense, rest.expand_as(dense))
+
+
+def kd_loss(logits: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), averaged over the batch; teacher = :func:`kd_target`."""
+    t = kd_target(labels, probs, logits.shape[1], valid)
+    logp = F.log_softmax(logits.float(), dim=1)
+    return (torch.xlogy(t, t) - t * logp).sum(1).mean()
 
 
 class Ema:
@@ -352,7 +397,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
 
     # -- data
     lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                        num_workers=cfg.num_workers, img_size=cfg.img_size)
+                        num_workers=cfg.num_workers, img_size=cfg.img_size, normalize=device.type != "cuda",
+                        kd=cfg.loss == "kd", kd_aug=cfg.kd_aug, p_reinforced=cfg.p_reinforced)
     loader_steps = steps_per_epoch(lcfg)
     per_epoch = loader_steps // cfg.accum_steps
     if per_epoch < 1:
@@ -437,7 +483,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     try:
         while step < end:
             epoch, within = divmod(step, per_epoch)
-            batches = iter(create_loader(lcfg, epoch, within * cfg.accum_steps))
+            batches = iter(create_loader(lcfg, epoch, within * cfg.accum_steps, pin_memory=device.type == "cuda"))
             while within < per_epoch and step < end:
                 lr = lr_at(step, cfg, total)
                 for g in opt.param_groups:
@@ -445,7 +491,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                 step_loss = torch.zeros((), device=device)
                 for micro in range(cfg.accum_steps):
                     x, cls, labels, probs = next(batches)
-                    x, cls = x.to(device, non_blocking=True), cls.to(device, non_blocking=True)
+                    x, cls = normalize_on(x.to(device, non_blocking=True), lcfg), cls.to(device, non_blocking=True)
                     labels, probs = labels.to(device, non_blocking=True), probs.to(device, non_blocking=True)
                     sync = not ddp or micro == cfg.accum_steps - 1
                     with (contextlib.nullcontext() if sync else train_model.no_sync()):

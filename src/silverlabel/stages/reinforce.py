@@ -1,0 +1,547 @@
+"""``silverlabel reinforce``: K stored augmentations x teacher outputs per sample (ImageNet+ /
+DataCompDR-style dataset reinforcement), replayed exactly at training time (``--loss kd``).
+
+Input: a training set written by ``silverlabel shard`` (tars + ``_info.json``). Output: a new
+training set with the same tar names, ``_info.json``, ``classes.json`` and wids indexes, in
+which every sample of the reinforced splits keeps its members byte for byte (``.jpg``,
+``.cls``, ``.json``, ...) and gains one member ``{key}.rnf`` (layout in
+:mod:`silverlabel.augment` and DESIGN.md): K augmentations (crop box as fractions of the
+source, flip, RandAugment ops, optional mixup/cutmix partner) and, for each, the teacher's
+top-k probabilities (float16) and class indices (int32) in the output label space, plus
+optionally the teacher's pre-logits embedding (float16). Splits not reinforced are copied.
+
+How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
+
+1. the tar's headers are read; every image's size comes from its header (no decode);
+   sample ``key`` (at position ``i`` of the shard) gets ``augment.sample_augs(policy, seed,
+   key, W, H, K, n, i)`` — a function of (seed, key), never of processing order;
+2. samples are decoded once each on a thread pool and their K augmentations replayed with
+   :func:`silverlabel.augment.replay` at each teacher's input size (a mixed augmentation
+   replays its partner too), in batches of about ``batch_size`` augmented images, the next
+   batch prepared while the teacher runs the current one;
+3. the teacher (or ensemble, probabilities averaged; embeddings concatenated in teacher
+   order) runs on the replayed pixels, normalised with its mean/std — on a GPU in fp16
+   autocast with the label stage's device handling (``Labeler.classify``);
+4. the output tar is written under a temporary name and renamed into place, then a
+   ``.done/{tar}.json`` record with the settings; a rerun skips shards whose record matches.
+
+The teacher sees ``replay(image, aug, S)`` at its input size ``S`` (``--img-size``
+overrides); there is no extra eval crop (the augmentation is the crop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from silverlabel import __version__
+from silverlabel.augment import (RNF_EXT, Aug, AugPolicy, bytes_per_aug, decode, pack, replay, replay_decoded,
+                                 sample_augs, unpack)
+from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
+from silverlabel.engine import Report, create_engine
+from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
+from silverlabel.teachers import TeacherSpec
+
+INFO_FILE = "_info.json"
+CLASSES_FILE = "classes.json"
+DONE_DIR = ".done"
+
+
+@dataclass(frozen=True)
+class ReinforceConfig:
+    """Everything ``reinforce`` needs; the runtime fields change speed, not the output —
+    except that, as in ``label``, teacher outputs are reproducible for the same device and
+    batch size (GPU fp16 and CPU fp32 differ in the last bits). The augmentations themselves
+    never depend on the runtime fields."""
+
+    trainset: str
+    output: str
+    teachers: tuple[TeacherSpec, ...] = (TeacherSpec("efficientnet_lite0"),)
+    label_space: str | None = None  # None: the first teacher's native space
+    augs: int = 10
+    topk: int = 10
+    embeddings: bool = False
+    splits: tuple[str, ...] = ("train",)
+    seed: int = 0
+    policy: AugPolicy = field(default_factory=AugPolicy)
+    img_size: int | None = None  # teacher input size (default: the teacher's own)
+    # runtime
+    device: str = "auto"
+    batch_size: int = 0  # augmented images per teacher forward (0: 256 on GPU, 32 on CPU)
+    precision: str = "fp16"
+    workers: int = 1  # processes (local) or actors (ray; 0 = one per cluster GPU)
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # replay threads per worker
+    engine: str = "local"  # local | ray (a pool of actors that keep the teacher loaded)
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("reinforce needs at least one --teacher")
+        if not 1 <= self.augs <= 0xFFFF:
+            raise ValueError(f"--augs must be in 1..65535, got {self.augs}")
+        if not 1 <= self.topk <= 255:
+            raise ValueError(f"--topk must be in 1..255, got {self.topk}")
+        if not self.splits:
+            raise ValueError("--split: name at least one split")
+        if self.workers < (0 if self.engine == "ray" else 1) or self.threads < 1:
+            raise ValueError("--workers and --threads must be >= 1")
+        if os.path.abspath(self.output) == os.path.abspath(self.trainset):
+            raise ValueError("-o must not be the input training set")
+
+    def output_config(self) -> dict[str, Any]:
+        """The settings that determine the output; a resumed shard must match them."""
+        return json.loads(json.dumps({
+            "teachers": [{"name": t.name, "checkpoint": t.checkpoint, "activation": t.activation,
+                          "label_space": t.label_space} for t in self.teachers],
+            "label_space": self.label_space, "augs": self.augs, "topk": self.topk, "embeddings": self.embeddings,
+            "splits": list(self.splits), "seed": self.seed, "policy": asdict(self.policy), "img_size": self.img_size,
+            "precision": self.precision, "rnf_version": 1,
+        }))
+
+
+@dataclass
+class ReinforceUnit:
+    split: str
+    filename: str
+    src: str
+    dst: str
+    samples: int
+
+
+@dataclass
+class ReinforceResult:
+    filename: str
+    samples: int
+    augs: int
+    bytes: int
+    md5: str
+    rnf_bytes: int
+    label_space: str
+    emb_dim: int
+    seconds: float
+
+
+@dataclass
+class ReinforceSummary:
+    output: str
+    samples: int  # reinforced samples in the output
+    shards: int
+    shards_done_now: int
+    shards_skipped: int
+    samples_now: int
+    augs_now: int
+    seconds: float
+    device: str
+    label_space: str | None
+    rnf_bytes: int  # total bytes of .rnf members
+    augs_per_sample: int
+
+    @property
+    def augs_per_second(self) -> float:
+        return self.augs_now / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.rnf_bytes / self.samples if self.samples else 0.0
+
+    @property
+    def bytes_per_aug(self) -> float:
+        return self.bytes_per_sample / self.augs_per_sample if self.augs_per_sample else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# the unit function
+
+_RUNNER_CACHE: dict[Any, Any] = {}
+
+
+def get_teacher_runner(cfg: ReinforceConfig):
+    """The process's Labeler for ``cfg`` (loaded once per worker; the label stage's device,
+    precision and ensemble handling)."""
+    from silverlabel.inference import Labeler
+    from silverlabel.stages.label import _device_for_worker
+    from silverlabel.teachers import create_teacher
+
+    device = _device_for_worker(cfg.device)
+    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision)
+    if key not in _RUNNER_CACHE:
+        for old in _RUNNER_CACHE.values():
+            old.close()
+        _RUNNER_CACHE.clear()
+        teachers = [create_teacher(t) for t in cfg.teachers]
+        space = cfg.label_space or teachers[0].label_space
+        overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None}
+        _RUNNER_CACHE[key] = Labeler(teachers, space, cfg.topk, device=device, decode_threads=1,
+                                     overrides=overrides, precision=cfg.precision, decode_procs=0)
+    return _RUNNER_CACHE[key]
+
+
+class _Reader:
+    """Thread-safe reads of member bytes from one tar (``os.pread``)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.path = path
+
+    def read(self, loc: tuple[int, int]) -> bytes:
+        off, size = loc
+        data = os.pread(self.fd, size, off)
+        if len(data) != size:
+            raise OSError(f"{self.path}: member truncated at {off}")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def _replay_sample(reader: _Reader, index: list, augs: list[list[Aug]], i: int, sizes: list[int]
+                   ) -> list[np.ndarray]:
+    """Sample ``i``'s K augmentations replayed at each size: one uint8 [K,S,S,3] per size."""
+    s = index[i]
+    img = decode(reader.read(s.members[s.image_ext()]))
+    partners: dict[int, Image.Image] = {}
+    out = []
+    for size in sizes:
+        arr = np.empty((len(augs[i]), size, size, 3), np.uint8)
+        for j, aug in enumerate(augs[i]):
+            if aug.mix is None:
+                arr[j] = np.asarray(replay_decoded(img, aug, size))
+                continue
+            p = aug.mix.partner
+            if p not in partners:
+                ps = index[p]
+                partners[p] = decode(reader.read(ps.members[ps.image_ext()]))
+            arr[j] = replay(img, aug, size, partner=(partners[p], augs[p][aug.mix.partner_aug]))
+        out.append(arr)
+    return out
+
+
+class _HashingFile:
+    def __init__(self, f):
+        self.f = f
+        self.md5 = hashlib.md5()
+
+    def write(self, data) -> int:
+        self.md5.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | None = None) -> ReinforceResult:
+    """Reinforce one shard and write it atomically, then its ``.done`` record. Idempotent."""
+    t0 = time.monotonic()
+    report = report or (lambda d, s: None)
+    runner = get_teacher_runner(cfg)
+    sizes = [tf.size for tf in runner.transforms]
+    distinct = sorted(set(sizes))
+    index = list(iter_tar_samples(unit.src))
+    n = len(index)
+    reader = _Reader(unit.src)
+    k = cfg.augs
+    try:
+        augs: list[list[Aug]] = []
+        for i, s in enumerate(index):
+            ext = s.image_ext()
+            if ext is None:
+                raise ValueError(f"{unit.src}: sample {s.key!r} has no image member")
+            try:
+                w, h = _image_size(reader.read(s.members[ext]))
+            except Exception as e:
+                raise ValueError(f"{unit.src}: sample {s.key!r}: cannot read the image ({e})") from None
+            augs.append(sample_augs(cfg.policy, cfg.seed, s.key, w, h, k, n, i))
+        per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // k)
+        batches = [list(range(b, min(n, b + per_batch))) for b in range(0, n, per_batch)]
+        n_ops = cfg.policy.ra_ops
+        rnf_bytes = 0
+        emb_dim = 0
+        out_path = Path(unit.dst)
+        with ThreadPoolExecutor(cfg.threads) as pool, atomic_write(out_path) as f:
+            hf = _HashingFile(f)
+            window: deque = deque()
+            next_batch = 0
+
+            def submit() -> None:
+                nonlocal next_batch
+                if next_batch < len(batches):
+                    b = batches[next_batch]
+                    window.append((b, [pool.submit(_replay_sample, reader, index, augs, i, distinct) for i in b]))
+                    next_batch += 1
+
+            submit()
+            submit()
+            with ShardWriter(hf) as writer:
+                while window:
+                    b, futs = window.popleft()
+                    try:
+                        per_sample = [fut.result() for fut in futs]
+                    except Exception as e:
+                        raise ValueError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
+                    submit()  # keep the pool busy while the teacher runs
+                    images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
+                    del per_sample
+                    idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
+                    del images
+                    for j, i in enumerate(b):
+                        s = index[i]
+                        rows = slice(j * k, (j + 1) * k)
+                        e = emb[rows] if emb is not None else None
+                        emb_dim = 0 if e is None else e.shape[1]
+                        rnf = pack(augs[i], idx[rows], vals[rows].astype(np.float16), e, n_ops=n_ops)
+                        rnf_bytes += len(rnf)
+                        members = {ext: reader.read(loc) for ext, loc in s.members.items() if ext != RNF_EXT}
+                        members[RNF_EXT] = rnf
+                        writer.write(s.key, members)
+                    report(len(b), len(b))
+            f.flush()
+            size = f.tell()
+    finally:
+        reader.close()
+    md5 = hf.md5.hexdigest()
+    label_space = runner.target.name
+    write_json_atomic(Path(cfg.output) / DONE_DIR / f"{unit.filename}.json", {
+        "file": unit.filename, "split": unit.split, "samples": n, "bytes": size, "md5": md5,
+        "rnf_bytes": rnf_bytes, "label_space": label_space, "emb_dim": emb_dim,
+        "source_bytes": os.path.getsize(unit.src), "config": cfg.output_config(),
+    })
+    return ReinforceResult(unit.filename, n, n * k, size, md5, rnf_bytes, label_space, emb_dim, time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+
+
+def _done_record(out: Path, filename: str, src: str, cfg: ReinforceConfig | None) -> dict[str, Any] | None:
+    path = out / DONE_DIR / f"{filename}.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    tar = out / filename
+    if not tar.is_file() or tar.stat().st_size != rec.get("bytes"):
+        return None
+    if rec.get("source_bytes") != os.path.getsize(src):
+        return None
+    if cfg is not None and rec.get("config") != cfg.output_config():
+        return None
+    if cfg is None and rec.get("copied") is not True:
+        return None
+    return rec
+
+
+def _copy_split_shard(src: str, out: Path, filename: str, split: str) -> dict[str, Any]:
+    md5 = hashlib.md5()
+    with open(src, "rb") as fi, atomic_write(out / filename) as fo:
+        while chunk := fi.read(1 << 20):
+            md5.update(chunk)
+            fo.write(chunk)
+    rec = {"file": filename, "split": split, "bytes": os.path.getsize(src), "md5": md5.hexdigest(),
+           "source_bytes": os.path.getsize(src), "copied": True}
+    write_json_atomic(out / DONE_DIR / f"{filename}.json", rec)
+    return rec
+
+
+def read_trainset_info(trainset: str) -> dict[str, Any]:
+    path = Path(trainset) / INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{trainset}: no {INFO_FILE} (not a training set; run silverlabel shard)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> ReinforceSummary:
+    """Reinforce ``cfg.splits`` of ``cfg.trainset`` into ``cfg.output``; resumes per shard."""
+    from silverlabel.inference import resolve_device
+    from silverlabel.stages.shard import wids_index_name
+    from silverlabel.teachers import validate_teacher_spec
+    from silverlabel.teachers.labelspace import get_label_space
+
+    t0 = time.monotonic()
+    info = read_trainset_info(cfg.trainset)
+    splits = info.get("splits", {})
+    missing = [s for s in cfg.splits if s not in splits]
+    if missing:
+        raise ValueError(f"{cfg.trainset}: no split {missing[0]!r} (has {', '.join(sorted(splits)) or 'none'})")
+    if cfg.label_space is not None:
+        get_label_space(cfg.label_space)
+    for spec in cfg.teachers:
+        validate_teacher_spec(spec)
+    if cfg.engine == "ray":  # the device is the cluster's: a GPU per actor where it has GPUs
+        device = f"ray ({cfg.device})"
+        gpus = {"cpu": 0}.get(cfg.device, None if cfg.device == "auto" else 1)
+        engine = create_engine("ray", workers=cfg.workers, address=cfg.ray_address, actor=True, gpus_per_worker=gpus)
+    else:
+        device = resolve_device(cfg.device)
+        engine = create_engine(cfg.engine, workers=cfg.workers)
+    out = Path(cfg.output)
+    ds = Dataset(out)
+    if ds.exists():
+        stage = ds.read_manifest().get("stage")
+        if stage != "reinforce":
+            raise ValueError(f"{out}: holds a {stage!r} output, not a reinforce output; choose another -o")
+    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise ValueError(f"{out}: output folder exists and is not a silverlabel training set; choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    ds.clean_temporaries()
+    done_dir = out / DONE_DIR
+    if done_dir.is_dir():
+        for p in done_dir.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    records: dict[str, dict[str, Any]] = {}
+    units: list[ReinforceUnit] = []
+    skipped = 0
+    for split, s in splits.items():
+        for filename, length in zip(s["filenames"], s["shard_lengths"]):
+            src = os.path.join(cfg.trainset, filename)
+            if not os.path.isfile(src):
+                raise FileNotFoundError(f"{src}: shard listed in {INFO_FILE} not found")
+            reinforced = split in cfg.splits
+            rec = _done_record(out, filename, src, cfg if reinforced else None)
+            if rec is not None:
+                records[filename] = rec
+                skipped += 1
+            elif reinforced:
+                units.append(ReinforceUnit(split, filename, src, str(out / filename), int(length)))
+            else:
+                records[filename] = _copy_split_shard(src, out, filename, split)
+    manifest: dict[str, Any] = {
+        "stage": "reinforce", "state": "running", "silverlabel_version": __version__, "name": info.get("name"),
+        "config": cfg.output_config(),
+        "parents": [{"kind": "trainset", "path": os.path.abspath(cfg.trainset)}],
+    }
+    if not ds.exists():
+        ds.write_manifest(manifest)
+
+    samples_now = augs_now = 0
+    for res in engine.map(reinforce_shard, units, cfg, progress):
+        records[res.filename] = {"samples": res.samples, "bytes": res.bytes, "md5": res.md5,
+                                 "rnf_bytes": res.rnf_bytes, "label_space": res.label_space, "emb_dim": res.emb_dim}
+        samples_now += res.samples
+        augs_now += res.augs
+    seconds = time.monotonic() - t0
+    ds.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
+
+    # index files; _info.json last
+    classes = Path(cfg.trainset) / CLASSES_FILE
+    if classes.is_file():
+        with atomic_write(out / CLASSES_FILE) as f:
+            f.write(classes.read_bytes())
+    name = info.get("name") or out.name
+    for split, s in splits.items():
+        write_json_atomic(out / wids_index_name(name, split), {
+            "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{name}-{split}",
+            "shardlist": [{"url": fn, "nsamples": int(n), "filesize": records[fn]["bytes"],
+                           "md5sum": records[fn]["md5"]} for fn, n in zip(s["filenames"], s["shard_lengths"])],
+        })
+    reinforced = [records[fn] for sp in cfg.splits for fn in splits[sp]["filenames"]]
+    n_samples = sum(int(n) for sp in cfg.splits for n in splits[sp]["shard_lengths"])
+    rnf_total = sum(int(r.get("rnf_bytes", 0)) for r in reinforced)
+    spaces = sorted({r.get("label_space") for r in reinforced if r.get("label_space")})
+    if len(spaces) > 1:
+        raise ValueError(f"{out}: shards in different label spaces {spaces}; reinforce into a new -o")
+    space = spaces[0] if spaces else cfg.label_space
+    emb_dim = max((int(r.get("emb_dim", 0)) for r in reinforced), default=0)
+    per_sample = rnf_total / n_samples if n_samples else 0.0
+    manifest.update(
+        state="complete",
+        counts={split: int(sum(s["shard_lengths"])) for split, s in splits.items()},
+        reinforce={
+            "splits": list(cfg.splits), "label_space": space,
+            "num_classes": len(get_label_space(space)) if space else None,
+            "augs": cfg.augs, "topk": cfg.topk, "embeddings": cfg.embeddings, "emb_dim": emb_dim,
+            "member": RNF_EXT, "rnf_version": 1, "samples": n_samples, "rnf_bytes": rnf_total,
+            "bytes_per_sample": round(per_sample, 2), "bytes_per_aug": round(per_sample / cfg.augs, 2),
+            "bytes_per_aug_schema": bytes_per_aug(cfg.topk, cfg.policy.ra_ops, emb_dim, cfg.policy.mixes),
+        },
+    )
+    ds.write_manifest(manifest)
+    write_json_atomic(out / INFO_FILE, info)
+    return ReinforceSummary(str(out), n_samples, len(units) + skipped, len(units), skipped, samples_now, augs_now,
+                            seconds, device, space, rnf_total, cfg.augs)
+
+
+def reinforce_info(trainset: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``reinforce`` block of a reinforced training set's manifest (None otherwise)."""
+    path = Path(trainset) / "silverlabel.json"
+    try:
+        man = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return man.get("reinforce") if man.get("stage") == "reinforce" else None
+
+
+# ---------------------------------------------------------------------------------------
+# --inspect
+
+
+def inspect_sample(trainset: str, key: str | None = None, split: str | None = None, top: int = 5) -> str:
+    """A readable dump of one sample's ``.rnf`` member (the first one, or ``key``)."""
+    from silverlabel.teachers.labelspace import get_label_space
+
+    info = read_trainset_info(trainset)
+    rinfo = reinforce_info(trainset) or {}
+    splits = info.get("splits", {})
+    order = [split] if split else (list(rinfo.get("splits", [])) or list(splits))
+    for sp in order:
+        if sp not in splits:
+            raise ValueError(f"{trainset}: no split {sp!r} (has {', '.join(sorted(splits))})")
+        for fn in splits[sp]["filenames"]:
+            path = os.path.join(trainset, fn)
+            for i, s in enumerate(iter_tar_samples(path)):
+                if RNF_EXT not in s.members or (key is not None and s.key != key):
+                    continue
+                with open(path, "rb") as f:
+                    data = read_member(f, *s.members[RNF_EXT])
+                    image = read_member(f, *s.members[s.image_ext()]) if s.image_ext() else None
+                return _format_sample(s.key, fn, i, data, image, rinfo, get_label_space, top)
+    raise ValueError(f"{trainset}: " + (f"no reinforced sample {key!r}" if key else "no reinforced samples")
+                     + " (run silverlabel reinforce first?)")
+
+
+def _format_sample(key, fn, pos, data, image, rinfo, get_label_space, top) -> str:
+    r = unpack(data)
+    w = h = None
+    if image is not None:
+        w, h = _image_size(image)
+    space = rinfo.get("label_space")
+    names = get_label_space(space) if space else None
+    emb = f", embeddings {r.embeddings.shape[1]}-d float16" if r.embeddings is not None else ""
+    lines = [f"sample {key} ({fn} #{pos}, image {w}x{h})",
+             f"  .rnf: {r.nbytes} bytes = {r.nbytes / r.k:.1f} bytes per augmentation; K={r.k} augmentations, "
+             f"top-{r.topk} in {space or '?'}{emb}"]
+    for j, aug in enumerate(r.augs):
+        lines.append(f"  [{j}] {aug.describe(w, h)}")
+        tops = []
+        for c, p in zip(r.labels[j][:top], r.probs[j][:top]):
+            label = names.lemma(int(c)) if names is not None and 0 <= c < len(names) else "?"
+            tops.append(f"{float(p):.3f} {label} ({int(c)})")
+        lines.append(f"      top-{min(top, r.topk)}: " + "; ".join(tops)
+                     + f"  [top-{r.topk} mass {float(r.probs[j].astype(np.float32).sum()):.3f}]")
+    if rinfo:
+        lines.append(f"  dataset: {rinfo.get('samples')} samples, {rinfo.get('bytes_per_sample')} bytes per sample, "
+                     f"{rinfo.get('bytes_per_aug')} bytes per augmentation")
+    return "\n".join(lines)

@@ -1,0 +1,440 @@
+"""``select`` as passes over the label shards, so it runs on any engine (``--engine ray``).
+
+The DuckDB path (:func:`silverlabel.stages.select.run_select`) sees the whole pool at once.
+The rules that need global state reduce to small summaries that the driver merges, so the
+same selection can be computed by mapping over the dataset's shards:
+
+1. *count* (one unit per shard): the shard's rows (samples joined with its labels file),
+   the label rule and ``--min-prob`` -> per class: its count and its ``V`` validation
+   candidates, the rows with the smallest ``md5(seed:key), key`` (what DuckDB's
+   ``row_number() OVER (PARTITION BY class ORDER BY md5, key)`` ranks first).
+2. *plan* (driver): the class rule (``--val-per-class``, ``--min-train-per-class``,
+   ``--top-classes``) on the merged counts, with the same ranking and class order as the
+   DuckDB path; the validation draw = the ``V`` smallest candidates per class; the train
+   counts and ``balanced_quotas`` for ``--fraction --balanced``.
+3. *fraction* (one unit per shard, only with ``--fraction``): per class the ``quota``
+   smallest ``md5(seed:f:key), key`` among the shard's train rows; merged on the driver.
+4. *write* (one unit per shard): the shard's selected rows, ``--keys-file`` applied, in
+   ``(split, key)`` order to ``selection/part-{shard}.parquet``; counts per class and split.
+
+The driver holds per class at most ``V`` candidates and the ``quota`` chosen keys, never
+the pool. The result has the same rows (every column), ``classes.json`` and
+``report.json`` as the DuckDB path; only the cut of the selection table into part files
+differs (one part per source shard), which ``shard`` does not see (it orders by key).
+
+Supported: a silverlabel dataset as input; ``--label top1|source|none`` (in the labels' own
+space), ``--min-prob``, ``--multi-label``, the class rule, the validation draw,
+``--fraction --balanced``, ``--keys-file``. The others (``--uids``, ``--dedupe``,
+``--exclude-near``, ``--label-space`` remapping, ``--rollup-*``, bare tables) raise a
+ValueError that names them: run those with the DuckDB path (``--engine local``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from silverlabel import __version__
+from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
+from silverlabel.engine import Report, create_engine
+from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
+from silverlabel.stages import select as _select
+from silverlabel.stages.select import SelectConfig, SelectSummary, balanced_quotas
+
+_SAMPLE_COLUMNS = ["key", "id", "uid", "url", "caption", "width", "height", "imagehash", "shard", "label", "source",
+                   "status"]
+_FNAME = re.compile(r"[^/#]+\Z")  # DuckDB's regexp_extract(..., '[^/#]+$')
+
+
+def unsupported_rules(cfg: SelectConfig) -> list[str]:
+    """The options of ``cfg`` that only the DuckDB path implements."""
+    bad = []
+    for name, flag in (("uids", "--uids"), ("dedupe", "--dedupe"), ("exclude_near", "--exclude-near"),
+                       ("rollup_to", "--rollup-to")):
+        if getattr(cfg, name):
+            bad.append(flag)
+    if cfg.rollup_depth is not None:
+        bad.append("--rollup-depth")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------
+# units
+
+
+@dataclass
+class ShardUnit:
+    index: int  # position of the samples file in the dataset
+    samples: str
+    labels: str | None  # the shard's labels file (None: the dataset has no labels)
+    validation: list[str] = field(default_factory=list)  # pass 2/3: this shard's validation keys
+    fraction: list[str] | None = None  # pass 3: this shard's train keys kept by --fraction
+
+
+@dataclass
+class _Plan:
+    """What the passes after *count* need (shipped once per pass)."""
+
+    cfg: SelectConfig
+    mode: str
+    has_labels: bool
+    source_dataset: str
+    classes: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # class_id -> (cls, class_name)
+    quotas: dict[int, int] = field(default_factory=dict)
+    wanted: frozenset[str] | None = None
+
+
+def _md5(seed: int, salt: str, key: str) -> str:
+    return hashlib.md5(f"{seed}:{salt}{key}".encode()).hexdigest()
+
+
+def _read_rows(unit: ShardUnit, plan: _Plan) -> list[dict[str, Any]]:
+    """The shard's pool rows: successful samples joined with their labels (inner join, as
+    the DuckDB path), in key order."""
+    pf = pq.ParquetFile(unit.samples)
+    names = pf.schema_arrow.names
+    t = pf.read(columns=[c for c in _SAMPLE_COLUMNS if c in names])
+    rows = [r for r in t.to_pylist() if r["status"] == "success"]
+    if plan.has_labels:
+        if unit.labels is None or not Path(unit.labels).is_file():
+            return []
+        lt = pq.ParquetFile(unit.labels).read(columns=["key", "labels", "label_probs"])
+        by_key = {k: (l, p) for k, l, p in zip(lt.column("key").to_pylist(), lt.column("labels").to_pylist(),
+                                               lt.column("label_probs").to_pylist())}
+        out = []
+        for r in rows:
+            hit = by_key.get(r["key"])
+            if hit is not None:
+                r["labels"], r["label_probs"] = hit
+                out.append(r)
+        rows = out
+    else:
+        for r in rows:
+            r["labels"] = r["label_probs"] = None
+    rows.sort(key=lambda r: r["key"])
+    return rows
+
+
+def _labeled(rows: list[dict[str, Any]], plan: _Plan) -> list[dict[str, Any]]:
+    """The label rule: ``class_id`` per row, ``--min-prob`` / ``--multi-label`` applied."""
+    cfg = plan.cfg
+    out = []
+    if plan.mode == "top1":
+        thr = None if cfg.min_prob is None else np.float32(cfg.min_prob)  # DuckDB compares FLOAT to FLOAT
+        for r in rows:
+            labels, probs = r["labels"], r["label_probs"]
+            first = probs[0] if probs else None
+            if thr is not None and (first is None or not np.float32(first) >= thr):
+                continue
+            r["class_id"] = str(labels[0]) if labels else None
+            if cfg.multi_label and thr is not None:
+                keep = [i for i, p in enumerate(probs) if np.float32(p) >= thr]
+                r["labels"] = [labels[i] for i in keep]
+                r["label_probs"] = [probs[i] for i in keep]
+            out.append(r)
+    elif plan.mode == "source":
+        for r in rows:
+            if r.get("label") is not None:
+                r["class_id"] = r["label"]
+                out.append(r)
+    else:
+        for r in rows:
+            r["class_id"] = None
+            out.append(r)
+    return out
+
+
+def count_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> dict[str, Any]:
+    """Pass 1: rows in, rows labeled, class counts, validation candidates per class."""
+    rows = _read_rows(unit, plan)
+    labeled = _labeled(rows, plan)
+    counts: dict[str, int] = {}
+    cands: dict[str, list[tuple[str, str]]] = {}
+    v = plan.cfg.val_per_class
+    for r in labeled:
+        c = r["class_id"]
+        if c is None:
+            continue
+        counts[c] = counts.get(c, 0) + 1
+        if v:
+            cands.setdefault(c, []).append((_md5(plan.cfg.seed, "", r["key"]), r["key"]))
+    if v:
+        cands = {c: sorted(lst)[:v] for c, lst in cands.items()}
+    if report:
+        report(len(rows), len(labeled))
+    return {"index": unit.index, "rows": len(rows), "labeled": len(labeled), "counts": counts, "candidates": cands}
+
+
+def _split_rows(unit: ShardUnit, plan: _Plan) -> list[dict[str, Any]]:
+    """The shard's rows of the chosen classes with cls, class_name and split."""
+    val = set(unit.validation)
+    out = []
+    for r in _labeled(_read_rows(unit, plan), plan):
+        if plan.mode == "none":
+            r["cls"], r["class_name"], r["split"] = -1, None, "train"
+        else:
+            hit = plan.classes.get(r["class_id"])
+            if hit is None:
+                continue
+            r["cls"], r["class_name"] = hit
+            r["split"] = "validation" if r["key"] in val else "train"
+        out.append(r)
+    return out
+
+
+def fraction_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> dict[str, Any]:
+    """Pass 2: per class, the ``quota`` smallest ``md5(seed:f:key), key`` train rows."""
+    best: dict[int, list[tuple[str, str]]] = {}
+    for r in _split_rows(unit, plan):
+        if r["split"] == "train" and r["cls"] in plan.quotas:
+            best.setdefault(r["cls"], []).append((_md5(plan.cfg.seed, "f:", r["key"]), r["key"]))
+    best = {c: sorted(lst)[: plan.quotas[c]] for c, lst in best.items()}
+    return {"index": unit.index, "best": best}
+
+
+def write_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> dict[str, Any]:
+    """Pass 3: the shard's part of the selection, in (split, key) order."""
+    rows = _split_rows(unit, plan)
+    if unit.fraction is not None:
+        keep = set(unit.fraction)
+        rows = [r for r in rows if r["split"] != "train" or r["key"] in keep]
+    n0 = len(rows)
+    if plan.wanted is not None:
+        w = plan.wanted
+
+        def fname(r):  # coalesce(source, url, '')
+            text = r.get("source") if r.get("source") is not None else r.get("url")
+            m = _FNAME.search(text if text is not None else "")
+            return m.group(0) if m else ""
+
+        rows = [r for r in rows if r["key"] in w or r.get("uid") in w or fname(r) in w]
+    rows.sort(key=lambda r: (r["split"], r["key"]))
+    per: dict[tuple[int, str], int] = {}
+    for r in rows:
+        per[(r["cls"], r["split"])] = per.get((r["cls"], r["split"]), 0) + 1
+    path = None
+    if rows:
+        cols = {
+            "key": [r["key"] for r in rows],
+            "source_key": [r["key"] for r in rows],
+            "id": [r["id"] for r in rows],
+            "uid": [r["uid"] for r in rows],
+            "url": [r["url"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "split": [r["split"] for r in rows],
+            "cls": [r["cls"] for r in rows],
+            "class_name": [r["class_name"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "label_probs": [r["label_probs"] for r in rows],
+            "width": [r["width"] for r in rows],
+            "height": [r["height"] for r in rows],
+            "imagehash": [r["imagehash"] for r in rows],
+            "source_dataset": [plan.source_dataset] * len(rows),
+            "source_shard": [r["shard"] for r in rows],
+        }
+        table = pa.Table.from_pydict(cols, schema=SELECTION_SCHEMA)
+        path = Path(plan.cfg.output) / SELECTION_DIR / f"part-{unit.index:05d}.parquet"
+        with atomic_write(path) as f:
+            pq.write_table(table, f, compression="zstd")
+    if report:
+        report(n0, len(rows))
+    return {"index": unit.index, "rows": len(rows), "before_keys": n0, "per": per, "path": str(path) if path else None}
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+
+
+def _open(cfg: SelectConfig) -> tuple[Dataset, str | None, str | None, bool]:
+    """(dataset, labels name, labels' label space, has source labels); refuses what this
+    path does not support, naming it."""
+    src = Path(cfg.source)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such dataset, file or folder")
+    bad = unsupported_rules(cfg)
+    if not (src / "silverlabel.json").is_file():
+        bad.insert(0, "a bare table as input")
+    if bad:
+        raise ValueError(f"select over shards (--engine ray) does not support {', '.join(bad)}: these rules need "
+                         "the whole pool at once; run them with --engine local (DuckDB)")
+    ds = Dataset(src)
+    man = ds.read_manifest()
+    if man.get("stage") != "ingest":
+        raise ValueError(f"{src}: select reads an ingest dataset, this one is {man.get('stage')!r}")
+    labels = man.get("labels", {})
+    name = cfg.labels_name or (sorted(labels)[0] if labels else None)
+    if cfg.labels_name and cfg.labels_name not in labels:
+        raise ValueError(f"{src}: no labels named {cfg.labels_name!r} (have: {', '.join(labels) or 'none'})")
+    space = labels[name]["config"]["label_space"] if name else None
+    has_source = False
+    for p in ds.samples_files():
+        t = pq.ParquetFile(p).read(columns=["label", "status"])
+        if any(lab is not None and st == "success"
+               for lab, st in zip(t.column("label").to_pylist(), t.column("status").to_pylist())):
+            has_source = True
+            break
+    return ds, name, space, has_source
+
+
+def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_address: str | None = None,
+                       progress: Report | None = None) -> SelectSummary:
+    """Select from the dataset ``cfg.source`` by passes over its shards on ``engine``; the
+    same selection as :func:`~silverlabel.stages.select.run_select` (see the module doc)."""
+    t0 = time.monotonic()
+    out = Path(cfg.output)
+    dup_file = getattr(_select, "DUPLICATES_FILE", "duplicates.parquet")
+    ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, dup_file, "silverlabel.json", "README.md", "card"}
+    if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"{out}: exists and is not a selection; choose another -o")
+    ds, labels_name, space, has_source = _open(cfg)
+    has_labels = labels_name is not None
+    mode = cfg.label
+    if mode == "auto":
+        mode = "top1" if has_labels else ("source" if has_source else "none")
+    if mode == "top1" and not has_labels:
+        raise ValueError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
+    if mode == "source" and not has_source:
+        raise ValueError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
+    if cfg.fraction is not None and mode == "none":
+        raise ValueError("--fraction --balanced needs labels (--label top1 or source)")
+    wnids: list[str] = []
+    if mode == "top1":
+        mapping, wnids = _select._label_mapping(cfg, space)
+        if mapping is not None:
+            raise ValueError(f"select over shards (--engine ray) does not support --label-space {cfg.label_space} "
+                             f"(remapping from {space}): run it with --engine local (DuckDB)")
+    wanted = None
+    if cfg.keys_file:
+        with open(cfg.keys_file) as f:
+            wanted = frozenset(line.strip() for line in f if line.strip())
+
+    # the output: rewritten whole, the manifest dropped first (as the DuckDB path)
+    (out / "silverlabel.json").unlink(missing_ok=True)
+    sel_dir = out / SELECTION_DIR
+    sel_dir.mkdir(parents=True, exist_ok=True)
+    for old in sel_dir.glob("*.parquet"):
+        old.unlink()
+
+    eng = create_engine(engine, workers=workers, address=ray_address)
+    name = ds.read_manifest()["name"]
+    units = []
+    for i, p in enumerate(ds.samples_files()):
+        shard = int(p.stem.rsplit("-", 1)[1])
+        lab = ds.root / "labels" / labels_name / f"{name}-{shard:06d}.parquet" if labels_name else None
+        units.append(ShardUnit(i, str(p), str(lab) if lab else None))
+    plan = _Plan(cfg, mode, has_labels, str(Path(cfg.source).resolve()), wanted=wanted)
+
+    # 1. counts and validation candidates
+    total_in = n_labeled = 0
+    counts: dict[str, int] = {}
+    cands: dict[str, list[tuple[str, str, int]]] = {}
+    v = cfg.val_per_class
+    for res in eng.map(count_unit, units, plan, progress):
+        total_in += res["rows"]
+        n_labeled += res["labeled"]
+        for c, n in res["counts"].items():
+            counts[c] = counts.get(c, 0) + n
+        for c, lst in res["candidates"].items():
+            merged = cands.get(c, []) + [(m, k, res["index"]) for m, k in lst]
+            cands[c] = sorted(merged)[:v]
+    removed: dict[str, int] = {}
+    if total_in - n_labeled:
+        removed["below_min_prob_or_unlabeled"] = total_in - n_labeled
+
+    # 2. the class rule and the validation draw (the DuckDB path's rules, in Python)
+    need = cfg.val_per_class + cfg.min_train_per_class
+    eligible = {c: n for c, n in counts.items() if n >= max(1, need)}
+    ranked = sorted(eligible, key=lambda c: (-eligible[c], c))
+    if cfg.top_classes is not None:
+        ranked = ranked[: cfg.top_classes]
+    chosen = set(ranked)
+    if mode != "none" and not chosen:
+        raise ValueError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
+    class_ids = sorted(chosen, key=(lambda c: (0, int(c))) if mode == "top1" else (lambda c: (0, c)))
+    cls_of = {c: i for i, c in enumerate(class_ids)}
+    if mode == "top1":
+        names = {c: (wnids[int(c)], _select._class_name(wnids[int(c)])) for c in class_ids}
+    else:
+        names = {c: (None, c) for c in class_ids}
+    plan.classes = {c: (cls_of[c], names[c][1]) for c in class_ids}
+    removed_by_class = sum(n for c, n in counts.items() if c not in chosen)
+    if removed_by_class:
+        removed["class_filter"] = removed_by_class
+    for c in chosen:
+        for _m, k, i in cands.get(c, []):
+            units[i].validation.append(k)
+
+    # 3. the balanced fraction of train
+    if cfg.fraction is not None:
+        train_counts = {cls_of[c]: counts[c] - len(cands.get(c, [])) for c in class_ids}
+        train_counts = {c: n for c, n in train_counts.items() if n > 0}
+        n_train = sum(train_counts.values())
+        total = math.floor(cfg.fraction * n_train + 1e-9)
+        plan.quotas = balanced_quotas(train_counts, total, cfg.seed)
+        best: dict[int, list[tuple[str, str, int]]] = {}
+        for res in eng.map(fraction_unit, units, plan):
+            for c, lst in res["best"].items():
+                merged = best.get(c, []) + [(m, k, res["index"]) for m, k in lst]
+                best[c] = sorted(merged)[: plan.quotas[c]]
+        for u in units:
+            u.fraction = []
+        for lst in best.values():
+            for _m, k, i in lst:
+                units[i].fraction.append(k)
+        removed["outside_fraction"] = n_train - total
+
+    # 4. write the parts
+    rows = before_keys = 0
+    by_cls: dict[int, dict[str, int]] = {}
+    splits: dict[str, int] = {}
+    for res in eng.map(write_unit, units, plan):
+        rows += res["rows"]
+        before_keys += res["before_keys"]
+        for (c, s), n in res["per"].items():
+            by_cls.setdefault(c, {})[s] = by_cls.get(c, {}).get(s, 0) + n
+            splits[s] = splits.get(s, 0) + n
+    if cfg.keys_file:
+        removed["not_in_keys_file"] = before_keys - rows
+    if rows == 0:
+        with atomic_write(sel_dir / "part-00000.parquet") as f:
+            pq.write_table(SELECTION_SCHEMA.empty_table(), f)
+    splits = dict(sorted(splits.items()))
+    if mode != "top1":
+        label_space_name = mode
+    else:
+        label_space_name = cfg.label_space or space
+    classes_doc = {
+        "label_space": label_space_name,
+        "num_classes": len(class_ids),
+        "classes": [
+            {"cls": cls_of[c], "wnid": names[c][0], "name": names[c][1],
+             "source_index": int(c) if mode == "top1" else None,
+             "train": by_cls.get(cls_of[c], {}).get("train", 0),
+             "validation": by_cls.get(cls_of[c], {}).get("validation", 0)}
+            for c in class_ids
+        ],
+    }
+    write_json_atomic(out / CLASSES_FILE, classes_doc)
+    report = {"input_rows": total_in, "selected_rows": rows, "splits": splits, "classes": len(class_ids),
+              "removed": removed, "label_rule": mode}
+    write_json_atomic(out / REPORT_FILE, report)
+    (out / dup_file).unlink(missing_ok=True)
+    Dataset(out).write_manifest({
+        "stage": "select",
+        "silverlabel_version": __version__,
+        "config": cfg.output_config(),
+        "parents": [{"kind": "dataset", "path": str(Path(cfg.source).resolve())}],
+        "counts": {"rows": rows, **{f"split_{k}": n for k, n in splits.items()}},
+        "from_table": False,
+    })
+    return SelectSummary(str(out), rows, splits, len(class_ids), removed, time.monotonic() - t0, False)
+

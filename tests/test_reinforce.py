@@ -1,0 +1,304 @@
+"""silverlabel reinforce on the real default teacher (CPU): format, exact replay, resume, kd training."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toy_trainset import write_toy_trainset
+
+from silverlabel.augment import RNF_EXT, AugPolicy, Aug, decode, replay, rnf_size, sample_augs, unpack
+from silverlabel.formats.wds import iter_tar_samples, read_member
+from silverlabel.loader import LoaderConfig, ShardStream, to_tensor
+from silverlabel.stages.reinforce import ReinforceConfig, get_teacher_runner, run_reinforce
+from silverlabel.stages.train import TrainConfig, compute_loss, create_model, kd_target, run_train
+
+K, TOPK = 3, 10
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _plain(i, split, width, height):
+    return i % 4, {"label": i % 4, "width": width, "height": height}
+
+
+@pytest.fixture(scope="module")
+def trainset(tmp_path_factory) -> Path:
+    return write_toy_trainset(tmp_path_factory.mktemp("ts") / "ts", {"train": [10, 10], "validation": [4]}, _plain,
+                              size=(128, 96), seed=3, classes={"num_classes": 4, "label_space": "top1"})
+
+
+def _cfg(trainset, out, **kw) -> ReinforceConfig:
+    base = dict(augs=K, topk=TOPK, embeddings=True, device="cpu", threads=2,
+                policy=AugPolicy(mix="both", mix_prob=0.5))
+    base.update(kw)
+    return ReinforceConfig(str(trainset), str(out), **base)
+
+
+@pytest.fixture(scope="module")
+def reinforced(trainset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rnf") / "out"
+    cfg = _cfg(trainset, out)
+    return cfg, run_reinforce(cfg)
+
+
+def _samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    out = []
+    with open(path, "rb") as f:
+        for s in iter_tar_samples(str(path)):
+            out.append((s.key, {ext: read_member(f, *loc) for ext, loc in s.members.items()}))
+    return out
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_output_keeps_members_and_adds_compact_rnf(trainset, reinforced):
+    cfg, s = reinforced
+    out = Path(cfg.output)
+    assert s.samples == 20 and s.shards_done_now == 2 and s.augs_now == 60 and s.label_space == "in1k"
+    assert json.loads((out / "_info.json").read_text()) == json.loads((trainset / "_info.json").read_text())
+    assert (out / "classes.json").read_bytes() == (trainset / "classes.json").read_bytes()
+    assert _md5s(out)["toy-validation-0000.tar"] == _md5s(trainset)["toy-validation-0000.tar"]  # copied as is
+    sizes = []
+    for name in ("toy-train-0000.tar", "toy-train-0001.tar"):
+        src, dst = _samples(trainset / name), _samples(out / name)
+        assert [k for k, _ in src] == [k for k, _ in dst]
+        for (_, a), (_, b) in zip(src, dst):
+            assert list(b) == ["jpg", "cls", "json", RNF_EXT]
+            assert all(b[ext] == a[ext] for ext in a)  # byte for byte
+            r = unpack(b[RNF_EXT])
+            mixed = any(x.mix is not None for x in r.augs)
+            assert len(b[RNF_EXT]) == rnf_size(K, TOPK, 2, 1280, mixed)  # EfficientNet-Lite0 pre-logits: 1280-d
+            assert r.k == K and r.labels.dtype == np.int32 and r.probs.dtype == np.float16
+            p = r.probs.astype(np.float32)
+            assert (np.diff(p, axis=1) <= 0).all() and (p.sum(1) <= 1.001).all() and (r.labels < 1000).all()
+            sizes.append(len(b[RNF_EXT]))
+    man = json.loads((out / "silverlabel.json").read_text())
+    assert man["stage"] == "reinforce" and man["reinforce"]["num_classes"] == 1000
+    assert man["reinforce"]["bytes_per_sample"] == pytest.approx(np.mean(sizes), abs=0.01)
+    assert s.bytes_per_aug == pytest.approx(np.mean(sizes) / K)
+    wids = json.loads((out / "toy-train.wids.json").read_text())
+    assert {x["url"]: x["md5sum"] for x in wids["shardlist"]} == {k: v for k, v in _md5s(out).items() if "train" in k}
+
+
+def test_teacher_saw_exactly_the_replayed_image(reinforced):
+    """Replaying a stored augmentation and running the teacher on it gives back the stored
+    top-k and embedding: the pixels the teacher saw are replay()'s, mixed ones included. A
+    crop off by 1% of the image does not reproduce them (the check can fail)."""
+    cfg, _ = reinforced
+    runner = get_teacher_runner(cfg)
+    tar = Path(cfg.output) / "toy-train-0000.tar"
+    samples = _samples(tar)
+    images, stored, shifted = [], [], []
+    for i, (_key, m) in enumerate(samples):
+        r = unpack(m[RNF_EXT])
+        for j, aug in enumerate(r.augs):
+            partner = None
+            if aug.mix is not None:
+                pm = samples[aug.mix.partner][1]
+                partner = (pm["jpg"], unpack(pm[RNF_EXT]).augs[aug.mix.partner_aug])
+            images.append(replay(m["jpg"], aug, 224, partner))
+            stored.append((r.labels[j], r.probs[j], r.embeddings[j], aug.mix is not None))
+            if i < 3 and j == 0 and aug.mix is None:
+                x0, y0, w, h = aug.crop
+                shifted.append((len(images) - 1, replay(m["jpg"], Aug((x0 + 655, y0, w, h), aug.flip, aug.ops), 224)))
+    assert any(mixed for *_, mixed in stored)
+    idx, vals, emb = runner.classify([np.stack(images)], embeddings=True)
+    for n, (labels, probs, e, _mixed) in enumerate(stored):
+        assert np.array_equal(idx[n], labels)
+        assert np.abs(vals[n] - probs.astype(np.float32)).max() <= 1e-3
+        assert np.abs(emb[n].astype(np.float32) - e.astype(np.float32)).max() <= 2e-2
+    assert shifted
+    _i2, v2, _ = runner.classify([np.stack([img for _, img in shifted])])
+    diffs = [np.abs(v2[m] - stored[n][1].astype(np.float32)).max() for m, (n, _) in enumerate(shifted)]
+    assert max(diffs) > 1e-2
+
+
+def test_resume_and_reproducible(trainset, reinforced, tmp_path):
+    cfg, _ = reinforced
+    out = Path(cfg.output)
+    before = _md5s(out)
+    again = run_reinforce(cfg)
+    assert again.shards_done_now == 0 and again.shards_skipped == 3 and _md5s(out) == before
+    # a lost shard is redone, byte-identical
+    (out / "toy-train-0001.tar").unlink()
+    redo = run_reinforce(cfg)
+    assert redo.shards_done_now == 1 and _md5s(out) == before
+    # other settings: a different seed redoes the shards with other augmentations
+    other = run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "o"), seed=1, embeddings=False,
+                                              policy=AugPolicy(ra_ops=0)))
+    assert other.bytes_per_aug == pytest.approx(8 / K + 6 * TOPK + 9)  # 69: no ops, no embeddings, no mix
+    a = unpack(_samples(out / "toy-train-0000.tar")[0][1][RNF_EXT]).augs
+    b = unpack(_samples(tmp_path / "o" / "toy-train-0000.tar")[0][1][RNF_EXT]).augs
+    assert [x.crop for x in a] != [x.crop for x in b]
+
+
+@pytest.mark.gpu
+def test_gpu_path_matches_cpu(reinforced, tmp_path):
+    """The GPU path (fp16 autocast, batched) stores the same augmentations and, but for
+    near-ties, the same top-1 as the CPU path."""
+    cfg, _ = reinforced
+    gpu = run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "gpu"), device="cuda"))
+    assert gpu.samples == 20 and gpu.device == "cuda"
+    same = total = 0
+    for name in ("toy-train-0000.tar", "toy-train-0001.tar"):
+        for (_, a), (_, b) in zip(_samples(Path(cfg.output) / name), _samples(tmp_path / "gpu" / name)):
+            ra, rb = unpack(a[RNF_EXT]), unpack(b[RNF_EXT])
+            assert ra.augs == rb.augs and len(a[RNF_EXT]) == len(b[RNF_EXT])
+            same += int((ra.labels[:, 0] == rb.labels[:, 0]).sum())
+            total += ra.k
+    assert same >= 0.9 * total, (same, total)
+
+
+def test_loader_replays_stored_augmentations(reinforced):
+    cfg, _ = reinforced
+    out = Path(cfg.output)
+    stored = {}
+    for name in ("toy-train-0000.tar", "toy-train-0001.tar"):
+        samples = _samples(out / name)
+        for key, m in samples:
+            stored[key] = (m, samples)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(-1, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(-1, 1, 1)
+
+    def expected(key, j, size):
+        m, samples = stored[key]
+        r = unpack(m[RNF_EXT])
+        aug = r.augs[j]
+        partner = None
+        if aug.mix is not None:
+            pm = samples[aug.mix.partner][1]
+            partner = (pm["jpg"], unpack(pm[RNF_EXT]).augs[aug.mix.partner_aug])
+        return to_tensor(replay(m["jpg"], aug, size, partner), mean, std), r
+
+    for epoch in (0, 1):
+        lc = LoaderConfig(str(out), batch_size=5, img_size=40, kd=True, kd_aug="sequential", return_keys=True)
+        for x, _cls, labels, probs, key in ShardStream(lc, epoch).samples():
+            want, r = expected(key, epoch % K, 40)
+            assert torch.equal(x, want)  # bit for bit
+            assert labels == r.labels[epoch % K].tolist()
+            assert probs == r.probs[epoch % K].astype(np.float32).tolist()
+    # random choice: some stored augmentation, the same on a second pass; p_reinforced mixes in plain samples
+    lc = LoaderConfig(str(out), batch_size=5, img_size=40, kd=True, return_keys=True)
+    picks = []
+    for x, _cls, labels, probs, key in ShardStream(lc, 0).samples():
+        j = next(j for j in range(K) if torch.equal(x, expected(key, j, 40)[0]))
+        assert labels == expected(key, j, 40)[1].labels[j].tolist()
+        picks.append(j)
+    assert len(set(picks)) > 1
+    again = [int(torch.stack([expected(k, j, 40)[0] for j in range(K)]).sub(x).abs().flatten(1).sum(1).argmin())
+             for x, _c, _l, _p, k in ShardStream(lc, 0).samples()]
+    assert again == picks
+    lc = LoaderConfig(str(out), batch_size=5, img_size=40, kd=True, p_reinforced=0.5)
+    plain = sum(probs == [1.0] + [0.0] * (TOPK - 1) for _x, _c, _l, probs in ShardStream(lc, 0).samples())
+    assert 3 <= plain <= 17
+
+
+def test_kd_loss():
+    labels = torch.tensor([[3, 1, -1], [0, 2, 4]])
+    probs = torch.tensor([[0.5, 0.3, 0.0], [0.6, 0.2, 0.2]])
+    t = kd_target(labels, probs, 5)
+    assert torch.allclose(t.sum(1), torch.ones(2))
+    assert torch.allclose(t[0], torch.tensor([0.2 / 3, 0.3, 0.2 / 3, 0.5, 0.2 / 3]))  # "smooth" leftover
+    assert torch.allclose(t[1], torch.tensor([0.6, 0.0, 0.2, 0.0, 0.2]))
+    cfg = TrainConfig("x", "y", loss="kd")
+    cls = torch.tensor([0, 0])
+    kl_self = float(compute_loss(cfg, t.clamp(min=1e-12).log(), cls, labels, probs))
+    assert kl_self == pytest.approx(0.0, abs=1e-6)  # KL(t || t) = 0
+    assert float(compute_loss(cfg, torch.zeros(2, 5), cls, labels, probs)) > 0.1
+
+
+def test_kd_train_step_and_cli(trainset, reinforced, tmp_path, capsys):
+    from silverlabel.cli import main
+
+    cfg, _ = reinforced
+    s = run_train(TrainConfig(cfg.output, str(tmp_path / "kd"), model="test_vit", img_size=32, batch_size=5, steps=3,
+                              loss="kd", log_every=1, tensorboard=False), **QUIET)
+    assert s.steps == 3 and s.num_classes == 1000 and all(np.isfinite(v) for _, v in s.losses)
+    with pytest.raises(ValueError, match="reinforce"):
+        run_train(TrainConfig(str(trainset), str(tmp_path / "plain"), model="test_vit", img_size=32, batch_size=5,
+                              steps=1, loss="kd", tensorboard=False), **QUIET)
+    assert main(["reinforce", "--inspect", cfg.output, "--key", "s00012"]) == 0
+    text = capsys.readouterr().out
+    assert "sample s00012" in text and "bytes per augmentation" in text and "crop x0=" in text and "top-5:" in text
+    assert main(["reinforce", str(trainset), "-o", str(tmp_path / "cli"), "--augs", "2", "--topk", "5",
+                 "--device", "cpu", "--ra-ops", "1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "20 samples x 2 augmentations" in text
+    assert f"{(8 + 2 * (6 * 5 + 9 + 2)) / 2:.1f} bytes per augmentation" in text  # 8 + K * 41 bytes
+    assert main(["reinforce", str(trainset), "-o", str(trainset)]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# does distillation from stored outputs work? kd vs hard top-1 labels, same student and steps
+
+
+def _agreement_setup(root: Path, n: int, k: int, steps: int):
+    runner_cfg = ReinforceConfig(str(root / "plain"), str(root / "rnf"), augs=k, device="cpu", threads=2,
+                                 img_size=160, policy=AugPolicy(ra_ops=0))
+    plain = write_toy_trainset(root / "plain", {"train": [n]}, lambda i, s, w, h: (0, {"label": 0}), size=(128, 96),
+                               seed=7, classes={"num_classes": 1000, "label_space": "in1k"})
+    runner = get_teacher_runner(runner_cfg)
+    tar = plain / "toy-train-0000.tar"
+    index = list(iter_tar_samples(str(tar)))
+    # the hard labels: the label stage's pipeline (teacher eval transform), top-1 per image
+    top1 = {}
+    batch = ([s.key for s in index], str(tar), [s.members["jpg"] for s in index])
+    for keys, idx, _vals, _failed in runner.run([batch]):
+        top1.update({key: int(row[0]) for key, row in zip(keys, idx)})
+    hard = write_toy_trainset(root / "hard", {"train": [n]}, lambda i, s, w, h: (top1[f"s{i:05d}"], {}),
+                              size=(128, 96), seed=7, classes={"num_classes": 1000, "label_space": "in1k"})
+    run_reinforce(runner_cfg)
+    common = dict(model="resnet10t", img_size=32, batch_size=16, steps=steps, lr=3e-3, warmup_steps=3, log_every=10,
+                  ckpt_every=10_000, device="cpu", tensorboard=False, seed=0)
+    run_train(TrainConfig(str(hard), str(root / "run_hard"), loss="ce", **common), **QUIET)
+    run_train(TrainConfig(str(root / "rnf"), str(root / "run_kd"), loss="kd", **common), **QUIET)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(-1, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(-1, 1, 1)
+    # views: (a) the stored, replayed ones (teacher top-1 as stored); (b) new ones (seed 123)
+    stored_x, stored_t, new_teacher, new_x = [], [], [], []
+    rtar = root / "rnf" / "toy-train-0000.tar"
+    with open(rtar, "rb") as f:
+        for s in iter_tar_samples(str(rtar)):
+            data = read_member(f, *s.members["jpg"])
+            r = unpack(read_member(f, *s.members[RNF_EXT]))
+            img = decode(data)
+            for j, aug in enumerate(r.augs):
+                stored_x.append(to_tensor(replay(img, aug, 32), mean, std))
+                stored_t.append(int(r.labels[j, 0]))
+            for aug in sample_augs(AugPolicy(ra_ops=0), 123, s.key, *img.size, 8):
+                new_teacher.append(replay(img, aug, 160))
+                new_x.append(to_tensor(replay(img, aug, 32), mean, std))
+    new_t = runner.classify([np.stack(new_teacher)])[0][:, 0]
+    result = {}
+    for name in ("hard", "kd"):
+        ck = torch.load(root / f"run_{name}" / "checkpoint-final.pt", weights_only=True)
+        model = create_model(TrainConfig("x", "y", model="resnet10t", img_size=32), 1000)
+        model.load_state_dict(ck["model"])
+        model.eval()
+        with torch.no_grad():
+            ls, ln = model(torch.stack(stored_x)), model(torch.stack(new_x))
+        result[name] = {
+            "stored_top1": float((ls.argmax(1).numpy() == np.array(stored_t)).mean()),
+            "new_top1": float((ln.argmax(1).numpy() == new_t).mean()),
+            "new_top5": float((ln.topk(5, 1).indices.numpy() == new_t[:, None]).any(1).mean()),
+        }
+    return result
+
+
+def test_kd_student_agrees_with_teacher_more_than_hard_label_student(tmp_path):
+    """24 images, 6 stored augmentations each, resnet10t at 32 px, 40 steps of 16 for both.
+    On the stored views the kd student's top-1 matches the teacher's more often; on new views
+    of the same images the teacher's top-1 is far more often in the kd student's top-5 (the
+    hard-label student only knows one class per image)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    r = _agreement_setup(tmp_path, n=24, k=6, steps=40)
+    assert r["kd"]["stored_top1"] > r["hard"]["stored_top1"] + 0.04, r
+    assert r["kd"]["new_top5"] > r["hard"]["new_top5"] + 0.1, r
