@@ -28,7 +28,7 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]  # bench/select.py shadows stdlib select
+sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]  # bench/ itself is not a package path
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
@@ -55,8 +55,8 @@ def log(msg: str) -> None:
 
 
 def _bench_ingest_module():
-    """bench/ingest.py (pool generation, machine description), loaded by path: putting
-    bench/ on sys.path would shadow the standard library's select with bench/select.py."""
+    """bench/ingest.py (pool generation, machine description), loaded by path (bench/ is
+    kept off sys.path)."""
     if "bench_ingest" not in sys.modules:
         spec = importlib.util.spec_from_file_location("bench_ingest", Path(_HERE) / "ingest.py")
         mod = importlib.util.module_from_spec(spec)

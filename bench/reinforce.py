@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# replace this script's folder on sys.path (bench/select.py would shadow the stdlib's select)
+# import silverlabel from this checkout's src/ (instead of this script's folder)
 sys.path[0] = str(Path(__file__).resolve().parents[1] / "src")
 
 import numpy as np  # noqa: E402

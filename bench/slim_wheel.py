@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/select.py would shadow the standard library's select module (imported by subprocess)
+# bench/select_bench.py would shadow the standard library's select module (imported by subprocess)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]
 

@@ -116,15 +116,11 @@ def repeat(make):
 
 def ours(ts: Path, batch: int, workers: int, size: int, normalize: bool = False):
     """silverlabel's loader as run_train uses it on a GPU: uint8 batches, normalised there."""
-    from silverlabel.loader import LoaderConfig, create_loader, normalize_on
+    from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on
 
     cfg = LoaderConfig(str(ts), batch_size=batch, num_workers=workers, img_size=size, normalize=normalize)
-
-    def make(epoch):
-        for x, cls, _labels, _probs in create_loader(cfg, epoch, pin_memory=True):
-            yield normalize_on(x.cuda(non_blocking=True), cfg), cls.cuda(non_blocking=True)
-
-    return repeat(make)
+    for x, cls, _labels, _probs in EpochBatches(cfg, pin_memory=True):  # epochs overlap, as in run_train
+        yield normalize_on(x.cuda(non_blocking=True), cfg), cls.cuda(non_blocking=True)
 
 
 def timm_wds(ts: Path, batch: int, workers: int, size: int):

@@ -15,6 +15,7 @@ from toy_trainset import write_toy_trainset
 
 from silverlabel.demodata import photo_like_images
 from silverlabel.loader import (
+    EpochBatches,
     LoaderConfig,
     ShardStream,
     create_loader,
@@ -234,6 +235,23 @@ def test_uint8_batches_normalized_on_device_equal_cpu_path(trainset, train):
         assert normalize_on(ba[0], cfg) is ba[0]  # float batches pass through
         for ta, tb in zip(ba[1:4], bb[1:4]):
             assert torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_batches_equal_a_loader_per_epoch(trainset, workers):
+    # 60 samples / 7 = 8 batches per epoch; a trainer taking 6 per epoch (accumulation tail
+    # skipped), starting at batch 4 of epoch 2, for 13 batches: 2 + 6 + 5 across three epochs
+    cfg = _cfg(trainset, batch_size=7, img_size=16, num_workers=workers)
+    want = (_run(create_loader(cfg, 2, 4))[:2] + _run(create_loader(cfg, 3))[:6] + _run(create_loader(cfg, 4))[:5])
+    got = list(EpochBatches(cfg, 2, 4, batches_per_epoch=6, limit=13, lookahead=3))
+    assert [b[4] for b in got] == [b[4] for b in want]
+    for a, b in zip(got, want):
+        assert torch.equal(a[0], b[0])
+    # no limit: an endless stream of whole epochs
+    it = iter(EpochBatches(cfg, 0))
+    assert [next(it)[4] for _ in range(16)] == [b[4] for b in _run(create_loader(cfg, 0)) + _run(create_loader(cfg, 1))]
+    with pytest.raises(ValueError, match="start_step"):
+        EpochBatches(cfg, 0, 6, batches_per_epoch=6)
 
 
 def test_augmentation_varies_but_eval_is_deterministic(trainset):

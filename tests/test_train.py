@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -109,8 +110,11 @@ def test_resume_is_exact(trainset, tmp_path, accum):
     # as if killed after logging steps past the checkpoint: those events must not survive
     from torch.utils.tensorboard import SummaryWriter
 
+    # (event files are read in name order, which has whole seconds in it: keep them apart)
+    time.sleep(1.05)
     with SummaryWriter(str(tmp_path / "part" / "tb")) as w:
         w.add_scalar("train/loss", 999.0, 10 // accum + 1)
+    time.sleep(1.05)
     rest = run_train(_cfg(trainset, tmp_path / "part", **kw), resume=True, **quiet)
     assert rest.start_step == 10 // accum and rest.steps == 20 // accum
     a, b = _metric_losses(tmp_path / "full"), _metric_losses(tmp_path / "part")

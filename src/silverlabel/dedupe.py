@@ -44,7 +44,7 @@ cost model (constants fitted on the project's 2-core Xeon VM) picks ``m``, about
 ``64 / log2(n)`` (3 chunks of 21-22 bits at n = 10^7), or the blocked all-pairs
 comparison (2.6 ns a pair) where that is cheaper (a few thousand hashes, or large ``D``).
 The work grows steeply with ``D``. Measured ``dedupe_keep_first`` on uniform random
-hashes, 2 threads (bench/select.py, BENCHMARKS.md):
+hashes, 2 threads (bench/select_bench.py, BENCHMARKS.md):
 
 =========  =====  =====  =====  =====  =====  =====
 n          D=4    D=6    D=8    D=10   D=12   D=16

@@ -506,3 +506,45 @@ def create_loader(cfg: LoaderConfig, epoch: int = 0, start_step: int = 0, *, pin
         kwargs["prefetch_factor"] = prefetch_factor
     return torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity, num_workers=cfg.num_workers,
                                        pin_memory=pin_memory, **kwargs)
+
+
+class EpochBatches:
+    """Batches of consecutive epochs, from batch ``start_step`` of ``epoch`` on: the same
+    batches as a new :func:`create_loader` per epoch, the first ``batches_per_epoch`` of each
+    (default: all; a trainer with gradient accumulation skips an epoch's incomplete tail).
+    With workers, the next epoch's loader is started ``lookahead`` batches (default: its
+    prefetch queue, 2 per worker) before the current one runs out, so worker start-up and the
+    first decodes overlap the tail instead of stalling the GPU at every epoch boundary.
+    ``limit``: stop after this many batches (no loader is started past it)."""
+
+    def __init__(self, cfg: LoaderConfig, epoch: int = 0, start_step: int = 0, *, batches_per_epoch: int | None = None,
+                 limit: int | None = None, pin_memory: bool = False, lookahead: int | None = None):
+        self.cfg, self.epoch, self.start = cfg, epoch, start_step
+        self.per_epoch = steps_per_epoch(cfg) if batches_per_epoch is None else batches_per_epoch
+        if not 0 < self.per_epoch <= steps_per_epoch(cfg) or not 0 <= start_step < self.per_epoch:
+            raise ValueError(f"need 0 <= start_step < batches_per_epoch <= {steps_per_epoch(cfg)}, "
+                             f"got {start_step}, {self.per_epoch}")
+        self.limit = limit
+        self.pin_memory = pin_memory
+        self.lookahead = (2 * cfg.num_workers if lookahead is None else lookahead) if cfg.num_workers else 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, pos, left = self.epoch, self.start, self.limit
+
+        def start(e: int, at: int):
+            return iter(create_loader(self.cfg, e, at, pin_memory=self.pin_memory))
+
+        cur, nxt = start(epoch, pos), None
+        while left is None or left > 0:
+            remaining = self.per_epoch - pos
+            if (nxt is None and self.lookahead and remaining <= self.lookahead
+                    and (left is None or left > remaining)):
+                nxt = start(epoch + 1, 0)
+            yield next(cur)
+            pos += 1
+            if left is not None:
+                left -= 1
+            if pos == self.per_epoch and (left is None or left > 0):
+                cur, nxt = (nxt if nxt is not None else start(epoch + 1, 0)), None
+                epoch, pos = epoch + 1, 0
+

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from silverlabel.dataset import atomic_write
-from silverlabel.loader import LoaderConfig, create_loader, normalize_on, steps_per_epoch
+from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
 
 LOSSES = ("ce", "bce-multihot", "soft-topk", "kd")
 LABEL_SPACE_SIZES = {"in1k": 1000, "in12k": 11821, "in21k": 21841}
@@ -481,9 +481,13 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     last_loss: float | None = None
     train_model.train()
     try:
+        # one stream across epochs: the next epoch's workers start before this one's last batches
+        epoch0, within0 = divmod(step, per_epoch)
+        batches = iter(EpochBatches(lcfg, epoch0, within0 * cfg.accum_steps, batches_per_epoch=per_epoch *
+                                    cfg.accum_steps, limit=(end - step) * cfg.accum_steps,
+                                    pin_memory=device.type == "cuda"))
         while step < end:
             epoch, within = divmod(step, per_epoch)
-            batches = iter(create_loader(lcfg, epoch, within * cfg.accum_steps, pin_memory=device.type == "cuda"))
             while within < per_epoch and step < end:
                 lr = lr_at(step, cfg, total)
                 for g in opt.param_groups:
@@ -537,7 +541,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                         bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e}", refresh=False)
                 if step % cfg.ckpt_every == 0 and step < end:
                     checkpoint(ckpt_path)
-            del batches
+        del batches
         checkpoint(ckpt_path)
         if step >= total:
             checkpoint(out / "checkpoint-final.pt")

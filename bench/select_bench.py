@@ -5,7 +5,7 @@
 (top-50 labels, long-tailed classes): the imagenet-12k class rule, a 1% balanced subset,
 and a threshold + in1k remap, each timed in a fresh process with its peak memory::
 
-    .venv/bin/python bench/select.py table --n 10000000 --workdir /tmp/bsel
+    .venv/bin/python bench/select_bench.py table --n 10000000 --workdir /tmp/bsel
 
 ``near-dup``: near-duplicate search over 64-bit pHashes (``silverlabel.dedupe``):
 
@@ -26,7 +26,7 @@ and a threshold + in1k remap, each timed in a fresh process with its peak memory
 Wall and CPU seconds (process time, all threads), and peak resident memory
 (``ru_maxrss``) after each step. Usage::
 
-    .venv/bin/python bench/select.py near-dup --n 10000000 --d 8 --markdown BENCHMARKS.md
+    .venv/bin/python bench/select_bench.py near-dup --n 10000000 --d 8 --markdown BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's ``select``: run as a script, its folder
-# comes first on sys.path and would shadow it (socket -> selectors -> select). Drop it.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
@@ -346,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/select.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/select_bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.bench == "table":
         import json
 
