@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
@@ -170,7 +169,6 @@ def test_default_teacher_is_the_tf_variant_and_confident():
 
 
 def test_cli_errors_are_one_line(dataset, tmp_path):
-    from silverlabel.cli import main
 
     for args, msg in [
         (["label", str(tmp_path)], "not a silverlabel dataset"),

@@ -101,7 +101,7 @@ def test_resume_is_exact(trainset, tmp_path, accum):
     # 48 samples / 8 = 6 loader batches per epoch -> 6 // accum steps per epoch: 20 steps cross epochs
     kw = dict(steps=20 // accum, accum_steps=accum, ckpt_every=4, ema_decay=0.9, loss="soft-topk")
     quiet = dict(progress=False, log=lambda *a: None)
-    full = run_train(_cfg(trainset, tmp_path / "full", **kw), **quiet)
+    run_train(_cfg(trainset, tmp_path / "full", **kw), **quiet)
     part = run_train(_cfg(trainset, tmp_path / "part", **kw), stop_after=10 // accum, **quiet)
     assert part.steps == 10 // accum and not (tmp_path / "part" / "checkpoint-final.pt").exists()
     # without --resume an existing run is refused

@@ -16,6 +16,8 @@ imagenet-12k-wds) without ever turning a member name into a filesystem path.
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import re
 import tarfile
@@ -165,3 +167,20 @@ def read_member(fileobj: BinaryIO, offset: int, size: int) -> bytes:
     if len(data) != size:
         raise OSError(f"tar member truncated: wanted {size} bytes at {offset}, got {len(data)}")
     return data
+
+
+class HashingFile:
+    """Write-through wrapper that computes the md5 of what is written (wids indexes and
+    ``.done`` records record it)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.md5 = hashlib.md5()
+
+    def write(self, data) -> int:
+        self.md5.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+

@@ -50,7 +50,7 @@ from silverlabel.augment import (RNF_EXT, Aug, AugPolicy, bytes_per_aug, decode,
                                  sample_augs, unpack)
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.engine import Report, create_engine
-from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
+from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
 from silverlabel.teachers import TeacherSpec
 
 INFO_FILE = "_info.json"
@@ -234,19 +234,6 @@ def _replay_sample(reader: _Reader, index: list, augs: list[list[Aug]], i: int, 
     return out
 
 
-class _HashingFile:
-    def __init__(self, f):
-        self.f = f
-        self.md5 = hashlib.md5()
-
-    def write(self, data) -> int:
-        self.md5.update(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
 def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | None = None) -> ReinforceResult:
     """Reinforce one shard and write it atomically, then its ``.done`` record. Idempotent."""
     t0 = time.monotonic()
@@ -276,7 +263,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         emb_dim = 0
         out_path = Path(unit.dst)
         with ThreadPoolExecutor(cfg.threads) as pool, atomic_write(out_path) as f:
-            hf = _HashingFile(f)
+            hf = HashingFile(f)
             window: deque = deque()
             next_batch = 0
 

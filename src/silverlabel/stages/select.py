@@ -291,6 +291,24 @@ def _reference_hashes(path: str) -> np.ndarray:
         raise ValueError(f"{path}: expected 16-hex pHashes") from None
 
 
+def write_classes_and_report(out: Path, class_ids: list, cls_of: dict, names: dict, mode: str, label_space: str,
+                             by_cls: dict[int, dict[str, int]], report: dict[str, Any]) -> None:
+    """``classes.json`` (cls, wnid, name, source index, per-split counts) and ``report.json``
+    of a selection; shared by the DuckDB path and the sharded one (select_sharded)."""
+    write_json_atomic(out / CLASSES_FILE, {
+        "label_space": label_space,
+        "num_classes": len(class_ids),
+        "classes": [
+            {"cls": cls_of[c], "wnid": names[c][0], "name": names[c][1],
+             "source_index": int(c) if mode == "top1" else None,
+             "train": by_cls.get(cls_of[c], {}).get("train", 0),
+             "validation": by_cls.get(cls_of[c], {}).get("validation", 0)}
+            for c in class_ids
+        ],
+    })
+    write_json_atomic(out / REPORT_FILE, report)
+
+
 def run_select(cfg: SelectConfig) -> SelectSummary:
     """Select from ``cfg.source`` into the selection directory ``cfg.output``."""
     import duckdb
@@ -528,21 +546,9 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
         label_space_name = "wordnet-rollup"
     else:
         label_space_name = cfg.label_space or inp.label_space
-    classes_doc = {
-        "label_space": label_space_name,
-        "num_classes": len(class_ids),
-        "classes": [
-            {"cls": cls_of[c], "wnid": names[c][0], "name": names[c][1],
-             "source_index": int(c) if mode == "top1" else None,
-             "train": by_cls.get(cls_of[c], {}).get("train", 0),
-             "validation": by_cls.get(cls_of[c], {}).get("validation", 0)}
-            for c in class_ids
-        ],
-    }
-    write_json_atomic(out / CLASSES_FILE, classes_doc)
-    report = {"input_rows": total_in, "selected_rows": rows, "splits": splits, "classes": len(class_ids),
-              "removed": removed, "label_rule": mode}
-    write_json_atomic(out / REPORT_FILE, report)
+    write_classes_and_report(out, class_ids, cls_of, names, mode, label_space_name, by_cls,
+                             {"input_rows": total_in, "selected_rows": rows, "splits": splits,
+                              "classes": len(class_ids), "removed": removed, "label_rule": mode})
     if cfg.dedupe or cfg.exclude_near:
         cols = list(zip(*dups)) if dups else [[], [], [], []]
         with atomic_write(out / DUPLICATES_FILE) as f:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
+from silverlabel.dataset import Dataset, atomic_write
 from silverlabel.engine import Report, create_engine
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 from silverlabel.stages import select as _select
@@ -412,21 +412,9 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
         label_space_name = mode
     else:
         label_space_name = cfg.label_space or space
-    classes_doc = {
-        "label_space": label_space_name,
-        "num_classes": len(class_ids),
-        "classes": [
-            {"cls": cls_of[c], "wnid": names[c][0], "name": names[c][1],
-             "source_index": int(c) if mode == "top1" else None,
-             "train": by_cls.get(cls_of[c], {}).get("train", 0),
-             "validation": by_cls.get(cls_of[c], {}).get("validation", 0)}
-            for c in class_ids
-        ],
-    }
-    write_json_atomic(out / CLASSES_FILE, classes_doc)
-    report = {"input_rows": total_in, "selected_rows": rows, "splits": splits, "classes": len(class_ids),
-              "removed": removed, "label_rule": mode}
-    write_json_atomic(out / REPORT_FILE, report)
+    _select.write_classes_and_report(out, class_ids, cls_of, names, mode, label_space_name, by_cls,
+                                     {"input_rows": total_in, "selected_rows": rows, "splits": splits,
+                                      "classes": len(class_ids), "removed": removed, "label_rule": mode})
     (out / dup_file).unlink(missing_ok=True)
     Dataset(out).write_manifest({
         "stage": "select",

@@ -65,7 +65,7 @@ from silverlabel import __version__
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.engine import Report, create_engine
 from silverlabel.formats.selection import CLASSES_FILE, SELECTION_DIR, SELECTION_SCHEMA
-from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
+from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
 
 DEFAULT_TEMPLATE = "{name}-{split}-{index:04d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 10_000
@@ -245,21 +245,6 @@ def index_source_shard(unit: IndexUnit, cfg: ShardConfig, report: Report | None 
     return unit.id, [found[k] for k in unit.keys]
 
 
-class _HashingFile:
-    """Write-through wrapper that computes the md5 of what is written (for the wids index)."""
-
-    def __init__(self, f):
-        self.f = f
-        self.md5 = hashlib.md5()
-
-    def write(self, data) -> int:
-        self.md5.update(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
 def _floats32(values: list[float]) -> list[float]:
     """float32 values as the shortest decimals that read back to the same float32."""
     return [float(x) for x in np.asarray(values, dtype=np.float32).astype(str)]
@@ -330,7 +315,7 @@ def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None)
         rows = unit.meta.to_pylist()
         path = out / unit.filename
         with atomic_write(path) as f:
-            hf = _HashingFile(f)
+            hf = HashingFile(f)
             with ShardWriter(hf) as writer:
                 for pos, row in enumerate(rows):
                     if spool is not None:
