@@ -127,8 +127,11 @@ def timm_wds(ts: Path, batch: int, workers: int, size: int):
     from timm.data import create_dataset, create_loader
 
     ds = create_dataset("wds/bench", root=str(ts), split="train", is_training=True, batch_size=batch, seed=0)
+    # the same augmentation work as silverlabel's: RandomResizedCrop(0.05..1, bicubic) + flip,
+    # no colour jitter (timm's training default adds ColorJitter 0.4, silverlabel does not)
     loader = create_loader(ds, input_size=(3, size, size), batch_size=batch, is_training=True, scale=(0.05, 1.0),
-                           num_workers=workers, pin_memory=True, use_prefetcher=True, device=torch.device("cuda"))
+                           color_jitter=None, interpolation="bicubic", num_workers=workers, pin_memory=True,
+                           use_prefetcher=True, device=torch.device("cuda"))
 
     def make(_epoch):
         for x, y in loader:
@@ -220,12 +223,14 @@ def main() -> int:
         run = root / "run"
         s = run_train(TrainConfig(str(ts), str(run), model=args.model, img_size=args.size, batch_size=args.batch,
                                   steps=args.train_steps, lr=1e-4, warmup_steps=5, loss="ce", device="cuda",
-                                  num_workers=args.workers, log_every=5, ckpt_every=10**9, ema_decay=0.999),
-                      progress=False)
+                                  num_workers=args.workers, log_every=5, ckpt_every=10**9), progress=False)
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        steady = [r["samples_per_s"] for r in rows if r["step"] > 10]
-        res["silverlabel train (run_train)"] = float(np.median(steady)) if steady else s.samples_per_second
-        print(f"run_train: {res['silverlabel train (run_train)']:.0f} img/s (median of logged intervals), "
+        # like the other rows: all images over all time after the warm-up (epoch boundaries included)
+        steady = [r for r in rows if r["step"] > min(args.warmup, args.train_steps // 2)]
+        seconds = sum(5 * args.batch / r["samples_per_s"] for r in steady)
+        res["silverlabel train (run_train)"] = (5 * args.batch * len(steady) / seconds if steady
+                                                else s.samples_per_second)
+        print(f"run_train: {res['silverlabel train (run_train)']:.0f} img/s (all logged intervals after warm-up), "
               f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}", flush=True)
         t0 = time.perf_counter()
         ev = run_eval(EvalConfig(str(run), str(ts), split="validation", batch_size=args.batch, device="cuda",

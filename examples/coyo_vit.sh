@@ -5,9 +5,10 @@
 #
 # The paper's recipe (COYO-Labeled-300M -> ViT-L/16 -> ImageNet-1k at 384/512 px):
 #   POOL=data/coyo-labeled MODEL=vit_large_patch16_224 PRE_SIZE=224 FT_SIZE=384 \
-#   PRE_STEPS=... BATCH=4096 (via torchrun + ACCUM) FT_SET=data/in1k-trainset \
+#   PRE_STEPS=... BATCH=128 ACCUM=4 LAUNCH="torchrun --nproc-per-node 8" (4096 a step) FT_SET=data/in1k-trainset \
 #   REAL=imagenet_real_labels.json bash examples/coyo_vit.sh
-# Defaults run in a few minutes on a laptop CPU over `make demo`'s output.
+# Defaults run in a few minutes on a laptop CPU over `make demo`'s output. OUT should be a new
+# folder: the train steps refuse to overwrite a run (RESUME=1 continues an interrupted one).
 #
 # Multi-GPU / multi-node: set LAUNCH="torchrun --nproc-per-node 8" (add --nnodes,
 # --rdzv-endpoint for several hosts); every rank reads the same shards, split by the loader.
@@ -19,7 +20,7 @@ OUT=${OUT:-examples-output/coyo-vit}
 MODEL=${MODEL:-vit_tiny_patch16_224}
 PRE_SIZE=${PRE_SIZE:-64}; FT_SIZE=${FT_SIZE:-96}
 PRE_STEPS=${PRE_STEPS:-40}; FT_STEPS=${FT_STEPS:-20}
-BATCH=${BATCH:-32}; WORKERS=${WORKERS:-0}
+BATCH=${BATCH:-32}; ACCUM=${ACCUM:-1}; WORKERS=${WORKERS:-0}   # BATCH is per GPU: global = BATCH x ACCUM x GPUs
 THRESHOLD=${THRESHOLD:-}                    # bce-multihot: only labels with prob >= t (COYO users pick it)
 FT_SET=${FT_SET:-}                          # downstream labeled training set; default: built from POOL
 REAL=${REAL:-}                              # ReaL label sets (JSON); default: the teacher's, built from FT_SET
@@ -32,7 +33,7 @@ $SL shard "$OUT/pretrain-sel" -o "$OUT/pretrain-set" --samples-per-shard 64 --na
 
 # 2. pretrain: sigmoid BCE on the multi-hot top-k, head bias -10
 run train "$OUT/pretrain-set" -o "$OUT/pretrain" --model "$MODEL" --img-size "$PRE_SIZE" \
-  --batch-size "$BATCH" --steps "$PRE_STEPS" --lr 1e-3 --warmup-steps $((PRE_STEPS / 10)) \
+  --batch-size "$BATCH" --accum-steps "$ACCUM" ${RESUME:+--resume} --steps "$PRE_STEPS" --lr 1e-3 --warmup-steps $((PRE_STEPS / 10)) \
   --weight-decay 0.1 --loss bce-multihot ${THRESHOLD:+--label-threshold "$THRESHOLD"} \
   --workers "$WORKERS" --no-progress
 
@@ -49,7 +50,7 @@ if [ -z "$REAL" ]; then
 fi
 
 # 4. fine-tune at a higher resolution: new head, position embeddings resampled
-run train "$FT_SET" -o "$OUT/finetune" --model "$MODEL" --img-size "$FT_SIZE" --batch-size "$BATCH" \
+run train "$FT_SET" -o "$OUT/finetune" --model "$MODEL" --img-size "$FT_SIZE" --batch-size "$BATCH" ${RESUME:+--resume} \
   --steps "$FT_STEPS" --lr 5e-4 --warmup-steps $((FT_STEPS / 10)) --loss ce --label-smoothing 0.1 \
   --init "$OUT/pretrain/checkpoint-final.pt" --ema-decay 0.99 --workers "$WORKERS" --no-progress
 

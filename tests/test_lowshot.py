@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,28 @@ def test_lowshot_probe_and_finetune(pretrained, tmp_path):
     r2 = run_lowshot(cfg, log=msgs.append)
     assert (sub / "subset-train-0000.tar").stat().st_mtime_ns == mtime
     assert r2["results"] == r["results"]
+
+
+def test_lowshot_new_head_other_size_and_changed_settings(pretrained, tmp_path):
+    ts, run = pretrained
+    base = dict(fractions=(0.5,), ft_steps=2, ft_lr=1e-3, batch_size=16, out=str(tmp_path / "ls"), probe_iters=20)
+    r = run_lowshot(LowShotConfig(run, ts, img_size=48, **base), log=lambda *a: None)  # the run is 32 px
+    assert r["img_size"] == 48 and r["results"]["50pct"]["probe"]["top1"] is not None
+    init = torch.load(tmp_path / "ls" / "init.pt", weights_only=True)
+    pre = torch.load(Path(run) / "checkpoint-final.pt", weights_only=True)["model"]
+    assert "head.weight" not in init and "head.bias" not in init  # the pretrained head is never reused
+    assert torch.equal(init["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+    ft = tmp_path / "ls" / "finetune-50pct"
+    first = json.loads((ft / "eval-validation.json").read_text())
+    assert json.loads((ft / "lowshot-run.json").read_text())["train"]["steps"] == 2
+    # other settings: the old fine-tune is not resumed but started again
+    r2 = run_lowshot(LowShotConfig(run, ts, img_size=48, **{**base, "ft_steps": 3}), log=lambda *a: None)
+    assert r2["results"]["50pct"]["finetune"]["steps"] == 3
+    rows = [json.loads(ln)["step"] for ln in (ft / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [3]  # a fresh run (logs every 3 steps), not the 2-step run continued
+    assert first["step"] == 2
+    with pytest.raises(ValueError, match="seed"):
+        LowShotConfig(run, ts, seed=-1)
 
 
 def test_cli_eval_lowshot(pretrained, tmp_path, capsys):

@@ -132,6 +132,20 @@ def test_resume_is_exact(trainset, tmp_path, accum):
         assert torch.equal(ca["ema"][k], cb["ema"][k]), k
 
 
+def test_restart_before_first_checkpoint_keeps_no_stale_rows(trainset, tmp_path):
+    # a run killed before its first checkpoint, started again: metrics and TensorBoard hold one
+    # copy of each step, not the dead run's rows followed by the new ones
+    quiet = dict(progress=False, log=lambda *a: None)
+    run_train(_cfg(trainset, tmp_path / "r", steps=4, loss="ce"), **quiet)
+    for f in ("checkpoint.pt", "checkpoint-final.pt"):
+        (tmp_path / "r" / f).unlink()
+    time.sleep(1.05)  # event files are read in name order, which has whole seconds in it
+    run_train(_cfg(trainset, tmp_path / "r", steps=4, loss="ce"), **quiet)
+    assert [s for s, _ in _metric_losses(tmp_path / "r")] == [1, 2, 3, 4]
+    assert [s for s, _ in _tb_losses(tmp_path / "r")] == [1, 2, 3, 4]
+    assert (tmp_path / "r" / "metrics.csv").read_text().count("\n") == 5
+
+
 def _tb_losses(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

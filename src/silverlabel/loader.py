@@ -285,6 +285,11 @@ def decode_image(data: bytes, cfg: LoaderConfig, rng: np.random.Generator | None
     return img.crop((left, top, left + size, top + size))
 
 
+# x * (1/255) rather than x / 255: CUDA divides by a scalar as a multiply by its reciprocal,
+# so this is the one form that is the same arithmetic on both devices.
+_INV255 = 1.0 / 255.0
+
+
 def to_tensor(img: Image.Image, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
     """PIL RGB -> normalized float32 [3, H, W] (ToTensor + Normalize); uint8 [3, H, W] when
     ``mean`` is None (``LoaderConfig.normalize=False``: 4x fewer bytes through the workers'
@@ -292,18 +297,19 @@ def to_tensor(img: Image.Image, mean: torch.Tensor | None, std: torch.Tensor | N
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     if mean is None:
         return x
-    return x.float().div_(255.0).sub_(mean).div_(std)
+    return x.float().mul_(_INV255).sub_(mean).div_(std)
 
 
 def normalize_on(x: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
     """A batch from the loader as normalized float32 on ``x``'s device: uint8 batches
-    (``normalize=False``) get ToTensor + Normalize there, the same arithmetic as the CPU path;
-    float batches are returned unchanged."""
+    (``normalize=False``) get ToTensor + Normalize there with the same operations as the
+    CPU path (equal bits on the CPU, tested; on CUDA not checked); float batches are
+    returned unchanged."""
     if x.dtype != torch.uint8:
         return x
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return x.float().div_(255.0).sub_(mean).div_(std)
+    return x.float().mul_(_INV255).sub_(mean).div_(std)
 
 
 def _targets(cls: int, meta: dict[str, Any], k: int) -> tuple[list[int], list[float]]:

@@ -12,6 +12,9 @@ ImageNet-1k = 12,811 images, 10% = 128,116), then
   the whole model from the checkpoint with a new head (``silverlabel train --init``, loss
   ``ce``) for ``ft_steps`` steps;
 
+both from the same weights (the EMA ones with ``ema=True``), saved without the head as
+``init.pt``; ``img_size`` other than the run's resamples the position embeddings for both;
+
 and report top-1/top-5 of each on the **full** validation split.
 
 The subset is the one ``silverlabel select --fraction F --balanced --seed S`` draws: per-class
@@ -24,12 +27,14 @@ samples with the smallest ``md5("{seed}:f:{key}")``. So a subset can be reproduc
 
 Outputs under ``RUN/lowshot`` (or ``out``): ``lowshot.json``, ``subset-F/`` (the fine-tuning
 training sets), ``finetune-F/`` (their runs, with ``eval-SPLIT.json``). Rerunning reuses the
-subsets and finished fine-tuning runs.
+subsets, and resumes a fine-tuning run only when its weights, subset and settings are the
+same (``finetune-F/lowshot-run.json``); otherwise it starts it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -53,6 +58,7 @@ from silverlabel.stages.shard import read_info
 
 MODES = ("probe", "finetune")
 SUBSET_SHARD_SIZE = 1000
+STAMP_FILE = "lowshot-run.json"
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class LowShotConfig:
             raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(self.modes) or 'none'}")
         if self.batch_size < 1 or self.ft_steps < 1 or self.probe_iters < 1:
             raise ValueError("batch_size, ft_steps and probe_iters must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.ft_lr <= 0 or not self.probe_wds or any(w < 0 for w in self.probe_wds):
             raise ValueError("ft_lr must be > 0 and probe_wds non-empty and >= 0")
 
@@ -331,6 +339,16 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     device = _device(cfg.device)
     img_size = cfg.img_size or int(tconf.get("img_size", 224))
     results: dict[str, Any] = {}
+    # the weights both modes start from (the EMA ones with --ema), without the head: the
+    # fine-tune always gets a new head, also when the class count happens to match
+    init = out / "init.pt"
+    init_sha = save_backbone(model, init)
+    if img_size != int(tconf.get("img_size", 224)):  # probe at another size: pos_embed resampled
+        from silverlabel.stages.train import TrainConfig as _TC, create_model, load_init
+
+        model = create_model(_TC("-", "-", model=str(tconf["model"]), img_size=img_size), 1)
+        load_init(model, str(init))
+        model.eval()
 
     if "probe" in cfg.modes:
         model.to(device)
@@ -363,8 +381,16 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
                                steps=cfg.ft_steps, lr=cfg.ft_lr, weight_decay=cfg.ft_weight_decay,
                                warmup_steps=cfg.ft_steps // 10 if cfg.ft_warmup_steps is None else cfg.ft_warmup_steps,
                                optimizer=cfg.ft_optimizer, loss="ce", seed=cfg.seed, device=cfg.device,
-                               num_workers=cfg.num_workers, init=str(ckpt), log_every=max(1, min(10, cfg.ft_steps)),
+                               num_workers=cfg.num_workers, init=str(init), log_every=max(1, min(10, cfg.ft_steps)),
                                ckpt_every=max(1, cfg.ft_steps // 4))
+            # an earlier fine-tune is resumed (or reused) only if it started from the same
+            # weights, subset and settings; otherwise it is started again
+            stamp = {"init_sha256": init_sha, "subset": json.loads((sdir / "_info.json").read_text())
+                     ["silverlabel"]["keys_sha256"], "train": asdict(tcfg)}
+            if rdir.exists() and _read_json(rdir / STAMP_FILE) != stamp:
+                shutil.rmtree(rdir)
+            rdir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(rdir / STAMP_FILE, stamp)
             log(f"low-shot fine-tune {tag}: {len(sub)} images, {cfg.ft_steps} steps of {bs}")
             s = run_train(tcfg, resume=(rdir / "checkpoint.pt").exists(), progress=False, log=lambda *a: None)
             ev = run_eval(EvalConfig(str(rdir), cfg.trainset, split=cfg.val_split, batch_size=cfg.batch_size,
@@ -386,6 +412,29 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     write_json_atomic(out / "lowshot.json", report)
     report["output"] = str(out / "lowshot.json")
     return report
+
+
+def save_backbone(model: torch.nn.Module, path: Path) -> str:
+    """Write ``model``'s weights without its classifier (timm's ``get_classifier()``) to
+    ``path`` atomically, as a plain state dict; returns the file's sha256."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    skip = {f"{name}.{p}" for name, mod in model.named_modules() if head is not None and mod is head
+            for p, _ in mod.named_parameters()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _last_loss(run: Path) -> float | None:

@@ -347,13 +347,13 @@ def _metrics_truncate(out: Path, step: int) -> None:
 
 
 def _tensorboard_writer(path: Path, step: int):
-    """A SummaryWriter on ``RUN/tb``; on resume it starts at ``step`` (``purge_step`` hides
+    """A SummaryWriter on ``RUN/tb`` that continues at ``step`` (``purge_step`` hides
     the events logged after the checkpoint: steps > ``step``). None without tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # optional: CSV/JSONL are always written
         return None
-    return SummaryWriter(str(path), purge_step=step + 1 if step > 0 else None)
+    return SummaryWriter(str(path), purge_step=step + 1)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -437,7 +437,6 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         torch.set_rng_state(ck["torch_rng"])
         step = int(ck["step"])
         if master:
-            _metrics_truncate(out, step)
             log(f"resumed from {ckpt_path} at step {step}")
     start_step = step
     train_model = model
@@ -459,6 +458,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     jl = csv_f = csv_w = tb = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        _metrics_truncate(out, step)  # rows a killed run logged after its checkpoint (or before its first)
         jl = open(out / "metrics.jsonl", "a")
         new_csv = not (out / "metrics.csv").exists() or (out / "metrics.csv").stat().st_size == 0
         csv_f = open(out / "metrics.csv", "a", newline="")
