@@ -5,9 +5,12 @@ The rules that need global state reduce to small summaries that the driver merge
 same selection can be computed by mapping over the dataset's shards:
 
 1. *count* (one unit per shard): the shard's rows (samples joined with its labels file),
-   the label rule and ``--min-prob`` -> per class: its count and its ``V`` validation
-   candidates, the rows with the smallest ``md5(seed:key), key`` (what DuckDB's
-   ``row_number() OVER (PARTITION BY class ORDER BY md5, key)`` ranks first).
+   the uid list, the label-space remapping / roll-up, the label rule and ``--min-prob`` ->
+   per class: its count and its ``V`` validation candidates, the rows with the smallest
+   ``md5(seed:key), key`` (what DuckDB's ``row_number() OVER (PARTITION BY class ORDER BY
+   md5, key)`` ranks first); for ``--uids``, the shard's matched rows and which listed uids
+   it holds (positions in the sorted list, merged on the driver for
+   ``uids_missing_from_pool``).
 2. *plan* (driver): the class rule (``--val-per-class``, ``--min-train-per-class``,
    ``--top-classes``) on the merged counts, with the same ranking and class order as the
    DuckDB path; the validation draw = the ``V`` smallest candidates per class; the train
@@ -17,21 +20,28 @@ same selection can be computed by mapping over the dataset's shards:
 4. *write* (one unit per shard): the shard's selected rows, ``--keys-file`` applied, in
    ``(split, key)`` order to ``selection/part-{shard}.parquet``; counts per class and split.
 
-The driver holds per class at most ``V`` candidates and the ``quota`` chosen keys, never
-the pool. The result has the same rows (every column), ``classes.json`` and
-``report.json`` as the DuckDB path; only the cut of the selection table into part files
-differs (one part per source shard), which ``shard`` does not see (it orders by key).
+The driver holds per class at most ``V`` candidates and the ``quota`` chosen keys, and with
+``--uids`` the list itself and one flag per listed uid, never the pool. The result has the
+same rows (every column), ``classes.json`` and ``report.json`` as the DuckDB path; only the
+cut of the selection table into part files differs (one part per source shard), which
+``shard`` does not see (it orders by key).
 
-Supported: a silverlabel dataset as input; ``--label top1|source|none`` (in the labels' own
-space), ``--min-prob``, ``--multi-label``, the class rule, the validation draw,
-``--fraction --balanced``, ``--keys-file``. The others (``--uids``, ``--dedupe``,
-``--exclude-near``, ``--label-space`` remapping, ``--rollup-*``, bare tables) raise a
-ValueError that names them: run those with the DuckDB path (``--engine local``).
+Supported: a silverlabel dataset as input; ``--uids`` (a uid listed ``k > 1`` times gives
+rows ``key-1 .. key-k``, ``source_key`` the sample's key), ``--label top1|source|none``,
+``--label-space`` remapping and ``--rollup-depth`` / ``--rollup-to`` (the same index map as
+the DuckDB path, :func:`silverlabel.stages.select._label_mapping`; the top-k mapped, the
+probabilities of classes that land on one target summed in double in list order and cast
+to float32, re-ranked by ``p DESC, class``, a row none of whose labels maps dropped, as the
+DuckDB path's SQL), ``--min-prob``, ``--multi-label``, the class rule, the validation draw,
+``--fraction --balanced``, ``--keys-file``. ``--dedupe`` and ``--exclude-near`` (they compare
+every row with every other, i.e. need the whole pool) and bare tables raise a ValueError
+that names them: run those with the DuckDB path (``--engine local``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 import time
@@ -58,12 +68,9 @@ _FNAME = re.compile(r"[^/#]+\Z")  # DuckDB's regexp_extract(..., '[^/#]+$')
 def unsupported_rules(cfg: SelectConfig) -> list[str]:
     """The options of ``cfg`` that only the DuckDB path implements."""
     bad = []
-    for name, flag in (("uids", "--uids"), ("dedupe", "--dedupe"), ("exclude_near", "--exclude-near"),
-                       ("rollup_to", "--rollup-to")):
+    for name, flag in (("dedupe", "--dedupe"), ("exclude_near", "--exclude-near")):
         if getattr(cfg, name):
             bad.append(flag)
-    if cfg.rollup_depth is not None:
-        bad.append("--rollup-depth")
     return bad
 
 
@@ -91,10 +98,18 @@ class _Plan:
     classes: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # class_id -> (cls, class_name)
     quotas: dict[int, int] = field(default_factory=dict)
     wanted: frozenset[str] | None = None
+    uid_list: np.ndarray | None = None  # --uids: the distinct uids, sorted, as S32 bytes
+    uid_copies: np.ndarray | None = None  # ... and how often each is listed
+    mapping: np.ndarray | None = None  # --label-space / --rollup-*: labels' index -> output index (-1: none)
 
 
 def _md5(seed: int, salt: str, key: str) -> str:
     return hashlib.md5(f"{seed}:{salt}{key}".encode()).hexdigest()
+
+
+def _ge(p: float | None, thr: np.float32) -> bool:
+    """DuckDB's ``FLOAT >= FLOAT`` as a filter: NULL is false, NaN is larger than any number."""
+    return p is not None and (math.isnan(p) or np.float32(p) >= thr)
 
 
 def _read_rows(unit: ShardUnit, plan: _Plan) -> list[dict[str, Any]]:
@@ -120,8 +135,85 @@ def _read_rows(unit: ShardUnit, plan: _Plan) -> list[dict[str, Any]]:
     else:
         for r in rows:
             r["labels"] = r["label_probs"] = None
+    for r in rows:
+        r["source_key"] = r["key"]
     rows.sort(key=lambda r: r["key"])
     return rows
+
+
+def _apply_uids(rows: list[dict[str, Any]], plan: _Plan) -> tuple[list[dict[str, Any]], int, np.ndarray]:
+    """The uid rule of the DuckDB path (``JOIN uid_list ON p.uid = u.uid``, ``copies`` rows
+    ``key-1..key-k`` when a uid is listed ``k > 1`` times): (rows, distinct keys matched,
+    positions in ``plan.uid_list`` of the listed uids this shard holds)."""
+    lst, copies = plan.uid_list, plan.uid_copies
+    # exact string equality: only a 32-character ASCII uid can equal a listed one (all are 32-hex)
+    cand = np.array([u.encode() if isinstance(u, str) and len(u) == 32 and u.isascii() else b""
+                     for u in (r["uid"] for r in rows)], dtype="S32")
+    pos = np.minimum(np.searchsorted(lst, cand), max(len(lst) - 1, 0))
+    hit = (lst[pos] == cand) & (cand != b"") if len(lst) else np.zeros(len(rows), bool)
+    out = []
+    matched = set()
+    for r, h, i in zip(rows, hit.tolist(), pos.tolist()):
+        if not h:
+            continue
+        matched.add(r["key"])
+        k = int(copies[i])
+        if k > 1:
+            out.extend(dict(r, key=f"{r['key']}-{j}") for j in range(1, k + 1))
+        else:
+            out.append(r)
+    out.sort(key=lambda r: r["key"])
+    return out, len(matched), np.unique(pos[hit]).astype(np.int64)
+
+
+def _prob_order(item: tuple[int, float | None]) -> tuple:
+    """``ORDER BY p DESC, dst`` as DuckDB sorts FLOATs: NaN first, NULL last."""
+    d, p = item
+    if p is None:
+        return (2, 0.0, d)
+    if math.isnan(p):
+        return (0, 0.0, d)
+    return (1, -p, d)
+
+
+def _remap(rows: list[dict[str, Any]], mapping: np.ndarray) -> list[dict[str, Any]]:
+    """The DuckDB path's remapping SQL, row by row: the top-k (``unnest(labels),
+    unnest(label_probs)``, the shorter list padded with NULLs) joined with the index map,
+    ``dst >= 0``, ``sum(p)::FLOAT`` per target (a double sum, NULLs skipped), re-ranked by
+    ``p DESC, dst``; a row with no mapped label is dropped (the inner join)."""
+    n = len(mapping)
+    m = mapping.tolist()
+    out = []
+    for r in rows:
+        acc: dict[int, float | None] = {}
+        for lab, p in itertools.zip_longest(r["labels"] or (), r["label_probs"] or ()):
+            if lab is None or not 0 <= lab < n or m[lab] < 0:
+                continue
+            d = m[lab]
+            if d not in acc or acc[d] is None:
+                acc[d] = None if p is None else float(p)
+            elif p is not None:
+                acc[d] += p
+        if not acc:
+            continue
+        ranked = sorted(((d, None if s is None else float(np.float32(s))) for d, s in acc.items()), key=_prob_order)
+        r["labels"] = [d for d, _ in ranked]
+        r["label_probs"] = [p for _, p in ranked]
+        out.append(r)
+    return out
+
+
+def _pool(unit: ShardUnit, plan: _Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The shard's rows after the uid list and the label-space mapping (the DuckDB path's
+    ``pool1``/``pool3``), and what the report needs from them."""
+    rows = _read_rows(unit, plan)
+    stats: dict[str, Any] = {"rows": len(rows)}
+    if plan.uid_list is not None:
+        rows, stats["uid_matched"], stats["uid_hits"] = _apply_uids(rows, plan)
+    if plan.mapping is not None and plan.mode == "top1":
+        rows = _remap(rows, plan.mapping)
+    stats["before_label"] = len(rows)
+    return rows, stats
 
 
 def _labeled(rows: list[dict[str, Any]], plan: _Plan) -> list[dict[str, Any]]:
@@ -133,12 +225,12 @@ def _labeled(rows: list[dict[str, Any]], plan: _Plan) -> list[dict[str, Any]]:
         for r in rows:
             labels, probs = r["labels"], r["label_probs"]
             first = probs[0] if probs else None
-            if thr is not None and (first is None or not np.float32(first) >= thr):
+            if thr is not None and not _ge(first, thr):
                 continue
             r["class_id"] = str(labels[0]) if labels else None
             if cfg.multi_label and thr is not None:
-                keep = [i for i, p in enumerate(probs) if np.float32(p) >= thr]
-                r["labels"] = [labels[i] for i in keep]
+                keep = [i for i, p in enumerate(probs) if _ge(p, thr)]
+                r["labels"] = [labels[i] for i in keep if i < len(labels)]
                 r["label_probs"] = [probs[i] for i in keep]
             out.append(r)
     elif plan.mode == "source":
@@ -155,7 +247,7 @@ def _labeled(rows: list[dict[str, Any]], plan: _Plan) -> list[dict[str, Any]]:
 
 def count_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> dict[str, Any]:
     """Pass 1: rows in, rows labeled, class counts, validation candidates per class."""
-    rows = _read_rows(unit, plan)
+    rows, stats = _pool(unit, plan)
     labeled = _labeled(rows, plan)
     counts: dict[str, int] = {}
     cands: dict[str, list[tuple[str, str]]] = {}
@@ -170,15 +262,15 @@ def count_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> di
     if v:
         cands = {c: sorted(lst)[:v] for c, lst in cands.items()}
     if report:
-        report(len(rows), len(labeled))
-    return {"index": unit.index, "rows": len(rows), "labeled": len(labeled), "counts": counts, "candidates": cands}
+        report(stats["rows"], len(labeled))
+    return {"index": unit.index, **stats, "labeled": len(labeled), "counts": counts, "candidates": cands}
 
 
 def _split_rows(unit: ShardUnit, plan: _Plan) -> list[dict[str, Any]]:
     """The shard's rows of the chosen classes with cls, class_name and split."""
     val = set(unit.validation)
     out = []
-    for r in _labeled(_read_rows(unit, plan), plan):
+    for r in _labeled(_pool(unit, plan)[0], plan):
         if plan.mode == "none":
             r["cls"], r["class_name"], r["split"] = -1, None, "train"
         else:
@@ -225,7 +317,7 @@ def write_unit(unit: ShardUnit, plan: _Plan, report: Report | None = None) -> di
     if rows:
         cols = {
             "key": [r["key"] for r in rows],
-            "source_key": [r["key"] for r in rows],
+            "source_key": [r["source_key"] for r in rows],
             "id": [r["id"] for r in rows],
             "uid": [r["uid"] for r in rows],
             "url": [r["url"] for r in rows],
@@ -307,11 +399,16 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
     if cfg.fraction is not None and mode == "none":
         raise ValueError("--fraction --balanced needs labels (--label top1 or source)")
     wnids: list[str] = []
+    mapping = None
     if mode == "top1":
         mapping, wnids = _select._label_mapping(cfg, space)
-        if mapping is not None:
-            raise ValueError(f"select over shards (--engine ray) does not support --label-space {cfg.label_space} "
-                             f"(remapping from {space}): run it with --engine local (DuckDB)")
+    uid_list = uid_copies = None
+    if cfg.uids:
+        ut = _select.load_uids(cfg.uids)  # the DuckDB path's reader: distinct uids and their copies
+        uid_list = np.array(ut.column("uid").to_pylist(), dtype="S32")
+        uid_copies = ut.column("copies").to_numpy()
+        order = np.argsort(uid_list, kind="stable")
+        uid_list, uid_copies = uid_list[order], uid_copies[order]
     wanted = None
     if cfg.keys_file:
         with open(cfg.keys_file) as f:
@@ -331,24 +428,33 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
         shard = int(p.stem.rsplit("-", 1)[1])
         lab = ds.root / "labels" / labels_name / f"{name}-{shard:06d}.parquet" if labels_name else None
         units.append(ShardUnit(i, str(p), str(lab) if lab else None))
-    plan = _Plan(cfg, mode, has_labels, str(Path(cfg.source).resolve()), wanted=wanted)
+    plan = _Plan(cfg, mode, has_labels, str(Path(cfg.source).resolve()), wanted=wanted, uid_list=uid_list,
+                 uid_copies=uid_copies, mapping=mapping)
 
     # 1. counts and validation candidates
-    total_in = n_labeled = 0
+    total_in = n_labeled = n_before = uid_matched = 0
+    uid_found = np.zeros(0 if uid_list is None else len(uid_list), bool)
     counts: dict[str, int] = {}
     cands: dict[str, list[tuple[str, str, int]]] = {}
     v = cfg.val_per_class
     for res in eng.map(count_unit, units, plan, progress):
         total_in += res["rows"]
+        n_before += res["before_label"]
         n_labeled += res["labeled"]
+        if uid_list is not None:
+            uid_matched += res["uid_matched"]
+            uid_found[res["uid_hits"]] = True
         for c, n in res["counts"].items():
             counts[c] = counts.get(c, 0) + n
         for c, lst in res["candidates"].items():
             merged = cands.get(c, []) + [(m, k, res["index"]) for m, k in lst]
             cands[c] = sorted(merged)[:v]
-    removed: dict[str, int] = {}
-    if total_in - n_labeled:
-        removed["below_min_prob_or_unlabeled"] = total_in - n_labeled
+    removed: dict[str, int] = {}  # the DuckDB path's keys, in its order
+    if uid_list is not None:
+        removed["not_in_uids"] = total_in - uid_matched
+        removed["uids_missing_from_pool"] = int(len(uid_list) - uid_found.sum())
+    if n_before - n_labeled:  # as the DuckDB path: rows the remapping drops are not counted
+        removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
 
     # 2. the class rule and the validation draw (the DuckDB path's rules, in Python)
     need = cfg.val_per_class + cfg.min_train_per_class
@@ -410,6 +516,8 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
     splits = dict(sorted(splits.items()))
     if mode != "top1":
         label_space_name = mode
+    elif cfg.rollup_depth is not None or cfg.rollup_to:
+        label_space_name = "wordnet-rollup"
     else:
         label_space_name = cfg.label_space or space
     _select.write_classes_and_report(out, class_ids, cls_of, names, mode, label_space_name, by_cls,
