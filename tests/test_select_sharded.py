@@ -227,6 +227,7 @@ def test_sharded_label_space_and_rollup_equal_duckdb(case, merging_dataset, tmp_
         assert tie["labels"] == [lion, hammerhead, tiger] and tie["label_probs"] == [0.375, 0.25, 0.25]
         assert classes["label_space"] == "in1k" and {c["name"] for c in classes["classes"]} >= {"lion", "tiger"}
         assert report["input_rows"] == len(rows) + 1  # the organism-only row maps to nothing and is dropped
+        assert report["removed"] == {"below_min_prob_or_unlabeled": 1}  # ... and the report says so
     if case.startswith("rollup"):
         assert classes["label_space"] == "wordnet-rollup"
 

@@ -398,6 +398,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     if mode == "source" and not inp.has_source_labels:
         raise ValueError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
     wnids: list[str] = []
+    n_before = con.execute(f"SELECT count(*) FROM {current}").fetchall()[0][0]  # rows a remap empties count below
     if mode == "top1":
         mapping, wnids = _label_mapping(cfg, inp.label_space)
         if mapping is not None:  # remap + re-rank the top-k in the output space
@@ -428,7 +429,6 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     else:
         con.execute(f"CREATE TEMP VIEW labeled AS SELECT *, NULL::VARCHAR AS class_id FROM {current}")
     n_labeled = con.execute("SELECT count(*) FROM labeled").fetchall()[0][0]
-    n_before = con.execute(f"SELECT count(*) FROM {current}").fetchall()[0][0]
     if n_before - n_labeled:
         removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
 

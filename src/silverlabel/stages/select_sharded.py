@@ -210,9 +210,9 @@ def _pool(unit: ShardUnit, plan: _Plan) -> tuple[list[dict[str, Any]], dict[str,
     stats: dict[str, Any] = {"rows": len(rows)}
     if plan.uid_list is not None:
         rows, stats["uid_matched"], stats["uid_hits"] = _apply_uids(rows, plan)
+    stats["before_label"] = len(rows)  # rows the remapping leaves without a label count as unlabeled
     if plan.mapping is not None and plan.mode == "top1":
         rows = _remap(rows, plan.mapping)
-    stats["before_label"] = len(rows)
     return rows, stats
 
 
@@ -453,7 +453,7 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
     if uid_list is not None:
         removed["not_in_uids"] = total_in - uid_matched
         removed["uids_missing_from_pool"] = int(len(uid_list) - uid_found.sum())
-    if n_before - n_labeled:  # as the DuckDB path: rows the remapping drops are not counted
+    if n_before - n_labeled:
         removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
 
     # 2. the class rule and the validation draw (the DuckDB path's rules, in Python)
