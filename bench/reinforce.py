@@ -1,19 +1,21 @@
 """Reinforce-stage benchmark (a figure, not a test): augmentations/s and bytes per sample.
 
-    python bench/reinforce.py --images 16000 --augs 10 --configs 1x16,2x8,4x4      # on a GPU machine
-    python bench/reinforce.py --images 64 --augs 4 --configs 1x2 --device cpu      # a smoke run on a laptop
+    python bench/reinforce.py --images 16000 --augs 10 --configs 1x16,2x8,1p15,2p7   # on a GPU machine
+    python bench/reinforce.py --images 64 --augs 4 --configs 1x2,1p2 --device cpu    # a smoke run on a laptop
 
 Builds a training set (``silverlabel shard`` layout: tars + ``_info.json``) of photo-like
 640x480 JPEGs, then measures, on this machine:
 
 - **reinforce**: ``run_reinforce`` end to end (tar read, per-sample decode, K replays with
   RandAugment at the teacher's 224 px, teacher in fp16 autocast on the GPU, top-k, packing,
-  reproducible tar written atomically), for each ``WORKERSxTHREADS`` config (worker processes,
-  each with its own teacher on the same GPU, x replay threads per worker). Wall clock includes
-  process start-up and teacher loading.
+  reproducible tar written atomically), for each config: ``WORKERSxTHREADS`` (worker
+  processes, each with its own teacher on the same GPU, x replay threads per worker;
+  ``--replay-procs 0``) or ``WORKERSpPROCS`` (replay in PROCS spawned processes per worker,
+  ``--replay-procs PROCS``). Wall clock includes process start-up and teacher loading.
 - **replay bound**: decode + K replays on a thread pool with every core, no teacher (the CPU
   side of reinforce; exact replay runs on the CPU with Pillow so the training loader can
-  reproduce it bit for bit).
+  reproduce it bit for bit); and the same in the stage's replay processes (one per core, or
+  ``--bound-procs``), pixels through its shared-memory ring and, for comparison, pickled back.
 - **teacher bound**: ``Labeler.classify`` on an in-memory uint8 batch (normalise + model +
   top-k), i.e. the GPU side.
 
@@ -107,6 +109,55 @@ def replay_rate(trainset: Path, augs: int, threads: int, size: int, limit: int) 
     return len(blobs) * augs / dt
 
 
+def replay_rate_procs(trainset: Path, augs: int, procs: int, size: int, limit: int, ring: bool = True,
+                      batch: int = 256) -> float:
+    """Decode + ``augs`` replays per sample in the stage's ``procs`` replay processes, no
+    teacher: augmentations/s. Batches of ``batch`` augmentations, two in flight (as in
+    ``reinforce_shard``); pixels land in the shared-memory ring, or are pickled back."""
+    import uuid
+    from collections import deque
+
+    from silverlabel.augment import AugPolicy, sample_augs
+    from silverlabel.formats.wds import iter_tar_samples, read_member
+    from silverlabel.stages import reinforce as rs
+
+    tar = sorted(trainset.glob("*.tar"))[0]
+    index = list(iter_tar_samples(str(tar)))[:limit]
+    policy = AugPolicy()
+    with open(tar, "rb") as f:
+        sizes = [rs._image_size(read_member(f, *s.members["jpg"])) for s in index]
+    all_augs = [sample_augs(policy, 0, s.key, w, h, augs) for s, (w, h) in zip(index, sizes)]
+    jobs = [rs._sample_job(index, all_augs, i) for i in range(len(index))]
+    per_batch = max(1, batch // augs)
+    shm = rs._Ring(per_batch, augs, [size]) if ring else None
+    pool = rs._replay_pool(procs)
+
+    def run(ids: list[int]) -> None:
+        token = uuid.uuid4().hex
+        window: deque = deque()
+        for t, b in enumerate(range(0, len(ids), per_batch)):
+            if len(window) == 2:
+                for fut in window.popleft():
+                    fut.result()
+            window.append([pool.submit(rs._proc_replay, token, str(tar), jobs[i], [size], shm.shm.name if shm else None,
+                                       shm.offsets(t % rs.SLOTS, row) if shm else None)
+                           for row, i in enumerate(ids[b:b + per_batch])])
+        for futs in window:
+            for fut in futs:
+                fut.result()
+
+    try:
+        run(list(range(min(max(4 * procs, rs.SLOTS * per_batch), len(jobs)))))  # warm-up: start, imports, ring
+        t0 = time.perf_counter()
+        run(list(range(len(jobs))))
+        dt = time.perf_counter() - t0
+    finally:
+        rs.close_replay_pool()
+        if shm is not None:
+            shm.close()
+    return len(jobs) * augs / dt
+
+
 def teacher_rate(cfg, batch: int, steps: int = 20) -> float:
     """``Labeler.classify`` on an in-memory uint8 batch: augmentations/s (the GPU side)."""
     from silverlabel.stages.reinforce import get_teacher_runner
@@ -135,7 +186,10 @@ def main() -> int:
     ap.add_argument("--augs", type=int, default=10)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--embeddings", action="store_true", help="also store pre-logits embeddings")
-    ap.add_argument("--configs", default="1x16,2x8,4x4", help="WORKERSxTHREADS, comma separated")
+    ap.add_argument("--configs", default="1x16,2x8,4x4",
+                    help="WORKERSxTHREADS (replay threads) or WORKERSpPROCS (replay processes), comma separated")
+    ap.add_argument("--bound-procs", type=int, default=0, help="replay processes for the replay bound (0: cores)")
+    ap.add_argument("--runs", type=int, default=1, help="repeat the bounds and the configs (noisy shared machines)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=0, help="augmented images per forward (0: stage default)")
     ap.add_argument("--markdown", help="append the results here")
@@ -157,21 +211,34 @@ def main() -> int:
     print(f"trainset: {args.images} images in {args.shards} shards, {time.perf_counter() - t0:.1f} s", flush=True)
     base = ReinforceConfig(str(ts), str(root / "out-warm"), augs=args.augs, topk=args.topk, embeddings=args.embeddings,
                            device=args.device, batch_size=args.batch, threads=cores)
-    replay_s = replay_rate(ts, args.augs, cores, 224, limit=min(args.images, 1000))
-    print(f"replay bound ({cores} threads): {replay_s:.0f} augmentations/s", flush=True)
+    bprocs = args.bound_procs or cores
+    limit = min(args.images, 1000)
+    bounds: dict[str, list[float]] = {"threads": [], "procs_ring": [], "procs_pickled": []}
+    for _ in range(args.runs):
+        bounds["threads"].append(replay_rate(ts, args.augs, cores, 224, limit=limit))
+        bounds["procs_ring"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=True))
+        bounds["procs_pickled"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=False))
+        print(f"replay bound: {cores} threads {bounds['threads'][-1]:.0f}, {bprocs} processes "
+              f"{bounds['procs_ring'][-1]:.0f} (ring) / {bounds['procs_pickled'][-1]:.0f} (pickled) augmentations/s",
+              flush=True)
+    replay_s = max(bounds["threads"])
     teach_s = teacher_rate(base, args.batch or (256 if args.device.startswith("cuda") else 32))
     print(f"teacher bound: {teach_s:.0f} augmentations/s", flush=True)
     runs = []
-    for conf in args.configs.split(","):
-        w, t = (int(x) for x in conf.lower().split("x"))
-        cfg = ReinforceConfig(str(ts), str(root / f"out-{conf}"), augs=args.augs, topk=args.topk,
-                              embeddings=args.embeddings, device=args.device, batch_size=args.batch, workers=w, threads=t)
-        s = run_reinforce(cfg)
-        r = {"config": conf, "workers": w, "threads": t, "augs": s.augs_now, "seconds": s.seconds,
-             "augs_per_s": s.augs_per_second, "images_per_s": s.samples_now / s.seconds,
-             "bytes_per_sample": s.bytes_per_sample, "bytes_per_aug": s.bytes_per_aug}
-        print(json.dumps(r), flush=True)
-        runs.append(r)
+    for rep in range(args.runs):
+        for conf in args.configs.split(","):
+            procs = "p" in conf.lower()
+            w, t = (int(x) for x in conf.lower().replace("p", "x").split("x"))
+            cfg = ReinforceConfig(str(ts), str(root / f"out-{conf}-{rep}"), augs=args.augs, topk=args.topk,
+                                  embeddings=args.embeddings, device=args.device, batch_size=args.batch, workers=w,
+                                  threads=cores // w if procs else t, replay_procs=t if procs else 0)
+            s = run_reinforce(cfg)
+            r = {"config": conf, "workers": w, "threads": 0 if procs else t, "replay_procs": t if procs else 0,
+                 "augs": s.augs_now, "seconds": s.seconds,
+                 "augs_per_s": s.augs_per_second, "images_per_s": s.samples_now / s.seconds,
+                 "bytes_per_sample": s.bytes_per_sample, "bytes_per_aug": s.bytes_per_aug}
+            print(json.dumps(r), flush=True)
+            runs.append(r)
     bps = runs[-1]["bytes_per_sample"]
     k = args.augs
     emb_note = " + embeddings" if args.embeddings else ""
@@ -184,13 +251,18 @@ def main() -> int:
         f"Input: {args.images} photo-like 640x480 JPEGs in {args.shards} shards; teacher efficientnet_lite0 "
         f"(224 px), RandAugment 2 ops m9, no mixing; wall clock includes start-up and teacher loading.",
         "",
-        "| config (workers x threads) | augmentations/s | images/s | seconds |",
+        "| config (workers x threads, or workers p replay processes) | augmentations/s | images/s | seconds |",
         "|---|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(f"| {r['config']} | {r['augs_per_s']:.0f} | {r['images_per_s']:.0f} | {r['seconds']:.1f} |")
     lines += [
-        f"| *replay bound: decode + {k} replays, {cores} threads, no teacher* | {replay_s:.0f} | {replay_s / k:.0f} | |",
+        f"| *replay bound: decode + {k} replays, {cores} threads, no teacher* | "
+        f"{' / '.join(f'{x:.0f}' for x in bounds['threads'])} | {replay_s / k:.0f} | |",
+        f"| *replay bound: the same in {bprocs} replay processes, shared-memory ring* | "
+        f"{' / '.join(f'{x:.0f}' for x in bounds['procs_ring'])} | {max(bounds['procs_ring']) / k:.0f} | |",
+        f"| *replay bound: {bprocs} replay processes, arrays pickled back* | "
+        f"{' / '.join(f'{x:.0f}' for x in bounds['procs_pickled'])} | {max(bounds['procs_pickled']) / k:.0f} | |",
         f"| *teacher bound: classify on in-memory batches* | {teach_s:.0f} | | |",
         "",
         "Storage per sample and per stored augmentation:",
@@ -219,7 +291,8 @@ def main() -> int:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "replay_bound": replay_s, "teacher_bound": teach_s},
+        Path(args.json).write_text(json.dumps({"runs": runs, "replay_bound": replay_s, "replay_bounds": bounds,
+                                               "teacher_bound": teach_s},
                                               indent=2))
     return 0
 

@@ -140,6 +140,47 @@ def test_resume_and_reproducible(trainset, reinforced, tmp_path):
     assert [x.crop for x in a] != [x.crop for x in b]
 
 
+def test_replay_processes_write_byte_identical_shards(reinforced, tmp_path, monkeypatch):
+    """Replay in 2 spawned processes (pixels through the shared-memory ring, or pickled back
+    when /dev/shm lacks room) writes the same tars, byte for byte, as the thread path."""
+    from silverlabel.stages import reinforce as rs
+
+    cfg, _ = reinforced
+    assert cfg.replay_procs == -1 and rs.resolve_replay_procs(cfg, "cpu") == 0  # the fixture ran on threads
+    want = _md5s(Path(cfg.output))
+    ring = run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "ring"), replay_procs=2))
+    assert ring.shards_done_now == 2 and _md5s(tmp_path / "ring") == want
+    assert not rs._REPLAY_POOL  # run_reinforce stopped its replay processes
+    monkeypatch.setattr(rs._Ring, "fits", staticmethod(lambda *a: False))
+    run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "pickled"), replay_procs=2))
+    assert _md5s(tmp_path / "pickled") == want
+    for name in ("toy-train-0000.tar", "toy-train-0001.tar"):
+        assert json.loads((tmp_path / "ring" / ".done" / f"{name}.json").read_text()) == \
+            json.loads((Path(cfg.output) / ".done" / f"{name}.json").read_text())
+
+
+def test_replay_process_error_is_a_clear_error(trainset, tmp_path):
+    """A sample whose JPEG header reads but whose data is cut short fails in a replay process;
+    the stage raises its ValueError, stops the processes and leaves no partial tar."""
+    from silverlabel.formats.wds import ShardWriter
+    from silverlabel.stages import reinforce as rs
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(bad / "toy-train-0000.tar", "wb") as f, ShardWriter(f) as w:
+        for i, (key, m) in enumerate(_samples(trainset / "toy-train-0000.tar")[:6]):
+            if i == 4:
+                m = dict(m, jpg=m["jpg"][: len(m["jpg"]) // 2])
+            w.write(key, m)
+    (bad / "_info.json").write_text(json.dumps({"name": "toy", "splits": {"train": {
+        "name": "train", "num_samples": 6, "filenames": ["toy-train-0000.tar"], "shard_lengths": [6]}}}))
+    cfg = _cfg(bad, tmp_path / "out", replay_procs=2, embeddings=False, batch_size=2 * K)
+    with pytest.raises(ValueError, match=r"toy-train-0000.tar: cannot replay an image \(OSError: .*truncated"):
+        run_reinforce(cfg)
+    assert not rs._REPLAY_POOL
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".tar" or ".tmp-" in p.name]
+
+
 @pytest.mark.gpu
 def test_gpu_path_matches_cpu(reinforced, tmp_path):
     """The GPU path (fp16 autocast, batched) stores the same augmentations and, but for
@@ -229,7 +270,7 @@ def test_kd_train_step_and_cli(trainset, reinforced, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "sample s00012" in text and "bytes per augmentation" in text and "crop x0=" in text and "top-5:" in text
     assert main(["reinforce", str(trainset), "-o", str(tmp_path / "cli"), "--augs", "2", "--topk", "5",
-                 "--device", "cpu", "--ra-ops", "1", "--no-progress"]) == 0
+                 "--device", "cpu", "--ra-ops", "1", "--replay-procs", "2", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "20 samples x 2 augmentations" in text
     assert f"{(8 + 2 * (6 * 5 + 9 + 2)) / 2:.1f} bytes per augmentation" in text  # 8 + K * 41 bytes

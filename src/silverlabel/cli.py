@@ -801,7 +801,10 @@ def _add_reinforce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="GPU autocast precision")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: one per GPU, 1 on CPU)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="replay threads per process (default: cores/workers)")
+                   help="replay threads per process, with --replay-procs 0 (default: cores/workers)")
+    p.add_argument("--replay-procs", type=int, default=-1, metavar="N",
+                   help="replay processes per worker (Pillow holds the GIL: threads top out near one core); "
+                   "0 = replay on --threads threads; default: 0 on CPU, min(16, cores/workers - 1) on a GPU")
     _add_engine_args(p)
     p.add_argument("--inspect", action="store_true", help="print one sample of a reinforced training set and exit")
     p.add_argument("--key", help="with --inspect: the sample to show (default: the first)")
@@ -841,7 +844,7 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
         topk=args.topk, embeddings=args.embeddings, splits=tuple(args.split or ("train",)), seed=args.seed,
         policy=policy, img_size=args.img_size, device=args.device, batch_size=args.batch_size,
         precision=args.precision, workers=workers,
-        threads=args.threads or max(1, (os.cpu_count() or 1) // max(1, workers)),
+        threads=args.threads or max(1, (os.cpu_count() or 1) // max(1, workers)), replay_procs=args.replay_procs,
         engine=args.engine, ray_address=args.ray_address,
     )
     bar = _Progress(enabled=not args.no_progress, desc="reinforce")

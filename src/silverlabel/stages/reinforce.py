@@ -15,10 +15,15 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
 1. the tar's headers are read; every image's size comes from its header (no decode);
    sample ``key`` (at position ``i`` of the shard) gets ``augment.sample_augs(policy, seed,
    key, W, H, K, n, i)`` — a function of (seed, key), never of processing order;
-2. samples are decoded once each on a thread pool and their K augmentations replayed with
+2. samples are decoded once each and their K augmentations replayed with
    :func:`silverlabel.augment.replay` at each teacher's input size (a mixed augmentation
    replays its partner too), in batches of about ``batch_size`` augmented images, the next
-   batch prepared while the teacher runs the current one;
+   two batches prepared while the teacher runs the current one. The replay runs on a thread
+   pool (``threads``; Pillow holds the GIL for most of it, so this tops out near one core's
+   rate) or, with ``replay_procs`` > 0, in that many spawned processes: each opens the
+   source tar itself, replays one sample per task, and writes its pixels straight into a
+   shared-memory ring of three batch slots (pickled arrays if ``/dev/shm`` lacks room). The
+   same function does the replay either way, so the output is byte-identical;
 3. the teacher (or ensemble, probabilities averaged; embeddings concatenated in teacher
    order) runs on the replayed pixels, normalised with its mean/std — on a GPU in fp16
    autocast with the label stage's device handling (``Labeler.classify``);
@@ -34,11 +39,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import threading
 import time
+import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +55,18 @@ import numpy as np
 from PIL import Image
 
 from silverlabel import __version__
-from silverlabel.augment import (RNF_EXT, Aug, AugPolicy, bytes_per_aug, decode, pack, replay, replay_decoded,
-                                 sample_augs, unpack)
+from silverlabel.augment import (
+    RNF_EXT,
+    Aug,
+    AugPolicy,
+    bytes_per_aug,
+    decode,
+    pack,
+    replay,
+    replay_decoded,
+    sample_augs,
+    unpack,
+)
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.engine import Report, create_engine
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
@@ -81,7 +100,10 @@ class ReinforceConfig:
     batch_size: int = 0  # augmented images per teacher forward (0: 256 on GPU, 32 on CPU)
     precision: str = "fp16"
     workers: int = 1  # processes (local) or actors (ray; 0 = one per cluster GPU)
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # replay threads per worker
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # replay threads per worker (replay_procs 0)
+    # replay processes per worker: 0 = replay on ``threads`` threads; -1 = auto (0 on CPU; on a
+    # GPU min(16, cores/workers - 1), or 0 where that is < 2 -- a default not yet measured on a GPU)
+    replay_procs: int = -1
     engine: str = "local"  # local | ray (a pool of actors that keep the teacher loaded)
     ray_address: str | None = None
 
@@ -96,6 +118,8 @@ class ReinforceConfig:
             raise ValueError("--split: name at least one split")
         if self.workers < (0 if self.engine == "ray" else 1) or self.threads < 1:
             raise ValueError("--workers and --threads must be >= 1")
+        if self.replay_procs < -1:
+            raise ValueError(f"--replay-procs must be >= 0 (or -1: auto), got {self.replay_procs}")
         if os.path.abspath(self.output) == os.path.abspath(self.trainset):
             raise ValueError("-o must not be the input training set")
 
@@ -212,26 +236,160 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-def _replay_sample(reader: _Reader, index: list, augs: list[list[Aug]], i: int, sizes: list[int]
-                   ) -> list[np.ndarray]:
-    """Sample ``i``'s K augmentations replayed at each size: one uint8 [K,S,S,3] per size."""
+def _sample_job(index: list, augs: list[list[Aug]], i: int) -> tuple:
+    """What replaying sample ``i`` needs, small enough to send to a process: (its image's
+    (offset, size), its K augmentations, {partner: (its image's location, {aug index: aug})})."""
     s = index[i]
-    img = decode(reader.read(s.members[s.image_ext()]))
-    partners: dict[int, Image.Image] = {}
-    out = []
-    for size in sizes:
-        arr = np.empty((len(augs[i]), size, size, 3), np.uint8)
-        for j, aug in enumerate(augs[i]):
+    partners: dict[int, tuple[tuple[int, int], dict[int, Aug]]] = {}
+    for aug in augs[i]:
+        if aug.mix is not None:
+            p, pj = aug.mix.partner, aug.mix.partner_aug
+            ps = index[p]
+            partners.setdefault(p, (ps.members[ps.image_ext()], {}))[1][pj] = augs[p][pj]
+    return s.members[s.image_ext()], augs[i], partners
+
+
+def _replay_job(read, job: tuple, sizes: list[int], out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """One sample's K augmentations replayed at each size: one uint8 [K,S,S,3] per size
+    (written into ``out``'s arrays when given). The thread and the process paths both run
+    this, hence the same bytes."""
+    loc, sample_augs_, partners = job
+    img = decode(read(loc))
+    decoded: dict[int, Image.Image] = {}
+    result = []
+    for d, size in enumerate(sizes):
+        arr = out[d] if out is not None else np.empty((len(sample_augs_), size, size, 3), np.uint8)
+        for j, aug in enumerate(sample_augs_):
             if aug.mix is None:
                 arr[j] = np.asarray(replay_decoded(img, aug, size))
                 continue
             p = aug.mix.partner
-            if p not in partners:
-                ps = index[p]
-                partners[p] = decode(reader.read(ps.members[ps.image_ext()]))
-            arr[j] = replay(img, aug, size, partner=(partners[p], augs[p][aug.mix.partner_aug]))
-        out.append(arr)
-    return out
+            if p not in decoded:
+                decoded[p] = decode(read(partners[p][0]))
+            arr[j] = replay(img, aug, size, partner=(decoded[p], partners[p][1][aug.mix.partner_aug]))
+        result.append(arr)
+    return result
+
+
+# -- replay processes ----------------------------------------------------------------------
+
+SLOTS = 3  # batches alive at once: the one the teacher runs + the two being replayed
+
+
+def resolve_replay_procs(cfg: ReinforceConfig, device_type: str) -> int:
+    """``cfg.replay_procs``, with -1 (auto) resolved: 0 on CPU (the teacher wants the cores);
+    on a GPU ``min(16, cores per worker - 1)``, or 0 (threads) where that is below 2.
+    The GPU default is a guess from the 16-core H100 figures, not a measured optimum."""
+    if cfg.replay_procs >= 0:
+        return cfg.replay_procs
+    if device_type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(16, cores // max(1, cfg.workers) - 1)
+    return n if n >= 2 else 0
+
+
+class _Ring:
+    """``SLOTS`` batch slots of uint8 ``[per_batch, K, S, S, 3]`` per distinct size, in one
+    shared-memory block that the replay processes write into by (slot, row)."""
+
+    def __init__(self, per_batch: int, k: int, sizes: list[int]):
+        self.k, self.sizes, self.per_batch = k, sizes, per_batch
+        self.sample_bytes = [k * s * s * 3 for s in sizes]
+        self.slot_bytes = per_batch * sum(self.sample_bytes)
+        self.shm = shared_memory.SharedMemory(create=True, size=SLOTS * self.slot_bytes)
+
+    @staticmethod
+    def fits(per_batch: int, k: int, sizes: list[int]) -> bool:
+        """Whether ``/dev/shm`` has room for the ring with margin (a full tmpfs would SIGBUS
+        the writers; containers often mount a 64 MB one)."""
+        need = SLOTS * per_batch * sum(k * s * s * 3 for s in sizes)
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return True  # no /dev/shm (macOS): POSIX shm lives elsewhere
+        return need <= st.f_bavail * st.f_frsize // 2
+
+    def offsets(self, slot: int, row: int) -> list[int]:
+        base, out = slot * self.slot_bytes, []
+        for b in self.sample_bytes:
+            out.append(base + row * b)
+            base += self.per_batch * b
+        return out
+
+    def batch(self, slot: int, d: int, rows: int) -> np.ndarray:
+        """The first ``rows`` samples of ``slot`` at size index ``d``, as ``[rows*K, S, S, 3]``."""
+        s = self.sizes[d]
+        return np.ndarray((rows * self.k, s, s, 3), np.uint8, buffer=self.shm.buf, offset=self.offsets(slot, 0)[d])
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view still held by a traceback: the unlink frees it later
+            self.shm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
+_PROC: dict[str, Any] = {}  # in a replay process: the current shard's token, reader and ring
+
+
+def _proc_init(parent: int) -> None:
+    """Replay-process start: exit if the parent goes (a killed worker or actor must not
+    leave replay processes behind)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _proc_replay(token: str, src: str, job: tuple, sizes: list[int], shm_name: str | None,
+                 offsets: list[int] | None) -> list[np.ndarray] | None:
+    """In a replay process: replay one sample of shard ``src``, into the ring at ``offsets``
+    (returns None) or, without a ring, returning the arrays (pickled back)."""
+    if _PROC.get("token") != token:  # a new shard: drop the previous one's file and ring
+        if _PROC.get("reader") is not None:
+            _PROC["reader"].close()
+        if _PROC.get("shm") is not None:
+            with contextlib.suppress(BufferError):
+                _PROC["shm"].close()
+        _PROC.clear()
+        _PROC["reader"] = _Reader(src)
+        # spawned children share the creator's resource tracker (a set of names): attaching adds
+        # nothing to it, and the creator's unlink unregisters the name
+        _PROC["shm"] = shared_memory.SharedMemory(name=shm_name) if shm_name else None
+        _PROC["token"] = token
+    read = _PROC["reader"].read
+    if shm_name is None:
+        return _replay_job(read, job, sizes)
+    buf = _PROC["shm"].buf
+    k = len(job[1])
+    out = [np.ndarray((k, s, s, 3), np.uint8, buffer=buf, offset=off) for s, off in zip(sizes, offsets)]
+    _replay_job(read, job, sizes, out)
+    del out
+    return None
+
+
+_REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
+
+
+def _replay_pool(procs: int) -> ProcessPoolExecutor:
+    if _REPLAY_POOL and _REPLAY_POOL[0][0] != procs:
+        close_replay_pool()
+    if not _REPLAY_POOL:
+        pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_proc_init,
+                                   initargs=(os.getpid(),))  # spawn: the driver may hold CUDA
+        _REPLAY_POOL.append((procs, pool))
+    return _REPLAY_POOL[0][1]
+
+
+def close_replay_pool() -> None:
+    """Stop this process's replay processes (pending tasks cancelled, running ones awaited)."""
+    while _REPLAY_POOL:
+        _procs, pool = _REPLAY_POOL.pop()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | None = None) -> ReinforceResult:
@@ -245,6 +403,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
     n = len(index)
     reader = _Reader(unit.src)
     k = cfg.augs
+    ring: _Ring | None = None
+    stack = contextlib.ExitStack()
     try:
         augs: list[list[Aug]] = []
         for i, s in enumerate(index):
@@ -262,7 +422,17 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         rnf_bytes = 0
         emb_dim = 0
         out_path = Path(unit.dst)
-        with ThreadPoolExecutor(cfg.threads) as pool, atomic_write(out_path) as f:
+        procs = resolve_replay_procs(cfg, runner.device.type)
+        if procs:
+            pool = _replay_pool(procs)
+            rows = min(per_batch, n)  # samples per slot
+            if rows and _Ring.fits(rows, k, distinct):
+                ring = _Ring(rows, k, distinct)
+                stack.callback(ring.close)
+            token = uuid.uuid4().hex
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(cfg.threads))
+        with atomic_write(out_path) as f:
             hf = HashingFile(f)
             window: deque = deque()
             next_batch = 0
@@ -270,21 +440,30 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
             def submit() -> None:
                 nonlocal next_batch
                 if next_batch < len(batches):
-                    b = batches[next_batch]
-                    window.append((b, [pool.submit(_replay_sample, reader, index, augs, i, distinct) for i in b]))
+                    b, slot = batches[next_batch], next_batch % SLOTS
+                    if not procs:
+                        futs = [pool.submit(_replay_job, reader.read, _sample_job(index, augs, i), distinct) for i in b]
+                    else:
+                        shm = ring.shm.name if ring else None
+                        futs = [pool.submit(_proc_replay, token, unit.src, _sample_job(index, augs, i), distinct, shm,
+                                            ring.offsets(slot, row) if ring else None) for row, i in enumerate(b)]
+                    window.append((b, slot, futs))
                     next_batch += 1
 
             submit()
             submit()
             with ShardWriter(hf) as writer:
                 while window:
-                    b, futs = window.popleft()
+                    b, slot, futs = window.popleft()
                     try:
                         per_sample = [fut.result() for fut in futs]
                     except Exception as e:
                         raise ValueError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
-                    submit()  # keep the pool busy while the teacher runs
-                    images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
+                    submit()  # keep the pool busy while the teacher runs (the ring slot of this batch is not reused)
+                    if ring is not None:
+                        images = [ring.batch(slot, distinct.index(size), len(b)) for size in sizes]
+                    else:
+                        images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
                     del per_sample
                     idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
                     del images
@@ -301,7 +480,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     report(len(b), len(b))
             f.flush()
             size = f.tell()
+    except BaseException:
+        close_replay_pool()  # a failed or broken pool is not reused; tasks in flight are awaited
+        raise
     finally:
+        stack.close()
         reader.close()
     md5 = hf.md5.hexdigest()
     label_space = runner.target.name
@@ -424,11 +607,15 @@ def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> Reinf
         ds.write_manifest(manifest)
 
     samples_now = augs_now = 0
-    for res in engine.map(reinforce_shard, units, cfg, progress):
-        records[res.filename] = {"samples": res.samples, "bytes": res.bytes, "md5": res.md5,
-                                 "rnf_bytes": res.rnf_bytes, "label_space": res.label_space, "emb_dim": res.emb_dim}
-        samples_now += res.samples
-        augs_now += res.augs
+    try:
+        for res in engine.map(reinforce_shard, units, cfg, progress):
+            records[res.filename] = {"samples": res.samples, "bytes": res.bytes, "md5": res.md5,
+                                     "rnf_bytes": res.rnf_bytes, "label_space": res.label_space,
+                                     "emb_dim": res.emb_dim}
+            samples_now += res.samples
+            augs_now += res.augs
+    finally:
+        close_replay_pool()  # the in-process worker's (--workers 1); worker processes stop theirs on exit
     seconds = time.monotonic() - t0
     ds.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
 
