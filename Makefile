@@ -26,4 +26,4 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py --markdown BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output examples-output .pytest_cache
