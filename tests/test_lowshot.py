@@ -132,8 +132,10 @@ def test_lowshot_probe_and_finetune(pretrained, tmp_path):
 
     # a rerun reuses the subsets and the finished fine-tuning runs, with the same numbers
     mtime = (sub / "subset-train-0000.tar").stat().st_mtime_ns
+    ck_mtime = (tmp_path / "ls" / "finetune-50pct" / "checkpoint-final.pt").stat().st_mtime_ns
     r2 = run_lowshot(cfg, log=msgs.append)
     assert (sub / "subset-train-0000.tar").stat().st_mtime_ns == mtime
+    assert (tmp_path / "ls" / "finetune-50pct" / "checkpoint-final.pt").stat().st_mtime_ns == ck_mtime  # not retrained
     assert r2["results"] == r["results"]
 
 

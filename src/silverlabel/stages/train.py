@@ -542,8 +542,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                 if step % cfg.ckpt_every == 0 and step < end:
                     checkpoint(ckpt_path)
         del batches
-        checkpoint(ckpt_path)
-        if step >= total:
+        if step > start_step or not ckpt_path.exists():  # a resumed, finished run is left as it was
+            checkpoint(ckpt_path)
+        if step >= total and (step > start_step or not (out / "checkpoint-final.pt").exists()):
             checkpoint(out / "checkpoint-final.pt")
     finally:
         if bar is not None:
