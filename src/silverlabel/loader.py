@@ -62,6 +62,7 @@ sample's bytes are held at a time.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -307,9 +308,16 @@ def normalize_on(x: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
     returned unchanged."""
     if x.dtype != torch.uint8:
         return x
-    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    mean, std = _mean_std(cfg.mean, cfg.std, x.device)
     return x.float().mul_(_INV255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std as [1, C, 1, 1] tensors on ``device``, made once (not a host copy per batch)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 def _targets(cls: int, meta: dict[str, Any], k: int) -> tuple[list[int], list[float]]:

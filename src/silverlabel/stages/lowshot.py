@@ -177,6 +177,11 @@ class _Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
     def __getitem__(self, i: int) -> torch.Tensor:
         r = self.records[i]
         f = self.files.get(r.shard)
@@ -196,14 +201,17 @@ def extract_features(model: torch.nn.Module, records: Sequence[Record], lcfg: Lo
     feats, done = [], 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    for x in dl:
-        with autocast:
-            h = model.forward_features(x.to(device, non_blocking=True))
-            h = model.forward_head(h, pre_logits=True)
-        feats.append(h.float().flatten(1).cpu())
-        done += len(x)
-        if log is not None:
-            log(done, len(ds))
+    try:
+        for x in dl:
+            with autocast:
+                h = model.forward_features(x.to(device, non_blocking=True))
+                h = model.forward_head(h, pre_logits=True)
+            feats.append(h.float().flatten(1).cpu())
+            done += len(x)
+            if log is not None:
+                log(done, len(ds))
+    finally:
+        ds.close()
     return torch.cat(feats) if feats else torch.zeros(0, 0)
 
 

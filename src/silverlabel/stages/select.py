@@ -291,6 +291,28 @@ def _reference_hashes(path: str) -> np.ndarray:
         raise ValueError(f"{path}: expected 16-hex pHashes") from None
 
 
+def choose_classes(counts: dict[str, int], cfg: SelectConfig, mode: str, wnids: list[str]
+                   ) -> tuple[set[str], list[str], dict[str, int], dict[str, tuple[str | None, str]]]:
+    """The class rule: classes with >= V + T samples, the N largest (ties by id); returns
+    ``(chosen, class_ids in output order, cls_of, names {id: (wnid, name)})``. Shared by the
+    DuckDB path and the sharded one."""
+    need = cfg.val_per_class + cfg.min_train_per_class
+    eligible = {c: n for c, n in counts.items() if n >= max(1, need)}
+    ranked = sorted(eligible, key=lambda c: (-eligible[c], c))
+    if cfg.top_classes is not None:
+        ranked = ranked[: cfg.top_classes]
+    chosen = set(ranked)
+    if mode != "none" and not chosen:
+        raise ValueError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
+    class_ids = sorted(chosen, key=(lambda c: (0, int(c))) if mode == "top1" else (lambda c: (0, c)))
+    cls_of = {c: i for i, c in enumerate(class_ids)}
+    if mode == "top1":
+        names = {c: (wnids[int(c)], _class_name(wnids[int(c)])) for c in class_ids}
+    else:
+        names = {c: (None, c) for c in class_ids}
+    return chosen, class_ids, cls_of, names
+
+
 def write_classes_and_report(out: Path, class_ids: list, cls_of: dict, names: dict, mode: str, label_space: str,
                              by_cls: dict[int, dict[str, int]], report: dict[str, Any]) -> None:
     """``classes.json`` (cls, wnid, name, source index, per-split counts) and ``report.json``
@@ -434,24 +456,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
 
     # 4. classes: big enough for V validation + T training, then the N largest
     counts = dict(con.execute("SELECT class_id, count(*) FROM labeled WHERE class_id IS NOT NULL GROUP BY 1").fetchall())
-    need = cfg.val_per_class + cfg.min_train_per_class
-    eligible = {c: n for c, n in counts.items() if n >= max(1, need)}
-    ranked = sorted(eligible, key=lambda c: (-eligible[c], c))
-    if cfg.top_classes is not None:
-        ranked = ranked[: cfg.top_classes]
-    chosen = set(ranked)
-    if mode != "none" and not chosen:
-        raise ValueError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
-
-    def sort_key(c: str):
-        return (0, int(c)) if mode == "top1" else (0, c)
-
-    class_ids = sorted(chosen, key=sort_key)
-    cls_of = {c: i for i, c in enumerate(class_ids)}
-    if mode == "top1":
-        names = {c: (wnids[int(c)], _class_name(wnids[int(c)])) for c in class_ids}
-    else:
-        names = {c: (None, c) for c in class_ids}
+    chosen, class_ids, cls_of, names = choose_classes(counts, cfg, mode, wnids)
     con.register("classes_t", pa.table({
         "class_id": pa.array(class_ids, pa.string()),
         "cls": pa.array([cls_of[c] for c in class_ids], pa.int32()),

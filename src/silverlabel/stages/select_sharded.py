@@ -457,20 +457,7 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
         removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
 
     # 2. the class rule and the validation draw (the DuckDB path's rules, in Python)
-    need = cfg.val_per_class + cfg.min_train_per_class
-    eligible = {c: n for c, n in counts.items() if n >= max(1, need)}
-    ranked = sorted(eligible, key=lambda c: (-eligible[c], c))
-    if cfg.top_classes is not None:
-        ranked = ranked[: cfg.top_classes]
-    chosen = set(ranked)
-    if mode != "none" and not chosen:
-        raise ValueError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
-    class_ids = sorted(chosen, key=(lambda c: (0, int(c))) if mode == "top1" else (lambda c: (0, c)))
-    cls_of = {c: i for i, c in enumerate(class_ids)}
-    if mode == "top1":
-        names = {c: (wnids[int(c)], _select._class_name(wnids[int(c)])) for c in class_ids}
-    else:
-        names = {c: (None, c) for c in class_ids}
+    chosen, class_ids, cls_of, names = _select.choose_classes(counts, cfg, mode, wnids)
     plan.classes = {c: (cls_of[c], names[c][1]) for c in class_ids}
     removed_by_class = sum(n for c, n in counts.items() if c not in chosen)
     if removed_by_class:
