@@ -198,13 +198,22 @@ def test_ddp_two_process_gloo(trainset, tmp_path):
     import subprocess
     import sys
 
+    import re
+    import shutil
+
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "silverlabel.cli", "train", trainset, "-o", str(out), "--model", "test_vit",
-                        "--img-size", "32", "--batch-size", "4", "--steps", "4", "--log-every", "1",
-                        "--device", "cpu", "--no-progress"],
-                       capture_output=True, text=True, timeout=120, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "silverlabel.cli", "train", trainset, "-o", str(out), "--model", "test_vit",
+           "--img-size", "32", "--batch-size", "4", "--steps", "4", "--log-every", "1", "--device", "cpu",
+           "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    # torchrun --standalone picks its ports by binding and releasing them: another process
+    # (a Ray cluster shutting down in an earlier test) can take one in between. Only that
+    # failure of the launcher, not of training, is retried, once, from scratch.
+    if r.returncode != 0 and re.search(r"EADDRINUSE|[Aa]ddress already in use|Connection (refused|reset)", r.stderr):
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("silverlabel train: 4 steps") == 1  # rank 0 only
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
