@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from silverlabel.errors import UserError
+
 Q = 65535  # fraction quantisation: f = q / Q
 FILL = (128, 128, 128)
 _BICUBIC = Image.Resampling.BICUBIC
@@ -177,17 +179,17 @@ class AugPolicy:
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
         object.__setattr__(self, "ratio", tuple(float(x) for x in self.ratio))
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"--scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise UserError(f"--scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"--ratio must satisfy 0 < min <= max, got {self.ratio}")
+            raise UserError(f"--ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not 0 <= self.hflip <= 1 or not 0 <= self.mix_prob <= 1:
-            raise ValueError("--hflip and --mix-prob must be in [0, 1]")
+            raise UserError("--hflip and --mix-prob must be in [0, 1]")
         if not 0 <= self.ra_ops <= 255:
-            raise ValueError(f"--ra-ops must be in 0..255, got {self.ra_ops}")
+            raise UserError(f"--ra-ops must be in 0..255, got {self.ra_ops}")
         if not 0 <= self.ra_magnitude <= 10:
-            raise ValueError(f"--ra-magnitude must be in [0, 10], got {self.ra_magnitude}")
+            raise UserError(f"--ra-magnitude must be in [0, 10], got {self.ra_magnitude}")
         if self.mix not in ("none", "mixup", "cutmix", "both"):
-            raise ValueError(f"--mix must be none, mixup, cutmix or both, not {self.mix!r}")
+            raise UserError(f"--mix must be none, mixup, cutmix or both, not {self.mix!r}")
 
     @property
     def mixes(self) -> bool:
@@ -325,7 +327,7 @@ def replay(data: bytes | Image.Image, aug: Aug, size: int,
     if aug.mix is None:
         return out
     if partner is None:
-        raise ValueError("this augmentation mixes with a partner sample: pass partner=(image, aug)")
+        raise UserError("this augmentation mixes with a partner sample: pass partner=(image, aug)")
     p_img = partner[0] if isinstance(partner[0], Image.Image) else decode(partner[0])
     b = np.asarray(replay_decoded(p_img, partner[1].base(), size))
     return apply_mix(out, b, aug.mix)
@@ -407,9 +409,9 @@ def pack(augs: Sequence[Aug], labels: np.ndarray, probs: np.ndarray, embeddings:
     probs = np.ascontiguousarray(probs, dtype="<f2").reshape(k, -1)
     topk = labels.shape[1]
     if probs.shape != labels.shape:
-        raise ValueError(f"labels {labels.shape} and probs {probs.shape} differ")
+        raise UserError(f"labels {labels.shape} and probs {probs.shape} differ")
     if not 1 <= k <= 0xFFFF or not 1 <= topk <= 255:
-        raise ValueError(f"need 1 <= K <= 65535 and 1 <= topk <= 255 (K={k}, topk={topk})")
+        raise UserError(f"need 1 <= K <= 65535 and 1 <= topk <= 255 (K={k}, topk={topk})")
     n_ops = max((len(a.ops) for a in augs), default=0) if n_ops is None else n_ops
     mix = any(a.mix is not None for a in augs)
     emb = 0 if embeddings is None else int(np.asarray(embeddings).reshape(k, -1).shape[1])
@@ -419,7 +421,7 @@ def pack(augs: Sequence[Aug], labels: np.ndarray, probs: np.ndarray, embeddings:
     ops = np.zeros((k, n_ops, 2), dtype="u1")
     for i, a in enumerate(augs):
         if len(a.ops) > n_ops:
-            raise ValueError(f"augmentation {i} has {len(a.ops)} ops, more than n_ops={n_ops}")
+            raise UserError(f"augmentation {i} has {len(a.ops)} ops, more than n_ops={n_ops}")
         for j, (op, sign, level) in enumerate(a.ops):
             ops[i, j] = (op | (0x80 if sign < 0 else 0), level)
     parts = [HEADER.pack(RNF_VERSION, flags, k, topk, n_ops, emb), labels.tobytes(), probs.tobytes(),
@@ -437,10 +439,10 @@ def pack(augs: Sequence[Aug], labels: np.ndarray, probs: np.ndarray, embeddings:
 
 def read_header(data: bytes) -> dict[str, int]:
     if len(data) < HEADER.size:
-        raise ValueError(f"reinforcement member too short ({len(data)} bytes)")
+        raise UserError(f"reinforcement member too short ({len(data)} bytes)")
     version, flags, k, topk, n_ops, emb = HEADER.unpack_from(data)
     if version != RNF_VERSION:
-        raise ValueError(f"reinforcement member version {version}, this silverlabel reads {RNF_VERSION}")
+        raise UserError(f"reinforcement member version {version}, this silverlabel reads {RNF_VERSION}")
     return {"version": version, "flags": flags, "k": k, "topk": topk, "n_ops": n_ops, "emb_dim": emb}
 
 
@@ -450,7 +452,7 @@ def unpack(data: bytes, *, only: int | None = None) -> Reinforcement:
     lay = _Layout(h["k"], h["topk"], h["n_ops"], h["emb_dim"] if h["flags"] & FLAG_EMB else 0,
                   bool(h["flags"] & FLAG_MIX))
     if len(data) != lay.size:
-        raise ValueError(f"reinforcement member is {len(data)} bytes, its header says {lay.size}")
+        raise UserError(f"reinforcement member is {len(data)} bytes, its header says {lay.size}")
     k = lay.k
     rows = range(k) if only is None else [only]
     if only is not None and not 0 <= only < k:
@@ -477,7 +479,7 @@ def unpack(data: bytes, *, only: int | None = None) -> Reinforcement:
         op_list = tuple((int(o) & 0x7F, -1 if int(o) & 0x80 else 1, int(lv)) for o, lv in ops[j] if int(o) & 0x7F)
         for o, _s, _l in op_list:
             if o >= len(OPS):
-                raise ValueError(f"unknown RandAugment op id {o}")
+                raise UserError(f"unknown RandAugment op id {o}")
         augs.append(Aug(tuple(int(v) for v in crop[j]), bool(aflags[j] & 1), op_list, mix))
     emb = arr("emb", "<f2", lay.emb).astype(np.float16) if lay.emb else None
     return Reinforcement(augs, labels, probs, emb, h["version"], len(data))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from silverlabel import __version__
+from silverlabel.errors import UserError
 
 _EPILOG_INGEST = """\
 examples:
@@ -234,7 +235,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     names = args.teacher or ["efficientnet_lite0"]
     ckpts = args.checkpoint or []
     if len(ckpts) > len(names):
-        raise ValueError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
+        raise UserError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
     ckpts = [None if c in (None, "-") else c for c in ckpts] + [None] * (len(names) - len(ckpts))
     specs = tuple(TeacherSpec.parse(n, checkpoint=c, activation=args.activation, label_space=args.teacher_space)
                   for n, c in zip(names, ckpts))
@@ -275,10 +276,10 @@ def print_label_stats(dataset: str, name: str | None) -> int:
     man = ds.read_manifest()
     done = sorted(man.get("labels", {}))
     if not done:
-        raise ValueError(f"{dataset}: no labels yet (run silverlabel label {dataset})")
+        raise UserError(f"{dataset}: no labels yet (run silverlabel label {dataset})")
     name = name or done[0]
     if name not in done:
-        raise ValueError(f"{dataset}: no labels named {name!r} (have: {', '.join(done)})")
+        raise UserError(f"{dataset}: no labels named {name!r} (have: {', '.join(done)})")
     from silverlabel.teachers.labelspace import get_label_space
 
     n_classes = len(get_label_space(man["labels"][name]["config"]["label_space"]))
@@ -821,11 +822,11 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
         print(inspect_sample(args.trainset, key=args.key, split=args.split[0] if args.split else None))
         return 0
     if not args.output:
-        raise ValueError("reinforce needs -o OUT (or --inspect)")
+        raise UserError("reinforce needs -o OUT (or --inspect)")
     names = args.teacher or ["efficientnet_lite0"]
     ckpts = args.checkpoint or []
     if len(ckpts) > len(names):
-        raise ValueError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
+        raise UserError(f"{len(ckpts)} --checkpoint for {len(names)} --teacher")
     ckpts = [None if c in (None, "-") else c for c in ckpts] + [None] * (len(names) - len(ckpts))
     specs = tuple(TeacherSpec.parse(n, checkpoint=c, label_space=args.teacher_space) for n, c in zip(names, ckpts))
     workers = args.workers
@@ -891,7 +892,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # bad input: one line naming the file, row or flag. Anything else is a bug and keeps
+        # its traceback; SILVERLABEL_DEBUG=1 shows the traceback of these too.
+        if os.environ.get("SILVERLABEL_DEBUG", "") not in ("", "0"):
+            raise
         print(f"silverlabel {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head & co.

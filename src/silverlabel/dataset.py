@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from silverlabel.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "silverlabel.json"
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
@@ -122,7 +124,7 @@ class Dataset:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.root}: not a silverlabel dataset (no {MANIFEST})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.manifest_path}: corrupt manifest ({e})") from None
+            raise UserError(f"{self.manifest_path}: corrupt manifest ({e})") from None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -85,6 +85,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from silverlabel.errors import UserError
+
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
     "MAX_DISTANCE",
@@ -138,12 +140,12 @@ def _arrow_strings(hexes: Any) -> pa.Array | pa.ChunkedArray:
         try:
             arr = pa.array(hexes if isinstance(hexes, np.ndarray) else list(hexes), type=pa.string())
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise ValueError(f"expected 16-hex-digit strings: {e}") from None
+            raise UserError(f"expected 16-hex-digit strings: {e}") from None
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(arr.type.value_type)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
             or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        raise ValueError(f"expected 16-hex-digit strings, got an array of {arr.type}")
+        raise UserError(f"expected 16-hex-digit strings, got an array of {arr.type}")
     return arr
 
 
@@ -215,7 +217,7 @@ def hex_to_u64(hexes: Sequence[str] | pa.Array | pa.ChunkedArray | np.ndarray) -
             bad = hexes[i]
         if isinstance(bad, bytes):
             bad = bad.decode("ascii", "replace")
-        raise ValueError(f"not a 16-hex-digit hash at row {i}: {bad!r}")
+        raise UserError(f"not a 16-hex-digit hash at row {i}: {bad!r}")
     return vals
 
 
@@ -240,7 +242,7 @@ def _as_u64(x: Any, name: str) -> np.ndarray:
         if a.ndim == 0 or a.size == 0:
             a = a.reshape(-1)
         else:
-            raise ValueError(f"{name}: expected a 1-D array of hashes, got shape {a.shape}")
+            raise UserError(f"{name}: expected a 1-D array of hashes, got shape {a.shape}")
     if a.size == 0:
         return np.zeros(0, np.uint64)
     if a.dtype == np.uint64:
@@ -249,16 +251,16 @@ def _as_u64(x: Any, name: str) -> np.ndarray:
         return a.view(np.uint64)  # same 64 bits (e.g. a hash stored in a signed column)
     if a.dtype.kind in "iu":
         if a.dtype.kind == "i" and (a < 0).any():
-            raise ValueError(f"{name}: negative values in a {a.dtype} array are not 64-bit hashes")
+            raise UserError(f"{name}: negative values in a {a.dtype} array are not 64-bit hashes")
         return a.astype(np.uint64)
     if a.dtype.kind in "USO":
         if a.dtype.kind == "O" and all(isinstance(v, int) for v in a[:100].tolist()):
             try:
                 return np.array(a.tolist(), dtype=np.uint64)
             except OverflowError:
-                raise ValueError(f"{name}: integers must be in 0 .. 2**64-1") from None
+                raise UserError(f"{name}: integers must be in 0 .. 2**64-1") from None
         return hex_to_u64(a)
-    raise ValueError(f"{name}: expected 64-bit hashes (uint64 or 16-hex strings), got dtype {a.dtype}")
+    raise UserError(f"{name}: expected 64-bit hashes (uint64 or 16-hex strings), got dtype {a.dtype}")
 
 
 def _workers(workers: int | None) -> int:
@@ -268,16 +270,16 @@ def _workers(workers: int | None) -> int:
         except AttributeError:  # not Linux
             return max(1, os.cpu_count() or 1)
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        raise UserError(f"workers must be a positive integer or None, got {workers!r}")
     return int(workers)
 
 
 def _check_distance(max_distance: Any) -> int:
     if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)):
-        raise ValueError(f"max_distance must be an integer, got {max_distance!r}")
+        raise UserError(f"max_distance must be an integer, got {max_distance!r}")
     d = int(max_distance)
     if not 0 <= d <= MAX_DISTANCE:
-        raise ValueError(f"max_distance must be in 0..{MAX_DISTANCE}, got {d}")
+        raise UserError(f"max_distance must be in 0..{MAX_DISTANCE}, got {d}")
     return d
 
 
@@ -313,7 +315,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b)
     for name, x in (("a", a), ("b", b)):
         if x.dtype not in (np.uint64, np.int64):
-            raise ValueError(f"hamming: {name} must be uint64 (or int64) hashes, got {x.dtype}")
+            raise UserError(f"hamming: {name} must be uint64 (or int64) hashes, got {x.dtype}")
     return _popcount(a.view(np.uint64) ^ b.view(np.uint64))
 
 
@@ -882,16 +884,16 @@ def _ranks(order: Any, n: int) -> np.ndarray:
         import pyarrow.compute as pc
 
         if len(order) != n:
-            raise ValueError(f"order has {len(order)} values for {n} hashes")
+            raise UserError(f"order has {len(order)} values for {n} hashes")
         perm = pc.array_sort_indices(order, null_placement="at_end").to_numpy().astype(np.int64)
     else:
         a = np.asarray(order)
         if a.ndim != 1 or len(a) != n:
-            raise ValueError(f"order must be 1-D with {n} values, got shape {a.shape}")
+            raise UserError(f"order must be 1-D with {n} values, got shape {a.shape}")
         try:
             perm = np.argsort(a, kind="stable")
         except TypeError as e:
-            raise ValueError(f"order values cannot be sorted (mixed types or None?): {e}") from None
+            raise UserError(f"order values cannot be sorted (mixed types or None?): {e}") from None
     rank = np.empty(n, np.int64)
     rank[perm] = np.arange(n, dtype=np.int64)
     return rank

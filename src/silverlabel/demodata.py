@@ -41,6 +41,8 @@ import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
+from silverlabel.errors import UserError
+
 __all__ = [
     "real_photos",
     "photo_like_images",
@@ -293,10 +295,10 @@ def photo_like_images(
         ['photo_00000.jpg', 'photo_00001.jpg', 'photo_00002.jpg']
     """
     if n < 0 or start < 0:
-        raise ValueError("n and start must be >= 0")
+        raise UserError("n and start must be >= 0")
     size = (int(size[0]), int(size[1]))
     if size[0] < 1 or size[1] < 1:
-        raise ValueError("size must be positive")
+        raise UserError("size must be positive")
     for i in range(start, start + n):
         yield f"photo_{i:05d}.jpg", _make_photo_like(i, size, seed)
 

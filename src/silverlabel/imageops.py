@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
+from silverlabel.errors import UserError
+
 # Pillow must not silently accept truncated files: a truncated JPEG is a failed decode.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel cap is ImageConfig.max_pixels, checked from the header before decoding;
@@ -71,15 +73,15 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         if self.min_side < 1:
-            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+            raise UserError(f"min_side must be >= 1, got {self.min_side}")
         if self.max_shortest_edge is not None and self.max_shortest_edge < self.min_side:
-            raise ValueError(
+            raise UserError(
                 f"max_shortest_edge ({self.max_shortest_edge}) must be >= min_side ({self.min_side})"
             )
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+            raise UserError(f"quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+            raise UserError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from silverlabel.errors import UserError
 from silverlabel.teachers import Teacher
 
 
@@ -250,13 +251,13 @@ class Labeler:
         from silverlabel.teachers.labelspace import get_label_space, index_map
 
         if not teachers:
-            raise ValueError("at least one teacher")
+            raise UserError("at least one teacher")
         self.torch = torch
         self.teachers = list(teachers)
         self.device = torch.device(device)
         self.target = get_label_space(target_space)
         if not 1 <= topk <= len(self.target):
-            raise ValueError(f"--topk must be in 1..{len(self.target)}, got {topk}")
+            raise UserError(f"--topk must be in 1..{len(self.target)}, got {topk}")
         self.topk = topk
         self.transforms = [EvalTransform.from_teacher(t, overrides) for t in self.teachers]
         self.maps = []
@@ -275,7 +276,7 @@ class Labeler:
                 m = torch.compile(m)
             self.models.append(m)
         if precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
         self.gpu_prep = GpuPreprocessor(self.device, gpu_decode_threads) if self.device.type == "cuda" else None
@@ -519,5 +520,5 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible")
+        raise UserError(f"--device {device}: no CUDA GPU is visible")
     return device

@@ -78,6 +78,7 @@ import torch
 from PIL import Image
 
 from silverlabel.augment import RNF_EXT, key_seed, read_header, replay, unpack
+from silverlabel.errors import UserError
 from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
 from silverlabel.stages.shard import read_info
 
@@ -117,21 +118,21 @@ class LoaderConfig:
         for name in ("scale", "ratio", "mean", "std"):
             object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}")
+            raise UserError(f"need 0 <= rank < world_size, got rank={self.rank} world_size={self.world_size}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.img_size < 1:
-            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
+            raise UserError(f"img_size must be >= 1, got {self.img_size}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.kd_aug not in ("random", "sequential"):
-            raise ValueError(f"kd_aug must be random or sequential, got {self.kd_aug!r}")
+            raise UserError(f"kd_aug must be random or sequential, got {self.kd_aug!r}")
         if not 0.0 <= self.p_reinforced <= 1.0:
-            raise ValueError(f"p_reinforced must be in [0, 1], got {self.p_reinforced}")
+            raise UserError(f"p_reinforced must be in [0, 1], got {self.p_reinforced}")
         if self.topk is not None and self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
+            raise UserError(f"topk must be >= 1, got {self.topk}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,11 +143,11 @@ def _split_info(cfg: LoaderConfig) -> tuple[list[str], list[int]]:
     info = read_info(cfg.trainset)
     splits = info.get("splits", {})
     if cfg.split not in splits:
-        raise ValueError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
+        raise UserError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
     s = splits[cfg.split]
     files, lengths = list(s["filenames"]), [int(x) for x in s["shard_lengths"]]
     if len(files) != len(lengths) or not files:
-        raise ValueError(f"{cfg.trainset}: split {cfg.split!r} lists no shards or mismatched shard_lengths")
+        raise UserError(f"{cfg.trainset}: split {cfg.split!r} lists no shards or mismatched shard_lengths")
     return files, lengths
 
 
@@ -199,7 +200,7 @@ class _Stream:
         self.shards = [s for s, k in zip(self.shards, keep) if k]
         lens = lens[keep]
         if len(lens) == 0:
-            raise ValueError(f"{cfg.trainset}: rank {cfg.rank} has only empty shards in split {cfg.split!r}")
+            raise UserError(f"{cfg.trainset}: rank {cfg.rank} has only empty shards in split {cfg.split!r}")
         self.lengths = lens
         self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         self.total = int(lens.sum())
@@ -362,7 +363,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: LoaderConfig, epoch: int = 0, start_step: int = 0):
         if epoch < 0 or start_step < 0:
-            raise ValueError("epoch and start_step must be >= 0")
+            raise UserError("epoch and start_step must be >= 0")
         self.cfg, self.epoch, self.start_step = cfg, epoch, start_step
         self.files, self.lengths = _split_info(cfg)
         self.num_samples = sum(self.lengths)
@@ -398,7 +399,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             path = os.path.join(self.cfg.trainset, self.files[shard])
             idx = list(iter_tar_samples(path))
             if len(idx) != self.lengths[shard]:
-                raise ValueError(f"{path}: holds {len(idx)} samples, _info.json says {self.lengths[shard]}")
+                raise UserError(f"{path}: holds {len(idx)} samples, _info.json says {self.lengths[shard]}")
             self._index[shard] = idx
             while len(self._index) > 2:
                 self._index.popitem(last=False)
@@ -431,7 +432,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     open_shard = shard
                 ext = s.image_ext()
                 if ext is None:
-                    raise ValueError(f"{self.files[shard]}: sample {s.key!r} has no image member")
+                    raise UserError(f"{self.files[shard]}: sample {s.key!r} has no image member")
                 data = read_member(f, *s.members[ext])
                 meta = json.loads(read_member(f, *s.members["json"])) if "json" in s.members else {}
                 if "cls" in s.members:
@@ -448,7 +449,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 try:
                     img = decode_image(data, cfg, rng)
                 except Exception as e:
-                    raise ValueError(f"{self.files[shard]}: sample {s.key!r}: cannot decode image ({e})") from e
+                    raise UserError(f"{self.files[shard]}: sample {s.key!r}: cannot decode image ({e})") from e
                 labels, probs = _targets(cls, meta, self.k)
                 item = (to_tensor(img, mean, std), cls, labels, probs)
                 yield (*item, s.key) if cfg.return_keys else item
@@ -464,7 +465,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         (seed, epoch, key): ``random`` draws an index, ``sequential`` takes ``epoch % K``."""
         cfg = self.cfg
         if RNF_EXT not in s.members:
-            raise ValueError(f"{self.files[shard]}: sample {s.key!r} has no .{RNF_EXT} member; "
+            raise UserError(f"{self.files[shard]}: sample {s.key!r} has no .{RNF_EXT} member; "
                              "--loss kd needs a training set written by silverlabel reinforce")
         rng = key_seed(cfg.seed, s.key, self.epoch, 3)
         if cfg.p_reinforced < 1.0 and rng.random() >= cfg.p_reinforced:
@@ -482,7 +483,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             img = replay(data, aug, cfg.img_size, partner)
         except Exception as e:
-            raise ValueError(f"{self.files[shard]}: sample {s.key!r}: cannot replay augmentation {j} ({e})") from e
+            raise UserError(f"{self.files[shard]}: sample {s.key!r}: cannot replay augmentation {j} ({e})") from e
         labels = [int(x) for x in r.labels[0][: self.k]]
         probs = [float(x) for x in r.probs[0].astype(np.float32)[: self.k]]
         pad = self.k - len(labels)
@@ -536,7 +537,7 @@ class EpochBatches:
         self.cfg, self.epoch, self.start = cfg, epoch, start_step
         self.per_epoch = steps_per_epoch(cfg) if batches_per_epoch is None else batches_per_epoch
         if not 0 < self.per_epoch <= steps_per_epoch(cfg) or not 0 <= start_step < self.per_epoch:
-            raise ValueError(f"need 0 <= start_step < batches_per_epoch <= {steps_per_epoch(cfg)}, "
+            raise UserError(f"need 0 <= start_step < batches_per_epoch <= {steps_per_epoch(cfg)}, "
                              f"got {start_step}, {self.per_epoch}")
         self.limit = limit
         self.pin_memory = pin_memory

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from silverlabel.errors import UserError
+
 Report = Callable[[int, int], None]
 ShardFn = Callable[[Any, Any, Report], Any]
 
@@ -49,11 +51,11 @@ def create_engine(name: str, workers: int = 1, **options: Any) -> Engine:
         try:
             import ray  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"--engine ray needs Ray: pip install 'silverlabel[ray]' ({e})") from None
+            raise UserError(f"--engine ray needs Ray: pip install 'silverlabel[ray]' ({e})") from None
         from silverlabel.engine.ray_engine import RayEngine
 
         return RayEngine(workers=workers, **options)
-    raise ValueError(f"unknown engine {name!r} (available: local, ray)")
+    raise UserError(f"unknown engine {name!r} (available: local, ray)")
 
 
 def _square(x, _cfg, _report):  # for the doctest (must be importable by workers)

@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any
 
 from silverlabel.engine import Report, ShardFn
+from silverlabel.errors import UserError
 
 _progress_queue: Any = None
 
@@ -69,7 +70,7 @@ class LocalEngine:
 
     def __init__(self, workers: int = 1):
         if workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {workers}")
+            raise UserError(f"--workers must be >= 1, got {workers}")
         self.workers = workers
 
     def map(self, fn: ShardFn, units: Iterable[Any], config: Any, progress: Report | None = None) -> Iterator[Any]:

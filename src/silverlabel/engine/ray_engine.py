@@ -42,6 +42,7 @@ from typing import Any
 
 from silverlabel import __version__
 from silverlabel.engine import Report, ShardFn
+from silverlabel.errors import UserError
 
 _REPORT_EVERY = 0.2
 
@@ -140,7 +141,7 @@ def connect(address: str | None = None, runtime_env: dict | None = None) -> None
     try:
         ray.init(address=address or None, **kwargs)
     except ConnectionError as e:
-        raise ValueError(f"--ray-address {address}: cannot reach a Ray cluster ({e})") from None
+        raise UserError(f"--ray-address {address}: cannot reach a Ray cluster ({e})") from None
 
 
 class _Progress:
@@ -185,7 +186,7 @@ class RayEngine:
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1, max_retries: int = 3,
                  runtime_env: dict | None = None):
         if workers < 0:
-            raise ValueError(f"--workers must be >= 0 with --engine ray (0: the whole cluster), got {workers}")
+            raise UserError(f"--workers must be >= 0 with --engine ray (0: the whole cluster), got {workers}")
         self.workers = workers
         self.address = address
         self.actor = actor
@@ -205,14 +206,14 @@ class RayEngine:
         try:
             version, where = ray.get(ray.remote(_worker_check).options(num_cpus=0, max_retries=1).remote(), timeout=300)
         except ray.exceptions.GetTimeoutError:
-            raise ValueError("the Ray cluster did not run a task within 300 s (no free worker?)") from None
+            raise UserError("the Ray cluster did not run a task within 300 s (no free worker?)") from None
         except Exception as e:
-            raise ValueError(
+            raise UserError(
                 "the Ray workers cannot import silverlabel: install it on every node "
                 "(pip install 'silverlabel[ray]') or submit the command as a Ray job with a runtime_env "
                 f"that ships it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if version != __version__:
-            raise ValueError(f"the Ray workers run silverlabel {version} ({where}), this driver {__version__}: "
+            raise UserError(f"the Ray workers run silverlabel {version} ({where}), this driver {__version__}: "
                              "install the same version on every node")
         self._checked = True
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel.dataset import atomic_write
+from silverlabel.errors import UserError
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -47,7 +48,7 @@ def samples_table(rows: list[dict[str, Any]], extra_fields: list[pa.Field] | Non
         try:
             arrays.append(pa.array(columns[f.name], type=f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise ValueError(f"column {f.name!r} cannot be stored as {f.type}: {e}") from e
+            raise UserError(f"column {f.name!r} cannot be stored as {f.type}: {e}") from e
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

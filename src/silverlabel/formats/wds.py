@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from silverlabel.errors import UserError
+
 #: Fixed header values: the same samples give the same bytes on any machine and day.
 FIXED_MTIME = 0
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -46,7 +48,7 @@ class ShardWriter:
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: ``members`` maps extension (no dot) to bytes, written in order."""
         if not _KEY_RE.match(key):
-            raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_' or '-'")
+            raise UserError(f"invalid sample key {key!r}: use letters, digits, '_' or '-'")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)

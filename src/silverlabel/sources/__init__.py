@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from silverlabel.errors import UserError
+
 KIND_URL = "url"
 KIND_FILE = "file"
 KIND_TAR = "tar"
@@ -116,7 +118,7 @@ def kind_of(path: str) -> str:
         return "folder"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    raise ValueError(f"{path}: cannot tell what kind of source this is; use --source-kind table|folder|tar")
+    raise UserError(f"{path}: cannot tell what kind of source this is; use --source-kind table|folder|tar")
 
 
 def selection_table_dir(path: str) -> str | None:
@@ -142,7 +144,7 @@ def open_source(path: str, options: SourceOptions) -> Source:
     if kind == "table" and os.path.isdir(path):
         path = selection_table_dir(path) or path
     if kind not in _REGISTRY:
-        raise ValueError(f"unknown source kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
+        raise UserError(f"unknown source kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[kind](path, options)
 
 
@@ -175,7 +177,7 @@ def load_bytes(item: Item) -> bytes:
 
         with open(item.path, "rb") as f:
             return read_member(f, item.offset, item.size)
-    raise ValueError(f"item kind {item.kind!r} has no local bytes")
+    raise UserError(f"item kind {item.kind!r} has no local bytes")
 
 
 __all__ = [

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from silverlabel.errors import UserError
 from silverlabel.sources import KIND_FILE, Item, SourceOptions, derive_uid, register_source
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -42,13 +43,13 @@ class FolderSource:
         self.path = path
         mode = options.folder_labels
         if mode not in ("auto", "on", "off"):
-            raise ValueError(f"--folder-labels must be auto, on or off, not {mode!r}")
+            raise UserError(f"--folder-labels must be auto, on or off, not {mode!r}")
         entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
         top_images = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
         has_dirs = any(e.is_dir() for e in entries)
         self.labeled = mode == "on" or (mode == "auto" and has_dirs and not top_images)
         if mode == "on" and top_images:
-            raise ValueError(f"{path}: --folder-labels on, but {top_images[0].name} is not in a class folder")
+            raise UserError(f"{path}: --folder-labels on, but {top_images[0].name} is not in a class folder")
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "path": os.path.abspath(self.path), "layout": "imagefolder" if self.labeled else "flat"}

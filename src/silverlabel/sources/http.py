@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote, urljoin, urlsplit
 
+from silverlabel.errors import UserError
+
 __all__ = ["FetchConfig", "FetchResult", "Fetcher", "robots_opt_out"]
 
 
@@ -189,7 +191,7 @@ def _target(url: str) -> _Target:
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(url)
+        raise UserError(url)
     host = parts.hostname
     if not host.isascii():
         host = host.encode("idna").decode("ascii")
@@ -198,7 +200,7 @@ def _target(url: str) -> _Target:
     if parts.query:
         path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=[]~?")
     if any(c in host for c in " /\\@") or any(ord(c) < 33 for c in path):
-        raise ValueError(url)
+        raise UserError(url)
     return _Target(url, scheme, host, port, path)
 
 

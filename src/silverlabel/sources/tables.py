@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from silverlabel.errors import UserError
 from silverlabel.sources import (
     KIND_URL,
     TABLE_SUFFIXES,
@@ -48,7 +49,7 @@ def _table_files(path: str) -> list[str]:
             if not n.startswith(".") and (n[:-3] if n.endswith(".gz") else n).lower().endswith(TABLE_SUFFIXES)
         )
         if not files:
-            raise ValueError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
+            raise UserError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
         return files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -61,7 +62,7 @@ def _format_of(path: str) -> str:
     for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
         if name.endswith(ext):
             return fmt
-    raise ValueError(f"{path}: unknown table format (use .parquet, .csv, .tsv, .jsonl, optionally .gz)")
+    raise UserError(f"{path}: unknown table format (use .parquet, .csv, .tsv, .jsonl, optionally .gz)")
 
 
 def _open_text(path: str) -> io.TextIOBase:
@@ -77,7 +78,7 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
         schema = pf.schema_arrow
 
         def gen():
@@ -91,7 +92,7 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
         with _open_text(path) as f:
             header = next(csv.reader(f, delimiter=delim), None)
         if not header:
-            raise ValueError(f"{path}: empty {fmt} file (no header row)")
+            raise UserError(f"{path}: empty {fmt} file (no header row)")
         schema = pa.schema([(h, pa.string()) for h in header])  # everything as text: uids, ids stay exact
         try:
             reader = pacsv.open_csv(
@@ -104,14 +105,14 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
                 ),
             )
         except pa.ArrowInvalid as e:
-            raise ValueError(f"{path}: cannot parse {fmt}: {e}") from None
+            raise UserError(f"{path}: cannot parse {fmt}: {e}") from None
 
         def gen():
             try:
                 for batch in reader:
                     yield batch.to_pylist()
             except pa.ArrowInvalid as e:
-                raise ValueError(f"{path}: cannot parse {fmt}: {e}") from None
+                raise UserError(f"{path}: cannot parse {fmt}: {e}") from None
 
         return schema, gen()
     # jsonl: one object per line; line numbers in errors. Objects may omit keys, so the
@@ -145,9 +146,9 @@ def _json_objects(path: str) -> Iterator[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
             yield obj
 
 
@@ -184,13 +185,13 @@ class TableSource:
         names = set(schema.names)
         o = options
         if o.url_col not in names:
-            raise ValueError(
+            raise UserError(
                 f"{self.files[0]}: no column {o.url_col!r} (columns: {', '.join(schema.names) or 'none'}); "
                 "name the URL column with --url-col"
             )
         if o.caption_col is not None:
             if o.caption_col not in names:
-                raise ValueError(f"{self.files[0]}: no caption column {o.caption_col!r} (--caption-col)")
+                raise UserError(f"{self.files[0]}: no caption column {o.caption_col!r} (--caption-col)")
             self.caption_col = o.caption_col
         else:
             self.caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
@@ -198,12 +199,12 @@ class TableSource:
         self.id_col = o.id_col if o.id_col in names else None
         missing = [c for c in o.keep_cols if c not in names]
         if missing:
-            raise ValueError(f"{self.files[0]}: --keep-cols names missing columns: {', '.join(missing)}")
+            raise UserError(f"{self.files[0]}: --keep-cols names missing columns: {', '.join(missing)}")
         reserved = {"key", "status", "error", "shard", "source", "label", "width", "height", "sha256", "imagehash",
                     "original_width", "original_height", "url", "uid", "id", "caption"}
         clash = [c for c in o.keep_cols if c in reserved]
         if clash:
-            raise ValueError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
+            raise UserError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
         self.extra_fields = [schema.field(c) for c in o.keep_cols]
         self._columns = [c for c in (o.url_col, self.caption_col, self.uid_col, self.id_col, *o.keep_cols) if c]
 
@@ -222,7 +223,7 @@ class TableSource:
         for path in self.files:
             schema, batches = _batches(path, self._columns)
             if o.url_col not in schema.names:
-                raise ValueError(f"{path}: no column {o.url_col!r} (columns: {', '.join(schema.names)})")
+                raise UserError(f"{path}: no column {o.url_col!r} (columns: {', '.join(schema.names)})")
             for rows in batches:
                 for row in rows:
                     url, err = _check_url(row.get(o.url_col))

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from silverlabel.errors import UserError
 from silverlabel.formats.wds import iter_tar_samples, read_member
 from silverlabel.sources import KIND_TAR, Item, SourceOptions, derive_uid, normalize_uid, register_source
 
@@ -45,7 +46,7 @@ def _tar_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not files:
-            raise ValueError(f"{path}: folder holds no .tar files")
+            raise UserError(f"{path}: folder holds no .tar files")
         return files
     files = expand_braces(path)
     for f in files:
@@ -74,7 +75,7 @@ class TarSource:
             try:
                 samples = list(iter_tar_samples(tar_path))
             except Exception as e:  # tarfile raises several types for damaged archives
-                raise ValueError(f"{tar_path}: not a readable tar file ({type(e).__name__}: {e})") from None
+                raise UserError(f"{tar_path}: not a readable tar file ({type(e).__name__}: {e})") from None
             with open(tar_path, "rb") as f:
                 for s in samples:
                     yield self._item(index, name, tar_path, f, s)

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from silverlabel import __version__
 from silverlabel.dataset import MANIFEST, Dataset, atomic_write, write_json_atomic
+from silverlabel.errors import UserError
 
 CARD_DIR = "card"
 README = "README.md"
@@ -89,9 +90,9 @@ class CardConfig:
     def __post_init__(self) -> None:
         for name in ("per_class", "max_classes", "least_confident", "max_clusters", "failures_per_status"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
         if not 16 <= self.thumb_size <= 512:
-            raise ValueError(f"--thumb-size must be in 16..512, got {self.thumb_size}")
+            raise UserError(f"--thumb-size must be in 16..512, got {self.thumb_size}")
 
 
 @dataclass
@@ -237,12 +238,12 @@ def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
     man = _manifest(root)
     has_info = (root / "_info.json").is_file()
     if man is None and not has_info:
-        raise ValueError(f"{root}: not a silverlabel dataset (no {MANIFEST} or _info.json)")
+        raise UserError(f"{root}: not a silverlabel dataset (no {MANIFEST} or _info.json)")
     man = man or {"stage": "shard"}
     stage = man.get("stage")
     if stage == "shard" or has_info:
         if not has_info:
-            raise ValueError(f"{root}: training set is not finished (no _info.json); run silverlabel shard again")
+            raise UserError(f"{root}: training set is not finished (no _info.json); run silverlabel shard again")
         lin = Lineage(root, "trainset", man, trainset=root, trainset_manifest=man)
         parent = next((p for p in man.get("parents", []) if p.get("kind") == "selection"), None)
         if parent:
@@ -263,7 +264,7 @@ def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
     elif stage == "ingest":
         lin = Lineage(root, "pool", man, pool=root, pool_manifest=man)
     else:
-        raise ValueError(f"{root}: card reads an ingest, select or shard output, this one is {stage!r}")
+        raise UserError(f"{root}: card reads an ingest, select or shard output, this one is {stage!r}")
     if lin.selection_manifest is not None and lin.pool is None:
         parent = (lin.selection_manifest.get("parents") or [{}])[0]
         if parent.get("kind") == "dataset":
@@ -376,7 +377,7 @@ class Facts:
         self.classes_doc = None
         if lin.kind == "pool":
             if not self.has_samples:
-                raise ValueError(f"{lin.root}: has no samples table yet (ingest not finished?)")
+                raise UserError(f"{lin.root}: has no samples table yet (ingest not finished?)")
             shards = _q(lin.pool / "shards")
             if self.has_labels:
                 con.execute(f"""CREATE VIEW items AS SELECT s.key, 'all' AS split, l.labels[1] AS cls,
@@ -399,7 +400,7 @@ class Facts:
             if lin.kind == "trainset":
                 self.info = _read_json(lin.root / "_info.json")
                 if self.info is None:
-                    raise ValueError(f"{lin.root}/_info.json: unreadable")
+                    raise UserError(f"{lin.root}/_info.json: unreadable")
                 if lin.selection is None:
                     path = _trainset_rows(lin.root, self.info, tmp)
                     con.execute(f"CREATE VIEW items AS SELECT * FROM read_parquet('{_q(path)}')")

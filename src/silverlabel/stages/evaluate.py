@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from silverlabel.dataset import write_json_atomic
+from silverlabel.errors import UserError
 from silverlabel.loader import LoaderConfig, create_loader, normalize_on
 from silverlabel.stages.shard import read_info
 
@@ -54,13 +55,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
         if (self.head_space is None) != (self.target_space is None):
-            raise ValueError("--head-space and --target-space go together")
+            raise UserError("--head-space and --target-space go together")
         if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError(f"ks must be >= 1, got {self.ks}")
+            raise UserError(f"ks must be >= 1, got {self.ks}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def real_correct(preds: Any, label_sets: Sequence[Sequence[int] | None]) -> tupl
     if isinstance(preds, torch.Tensor):
         preds = preds.tolist()
     if len(preds) != len(label_sets):
-        raise ValueError(f"{len(preds)} predictions for {len(label_sets)} label sets")
+        raise UserError(f"{len(preds)} predictions for {len(label_sets)} label sets")
     right = counted = 0
     for p, s in zip(preds, label_sets):
         if not s:
@@ -120,7 +121,7 @@ def map_scores(probs: torch.Tensor, head_space: str, target_space: str) -> torch
 
     head = get_label_space(head_space)
     if probs.shape[-1] != len(head):
-        raise ValueError(f"the head has {probs.shape[-1]} classes, label space {head_space!r} has {len(head)}")
+        raise UserError(f"the head has {probs.shape[-1]} classes, label space {head_space!r} has {len(head)}")
     return map_probs(probs, index_map(head, target_space, policy="drop"))
 
 
@@ -147,14 +148,14 @@ def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot load checkpoint ({e})") from e
+        raise UserError(f"{path}: cannot load checkpoint ({e})") from e
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
-        raise ValueError(f"{path}: not a silverlabel train checkpoint (needs model, config)")
+        raise UserError(f"{path}: not a silverlabel train checkpoint (needs model, config)")
     conf = dict(ck["config"])
     fields = set(TrainConfig.__dataclass_fields__)
     tcfg = TrainConfig(**{k: v for k, v in conf.items() if k in fields})
     if not ck.get("num_classes"):
-        raise ValueError(f"{path}: checkpoint has no num_classes")
+        raise UserError(f"{path}: checkpoint has no num_classes")
     num_classes = int(ck["num_classes"])
     model = create_model(tcfg, num_classes)
     which = "model"
@@ -173,21 +174,21 @@ def load_label_sets(path: str, keys: list[str]) -> list[list[int]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"--real-labels: no such file: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--real-labels {path}: not valid JSON ({e})") from e
+        raise UserError(f"--real-labels {path}: not valid JSON ({e})") from e
     if isinstance(doc, list):
         if len(doc) != len(keys):
-            raise ValueError(f"--real-labels {path}: {len(doc)} label sets for {len(keys)} samples in the split")
+            raise UserError(f"--real-labels {path}: {len(doc)} label sets for {len(keys)} samples in the split")
         sets = doc
     elif isinstance(doc, dict):
         sets = [doc.get(k) or [] for k in keys]
         if keys and not any(k in doc for k in keys):
-            raise ValueError(f"--real-labels {path}: no key matches a sample key of the split (e.g. {keys[0]!r})")
+            raise UserError(f"--real-labels {path}: no key matches a sample key of the split (e.g. {keys[0]!r})")
     else:
-        raise ValueError(f"--real-labels {path}: want a JSON list of lists or an object key -> list")
+        raise UserError(f"--real-labels {path}: want a JSON list of lists or an object key -> list")
     try:
         return [[int(x) for x in (s or [])] for s in sets]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--real-labels {path}: label sets must be lists of class indices ({e})") from e
+        raise UserError(f"--real-labels {path}: label sets must be lists of class indices ({e})") from e
 
 
 def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
@@ -214,7 +215,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
+        raise UserError("--device cuda: CUDA is not available")
     return dev
 
 
@@ -229,7 +230,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     info = read_info(cfg.trainset)
     splits = info.get("splits", {})
     if cfg.split not in splits:
-        raise ValueError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
+        raise UserError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
     num_samples = int(splits[cfg.split].get("num_samples", sum(splits[cfg.split].get("shard_lengths", []))))
     if cfg.head_space is not None:
         from silverlabel.teachers.labelspace import get_label_space
@@ -263,7 +264,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
                 scores = logits
             num_out = scores.shape[1]
             if int(cls.max()) >= num_out:
-                raise ValueError(f"class index {int(cls.max())} >= the {num_out} classes the model predicts"
+                raise UserError(f"class index {int(cls.max())} >= the {num_out} classes the model predicts"
                                  + ("" if cfg.head_space else "; pass --head-space/--target-space?"))
             c, n = topk_correct(scores, cls, ks)
             for k in ks:
@@ -281,7 +282,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
             if log is not None:
                 log(seen, num_samples)
     if seen != num_samples:
-        raise ValueError(f"{cfg.trainset}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
+        raise UserError(f"{cfg.trainset}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
 
     real = None
     if cfg.real_labels is not None:

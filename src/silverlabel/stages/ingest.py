@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from silverlabel import __version__
 from silverlabel.dataset import Dataset, atomic_write
 from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
 from silverlabel.formats.tables import read_parquet_metadata, samples_table, write_parquet_atomic
 from silverlabel.formats.wds import ShardWriter
 from silverlabel.imageops import ImageConfig, process_image
@@ -69,13 +70,13 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ValueError("ingest needs at least one SOURCE")
+            raise UserError("ingest needs at least one SOURCE")
         if self.samples_per_shard < 1:
-            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+            raise UserError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.threads < 1 or self.decode_threads < 1:
-            raise ValueError("--threads and --decode-threads must be >= 1")
+            raise UserError("--threads and --decode-threads must be >= 1")
         if not self.name or any(c in self.name for c in "/\\.{} "):
-            raise ValueError(f"--name {self.name!r}: use letters, digits, '-' or '_'")
+            raise UserError(f"--name {self.name!r}: use letters, digits, '-' or '_'")
 
     def output_config(self) -> dict[str, Any]:
         """The settings that determine the output; a resumed run must match them."""
@@ -406,16 +407,16 @@ def dataset_counts(ds: Dataset) -> tuple[dict[str, int], int]:
 def _check_compatible(ds: Dataset, cfg: IngestConfig) -> None:
     if not ds.exists():
         if ds.root.exists() and any(p for p in ds.root.iterdir() if not p.name.startswith(".")):
-            raise ValueError(f"{ds.root}: output folder exists and is not a silverlabel dataset; choose another -o")
+            raise UserError(f"{ds.root}: output folder exists and is not a silverlabel dataset; choose another -o")
         return
     man = ds.read_manifest()
     old = man.get("config", {})
     new = json.loads(json.dumps(cfg.output_config()))  # compare as stored (tuples -> lists)
     if man.get("stage") != "ingest":
-        raise ValueError(f"{ds.root}: holds a {man.get('stage')!r} dataset, not an ingest output")
+        raise UserError(f"{ds.root}: holds a {man.get('stage')!r} dataset, not an ingest output")
     diffs = [k for k in new if old.get(k) != new[k]]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{ds.root}: was ingested with different settings ({', '.join(diffs)}); "
             "resume with the same command or write to a new -o"
         )

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from silverlabel import __version__
 from silverlabel.dataset import Dataset
 from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
 from silverlabel.formats.tables import read_parquet_metadata, write_parquet_atomic
 from silverlabel.teachers import TeacherSpec
 
@@ -75,11 +76,11 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         if not self.teachers:
-            raise ValueError("label needs at least one --teacher")
+            raise UserError("label needs at least one --teacher")
         if self.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {self.topk}")
+            raise UserError(f"--topk must be >= 1, got {self.topk}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
 
     @property
     def name(self) -> str:
@@ -290,7 +291,7 @@ def _complete(path, cfg: LabelConfig) -> bool:
 def plan_label_units(cfg: LabelConfig, ds: Dataset, skipped: list[int]) -> list[LabelUnit]:
     man = ds.read_manifest()
     if man.get("stage") != "ingest":
-        raise ValueError(f"{ds.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
+        raise UserError(f"{ds.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
     name = man["name"]
     out_dir = labels_dir(ds, cfg.name)
     units = []
@@ -311,7 +312,7 @@ def plan_label_units(cfg: LabelConfig, ds: Dataset, skipped: list[int]) -> list[
             continue
         units.append(LabelUnit(shard, str(tar), str(samples), str(out)))
     if not units and not skipped:
-        raise ValueError(f"{ds.root}: no finished shards to label (run ingest first)")
+        raise UserError(f"{ds.root}: no finished shards to label (run ingest first)")
     return units
 
 

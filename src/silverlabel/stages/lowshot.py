@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from silverlabel.dataset import atomic_write, write_json_atomic
+from silverlabel.errors import UserError
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
 from silverlabel.loader import LoaderConfig, decode_image, to_tensor
 from silverlabel.stages.evaluate import _device, find_checkpoint, load_model
@@ -89,16 +90,16 @@ class LowShotConfig:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         object.__setattr__(self, "modes", tuple(self.modes))
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
-            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+            raise UserError(f"fractions must be in (0, 1], got {self.fractions}")
         bad = [m for m in self.modes if m not in MODES]
         if not self.modes or bad:
-            raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(self.modes) or 'none'}")
+            raise UserError(f"modes must be among {', '.join(MODES)}, got {', '.join(self.modes) or 'none'}")
         if self.batch_size < 1 or self.ft_steps < 1 or self.probe_iters < 1:
-            raise ValueError("batch_size, ft_steps and probe_iters must be >= 1")
+            raise UserError("batch_size, ft_steps and probe_iters must be >= 1")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.ft_lr <= 0 or not self.probe_wds or any(w < 0 for w in self.probe_wds):
-            raise ValueError("ft_lr must be > 0 and probe_wds non-empty and >= 0")
+            raise UserError("ft_lr must be > 0 and probe_wds non-empty and >= 0")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def index_split(trainset: str, split: str) -> list[Record]:
     info = read_info(trainset)
     splits = info.get("splits", {})
     if split not in splits:
-        raise ValueError(f"{trainset}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
+        raise UserError(f"{trainset}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
     out: list[Record] = []
     for name in splits[split].get("filenames", []):
         path = str(Path(trainset) / name)
@@ -134,9 +135,9 @@ def index_split(trainset: str, split: str) -> list[Record]:
             for s in iter_tar_samples(path):
                 ext = s.image_ext()
                 if ext is None:
-                    raise ValueError(f"{path}: sample {s.key} has no image member")
+                    raise UserError(f"{path}: sample {s.key} has no image member")
                 if "cls" not in s.members:
-                    raise ValueError(f"{path}: sample {s.key} has no .cls member (low-shot needs class labels)")
+                    raise UserError(f"{path}: sample {s.key} has no .cls member (low-shot needs class labels)")
                 cls = int(read_member(f, *s.members["cls"]).decode().strip())
                 mem = tuple((e, o, n) for e, (o, n) in s.members.items())
                 out.append(Record(s.key, cls, path, mem, s.members[ext]))
@@ -333,7 +334,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     val = index_split(cfg.trainset, cfg.val_split)
     classes = sorted({r.cls for r in train if r.cls >= 0})
     if not classes:
-        raise ValueError(f"{cfg.trainset}: split {cfg.train_split!r} has no labeled samples")
+        raise UserError(f"{cfg.trainset}: split {cfg.train_split!r} has no labeled samples")
     num_classes = max(classes + [r.cls for r in val]) + 1
     doc = Path(cfg.trainset) / "classes.json"
     if doc.exists():
@@ -341,7 +342,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     subsets = {f: balanced_subset(train, f, cfg.seed) for f in cfg.fractions}
     for f, sub in subsets.items():
         if not sub:
-            raise ValueError(f"fraction {f:g} of {len(train)} training samples is empty")
+            raise UserError(f"fraction {f:g} of {len(train)} training samples is empty")
 
     model, tconf, which, step = load_model(ckpt, cfg.ema)
     device = _device(cfg.device)

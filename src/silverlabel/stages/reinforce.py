@@ -69,6 +69,7 @@ from silverlabel.augment import (
 )
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
 from silverlabel.teachers import TeacherSpec
 
@@ -109,19 +110,19 @@ class ReinforceConfig:
 
     def __post_init__(self) -> None:
         if not self.teachers:
-            raise ValueError("reinforce needs at least one --teacher")
+            raise UserError("reinforce needs at least one --teacher")
         if not 1 <= self.augs <= 0xFFFF:
-            raise ValueError(f"--augs must be in 1..65535, got {self.augs}")
+            raise UserError(f"--augs must be in 1..65535, got {self.augs}")
         if not 1 <= self.topk <= 255:
-            raise ValueError(f"--topk must be in 1..255, got {self.topk}")
+            raise UserError(f"--topk must be in 1..255, got {self.topk}")
         if not self.splits:
-            raise ValueError("--split: name at least one split")
+            raise UserError("--split: name at least one split")
         if self.workers < (0 if self.engine == "ray" else 1) or self.threads < 1:
-            raise ValueError("--workers and --threads must be >= 1")
+            raise UserError("--workers and --threads must be >= 1")
         if self.replay_procs < -1:
-            raise ValueError(f"--replay-procs must be >= 0 (or -1: auto), got {self.replay_procs}")
+            raise UserError(f"--replay-procs must be >= 0 (or -1: auto), got {self.replay_procs}")
         if os.path.abspath(self.output) == os.path.abspath(self.trainset):
-            raise ValueError("-o must not be the input training set")
+            raise UserError("-o must not be the input training set")
 
     def output_config(self) -> dict[str, Any]:
         """The settings that determine the output; a resumed shard must match them."""
@@ -410,11 +411,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         for i, s in enumerate(index):
             ext = s.image_ext()
             if ext is None:
-                raise ValueError(f"{unit.src}: sample {s.key!r} has no image member")
+                raise UserError(f"{unit.src}: sample {s.key!r} has no image member")
             try:
                 w, h = _image_size(reader.read(s.members[ext]))
             except Exception as e:
-                raise ValueError(f"{unit.src}: sample {s.key!r}: cannot read the image ({e})") from None
+                raise UserError(f"{unit.src}: sample {s.key!r}: cannot read the image ({e})") from None
             augs.append(sample_augs(cfg.policy, cfg.seed, s.key, w, h, k, n, i))
         per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // k)
         batches = [list(range(b, min(n, b + per_batch))) for b in range(0, n, per_batch)]
@@ -458,7 +459,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     try:
                         per_sample = [fut.result() for fut in futs]
                     except Exception as e:
-                        raise ValueError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
+                        raise UserError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
                     submit()  # keep the pool busy while the teacher runs (the ring slot of this batch is not reused)
                     if ring is not None:
                         images = [ring.batch(slot, distinct.index(size), len(b)) for size in sizes]
@@ -537,7 +538,7 @@ def read_trainset_info(trainset: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{trainset}: no {INFO_FILE} (not a training set; run silverlabel shard)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> ReinforceSummary:
@@ -552,7 +553,7 @@ def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> Reinf
     splits = info.get("splits", {})
     missing = [s for s in cfg.splits if s not in splits]
     if missing:
-        raise ValueError(f"{cfg.trainset}: no split {missing[0]!r} (has {', '.join(sorted(splits)) or 'none'})")
+        raise UserError(f"{cfg.trainset}: no split {missing[0]!r} (has {', '.join(sorted(splits)) or 'none'})")
     if cfg.label_space is not None:
         get_label_space(cfg.label_space)
     for spec in cfg.teachers:
@@ -569,9 +570,9 @@ def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> Reinf
     if ds.exists():
         stage = ds.read_manifest().get("stage")
         if stage != "reinforce":
-            raise ValueError(f"{out}: holds a {stage!r} output, not a reinforce output; choose another -o")
+            raise UserError(f"{out}: holds a {stage!r} output, not a reinforce output; choose another -o")
     elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise ValueError(f"{out}: output folder exists and is not a silverlabel training set; choose another -o")
+        raise UserError(f"{out}: output folder exists and is not a silverlabel training set; choose another -o")
     out.mkdir(parents=True, exist_ok=True)
     ds.clean_temporaries()
     done_dir = out / DONE_DIR
@@ -636,7 +637,7 @@ def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> Reinf
     rnf_total = sum(int(r.get("rnf_bytes", 0)) for r in reinforced)
     spaces = sorted({r.get("label_space") for r in reinforced if r.get("label_space")})
     if len(spaces) > 1:
-        raise ValueError(f"{out}: shards in different label spaces {spaces}; reinforce into a new -o")
+        raise UserError(f"{out}: shards in different label spaces {spaces}; reinforce into a new -o")
     space = spaces[0] if spaces else cfg.label_space
     emb_dim = max((int(r.get("emb_dim", 0)) for r in reinforced), default=0)
     per_sample = rnf_total / n_samples if n_samples else 0.0
@@ -682,7 +683,7 @@ def inspect_sample(trainset: str, key: str | None = None, split: str | None = No
     order = [split] if split else (list(rinfo.get("splits", [])) or list(splits))
     for sp in order:
         if sp not in splits:
-            raise ValueError(f"{trainset}: no split {sp!r} (has {', '.join(sorted(splits))})")
+            raise UserError(f"{trainset}: no split {sp!r} (has {', '.join(sorted(splits))})")
         for fn in splits[sp]["filenames"]:
             path = os.path.join(trainset, fn)
             for i, s in enumerate(iter_tar_samples(path)):
@@ -692,7 +693,7 @@ def inspect_sample(trainset: str, key: str | None = None, split: str | None = No
                     data = read_member(f, *s.members[RNF_EXT])
                     image = read_member(f, *s.members[s.image_ext()]) if s.image_ext() else None
                 return _format_sample(s.key, fn, i, data, image, rinfo, get_label_space, top)
-    raise ValueError(f"{trainset}: " + (f"no reinforced sample {key!r}" if key else "no reinforced samples")
+    raise UserError(f"{trainset}: " + (f"no reinforced sample {key!r}" if key else "no reinforced samples")
                      + " (run silverlabel reinforce first?)")
 
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from silverlabel import __version__
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
+from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 
 ROWS_PER_PART = 1_000_000
@@ -69,20 +70,20 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         if self.label not in ("auto", "top1", "source", "none"):
-            raise ValueError(f"--label must be top1 or source, not {self.label!r}")
+            raise UserError(f"--label must be top1 or source, not {self.label!r}")
         if self.min_prob is not None and not 0 <= self.min_prob <= 1:
-            raise ValueError(f"--min-prob must be in 0..1, got {self.min_prob}")
+            raise UserError(f"--min-prob must be in 0..1, got {self.min_prob}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+            raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.fraction is not None and not self.balanced:
-            raise ValueError("--fraction needs --balanced (the label-balanced tfds/SimCLR rule)")
+            raise UserError("--fraction needs --balanced (the label-balanced tfds/SimCLR rule)")
         if self.rollup_depth is not None and self.rollup_to:
-            raise ValueError("use --rollup-depth or --rollup-to, not both")
+            raise UserError("use --rollup-depth or --rollup-to, not both")
         if self.dedupe is not None and self.dedupe != "exact" and not self.dedupe.startswith("phash:"):
-            raise ValueError(f"--dedupe must be exact or phash:D, not {self.dedupe!r}")
+            raise UserError(f"--dedupe must be exact or phash:D, not {self.dedupe!r}")
         for name in ("val_per_class", "min_train_per_class", "max_distance"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
 
     def output_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,7 +125,7 @@ def balanced_quotas(counts: dict[Any, int], total: int, seed: int) -> dict[Any, 
     short = [c for c in classes if counts[c] < quotas[c]]
     if short:
         c = short[0]
-        raise ValueError(f"class {c!r} has {counts[c]} training samples, fewer than its quota {quotas[c]} "
+        raise UserError(f"class {c!r} has {counts[c]} training samples, fewer than its quota {quotas[c]} "
                          f"({len(short)} such classes); lower --fraction or filter classes first")
     return quotas
 
@@ -134,7 +135,7 @@ def load_uids(path: str) -> pa.Table:
     if path.endswith(".npy"):
         arr = np.load(path, allow_pickle=False)
         if arr.dtype.names is None or len(arr.dtype.names) != 2:
-            raise ValueError(f"{path}: expected a structured array of dtype ('u8','u8'), got {arr.dtype}")
+            raise UserError(f"{path}: expected a structured array of dtype ('u8','u8'), got {arr.dtype}")
         a, b = (arr[n].astype(np.uint64) for n in arr.dtype.names)
         uids = [f"{int(x):016x}{int(y):016x}" for x, y in zip(a.tolist(), b.tolist())]
     else:
@@ -142,7 +143,7 @@ def load_uids(path: str) -> pa.Table:
             uids = [line.strip().lower() for line in f if line.strip()]
         bad = next((u for u in uids if len(u) != 32 or any(c not in "0123456789abcdef" for c in u)), None)
         if bad is not None:
-            raise ValueError(f"{path}: {bad!r} is not a 32-hex uid")
+            raise UserError(f"{path}: {bad!r} is not a 32-hex uid")
     vals, counts = np.unique(np.asarray(uids, dtype=object).astype(str), return_counts=True)
     return pa.table({"uid": pa.array(vals.tolist(), pa.string()), "copies": pa.array(counts.astype(np.int32))})
 
@@ -179,12 +180,12 @@ def _open_input(cfg: SelectConfig, con) -> _Input:
         ds = Dataset(src)
         man = ds.read_manifest()
         if man.get("stage") != "ingest":
-            raise ValueError(f"{src}: select reads an ingest dataset, this one is {man.get('stage')!r}")
+            raise UserError(f"{src}: select reads an ingest dataset, this one is {man.get('stage')!r}")
         samples = _glob(ds.samples_dir)
         labels = man.get("labels", {})
         name = cfg.labels_name or (sorted(labels)[0] if labels else None)
         if cfg.labels_name and cfg.labels_name not in labels:
-            raise ValueError(f"{src}: no labels named {cfg.labels_name!r} (have: {', '.join(labels) or 'none'})")
+            raise UserError(f"{src}: no labels named {cfg.labels_name!r} (have: {', '.join(labels) or 'none'})")
         cols = ("s.key, s.id, s.uid, s.url, s.caption, s.width, s.height, s.imagehash, s.sha256, "
                 "s.shard AS source_shard, s.label AS source_label, s.source AS source_path")
         if name:
@@ -203,7 +204,7 @@ def _open_input(cfg: SelectConfig, con) -> _Input:
     try:
         names = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{glob}')").fetchall()]
     except Exception as e:
-        raise ValueError(f"{src}: not a silverlabel dataset nor readable parquet ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{src}: not a silverlabel dataset nor readable parquet ({str(e).splitlines()[0]})") from None
     has = set(names)
     if {"labels", "label_probs", "id"} <= has:  # COYO-Labeled-300M schema
         key = "CAST(id AS VARCHAR)"
@@ -220,7 +221,7 @@ def _open_input(cfg: SelectConfig, con) -> _Input:
                f"{opt['height']}, NULL AS imagehash, {opt['sha256']}, NULL AS source_shard, NULL AS source_label, "
                f"NULL AS source_path, NULL::INTEGER[] AS labels, NULL::FLOAT[] AS label_probs FROM read_parquet('{glob}')")
         return _Input("samples_table", sql, None, None, False, False)
-    raise ValueError(f"{src}: a bare table needs the COYO-Labeled columns (id, labels, label_probs) or a uid column "
+    raise UserError(f"{src}: a bare table needs the COYO-Labeled columns (id, labels, label_probs) or a uid column "
                      f"(has: {', '.join(names)})")
 
 
@@ -241,7 +242,7 @@ def _label_mapping(cfg: SelectConfig, space: str) -> tuple[np.ndarray | None, li
                 targets = {line.split()[0] for line in f if line.strip() and not line.startswith("#")}
             unknown = [t for t in targets if t not in hier]
             if unknown:
-                raise ValueError(f"{cfg.rollup_to}: {unknown[0]!r} is not a WordNet synset")
+                raise UserError(f"{cfg.rollup_to}: {unknown[0]!r} is not a WordNet synset")
             dst = [hier.nearest_in(w, targets) if w in hier else None for w in src.wnids]
         else:
             dst = [hier.ancestor_at_depth(w, cfg.rollup_depth) if w in hier else None for w in src.wnids]
@@ -288,7 +289,7 @@ def _reference_hashes(path: str) -> np.ndarray:
     try:
         return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
     except ValueError:
-        raise ValueError(f"{path}: expected 16-hex pHashes") from None
+        raise UserError(f"{path}: expected 16-hex pHashes") from None
 
 
 def choose_classes(counts: dict[str, int], cfg: SelectConfig, mode: str, wnids: list[str]
@@ -303,7 +304,7 @@ def choose_classes(counts: dict[str, int], cfg: SelectConfig, mode: str, wnids: 
         ranked = ranked[: cfg.top_classes]
     chosen = set(ranked)
     if mode != "none" and not chosen:
-        raise ValueError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
+        raise UserError("no class is left after the class rules (lower --val-per-class/--min-train-per-class)")
     class_ids = sorted(chosen, key=(lambda c: (0, int(c))) if mode == "top1" else (lambda c: (0, c)))
     cls_of = {c: i for i, c in enumerate(class_ids)}
     if mode == "top1":
@@ -339,7 +340,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     out = Path(cfg.output)
     ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, DUPLICATES_FILE, "silverlabel.json", "README.md", "card"}
     if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
-        raise ValueError(f"{out}: exists and is not a selection; choose another -o")
+        raise UserError(f"{out}: exists and is not a selection; choose another -o")
     con = duckdb.connect()
     inp = _open_input(cfg, con)  # validate the input before touching the output
     # A selection is rewritten whole: drop the old manifest first, so a run that dies
@@ -416,9 +417,9 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     if mode == "auto":
         mode = "top1" if inp.has_labels else ("source" if inp.has_source_labels else "none")
     if mode == "top1" and not inp.has_labels:
-        raise ValueError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
+        raise UserError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
     if mode == "source" and not inp.has_source_labels:
-        raise ValueError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
+        raise UserError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
     wnids: list[str] = []
     n_before = con.execute(f"SELECT count(*) FROM {current}").fetchall()[0][0]  # rows a remap empties count below
     if mode == "top1":
@@ -487,7 +488,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     # 6. balanced fraction of train (imagenet2012_subset)
     if cfg.fraction is not None:
         if mode == "none":
-            raise ValueError("--fraction --balanced needs labels (--label top1 or source)")
+            raise UserError("--fraction --balanced needs labels (--label top1 or source)")
         train_counts = dict(con.execute("SELECT cls, count(*) FROM split_t WHERE split='train' "
                                         "GROUP BY 1").fetchall())
         n_train = sum(train_counts.values())

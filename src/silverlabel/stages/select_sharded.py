@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 from silverlabel import __version__
 from silverlabel.dataset import Dataset, atomic_write
 from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 from silverlabel.stages import select as _select
 from silverlabel.stages.select import SelectConfig, SelectSummary, balanced_quotas
@@ -356,16 +357,16 @@ def _open(cfg: SelectConfig) -> tuple[Dataset, str | None, str | None, bool]:
     if not (src / "silverlabel.json").is_file():
         bad.insert(0, "a bare table as input")
     if bad:
-        raise ValueError(f"select over shards (--engine ray) does not support {', '.join(bad)}: these rules need "
+        raise UserError(f"select over shards (--engine ray) does not support {', '.join(bad)}: these rules need "
                          "the whole pool at once; run them with --engine local (DuckDB)")
     ds = Dataset(src)
     man = ds.read_manifest()
     if man.get("stage") != "ingest":
-        raise ValueError(f"{src}: select reads an ingest dataset, this one is {man.get('stage')!r}")
+        raise UserError(f"{src}: select reads an ingest dataset, this one is {man.get('stage')!r}")
     labels = man.get("labels", {})
     name = cfg.labels_name or (sorted(labels)[0] if labels else None)
     if cfg.labels_name and cfg.labels_name not in labels:
-        raise ValueError(f"{src}: no labels named {cfg.labels_name!r} (have: {', '.join(labels) or 'none'})")
+        raise UserError(f"{src}: no labels named {cfg.labels_name!r} (have: {', '.join(labels) or 'none'})")
     space = labels[name]["config"]["label_space"] if name else None
     has_source = False
     for p in ds.samples_files():
@@ -386,18 +387,18 @@ def run_select_sharded(cfg: SelectConfig, engine: str = "local", workers: int = 
     dup_file = getattr(_select, "DUPLICATES_FILE", "duplicates.parquet")
     ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, dup_file, "silverlabel.json", "README.md", "card"}
     if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
-        raise ValueError(f"{out}: exists and is not a selection; choose another -o")
+        raise UserError(f"{out}: exists and is not a selection; choose another -o")
     ds, labels_name, space, has_source = _open(cfg)
     has_labels = labels_name is not None
     mode = cfg.label
     if mode == "auto":
         mode = "top1" if has_labels else ("source" if has_source else "none")
     if mode == "top1" and not has_labels:
-        raise ValueError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
+        raise UserError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
     if mode == "source" and not has_source:
-        raise ValueError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
+        raise UserError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
     if cfg.fraction is not None and mode == "none":
-        raise ValueError("--fraction --balanced needs labels (--label top1 or source)")
+        raise UserError("--fraction --balanced needs labels (--label top1 or source)")
     wnids: list[str] = []
     mapping = None
     if mode == "top1":

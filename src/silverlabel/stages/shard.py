@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 from silverlabel import __version__
 from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
 from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, SELECTION_DIR, SELECTION_SCHEMA
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
 
@@ -114,28 +115,28 @@ class ShardConfig:
             object.__setattr__(self, "shards", int(self.shards))
         if isinstance(self.shards, int):
             if self.samples_per_shard is not None:
-                raise ValueError("use --shards N or --samples-per-shard M, not both")
+                raise UserError("use --shards N or --samples-per-shard M, not both")
             if self.shards < 1:
-                raise ValueError(f"--shards must be >= 1, got {self.shards}")
+                raise UserError(f"--shards must be >= 1, got {self.shards}")
         elif self.shards is not None:
             bad = [f"{k}={v}" for k, v in self.shards if v < 1]
             if bad:
-                raise ValueError(f"--shards: shard counts must be >= 1 ({', '.join(bad)})")
+                raise UserError(f"--shards: shard counts must be >= 1 ({', '.join(bad)})")
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+            raise UserError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.name is None:
             object.__setattr__(self, "name", Path(os.path.abspath(self.selection)).name)
             if not _NAME_RE.match(self.name):
-                raise ValueError(f"the selection folder's name {self.name!r} cannot name shards; give --name")
+                raise UserError(f"the selection folder's name {self.name!r} cannot name shards; give --name")
         elif not _NAME_RE.match(self.name):
-            raise ValueError(f"--name {self.name!r}: use letters, digits, '.', '-' or '_'")
+            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '-' or '_'")
         shard_filename(self.template, self.name, "train", 0)  # validates the template
         if shard_filename(self.template, self.name, "train", 0) == shard_filename(self.template, self.name, "train", 1):
-            raise ValueError(f"--template {self.template!r} must contain {{index}}")
+            raise UserError(f"--template {self.template!r} must contain {{index}}")
         if self.workers < (0 if self.engine == "ray" else 1):  # ray: 0 = the cluster's CPUs
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
         if os.path.abspath(self.output) == os.path.abspath(self.selection):
-            raise ValueError("-o must not be the selection folder")
+            raise UserError("-o must not be the selection folder")
 
     def shards_for(self, split: str, n: int) -> int:
         """Number of output shards for a split of ``n`` samples."""
@@ -168,11 +169,11 @@ def shard_filename(template: str, name: str, split: str, index: int) -> str:
     try:
         out = template.format(name=name, split=split, index=index)
     except KeyError as e:
-        raise ValueError(f"--template {template!r}: unknown field {{{e.args[0]}}} (use {{name}}, {{split}}, {{index}})") from None
+        raise UserError(f"--template {template!r}: unknown field {{{e.args[0]}}} (use {{name}}, {{split}}, {{index}})") from None
     except (IndexError, ValueError) as e:
-        raise ValueError(f"--template {template!r}: {e} (fields: {{name}}, {{split}}, {{index}})") from None
+        raise UserError(f"--template {template!r}: {e} (fields: {{name}}, {{split}}, {{index}})") from None
     if not out.endswith(".tar") or "/" in out or "\\" in out or out.startswith(".") or out == ".tar":
-        raise ValueError(f"--template {template!r} gives {out!r}: shard names must end in .tar and contain no '/'")
+        raise UserError(f"--template {template!r} gives {out!r}: shard names must end in .tar and contain no '/'")
     return out
 
 
@@ -234,13 +235,13 @@ def index_source_shard(unit: IndexUnit, cfg: ShardConfig, report: Report | None 
             if s.key in wanted:
                 ext = s.image_ext()
                 if ext is None:
-                    raise ValueError(f"{unit.path}: sample {s.key!r} has no image member")
+                    raise UserError(f"{unit.path}: sample {s.key!r} has no image member")
                 found[s.key] = (ext, *s.members[ext])
     except FileNotFoundError:
         raise FileNotFoundError(f"{unit.path}: source shard not found") from None
     missing = [k for k in unit.keys if k not in found]
     if missing:
-        raise ValueError(f"{unit.path}: has no sample {missing[0]!r} (and {len(missing) - 1} more selected keys missing)"
+        raise UserError(f"{unit.path}: has no sample {missing[0]!r} (and {len(missing) - 1} more selected keys missing)"
                          if len(missing) > 1 else f"{unit.path}: has no sample {missing[0]!r} named by the selection")
     return unit.id, [found[k] for k in unit.keys]
 
@@ -360,14 +361,14 @@ def selection_files(selection: str | os.PathLike) -> list[Path]:
     try:
         man = json.loads((root / "silverlabel.json").read_text())
     except FileNotFoundError:
-        raise ValueError(f"{root}: not a selection (no silverlabel.json; make one with silverlabel select)") from None
+        raise UserError(f"{root}: not a selection (no silverlabel.json; make one with silverlabel select)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{root / 'silverlabel.json'}: corrupt manifest ({e})") from None
+        raise UserError(f"{root / 'silverlabel.json'}: corrupt manifest ({e})") from None
     if man.get("stage") != "select":
-        raise ValueError(f"{root}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
+        raise UserError(f"{root}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
     files = sorted((root / SELECTION_DIR).glob("*.parquet")) if (root / SELECTION_DIR).is_dir() else []
     if not files:
-        raise ValueError(f"{root}: no {SELECTION_DIR}/*.parquet files")
+        raise UserError(f"{root}: no {SELECTION_DIR}/*.parquet files")
     return files
 
 
@@ -390,11 +391,11 @@ def read_selection(files: list[Path]) -> pa.Table:
         try:
             pf = pq.ParquetFile(p)
         except Exception as e:
-            raise ValueError(f"{p}: not a readable parquet file ({e})") from None
+            raise UserError(f"{p}: not a readable parquet file ({e})") from None
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ValueError(f"{p}: missing column(s) {', '.join(missing)} of the selection format")
+            raise UserError(f"{p}: missing column(s) {', '.join(missing)} of the selection format")
         cols = [c for c in (*_META_COLUMNS, "split") if c in names]
         t = pf.read(columns=cols)
         arrays = []
@@ -404,7 +405,7 @@ def read_selection(files: list[Path]) -> pa.Table:
                 try:
                     arrays.append(t.column(c).cast(typ))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    raise ValueError(f"{p}: column {c!r} is not {typ} ({e})") from None
+                    raise UserError(f"{p}: column {c!r} is not {typ} ({e})") from None
             else:
                 arrays.append(pa.nulls(t.num_rows, typ))
         tables.append(pa.Table.from_arrays(arrays, names=[*_META_COLUMNS, "split"]))
@@ -425,29 +426,29 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     table = read_selection(files)
     n = table.num_rows
     if n == 0:
-        raise ValueError(f"{sel}: the selection is empty")
+        raise UserError(f"{sel}: the selection is empty")
     no_bytes = table.column("source_dataset").null_count
     if no_bytes:
-        raise ValueError(
+        raise UserError(
             f"{sel}: {no_bytes} of {n} selected samples come from a bare URL table and have no image bytes; "
             f"download them first with `silverlabel ingest {cfg.selection} -o DATASET`, then select from DATASET"
         )
     for c in ("key", "split", "source_shard", "source_key"):
         nulls = table.column(c).null_count
         if nulls:
-            raise ValueError(f"{sel}: {nulls} selected rows have no {c!r}")
+            raise UserError(f"{sel}: {nulls} selected rows have no {c!r}")
     keys = table.column("key")
     ok = pc.match_substring_regex(keys, _KEY_PATTERN)
     if not pc.all(ok).as_py():
         bad = keys.filter(pc.invert(ok))[0].as_py()
-        raise ValueError(f"{sel}: invalid sample key {bad!r}: keys use letters, digits, '_' or '-'")
+        raise UserError(f"{sel}: invalid sample key {bad!r}: keys use letters, digits, '_' or '-'")
     order = pc.sort_indices(keys).to_numpy()
     sorted_keys = keys.take(order)
     if n > 1:
         dup = pc.equal(sorted_keys.slice(1), sorted_keys.slice(0, n - 1))
         if pc.any(dup).as_py():
             i = int(np.flatnonzero(dup.to_numpy(zero_copy_only=False))[0])
-            raise ValueError(f"{sel}: key {sorted_keys[i].as_py()!r} is selected more than once")
+            raise UserError(f"{sel}: key {sorted_keys[i].as_py()!r} is selected more than once")
 
     # the global pre-shuffle
     rng = np.random.Generator(np.random.PCG64(cfg.seed))
@@ -458,7 +459,7 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     split_names = split_enc.dictionary.to_pylist()
     for s in split_names:
         if not _NAME_RE.match(s):
-            raise ValueError(f"{sel}: split name {s!r} cannot name shards (letters, digits, '.', '-', '_')")
+            raise UserError(f"{sel}: split name {s!r} cannot name shards (letters, digits, '.', '-', '_')")
 
     locator = pc.binary_join_element_wise(table.column("source_dataset"), table.column("source_shard"), "\0")
     loc_enc = locator.dictionary_encode().combine_chunks()
@@ -480,7 +481,7 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
         for i, length in enumerate(even_lengths(len(rows), k)):
             name = shard_filename(cfg.template, cfg.name, split, i)
             if name in seen:
-                raise ValueError(f"--template {cfg.template!r} names shards of {seen[name]!r} and {split!r} "
+                raise UserError(f"--template {cfg.template!r} names shards of {seen[name]!r} and {split!r} "
                                  f"alike ({name}); include {{split}}")
             seen[name] = split
             units.append((i, name, rows[start:start + length]))
@@ -532,11 +533,11 @@ class ShardSummary:
 def _check_compatible(ds: Dataset, cfg: ShardConfig, fingerprint: str) -> None:
     if not ds.exists():
         if ds.root.exists() and any(p for p in ds.root.iterdir() if not p.name.startswith(".")):
-            raise ValueError(f"{ds.root}: output folder exists and is not a silverlabel training set; choose another -o")
+            raise UserError(f"{ds.root}: output folder exists and is not a silverlabel training set; choose another -o")
         return
     man = ds.read_manifest()
     if man.get("stage") != "shard":
-        raise ValueError(f"{ds.root}: holds a {man.get('stage')!r} output, not a shard output; choose another -o")
+        raise UserError(f"{ds.root}: holds a {man.get('stage')!r} output, not a shard output; choose another -o")
     old = dict(man.get("config", {}))
     new = json.loads(json.dumps(cfg.output_config()))
     old.pop("selection", None)  # the folder may have moved; its content is what counts
@@ -545,7 +546,7 @@ def _check_compatible(ds: Dataset, cfg: ShardConfig, fingerprint: str) -> None:
     if man.get("selection_sha256") != fingerprint:
         diffs.append("the selection's content")
     if diffs:
-        raise ValueError(f"{ds.root}: was sharded with different settings ({', '.join(diffs)}); "
+        raise UserError(f"{ds.root}: was sharded with different settings ({', '.join(diffs)}); "
                          "resume with the same command and selection, or write to a new -o")
 
 

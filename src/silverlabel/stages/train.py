@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from silverlabel.dataset import atomic_write
+from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
 
 LOSSES = ("ce", "bce-multihot", "soft-topk", "kd")
@@ -111,32 +112,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+            raise UserError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+            raise UserError(f"schedule must be cosine or linear, got {self.schedule!r}")
         for name in ("img_size", "batch_size", "epochs", "accum_steps", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UserError(f"steps must be >= 1, got {self.steps}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.seed < 0:
-            raise ValueError("warmup_steps, num_workers and seed must be >= 0")
+            raise UserError("warmup_steps, num_workers and seed must be >= 0")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+            raise UserError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.kd_aug not in ("random", "sequential"):
-            raise ValueError(f"kd_aug must be random or sequential, got {self.kd_aug!r}")
+            raise UserError(f"kd_aug must be random or sequential, got {self.kd_aug!r}")
         if not 0.0 <= self.p_reinforced <= 1.0:
-            raise ValueError(f"p_reinforced must be in [0, 1], got {self.p_reinforced}")
+            raise UserError(f"p_reinforced must be in [0, 1], got {self.p_reinforced}")
         if self.label_space_classes is not None and self.label_space_classes < 1:
-            raise ValueError(f"label_space_classes must be >= 1, got {self.label_space_classes}")
+            raise UserError(f"label_space_classes must be >= 1, got {self.label_space_classes}")
 
 
 @dataclass
@@ -177,10 +178,10 @@ def num_classes_for(cfg: TrainConfig) -> int:
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise UserError(f"{path}: not valid JSON ({e})") from e
     if cfg.loss == "ce":
         if "num_classes" not in doc:
-            raise ValueError(f"{path}: missing or has no num_classes (needed for --loss ce)")
+            raise UserError(f"{path}: missing or has no num_classes (needed for --loss ce)")
         return int(doc["num_classes"])
     if cfg.label_space_classes is not None:
         return cfg.label_space_classes
@@ -189,13 +190,13 @@ def num_classes_for(cfg: TrainConfig) -> int:
 
         rinfo = reinforce_info(cfg.trainset)
         if rinfo is None or not rinfo.get("num_classes"):
-            raise ValueError(f"{cfg.trainset}: not a reinforced training set (run silverlabel reinforce), "
+            raise UserError(f"{cfg.trainset}: not a reinforced training set (run silverlabel reinforce), "
                              "or pass --label-space-classes")
         return int(rinfo["num_classes"])
     space = doc.get("label_space")
     if space in LABEL_SPACE_SIZES:
         return LABEL_SPACE_SIZES[space]
-    raise ValueError(f"{path}: label_space is {space!r}, not one of {', '.join(LABEL_SPACE_SIZES)}; "
+    raise UserError(f"{path}: label_space is {space!r}, not one of {', '.join(LABEL_SPACE_SIZES)}; "
                      f"pass --label-space-classes for --loss {cfg.loss}")
 
 
@@ -208,7 +209,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown timm model {cfg.model!r}") from e
+            raise UserError(f"unknown timm model {cfg.model!r}") from e
         raise
 
 
@@ -259,11 +260,11 @@ def compute_loss(cfg: TrainConfig, logits: torch.Tensor, cls: torch.Tensor, labe
     n = logits.shape[1]
     if cfg.loss == "ce":
         if int(cls.max()) >= n:
-            raise ValueError(f"class index {int(cls.max())} >= num_classes {n}")
+            raise UserError(f"class index {int(cls.max())} >= num_classes {n}")
         return F.cross_entropy(logits, cls, ignore_index=-1, label_smoothing=cfg.label_smoothing)
     valid = labels >= 0
     if int(labels.max()) >= n:
-        raise ValueError(f"label index {int(labels.max())} >= head size {n}; set --label-space-classes")
+        raise UserError(f"label index {int(labels.max())} >= head size {n}; set --label-space-classes")
     idx = labels.clamp(min=0)
     if cfg.loss == "bce-multihot":
         keep = valid if cfg.label_threshold is None else valid & (probs >= cfg.label_threshold)
@@ -380,7 +381,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         if device.type == "cuda" and ddp and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
+        raise UserError("--device cuda: CUDA is not available")
     if ddp and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -391,7 +392,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     out = Path(cfg.output)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
     if cfg.init is not None and not os.path.exists(cfg.init):
         raise FileNotFoundError(f"--init: no such file: {cfg.init}")
 
@@ -402,7 +403,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     loader_steps = steps_per_epoch(lcfg)
     per_epoch = loader_steps // cfg.accum_steps
     if per_epoch < 1:
-        raise ValueError(f"{cfg.trainset}: fewer than batch_size * accum_steps = "
+        raise UserError(f"{cfg.trainset}: fewer than batch_size * accum_steps = "
                          f"{cfg.batch_size * cfg.accum_steps} samples per rank; lower --batch-size")
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
     end = total if stop_after is None else min(total, stop_after)
@@ -521,7 +522,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
                         step_loss /= world
                     last_loss = float(step_loss)
                     if not math.isfinite(last_loss):
-                        raise ValueError(f"loss is {last_loss} at step {step}; lower --lr")
+                        raise UserError(f"loss is {last_loss} at step {step}; lower --lr")
                     now = time.monotonic()
                     row = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
                            "samples_per_s": round(steps_since_log * samples_per_step / max(now - t_log, 1e-9), 2)}

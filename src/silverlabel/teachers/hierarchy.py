@@ -39,6 +39,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 
+from silverlabel.errors import UserError
+
 FORMAT = "silverlabel-wordnet-hierarchy-v1"
 ROOT = "n00001740"  # entity.n.01
 DATA_FILE = "wordnet_hierarchy.json.gz"
@@ -52,7 +54,7 @@ class Hierarchy:
 
     def __init__(self, doc: dict):
         if doc.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} document (format={doc.get('format')!r})")
+            raise UserError(f"not a {FORMAT} document (format={doc.get('format')!r})")
         cols = doc["columns"]
         self._wnids: list[str] = cols["wnid"]
         self._row: dict[str, int] = {w: i for i, w in enumerate(self._wnids)}
@@ -204,7 +206,7 @@ class Hierarchy:
         'n02124075'
         """
         if d < 0:
-            raise ValueError(f"depth must be >= 0, got {d}")
+            raise UserError(f"depth must be >= 0, got {d}")
         path = self.path_to_root(wnid)
         depth = self._depth[self._r(wnid)]
         return wnid if depth <= d else path[depth - d]

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from silverlabel.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -84,10 +86,10 @@ class LabelSpace:
         object.__setattr__(self, "wnids", tuple(self.wnids))
         object.__setattr__(self, "lemma_lines", tuple(self.lemma_lines))
         if self.lemma_lines and len(self.lemma_lines) != len(self.wnids):
-            raise ValueError(f"label space {self.name!r}: {len(self.lemma_lines)} lemma lines "
+            raise UserError(f"label space {self.name!r}: {len(self.lemma_lines)} lemma lines "
                              f"for {len(self.wnids)} classes")
         if len(set(self.wnids)) != len(self.wnids):
-            raise ValueError(f"label space {self.name!r}: duplicate wnids")
+            raise UserError(f"label space {self.name!r}: duplicate wnids")
 
     def __hash__(self) -> int:  # cheap; equality still compares every wnid
         return hash((self.name, len(self.wnids), self.wnids[:1], self.wnids[-1:]))
@@ -234,7 +236,7 @@ def canonical_space_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     if key in _ALIASES:
         return _ALIASES[key]
-    raise ValueError(f"unknown label space {name!r} (known: {', '.join(SPACE_FILES)})")
+    raise UserError(f"unknown label space {name!r} (known: {', '.join(SPACE_FILES)})")
 
 
 @lru_cache(maxsize=None)
@@ -306,7 +308,7 @@ def _index_map(src: LabelSpace, dst: LabelSpace, policy: str, overrides: tuple[t
                 if a is not None:
                     out[i] = dst._index[a]
     if policy == "error" and missing:
-        raise ValueError(f"{len(missing)} classes of {src.name!r} are not in {dst.name!r}: {missing[:10]}")
+        raise UserError(f"{len(missing)} classes of {src.name!r} are not in {dst.name!r}: {missing[:10]}")
     out.setflags(write=False)
     return out
 
@@ -333,7 +335,7 @@ def index_map(src: LabelSpace | str, dst: LabelSpace | str, policy: Policy = "an
     """
     src, dst = get_label_space(src), get_label_space(dst)
     if policy not in ("ancestor", "drop", "error"):
-        raise ValueError(f"policy must be 'ancestor', 'drop' or 'error', not {policy!r}")
+        raise UserError(f"policy must be 'ancestor', 'drop' or 'error', not {policy!r}")
     ov = tuple(sorted((overrides or {}).items()))
     out = _index_map(src, dst, policy, ov).copy().view(IndexMap)
     out.num_classes = len(dst)
@@ -358,7 +360,7 @@ def map_probs(probs: torch.Tensor | np.ndarray, mapping: Any, num_classes: int |
     if num_classes is None:
         num_classes = getattr(mapping, "num_classes", None)
         if num_classes is None:
-            raise ValueError("map_probs: pass num_classes (the target space size) for a plain mapping array")
+            raise UserError("map_probs: pass num_classes (the target space size) for a plain mapping array")
     if type(probs).__module__.partition(".")[0] == "torch":
         return _map_torch(probs, mapping, int(num_classes))
     return _map_numpy(np.asarray(probs), np.asarray(mapping), int(num_classes))
@@ -366,7 +368,7 @@ def map_probs(probs: torch.Tensor | np.ndarray, mapping: Any, num_classes: int |
 
 def _check(shape: tuple[int, ...], n_map: int) -> None:
     if len(shape) not in (1, 2) or shape[-1] != n_map:
-        raise ValueError(f"map_probs: probs of shape {tuple(shape)} do not match a mapping of {n_map} classes")
+        raise UserError(f"map_probs: probs of shape {tuple(shape)} do not match a mapping of {n_map} classes")
 
 
 def _map_numpy(probs: np.ndarray, mapping: np.ndarray, num_classes: int) -> np.ndarray:
@@ -380,7 +382,7 @@ def _map_numpy(probs: np.ndarray, mapping: np.ndarray, num_classes: int) -> np.n
     if keep.size:
         tgt = mapping[keep]
         if tgt.max() >= num_classes:
-            raise ValueError(f"map_probs: mapping targets class {int(tgt.max())} >= num_classes {num_classes}")
+            raise UserError(f"map_probs: mapping targets class {int(tgt.max())} >= num_classes {num_classes}")
         order = np.argsort(tgt, kind="stable")
         tgt_sorted = tgt[order]
         starts = np.flatnonzero(np.r_[True, tgt_sorted[1:] != tgt_sorted[:-1]])

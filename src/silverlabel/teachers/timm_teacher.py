@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from silverlabel.errors import UserError
 from silverlabel.teachers import SPACE_BY_CLASSES, Teacher, TeacherSpec
 
 
@@ -28,13 +29,13 @@ def load_checkpoint_tensors(path: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict")
+        raise UserError(f"{path}: expected a state dict")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -43,28 +44,28 @@ def create_timm_teacher(spec: TeacherSpec) -> Teacher:
 
     name = spec.model_name
     if not timm.is_model(name):
-        raise ValueError(f"timm has no model {name!r} (see timm.list_models())")
+        raise UserError(f"timm has no model {name!r} (see timm.list_models())")
     if spec.checkpoint:
         tensors = load_checkpoint_tensors(spec.checkpoint)
         head = _head_classes(tensors)
         model = timm.create_model(name, pretrained=False, num_classes=head or 1000)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise UserError(
                 f"{spec.checkpoint}: does not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
             )
     else:
         try:
             model = timm.create_model(name, pretrained=True)
         except Exception as e:
-            raise ValueError(
+            raise UserError(
                 f"could not fetch pretrained weights for {name} ({type(e).__name__}); offline? pass --checkpoint PATH"
             ) from None
     model.eval()
     classes = model.num_classes
     space = spec.label_space or SPACE_BY_CLASSES.get(classes)
     if space is None:
-        raise ValueError(f"{name} has {classes} classes: say which label space with --teacher-space in1k|in12k|in21k")
+        raise UserError(f"{name} has {classes} classes: say which label space with --teacher-space in1k|in12k|in21k")
     return Teacher(
         name=name,
         model=model,
