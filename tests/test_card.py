@@ -4,6 +4,8 @@ Chromium (no errors, not blank, search box, lazy rendering of 10,000 classes).""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import io
 import json
 import re
@@ -23,6 +25,7 @@ from PIL import Image
 
 from silverlabel.dataset import Dataset
 from silverlabel.demodata import photo_like_images
+from silverlabel.errors import UserError
 from silverlabel.stages.card import CardConfig, brace_pattern, run_card, size_category
 from silverlabel.stages.ingest import IngestConfig, run_ingest
 from silverlabel.stages.label import LABELS_SCHEMA
@@ -319,6 +322,69 @@ def test_trainset_without_its_selection(chain, tmp_path):
     ref = {r[1]: r[5] for r in md_table((chain["trainset"] / "README.md").read_text(), "rank")}
     assert {r[1]: r[5] for r in md_table(body, "rank")} == ref
     assert "### Threshold statistics" in body
+
+
+def _copy_chain(chain, root: Path) -> dict[str, Path]:
+    """The pool, selection and training set copied under ``root``, their manifests pointing at the copies."""
+    out = {k: root / k for k in ("pool", "selection", "trainset")}
+    for k, dst in out.items():
+        shutil.copytree(chain[k], dst)
+    for child, parent in (("selection", "pool"), ("trainset", "selection")):
+        path = out[child] / "silverlabel.json"
+        man = json.loads(path.read_text())
+        man["parents"][0]["path"] = str(out[parent])
+        path.write_text(json.dumps(man))
+    return out
+
+
+def test_paths_with_a_quote(chain, tmp_path, monkeypatch):
+    """Datasets, the report folder and DuckDB's temporary folder in folders named with an apostrophe:
+    every path reaches DuckDB quoted, and the card says the same as for the plain paths."""
+    import tempfile
+
+    quoted = tmp_path / "bob's pool"
+    copies = _copy_chain(chain, quoted)
+    (tmp_path / "it's tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "it's tmp"))
+    ref = _report_data(chain["report"] / "index.html")
+    s = run_card(CardConfig(dataset=str(copies["trainset"]), html=str(quoted / "report"), threads=2))
+    assert (s.samples, s.classes, s.notes) == (chain["summary"].samples, 4, [])
+    _, body = front_matter((copies["trainset"] / "README.md").read_text())
+    assert f"`{copies['selection'].resolve()}`" in body and "bob's pool" in body
+    _, ref_body = front_matter((chain["trainset"] / "README.md").read_text())
+    for table in ("rank", "threshold", "rule"):
+        assert md_table(body, table) == md_table(ref_body, table)
+    data = _report_data(quoted / "report" / "index.html")
+    assert [c["t"] for c in data["classes"]] == [c["t"] for c in ref["classes"]]
+    assert data["failures"] == ref["failures"] and data["clusters"] == ref["clusters"]
+    # a pool whose shards are under the quote: thumbnails found; a training set without its selection
+    p = run_card(CardConfig(dataset=str(copies["pool"]), html=str(quoted / "pool report"), threads=2))
+    assert p.kind == "pool" and p.thumbnails > 0
+    shutil.rmtree(copies["selection"])
+    t = run_card(CardConfig(dataset=str(copies["trainset"]), output=str(quoted / "alone.md"), threads=2))
+    assert t.samples == s.samples and any("not found" in n for n in t.notes)
+
+
+def test_labels_name_must_be_a_folder_name(chain, tmp_path):
+    """A labels name read from a manifest becomes a path component only when it is a plain name."""
+    pool = tmp_path / "pool"
+    shutil.copytree(chain["pool"], pool)
+    man = json.loads((pool / "silverlabel.json").read_text())
+    for bad in ("../../elsewhere", "..", "a/b", "nul\x00"):
+        man["labels"] = {bad: man["labels"][next(iter(man["labels"]))]}
+        (pool / "silverlabel.json").write_text(json.dumps(man))
+        with pytest.raises(UserError, match="not a plain folder name"):
+            run_card(CardConfig(dataset=str(pool), plots=False, threads=2))
+
+
+def test_doctests():
+    import silverlabel.stages.card as card_pkg
+
+    for name in ("lineage", "facts", "plots", "markdown", "report"):
+        mod = importlib.import_module(f"silverlabel.stages.card.{name}")
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert res.failed == 0, name
+    assert doctest.testmod(card_pkg).failed == 0
 
 
 def test_cli(chain, tmp_path):

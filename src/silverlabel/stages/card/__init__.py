@@ -1,0 +1,124 @@
+"""``silverlabel card``: a dataset card (``README.md``), plots and a static HTML report.
+
+The card is written in the Hugging Face dataset-card form (YAML front matter, then the
+usual sections) from what silverlabel knows about a dataset: the manifests along its
+lineage (ingest -> label -> select -> shard) and its tables. Any silverlabel directory
+works:
+
+* an ingested (and labeled) pool: statuses, image sizes, the teacher's labels;
+* a selection: its rows, classes.json, report.json (what each rule removed) and
+  duplicates.parquet (which near-duplicates were removed), plus the pool it came from;
+* a training set (``shard`` output, ``_info.json``): its splits and shards, plus the whole
+  chain above it. When the selection it came from is gone, the per-sample facts are read
+  from the shards' ``.json`` members instead.
+
+Outputs::
+
+    DATASET/README.md            the card (or -o PATH)
+    DATASET/card/*.png           plots: class frequency, top-1 probability, labels per image
+                                 against threshold, image sizes, ingest statuses
+    DATASET/card/card.json       every number the card states, machine-readable
+    HTML_DIR/index.html          with --html: a self-contained report (no server, no network)
+    HTML_DIR/thumbs/*.jpg        one sprite of small thumbnails per class / group
+    HTML_DIR/plots/*.png         copies of the plots
+
+One module per job: ``lineage`` (what the directory is and what is above it), ``facts`` (DuckDB
+views over the tables and every number), ``plots``, ``markdown`` (the README) and ``report``
+(the HTML folder). ``run_card`` runs them in that order.
+
+    >>> run_card(CardConfig("data/trainset", html="data/report")).readme  # doctest: +SKIP
+    'data/trainset/README.md'
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from silverlabel.dataset import atomic_write, write_json_atomic
+from silverlabel.errors import UserError
+from silverlabel.options import cpu_count, opt, positive_int
+from silverlabel.stages.card.facts import COYO_THRESHOLDS, CURVE_THRESHOLDS, Facts, brace_pattern
+from silverlabel.stages.card.lineage import Lineage, check_labels_name, resolve_lineage
+from silverlabel.stages.card.markdown import compact_json, render_card, size_category
+from silverlabel.stages.card.plots import PLOT_TITLES, write_plots
+from silverlabel.stages.card.report import write_report
+
+__all__ = ["CARD_DIR", "COYO_THRESHOLDS", "CURVE_THRESHOLDS", "PLOT_TITLES", "README", "CardConfig", "CardSummary",
+           "Facts", "Lineage", "brace_pattern", "check_labels_name", "compact_json", "render_card",
+           "resolve_lineage", "run_card", "size_category", "write_plots", "write_report"]
+
+CARD_DIR = "card"
+README = "README.md"
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    """Everything ``card`` needs."""
+
+    dataset: str = opt(help="ingested pool, selection or training set", positional=True, metavar="DATASET")
+    output: str | None = opt(None, "card path; plots go next to it", short="-o", metavar="README",
+                             default_help="default DATASET/README.md")  # plots go next to it in card/
+    html: str | None = opt(None, "also write the HTML report into DIR (DIR/index.html)", metavar="DIR")
+    plots: bool = opt(True, "no PNG plots", flag="--no-plots", action="store_false", default_help="")
+    pretty_name: str | None = opt(None, "pretty_name of the card", flag="--name",
+                                  default_help="default: the dataset's name")
+    license: str = opt("other", "license id for the front matter", default_help="default: other")
+    per_class: int = opt(8, "thumbnails per class in the report", type=int, metavar="K")
+    max_classes: int = opt(10_000, "classes shown, largest first", type=int, metavar="N")  # with a grid in the report
+    least_confident: int = opt(48, "least confident samples shown", type=int, metavar="N")
+    max_clusters: int = 200  # near-duplicate clusters shown
+    failures_per_status: int = 20
+    thumb_size: int = opt(96, "thumbnail size", type=int, metavar="PX")
+    threads: int = opt(default_factory=cpu_count, help="", type=positive_int, default_help="")
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "max_classes", "least_confident", "max_clusters", "failures_per_status"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 16 <= self.thumb_size <= 512:
+            raise UserError(f"--thumb-size must be in 16..512, got {self.thumb_size}")
+
+
+@dataclass
+class CardSummary:
+    readme: str
+    kind: str
+    samples: int
+    classes: int
+    splits: dict[str, int]
+    plots: list[str]
+    report: str | None
+    thumbnails: int
+    seconds: float
+    notes: list[str]
+
+
+def run_card(cfg: CardConfig) -> CardSummary:
+    """Write the card (and plots, and with ``cfg.html`` the report) of ``cfg.dataset``."""
+    import duckdb
+
+    t0 = time.monotonic()
+    lin = resolve_lineage(cfg.dataset)
+    readme = Path(cfg.output) if cfg.output else lin.root / README
+    if readme.is_dir():
+        readme = readme / README
+    card_dir = readme.parent / CARD_DIR
+    report, n_thumbs = None, 0
+    with tempfile.TemporaryDirectory(prefix="silverlabel-card-") as tmp:
+        # settings as connection options, not SQL text: the temporary folder's path may hold any character
+        with duckdb.connect(config={"temp_directory": tmp, "threads": max(1, cfg.threads)}) as con:
+            facts = Facts(lin, cfg, con, Path(tmp))
+            d = facts.compute()
+            plots = write_plots(d, card_dir) if cfg.plots else []
+            with atomic_write(readme) as f:
+                f.write(render_card(facts, plots, readme).encode())
+            write_json_atomic(card_dir / "card.json", {k: v for k, v in d.items() if k != "sizes"})
+            if cfg.html:
+                n_thumbs = write_report(facts, Path(cfg.html), plots)
+                report = str(Path(cfg.html) / "index.html")
+    return CardSummary(str(readme), lin.kind, d["samples"], d["num_classes"],
+                       {s["name"]: s["samples"] for s in d["splits"]}, [str(p) for p in plots], report, n_thumbs,
+                       time.monotonic() - t0, d["notes"])

@@ -1,0 +1,139 @@
+"""What a dataset directory is, and the pool / selection / training set above it that still exist.
+
+``resolve_lineage`` reads manifests only (no tables). It accepts an ingest, select or shard output
+and follows the ``parents`` recorded in the manifests upwards; a parent that is gone becomes a note
+in the card instead of an error.
+
+    >>> check_labels_name("vit_base_patch16_224.augreg_in21k")
+    'vit_base_patch16_224.augreg_in21k'
+    >>> check_labels_name("../../etc")
+    Traceback (most recent call last):
+    ...
+    silverlabel.errors.UserError: labels name '../../etc' read from a manifest is not a plain folder name
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from silverlabel.dataset import MANIFEST, Dataset
+from silverlabel.errors import UserError
+
+
+@dataclass
+class Lineage:
+    """The dataset and the directories above it that still exist."""
+
+    root: Path
+    kind: str  # pool | selection | trainset
+    manifest: dict[str, Any]
+    pool: Path | None = None
+    pool_manifest: dict[str, Any] | None = None
+    selection: Path | None = None
+    selection_manifest: dict[str, Any] | None = None
+    trainset: Path | None = None
+    trainset_manifest: dict[str, Any] | None = None
+    labels_name: str | None = None  # checked by check_labels_name: safe as one path component
+    notes: list[str] = field(default_factory=list)
+
+    def chain(self) -> list[tuple[str, Path, dict[str, Any]]]:
+        """(stage, directory, manifest) from the pool down, for the directories that exist."""
+        out = []
+        for stage, p, m in (("ingest", self.pool, self.pool_manifest),
+                            ("select", self.selection, self.selection_manifest),
+                            ("shard", self.trainset, self.trainset_manifest)):
+            if p is not None and m is not None:
+                out.append((stage, p, m))
+        return out
+
+    @property
+    def labels_dir(self) -> Path | None:
+        """The pool's ``labels/NAME`` folder of the labels this card describes."""
+        if self.pool is None or not self.labels_name:
+            return None
+        return self.pool / "labels" / self.labels_name
+
+
+def check_labels_name(name: str) -> str:
+    """``name`` if it is one plain path component (no separator, not ``.``/``..``, no NUL), else UserError."""
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")):
+        raise UserError(f"labels name {name!r} read from a manifest is not a plain folder name")
+    return name
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return Dataset(path).read_manifest()
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
+    """Find what ``dataset`` is and the pool / selection / training set it comes from.
+
+    >>> resolve_lineage("data/pool").kind  # doctest: +SKIP
+    'pool'
+    """
+    root = Path(dataset)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dataset directory")
+    man = _manifest(root)
+    has_info = (root / "_info.json").is_file()
+    if man is None and not has_info:
+        raise UserError(f"{root}: not a silverlabel dataset (no {MANIFEST} or _info.json)")
+    man = man or {"stage": "shard"}
+    stage = man.get("stage")
+    if stage == "shard" or has_info:
+        if not has_info:
+            raise UserError(f"{root}: training set is not finished (no _info.json); run silverlabel shard again")
+        lin = Lineage(root, "trainset", man, trainset=root, trainset_manifest=man)
+        _find_selection(lin)
+    elif stage == "select":
+        lin = Lineage(root, "selection", man, selection=root, selection_manifest=man)
+    elif stage == "ingest":
+        lin = Lineage(root, "pool", man, pool=root, pool_manifest=man)
+    else:
+        raise UserError(f"{root}: card reads an ingest, select or shard output, this one is {stage!r}")
+    if lin.selection_manifest is not None and lin.pool is None:
+        _find_pool(lin)
+    if lin.pool_manifest is not None:
+        labels = lin.pool_manifest.get("labels") or {}
+        want = (lin.selection_manifest or {}).get("config", {}).get("labels_name")
+        name = want if want in labels else (sorted(labels)[0] if labels else None)
+        lin.labels_name = None if name is None else check_labels_name(name)
+    return lin
+
+
+def _find_selection(lin: Lineage) -> None:
+    """The selection a training set was sharded from, if it still exists."""
+    parent = next((p for p in lin.manifest.get("parents", []) if p.get("kind") == "selection"), None)
+    if not parent:
+        return
+    sel = Path(parent["path"])
+    sm = _manifest(sel)
+    if sm is None or sm.get("stage") != "select":
+        lin.notes.append(f"selection {sel} not found: per-sample facts read from the shards")
+        return
+    lin.selection, lin.selection_manifest = sel, sm
+    from silverlabel.stages.shard import selection_files, selection_fingerprint
+
+    with contextlib.suppress(Exception):
+        if lin.manifest.get("selection_sha256") not in (None, selection_fingerprint(selection_files(sel))):
+            lin.notes.append(f"selection {sel} changed after these shards were written: its rows and "
+                             "report may not describe this training set")
+
+
+def _find_pool(lin: Lineage) -> None:
+    """The ingested pool a selection was made from, if it still exists."""
+    parent = (lin.selection_manifest.get("parents") or [{}])[0]
+    if parent.get("kind") != "dataset":
+        return
+    pm = _manifest(Path(parent["path"]))
+    if pm is not None and pm.get("stage") == "ingest":
+        lin.pool, lin.pool_manifest = Path(parent["path"]), pm
+    else:
+        lin.notes.append(f"source dataset {parent.get('path')} not found: no ingest statistics")
