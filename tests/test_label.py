@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from silverlabel.demodata import photo_like_images
+from silverlabel.demodata import ImageServer, photo_like_images
 from silverlabel.stages.ingest import IngestConfig, run_ingest
 from silverlabel.stages.label import LABELS_SCHEMA, LabelConfig, run_label, threshold_stats
+from silverlabel.sources.http import FetchConfig
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import get_label_space
 
@@ -175,6 +177,33 @@ def test_cli_errors_are_one_line(dataset, tmp_path):
         (["label", str(dataset), "--teacher", "nope"], "unknown teacher 'nope'"),
         (["label", str(dataset), "--teacher", "timm:resnet18", "--checkpoint", str(tmp_path / "x.pth"),
           "--device", "cpu"], "no such checkpoint"),
+        (["label", str(dataset), "--name", "../../x", "--device", "cpu"], "not a plain folder name"),
     ]:
         p = subprocess.run([sys.executable, "-m", "silverlabel.cli", *args], capture_output=True, text=True)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (dataset.parent.parent / "x").exists()
+
+
+def test_changed_shard_is_relabeled(tmp_path):
+    """issue 13 item 3: a shard re-fetched by ``ingest --retry-failed`` makes its labels stale."""
+    images = list(photo_like_images(12, size=(320, 240), seed=7))
+    with ImageServer({name: (data, "image/jpeg") for name, data in images[:11]}) as server:
+        table = tmp_path / "urls.csv"
+        table.write_text("url\n" + "\n".join(server.url(name) for name, _ in images) + "\n")
+        ingest = IngestConfig(sources=(str(table),), output=str(tmp_path / "ds"), samples_per_shard=5, workers=1,
+                              fetch=FetchConfig(retries=0))
+        run_ingest(ingest)
+        label = LabelConfig(dataset=str(tmp_path / "ds"), device="cpu", decode_threads=2, topk=5)
+        first = run_label(label)
+        assert first.rows == 11 and first.shards_done_now == 3
+        out = Path(first.output)
+        before = _digest(out)
+        server._files[images[11][0]] = (images[11][1], "image/jpeg", {})  # the failed URL now answers
+        run_ingest(replace(ingest, retry_failed=True))
+    again = run_label(label)
+    assert again.shards_done_now == 1 and again.rows == 12  # only the re-fetched shard, now with its new sample
+    after = _digest(out)
+    assert {k for k in after if after[k] != before[k]} == {"data-000002.parquet"}
+    keys = pq.read_table(out / "data-000002.parquet").column("key").to_pylist()
+    assert keys == ["000000010", "000000011"]
+    assert run_label(label).shards_done_now == 0

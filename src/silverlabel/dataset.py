@@ -1,25 +1,33 @@
-"""The dataset directory: layout, manifest and crash-safe file writing.
+"""The dataset directories, as typed views: every path and reader of a stage's output.
 
 ::
 
-    DATASET/
+    POOL/ (ingest; Pool)
       silverlabel.json                   manifest: format version, stage, config, parents, counts
       shards/{name}-{000000..}.tar       WebDataset shards
       samples/{name}-{000000..}.parquet  one row per input item, failures included
-      labels/{teacher}/...               (label stage)
+      labels/{labels}/{name}-{000000..}.parquet   (label stage; Pool.labels_path)
+    SELECTION/ (select; Selection)       selection/*.parquet, classes.json
+    TRAINSET/ (shard, reinforce; TrainSet)  {tars}, _info.json, classes.json, {name}-{split}.wids.json
+    RUN/ (train; Run)                    checkpoint.pt, checkpoint-final.pt, metrics.jsonl, metrics.csv
+    any output: .done/{unit}.json        a unit's commit record (silverlabel.stage.Commit)
 
 Nothing appears under a final name before it is complete: :func:`atomic_write` writes to
 a hidden temporary name in the same folder, fsyncs, renames, and fsyncs the folder.
+A stage reads another stage's output only through these views, never by building its paths.
 
     >>> import tempfile
     >>> ds = Dataset(tempfile.mkdtemp())
     >>> ds.shard_path("demo", 3).name
     'demo-000003.tar'
+    >>> TrainSet("ts").wids_index_path("in12k", "train").name
+    'in12k-train.wids.json'
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -32,6 +40,8 @@ from silverlabel.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "silverlabel.json"
+INFO_FILE = "_info.json"
+DONE_DIR = ".done"
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
@@ -81,8 +91,60 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.write(data)
 
 
+def file_sha256(path: str | os.PathLike, h: Any = None) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (fed into ``h`` when given)."""
+    h = hashlib.sha256() if h is None else h
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON document at ``path``: FileNotFoundError(``missing``) when there is none, a
+    UserError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+
+
+def check_name(name: str, what: str = "labels name") -> str:
+    """``name`` if it is one plain path component (no separator, not ``.``/``..``, not hidden,
+    no NUL), else a UserError: a name from a flag or a manifest never leaves its folder.
+
+    >>> check_name("vit_base_patch16_224.augreg_in21k")
+    'vit_base_patch16_224.augreg_in21k'
+    >>> check_name("../../x")
+    Traceback (most recent call last):
+    ...
+    silverlabel.errors.UserError: labels name '../../x' is not a plain folder name
+    """
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\x00"):
+        raise UserError(f"{what} {name!r} is not a plain folder name")
+    return name
+
+
+def clean_temporaries(folders: list[Path]) -> int:
+    """Remove the ``.NAME.tmp-PID`` files :func:`atomic_write` left in ``folders`` and their
+    ``.done`` subfolders (a killed run); returns how many."""
+    removed = 0
+    for folder in folders:
+        for f in (folder, folder / DONE_DIR):
+            if not f.is_dir():
+                continue
+            for p in f.iterdir():
+                if _TMP_RE.match(p.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                        removed += 1
+    return removed
+
+
 class Dataset:
-    """A silverlabel dataset directory (see the module docstring for the layout)."""
+    """A silverlabel output directory (see the module docstring for the layout)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -114,17 +176,38 @@ class Dataset:
         """Completed samples tables, in shard order."""
         return sorted(self.samples_dir.glob("*.parquet")) if self.samples_dir.is_dir() else []
 
+    @staticmethod
+    def shard_index(path: str | os.PathLike) -> int:
+        """The shard number in a ``{name}-{000000}.ext`` file name."""
+        return int(Path(path).stem.rsplit("-", 1)[1])
+
+    @property
+    def done_dir(self) -> Path:
+        """Where the units' commit records live (:class:`silverlabel.stage.Commit`)."""
+        return self.root / DONE_DIR
+
+    def commit_path(self, unit: str) -> Path:
+        return self.done_dir / f"{unit}.json"
+
     # -- manifest -------------------------------------------------------------------
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.root}: not a silverlabel dataset (no {MANIFEST})") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{self.manifest_path}: corrupt manifest ({e})") from None
+        return read_json(self.manifest_path, f"{self.root}: not a silverlabel dataset (no {MANIFEST})")
+
+    def previous_run(self, stage: str) -> dict[str, Any] | None:
+        """The manifest a previous run of ``stage`` left in this output folder; None when
+        the folder is new (absent, or nothing but hidden files); a UserError when it holds
+        anything else."""
+        if not self.exists():
+            if self.root.exists() and any(not p.name.startswith(".") for p in self.root.iterdir()):
+                raise UserError(f"{self.root}: output folder exists and is not a silverlabel output; choose another -o")
+            return None
+        man = self.read_manifest()
+        if man.get("stage") != stage:
+            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not a {stage} output; choose another -o")
+        return man
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -133,18 +216,145 @@ class Dataset:
     # -- housekeeping ---------------------------------------------------------------
     def clean_temporaries(self) -> int:
         """Remove temporary files a killed run left behind; returns how many."""
-        removed = 0
-        for folder in (self.root, self.shards_dir, self.samples_dir):
-            if not folder.is_dir():
-                continue
-            for p in folder.iterdir():
-                if _TMP_RE.match(p.name):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-                        removed += 1
+        removed = clean_temporaries([self.root, self.shards_dir, self.samples_dir])
         if self.tmp_dir.is_dir():
             for p in self.tmp_dir.iterdir():
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     p.unlink()
                     removed += 1
         return removed
+
+
+class Pool(Dataset):
+    """An ingest output: shards, samples tables and the labels written for them.
+
+    >>> Pool("pool").labels_dir("efficientnet_lite0").as_posix()
+    'pool/labels/efficientnet_lite0'
+    """
+
+    @property
+    def name(self) -> str:
+        """The shards' name prefix (``--name`` at ingest)."""
+        return self.read_manifest()["name"]
+
+    @staticmethod
+    def statuses(samples: str | os.PathLike) -> list[str]:
+        """The ``status`` column of one samples table."""
+        import pyarrow.parquet as pq  # ParquetFile, not read_table: that imports pyarrow.dataset (~1 s)
+
+        return pq.ParquetFile(samples).read(columns=["status"]).column("status").to_pylist()
+
+    def labels_dir(self, labels: str) -> Path:
+        return self.root / "labels" / check_name(labels)
+
+    def labels_path(self, labels: str, name: str, shard: int) -> Path:
+        return self.labels_dir(labels) / f"{name}-{shard:06d}.parquet"
+
+    def labels_files(self, labels: str) -> list[Path]:
+        """The labels tables written so far, in shard order."""
+        folder = self.labels_dir(labels)
+        return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+    def labels_names(self) -> list[str]:
+        """The labels registered in the manifest, each checked to be a plain folder name."""
+        return [check_name(n) for n in (self.read_manifest().get("labels") or {})]
+
+
+class Selection(Dataset):
+    """A select output: ``selection/*.parquet`` and ``classes.json``."""
+
+    @property
+    def classes_path(self) -> Path:
+        from silverlabel.formats.selection import CLASSES_FILE
+
+        return self.root / CLASSES_FILE
+
+    def files(self) -> list[Path]:
+        """The selection's parquet files; a UserError when the folder is not a selection."""
+        from silverlabel.formats.selection import SELECTION_DIR
+
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such selection folder")
+        if not self.exists():
+            raise UserError(f"{self.root}: not a selection (no {MANIFEST}; make one with silverlabel select)")
+        man = self.read_manifest()
+        if man.get("stage") != "select":
+            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
+        folder = self.root / SELECTION_DIR
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if not files:
+            raise UserError(f"{self.root}: no {SELECTION_DIR}/*.parquet files")
+        return files
+
+    def fingerprint(self, files: list[Path] | None = None) -> str:
+        """sha256 over the selection's parquet files (names and bytes)."""
+        h = hashlib.sha256()
+        for p in self.files() if files is None else files:
+            h.update(p.name.encode() + b"\0")
+            file_sha256(p, h)
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+class TrainSet(Dataset):
+    """A shard or reinforce output: tars directly in the folder, ``_info.json`` (written
+    last, so its presence means finished), ``classes.json`` and a wids index per split."""
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / INFO_FILE
+
+    @property
+    def classes_path(self) -> Path:
+        from silverlabel.formats.selection import CLASSES_FILE
+
+        return self.root / CLASSES_FILE
+
+    def tar_path(self, filename: str) -> Path:
+        return self.root / filename
+
+    def wids_index_path(self, name: str, split: str) -> Path:
+        return self.root / f"{name}-{split}.wids.json"
+
+    def read_info(self) -> dict[str, Any]:
+        """``_info.json``: the shard list per split (file names relative to the folder)."""
+        return read_json(self.info_path, f"{self.root}: no {INFO_FILE} (not a finished silverlabel shard output)")
+
+    def split(self, split: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One split's entry of ``_info.json`` (``filenames``, ``shard_lengths``, ...); a
+        UserError naming the splits there are when it has no such split."""
+        splits = (self.read_info() if info is None else info).get("splits", {})
+        if split not in splits:
+            raise UserError(f"{self.root}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
+        return splits[split]
+
+    def reinforce_info(self) -> dict[str, Any] | None:
+        """The manifest's ``reinforce`` block when this is a reinforced set, else None."""
+        try:
+            man = self.read_manifest()
+        except (FileNotFoundError, UserError):
+            return None
+        return man.get("reinforce") if man.get("stage") == "reinforce" else None
+
+
+class Run:
+    """A train output: checkpoints and metrics."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    checkpoint_path = property(lambda self: self.root / "checkpoint.pt")
+    final_checkpoint_path = property(lambda self: self.root / "checkpoint-final.pt")
+    metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
+    metrics_csv = property(lambda self: self.root / "metrics.csv")
+
+    def find_checkpoint(self) -> Path:
+        """The final checkpoint, else the latest; ``root`` may itself be a ``.pt`` file."""
+        if self.root.is_file():
+            return self.root
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such run folder or checkpoint file")
+        for p in (self.final_checkpoint_path, self.checkpoint_path):
+            if p.is_file():
+                return p
+        raise FileNotFoundError(f"{self.root}: no {self.final_checkpoint_path.name} or {self.checkpoint_path.name}")

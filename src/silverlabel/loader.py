@@ -80,7 +80,7 @@ from PIL import Image
 from silverlabel.augment import RNF_EXT, key_seed, read_header, replay, unpack
 from silverlabel.errors import UserError
 from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
-from silverlabel.stages.shard import read_info
+from silverlabel.dataset import TrainSet
 
 EVAL_CROP_PCT = 0.875
 _BICUBIC = Image.Resampling.BICUBIC
@@ -140,11 +140,7 @@ class LoaderConfig:
 
 
 def _split_info(cfg: LoaderConfig) -> tuple[list[str], list[int]]:
-    info = read_info(cfg.trainset)
-    splits = info.get("splits", {})
-    if cfg.split not in splits:
-        raise UserError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
-    s = splits[cfg.split]
+    s = TrainSet(cfg.trainset).split(cfg.split)
     files, lengths = list(s["filenames"]), [int(x) for x in s["shard_lengths"]]
     if len(files) != len(lengths) or not files:
         raise UserError(f"{cfg.trainset}: split {cfg.split!r} lists no shards or mismatched shard_lengths")

@@ -23,6 +23,13 @@ ShardFn = Callable[[Any, Any, Report], Any]
 
 
 class Engine(Protocol):
+    #: Where the units compute, for the summary ("cpu", "cuda", "ray (auto)").
+    device: str
+
+    def describe_device(self, device: str) -> str:
+        """``--device`` as this engine's workers will resolve it (for the summary)."""
+        ...
+
     def map(self, fn: ShardFn, units: Iterable[Any], config: Any, progress: Report | None = None) -> Iterator[Any]:
         """Run ``fn(unit, config, report)`` for every unit; yield results as they complete."""
         ...
@@ -43,19 +50,54 @@ def create_engine(name: str, workers: int = 1, **options: Any) -> Engine:
     unknown = set(options) - set(RAY_OPTIONS)
     if unknown:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-    if name == "local":
-        from silverlabel.engine.local import LocalEngine
+    if name not in ENGINES:
+        raise UserError(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")
+    return ENGINES[name](workers, **options)
 
-        return LocalEngine(workers=workers)
-    if name == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError as e:
-            raise UserError(f"--engine ray needs Ray: pip install 'silverlabel[ray]' ({e})") from None
-        from silverlabel.engine.ray_engine import RayEngine
 
-        return RayEngine(workers=workers, **options)
-    raise UserError(f"unknown engine {name!r} (available: local, ray)")
+def _local(workers: int, **_options: Any) -> Engine:
+    from silverlabel.engine.local import LocalEngine
+
+    return LocalEngine(workers=workers)
+
+
+def _ray(workers: int, **options: Any) -> Engine:
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--engine ray needs Ray: pip install 'silverlabel[ray]' ({e})") from None
+    from silverlabel.engine.ray_engine import RayEngine
+
+    return RayEngine(workers=workers, **options)
+
+
+#: name -> ``factory(workers, **options)``; a new engine is one module plus one entry here.
+ENGINES: dict[str, Callable[..., Engine]] = {"local": _local, "ray": _ray}
+
+
+def engine_names() -> list[str]:
+    """The engines ``--engine`` accepts."""
+    return list(ENGINES)
+
+
+def stage_engine(name: str, workers: int, *, address: str | None = None, needs_gpu: bool = False,
+                 device: str = "auto") -> Engine:
+    """The engine for a stage that says what it needs rather than which engine runs it.
+
+    ``needs_gpu``: the units run a model on ``device`` (``auto``: a GPU where there is one),
+    so each worker keeps the model loaded between units and gets a GPU of its own -- pool
+    processes spread over the local GPUs; on Ray, a pool of actors with a GPU each (none
+    with ``device="cpu"``). Otherwise the units are CPU work, one per worker.
+
+        >>> stage_engine("local", 1).device
+        'cpu'
+    """
+    if not needs_gpu:
+        return create_engine(name, workers, address=address)
+    gpus = None if device == "auto" else 0 if device == "cpu" else 1  # None: one each where there are GPUs
+    engine = create_engine(name, workers, address=address, actor=True, gpus_per_worker=gpus)
+    engine.device = engine.describe_device(device)
+    return engine
 
 
 def _square(x, _cfg, _report):  # for the doctest (must be importable by workers)

@@ -68,10 +68,17 @@ def _run_unit(fn: ShardFn, unit: Any, config: Any) -> Any:
 class LocalEngine:
     """Map a shard function over units with ``workers`` processes."""
 
+    device = "cpu"
+
     def __init__(self, workers: int = 1):
         if workers < 1:
             raise UserError(f"--workers must be >= 1, got {workers}")
         self.workers = workers
+
+    def describe_device(self, device: str) -> str:
+        from silverlabel.devices import resolve_device
+
+        return resolve_device(device)  # also: a UserError now for --device cuda without a GPU
 
     def map(self, fn: ShardFn, units: Iterable[Any], config: Any, progress: Report | None = None) -> Iterator[Any]:
         report: Report = progress or (lambda d, s: None)

@@ -195,6 +195,10 @@ class RayEngine:
         self.max_retries = max_retries
         self.runtime_env = runtime_env
         self._checked = False
+        self.device = "ray (cpu)"
+
+    def describe_device(self, device: str) -> str:
+        return f"ray ({device})"  # the cluster's: a GPU per actor where it has GPUs
 
     # -- setup ----------------------------------------------------------------------
     def _start(self) -> None:

@@ -33,24 +33,28 @@ from typing import Any
 import torch
 
 from silverlabel.dataset import write_json_atomic
+from silverlabel.dataset import Run, TrainSet
+from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
+from silverlabel.options import device_field, opt, positive_int
 from silverlabel.loader import LoaderConfig, create_loader, normalize_on
-from silverlabel.stages.shard import read_info
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    run: str  # run folder (or a checkpoint file)
-    trainset: str
-    split: str = "validation"
-    batch_size: int = 64
-    ema: bool = False  # use the EMA weights when the checkpoint has them
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    real_labels: str | None = None  # JSON list of lists or {key: [classes]}
-    head_space: str | None = None  # label space of the model's head (with target_space)
-    target_space: str | None = None  # label space of cls / the label sets
-    out: str | None = None  # JSON output; default RUN/eval-{split}.json
-    num_workers: int = 0
+    run: str = opt(help="run folder (silverlabel train -o) or a checkpoint file", positional=True, metavar="RUN")
+    trainset: str = opt(help="training set folder (silverlabel shard)", flag="--data", metavar="TRAINSET",
+                        required=True)
+    split: str = opt("validation", "split to evaluate")
+    batch_size: int = opt(64, "batch size", type=positive_int)
+    ema: bool = opt(False, "use the EMA weights when the checkpoint has them", action="store_true")
+    device: str = device_field()  # auto | cpu | cuda | cuda:N
+    real_labels: str | None = opt(None, "JSON list of lists (split order) or {key: [classes]}: ReaL-style "
+                                  "multi-label accuracy", metavar="FILE")
+    head_space: str | None = opt(None, "label space of the model's head (e.g. in21k)", metavar="SPACE")
+    target_space: str | None = opt(None, "label space of the labels (e.g. in1k)", metavar="SPACE")
+    out: str | None = opt(None, "JSON report", metavar="FILE", default_help="default RUN/eval-SPLIT.json")
+    num_workers: int = opt(0, "loader worker processes", flag="--workers", type=int)
     ks: tuple[int, ...] = (1, 5)
 
     def __post_init__(self) -> None:
@@ -130,15 +134,7 @@ def map_scores(probs: torch.Tensor, head_space: str, target_space: str) -> torch
 
 
 def find_checkpoint(run: str) -> Path:
-    p = Path(run)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder or checkpoint file")
-    for name in ("checkpoint-final.pt", "checkpoint.pt"):
-        if (p / name).is_file():
-            return p / name
-    raise FileNotFoundError(f"{run}: no checkpoint-final.pt or checkpoint.pt")
+    return Run(run).find_checkpoint()
 
 
 def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any], str, int]:
@@ -198,7 +194,7 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 
         sp = get_label_space(target_space)
         names[: len(sp)] = list(sp.names)[:n]
-    path = Path(trainset) / "classes.json"
+    path = TrainSet(trainset).classes_path
     if path.exists():
         try:
             doc = json.loads(path.read_text())
@@ -210,15 +206,6 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
     return names
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available")
-    return dev
-
-
 # ---------------------------------------------------------------------------------------
 # the run
 
@@ -227,18 +214,15 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     """Evaluate (see the module docstring); writes the JSON report and returns it."""
     t0 = time.monotonic()
     ckpt = find_checkpoint(cfg.run)
-    info = read_info(cfg.trainset)
-    splits = info.get("splits", {})
-    if cfg.split not in splits:
-        raise UserError(f"{cfg.trainset}: no split {cfg.split!r} (has {', '.join(sorted(splits)) or 'none'})")
-    num_samples = int(splits[cfg.split].get("num_samples", sum(splits[cfg.split].get("shard_lengths", []))))
+    split = TrainSet(cfg.trainset).split(cfg.split)
+    num_samples = int(split.get("num_samples", sum(split.get("shard_lengths", []))))
     if cfg.head_space is not None:
         from silverlabel.teachers.labelspace import get_label_space
 
         get_label_space(cfg.head_space), get_label_space(cfg.target_space)  # fail early on bad names
 
     model, tconf, which, step = load_model(ckpt, cfg.ema)
-    device = _device(cfg.device)
+    device = torch_device(cfg.device)
     model.to(device)
     img_size = int(tconf.get("img_size", 224))
     sigmoid = tconf.get("loss") == "bce-multihot"

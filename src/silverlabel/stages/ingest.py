@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -24,21 +25,23 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, atomic_write
-from silverlabel.engine import Report, create_engine
+from silverlabel.dataset import Pool, atomic_write
+from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
-from silverlabel.formats.tables import read_parquet_metadata, samples_table, write_parquet_atomic
-from silverlabel.formats.wds import ShardWriter
+from silverlabel.formats.tables import samples_table, write_parquet_atomic
+from silverlabel.formats.wds import HashingFile, ShardWriter
 from silverlabel.imageops import ImageConfig, process_image
+from silverlabel.options import cpu_count, engine_field, nested, opt, positive_int, ray_address_field
 from silverlabel.sources import KIND_URL, Item, SourceOptions, load_bytes, open_source
 from silverlabel.sources.http import FetchConfig, Fetcher
+from silverlabel.stage import BaseStage, Commit, StageRun, changed_settings, run_stage
 
 STATUS_INVALID = "invalid_input"
 STATUS_FAILED_DOWNLOAD = "failed_download"
@@ -52,20 +55,22 @@ _TAR_BYTES_KEY = "silverlabel.tar_bytes"
 class IngestConfig:
     """Everything ``ingest`` needs. Options under ``runtime`` do not change the output."""
 
-    sources: tuple[str, ...]
-    output: str
-    name: str = "data"
-    samples_per_shard: int = 10_000
-    image: ImageConfig = field(default_factory=ImageConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    source_options: SourceOptions = field(default_factory=SourceOptions)
+    sources: tuple[str, ...] = opt(help="URL table file/folder, image folder, or tar shards", positional=True,
+                                   nargs="+", metavar="SOURCE")
+    output: str = opt(help="dataset directory to write", short="-o", metavar="DATASET", required=True)
+    name: str = opt("data", "shard name prefix")
+    samples_per_shard: int = opt(10_000, "", type=positive_int, metavar="N")
+    image: ImageConfig = nested(ImageConfig)
+    fetch: FetchConfig = nested(FetchConfig)
+    source_options: SourceOptions = nested(SourceOptions)
     # runtime: how fast, not what
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    threads: int = 64
+    workers: int = opt(default_factory=cpu_count, help="processes", type=positive_int, group="run",
+                       default_help="cores; with --engine ray: the cluster's CPUs", auto_workers="cpu")
+    threads: int = opt(64, "concurrent fetches per process", type=positive_int, group="run")
     decode_threads: int = 2
-    retry_failed: bool = False
-    engine: str = "local"  # local | ray
-    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
+    retry_failed: bool = opt(False, "re-attempt failed downloads of finished shards", action="store_true", group="run")
+    engine: str = engine_field()  # local | ray
+    ray_address: str | None = ray_address_field()  # None (this machine's cluster), auto, ray://host:port
     extra_fields: tuple = ()  # filled from the sources (typed --keep-cols)
 
     def __post_init__(self) -> None:
@@ -100,6 +105,7 @@ class IngestUnit:
     shard: int
     items: list[Item]
     retry: bool = False
+    commit: Commit | None = None  # written last: the shard is done
 
 
 @dataclass
@@ -184,7 +190,7 @@ class _Spool:
             self.path.unlink()
 
 
-def _previous_results(ds: Dataset, cfg: IngestConfig, shard: int) -> tuple[dict[str, dict], dict[str, dict[str, bytes]]]:
+def _previous_results(ds: Pool, cfg: IngestConfig, shard: int) -> tuple[dict[str, dict], dict[str, dict[str, bytes]]]:
     """Rows and stored members of a finished shard (for --retry-failed)."""
     from silverlabel.formats.wds import iter_tar_samples, read_member
 
@@ -229,7 +235,7 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
     """
     t0 = time.monotonic()
     report = report or (lambda d, s: None)
-    ds = Dataset(cfg.output)
+    ds = Pool(cfg.output)
     shard_name = ds.shard_path(cfg.name, unit.shard).name
     extra_names = [f.name for f in cfg.extra_fields]
     previous_rows: dict[str, dict] = {}
@@ -309,7 +315,8 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 
         tar_path = ds.shard_path(cfg.name, unit.shard)
         with atomic_write(tar_path) as f:
-            with ShardWriter(f) as writer:
+            hf = HashingFile(f)
+            with ShardWriter(hf) as writer:
                 for row, st in zip(rows, stored):
                     if st is None:
                         continue
@@ -326,12 +333,11 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
         spool.close()
 
     table = samples_table(rows, list(cfg.extra_fields))
-    write_parquet_atomic(
-        table,
-        ds.samples_path(cfg.name, unit.shard),
-        metadata={_TAR_BYTES_KEY: str(tar_bytes), "silverlabel.version": __version__},
-    )
+    samples_path = ds.samples_path(cfg.name, unit.shard)
+    write_parquet_atomic(table, samples_path, metadata={_TAR_BYTES_KEY: str(tar_bytes), "silverlabel.version": __version__})
     counts = Counter(r["status"] for r in rows)
+    if unit.commit is not None:
+        unit.commit.write([tar_path, samples_path], info={"counts": dict(counts)}, md5={str(tar_path): hf.md5.hexdigest()})
     return ShardResult(unit.shard, dict(counts), len(rows), time.monotonic() - t0, tar_bytes)
 
 
@@ -339,128 +345,102 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 # the driver
 
 
-def shard_complete(ds: Dataset, name: str, shard: int) -> bool:
-    """True when the shard's samples table exists and its tar has the size it records."""
-    table = ds.samples_path(name, shard)
-    tar = ds.shard_path(name, shard)
-    if not table.is_file() or not tar.is_file():
-        return False
-    try:
-        recorded = int(read_parquet_metadata(table).get(_TAR_BYTES_KEY, -1))
-    except Exception:
-        return False
-    return recorded == tar.stat().st_size
+def _items_identity(items: list[Item]) -> str:
+    """sha256 over a unit's input items: a shard is redone when its items changed."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps(astuple(it), default=str).encode() + b"\n")
+    return h.hexdigest()
 
 
-def _status_column(path: Path) -> list[str]:
-    # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset/compute (~1 s of CPU)
-    return pq.ParquetFile(path).read(columns=["status"]).column("status").to_pylist()
-
-
-def _has_retryable(ds: Dataset, name: str, shard: int) -> bool:
-    status = _status_column(ds.samples_path(name, shard))
-    return any(s in RETRYABLE for s in status)
-
-
-def plan_units(cfg: IngestConfig, ds: Dataset, skipped: list[int], sources: list | None = None) -> Iterator[IngestUnit]:
-    """Stream the sources in order and cut them into shard units, skipping finished shards."""
-    if sources is None:
-        sources = [open_source(s, cfg.source_options) for s in cfg.sources]
-    index = 0
-    shard = 0
-    batch: list[Item] = []
-
-    def emit(shard: int, batch: list[Item]) -> IngestUnit | None:
-        if shard_complete(ds, cfg.name, shard):
-            if cfg.retry_failed and _has_retryable(ds, cfg.name, shard):
-                return IngestUnit(shard, batch, retry=True)
-            skipped.append(shard)
-            return None
-        return IngestUnit(shard, batch)
-
-    for src in sources:
-        for item in src.items():
-            item.index = index
-            index += 1
-            batch.append(item)
-            if len(batch) == cfg.samples_per_shard:
-                unit = emit(shard, batch)
-                if unit is not None:
-                    yield unit
-                shard += 1
-                batch = []
-    if batch:
-        unit = emit(shard, batch)
-        if unit is not None:
-            yield unit
-
-
-def dataset_counts(ds: Dataset) -> tuple[dict[str, int], int]:
+def dataset_counts(pool: Pool) -> tuple[dict[str, int], int]:
     """Counts by status over all completed samples tables, and the number of shards."""
     counts: Counter[str] = Counter()
-    files = ds.samples_files()
+    files = pool.samples_files()
     for p in files:
-        counts.update(_status_column(p))
+        counts.update(pool.statuses(p))
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), len(files)
 
 
-def _check_compatible(ds: Dataset, cfg: IngestConfig) -> None:
-    if not ds.exists():
-        if ds.root.exists() and any(p for p in ds.root.iterdir() if not p.name.startswith(".")):
-            raise UserError(f"{ds.root}: output folder exists and is not a silverlabel dataset; choose another -o")
-        return
-    man = ds.read_manifest()
-    old = man.get("config", {})
-    new = json.loads(json.dumps(cfg.output_config()))  # compare as stored (tuples -> lists)
-    if man.get("stage") != "ingest":
-        raise UserError(f"{ds.root}: holds a {man.get('stage')!r} dataset, not an ingest output")
-    diffs = [k for k in new if old.get(k) != new[k]]
-    if diffs:
-        raise UserError(
-            f"{ds.root}: was ingested with different settings ({', '.join(diffs)}); "
-            "resume with the same command or write to a new -o"
-        )
+class IngestStage(BaseStage):
+    """``ingest`` for :func:`silverlabel.stage.run_stage`: one unit per output shard, cut
+    from the sources as they stream (a 700M-row table is never held as units)."""
+
+    unit_fn = staticmethod(ingest_shard)
+
+    def prepare(self) -> None:
+        # Validate the sources up front so bad input fails before any file is written.
+        cfg, pool = self.config, self.output
+        self.sources = [open_source(s, cfg.source_options) for s in cfg.sources]
+        extra: dict[str, Any] = {}
+        for src in self.sources:
+            for f in src.extra_fields:
+                extra.setdefault(f.name, f)
+        if list(extra.values()) != list(cfg.extra_fields):
+            self.config = cfg = replace(cfg, extra_fields=tuple(extra.values()))
+        man = pool.previous_run("ingest")
+        diffs = changed_settings(man.get("config", {}), cfg.output_config()) if man else []
+        if diffs:
+            raise UserError(
+                f"{pool.root}: was ingested with different settings ({', '.join(diffs)}); "
+                "resume with the same command or write to a new -o"
+            )
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "stage": "ingest",
+            "state": "running",
+            "silverlabel_version": __version__,
+            "name": self.config.name,
+            "config": self.config.output_config(),
+            "parents": [s.describe() for s in self.sources],
+            "counts": None,
+        }
+
+    def plan(self, engine: Engine) -> Iterator[IngestUnit]:
+        """Stream the sources in order and cut them into shard units."""
+        cfg = self.config
+        index = 0
+        shard = 0
+        batch: list[Item] = []
+        for src in self.sources:
+            for item in src.items():
+                item.index = index
+                index += 1
+                batch.append(item)
+                if len(batch) == cfg.samples_per_shard:
+                    yield self._unit(shard, batch)
+                    shard += 1
+                    batch = []
+        if batch:
+            yield self._unit(shard, batch)
+
+    def _unit(self, shard: int, items: list[Item]) -> IngestUnit:
+        name = self.output.shard_path(self.config.name, shard).stem
+        commit = Commit(str(self.output.commit_path(name)), self.config.output_config(),
+                        {"items": _items_identity(items)})
+        return IngestUnit(shard, items, commit=commit)
+
+    def redo(self, unit: IngestUnit, record: dict[str, Any]) -> IngestUnit | None:
+        """``--retry-failed``: a finished shard with failed downloads is fetched again."""
+        if not self.config.retry_failed:
+            return None
+        statuses = self.output.statuses(self.output.samples_path(self.config.name, unit.shard))
+        return replace(unit, retry=True) if any(s in RETRYABLE for s in statuses) else None
+
+    def finish(self, run: StageRun) -> IngestSummary:
+        pool = self.output
+        counts, shards = dataset_counts(pool)
+        manifest = self.manifest()
+        labels = pool.read_manifest().get("labels")
+        if labels:  # the labels written for this pool stay registered
+            manifest["labels"] = labels
+        manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
+        pool.write_manifest(manifest)
+        items_now = sum(r.items for r in run.results)
+        return IngestSummary(str(pool.root), counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)
 
 
 def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSummary:
     """Ingest ``cfg.sources`` into ``cfg.output``; resumes a previous partial run."""
-    ds = Dataset(cfg.output)
-    # Validate the sources up front so bad input fails before any file is written.
-    sources = [open_source(s, cfg.source_options) for s in cfg.sources]
-    extra: dict[str, Any] = {}
-    for src in sources:
-        for f in src.extra_fields:
-            extra.setdefault(f.name, f)
-    if list(extra.values()) != list(cfg.extra_fields):
-        cfg = replace(cfg, extra_fields=tuple(extra.values()))
-    _check_compatible(ds, cfg)
-    ds.root.mkdir(parents=True, exist_ok=True)
-    ds.clean_temporaries()
-    manifest = {
-        "stage": "ingest",
-        "state": "running",
-        "silverlabel_version": __version__,
-        "name": cfg.name,
-        "config": cfg.output_config(),
-        "parents": [s.describe() for s in sources],
-        "counts": None,
-    }
-    if not ds.exists():
-        ds.write_manifest(manifest)
-
-    t0 = time.monotonic()
-    skipped: list[int] = []
-    engine = create_engine(cfg.engine, workers=cfg.workers, address=cfg.ray_address)
-    done_now = 0
-    items_now = 0
-    for res in engine.map(ingest_shard, plan_units(cfg, ds, skipped, sources), cfg, progress):
-        done_now += 1
-        items_now += res.items
-    seconds = time.monotonic() - t0
-    ds.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
-    counts, shards = dataset_counts(ds)
-    manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
-    ds.write_manifest(manifest)
-    with contextlib.suppress(OSError):
-        ds.tmp_dir.rmdir()
-    return IngestSummary(str(ds.root), counts, shards, done_now, len(skipped), items_now, seconds)
+    return run_stage(IngestStage(cfg, Pool(cfg.output)), progress)

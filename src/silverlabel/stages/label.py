@@ -16,10 +16,10 @@ are counted (``silverlabel.decode_errors`` in the file's metadata and the summar
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset
-from silverlabel.engine import Report, create_engine
+from silverlabel.dataset import Dataset, Pool
+from silverlabel.devices import worker_device
+from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
+from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, opt, positive_int, precision_field,
+                                 ray_address_field)
+from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, run_stage
 from silverlabel.formats.tables import read_parquet_metadata, write_parquet_atomic
 from silverlabel.teachers import TeacherSpec
+from silverlabel.teachers.labelspace import space_names
 
 LABELS_SCHEMA = pa.schema(
     [
@@ -53,26 +58,30 @@ THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 class LabelConfig:
     """Everything ``label`` needs; ``runtime`` fields change speed, not the output."""
 
-    dataset: str
-    teachers: tuple[TeacherSpec, ...] = (TeacherSpec("efficientnet_lite0"),)
-    label_space: str = "in21k"
-    topk: int = 50
-    output_name: str | None = None  # folder under labels/ (default: teacher slug(s))
-    img_size: int | None = None  # preprocessing overrides (default: the teacher's config)
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    limit: int | None = None
+    dataset: str = opt(positional=True, metavar="DATASET")
+    teachers: tuple[TeacherSpec, ...] = opt((TeacherSpec("efficientnet_lite0"),), flag="--teacher",
+                                            action="teachers")
+    label_space: str = opt("in21k", "output space", choices=space_names)
+    topk: int = opt(50, "labels kept per image", type=positive_int)
+    output_name: str | None = opt(None, "folder under labels/", flag="--name",
+                                  default_help="default: the teacher name")  # teacher slug(s)
+    img_size: int | None = opt(None, "override the teacher's input size", type=positive_int)
+    crop_pct: float | None = opt(None, "override the teacher's crop_pct", type=float)
+    interpolation: str | None = opt(None, "override the teacher's interpolation", choices=("bicubic", "bilinear"))
+    limit: int | None = opt(None, "label only the first N images (a quick look)", type=positive_int)
     # runtime
-    device: str = "auto"
-    batch_size: int = 0  # 0: 256 on GPU, 16 on CPU
-    precision: str = "fp16"  # GPU autocast: fp16 | bf16 | fp32
+    device: str = device_field()
+    batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
+    precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
     gpu_decode_threads: int = 4
-    decode_procs: int = -1  # GPU decode worker processes (-1: 3 on a GPU, 0: decode in-process)
-    compile: bool = False
-    workers: int = 1  # processes (local) or actors (ray; 0 = one per cluster GPU)
-    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    engine: str = "local"  # local | ray (a pool of actors that keep the teacher loaded)
-    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
+    decode_procs: int = opt(-1, "GPU JPEG-decode processes per GPU worker", type=int,
+                            default_help="default: 3; 0 decodes in the labeling process")
+    compile: bool = opt(False, "torch.compile the teacher (GPU)", action="store_true")
+    workers: int = opt(default_factory=gpu_count, help="processes", type=positive_int, auto_workers="gpu",
+                       default_help="default: one per GPU, 1 on CPU; with --engine ray: one actor per cluster GPU")
+    decode_threads: int = field(default_factory=cpu_count)
+    engine: str = engine_field()  # local | ray (a pool of actors that keep the teacher loaded)
+    ray_address: str | None = ray_address_field()  # None (this machine's cluster), auto, ray://host:port
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -108,6 +117,7 @@ class LabelUnit:
     samples: str
     output: str
     limit: int | None = None
+    commit: Commit | None = None  # written last: the shard is labeled
 
 
 @dataclass
@@ -140,29 +150,12 @@ class LabelSummary:
 _LABELER_CACHE: dict[Any, Any] = {}
 
 
-def _device_for_worker(device: str) -> str:
-    """One worker per GPU: pool worker k uses GPU k (mod the count)."""
-    import multiprocessing as mp
-
-    from silverlabel.inference import resolve_device
-
-    device = resolve_device(device)
-    if device == "cuda":
-        import torch
-
-        ident = mp.current_process()._identity
-        if ident and torch.cuda.device_count() > 1:
-            return f"cuda:{(ident[0] - 1) % torch.cuda.device_count()}"
-        return "cuda:0"
-    return device
-
-
 def get_labeler(cfg: LabelConfig):
     """The process's Labeler for ``cfg`` (teachers load once per worker, not per shard)."""
     from silverlabel.inference import Labeler
     from silverlabel.teachers import create_teacher
 
-    device = _device_for_worker(cfg.device)
+    device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
            cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs)
     if key not in _LABELER_CACHE:
@@ -265,6 +258,8 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
             "silverlabel.version": __version__,
         },
     )
+    if unit.commit is not None:
+        unit.commit.write([unit.output], info={"rows": len(rows), "decode_errors": len(errors)})
     return LabelResult(unit.shard, len(rows), len(errors), time.monotonic() - t0)
 
 
@@ -272,95 +267,72 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
 # the driver
 
 
-def labels_dir(ds: Dataset, name: str):
-    return ds.root / "labels" / name
+class LabelStage(BaseStage):
+    """``label`` for :func:`silverlabel.stage.run_stage`: one unit per ingest shard, bound to
+    the shard's tar and samples table (relabeled when either changed)."""
 
+    needs_gpu = True
+    unit_fn = staticmethod(label_shard)
 
-def _complete(path, cfg: LabelConfig) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        md = read_parquet_metadata(path)
-    except Exception:
-        return False
-    return md.get("silverlabel.limit", "") == "" and json.loads(md.get("silverlabel.label_config", "{}")) == json.loads(
-        json.dumps(cfg.output_config())
-    )
+    def prepare(self) -> None:
+        from silverlabel.teachers import validate_teacher_spec
+        from silverlabel.teachers.labelspace import get_label_space
 
+        cfg, pool = self.config, self.output
+        self.out_dir = pool.labels_dir(cfg.name)  # a UserError for a name that is not a plain folder name
+        get_label_space(cfg.label_space)  # fail early on bad input, before any model loads
+        for spec in cfg.teachers:
+            validate_teacher_spec(spec)
+        man = pool.read_manifest()
+        if man.get("stage") != "ingest":
+            raise UserError(f"{pool.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
+        self.name = man["name"]
+        if not pool.samples_files():
+            raise UserError(f"{pool.root}: no finished shards to label (run ingest first)")
 
-def plan_label_units(cfg: LabelConfig, ds: Dataset, skipped: list[int]) -> list[LabelUnit]:
-    man = ds.read_manifest()
-    if man.get("stage") != "ingest":
-        raise UserError(f"{ds.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
-    name = man["name"]
-    out_dir = labels_dir(ds, cfg.name)
-    units = []
-    remaining = cfg.limit
-    for samples in ds.samples_files():
-        shard = int(samples.stem.rsplit("-", 1)[1])
-        tar = ds.shard_path(name, shard)
-        out = out_dir / f"{name}-{shard:06d}.parquet"
-        if remaining is not None:
-            if remaining <= 0:
+    def folders(self) -> list[Path]:
+        return [self.out_dir]
+
+    def plan(self, engine: Engine) -> Iterator[LabelUnit]:
+        cfg, pool = self.config, self.output
+        remaining = cfg.limit
+        for samples in pool.samples_files():
+            shard = pool.shard_index(samples)
+            if remaining is not None and remaining <= 0:
                 break
-            n_ok = pq.read_table(samples, columns=["status"]).column("status").to_pylist().count("success")
-            units.append(LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining))
-            remaining -= n_ok
-            continue
-        if _complete(out, cfg):
-            skipped.append(shard)
-            continue
-        units.append(LabelUnit(shard, str(tar), str(samples), str(out)))
-    if not units and not skipped:
-        raise UserError(f"{ds.root}: no finished shards to label (run ingest first)")
-    return units
+            tar = pool.shard_path(self.name, shard)
+            out = pool.labels_path(cfg.name, self.name, shard)
+            ingested = pool.commit_path(samples.stem)
+            commit = Commit(str(Dataset(self.out_dir).commit_path(out.stem)), {**cfg.output_config(), "limit": remaining},
+                            {"tar": file_identity(tar, ingested), "samples": file_identity(samples, ingested)})
+            yield LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining, commit=commit)
+            if remaining is not None:
+                remaining -= pool.statuses(samples).count("success")
+
+    def finish(self, run: StageRun) -> LabelSummary:
+        cfg, pool = self.config, self.output
+        files = pool.labels_files(cfg.name)
+        rows = sum(pq.read_metadata(p).num_rows for p in files)
+        decode_errors = sum(int(read_parquet_metadata(p).get("silverlabel.decode_errors", 0)) for p in files)
+        man = pool.read_manifest()
+        man.setdefault("labels", {})[cfg.name] = {
+            "config": cfg.output_config(),
+            "rows": rows,
+            "decode_errors": decode_errors,
+            "files": len(files),
+            "partial": cfg.limit is not None,
+            "silverlabel_version": __version__,
+        }
+        pool.write_manifest({k: v for k, v in man.items() if k not in ("format_version", "updated")})
+        images_now = sum(r.rows + r.decode_errors for r in run.results)
+        return LabelSummary(str(self.out_dir), rows, decode_errors, len(files), run.done_now, images_now, run.seconds,
+                            run.device)
 
 
 def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
-    """Label every finished shard of ``cfg.dataset``; resumes per shard."""
-    from silverlabel.inference import resolve_device
-    from silverlabel.teachers.labelspace import get_label_space
-
-    from silverlabel.teachers import validate_teacher_spec
-
-    ds = Dataset(cfg.dataset)
-    get_label_space(cfg.label_space)  # fail early on bad input, before any model loads
-    for spec in cfg.teachers:
-        validate_teacher_spec(spec)
-    skipped: list[int] = []
-    units = plan_label_units(cfg, ds, skipped)
-    if cfg.engine == "ray":  # the device is the cluster's: a GPU per actor where it has GPUs
-        device = f"ray ({cfg.device})"
-        gpus = {"cpu": 0}.get(cfg.device, None if cfg.device == "auto" else 1)
-        engine = create_engine("ray", workers=cfg.workers, address=cfg.ray_address, actor=True,
-                               gpus_per_worker=gpus)
-    else:
-        device = resolve_device(cfg.device)
-        engine = create_engine(cfg.engine, workers=cfg.workers)
-    t0 = time.monotonic()
-    done_now = images_now = errors_now = 0
-    for res in engine.map(label_shard, units, cfg, progress):
-        done_now += 1
-        images_now += res.rows + res.decode_errors
-        errors_now += res.decode_errors
-    seconds = time.monotonic() - t0
-    out_dir = labels_dir(ds, cfg.name)
-    for tmp in out_dir.glob(".*.tmp-*"):  # left by units that died and were retried (cluster engines)
-        tmp.unlink(missing_ok=True)
-    files = sorted(out_dir.glob("*.parquet"))
-    rows = sum(pq.read_metadata(p).num_rows for p in files)
-    decode_errors = sum(int(read_parquet_metadata(p).get("silverlabel.decode_errors", 0)) for p in files)
-    man = ds.read_manifest()
-    man.setdefault("labels", {})[cfg.name] = {
-        "config": cfg.output_config(),
-        "rows": rows,
-        "decode_errors": decode_errors,
-        "files": len(files),
-        "partial": cfg.limit is not None,
-        "silverlabel_version": __version__,
-    }
-    ds.write_manifest({k: v for k, v in man.items() if k not in ("format_version", "updated")})
-    return LabelSummary(str(out_dir), rows, decode_errors, len(files), done_now, images_now, seconds, device)
+    """Label every finished shard of ``cfg.dataset``; resumes per shard, and relabels a
+    shard whose tar or samples table changed since it was labeled."""
+    return run_stage(LabelStage(cfg, Pool(cfg.dataset)), progress)
 
 
 # ---------------------------------------------------------------------------------------

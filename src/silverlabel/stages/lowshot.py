@@ -49,42 +49,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silverlabel.dataset import atomic_write, write_json_atomic
+from silverlabel.dataset import Run, TrainSet, atomic_write, write_json_atomic
+from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
+from silverlabel.options import opt, positive_int
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
 from silverlabel.loader import LoaderConfig, decode_image, to_tensor
-from silverlabel.stages.evaluate import _device, find_checkpoint, load_model
+from silverlabel.stages.evaluate import find_checkpoint, load_model
 from silverlabel.stages.select import balanced_quotas
-from silverlabel.stages.shard import read_info
 
 MODES = ("probe", "finetune")
+_GROUP = "low-shot (imagenet2012_subset protocol)"
 SUBSET_SHARD_SIZE = 1000
 STAMP_FILE = "lowshot-run.json"
 
 
 @dataclass(frozen=True)
 class LowShotConfig:
-    run: str  # pretrained run folder (or checkpoint file)
-    trainset: str  # labeled training set (silverlabel shard) with train and validation splits
-    fractions: tuple[float, ...] = (0.01, 0.1)
-    modes: tuple[str, ...] = MODES
-    train_split: str = "train"
-    val_split: str = "validation"
-    seed: int = 0
-    batch_size: int = 64
-    device: str = "auto"
-    num_workers: int = 0
-    ema: bool = False
-    img_size: int | None = None  # default: the pretrained run's img_size
+    # the fields eval shares (their flags and help: EvalConfig's)
+    run: str = opt(positional=True)  # pretrained run folder (or checkpoint file)
+    trainset: str = opt(flag="--data")  # labeled training set (silverlabel shard) with train and validation splits
+    fractions: tuple[float, ...] = opt(
+        (0.01, 0.1), "instead of evaluating the head: label-balanced subsets of these fractions of --train-split "
+        "(0.01 0.1 = ImageNet's 1%%/10%%), a linear probe on frozen features and/or a short fine-tune on each, "
+        "accuracy on the whole --split; writes RUN/lowshot/lowshot.json (or --out DIR)", flag="--lowshot",
+        type=float, nargs="+", metavar="F", group=_GROUP, default_help="")
+    modes: tuple[str, ...] = opt(MODES, "probe, finetune or both", flag="--lowshot-modes", nargs="+", choices=MODES,
+                                 group=_GROUP, default_help="both")
+    train_split: str = opt("train", "split the subsets are drawn from", group=_GROUP)
+    val_split: str = opt("validation", flag="--split")
+    seed: int = opt(0, "subset draw seed, as select --seed", type=int, group=_GROUP)
+    batch_size: int = opt(64)
+    device: str = opt("auto")
+    num_workers: int = opt(0, flag="--workers")
+    ema: bool = opt(False)
+    img_size: int | None = opt(None, "input size", type=positive_int, group=_GROUP,
+                               default_help="default: the run's")
     probe_wds: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)  # L2 strengths tried (mean CE + wd/2 |W|^2)
     probe_iters: int = 100  # L-BFGS iterations per fit
-    ft_steps: int = 500
-    ft_lr: float = 1e-4
-    ft_batch_size: int | None = None  # default: batch_size
+    ft_steps: int = opt(500, "fine-tuning steps per subset", type=positive_int, group=_GROUP)
+    ft_lr: float = opt(1e-4, "fine-tuning peak learning rate", type=float, group=_GROUP)
+    ft_batch_size: int | None = opt(None, "fine-tuning batch size", type=positive_int, group=_GROUP,
+                                    default_help="default --batch-size")
     ft_warmup_steps: int | None = None  # default: ft_steps // 10
     ft_weight_decay: float = 0.05
     ft_optimizer: str = "adamw"
-    out: str | None = None  # default RUN/lowshot
+    out: str | None = opt(None)  # default RUN/lowshot
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
@@ -124,13 +134,10 @@ def fraction_tag(f: float) -> str:
 
 def index_split(trainset: str, split: str) -> list[Record]:
     """Every sample of ``split`` in file order, with its ``cls`` (read from the ``.cls`` member)."""
-    info = read_info(trainset)
-    splits = info.get("splits", {})
-    if split not in splits:
-        raise UserError(f"{trainset}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
+    ts = TrainSet(trainset)
     out: list[Record] = []
-    for name in splits[split].get("filenames", []):
-        path = str(Path(trainset) / name)
+    for name in ts.split(split).get("filenames", []):
+        path = str(ts.tar_path(name))
         with open(path, "rb") as f:
             for s in iter_tar_samples(path):
                 ext = s.image_ext()
@@ -283,7 +290,7 @@ def write_subset_trainset(src: str, records: Sequence[Record], out: Path, split:
     ``split``: tars of at most 1,000 samples, ``classes.json`` copied, ``_info.json`` last.
     An existing complete copy of the same keys is reused."""
     keys_doc = hashlib.sha256("\n".join(r.key for r in records).encode()).hexdigest()
-    info_path = out / "_info.json"
+    info_path = TrainSet(out).info_path
     if info_path.exists():
         try:
             old = json.loads(info_path.read_text())
@@ -309,8 +316,8 @@ def write_subset_trainset(src: str, records: Sequence[Record], out: Path, split:
     finally:
         for fh in files.values():
             fh.close()
-    if (Path(src) / "classes.json").exists():
-        shutil.copyfile(Path(src) / "classes.json", out / "classes.json")
+    if TrainSet(src).classes_path.exists():
+        shutil.copyfile(TrainSet(src).classes_path, TrainSet(out).classes_path)
     write_json_atomic(info_path, {
         "name": "subset", "splits": {split: {"name": split, "num_samples": len(records), "filenames": names,
                                              "shard_lengths": lengths}},
@@ -336,7 +343,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     if not classes:
         raise UserError(f"{cfg.trainset}: split {cfg.train_split!r} has no labeled samples")
     num_classes = max(classes + [r.cls for r in val]) + 1
-    doc = Path(cfg.trainset) / "classes.json"
+    doc = TrainSet(cfg.trainset).classes_path
     if doc.exists():
         num_classes = max(num_classes, int(json.loads(doc.read_text()).get("num_classes", 0)))
     subsets = {f: balanced_subset(train, f, cfg.seed) for f in cfg.fractions}
@@ -345,7 +352,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
             raise UserError(f"fraction {f:g} of {len(train)} training samples is empty")
 
     model, tconf, which, step = load_model(ckpt, cfg.ema)
-    device = _device(cfg.device)
+    device = torch_device(cfg.device)
     img_size = cfg.img_size or int(tconf.get("img_size", 224))
     results: dict[str, Any] = {}
     # the weights both modes start from (the EMA ones with --ema), without the head: the
@@ -401,7 +408,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
             rdir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(rdir / STAMP_FILE, stamp)
             log(f"low-shot fine-tune {tag}: {len(sub)} images, {cfg.ft_steps} steps of {bs}")
-            s = run_train(tcfg, resume=(rdir / "checkpoint.pt").exists(), progress=False, log=lambda *a: None)
+            s = run_train(tcfg, resume=Run(rdir).checkpoint_path.exists(), progress=False, log=lambda *a: None)
             ev = run_eval(EvalConfig(str(rdir), cfg.trainset, split=cfg.val_split, batch_size=cfg.batch_size,
                                      device=cfg.device, num_workers=cfg.num_workers,
                                      out=str(rdir / f"eval-{cfg.val_split}.json")))
@@ -448,7 +455,7 @@ def _read_json(path: Path) -> Any:
 
 def _last_loss(run: Path) -> float | None:
     """The last logged loss of a run (also when a rerun found it finished)."""
-    path = run / "metrics.jsonl"
+    path = Run(run).metrics_jsonl
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
     return rows[-1]["loss"] if rows else None
 

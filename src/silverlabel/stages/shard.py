@@ -9,7 +9,7 @@
       classes.json                   copy of the selection's class map
       {name}-{split}-{0000..}.tar    the shards, directly in TRAINSET (as imagenet-12k-wds is laid
                                      out), so TRAINSET is the ``root`` of ``wds/NAME`` in timm
-      .done/{tar name}.json          per-shard completion record (samples, bytes, md5)
+      .done/{tar name}.json          per-shard commit record (silverlabel.stage: inputs, samples, bytes, md5)
 
 Members per sample, in this order: the image bytes copied from the source shard without
 re-encoding (``.jpg`` for every silverlabel dataset), ``.cls`` (the class index as ASCII
@@ -44,7 +44,6 @@ A rerun after a crash redoes only the shards without a matching ``.done`` record
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -53,7 +52,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +61,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
-from silverlabel.engine import Report, create_engine
+from silverlabel.dataset import Pool, Selection, TrainSet, atomic_write, write_json_atomic
+from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
-from silverlabel.formats.selection import CLASSES_FILE, SELECTION_DIR, SELECTION_SCHEMA
+from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
+from silverlabel.formats.selection import SELECTION_SCHEMA
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
+from silverlabel.stage import BaseStage, Commit, StageRun, changed_settings, file_identity, read_record, run_stage
 
 DEFAULT_TEMPLATE = "{name}-{split}-{index:04d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 10_000
-INFO_FILE = "_info.json"
-DONE_DIR = ".done"
 #: Splits listed first in _info.json (then the others by name).
 _SPLIT_ORDER = ("train", "validation", "test")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
-_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 #: Columns the plan needs; the others of SELECTION_SCHEMA are optional (null when absent).
 REQUIRED_COLUMNS = ("key", "split", "source_dataset", "source_shard", "source_key")
 #: Columns carried to the writing units (the sample's .cls/.json/.txt).
@@ -94,17 +92,21 @@ class ShardConfig:
     shards than samples.
     """
 
-    selection: str
-    output: str
-    seed: int = 0
-    shards: int | Mapping[str, int] | None = None
-    samples_per_shard: int | None = None  # None: 10,000
-    name: str | None = None  # None: the selection folder's name
-    template: str = DEFAULT_TEMPLATE
+    selection: str = opt(help="selection folder (silverlabel select)", positional=True, metavar="SELECTION")
+    output: str = opt(help="folder to write the shards to", short="-o", metavar="TRAINSET", required=True)
+    seed: int = opt(0, "seed of the global pre-shuffle", type=int)
+    shards: int | Mapping[str, int] | None = opt(
+        None, "shards per split: N for every split, or per split (the others use --samples-per-shard)",
+        type=split_counts, metavar="N|SPLIT=N,...")
+    samples_per_shard: int | None = opt(None, "ceil(n/M) shards per split of n samples", type=positive_int,
+                                        metavar="M", default_help="default: 10000")  # None: 10,000
+    name: str | None = opt(None, "dataset name", default_help="default: the selection folder's name")
+    template: str = opt(DEFAULT_TEMPLATE, "shard file names", default_help=f"default: {DEFAULT_TEMPLATE}")
     # runtime: how fast, not what
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    engine: str = "local"  # local | ray
-    ray_address: str | None = None  # --engine ray: None (this machine's cluster), auto, ray://host:port
+    workers: int = opt(default_factory=cpu_count, help="processes", type=positive_int, group="run",
+                       default_help="default: cores; with --engine ray: the cluster's CPUs", auto_workers="cpu")
+    engine: str = engine_field()  # local | ray
+    ray_address: str | None = ray_address_field()  # None (this machine's cluster), auto, ray://host:port
     memory_limit: int = 1 << 30  # spool a shard's images to disk above this many bytes
 
     def __post_init__(self) -> None:
@@ -206,13 +208,13 @@ class ShardUnit:
     split: str
     index: int
     filename: str
-    meta: pa.Table  # _META_COLUMNS, in output (shuffled) order
+    meta: pa.Table | None  # _META_COLUMNS, in output (shuffled) order (None: a unit found done)
     paths: list[str]  # source tars this shard reads
     src: np.ndarray  # per row: index into paths
     offsets: np.ndarray  # per row: image member offset in its source tar
     sizes: np.ndarray
     exts: list[str]  # per row: the image member's extension
-    fingerprint: str
+    commit: Commit  # written last: the shard is done
 
 
 @dataclass
@@ -280,7 +282,7 @@ def sample_members(row: dict[str, Any], image_ext: str, image: bytes) -> dict[st
 
 
 def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None) -> ShardResult:
-    """Write output shard ``unit`` atomically, then its ``.done`` record. Idempotent."""
+    """Write output shard ``unit`` atomically, then its commit record. Idempotent."""
     t0 = time.monotonic()
     report = report or (lambda d, s: None)
     out = Path(cfg.output)
@@ -333,10 +335,7 @@ def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None)
         if spool is not None:
             spool.close()
     md5 = hf.md5.hexdigest()
-    write_json_atomic(out / DONE_DIR / f"{unit.filename}.json", {
-        "file": unit.filename, "split": unit.split, "index": unit.index, "samples": n, "bytes": size,
-        "md5": md5, "selection_sha256": unit.fingerprint,
-    })
+    unit.commit.write([unit.filename], info={"samples": n, "bytes": size, "md5": md5}, md5={unit.filename: md5})
     return ShardResult(unit.filename, n, size, md5, time.monotonic() - t0)
 
 
@@ -354,34 +353,13 @@ class _Plan:
 
 
 def selection_files(selection: str | os.PathLike) -> list[Path]:
-    """The selection's parquet files; a ValueError when ``selection`` is not a selection."""
-    root = Path(selection)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such selection folder")
-    try:
-        man = json.loads((root / "silverlabel.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{root}: not a selection (no silverlabel.json; make one with silverlabel select)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{root / 'silverlabel.json'}: corrupt manifest ({e})") from None
-    if man.get("stage") != "select":
-        raise UserError(f"{root}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
-    files = sorted((root / SELECTION_DIR).glob("*.parquet")) if (root / SELECTION_DIR).is_dir() else []
-    if not files:
-        raise UserError(f"{root}: no {SELECTION_DIR}/*.parquet files")
-    return files
+    """The selection's parquet files; a UserError when ``selection`` is not a selection."""
+    return Selection(selection).files()
 
 
 def selection_fingerprint(files: list[Path]) -> str:
     """sha256 over the selection's parquet files (names and bytes)."""
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
+    return Selection(files[0].parent.parent).fingerprint(files)
 
 
 def read_selection(files: list[Path]) -> pa.Table:
@@ -490,18 +468,6 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     return _Plan(table.select(list(_META_COLUMNS)), loc, locators, paths, splits)
 
 
-def _done_record(out: Path, filename: str, fingerprint: str, samples: int) -> dict[str, Any] | None:
-    """The shard's completion record when the shard is complete and matches the plan."""
-    try:
-        rec = json.loads((out / DONE_DIR / f"{filename}.json").read_text())
-        size = (out / filename).stat().st_size
-    except (OSError, ValueError):
-        return None
-    if rec.get("selection_sha256") != fingerprint or rec.get("samples") != samples or rec.get("bytes") != size:
-        return None
-    return rec
-
-
 # ---------------------------------------------------------------------------------------
 # the driver
 
@@ -530,36 +496,6 @@ class ShardSummary:
         return self.samples_now / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_compatible(ds: Dataset, cfg: ShardConfig, fingerprint: str) -> None:
-    if not ds.exists():
-        if ds.root.exists() and any(p for p in ds.root.iterdir() if not p.name.startswith(".")):
-            raise UserError(f"{ds.root}: output folder exists and is not a silverlabel training set; choose another -o")
-        return
-    man = ds.read_manifest()
-    if man.get("stage") != "shard":
-        raise UserError(f"{ds.root}: holds a {man.get('stage')!r} output, not a shard output; choose another -o")
-    old = dict(man.get("config", {}))
-    new = json.loads(json.dumps(cfg.output_config()))
-    old.pop("selection", None)  # the folder may have moved; its content is what counts
-    new.pop("selection", None)
-    diffs = [k for k in new if old.get(k) != new[k]]
-    if man.get("selection_sha256") != fingerprint:
-        diffs.append("the selection's content")
-    if diffs:
-        raise UserError(f"{ds.root}: was sharded with different settings ({', '.join(diffs)}); "
-                         "resume with the same command and selection, or write to a new -o")
-
-
-def _clean(out: Path) -> None:
-    Dataset(out).clean_temporaries()
-    done = out / DONE_DIR
-    if done.is_dir():
-        for p in done.iterdir():
-            if _TMP_RE.match(p.name):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-
-
 def _index_units(plan: _Plan, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, IndexUnit]]:
     """One index unit per source tar feeding ``rows``: (locator, its rows, unit)."""
     loc = plan.loc[rows]
@@ -575,127 +511,140 @@ def _index_units(plan: _Plan, rows: np.ndarray) -> Iterator[tuple[int, np.ndarra
         yield l, group, IndexUnit(l, plan.paths[l], list(dict.fromkeys(keys)))
 
 
-def run_shard(cfg: ShardConfig, progress: Report | None = None) -> ShardSummary:
-    """Materialize ``cfg.selection`` into shards in ``cfg.output``; resumes a partial run."""
-    t0 = time.monotonic()
-    files = selection_files(cfg.selection)
-    fingerprint = selection_fingerprint(files)
-    ds = Dataset(cfg.output)
-    out = ds.root
-    _check_compatible(ds, cfg, fingerprint)
-    plan = make_plan(cfg, files)  # validates the selection before anything is written
+def _source_record(path: str) -> Path:
+    """The commit record of the ingest unit that wrote source tar ``path``."""
+    tar = Path(path)
+    return Pool(tar.parent.parent).commit_path(tar.stem)
 
-    # which shards are left, and are their sources there
-    records: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[str, int, str, np.ndarray]] = []
-    for split, units in plan.splits.items():
-        for i, filename, rows in units:
-            rec = _done_record(out, filename, fingerprint, len(rows))
-            if rec is None:
-                todo.append((split, i, filename, rows))
-            else:
-                records[filename] = rec
-    skipped = len(records)
-    needed = np.concatenate([t[3] for t in todo]) if todo else np.zeros(0, dtype=np.int64)
-    index_plan = list(_index_units(plan, needed))
-    for l, group, unit in index_plan:
-        if not os.path.isfile(unit.path):
-            raise FileNotFoundError(
-                f"{unit.path}: source shard of {len(group)} selected samples not found "
-                f"(source_dataset {plan.locators[l][0]!r} moved or deleted?)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    _clean(out)
-    source_datasets = sorted({os.path.abspath(os.path.dirname(os.path.dirname(p))) for p in plan.paths})
-    manifest: dict[str, Any] = {
-        "stage": "shard",
-        "state": "running",
-        "silverlabel_version": __version__,
-        "name": cfg.name,
-        "config": cfg.output_config(),
-        "selection_sha256": fingerprint,
-        "parents": [{"kind": "selection", "path": os.path.abspath(cfg.selection), "source_datasets": source_datasets}],
-        "counts": None,
-    }
-    if not ds.exists():
-        ds.write_manifest(manifest)
+class ShardStage(BaseStage):
+    """``shard`` for :func:`silverlabel.stage.run_stage`: one unit per output shard, bound to
+    the selection's content and to the source tars it reads; its plan locates the images of
+    the shards still to write (each source tar indexed once, on the engine)."""
 
-    engine = create_engine(cfg.engine, workers=cfg.workers, address=cfg.ray_address)
-    samples_now = bytes_now = 0
-    if todo:
+    unit_fn = staticmethod(write_shard)
+
+    def prepare(self) -> None:
+        cfg, ts = self.config, self.output
+        sel = Selection(cfg.selection)
+        self.files = sel.files()
+        self.fingerprint = sel.fingerprint(self.files)
+        man = ts.previous_run("shard")
+        if man is not None:
+            diffs = changed_settings(man.get("config", {}), cfg.output_config(), ignore=("selection",))
+            if man.get("selection_sha256") != self.fingerprint:  # the folder may move; its content counts
+                diffs.append("the selection's content")
+            if diffs:
+                raise UserError(f"{ts.root}: was sharded with different settings ({', '.join(diffs)}); "
+                                 "resume with the same command and selection, or write to a new -o")
+        self.plan_ = plan = make_plan(cfg, self.files)  # validates the selection before anything is written
+        # which shards are left, and are their sources there
+        sources: dict[int, Any] = {}
+        self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
+        todo: list[np.ndarray] = []
+        config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
+        for split, units in plan.splits.items():
+            for i, filename, rows in units:
+                used, src = np.unique(plan.loc[rows], return_inverse=True)
+                for u in used.tolist():
+                    if u not in sources:
+                        path = plan.paths[u]
+                        if not os.path.isfile(path):
+                            raise FileNotFoundError(
+                                f"{path}: source shard of selected samples not found "
+                                f"(source_dataset {plan.locators[u][0]!r} moved or deleted?)")
+                        sources[u] = file_identity(path, _source_record(path))["md5"]
+                identity = hashlib.sha256(" ".join(sources[u] for u in used.tolist()).encode()).hexdigest()
+                commit = Commit(str(ts.commit_path(filename)), {**config, "split": split, "index": i},
+                                {"selection": self.fingerprint, "sources": identity})
+                self.units.append((split, i, filename, rows, [plan.paths[u] for u in used], src.astype(np.int32),
+                                   commit))
+                if commit.check() is None:
+                    todo.append(rows)
+        needed = np.concatenate(todo) if todo else np.zeros(0, dtype=np.int64)
+        self.index_plan = list(_index_units(plan, needed))
+
+    def manifest(self) -> dict[str, Any]:
+        cfg = self.config
+        source_datasets = sorted({os.path.abspath(os.path.dirname(os.path.dirname(p))) for p in self.plan_.paths})
+        return {
+            "stage": "shard",
+            "state": "running",
+            "silverlabel_version": __version__,
+            "name": cfg.name,
+            "config": cfg.output_config(),
+            "selection_sha256": self.fingerprint,
+            "parents": [{"kind": "selection", "path": os.path.abspath(cfg.selection), "source_datasets": source_datasets}],
+            "counts": None,
+        }
+
+    def plan(self, engine: Engine) -> Iterator[ShardUnit]:
+        plan = self.plan_
         # locate the images of the rows still to write: each source tar indexed once
         n_rows = plan.table.num_rows
         offsets = np.full(n_rows, -1, dtype=np.int64)
         sizes = np.zeros(n_rows, dtype=np.int64)
         exts = np.empty(n_rows, dtype=object)
-        groups = {l: (group, unit.keys) for l, group, unit in index_plan}
+        groups = {l: (group, unit.keys) for l, group, unit in self.index_plan}
         source_keys = plan.table.column("source_key")
-        for l, located in engine.map(index_source_shard, (unit for _l, _g, unit in index_plan), cfg):
+        for l, located in engine.map(index_source_shard, (unit for _l, _g, unit in self.index_plan), self.config):
             group, keys = groups.pop(l)
             where = dict(zip(keys, located))
             for row, key in zip(group.tolist(), source_keys.take(group).to_pylist()):
                 exts[row], offsets[row], sizes[row] = where[key]
+        for split, i, filename, rows, paths, src, commit in self.units:
+            unit = ShardUnit(split, i, filename, None, paths, src, rows, rows, [], commit)
+            if len(rows) and offsets[rows[0]] >= 0:  # else found done, and run_stage skips it
+                unit = replace(unit, meta=plan.table.take(rows), offsets=offsets[rows], sizes=sizes[rows],
+                               exts=exts[rows].tolist())
+            yield unit
 
-        def shard_units() -> Iterator[ShardUnit]:
-            for split, i, filename, rows in todo:
-                loc = plan.loc[rows]
-                used, src = np.unique(loc, return_inverse=True)
-                yield ShardUnit(
-                    split=split, index=i, filename=filename, meta=plan.table.take(rows),
-                    paths=[plan.paths[int(u)] for u in used], src=src.astype(np.int32),
-                    offsets=offsets[rows], sizes=sizes[rows], exts=exts[rows].tolist(), fingerprint=fingerprint,
-                )
+    def finish(self, run: StageRun) -> ShardSummary:
+        cfg, ts = self.config, self.output
+        records = {filename: read_record(commit.path)["info"] for _s, _i, filename, _r, _p, _src, commit in self.units}
+        # the index files, _info.json last
+        sel = Selection(cfg.selection)
+        if sel.classes_path.is_file():
+            with atomic_write(ts.classes_path) as f:
+                f.write(sel.classes_path.read_bytes())
+        splits: dict[str, dict[str, Any]] = {}
+        for split, units in self.plan_.splits.items():
+            filenames = [name for _i, name, _rows in units]
+            lengths = [len(rows) for _i, _name, rows in units]
+            splits[split] = {"samples": sum(lengths), "shards": len(units), "filenames": filenames,
+                             "shard_lengths": lengths}
+        write_index_files(ts, cfg.name, {split: s["filenames"] for split, s in splits.items()}, records)
+        manifest = self.manifest()
+        manifest.update(
+            state="complete",
+            counts={split: s["samples"] for split, s in splits.items()},
+            shards={split: s["shards"] for split, s in splits.items()},
+            samples=sum(s["samples"] for s in splits.values()),
+        )
+        ts.write_manifest(manifest)
+        write_json_atomic(ts.info_path, {
+            "name": cfg.name,
+            "splits": {split: {"name": split, "num_samples": s["samples"], "filenames": s["filenames"],
+                               "shard_lengths": s["shard_lengths"]} for split, s in splits.items()},
+        })
+        samples_now = sum(r.samples for r in run.results)
+        bytes_now = sum(r.bytes for r in run.results)
+        return ShardSummary(str(ts.root), cfg.name, splits, run.done_now, len(run.skipped), samples_now, bytes_now,
+                            run.seconds)
 
-        for res in engine.map(write_shard, shard_units(), cfg, progress):
-            records[res.filename] = {"samples": res.samples, "bytes": res.bytes, "md5": res.md5}
-            samples_now += res.samples
-            bytes_now += res.bytes
-    done_now = len(todo)
-    _clean(out)  # what units that died and were retried (cluster engines) left behind
 
-    # the index files, _info.json last
-    classes = Path(cfg.selection) / CLASSES_FILE
-    if classes.is_file():
-        with atomic_write(out / CLASSES_FILE) as f:
-            f.write(classes.read_bytes())
-    splits: dict[str, dict[str, Any]] = {}
-    for split, units in plan.splits.items():
-        filenames = [name for _i, name, _rows in units]
-        lengths = [len(rows) for _i, _name, rows in units]
-        splits[split] = {"samples": sum(lengths), "shards": len(units), "filenames": filenames, "shard_lengths": lengths}
-        write_json_atomic(out / wids_index_name(cfg.name, split), {
+def write_index_files(ts: TrainSet, name: str, splits: dict[str, list[str]], records: dict[str, dict[str, Any]]) -> None:
+    """A wids shard index per split, from the shards' commit records (``samples``, ``bytes``, ``md5``)."""
+    for split, filenames in splits.items():
+        write_json_atomic(ts.wids_index_path(name, split), {
             "__kind__": "wids-shard-index-v1",
             "wids_version": 1,
-            "name": f"{cfg.name}-{split}",
-            "shardlist": [{"url": name, "nsamples": records[name]["samples"], "filesize": records[name]["bytes"],
-                           "md5sum": records[name]["md5"]} for name in filenames],
+            "name": f"{name}-{split}",
+            "shardlist": [{"url": fn, "nsamples": records[fn]["samples"], "filesize": records[fn]["bytes"],
+                           "md5sum": records[fn]["md5"]} for fn in filenames],
         })
-    manifest.update(
-        state="complete",
-        counts={split: s["samples"] for split, s in splits.items()},
-        shards={split: s["shards"] for split, s in splits.items()},
-        samples=sum(s["samples"] for s in splits.values()),
-    )
-    ds.write_manifest(manifest)
-    write_json_atomic(out / INFO_FILE, {
-        "name": cfg.name,
-        "splits": {split: {"name": split, "num_samples": s["samples"], "filenames": s["filenames"],
-                           "shard_lengths": s["shard_lengths"]} for split, s in splits.items()},
-    })
-    with contextlib.suppress(OSError):
-        ds.tmp_dir.rmdir()
-    return ShardSummary(str(out), cfg.name, splits, done_now, skipped, samples_now, bytes_now, time.monotonic() - t0)
 
 
-def wids_index_name(name: str, split: str) -> str:
-    """``{name}-{split}.wids.json``, the wids shard index of a split."""
-    return f"{name}-{split}.wids.json"
-
-
-def read_info(trainset: str | os.PathLike) -> dict[str, Any]:
-    """A training set's ``_info.json`` (the shard list per split); shard paths are relative to it."""
-    path = Path(trainset) / INFO_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{trainset}: no {INFO_FILE} (not a finished silverlabel shard output)") from None
+def run_shard(cfg: ShardConfig, progress: Report | None = None) -> ShardSummary:
+    """Materialize ``cfg.selection`` into shards in ``cfg.output``; resumes a partial run."""
+    return run_stage(ShardStage(cfg, TrainSet(cfg.output)), progress)

@@ -67,48 +67,56 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from silverlabel.dataset import atomic_write
+from silverlabel.dataset import Run, TrainSet, atomic_write
+from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
+from silverlabel.losses import LOSSES as _LOSS_REGISTRY
+from silverlabel.losses import Batch, get_loss, kd_loss, kd_target, loss_names  # noqa: F401  (kd_*: re-exported)
+from silverlabel.options import device_field, float_or_off, opt, positive_int
+from silverlabel.teachers.labelspace import SPACES, space_size
 
-LOSSES = ("ce", "bce-multihot", "soft-topk", "kd")
-LABEL_SPACE_SIZES = {"in1k": 1000, "in12k": 11821, "in21k": 21841}
+LOSSES = _LOSS_REGISTRY.keys()  # a live view of the loss registry
 CKPT_FORMAT = 1
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    trainset: str
-    output: str
-    model: str = "vit_small_patch16_224"
-    img_size: int = 224
-    batch_size: int = 64  # per rank, per micro-batch
-    steps: int | None = None  # optimizer steps; None: epochs * steps_per_epoch
-    epochs: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    grad_clip: float | None = 1.0
-    optimizer: str = "adamw"  # adamw | sgd
-    schedule: str = "cosine"  # cosine | linear
-    loss: str = "ce"  # ce | bce-multihot | soft-topk | kd
-    label_threshold: float | None = None  # bce-multihot: labels with prob >= t (None: all top-k)
-    label_smoothing: float = 0.0  # ce and soft-topk
-    label_space_classes: int | None = None  # head size for bce-multihot/soft-topk
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    accum_steps: int = 1
-    ema_decay: float | None = None
-    ckpt_every: int = 100
-    log_every: int = 10
-    num_workers: int = 0
-    init: str | None = None  # fine-tune from this checkpoint
-    kd_aug: str = "random"  # kd: stored augmentation per sample, random | sequential (epoch % K)
-    p_reinforced: float = 1.0  # kd: share of samples on a stored augmentation (the rest plain)
-    tensorboard: bool = True  # also log to RUN/tb (TensorBoard event files)
+    trainset: str = opt(help="training set folder (silverlabel shard)", positional=True, metavar="TRAINSET")
+    output: str = opt(help="run folder (checkpoints, metrics)", short="-o", metavar="RUN", required=True)
+    model: str = opt("vit_small_patch16_224", "timm model name")
+    img_size: int = opt(224, "input size", type=positive_int)
+    batch_size: int = opt(64, "batch size per rank and micro-step", type=positive_int)
+    steps: int | None = opt(None, "optimizer steps", type=positive_int, default_help="default: --epochs worth")
+    epochs: int = opt(1, "epochs when --steps is not given", type=positive_int)
+    lr: float = opt(1e-3, "peak learning rate", type=float)
+    warmup_steps: int = opt(0, "linear warmup steps", type=int)
+    weight_decay: float = opt(0.05, "weight decay", type=float)
+    grad_clip: float | None = opt(1.0, "gradient norm clip; 0 = off", type=float_or_off)
+    optimizer: str = opt("adamw", "", choices=("adamw", "sgd"), default_help="")
+    schedule: str = opt("cosine", "", choices=("cosine", "linear"), default_help="")
+    loss: str = opt("ce", "kd: distil from the stored teacher outputs of a silverlabel reinforce output",
+                    choices=loss_names)
+    label_threshold: float | None = opt(None, "bce-multihot: only labels with prob >= T", type=float)
+    label_smoothing: float = opt(0.0, "ce / soft-topk label smoothing", type=float)
+    label_space_classes: int | None = opt(None, "head size for bce-multihot/soft-topk", type=positive_int,
+                                          default_help="default: from classes.json's label_space")
+    seed: int = opt(0, "", type=int, default_help="")
+    device: str = device_field()  # auto | cpu | cuda | cuda:N
+    accum_steps: int = opt(1, "gradient accumulation micro-steps", type=positive_int)
+    ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay", type=float)
+    ckpt_every: int = opt(100, "checkpoint every N steps", type=positive_int)
+    log_every: int = opt(10, "metrics row every N steps", type=positive_int)
+    num_workers: int = opt(0, "loader worker processes", flag="--workers", type=int)
+    init: str | None = opt(None, "fine-tune from this checkpoint (new head / pos-embed resampled)", metavar="CKPT")
+    kd_aug: str = opt("random", "kd: which stored augmentation a sample replays: random per epoch, or epoch %% K",
+                      choices=("random", "sequential"))
+    p_reinforced: float = opt(1.0, "kd: share of samples on a stored augmentation; the rest are plain samples",
+                              type=float)
+    tensorboard: bool = opt(True, "do not write TensorBoard events to RUN/tb", flag="--no-tensorboard",
+                            action="store_false", default_help="")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -172,31 +180,30 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 def num_classes_for(cfg: TrainConfig) -> int:
     """The head size (see the module docstring)."""
-    path = Path(cfg.trainset) / "classes.json"
+    path = TrainSet(cfg.trainset).classes_path
     doc: dict[str, Any] = {}
     if path.exists():
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e})") from e
-    if cfg.loss == "ce":
+    targets = get_loss(cfg.loss).targets
+    if targets == "class":
         if "num_classes" not in doc:
-            raise UserError(f"{path}: missing or has no num_classes (needed for --loss ce)")
+            raise UserError(f"{path}: missing or has no num_classes (needed for --loss {cfg.loss})")
         return int(doc["num_classes"])
     if cfg.label_space_classes is not None:
         return cfg.label_space_classes
-    if cfg.loss == "kd":
-        from silverlabel.stages.reinforce import reinforce_info
-
-        rinfo = reinforce_info(cfg.trainset)
+    if targets == "reinforced":
+        rinfo = TrainSet(cfg.trainset).reinforce_info()
         if rinfo is None or not rinfo.get("num_classes"):
             raise UserError(f"{cfg.trainset}: not a reinforced training set (run silverlabel reinforce), "
                              "or pass --label-space-classes")
         return int(rinfo["num_classes"])
     space = doc.get("label_space")
-    if space in LABEL_SPACE_SIZES:
-        return LABEL_SPACE_SIZES[space]
-    raise UserError(f"{path}: label_space is {space!r}, not one of {', '.join(LABEL_SPACE_SIZES)}; "
+    if space in SPACES:
+        return space_size(space)
+    raise UserError(f"{path}: label_space is {space!r}, not one of {', '.join(SPACES)}; "
                      f"pass --label-space-classes for --loss {cfg.loss}")
 
 
@@ -255,56 +262,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def compute_loss(cfg: TrainConfig, logits: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor,
                  probs: torch.Tensor) -> torch.Tensor:
-    """The batch loss (float32) for ``cfg.loss``."""
-    logits = logits.float()
-    n = logits.shape[1]
-    if cfg.loss == "ce":
-        if int(cls.max()) >= n:
-            raise UserError(f"class index {int(cls.max())} >= num_classes {n}")
-        return F.cross_entropy(logits, cls, ignore_index=-1, label_smoothing=cfg.label_smoothing)
-    valid = labels >= 0
-    if int(labels.max()) >= n:
-        raise UserError(f"label index {int(labels.max())} >= head size {n}; set --label-space-classes")
-    idx = labels.clamp(min=0)
-    if cfg.loss == "bce-multihot":
-        keep = valid if cfg.label_threshold is None else valid & (probs >= cfg.label_threshold)
-        target = torch.zeros_like(logits)
-        target.scatter_reduce_(1, idx, keep.to(logits.dtype), reduce="amax")  # padding (0 at index 0) never clears a 1
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
-    if cfg.loss == "kd":
-        return kd_loss(logits, idx, probs, valid)
-    # soft-topk
-    p = torch.where(valid, probs, torch.zeros_like(probs)).clamp(min=0)
-    mass = p.sum(1, keepdim=True)
-    rows = (mass.squeeze(1) > 0).to(logits.dtype)
-    p = p / mass.clamp(min=1e-12)
-    logp = F.log_softmax(logits, dim=1)
-    ce = -(p * logp.gather(1, idx)).sum(1)
-    if cfg.label_smoothing > 0:
-        ce = (1 - cfg.label_smoothing) * ce - cfg.label_smoothing * logp.mean(1)
-    return (ce * rows).sum() / rows.sum().clamp(min=1)
-
-
-def kd_target(labels: torch.Tensor, probs: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """Dense teacher distribution from sparse top-k ("smooth", as ImageNet+): the stored
-    probabilities at their classes, the leftover mass ``1 - sum`` spread uniformly over the
-    other ``num_classes - k`` classes. Padding (``-1``) carries nothing."""
-    valid = labels >= 0 if valid is None else valid
-    idx = labels.clamp(min=0)
-    p = torch.where(valid, probs.float(), torch.zeros_like(probs, dtype=torch.float32)).clamp(min=0)
-    hit = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
-    hit.scatter_reduce_(1, idx, valid.float(), reduce="amax")
-    dense = torch.zeros_like(hit).scatter_add_(1, idx, p)
-    rest = (1.0 - p.sum(1, keepdim=True)).clamp(min=0) / (num_classes - hit.sum(1, keepdim=True)).clamp(min=1)
-    return torch.where(hit > 0, dense, rest.expand_as(dense))
-
-
-def kd_loss(logits: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student), averaged over the batch; teacher = :func:`kd_target`."""
-    t = kd_target(labels, probs, logits.shape[1], valid)
-    logp = F.log_softmax(logits.float(), dim=1)
-    return (torch.xlogy(t, t) - t * logp).sum(1).mean()
+    """The batch loss (float32) for ``cfg.loss`` (:mod:`silverlabel.losses`)."""
+    return get_loss(cfg.loss)(logits, Batch(cls, labels, probs), cfg)
 
 
 class Ema:
@@ -333,12 +292,12 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
 
 def _metrics_truncate(out: Path, step: int) -> None:
     """On resume: drop metric rows after ``step`` (written after the checkpoint)."""
-    jl = out / "metrics.jsonl"
+    jl = Run(out).metrics_jsonl
     if jl.exists():
         lines = [ln for ln in jl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         with atomic_write(jl) as f:
             f.write("".join(ln + "\n" for ln in lines).encode())
-        with atomic_write(out / "metrics.csv") as f:
+        with atomic_write(Run(out).metrics_csv) as f:
             s = io.StringIO()
             w = csv.DictWriter(s, fieldnames=METRIC_FIELDS, lineterminator="\n")
             w.writeheader()
@@ -374,14 +333,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     # -- setup: distributed, device, determinism
     rank, world, local_rank = _dist_env()
     ddp = world > 1
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and ddp and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available")
+    device = torch_device(cfg.device, local_rank if ddp else None)  # a DDP rank: its local GPU
     if ddp and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -389,8 +341,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     master = rank == 0
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(cfg.output)
-    ckpt_path = out / "checkpoint.pt"
+    run = Run(cfg.output)
+    out, ckpt_path, final_path = run.root, run.checkpoint_path, run.final_checkpoint_path
     if ckpt_path.exists() and not resume:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
     if cfg.init is not None and not os.path.exists(cfg.init):
@@ -399,7 +351,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     # -- data
     lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                         num_workers=cfg.num_workers, img_size=cfg.img_size, normalize=device.type != "cuda",
-                        kd=cfg.loss == "kd", kd_aug=cfg.kd_aug, p_reinforced=cfg.p_reinforced)
+                        kd=get_loss(cfg.loss).targets == "reinforced", kd_aug=cfg.kd_aug, p_reinforced=cfg.p_reinforced)
     loader_steps = steps_per_epoch(lcfg)
     per_epoch = loader_steps // cfg.accum_steps
     if per_epoch < 1:
@@ -412,10 +364,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     num_classes = num_classes_for(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg, num_classes)
-    if cfg.loss == "bce-multihot":
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        if isinstance(head, torch.nn.Linear) and head.bias is not None:
-            torch.nn.init.constant_(head.bias, -10.0)
+    if get_loss(cfg.loss).init_head is not None:
+        get_loss(cfg.loss).init_head(model)
     if cfg.init is not None:
         info = load_init(model, cfg.init)
         if master:
@@ -460,9 +410,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     if master:
         out.mkdir(parents=True, exist_ok=True)
         _metrics_truncate(out, step)  # rows a killed run logged after its checkpoint (or before its first)
-        jl = open(out / "metrics.jsonl", "a")
-        new_csv = not (out / "metrics.csv").exists() or (out / "metrics.csv").stat().st_size == 0
-        csv_f = open(out / "metrics.csv", "a", newline="")
+        jl = open(run.metrics_jsonl, "a")
+        new_csv = not run.metrics_csv.exists() or run.metrics_csv.stat().st_size == 0
+        csv_f = open(run.metrics_csv, "a", newline="")
         csv_w = csv.DictWriter(csv_f, fieldnames=METRIC_FIELDS, lineterminator="\n")
         if new_csv:
             csv_w.writeheader()
@@ -545,8 +495,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         del batches
         if step > start_step or not ckpt_path.exists():  # a resumed, finished run is left as it was
             checkpoint(ckpt_path)
-        if step >= total and (step > start_step or not (out / "checkpoint-final.pt").exists()):
-            checkpoint(out / "checkpoint-final.pt")
+        if step >= total and (step > start_step or not final_path.exists()):
+            checkpoint(final_path)
     finally:
         if bar is not None:
             bar.close()
@@ -562,5 +512,5 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     return TrainSummary(
         output=str(out), steps=step, start_step=start_step, epochs=step / per_epoch, final_loss=last_loss,
         seconds=seconds, samples_per_second=done * samples_per_step / max(seconds, 1e-9),
-        num_classes=num_classes, checkpoint=str(ckpt_path if step < total else out / "checkpoint-final.pt"),
+        num_classes=num_classes, checkpoint=str(ckpt_path if step < total else final_path),
         losses=losses)

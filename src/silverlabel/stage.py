@@ -1,0 +1,269 @@
+"""One skeleton for every stage: plan units, skip the done ones, run the rest, commit, index.
+
+A stage (ingest, label, shard, reinforce; select can adopt it) is an object that says *what*
+its units are and what it needs; :func:`run_stage` does the rest the same way for all:
+
+1. ``stage.prepare()`` validates the input and checks that the output is this stage's, made
+   with the same settings (a UserError otherwise) -- before any file is written;
+2. the output folder is made, the temporaries a killed run left are removed, and the
+   ``running`` manifest is written when the output is new (``stage.manifest()``);
+3. ``stage.plan()`` yields the units; a unit whose :class:`Commit` record checks out is
+   skipped (or handed back by ``stage.redo``, as ``ingest --retry-failed`` does);
+4. the remaining units run on the engine that ``--engine`` names: a stage with
+   ``needs_gpu`` gets workers that keep its model loaded, one per GPU (Ray: actors), so no
+   stage names an engine;
+5. the temporaries of units that died and were retried are removed, and ``stage.finish``
+   writes the index files and the final manifest and returns the summary.
+
+"This unit is done" is recorded one way: the unit function writes its outputs atomically,
+then, last, ``unit.commit.write(outputs)``: ``.done/{unit}.json`` next to the outputs,
+holding the unit's config, the identity (bytes + md5) of each input, and the size and md5
+of each output. :meth:`Commit.check` accepts a record only when the config and the inputs
+are the same as now and every output still has its recorded size, so a unit whose input
+changed (a shard re-fetched by ``ingest --retry-failed``) is stale and is redone. An input
+written by an upstream unit takes its identity from that unit's record (no re-hashing);
+any other input is hashed.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "out.txt").write_bytes(b"hello")
+    >>> c = Commit(str(d / ".done" / "u.json"), config={"k": 1}, inputs={})
+    >>> c.check() is None
+    True
+    >>> c.write(["out.txt"])["outputs"]["out.txt"]["bytes"]
+    5
+    >>> c.check() is not None, Commit(c.path, config={"k": 2}, inputs={}).check()
+    (True, None)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from silverlabel import __version__
+from silverlabel.dataset import Dataset, clean_temporaries, write_json_atomic
+from silverlabel.engine import Engine, Report, stage_engine
+
+
+def _as_stored(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples -> lists, ...), to compare with a record."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A commit record, or None when there is none (or it is unreadable: then not done)."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def file_identity(path: str | os.PathLike, record: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``{"bytes", "md5"}`` of an input file: from ``record`` (the commit record of the unit
+    that wrote it) when that lists the file at its current size, else by reading the file.
+
+    A FileNotFoundError when the file is missing."""
+    path = Path(path)
+    size = path.stat().st_size
+    rec = read_record(record) if record is not None else None
+    if rec is not None:
+        root = Path(record).parent.parent
+        with contextlib.suppress(ValueError):
+            out = rec.get("outputs", {}).get(os.path.relpath(path, root))
+            if isinstance(out, dict) and out.get("bytes") == size and out.get("md5"):
+                return {"bytes": size, "md5": out["md5"]}
+    return {"bytes": size, "md5": file_md5(path)}
+
+
+@dataclass
+class Commit:
+    """A unit's "done" record at ``path`` (``OUTPUT/.done/{unit}.json``, or ``.done`` in the
+    folder the unit writes into). Outputs are named relative to the folder above ``.done``.
+
+    ``config``: what determines the unit's output (a stage's ``output_config()`` plus what is
+    particular to the unit); ``inputs``: name -> :func:`file_identity` (or any JSON value
+    that changes when the input does)."""
+
+    path: str
+    config: Any
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path).parent.parent
+
+    def check(self) -> dict[str, Any] | None:
+        """The record when the unit is done with this config and these inputs, else None."""
+        rec = read_record(self.path)
+        if rec is None or rec.get("config") != _as_stored(self.config) or rec.get("inputs") != _as_stored(self.inputs):
+            return None
+        outputs = rec.get("outputs")
+        if not isinstance(outputs, dict):
+            return None
+        for rel, out in outputs.items():
+            try:
+                if (self.root / rel).stat().st_size != out.get("bytes"):
+                    return None
+            except (OSError, AttributeError):
+                return None
+        return rec
+
+    def write(self, outputs: Iterable[str | os.PathLike], info: Mapping[str, Any] | None = None,
+              md5: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Record the unit as done, after its outputs are in place (the last thing a unit
+        does). ``outputs``: files (relative to :attr:`root`, or absolute under it); ``md5``:
+        digests already computed while writing, by the same names (others are read back);
+        ``info``: what the stage's index files need (counts, digests)."""
+        md5 = dict(md5 or {})
+        recorded: dict[str, Any] = {}
+        for p in outputs:
+            rel = os.path.relpath(self.root / p, self.root)
+            full = self.root / rel
+            recorded[rel] = {"bytes": full.stat().st_size, "md5": md5.get(str(p)) or md5.get(rel) or file_md5(full)}
+        rec = {"config": _as_stored(self.config), "inputs": _as_stored(self.inputs), "outputs": recorded,
+               "info": _as_stored(dict(info or {})), "silverlabel_version": __version__}
+        write_json_atomic(self.path, rec)
+        return rec
+
+
+class Unit(Protocol):
+    """What :func:`run_stage` needs of a unit: its commit record."""
+
+    commit: Commit
+
+
+class Stage(Protocol):
+    """What a stage tells :func:`run_stage` (see the module docstring).
+
+    ``config`` carries the runtime fields every stage has: ``engine``, ``workers``,
+    ``ray_address`` (and ``device`` when ``needs_gpu``). ``unit_fn`` is a picklable
+    module-level function ``fn(unit, config, report) -> result`` that writes its outputs
+    atomically and then ``unit.commit.write(...)``."""
+
+    config: Any
+    output: Dataset
+    #: True: units run a model on a GPU when there is one; each worker keeps it loaded.
+    needs_gpu: bool
+
+    @property
+    def unit_fn(self) -> Callable[[Any, Any, Report], Any]: ...
+
+    def prepare(self) -> None:
+        """Validate the input and check the output (UserError); write nothing."""
+
+    def folders(self) -> list[Path]:
+        """Where the units write (temporaries are cleaned there); beyond the output's own."""
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest to write when the output is new (None: this stage writes none then)."""
+
+    def plan(self, engine: Engine) -> Iterable[Any]:
+        """Every unit, done or not, in order (lazily: a unit is planned as the engine takes
+        it). A plan that needs a pass of its own (shard locates its images) runs it on
+        ``engine``."""
+
+    def redo(self, unit: Any, record: dict[str, Any]) -> Any | None:
+        """A done unit to run again anyway (None: skip it)."""
+
+    def finish(self, run: StageRun) -> Any:
+        """Index files and the final manifest; returns the stage's summary."""
+
+
+@dataclass
+class StageRun:
+    """What :func:`run_stage` hands to ``stage.finish``."""
+
+    results: list[Any]  # unit results of this run, in completion order
+    skipped: list[tuple[Any, dict[str, Any]]]  # (unit, its commit record) for units found done
+    seconds: float
+    device: str  # where the units computed ("cpu", "cuda", "ray (auto)")
+    engine: Engine
+
+    @property
+    def done_now(self) -> int:
+        return len(self.results)
+
+
+def run_stage(stage: Stage, progress: Report | None = None) -> Any:
+    """Run ``stage`` (see the module docstring); returns ``stage.finish``'s summary."""
+    stage.prepare()
+    cfg = stage.config  # as prepare completed it
+    out = stage.output
+    out.root.mkdir(parents=True, exist_ok=True)
+    folders = stage.folders()
+    out.clean_temporaries()
+    clean_temporaries(folders)
+    manifest = stage.manifest()
+    if manifest is not None and not out.exists():
+        out.write_manifest(manifest)
+    engine = stage_engine(cfg.engine, cfg.workers, address=getattr(cfg, "ray_address", None),
+                          needs_gpu=stage.needs_gpu, device=getattr(cfg, "device", "auto"))
+    skipped: list[tuple[Any, dict[str, Any]]] = []
+
+    def todo() -> Iterator[Any]:
+        for unit in stage.plan(engine):
+            rec = unit.commit.check()
+            if rec is not None:
+                again = stage.redo(unit, rec)
+                if again is None:
+                    skipped.append((unit, rec))
+                    continue
+                unit = again
+            yield unit
+
+    t0 = time.monotonic()
+    results = list(engine.map(stage.unit_fn, todo(), cfg, progress))
+    seconds = time.monotonic() - t0
+    out.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
+    clean_temporaries(folders)
+    summary = stage.finish(StageRun(results, skipped, seconds, engine.device, engine))
+    with contextlib.suppress(OSError):
+        out.tmp_dir.rmdir()
+    return summary
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """The settings of ``new`` (an ``output_config()``) that differ from ``old`` (as stored in
+    a manifest): a resumed run must have none.
+
+    >>> changed_settings({"seed": 0, "shards": [1]}, {"seed": 1, "shards": (1,)})
+    ['seed']
+    """
+    new = _as_stored(new)
+    return [k for k in new if k not in set(ignore) and old.get(k) != new[k]]
+
+
+class BaseStage:
+    """Defaults for the optional parts of :class:`Stage`."""
+
+    needs_gpu = False
+
+    def __init__(self, config: Any, output: Dataset):
+        self.config = config
+        self.output = output
+
+    def folders(self) -> list[Path]:
+        return []
+
+    def manifest(self) -> dict[str, Any] | None:
+        return None
+
+    def redo(self, unit: Any, record: dict[str, Any]) -> Any | None:
+        return None
