@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m silverlabel.demo $(if $(DEMO_DIR),--out $(DEMO_DIR),)
+	$(PY) -m silverlabel.demo $(if $(DEMO_DIR),--out $(DEMO_DIR),) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest src tests -q

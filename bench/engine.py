@@ -113,15 +113,15 @@ def bench_ingest(args, engines: list[str], out: Path) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from silverlabel import demodata
+    bi = _bench_ingest_module()  # puts tests/ (the server-in-a-process fixture) on sys.path
+    from fixtures.imageserver import ImageServerProcess, as_served_files
 
-    bi = _bench_ingest_module()
     w, h = (int(x) for x in args.size.lower().split("x"))
     t0 = time.perf_counter()
     pool = bi.make_pool(args.n, (w, h), args.seed, os.cpu_count() or 1)
     log(f"pool: {len(pool)} JPEGs, {sum(len(b) for _, b in pool) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
-    files = demodata.as_served_files(pool)
-    servers = [demodata.ImageServerProcess(files).start() for _ in range(args.servers)]  # fork before Ray starts
+    files = as_served_files(pool)
+    servers = [ImageServerProcess(files).start() for _ in range(args.servers)]  # fork before Ray starts
     try:
         urls = [servers[i % len(servers)].url(name) for i, (name, _) in enumerate(pool)]
         table = out / "urls.parquet"

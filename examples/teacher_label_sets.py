@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 from silverlabel.formats.wds import iter_tar_samples, read_member
-from silverlabel.stages.shard import read_info
 
 
 def main() -> None:
@@ -29,7 +28,8 @@ def main() -> None:
     doc = json.loads((root / "classes.json").read_text())
     to_cls = {int(c["source_index"]): int(c["cls"]) for c in doc["classes"] if c.get("source_index") is not None}
     sets: dict[str, list[int]] = {}
-    for name in read_info(root)["splits"][args.split]["filenames"]:
+    info = json.loads((root / "_info.json").read_text())  # the training set's shard list (timm's format)
+    for name in info["splits"][args.split]["filenames"]:
         path = str(root / name)
         with open(path, "rb") as f:
             for s in iter_tar_samples(path):

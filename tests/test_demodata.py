@@ -1,4 +1,5 @@
-"""Tests for silverlabel.demodata: bundled photos, photo-like generator, loopback server."""
+"""Tests for silverlabel.demodata (bundled photos, photo-like generator, loopback server) and
+the same server in its own process (fixtures.imageserver, for the benchmarks)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from silverlabel.demodata import (
-    ImageServer,
-    ImageServerProcess,
-    as_served_files,
-    photo_like_images,
-    real_photos,
-    serve_in_process,
-)
+from fixtures.imageserver import ImageServerProcess, as_served_files, serve_in_process
+from silverlabel.demodata import ImageServer, photo_like_images, real_photos
 
 N = 20
 

@@ -1,15 +1,15 @@
-"""The examples/ recipes run end to end (scaled far down) on a real ingested + labeled pool."""
+"""The examples/ recipes run end to end through ``silverlabel build --smoke`` (their ``smoke:``
+overrides scale them far down) on a real ingested + labeled pool."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from silverlabel import pipeline
 from silverlabel.cli import main as cli_main
 from silverlabel.demodata import ImageServer, photo_like_images, real_photos
 
@@ -33,18 +33,20 @@ def pool(tmp_path_factory):
     return base
 
 
-def _run(script, pool, out, **env):
-    e = dict(os.environ, POOL=str(pool / "pool"), OUT=str(out), SL=f"{sys.executable} -m silverlabel.cli",
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env)
-    p = subprocess.run(["bash", str(ROOT / "examples" / script)], env=e, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+def _build(recipe, pool, out, *extra):
+    """``silverlabel build examples/RECIPE --smoke --out OUT --set vars.pool=POOL`` (the parser
+    cli.py registers)."""
+    ap = argparse.ArgumentParser()
+    pipeline.add_build_parser(ap.add_subparsers())
+    args = ap.parse_args(["build", str(ROOT / "examples" / recipe), "--smoke", "--out", str(out),
+                          "--set", f"vars.pool={pool / 'pool'}", *extra])
+    assert args.func(args) == 0
+    return pipeline.load_recipe(args.recipe, out=args.out, overrides=args.overrides, smoke=True)
 
 
 def test_coyo_vit_recipe(pool, tmp_path):
     out = tmp_path / "coyo"
-    _run("coyo_vit.sh", pool, out, MODEL="test_vit", PRE_SIZE="32", FT_SIZE="48", PRE_STEPS="3", FT_STEPS="2",
-         BATCH="8", FT_CLASSES="3", FT_VAL="1", FT_MIN_TRAIN="2", LOWSHOT="0.5")
+    recipe = _build("coyo_vit.yaml", pool, out)
     pre = torch_load(out / "pretrain" / "checkpoint-final.pt")
     assert pre["config"]["loss"] == "bce-multihot" and pre["model"]["head.weight"].shape[0] == 21841
     assert pre["model"]["pos_embed"].shape[1] == 1 + 2 * 2
@@ -55,18 +57,23 @@ def test_coyo_vit_recipe(pool, tmp_path):
     ls = json.loads((out / "pretrain" / "lowshot" / "lowshot.json").read_text())
     assert set(ls["results"]["50pct"]) == {"probe", "finetune"}
     assert (out / "pretrain" / "tb").is_dir()
+    # a second build redoes nothing; a changed fine-tune redoes only it and what reads it
+    assert [p.reason for p in pipeline.plan(recipe)] == ["up to date"] * len(recipe.steps)
+    edited = pipeline.load_recipe(recipe.path, out=str(out), smoke=True, overrides=[
+        f"vars.pool={pool / 'pool'}", "steps.finetune.lr=1e-3"])
+    assert [p.step.name for p in pipeline.plan(edited) if p.action == "run"] == ["finetune", "eval"]
 
 
 def test_imagenet12k_recipe(pool, tmp_path):
     out = tmp_path / "12k"
-    _run("imagenet12k.sh", pool, out, MODEL="test_vit", IMG="32", STEPS="2", BATCH="4", CLASSES="3", VAL="1",
-         MIN_TRAIN="2", SHARDS="train=2,validation=1")
+    recipe = _build("imagenet12k.yaml", pool, out)
     info = json.loads((out / "trainset" / "_info.json").read_text())
     assert len(info["splits"]["train"]["filenames"]) == 2 and info["splits"]["validation"]["num_samples"] == 3
     classes = json.loads((out / "trainset" / "classes.json").read_text())
     assert classes["label_space"] == "in12k" and classes["num_classes"] == 3
     ev = json.loads((out / "run" / "eval-validation.json").read_text())
     assert ev["counts"]["samples"] == 3
+    assert [s.stage for s in recipe.steps] == ["select", "shard", "train", "eval"]
 
 
 def torch_load(path):

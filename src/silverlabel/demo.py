@@ -5,8 +5,11 @@ photo-like images made from them (plus a few broken links, so the samples table 
 failures too), writes a URL table, ingests it, labels it with the default teacher
 (EfficientNet-Lite0, real ImageNet weights; GPU if present), prints COYO's threshold
 table and the top labels of a few real photos, selects the largest classes with a
-validation split (near-duplicates removed), writes pre-shuffled timm-ready shards, and
-says where everything is.
+validation split (near-duplicates removed), writes pre-shuffled timm-ready shards,
+pretrains a tiny ViT on the machine labels, fine-tunes and evaluates it, runs low-shot
+probes, writes the dataset card and HTML report, and says where everything is. The
+pipeline is the recipe ``silverlabel/recipes/demo.yaml``, run by ``silverlabel build``'s
+runner; ``--keep`` keeps the outputs and reruns only the steps whose config or inputs changed.
 
     python -m silverlabel.demo --out demo-output
 """
@@ -14,9 +17,12 @@ says where everything is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+import urllib.parse
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,96 +37,73 @@ def build_url_table(path: str, base_url: str, names: list[str], broken: list[str
     return len(urls)
 
 
+def recipe_path() -> str:
+    """The demo's recipe, ``silverlabel/recipes/demo.yaml`` inside the installed package."""
+    return str(Path(__file__).resolve().parent / "recipes" / "demo.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     from silverlabel.cli import main as cli_main
-    from silverlabel.demodata import ImageServer, photo_like_images, real_photos
+    from silverlabel.pipeline import build, format_plan, load_recipe, plan
 
     ap = argparse.ArgumentParser(prog="python -m silverlabel.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-output", help="folder for the demo's outputs (recreated)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep --out and rebuild only what changed (a second run does nothing)")
     ap.add_argument("--images", type=int, default=300, help="photo-like images to generate (300)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the demo recipe, as silverlabel build --set")
     args = ap.parse_args(argv)
 
     out = os.path.abspath(args.out)
-    if os.path.isdir(out):
+    if os.path.isdir(out) and not args.keep:
         shutil.rmtree(out)
-    os.makedirs(out)
-    files: dict[str, tuple[bytes, str]] = {}
-    for name, data in real_photos():
-        files[name] = (data, "image/png" if name.endswith(".png") else "image/jpeg")
-    for name, data in photo_like_images(args.images):
-        files[name] = (data, "image/jpeg")
-    broken = ["missing/404.jpg", "gone/also-missing.png"]
-    print(f"demo: serving {len(files)} images ({len(real_photos())} real scikit-image photos) on loopback")
-    with ImageServer(files) as srv:
-        table = os.path.join(out, "urls.parquet")
-        n = build_url_table(table, srv.base_url.rstrip("/"), sorted(files), broken)
-        print(f"demo: wrote URL table {table} ({n} rows)")
-        rc = cli_main(["ingest", table, "-o", os.path.join(out, "pool"), "--samples-per-shard", "100",
-                       "--workers", str(args.workers), "--retries", "0"])
-    if rc != 0:
-        return rc
-    pool = os.path.join(out, "pool")
-    print("\ndemo: labeling with the default teacher (top-50 over the 21,841 ImageNet-21k classes)")
-    rc = cli_main(["label", pool])
-    if rc != 0:
-        return rc
+    os.makedirs(out, exist_ok=True)
+    table = os.path.join(out, "urls.parquet")
+    overrides = [f"steps.pool.workers={args.workers}", *args.overrides]
+    print(f"demo: the pipeline is the recipe {recipe_path()}")
+    with contextlib.ExitStack() as stack:
+        recipe = load_recipe(recipe_path(), out=out, overrides=overrides)
+        if not os.path.exists(table) or plan(recipe, only=["pool"])[0].action == "run":
+            serve(stack, table, args.images)  # ingest runs: it needs the server (and maybe a new table)
+        print(format_plan(plan(recipe)))
+        build(recipe)
+    pool, selection, trainset = (str(recipe.step(n).product) for n in ("pool", "selection", "trainset"))
     print()
     cli_main(["label", "--stats", pool])
     show_examples(pool)
-    selection = os.path.join(out, "selection")
-    trainset = os.path.join(out, "trainset")
-    print("\ndemo: selecting the 8 largest teacher classes (2 validation images each), near-duplicates removed")
-    rc = cli_main(["select", pool, "-o", selection, "--top-classes", "8", "--val-per-class", "2",
-                   "--min-train-per-class", "3", "--dedupe", "phash:4"])
-    if rc != 0:
-        return rc
-    print("\ndemo: writing pre-shuffled, timm-ready shards")
-    rc = cli_main(["shard", selection, "-o", trainset, "--samples-per-shard", "40", "--name", "demo"])
-    if rc != 0:
-        return rc
-    runs = os.path.join(out, "runs")
-    rc = train_and_evaluate(cli_main, trainset, runs)
-    if rc != 0:
-        return rc
-    report = os.path.join(out, "report")
-    print("\ndemo: writing the training set's dataset card (README.md, plots) and the HTML report")
-    rc = cli_main(["card", trainset, "--html", report])
-    if rc != 0:
-        return rc
+    runs, report = os.path.join(out, "runs"), os.path.join(out, "report")
     print(f"\ndemo: done.\n  dataset:   {pool} (shards/*.tar, samples/*.parquet, labels/efficientnet_lite0/)\n"
           f"  selection: {selection} (selection/*.parquet, classes.json, report.json)\n"
           f"  trainset:  {trainset} (_info.json: timm.data.create_dataset('wds/demo', root=trainset))\n"
           f"  runs:      {runs} (pretrain/, finetune/: checkpoints, metrics.csv, tb/; eval and low-shot JSON)")
     print(f"  card:      {os.path.join(trainset, 'README.md')} (plots in {os.path.join(trainset, 'card')})\n"
-          f"  report:    {os.path.join(report, 'index.html')} (open it in a browser; no server needed)")
+          f"  report:    {os.path.join(report, 'index.html')} (open it in a browser; no server needed)\n"
+          f"  again:     python -m silverlabel.demo --out {args.out} --keep   (rebuilds only what changed)")
     return 0
 
 
-def train_and_evaluate(cli_main, trainset: str, runs: str) -> int:
-    """COYO-ViT in miniature: pretrain a ViT with sigmoid BCE on the teacher's multi-hot top-k
-    (ImageNet-21k space), fine-tune it with a new head on the selected classes at a higher
-    resolution (position embeddings resampled), evaluate top-1/top-5, then low-shot probes."""
-    pre, ft = os.path.join(runs, "pretrain"), os.path.join(runs, "finetune")
-    print("\ndemo: pretraining a tiny ViT on the machine labels (sigmoid BCE, multi-hot top-k over 21,841 classes)")
-    rc = cli_main(["train", trainset, "-o", pre, "--model", "vit_tiny_patch16_224", "--img-size", "64",
-                   "--batch-size", "32", "--steps", "20", "--lr", "1e-3", "--warmup-steps", "2",
-                   "--loss", "bce-multihot", "--log-every", "5", "--no-progress"])
-    if rc != 0:
-        return rc
-    print("\ndemo: fine-tuning it on the selected classes at 96 px (new head, position embeddings resampled)")
-    rc = cli_main(["train", trainset, "-o", ft, "--model", "vit_tiny_patch16_224", "--img-size", "96",
-                   "--batch-size", "32", "--steps", "10", "--lr", "5e-4", "--warmup-steps", "1", "--loss", "ce",
-                   "--init", os.path.join(pre, "checkpoint-final.pt"), "--log-every", "5", "--no-progress"])
-    if rc != 0:
-        return rc
-    print("\ndemo: evaluating the fine-tuned model on the validation split")
-    rc = cli_main(["eval", ft, "--data", trainset, "--no-progress"])
-    if rc != 0:
-        return rc
-    print("\ndemo: low-shot evaluation of the pretrained model (linear probe on 10% / 25% of the labels)")
-    return cli_main(["eval", pre, "--data", trainset, "--lowshot", "0.1", "0.25", "--lowshot-modes", "probe",
-                     "--no-progress"])
+def serve(stack: contextlib.ExitStack, table: str, images: int) -> None:
+    """Serve the bundled photos on loopback until ``stack`` closes; (re)write the URL table
+    unless its URLs already point at this server (a kept table keeps its port when it is free)."""
+    from silverlabel.demodata import ImageServer, photo_like_images, real_photos
+
+    files: dict[str, tuple[bytes, str]] = {}
+    for name, data in real_photos():
+        files[name] = (data, "image/png" if name.endswith(".png") else "image/jpeg")
+    for name, data in photo_like_images(images):
+        files[name] = (data, "image/jpeg")
+    broken = ["missing/404.jpg", "gone/also-missing.png"]
+    old = pq.read_table(table, columns=["url"]).column(0)[0].as_py() if os.path.exists(table) else ""
+    try:
+        srv = stack.enter_context(ImageServer(files, port=urllib.parse.urlsplit(old).port or 0))
+    except OSError:  # the kept table's port is taken: a new port, a new table
+        srv = stack.enter_context(ImageServer(files))
+    print(f"demo: serving {len(files)} images ({len(real_photos())} real scikit-image photos) on loopback")
+    if not old.startswith(srv.base_url + "/"):
+        n = build_url_table(table, srv.base_url, sorted(files), broken)
+        print(f"demo: wrote URL table {table} ({n} rows)")
 
 
 def show_examples(pool: str, names: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")) -> None:

@@ -1,10 +1,8 @@
-"""Bundled demo data and a loopback image server.
+"""The demo's pictures and its loopback image server (what ``make demo`` needs).
 
 Everything here works offline: the pictures come from the photographs that
 ship inside the installed ``scikit-image`` wheel (``skimage.data``), and the
 server is a plain :mod:`http.server` bound to ``127.0.0.1``.
-
-Three building blocks:
 
 * :func:`real_photos` -- the real photographs bundled with scikit-image,
   encoded as JPEG (a couple as PNG).
@@ -12,16 +10,16 @@ Three building blocks:
   (random crops / rescales / flips / rotations / mild colour jitter of those
   photographs), about 640x480 by default.
 * :class:`ImageServer` -- a real HTTP/1.1 keep-alive server on loopback that
-  serves an in-memory ``{path: (bytes, content_type)}`` dict, plus
-  :class:`ImageServerProcess` / :func:`serve_in_process` to run the same server
-  in a separate process (so it does not share the GIL with a client that is
-  being measured).
+  serves an in-memory ``{path: (bytes, content_type)}`` dict.
+
+The same server in a separate process (for benchmarks) lives with the test fixtures,
+``tests/fixtures/imageserver.py``.
 
 Example::
 
-    from silverlabel.demodata import ImageServer, photo_like_images, as_served_files
+    from silverlabel.demodata import ImageServer, photo_like_images
 
-    files = as_served_files(photo_like_images(20))
+    files = {name: (data, "image/jpeg") for name, data in photo_like_images(20)}
     with ImageServer(files) as srv:
         urls = [srv.url(name) for name in files]
         ...  # fetch them with any HTTP client
@@ -35,10 +33,9 @@ import functools
 import http.server
 import io
 import mimetypes
-import multiprocessing
 import threading
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional, Union
 
 from silverlabel.errors import UserError
@@ -46,11 +43,8 @@ from silverlabel.errors import UserError
 __all__ = [
     "real_photos",
     "photo_like_images",
-    "as_served_files",
     "content_type_for",
     "ImageServer",
-    "ImageServerProcess",
-    "serve_in_process",
 ]
 
 # skimage.data loaders whose files are inside the scikit-image wheel itself
@@ -314,21 +308,6 @@ def content_type_for(name: str) -> str:
     return ctype or "application/octet-stream"
 
 
-def as_served_files(
-    items: Iterable[tuple[str, bytes]],
-) -> dict[str, tuple[bytes, str]]:
-    """Turn ``(name, bytes)`` pairs into the ``{name: (bytes, content_type)}``
-    mapping that :class:`ImageServer` serves.
-
-    Example::
-
-        >>> files = as_served_files([("a.jpg", b"...")])
-        >>> files["a.jpg"][1]
-        'image/jpeg'
-    """
-    return {name: (data, content_type_for(name)) for name, data in items}
-
-
 def _normalize_files(files: Mapping[str, ServedFile]) -> dict[str, tuple[bytes, str, dict]]:
     out: dict[str, tuple[bytes, str, dict]] = {}
     for path, value in files.items():
@@ -445,18 +424,6 @@ class ImageServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (Ctrl-C) or stopped."""
-        self.start()
-        assert self._thread is not None
-        try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            self.stop()
-
     def __enter__(self) -> "ImageServer":
         return self.start()
 
@@ -484,136 +451,3 @@ class ImageServer:
     def request_count(self) -> int:
         """Requests answered so far (approximate under heavy concurrency)."""
         return int(getattr(self._httpd, "request_count", 0))
-
-
-def _server_process_main(files: Mapping[str, ServedFile], host: str, port: int, conn: Any) -> None:
-    try:
-        srv = ImageServer(files, host=host, port=port).start()
-    except BaseException as exc:  # report bind errors etc. to the parent
-        conn.send(("error", repr(exc)))
-        conn.close()
-        return
-    conn.send(("port", srv.port))
-    try:
-        conn.recv()  # any message, or EOF when the parent dies, means stop
-    except (EOFError, OSError, KeyboardInterrupt):
-        pass
-    finally:
-        srv.stop()
-        conn.close()
-
-
-class ImageServerProcess:
-    """Run an :class:`ImageServer` in a separate process.
-
-    Useful when measuring an HTTP client: the server then does not share the
-    client's GIL. Same interface as :class:`ImageServer` (``start``, ``stop``,
-    context manager, ``port``, ``base_url``, ``url``). With the ``fork`` start
-    method (the default on Linux) the files are inherited, not copied through
-    a pipe. The child process exits on :meth:`stop` or when the parent dies.
-
-    Example::
-
-        files = as_served_files(photo_like_images(2000))
-        with ImageServerProcess(files) as srv:
-            print(srv.url("photo_00000.jpg"))   # http://127.0.0.1:PORT/photo_00000.jpg
-    """
-
-    def __init__(
-        self,
-        files: Mapping[str, ServedFile],
-        host: str = "127.0.0.1",
-        port: int = 0,
-        mp_context: Optional[str] = None,
-    ) -> None:
-        self._files = files
-        self._host = host
-        self._port = port
-        if mp_context is None:
-            methods = multiprocessing.get_all_start_methods()
-            mp_context = "fork" if "fork" in methods else methods[0]
-        self._ctx = multiprocessing.get_context(mp_context)
-        self._proc: Optional[Any] = None
-        self._conn: Optional[Any] = None
-
-    def start(self, timeout: float = 30.0) -> "ImageServerProcess":
-        """Start the child process and wait until it listens; returns self."""
-        if self._proc is not None:
-            return self
-        parent_conn, child_conn = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_server_process_main,
-            args=(self._files, self._host, self._port, child_conn),
-            name="silverlabel-image-server", daemon=True,
-        )
-        proc.start()
-        child_conn.close()
-        if not parent_conn.poll(timeout):
-            proc.terminate()
-            raise RuntimeError("image server process did not start in time")
-        kind, value = parent_conn.recv()
-        if kind != "port":
-            proc.join(5)
-            raise RuntimeError(f"image server process failed: {value}")
-        self._port = int(value)
-        self._proc, self._conn = proc, parent_conn
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the child to shut down; terminate it if it does not (idempotent)."""
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if proc is None:
-            return
-        try:
-            conn.send("stop")
-        except (OSError, BrokenPipeError):
-            pass
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout)
-        conn.close()
-
-    def __enter__(self) -> "ImageServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> Optional[int]:
-        """Process id of the server process (None when not running)."""
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    def url(self, name: str) -> str:
-        return f"{self.base_url}/{urllib.parse.quote(name.lstrip('/'))}"
-
-
-def serve_in_process(
-    files: Mapping[str, ServedFile],
-    host: str = "127.0.0.1",
-    port: int = 0,
-    mp_context: Optional[str] = None,
-) -> ImageServerProcess:
-    """Start an :class:`ImageServer` in a child process and return its handle
-    (already listening; ``.port`` is set). Call ``.stop()`` when done, or use
-    the returned object as a context manager.
-
-    Example::
-
-        srv = serve_in_process(as_served_files(real_photos()))
-        try:
-            url = srv.url("astronaut.jpg")
-        finally:
-            srv.stop()
-    """
-    return ImageServerProcess(files, host=host, port=port, mp_context=mp_context).start()
