@@ -270,3 +270,69 @@ def test_exact_dedupe_by_sha256(tmp_path):
     assert (dup["distance"], dup["rule"]) == (0, "exact") and dup["removed_key"] > dup["kept_key"]
     kept = {r["key"] for r in pq.read_table(tmp_path / "s" / "selection").to_pylist()}
     assert "000000004" not in kept  # the later key of the pair is the one removed
+
+
+# ---------------------------------------------------------------------------------------
+# paths and names are data, never SQL
+
+
+def test_paths_with_quotes(tmp_path):
+    """Input, output, uid list, keys file and reference hashes under folders named with an
+    apostrophe and a double quote (the Ray engine: tests/test_select_sharded.py)."""
+    root = tmp_path / "out" / "bob's \"pool\""
+    root.mkdir(parents=True)
+    path = root / "it's.parquet"
+    _labels_table(path, [6, 5, 4])
+    (root / "keys'.txt").write_text("10000\n10001\n10002\n10003\n")
+    (root / "ref\".txt").write_text(f"{3:016x}\n")  # the pHash of id 10003
+    s = run_select(SelectConfig(source=str(path), output=str(root / "sel'ected"), keys_file=str(root / "keys'.txt"),
+                                exclude_near=str(root / "ref\".txt"), max_distance=0, dedupe="exact", threads=2))
+    assert s.rows == 3 and s.removed["near_reference"] == 1
+    assert (root / "sel'ected" / "duplicates.parquet").is_file()
+    assert not (root / "sel'ected" / ".select-tmp").exists()
+
+
+def test_crafted_manifest_cannot_inject_sql(tmp_path, monkeypatch):
+    """A manifest whose labels name or label space carries SQL: refused with a UserError
+    before anything is written, or (a legal folder name) read as a plain path."""
+    import shutil
+
+    from test_select_sharded import make_labeled_dataset, selection_content
+
+    from silverlabel.cli import main
+    from silverlabel.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    ds = make_labeled_dataset(tmp_path / "src")
+    run_select(SelectConfig(source=str(ds), output=str(tmp_path / "plain"), val_per_class=1, threads=1))
+    man_path = ds / "silverlabel.json"
+    man = json.loads(man_path.read_text())
+    entry = man["labels"]["synthetic"]
+
+    def craft(labels: dict) -> None:
+        man_path.write_text(json.dumps({**man, "labels": labels}))
+
+    before = {p for p in tmp_path.rglob("*")}
+    for bad in ("x') TO '/tmp/pwned' --", "../synthetic", "..", "a\x00b"):
+        craft({bad: entry})
+        with pytest.raises(UserError, match="not a plain folder name"):
+            run_select(SelectConfig(source=str(ds), output=str(tmp_path / "o"), threads=1))
+    craft({"x'); COPY (SELECT 42) TO 'pwned.csv' --": entry})  # a legal folder name, but no such folder
+    with pytest.raises(UserError, match="no labels files"):
+        run_select(SelectConfig(source=str(ds), output=str(tmp_path / "o"), threads=1))
+    craft({"synthetic": {"config": {"label_space": "in21k'); COPY (SELECT 42) TO 'pwned.csv' --"}}})
+    with pytest.raises(UserError, match="unknown label space"):
+        run_select(SelectConfig(source=str(ds), output=str(tmp_path / "o"), threads=1))
+    with pytest.raises(UserError, match="--memory-limit"):
+        run_select(SelectConfig(source=str(ds), output=str(tmp_path / "o"), threads=1,
+                                memory_limit="1GB'; COPY (SELECT 42) TO 'pwned.csv' --"))
+    craft({"x') TO '/tmp/pwned' --": entry})
+    assert main(["select", str(ds), "-o", str(tmp_path / "o")]) == 2  # one line, exit code 2
+    assert {p for p in tmp_path.rglob("*")} == before and not Path("/tmp/pwned").exists()
+    # a name full of SQL that is a legal folder name is just a folder
+    name = "x'); COPY (SELECT 42) TO 'pwned.csv' --"
+    shutil.move(ds / "labels" / "synthetic", ds / "labels" / name)
+    craft({name: entry})
+    run_select(SelectConfig(source=str(ds), output=str(tmp_path / "crafted"), val_per_class=1, threads=1))
+    assert selection_content(tmp_path / "crafted")[:3] == selection_content(tmp_path / "plain")[:3]
+    assert not list(tmp_path.rglob("pwned*"))

@@ -1,6 +1,8 @@
-"""``select`` as passes over the label shards (the path ``--engine ray`` runs) gives the
-same selection as the DuckDB path: rows, classes.json, report.json, and the training set
-``shard`` makes from it. Here on the local engine; tests/test_engine_ray.py runs it on Ray."""
+"""``select`` with one unit per shard (what ``--engine ray`` runs) gives the same selection
+as one unit of the whole pool (``--engine local``): rows, classes.json, report.json,
+duplicates.parquet, and the training set ``shard`` makes from it. Most cases run the
+per-shard units on the local engine; a few runs on a real local Ray cluster check several
+options each (tests/test_engine_ray.py runs the CLI on Ray too)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from silverlabel.dataset import Dataset
 from silverlabel.demodata import photo_like_images
 from silverlabel.stages.label import LABELS_SCHEMA
 from silverlabel.stages.select import SelectConfig, run_select
-from silverlabel.stages.select_sharded import run_select_sharded
 
 N_PER_CLASS = (9, 7, 6, 4, 3, 2)
 
@@ -120,18 +121,28 @@ CASES = {
 }
 
 
-def assert_same_selection(dataset: Path, tmp_path: Path, **opts) -> tuple[list[dict], dict, dict]:
-    """Both paths on ``dataset`` with ``opts``: same rows (every column), classes.json,
-    report.json (byte for byte), manifest and summary; returns (rows, classes, report)."""
-    a = run_select(SelectConfig(source=str(dataset), output=str(tmp_path / "duck"), threads=1, **opts))
-    b = run_select_sharded(SelectConfig(source=str(dataset), output=str(tmp_path / "sharded"), threads=1, **opts),
-                           engine="local", workers=2)
-    ca, cb = selection_content(tmp_path / "duck"), selection_content(tmp_path / "sharded")
-    assert ca[0] == cb[0] and len(ca[0]) == a.rows > 0
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """Two selections are the same: rows (every column), manifest, and classes.json,
+    report.json and duplicates.parquet byte for byte."""
+    ca, cb = selection_content(a), selection_content(b)
+    assert ca[0] == cb[0]
     assert ca[1:] == cb[1:]
+    for name in ("report.json", "classes.json", "duplicates.parquet"):
+        assert (a / name).is_file() == (b / name).is_file()
+        if (a / name).is_file():
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def assert_same_selection(dataset: Path, tmp_path: Path, workers: int = 1, **opts) -> tuple[list[dict], dict, dict]:
+    """The whole pool as one unit and one unit per shard (on the local engine) on
+    ``dataset`` with ``opts``: the same selection and summary; returns (rows, classes, report)."""
+    a = run_select(SelectConfig(source=str(dataset), output=str(tmp_path / "duck"), threads=1, **opts))
+    b = run_select(SelectConfig(source=str(dataset), output=str(tmp_path / "sharded"), threads=1, **opts),
+                   engine="local", workers=workers, per_shard=True)
+    assert_same_outputs(tmp_path / "duck", tmp_path / "sharded")
     assert (a.rows, a.splits, a.classes, a.removed) == (b.rows, b.splits, b.classes, b.removed)
-    assert (tmp_path / "duck" / "report.json").read_bytes() == (tmp_path / "sharded" / "report.json").read_bytes()
-    assert (tmp_path / "duck" / "classes.json").read_bytes() == (tmp_path / "sharded" / "classes.json").read_bytes()
+    assert a.rows > 0
+    ca = selection_content(tmp_path / "duck")
     return ca[0], ca[1], ca[2]
 
 
@@ -140,7 +151,7 @@ def test_sharded_select_equals_duckdb(case, dataset, tmp_path):
     opts = dict(CASES[case])
     if opts.pop("keys_file", False):
         opts["keys_file"] = str(keys_file(tmp_path, dataset))
-    assert_same_selection(dataset, tmp_path, **opts)
+    assert_same_selection(dataset, tmp_path, workers=2 if case == "top1-plain" else 1, **opts)
 
 
 def uid_list(tmp: Path, dataset: Path, fmt: str) -> tuple[Path, str, str]:
@@ -237,7 +248,7 @@ def test_shard_of_either_selection_is_byte_identical(dataset, tmp_path):
 
     opts = dict(val_per_class=1, min_train_per_class=1, seed=2)
     run_select(SelectConfig(source=str(dataset), output=str(tmp_path / "duck"), threads=1, **opts))
-    run_select_sharded(SelectConfig(source=str(dataset), output=str(tmp_path / "sh"), threads=1, **opts))
+    run_select(SelectConfig(source=str(dataset), output=str(tmp_path / "sh"), threads=1, **opts), per_shard=True)
     digests = []
     for sel in ("duck", "sh"):
         out = tmp_path / f"train-{sel}"
@@ -246,19 +257,154 @@ def test_shard_of_either_selection_is_byte_identical(dataset, tmp_path):
     assert digests[0] == digests[1] and len(digests[0]) == 4  # train and validation, 2 shards each
 
 
-@pytest.mark.parametrize("opts, named", [
-    (dict(dedupe="phash:4"), "--dedupe"),
-    (dict(uids="u.txt", exclude_near="ref"), "support --exclude-near:"),
-    (dict(dedupe="exact", exclude_near="ref", label_space="in1k"), "support --dedupe, --exclude-near:"),
-])
-def test_unsupported_rules_are_named(opts, named, dataset, tmp_path):
-    with pytest.raises(ValueError, match="does not support") as e:
-        run_select_sharded(SelectConfig(source=str(dataset), output=str(tmp_path / "x"), **opts))
-    assert named in str(e.value) and "--engine local" in str(e.value)
-    assert not (tmp_path / "x").exists()  # refused before touching the output
 
 
-def test_cli_select_engine_ray_refuses_what_it_cannot_do(dataset, tmp_path):
-    from silverlabel.cli import main
+# ---------------------------------------------------------------------------------------
+# the pool-wide rules (--dedupe, --exclude-near) and bare tables, on every engine
 
-    assert main(["select", str(dataset), "-o", str(tmp_path / "x"), "--engine", "ray", "--dedupe", "exact"]) == 2
+
+def plant_duplicates(ds: Path) -> tuple[Path, Path]:
+    """Make some samples of ``ds`` duplicates of samples in other shards: a few exact
+    copies (same sha256 and pHash) and a few near copies (pHash 2 bits away), in the samples
+    tables only (select reads nothing else). Returns (a reference hash list for
+    --exclude-near holding two pool hashes 2 bits off, a uid list: every uid but one, one
+    twice, one not in the pool)."""
+    files = Dataset(ds).samples_files()
+    tables = [pq.read_table(p).to_pylist() for p in files]
+    ok = [[r for r in t if r["status"] == "success"] for t in tables]
+    flip = lambda h, bits: f"{int(h, 16) ^ bits:016x}"  # noqa: E731
+    # exact copies across shards: shard 0 row 0 -> shard 2 row 2, shard 1 row 1 -> shard 4 row 0
+    for (a, i), (b, j) in (((0, 0), (2, 2)), ((1, 1), (4, 0))):
+        ok[b][j]["sha256"], ok[b][j]["imagehash"] = ok[a][i]["sha256"], ok[a][i]["imagehash"]
+    # near copies: shard 0 row 1 ~ shard 3 row 0 (3 has no labels) ~ shard 5 row 1; shard 2 row 0 ~ shard 4 row 2
+    for (a, i), (b, j) in (((0, 1), (3, 0)), ((0, 1), (5, 1)), ((2, 0), (4, 2))):
+        ok[b][j]["imagehash"] = flip(ok[a][i]["imagehash"], 0b101)
+    for p, t in zip(files, tables):
+        pq.write_table(pa.Table.from_pylist(t, schema=pq.read_schema(p)), p)
+    ref = ds.parent / "reference.txt"
+    ref.write_text(f"{flip(ok[1][0]['imagehash'], 0b11)}\n{flip(ok[5][0]['imagehash'], 0b1000001)}\n")
+    uids = ds.parent / "uids.txt"
+    listed = [r["uid"] for t in ok for r in t if r is not ok[1][2]]
+    uids.write_text("\n".join(listed + [ok[0][0]["uid"], "f" * 32]) + "\n")
+    return ref, uids
+
+
+@pytest.fixture(scope="module")
+def dup_dataset(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A labeled dataset with planted duplicates, in a folder named with an apostrophe and
+    a double quote; (dataset, reference hashes, uid list)."""
+    ds = make_labeled_dataset(tmp_path_factory.mktemp("seldup") / "bob's \"pool\"")
+    return (ds, *plant_duplicates(ds))
+
+
+def coyo_table_folder(root: Path, files: int = 3, rows: int = 40) -> Path:
+    """A bare COYO-Labeled-300M table in ``files`` parquet files, ids shuffled across the
+    files, classes 3..8 (top-2 labels), every 7th pHash a 2-bit copy of an earlier one."""
+    rng = np.random.default_rng(7)
+    root.mkdir(parents=True)
+    ids = rng.permutation(rows) + 1000
+    hashes = [f"{h:016x}" for h in rng.integers(0, 2**63, rows)]
+    for i in range(7, rows, 7):
+        hashes[i] = f"{int(hashes[i - 5], 16) ^ 0b110:016x}"
+    top = rng.integers(3, 9, rows)
+    p1 = rng.uniform(0.2, 0.9, rows).astype(np.float32)
+    for f in range(files):
+        sl = slice(f * rows // files, (f + 1) * rows // files)
+        pq.write_table(pa.table({
+            "id": pa.array(ids[sl], pa.int64()), "url": [f"http://x/{i}/img{i}.jpg" for i in ids[sl]],
+            "imagehash": hashes[sl],
+            "labels": pa.array([[int(t), int(t) + 1] for t in top[sl]], pa.list_(pa.int32())),
+            "label_probs": pa.array([[float(p), float((1 - p) / 2)] for p in p1[sl]], pa.list_(pa.float32())),
+            "width": pa.array(np.full(len(ids[sl]), 64), pa.int32()), "height": pa.array(np.full(len(ids[sl]), 48), pa.int32()),
+        }), root / f"part-{f}.parquet")
+    return root
+
+
+def datacomp_table_folder(root: Path, rows: int = 30) -> tuple[Path, Path]:
+    """A bare DataComp-style metadata table (uid, url, text, sha256) in two files, two
+    rows with the same sha256; and a uid list (every other uid, one twice, one missing)."""
+    root.mkdir(parents=True)
+    uids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(rows)]
+    sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(rows)]
+    sha[20] = sha[4]
+    for f, sl in enumerate((slice(0, rows // 2), slice(rows // 2, rows))):
+        pq.write_table(pa.table({"uid": uids[sl], "url": [f"http://y/{u}.jpg" for u in uids[sl]],
+                                 "text": [f"t{u[:4]}" for u in uids[sl]], "sha256": sha[sl]}), root / f"m{f}.parquet")
+    listed = uids[::2] + [uids[4], "0" * 32]
+    (root.parent / "uids.txt").write_text("\n".join(listed) + "\n")
+    return root, root.parent / "uids.txt"
+
+
+def test_dedupe_exclude_near_and_uids_on_shards_equal_one_unit(dup_dataset, tmp_path):
+    ds, ref, uids = dup_dataset
+    rows, _classes, report = assert_same_selection(
+        ds, tmp_path, dedupe="phash:4", exclude_near=str(ref), max_distance=2, uids=str(uids),
+        val_per_class=1, fraction=0.5, balanced=True, seed=2)
+    removed = report["removed"]
+    assert removed["near_duplicates_phash_4"] == 5 and removed["near_reference"] == 2
+    dups = pq.read_table(tmp_path / "sharded" / "duplicates.parquet").to_pylist()
+    assert {d["rule"] for d in dups} == {"near", "near_reference"}
+    assert not {d["removed_key"] for d in dups} & {r["source_key"] for r in rows}
+    rows, _classes, report = assert_same_selection(ds, tmp_path / "exact", dedupe="exact", label="source",
+                                                   val_per_class=1)
+    assert report["removed"]["exact_duplicates"] == 2
+
+
+def test_bare_tables_on_shards_equal_one_unit(tmp_path):
+    coyo = coyo_table_folder(tmp_path / "coyo's \"table\"")
+    rows, classes, report = assert_same_selection(coyo, tmp_path / "a", dedupe="phash:2", top_classes=4,
+                                                  val_per_class=1, min_prob=0.3)
+    assert report["removed"]["near_duplicates_phash_2"] == 5 and classes["label_space"] == "in21k"
+    assert all(r["source_dataset"] is None and r["key"] == str(r["id"]) for r in rows)
+    meta, uids = datacomp_table_folder(tmp_path / "dc")
+    rows, _classes, report = assert_same_selection(meta, tmp_path / "b", uids=str(uids), dedupe="exact")
+    # uid 4 listed twice: rows u4-1, u4-2, exact duplicates of row 20 (same sha256, smaller key)
+    assert report["removed"] == {"not_in_uids": 15, "uids_missing_from_pool": 1, "exact_duplicates": 2}
+    u4, u20 = hashlib.md5(b"4").hexdigest(), hashlib.md5(b"20").hexdigest()
+    dups = pq.read_table(tmp_path / "b" / "sharded" / "duplicates.parquet").to_pylist()
+    assert [(d["removed_key"], d["kept_key"]) for d in dups] == [(f"{u4}-1", u20), (f"{u4}-2", u20)]
+    assert all(r["source_key"] == r["key"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------
+# on a real Ray cluster (tests/test_engine_ray.py's): few runs, several options each
+
+
+try:
+    from test_engine_ray import cluster, needs_ray  # noqa: F401  (the module-scoped fixture)
+except ImportError:  # pragma: no cover
+    needs_ray = pytest.mark.skip(reason="tests/test_engine_ray.py not importable")
+
+
+@needs_ray
+def test_ray_equals_local_with_every_pool_wide_rule(cluster, dup_dataset, tmp_path):
+    """Through the CLI, on Ray and locally, a dataset under a quoted path with --uids,
+    --dedupe, --exclude-near, --label-space and a balanced fraction; then a bare table
+    folder (quoted too) with --dedupe exact and --keys-file: identical outputs."""
+    import subprocess
+    import sys
+
+    ds, ref, uids = dup_dataset
+    kf = tmp_path / "it's keys.txt"
+    kf.write_text("1003\n1010\nimg1021.jpg\n1030\n")
+    coyo = coyo_table_folder(tmp_path / "coyo's \"t\"")
+    runs = {
+        "ds": (ds, ["--uids", str(uids), "--dedupe", "phash:4", "--exclude-near", str(ref), "--max-distance", "2",
+                    "--val-per-class", "1", "--fraction", "0.5", "--balanced", "--seed", "3", "--min-prob", "0.1",
+                    "--multi-label"]),
+        "coyo": (coyo, ["--dedupe", "exact", "--keys-file", str(kf), "--top-classes", "5", "--val-per-class", "1"]),
+    }
+    for name, (src, opts) in runs.items():
+        for engine in ("ray", "local"):
+            out = tmp_path / f"{name} o'{engine}"
+            cmd = [sys.executable, "-m", "silverlabel.cli", "select", str(src), "-o", str(out), *opts,
+                   "--engine", engine, "--threads", "1"]
+            if engine == "ray":
+                cmd += ["--ray-address", cluster.address, "--workers", "2"]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cluster.env)
+            assert p.returncode == 0, p.stderr
+        assert_same_outputs(tmp_path / f"{name} o'ray", tmp_path / f"{name} o'local")
+        rows = selection_content(tmp_path / f"{name} o'ray")[0]
+        assert rows and (tmp_path / f"{name} o'ray" / "duplicates.parquet").is_file()
+        assert len(list((tmp_path / f"{name} o'ray" / "selection").glob("*.parquet"))) > 1  # one part per unit
+        assert not (tmp_path / f"{name} o'ray" / ".select-tmp").exists()

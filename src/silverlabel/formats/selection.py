@@ -4,9 +4,12 @@
 
     SELECTION/
       silverlabel.json          manifest: stage "select", config, parents (lineage), counts
-      selection/part-00000.parquet ...   one row per selected sample (SELECTION_SCHEMA)
+      selection/part-{unit}-{j}.parquet ...   one row per selected sample (SELECTION_SCHEMA),
+                                in (split, key) order within a file; how the rows are cut
+                                into files depends on the engine, so readers order by key
       classes.json              the class map: cls -> wnid / name / counts
       report.json               counts per split and class, rules applied, removed duplicates
+      duplicates.parquet        with --dedupe / --exclude-near: removed_key, kept_key, distance, rule
 
 A selected sample points back at its source: ``source_dataset`` (the dataset directory
 that holds its bytes, or null when the selection came from a bare table with no images)

@@ -1,0 +1,234 @@
+"""The driver of ``select``: pool-wide rules, three passes of units, the plan between them.
+
+1. *pool* (driver): open the input (:func:`.pool.open_input`), decide the label rule, read
+   the lists (all before the output is touched); write the uid list, run the duplicate
+   rules over the whole pool's keys and hashes.
+2. *count* (units): rows, class counts, validation candidates (:func:`.units.count_unit`).
+3. *plan* (driver): the class rule on the merged counts (:func:`.rules.choose_classes`),
+   the validation draw (the ``V`` smallest candidates of a class over all units), the
+   train counts and ``balanced_quotas`` for ``--fraction --balanced``.
+4. *fraction* (units, only with ``--fraction``): per class the ``quota`` best train rows of
+   each unit (:func:`.units.fraction_unit`); the driver keeps the ``quota`` best overall.
+5. *write* (units): each unit's part of the selection table (:func:`.units.write_unit`);
+   then ``classes.json``, ``report.json``, ``duplicates.parquet`` and the manifest.
+
+The driver holds per class ``V`` candidates and the chosen fraction keys, never the pool's
+rows. Units are the whole pool in one (``--engine local``, the fast path) or one per
+samples / table file (``--engine ray``, or ``per_shard=True``); either way they run the same
+SQL, so the selection is the same: rows (every column), ``classes.json``, ``report.json``
+and ``duplicates.parquet``. Only the cut of the selection table into part files differs
+(``part-{unit}-{j}.parquet``), which ``shard`` does not see: it orders by key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from silverlabel import __version__
+from silverlabel.dataset import Dataset, atomic_write
+from silverlabel.engine import Report, create_engine
+from silverlabel.errors import UserError
+from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
+
+from .config import SelectConfig, SelectSummary
+from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, write_duplicates,
+                   write_keys, write_uid_list)
+from .rules import (balanced_quotas, choose_classes, label_mapping, load_uids, output_label_space, read_names,
+                    reference_hashes, write_classes_and_report)
+from .units import Plan, connect, count_unit, fraction_unit, write_unit
+
+#: Temporary key tables for the units, inside the output (so every worker sees them).
+TMP_DIR = ".select-tmp"
+
+
+def _check_output(out: Path) -> None:
+    ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, DUPLICATES_FILE, "silverlabel.json", "README.md", "card"}
+    if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
+        raise UserError(f"{out}: exists and is not a selection; choose another -o")
+
+
+def _label_rule(cfg: SelectConfig, pool: Input, con: Any) -> str:
+    """``--label`` resolved: top1 (teacher labels), source (ImageFolder classes, .cls) or none."""
+    mode = cfg.label
+    has_source = mode == "source" or (mode == "auto" and not pool.label_space)
+    has_source = has_source and has_source_labels(con, pool)
+    if mode == "auto":
+        mode = "top1" if pool.label_space else ("source" if has_source else "none")
+    if mode == "top1" and not pool.label_space:
+        raise UserError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
+    if mode == "source" and not has_source:
+        raise UserError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
+    if cfg.fraction is not None and mode == "none":
+        raise UserError("--fraction --balanced needs labels (--label top1 or source)")
+    return mode
+
+
+def _merge_best(best: dict[Any, list[tuple[str, str]]], rows: list[tuple], limit: Any) -> None:
+    """Keep per class the ``limit(class)`` smallest (md5, key) of ``best`` and ``rows``."""
+    touched = set()
+    for c, m, k in rows:
+        best.setdefault(c, []).append((m, k))
+        touched.add(c)
+    for c in touched:
+        best[c] = sorted(best[c])[: limit(c)]
+
+
+def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_address: str | None = None,
+               progress: Report | None = None, per_shard: bool | None = None) -> SelectSummary:
+    """Select from ``cfg.source`` into the selection directory ``cfg.output`` on ``engine``.
+
+    ``per_shard`` (default: on for any engine but ``local``) runs one unit per samples or
+    table file instead of one unit of the whole pool; the result is the same.
+
+        >>> run_select(SelectConfig("data/pool", "data/sel", top_classes=1000, val_per_class=50))  # doctest: +SKIP
+    """
+    import duckdb
+
+    t0 = time.monotonic()
+    out = Path(cfg.output).resolve()
+    _check_output(out)
+    pool = open_input(cfg)  # validate the input before touching the output
+    if per_shard is None:
+        per_shard = engine != "local"
+    base = Plan(kind=pool.kind, pool_sql=pool.pool_sql, joins_labels=pool.joins_labels, output=str(out),
+                seed=cfg.seed, val_per_class=cfg.val_per_class, min_prob=cfg.min_prob, multi_label=cfg.multi_label,
+                source_dataset=pool.source_dataset, memory_limit=cfg.memory_limit, threads=max(1, cfg.threads))
+    try:  # a setting, not SQL text: the value never meets the parser as code
+        duckdb.connect(config={"memory_limit": cfg.memory_limit}).close()
+    except duckdb.Error as e:
+        raise UserError(f"--memory-limit {cfg.memory_limit!r}: {str(e).splitlines()[0]}") from None
+    # 1a. the label rule and the lists, checked before the output is touched
+    with contextlib.closing(connect(pool.whole(), base)) as con:
+        mode = _label_rule(cfg, pool, con)
+    wnids: list[str] = []
+    tables: dict[str, pa.Table] = {}
+    if mode == "top1":
+        mapping, wnids = label_mapping(cfg, pool.label_space)
+        if mapping is not None:
+            tables["label_map"] = pa.table({"src": pa.array(np.arange(len(mapping)), pa.int32()),
+                                            "dst": pa.array(mapping.astype(np.int32))})
+    uids = load_uids(cfg.uids) if cfg.uids else None
+    wanted = read_names(cfg.keys_file) if cfg.keys_file else None
+    ref = reference_hashes(cfg.exclude_near) if cfg.exclude_near else None
+
+    # A selection is rewritten whole: drop the old manifest first, so a run that dies
+    # half way leaves no manifest and `shard` refuses the folder instead of reading a mix.
+    (out / "silverlabel.json").unlink(missing_ok=True)
+    tmp = out / TMP_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sel_dir = out / SELECTION_DIR
+    sel_dir.mkdir(parents=True, exist_ok=True)
+    for old in sel_dir.glob("*.parquet"):
+        old.unlink()
+
+    # 1b. pool-wide rules, on the driver: key tables for the units
+    files: dict[str, str] = {}
+    if uids is not None:
+        files["uid_list"] = write_uid_list(uids, tmp / "uid_list.parquet")
+    with contextlib.closing(connect(pool.whole(), dataclasses.replace(base, files=dict(files)))) as con:
+        drop, dups, removed_dups = duplicate_rules(cfg, con, ref)
+    if drop:
+        files["drop_keys"] = write_keys(tmp / "drop_keys.parquet", "key", drop)
+    if wanted is not None:
+        files["wanted"] = write_keys(tmp / "wanted.parquet", "name", wanted)
+    plan = dataclasses.replace(base, mode=mode, files=dict(files), tables=dict(tables),
+                               threads=1 if per_shard else base.threads)
+    units = pool.units if per_shard else [pool.whole()]
+    eng = create_engine(engine, workers=workers, address=ray_address)
+
+    # 2. counts and validation candidates
+    total_in = uid_matched = n_before = n_labeled = 0
+    uid_found = np.zeros(0 if uids is None else uids.num_rows, bool)
+    counts: dict[str, int] = {}
+    cands: dict[str, list[tuple[str, str]]] = {}
+    for res in eng.map(count_unit, units, plan, progress):
+        total_in += res["rows"]
+        uid_matched += res["uid_matched"]
+        uid_found[np.asarray(res["uid_hits"], np.int64)] = True
+        n_before += res["before_label"]
+        n_labeled += res["labeled"]
+        for c, n in res["counts"].items():
+            counts[c] = counts.get(c, 0) + n
+        _merge_best(cands, res["candidates"], lambda c: cfg.val_per_class)
+    removed: dict[str, int] = {}
+    if cfg.uids:
+        removed["not_in_uids"] = total_in - uid_matched
+        removed["uids_missing_from_pool"] = int(len(uid_found) - uid_found.sum())
+    removed.update(removed_dups)
+    if n_before - n_labeled:
+        removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
+
+    # 3. the plan: classes, validation draw, quotas
+    chosen, class_ids, cls_of, names = choose_classes(counts, cfg, mode, wnids)
+    removed_by_class = sum(n for c, n in counts.items() if c not in chosen)
+    if removed_by_class:
+        removed["class_filter"] = removed_by_class
+    if mode != "none":
+        plan.tables["classes_t"] = pa.table({
+            "class_id": pa.array(class_ids, pa.string()),
+            "cls": pa.array([cls_of[c] for c in class_ids], pa.int32()),
+            "class_name": pa.array([names[c][1] for c in class_ids], pa.string())})
+        plan.files["validation_keys"] = write_keys(tmp / "validation_keys.parquet", "key",
+                                                   (k for c in chosen for _m, k in cands.get(c, [])))
+
+    # 4. the balanced fraction of train
+    if cfg.fraction is not None:
+        train_counts = {cls_of[c]: counts[c] - len(cands.get(c, [])) for c in class_ids}
+        train_counts = {c: n for c, n in train_counts.items() if n > 0}
+        n_train = sum(train_counts.values())
+        total = math.floor(cfg.fraction * n_train + 1e-9)
+        quotas = balanced_quotas(train_counts, total, cfg.seed)
+        plan.tables["quota_t"] = pa.table({"cls": pa.array(list(quotas), pa.int32()),
+                                           "quota": pa.array(list(quotas.values()), pa.int64())})
+        best: dict[int, list[tuple[str, str]]] = {}
+        for res in eng.map(fraction_unit, units, plan):
+            _merge_best(best, res["best"], quotas.__getitem__)
+        plan.files["fraction_keys"] = write_keys(tmp / "fraction_keys.parquet", "key",
+                                                 (k for lst in best.values() for _m, k in lst))
+        removed["outside_fraction"] = n_train - total
+
+    # 5. write the parts, then classes, report, duplicates, manifest
+    rows = before_keys = 0
+    by_cls: dict[int, dict[str, int]] = {}
+    splits: dict[str, int] = {}
+    for res in eng.map(write_unit, units, plan):
+        rows += res["rows"]
+        before_keys += res["before_keys"]
+        for (c, s), n in res["per"].items():
+            by_cls.setdefault(c, {})[s] = by_cls.get(c, {}).get(s, 0) + n
+            splits[s] = splits.get(s, 0) + n
+    if cfg.keys_file:
+        removed["not_in_keys_file"] = before_keys - rows
+    if rows == 0:
+        with atomic_write(sel_dir / "part-00000-00000.parquet") as f:
+            pq.write_table(SELECTION_SCHEMA.empty_table(), f)
+    splits = dict(sorted(splits.items()))
+    write_classes_and_report(out, class_ids, cls_of, names, mode, output_label_space(cfg, mode, pool.label_space),
+                             by_cls, {"input_rows": total_in, "selected_rows": rows, "splits": splits,
+                                      "classes": len(class_ids), "removed": removed, "label_rule": mode})
+    if cfg.dedupe or cfg.exclude_near:
+        write_duplicates(out / DUPLICATES_FILE, dups)
+    else:
+        (out / DUPLICATES_FILE).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset(out).write_manifest({
+        "stage": "select",
+        "silverlabel_version": __version__,
+        "config": cfg.output_config(),
+        "parents": [{"kind": pool.kind, "path": str(Path(cfg.source).resolve())}],
+        "counts": {"rows": rows, **{f"split_{k}": v for k, v in splits.items()}},
+        "from_table": pool.source_dataset is None,
+    })
+    return SelectSummary(str(Path(cfg.output)), rows, splits, len(class_ids), removed, time.monotonic() - t0,
+                         pool.source_dataset is None)
