@@ -17,7 +17,7 @@ its units are and what it needs; :func:`run_stage` does the rest the same way fo
 
 "This unit is done" is recorded one way: the unit function writes its outputs atomically,
 then, last, ``unit.commit.write(outputs)``: ``.done/{unit}.json`` next to the outputs,
-holding the unit's config, the identity (bytes + md5) of each input, and the size and md5
+holding a hash of the unit's config, the identity (bytes + md5) of each input, and the size and md5
 of each output. :meth:`Commit.check` accepts a record only when the config and the inputs
 are the same as now and every output still has its recorded size, so a unit whose input
 changed (a shard re-fetched by ``ingest --retry-failed``) is stale and is redone. An input
@@ -30,7 +30,7 @@ any other input is hashed.
     >>> c = Commit(str(d / ".done" / "u.json"), config={"k": 1}, inputs={})
     >>> c.check() is None
     True
-    >>> c.write(["out.txt"])["outputs"]["out.txt"]["bytes"]
+    >>> c.write([d / "out.txt"])["outputs"]["out.txt"]["bytes"]
     5
     >>> c.check() is not None, Commit(c.path, config={"k": 2}, inputs={}).check()
     (True, None)
@@ -56,6 +56,11 @@ from silverlabel.engine import Engine, Report, stage_engine
 def _as_stored(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples -> lists, ...), to compare with a record."""
     return json.loads(json.dumps(obj, default=str))
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of a config as stored (canonical JSON): what a commit record keeps of it."""
+    return hashlib.sha256(json.dumps(_as_stored(config), sort_keys=True).encode()).hexdigest()
 
 
 def file_md5(path: str | os.PathLike) -> str:
@@ -112,7 +117,8 @@ class Commit:
     def check(self) -> dict[str, Any] | None:
         """The record when the unit is done with this config and these inputs, else None."""
         rec = read_record(self.path)
-        if rec is None or rec.get("config") != _as_stored(self.config) or rec.get("inputs") != _as_stored(self.inputs):
+        if (rec is None or rec.get("config_sha256") != config_hash(self.config)
+                or rec.get("inputs") != _as_stored(self.inputs)):
             return None
         outputs = rec.get("outputs")
         if not isinstance(outputs, dict):
@@ -128,16 +134,15 @@ class Commit:
     def write(self, outputs: Iterable[str | os.PathLike], info: Mapping[str, Any] | None = None,
               md5: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Record the unit as done, after its outputs are in place (the last thing a unit
-        does). ``outputs``: files (relative to :attr:`root`, or absolute under it); ``md5``:
-        digests already computed while writing, by the same names (others are read back);
+        does). ``outputs``: the files, under :attr:`root` (recorded relative to it); ``md5``:
+        digests already computed while writing, by the same paths (others are read back);
         ``info``: what the stage's index files need (counts, digests)."""
-        md5 = dict(md5 or {})
+        md5 = {str(k): v for k, v in (md5 or {}).items()}
         recorded: dict[str, Any] = {}
         for p in outputs:
-            rel = os.path.relpath(self.root / p, self.root)
-            full = self.root / rel
-            recorded[rel] = {"bytes": full.stat().st_size, "md5": md5.get(str(p)) or md5.get(rel) or file_md5(full)}
-        rec = {"config": _as_stored(self.config), "inputs": _as_stored(self.inputs), "outputs": recorded,
+            rel = os.path.relpath(p, self.root)
+            recorded[rel] = {"bytes": os.path.getsize(p), "md5": md5.get(str(p)) or file_md5(p)}
+        rec = {"config_sha256": config_hash(self.config), "inputs": _as_stored(self.inputs), "outputs": recorded,
                "info": _as_stored(dict(info or {})), "silverlabel_version": __version__}
         write_json_atomic(self.path, rec)
         return rec

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
@@ -67,15 +67,16 @@ from silverlabel.augment import (
     sample_augs,
     unpack,
 )
-from silverlabel.dataset import Dataset, atomic_write, write_json_atomic
-from silverlabel.engine import Report, create_engine
+from silverlabel.dataset import INFO_FILE, TrainSet, atomic_write, write_json_atomic
+from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
+from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
+                                 precision_field, ray_address_field)
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
+from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, read_record, run_stage
 from silverlabel.teachers import TeacherSpec
+from silverlabel.teachers.labelspace import space_names
 
-INFO_FILE = "_info.json"
-CLASSES_FILE = "classes.json"
-DONE_DIR = ".done"
 
 
 @dataclass(frozen=True)
@@ -85,28 +86,36 @@ class ReinforceConfig:
     batch size (GPU fp16 and CPU fp32 differ in the last bits). The augmentations themselves
     never depend on the runtime fields."""
 
-    trainset: str
-    output: str
-    teachers: tuple[TeacherSpec, ...] = (TeacherSpec("efficientnet_lite0"),)
-    label_space: str | None = None  # None: the first teacher's native space
-    augs: int = 10
-    topk: int = 10
-    embeddings: bool = False
-    splits: tuple[str, ...] = ("train",)
-    seed: int = 0
-    policy: AugPolicy = field(default_factory=AugPolicy)
-    img_size: int | None = None  # teacher input size (default: the teacher's own)
+    trainset: str = opt(help="training set (silverlabel shard), or with --inspect a reinforced one", positional=True,
+                        metavar="TRAINSET")
+    output: str = opt(help="folder for the reinforced training set", short="-o", metavar="OUT")
+    teachers: tuple[TeacherSpec, ...] = opt((TeacherSpec("efficientnet_lite0"),), flag="--teacher",
+                                            action="teachers")
+    label_space: str | None = opt(None, "space of the stored indices", choices=space_names,
+                                  default_help="default: the first teacher's own")
+    augs: int = opt(10, "augmentations stored per sample, K", type=positive_int)
+    topk: int = opt(10, "teacher probabilities kept per augmentation", type=positive_int)
+    embeddings: bool = opt(False, "also store the teacher's pre-logits embedding (float16)", action="store_true")
+    splits: tuple[str, ...] = opt(("train",), "split to reinforce (repeatable); the others are copied", flag="--split",
+                                  action="append", default_help="default: train")
+    seed: int = opt(0, "augmentations are drawn from (seed, key)", type=int)
+    policy: AugPolicy = nested(AugPolicy)
+    img_size: int | None = opt(None, "teacher input size", type=positive_int, default_help="default: the teacher's")
     # runtime
-    device: str = "auto"
-    batch_size: int = 0  # augmented images per teacher forward (0: 256 on GPU, 32 on CPU)
-    precision: str = "fp16"
-    workers: int = 1  # processes (local) or actors (ray; 0 = one per cluster GPU)
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # replay threads per worker (replay_procs 0)
+    device: str = device_field()
+    batch_size: int = opt(0, "augmented images per teacher forward", type=int, default_help="256 GPU, 32 CPU")
+    precision: str = precision_field()
+    workers: int = opt(default_factory=gpu_count, help="processes", type=positive_int, auto_workers="gpu",
+                       default_help="default: one per GPU, 1 on CPU; with --engine ray: one actor per cluster GPU")
+    threads: int = opt(default_factory=cpu_count, help="replay threads per process, with --replay-procs 0",
+                       type=positive_int, default_help="default: cores")
     # replay processes per worker: 0 = replay on ``threads`` threads; -1 = auto (0 on CPU; on a
     # GPU min(16, cores/workers - 1), or 0 where that is < 2 -- a default not yet measured on a GPU)
-    replay_procs: int = -1
-    engine: str = "local"  # local | ray (a pool of actors that keep the teacher loaded)
-    ray_address: str | None = None
+    replay_procs: int = opt(-1, "replay processes per worker (Pillow holds the GIL: threads top out near one core); "
+                            "0 = replay on --threads threads", type=int, metavar="N",
+                            default_help="default: 0 on CPU, min(16, cores/workers - 1) on a GPU")
+    engine: str = engine_field()  # local | ray (a pool of actors that keep the teacher loaded)
+    ray_address: str | None = ray_address_field()
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -142,6 +151,8 @@ class ReinforceUnit:
     src: str
     dst: str
     samples: int
+    commit: Commit | None = None  # written last: the shard is done
+    copy: bool = False  # a split not reinforced: copied byte for byte
 
 
 @dataclass
@@ -155,6 +166,7 @@ class ReinforceResult:
     label_space: str
     emb_dim: int
     seconds: float
+    copied: bool = False
 
 
 @dataclass
@@ -194,11 +206,11 @@ _RUNNER_CACHE: dict[Any, Any] = {}
 def get_teacher_runner(cfg: ReinforceConfig):
     """The process's Labeler for ``cfg`` (loaded once per worker; the label stage's device,
     precision and ensemble handling)."""
+    from silverlabel.devices import worker_device
     from silverlabel.inference import Labeler
-    from silverlabel.stages.label import _device_for_worker
     from silverlabel.teachers import create_teacher
 
-    device = _device_for_worker(cfg.device)
+    device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision)
     if key not in _RUNNER_CACHE:
         for old in _RUNNER_CACHE.values():
@@ -394,7 +406,9 @@ def close_replay_pool() -> None:
 
 
 def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | None = None) -> ReinforceResult:
-    """Reinforce one shard and write it atomically, then its ``.done`` record. Idempotent."""
+    """Reinforce one shard and write it atomically, then its commit record. Idempotent."""
+    if unit.copy:
+        return _copy_shard(unit)
     t0 = time.monotonic()
     report = report or (lambda d, s: None)
     runner = get_teacher_runner(cfg)
@@ -489,11 +503,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         reader.close()
     md5 = hf.md5.hexdigest()
     label_space = runner.target.name
-    write_json_atomic(Path(cfg.output) / DONE_DIR / f"{unit.filename}.json", {
-        "file": unit.filename, "split": unit.split, "samples": n, "bytes": size, "md5": md5,
-        "rnf_bytes": rnf_bytes, "label_space": label_space, "emb_dim": emb_dim,
-        "source_bytes": os.path.getsize(unit.src), "config": cfg.output_config(),
-    })
+    unit.commit.write([unit.dst], md5={unit.dst: md5}, info={
+        "samples": n, "bytes": size, "md5": md5, "rnf_bytes": rnf_bytes, "label_space": label_space, "emb_dim": emb_dim})
     return ReinforceResult(unit.filename, n, n * k, size, md5, rnf_bytes, label_space, emb_dim, time.monotonic() - t0)
 
 
@@ -501,172 +512,112 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
 # the driver
 
 
-def _done_record(out: Path, filename: str, src: str, cfg: ReinforceConfig | None) -> dict[str, Any] | None:
-    path = out / DONE_DIR / f"{filename}.json"
-    try:
-        rec = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    tar = out / filename
-    if not tar.is_file() or tar.stat().st_size != rec.get("bytes"):
-        return None
-    if rec.get("source_bytes") != os.path.getsize(src):
-        return None
-    if cfg is not None and rec.get("config") != cfg.output_config():
-        return None
-    if cfg is None and rec.get("copied") is not True:
-        return None
-    return rec
-
-
-def _copy_split_shard(src: str, out: Path, filename: str, split: str) -> dict[str, Any]:
+def _copy_shard(unit: ReinforceUnit) -> ReinforceResult:
+    """A shard of a split not reinforced: copied byte for byte, then committed."""
+    t0 = time.monotonic()
     md5 = hashlib.md5()
-    with open(src, "rb") as fi, atomic_write(out / filename) as fo:
+    with open(unit.src, "rb") as fi, atomic_write(unit.dst) as fo:
         while chunk := fi.read(1 << 20):
             md5.update(chunk)
             fo.write(chunk)
-    rec = {"file": filename, "split": split, "bytes": os.path.getsize(src), "md5": md5.hexdigest(),
-           "source_bytes": os.path.getsize(src), "copied": True}
-    write_json_atomic(out / DONE_DIR / f"{filename}.json", rec)
-    return rec
+    size = os.path.getsize(unit.dst)
+    unit.commit.write([unit.dst], info={"samples": unit.samples, "bytes": size, "md5": md5.hexdigest()},
+                      md5={unit.dst: md5.hexdigest()})
+    return ReinforceResult(unit.filename, unit.samples, 0, size, md5.hexdigest(), 0, "", 0, time.monotonic() - t0,
+                           copied=True)
 
 
-def read_trainset_info(trainset: str) -> dict[str, Any]:
-    path = Path(trainset) / INFO_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{trainset}: no {INFO_FILE} (not a training set; run silverlabel shard)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+class ReinforceStage(BaseStage):
+    """``reinforce`` for :func:`silverlabel.stage.run_stage`: one unit per shard of the input
+    training set (reinforced, or copied for the other splits), bound to that shard's bytes."""
+
+    needs_gpu = True
+    unit_fn = staticmethod(reinforce_shard)
+
+    def prepare(self) -> None:
+        from silverlabel.teachers import validate_teacher_spec
+        from silverlabel.teachers.labelspace import get_label_space
+
+        cfg = self.config
+        self.source = TrainSet(cfg.trainset)
+        self.info = self.source.read_info()
+        for split in cfg.splits:
+            self.source.split(split, self.info)
+        if cfg.label_space is not None:
+            get_label_space(cfg.label_space)
+        for spec in cfg.teachers:
+            validate_teacher_spec(spec)
+        self.output.previous_run("reinforce")
+        for s in self.info.get("splits", {}).values():
+            for filename in s["filenames"]:
+                if not self.source.tar_path(filename).is_file():
+                    raise FileNotFoundError(f"{self.source.tar_path(filename)}: shard listed in {INFO_FILE} not found")
+
+    def manifest(self) -> dict[str, Any]:
+        return {"stage": "reinforce", "state": "running", "silverlabel_version": __version__,
+                "name": self.info.get("name"), "config": self.config.output_config(),
+                "parents": [{"kind": "trainset", "path": os.path.abspath(self.config.trainset)}]}
+
+    def plan(self, engine: Engine) -> Iterator[ReinforceUnit]:
+        cfg, src, out = self.config, self.source, self.output
+        for split, s in self.info.get("splits", {}).items():
+            reinforced = split in cfg.splits
+            for filename, length in zip(s["filenames"], s["shard_lengths"]):
+                tar = src.tar_path(filename)
+                commit = Commit(str(out.commit_path(filename)), cfg.output_config() if reinforced else {"copy": True},
+                                {"source": file_identity(tar, src.commit_path(filename))})
+                yield ReinforceUnit(split, filename, str(tar), str(out.tar_path(filename)), int(length), commit,
+                                    copy=not reinforced)
+
+    def finish(self, run: StageRun) -> ReinforceSummary:
+        from silverlabel.stages.shard import write_index_files
+        from silverlabel.teachers.labelspace import get_label_space
+
+        cfg, out, info = self.config, self.output, self.info
+        splits = info.get("splits", {})
+        records = {fn: read_record(out.commit_path(fn))["info"] for s in splits.values() for fn in s["filenames"]}
+        if self.source.classes_path.is_file():
+            with atomic_write(out.classes_path) as f:
+                f.write(self.source.classes_path.read_bytes())
+        name = info.get("name") or out.root.name
+        write_index_files(out, name, {split: s["filenames"] for split, s in splits.items()}, records)
+        reinforced = [records[fn] for sp in cfg.splits for fn in splits[sp]["filenames"]]
+        n_samples = sum(int(n) for sp in cfg.splits for n in splits[sp]["shard_lengths"])
+        rnf_total = sum(int(r.get("rnf_bytes", 0)) for r in reinforced)
+        spaces = sorted({r.get("label_space") for r in reinforced if r.get("label_space")})
+        if len(spaces) > 1:
+            raise UserError(f"{out.root}: shards in different label spaces {spaces}; reinforce into a new -o")
+        space = spaces[0] if spaces else cfg.label_space
+        emb_dim = max((int(r.get("emb_dim", 0)) for r in reinforced), default=0)
+        per_sample = rnf_total / n_samples if n_samples else 0.0
+        manifest = self.manifest()
+        manifest.update(
+            state="complete",
+            counts={split: int(sum(s["shard_lengths"])) for split, s in splits.items()},
+            reinforce={
+                "splits": list(cfg.splits), "label_space": space,
+                "num_classes": len(get_label_space(space)) if space else None,
+                "augs": cfg.augs, "topk": cfg.topk, "embeddings": cfg.embeddings, "emb_dim": emb_dim,
+                "member": RNF_EXT, "rnf_version": 1, "samples": n_samples, "rnf_bytes": rnf_total,
+                "bytes_per_sample": round(per_sample, 2), "bytes_per_aug": round(per_sample / cfg.augs, 2),
+                "bytes_per_aug_schema": bytes_per_aug(cfg.topk, cfg.policy.ra_ops, emb_dim, cfg.policy.mixes),
+            },
+        )
+        out.write_manifest(manifest)
+        write_json_atomic(out.info_path, info)
+        done = [r for r in run.results if not r.copied]
+        return ReinforceSummary(str(out.root), n_samples, len(done) + len(run.skipped), len(done), len(run.skipped),
+                                sum(r.samples for r in done), sum(r.augs for r in done), run.seconds, run.device,
+                                space, rnf_total, cfg.augs)
 
 
 def run_reinforce(cfg: ReinforceConfig, progress: Report | None = None) -> ReinforceSummary:
-    """Reinforce ``cfg.splits`` of ``cfg.trainset`` into ``cfg.output``; resumes per shard."""
-    from silverlabel.inference import resolve_device
-    from silverlabel.stages.shard import wids_index_name
-    from silverlabel.teachers import validate_teacher_spec
-    from silverlabel.teachers.labelspace import get_label_space
-
-    t0 = time.monotonic()
-    info = read_trainset_info(cfg.trainset)
-    splits = info.get("splits", {})
-    missing = [s for s in cfg.splits if s not in splits]
-    if missing:
-        raise UserError(f"{cfg.trainset}: no split {missing[0]!r} (has {', '.join(sorted(splits)) or 'none'})")
-    if cfg.label_space is not None:
-        get_label_space(cfg.label_space)
-    for spec in cfg.teachers:
-        validate_teacher_spec(spec)
-    if cfg.engine == "ray":  # the device is the cluster's: a GPU per actor where it has GPUs
-        device = f"ray ({cfg.device})"
-        gpus = {"cpu": 0}.get(cfg.device, None if cfg.device == "auto" else 1)
-        engine = create_engine("ray", workers=cfg.workers, address=cfg.ray_address, actor=True, gpus_per_worker=gpus)
-    else:
-        device = resolve_device(cfg.device)
-        engine = create_engine(cfg.engine, workers=cfg.workers)
-    out = Path(cfg.output)
-    ds = Dataset(out)
-    if ds.exists():
-        stage = ds.read_manifest().get("stage")
-        if stage != "reinforce":
-            raise UserError(f"{out}: holds a {stage!r} output, not a reinforce output; choose another -o")
-    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise UserError(f"{out}: output folder exists and is not a silverlabel training set; choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
-    ds.clean_temporaries()
-    done_dir = out / DONE_DIR
-    if done_dir.is_dir():
-        for p in done_dir.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-
-    records: dict[str, dict[str, Any]] = {}
-    units: list[ReinforceUnit] = []
-    skipped = 0
-    for split, s in splits.items():
-        for filename, length in zip(s["filenames"], s["shard_lengths"]):
-            src = os.path.join(cfg.trainset, filename)
-            if not os.path.isfile(src):
-                raise FileNotFoundError(f"{src}: shard listed in {INFO_FILE} not found")
-            reinforced = split in cfg.splits
-            rec = _done_record(out, filename, src, cfg if reinforced else None)
-            if rec is not None:
-                records[filename] = rec
-                skipped += 1
-            elif reinforced:
-                units.append(ReinforceUnit(split, filename, src, str(out / filename), int(length)))
-            else:
-                records[filename] = _copy_split_shard(src, out, filename, split)
-    manifest: dict[str, Any] = {
-        "stage": "reinforce", "state": "running", "silverlabel_version": __version__, "name": info.get("name"),
-        "config": cfg.output_config(),
-        "parents": [{"kind": "trainset", "path": os.path.abspath(cfg.trainset)}],
-    }
-    if not ds.exists():
-        ds.write_manifest(manifest)
-
-    samples_now = augs_now = 0
+    """Reinforce ``cfg.splits`` of ``cfg.trainset`` into ``cfg.output``; resumes per shard, and
+    redoes a shard whose input shard changed."""
     try:
-        for res in engine.map(reinforce_shard, units, cfg, progress):
-            records[res.filename] = {"samples": res.samples, "bytes": res.bytes, "md5": res.md5,
-                                     "rnf_bytes": res.rnf_bytes, "label_space": res.label_space,
-                                     "emb_dim": res.emb_dim}
-            samples_now += res.samples
-            augs_now += res.augs
+        return run_stage(ReinforceStage(cfg, TrainSet(cfg.output)), progress)
     finally:
         close_replay_pool()  # the in-process worker's (--workers 1); worker processes stop theirs on exit
-    seconds = time.monotonic() - t0
-    ds.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
-
-    # index files; _info.json last
-    classes = Path(cfg.trainset) / CLASSES_FILE
-    if classes.is_file():
-        with atomic_write(out / CLASSES_FILE) as f:
-            f.write(classes.read_bytes())
-    name = info.get("name") or out.name
-    for split, s in splits.items():
-        write_json_atomic(out / wids_index_name(name, split), {
-            "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{name}-{split}",
-            "shardlist": [{"url": fn, "nsamples": int(n), "filesize": records[fn]["bytes"],
-                           "md5sum": records[fn]["md5"]} for fn, n in zip(s["filenames"], s["shard_lengths"])],
-        })
-    reinforced = [records[fn] for sp in cfg.splits for fn in splits[sp]["filenames"]]
-    n_samples = sum(int(n) for sp in cfg.splits for n in splits[sp]["shard_lengths"])
-    rnf_total = sum(int(r.get("rnf_bytes", 0)) for r in reinforced)
-    spaces = sorted({r.get("label_space") for r in reinforced if r.get("label_space")})
-    if len(spaces) > 1:
-        raise UserError(f"{out}: shards in different label spaces {spaces}; reinforce into a new -o")
-    space = spaces[0] if spaces else cfg.label_space
-    emb_dim = max((int(r.get("emb_dim", 0)) for r in reinforced), default=0)
-    per_sample = rnf_total / n_samples if n_samples else 0.0
-    manifest.update(
-        state="complete",
-        counts={split: int(sum(s["shard_lengths"])) for split, s in splits.items()},
-        reinforce={
-            "splits": list(cfg.splits), "label_space": space,
-            "num_classes": len(get_label_space(space)) if space else None,
-            "augs": cfg.augs, "topk": cfg.topk, "embeddings": cfg.embeddings, "emb_dim": emb_dim,
-            "member": RNF_EXT, "rnf_version": 1, "samples": n_samples, "rnf_bytes": rnf_total,
-            "bytes_per_sample": round(per_sample, 2), "bytes_per_aug": round(per_sample / cfg.augs, 2),
-            "bytes_per_aug_schema": bytes_per_aug(cfg.topk, cfg.policy.ra_ops, emb_dim, cfg.policy.mixes),
-        },
-    )
-    ds.write_manifest(manifest)
-    write_json_atomic(out / INFO_FILE, info)
-    return ReinforceSummary(str(out), n_samples, len(units) + skipped, len(units), skipped, samples_now, augs_now,
-                            seconds, device, space, rnf_total, cfg.augs)
-
-
-def reinforce_info(trainset: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``reinforce`` block of a reinforced training set's manifest (None otherwise)."""
-    path = Path(trainset) / "silverlabel.json"
-    try:
-        man = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return man.get("reinforce") if man.get("stage") == "reinforce" else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -677,15 +628,13 @@ def inspect_sample(trainset: str, key: str | None = None, split: str | None = No
     """A readable dump of one sample's ``.rnf`` member (the first one, or ``key``)."""
     from silverlabel.teachers.labelspace import get_label_space
 
-    info = read_trainset_info(trainset)
-    rinfo = reinforce_info(trainset) or {}
-    splits = info.get("splits", {})
-    order = [split] if split else (list(rinfo.get("splits", [])) or list(splits))
+    ts = TrainSet(trainset)
+    info = ts.read_info()
+    rinfo = ts.reinforce_info() or {}
+    order = [split] if split else (list(rinfo.get("splits", [])) or list(info.get("splits", {})))
     for sp in order:
-        if sp not in splits:
-            raise UserError(f"{trainset}: no split {sp!r} (has {', '.join(sorted(splits))})")
-        for fn in splits[sp]["filenames"]:
-            path = os.path.join(trainset, fn)
+        for fn in ts.split(sp, info)["filenames"]:
+            path = str(ts.tar_path(fn))
             for i, s in enumerate(iter_tar_samples(path)):
                 if RNF_EXT not in s.members or (key is not None and s.key != key):
                     continue

@@ -335,7 +335,7 @@ def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None)
         if spool is not None:
             spool.close()
     md5 = hf.md5.hexdigest()
-    unit.commit.write([unit.filename], info={"samples": n, "bytes": size, "md5": md5}, md5={unit.filename: md5})
+    unit.commit.write([path], info={"samples": n, "bytes": size, "md5": md5}, md5={path: md5})
     return ShardResult(unit.filename, n, size, md5, time.monotonic() - t0)
 
 
