@@ -168,6 +168,9 @@ def test_recipe_errors_name_the_step_and_key(recipe, tmp_path):
     bad.write_text(RECIPE.replace("stage: shard", "stage: shred"))
     with pytest.raises(UserError, match="unknown stage 'shred'"):
         pipeline.load_recipe(bad)
+    bad.write_text(RECIPE.replace("  pool:\n", "  vars:\n", 1))
+    with pytest.raises(UserError, match="a step name is a word"):
+        pipeline.load_recipe(bad)
     with pytest.raises(UserError, match="unknown key 'nope'"):
         pipeline.load_recipe(recipe, overrides=["steps.pool.nope=1"])
     with pytest.raises(UserError, match="no step named 'x'"):

@@ -306,6 +306,8 @@ def load_recipe(path: str | os.PathLike, out: str | None = None, overrides: Sequ
 def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, Step], base: Path, root: Path,
                 path: Path) -> Step:
     where = f"{path}: step {name!r}"
+    if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name in ("out", "vars"):
+        raise UserError(f"{where}: a step name is a word (letters, digits, '_', '-'), not out or vars")
     if not isinstance(body, dict) or "stage" not in body:
         raise UserError(f"{where}: give its stage ({', '.join(STAGES)}) and config fields")
     stage = body["stage"]
@@ -449,7 +451,7 @@ def _fits(tp: Any, value: Any) -> bool:
         return isinstance(value, (int, float, str)) and not isinstance(value, bool)
     if origin in (tuple, list):
         return isinstance(value, (list, tuple))
-    if origin in (dict, Mapping) or origin is typing.get_origin(Mapping[str, int]):
+    if origin in (dict, Mapping):
         return isinstance(value, Mapping)
     if dataclasses.is_dataclass(tp):
         return isinstance(value, (Mapping, str))
