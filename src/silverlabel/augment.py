@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from silverlabel.errors import UserError
+from silverlabel.options import opt, pair
 
 Q = 65535  # fraction quantisation: f = q / Q
 FILL = (128, 128, 128)
@@ -164,14 +165,17 @@ class Aug:
 class AugPolicy:
     """How augmentations are drawn (stored with the dataset; replay does not need it)."""
 
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    ra_ops: int = 2  # RandAugment ops per augmentation (0: none)
-    ra_magnitude: float = 9.0  # of 10 (timm's rand-m9)
+    scale: tuple[float, float] = opt((0.08, 1.0), "crop area range", type=pair, metavar="MIN,MAX",
+                                     default_help="0.08,1")
+    ratio: tuple[float, float] = opt((3 / 4, 4 / 3), "crop aspect range", type=pair, metavar="MIN,MAX",
+                                     default_help="3/4,4/3")
+    hflip: float = opt(0.5, "flip probability", type=float)
+    ra_ops: int = opt(2, "RandAugment ops per augmentation; 0 = none", type=int)
+    ra_magnitude: float = opt(9.0, "RandAugment magnitude, 0-10", type=float)  # of 10 (timm's rand-m9)
     ra_mstd: float = 0.5
-    mix: str = "none"  # none | mixup | cutmix | both
-    mix_prob: float = 1.0
+    mix: str = opt("none", "mix each augmentation with another sample of the shard",
+                   choices=("none", "mixup", "cutmix", "both"))
+    mix_prob: float = opt(1.0, "share of augmentations mixed, with --mix", type=float)
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
 

@@ -6,8 +6,10 @@ file or tar sample); :func:`load_bytes` gets an item's image bytes in a worker.
     >>> kind_of("metadata/part-0001.parquet"), kind_of("shards/00000.tar")
     ('table', 'tar')
 
-To add a source: a module with a class implementing :class:`Source` and one
-``@register_source`` line.
+To add a source: a module with a class implementing :class:`Source`, decorated with
+``@register_source("kind", detect=fn)`` (``fn(path) -> bool`` recognises its paths; without
+it the kind is used only when named by ``--source-kind``), and one line in
+:data:`SOURCE_MODULES`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from silverlabel.errors import UserError
+from silverlabel.options import csv_list, opt
 
 KIND_URL = "url"
 KIND_FILE = "file"
@@ -71,54 +74,103 @@ class Source(Protocol):
 class SourceOptions:
     """Options that shape how sources are read (CLI: ``--url-col`` etc.)."""
 
-    url_col: str = "url"
-    caption_col: str | None = None  # None: "caption", else "text" (COYO-700M, DataComp)
-    uid_col: str = "uid"
-    id_col: str = "id"
-    keep_cols: tuple[str, ...] = ()
-    folder_labels: str = "auto"  # auto | on | off
-    kind: str | None = None  # force a source kind instead of detecting it
+    url_col: str = opt("url", "", group="URL table columns", default_help="")
+    caption_col: str | None = opt(None, "default: caption, else text (COYO/DataComp)", group="URL table columns")
+    uid_col: str = opt("uid", "", group="URL table columns", default_help="")
+    id_col: str = opt("id", "", group="URL table columns", default_help="")
+    keep_cols: tuple[str, ...] = opt((), "extra columns to carry through", type=csv_list, metavar="A,B",
+                                     group="URL table columns")
+    folder_labels: str = opt("auto", "ImageFolder class labels from sub-folder names", choices=("auto", "on", "off"),
+                             group="URL table columns", default_help="default: auto")
+    kind: str | None = opt(None, "do not guess the source kind", flag="--source-kind", choices=lambda: source_kinds())
 
 
 _REGISTRY: dict[str, Callable[[str, SourceOptions], Source]] = {}
+#: (kind, ``detect(path) -> bool``), asked in order by :func:`kind_of`; a folder no rule claims
+#: is an image folder
+_DETECTORS: list[tuple[str, Callable[[str], bool]]] = []
+#: The modules that register the built-in sources (a new source: one more line here).
+SOURCE_MODULES = ("silverlabel.sources.tars", "silverlabel.sources.tables", "silverlabel.sources.folder")
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
-def register_source(kind: str) -> Callable:
-    """Class decorator: ``@register_source("tar")`` makes ``kind`` usable as a source."""
+def register_source(kind: str, detect: Callable[[str], bool] | None = None) -> Callable:
+    """Class decorator: ``@register_source("tar")`` makes ``kind`` usable as a source;
+    ``detect(path)`` lets :func:`kind_of` recognise its paths."""
 
     def deco(cls):
         _REGISTRY[kind] = cls
+        if detect is not None:
+            _DETECTORS.append((kind, detect))
         return cls
 
     return deco
+
+
+def _load_sources() -> None:
+    import importlib
+
+    for module in SOURCE_MODULES:
+        importlib.import_module(module)
+
+
+def source_kinds() -> list[str]:
+    """The registered source kinds (``--source-kind`` choices)."""
+    _load_sources()
+    return sorted(_REGISTRY)
 
 
 def _strip_gz(name: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
-def kind_of(path: str) -> str:
-    """Guess the source kind of a path: ``table``, ``tar`` or ``folder``."""
+def _entries(path: str) -> list[str]:
+    return [e.name.lower() for e in os.scandir(path) if not e.name.startswith(".")]
+
+
+def _is_tar_name(path: str) -> bool:
     name = _strip_gz(path.lower())
-    if name.endswith(".tar") or ("{" in name and ".tar" in name):
-        return "tar"
-    if name.endswith(TABLE_SUFFIXES):
-        return "table"
+    return name.endswith(".tar") or ("{" in name and ".tar" in name)
+
+
+def _is_tar_folder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    entries = _entries(path)
+    return any(e.endswith(".tar") for e in entries) and not any(os.path.isdir(os.path.join(path, e)) for e in entries)
+
+
+def _is_table(path: str) -> bool:
+    if _strip_gz(path.lower()).endswith(TABLE_SUFFIXES):
+        return True
+    if not os.path.isdir(path):
+        return False
+    if selection_table_dir(path) is not None:
+        return True
+    entries = _entries(path)
+    files = [e for e in entries if os.path.isfile(os.path.join(path, e))]
+    return all(_strip_gz(e).endswith(TABLE_SUFFIXES) for e in files) and any(
+        _strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries)
+
+
+# the built-in kinds' rules, asked first: a file name says tar or table before a folder's
+# contents are looked at
+_DETECTORS += [("tar", _is_tar_name), ("table", _is_table), ("tar", _is_tar_folder)]
+
+
+def kind_of(path: str) -> str:
+    """Guess the source kind of a path: the first kind whose rule accepts it, else ``folder``
+    for a folder."""
+    _load_sources()
+    for kind, detect in _DETECTORS:
+        if detect(path):
+            return kind
     if os.path.isdir(path):
-        if selection_table_dir(path) is not None:
-            return "table"
-        entries = [e.name.lower() for e in os.scandir(path) if not e.name.startswith(".")]
-        if entries and all(_strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries if os.path.isfile(os.path.join(path, e))) and any(
-            _strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries
-        ):
-            return "table"
-        if any(e.endswith(".tar") for e in entries) and not any(os.path.isdir(os.path.join(path, e)) for e in entries):
-            return "tar"
         return "folder"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    raise UserError(f"{path}: cannot tell what kind of source this is; use --source-kind table|folder|tar")
+    raise UserError(f"{path}: cannot tell what kind of source this is; use --source-kind "
+                    f"{'|'.join(source_kinds())}")
 
 
 def selection_table_dir(path: str) -> str | None:
@@ -138,8 +190,7 @@ def selection_table_dir(path: str) -> str | None:
 
 def open_source(path: str, options: SourceOptions) -> Source:
     """Create the source for ``path`` (detected kind unless ``options.kind`` forces one)."""
-    from silverlabel.sources import folder, tables, tars  # noqa: F401  (registration)
-
+    _load_sources()
     kind = options.kind or kind_of(path)
     if kind == "table" and os.path.isdir(path):
         path = selection_table_dir(path) or path
@@ -191,4 +242,5 @@ __all__ = [
     "open_source",
     "register_source",
     "selection_table_dir",
+    "source_kinds",
 ]

@@ -57,6 +57,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import quote, urljoin, urlsplit
 
 from silverlabel.errors import UserError
+from silverlabel.options import csv_list, opt, parse_size, positive_int
 
 __all__ = ["FetchConfig", "FetchResult", "Fetcher", "robots_opt_out"]
 
@@ -92,19 +93,24 @@ _BOT_PREFIX = re.compile(r"\s*([A-Za-z0-9_.*-]+)\s*:(.*)", re.S)
 class FetchConfig:
     """How a :class:`Fetcher` behaves; see the module docstring for the semantics."""
 
-    timeout: float = 20.0
-    max_bytes: int = 20 * 1024 * 1024
-    retries: int = 2
+    timeout: float = opt(20.0, "total deadline per request, s", type=float, group="HTTP")
+    max_bytes: int = opt(20 * 1024 * 1024, "byte cap per image", type=parse_size, group="HTTP", default_help="20MB")
+    retries: int = opt(2, "retries for errors, 429, 5xx", type=int, group="HTTP")
     backoff: float = 0.5
     max_retry_after: float = 30.0
-    max_redirects: int = 5
-    per_host: int = 16
-    user_agent: str = f"silverlabel/{_version()} (+https://github.com/silverlabel/silverlabel)"
+    max_redirects: int = opt(5, "", type=int, group="HTTP")
+    per_host: int = opt(16, "connections per host", type=positive_int, group="HTTP")
+    user_agent: str = opt(f"silverlabel/{_version()} (+https://github.com/silverlabel/silverlabel)", "",
+                          group="HTTP")
     user_agent_token: str = "silverlabel"
-    robots_optout: tuple[str, ...] = ("noai", "noimageai")
-    respect_robots: bool = True
+    robots_optout: tuple[str, ...] = opt(("noai", "noimageai"), "X-Robots-Tag directives to honour besides "
+                                         "noai,noimageai (e.g. noindex)", type=csv_list, metavar="D1,D2",
+                                         extend=True, group="HTTP", default_help="")
+    respect_robots: bool = opt(True, "do not honour X-Robots-Tag (not recommended)", flag="--ignore-robots",
+                               action="store_false", group="HTTP", default_help="")
     dns_ttl: float = 300.0
-    verify_tls: bool = True
+    verify_tls: bool = opt(True, "do not verify TLS certificates", flag="--insecure", action="store_false",
+                           group="HTTP", default_help="")
 
 
 @dataclass

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from silverlabel.errors import UserError
-
-#: native label space by number of classes, for teachers that do not say
-SPACE_BY_CLASSES = {1000: "in1k", 11821: "in12k", 21841: "in21k"}
+from silverlabel.teachers.labelspace import SPACE_BY_CLASSES, canonical_space_name  # noqa: F401  (SPACE_BY_CLASSES:
+# the native space by class count, for teachers that do not say)
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,8 @@ def validate_teacher_spec(spec: TeacherSpec) -> None:
     available_teachers()
     if spec.activation not in (None, "softmax", "sigmoid"):
         raise UserError(f"--activation must be softmax or sigmoid, not {spec.activation!r}")
+    if spec.label_space is not None:
+        canonical_space_name(spec.label_space)  # a UserError naming the known spaces
     if spec.kind == "builtin" and spec.name not in _REGISTRY:
         raise UserError(f"unknown teacher {spec.name!r} (available: {', '.join(available_teachers())})")
     if spec.checkpoint and not os.path.isfile(spec.checkpoint):

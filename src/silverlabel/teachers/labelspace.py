@@ -54,14 +54,45 @@ from silverlabel.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: canonical name -> timm ``data/_info`` file
-SPACE_FILES = {"in1k": "imagenet_synsets.txt", "in12k": "imagenet12k_synsets.txt", "in21k": "imagenet22k_synsets.txt"}
-_ALIASES = {
-    "in1k": "in1k", "imagenet1k": "in1k", "imagenet-1k": "in1k", "imagenet": "in1k", "1k": "in1k",
-    "in12k": "in12k", "imagenet12k": "in12k", "imagenet-12k": "in12k", "12k": "in12k",
-    "in21k": "in21k", "imagenet21k": "in21k", "imagenet-21k": "in21k", "in22k": "in21k",
-    "imagenet22k": "in21k", "imagenet-22k": "in21k", "21k": "in21k", "22k": "in21k",
-}
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """A registered label space: its wnid list (a file name in timm's ``data/_info``, or an
+    absolute path), its size (known without reading the list) and the other names it goes by."""
+
+    name: str
+    wnids_file: str
+    num_classes: int
+    aliases: tuple[str, ...] = ()
+
+
+#: The one table of label spaces; every list of names (CLI choices, checks) comes from it.
+SPACES: dict[str, SpaceInfo] = {}
+#: Derived indexes of :data:`SPACES`, kept by :func:`register_label_space`.
+SPACE_FILES: dict[str, str] = {}
+SPACE_BY_CLASSES: dict[int, str] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_label_space(name: str, wnids_file: str, num_classes: int, aliases: tuple[str, ...] = ()) -> SpaceInfo:
+    """Make ``name`` a label space (a new one: its wnid list plus this one line).
+
+    >>> SPACES["in12k"].num_classes, SPACE_BY_CLASSES[21841], _ALIASES["imagenet-1k"]
+    (11821, 'in21k', 'in1k')
+    """
+    info = SpaceInfo(name, wnids_file, num_classes, tuple(aliases))
+    SPACES[name] = info
+    SPACE_FILES[name] = wnids_file
+    SPACE_BY_CLASSES.setdefault(num_classes, name)
+    for alias in (name, *info.aliases):
+        _ALIASES[alias.lower()] = name
+    return info
+
+
+register_label_space("in1k", "imagenet_synsets.txt", 1000, ("imagenet1k", "imagenet-1k", "imagenet", "1k"))
+register_label_space("in12k", "imagenet12k_synsets.txt", 11821, ("imagenet12k", "imagenet-12k", "12k"))
+register_label_space("in21k", "imagenet22k_synsets.txt", 21841,
+                     ("imagenet21k", "imagenet-21k", "in22k", "imagenet22k", "imagenet-22k", "21k", "22k"))
 _WNID = re.compile(r"^n\d{8}$")
 Policy = Literal["ancestor", "drop", "error"]
 
@@ -223,8 +254,21 @@ def _timm_lemmas() -> dict[str, str]:
 
 
 def space_names() -> list[str]:
-    """The built-in label space names."""
-    return list(SPACE_FILES)
+    """The registered label space names (``--label-space`` choices).
+
+    >>> space_names()
+    ['in1k', 'in12k', 'in21k']
+    """
+    return list(SPACES)
+
+
+def space_size(name: str) -> int:
+    """Number of classes of label space ``name`` (or an alias), without reading its list.
+
+    >>> space_size("imagenet-22k")
+    21841
+    """
+    return SPACES[canonical_space_name(name)].num_classes
 
 
 def canonical_space_name(name: str) -> str:
@@ -236,12 +280,16 @@ def canonical_space_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     if key in _ALIASES:
         return _ALIASES[key]
-    raise UserError(f"unknown label space {name!r} (known: {', '.join(SPACE_FILES)})")
+    raise UserError(f"unknown label space {name!r} (known: {', '.join(SPACES)})")
 
 
 @lru_cache(maxsize=None)
 def _load_space(name: str) -> LabelSpace:
-    wnids = _read_lines(timm_info_dir() / SPACE_FILES[name])
+    info = SPACES[name]
+    wnids = _read_lines(timm_info_dir() / info.wnids_file)  # an absolute path stays itself
+    if len(wnids) != info.num_classes:
+        raise UserError(f"label space {name!r}: {info.wnids_file} lists {len(wnids)} classes, "
+                        f"registered with {info.num_classes}")
     lemmas = _timm_lemmas()
     return LabelSpace(name, tuple(wnids), tuple(lemmas.get(w, "") for w in wnids))
 
