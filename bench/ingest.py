@@ -3,18 +3,23 @@
 
 A figure, not a test. Everything runs on this machine over loopback:
 
-1. make a pool of N photo-like JPEGs (~640x480, ``silverlabel.demodata``),
-   serve them from a separate process (``ImageServerProcess``) and write the
-   URL list as ``urls.parquet`` (column ``url``) and ``urls.txt``;
+1. make a pool: N photo-like JPEGs of ``--size`` (``silverlabel.demodata``), or with
+   ``--pool mixed`` a web-like one (long sides 200..2,000 px, aspect 0.5..2, ~10%
+   PNG/WebP/gray/CMYK, ~1% truncated, ~1% 404s); serve it from a separate process
+   (``ImageServerProcess``) and write the URL list as ``urls.parquet`` and ``urls.txt``;
 2. time ``silverlabel ingest urls.parquet -o OUT/silverlabel --workers W
-   --samples-per-shard 250 --no-progress`` (wall clock of the whole command);
+   --samples-per-shard 250 --no-progress`` (wall clock and CPU of the whole command);
 3. time img2dataset (its own venv, ``bench/.venv-img2dataset``, created on
    first use) on the same URLs with matching settings (keep_ratio, shortest
    edge 600 only if bigger, JPEG q90, webdataset, 250 per shard, W processes);
-4. time the kernel limit: the same JPEG bytes already in memory, W worker
-   processes doing PIL decode -> (resize shortest edge to 600 if bigger,
-   LANCZOS) -> JPEG q90 encode; no network, no writing;
-5. print a markdown table (and append it, with the command and a machine
+4. time two in-process kernels over the same bytes already in memory, W worker
+   processes, no network, no writing: the *limit* with the libraries silverlabel uses
+   (libjpeg-turbo decode with DCT-domain reduction, OpenCV resize, libjpeg-turbo encode,
+   nothing else) and silverlabel's own ``process_image`` (orientation, colour, pHash,
+   sha256 included), whose CPU time is split by stage;
+5. measure where silverlabel's CPU goes per image (read, sha256, header, decode,
+   resize, encode, hash, tar, parquet), one step after the other in one process;
+6. print markdown tables (and append them, with the command and a machine
    description, to ``--markdown FILE``).
 
 Usage::
@@ -80,6 +85,56 @@ def make_pool(n: int, size: tuple[int, int], seed: int, procs: int) -> list[tupl
         return [item for t in tasks for item in _gen_chunk(t)]
     with mp.get_context("fork").Pool(procs) as pool:
         return [item for part in pool.imap(_gen_chunk, tasks) for item in part]
+
+
+def _gen_mixed(args: tuple[int, int, int]) -> list[tuple[str, bytes | None]]:
+    """Images ``start .. start+count-1`` of the web-like pool; ``None``: a URL that 404s."""
+    import numpy as np
+    from PIL import Image
+
+    start, count, seed = args
+    out: list[tuple[str, bytes | None]] = []
+    for i in range(start, start + count):
+        rng = np.random.default_rng([seed, i])
+        long_side = int(rng.uniform(200, 2000))
+        ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))  # width / height
+        w, h = (long_side, max(1, round(long_side / ratio))) if ratio >= 1 else (max(1, round(long_side * ratio)), long_side)
+        (_, jpg), = demodata.photo_like_images(1, size=(w, h), seed=seed, start=i)
+        u = rng.uniform()
+        name, data = f"img_{i:05d}.jpg", jpg
+        if u < 0.03:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(jpg)).save(buf, "PNG", compress_level=6)
+            name, data = f"img_{i:05d}.png", buf.getvalue()
+        elif u < 0.06:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(jpg)).save(buf, "WEBP", quality=90)
+            name, data = f"img_{i:05d}.webp", buf.getvalue()
+        elif u < 0.08:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(jpg)).convert("L").save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
+        elif u < 0.10:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(jpg)).convert("CMYK").save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
+        elif u < 0.11:
+            data = jpg[: len(jpg) // 2]  # truncated: a decode failure
+        elif u < 0.12:
+            data = None  # missing: the server answers 404
+        out.append((name, data))
+    return out
+
+
+def make_mixed_pool(n: int, seed: int, procs: int) -> list[tuple[str, bytes | None]]:
+    """A web-like pool: long sides 200..2,000 px, aspect ratios 0.5..2, ~10% PNG/WebP/gray/
+    CMYK, ~1% truncated JPEGs and ~1% URLs that 404."""
+    chunk = 25
+    tasks = [(s, min(chunk, n - s), seed) for s in range(0, n, chunk)]
+    if procs <= 1:
+        return [item for t in tasks for item in _gen_mixed(t)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        return [item for part in pool.imap(_gen_mixed, tasks) for item in part]
 
 
 # ---------------------------------------------------------------------------
@@ -328,73 +383,142 @@ def run_i2d(py: Path, url_txt: Path, out: Path, args, tag: str) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------
-# in-process kernel limit
+# in-process kernels: the limit with the same libraries, and silverlabel's own
 # ---------------------------------------------------------------------------
 
 _KERNEL_IMAGES: list[bytes] = []
-KERNEL_ALL = "kernel: decode→resize→encode every image"
-KERNEL_PASS = "kernel: same, keep RGB JPEGs needing no resize"
+KERNEL_LIBS = "kernel limit: libjpeg-turbo + OpenCV, decode→resize→encode, nothing else"
+KERNEL_SL = "kernel: silverlabel process_image, in process"
+STAGES = ("sha256", "header", "decode", "resize", "encode", "hash")
 
 
-def _kernel_chunk(task: tuple[int, int, int, int, bool]) -> tuple[int, int, float]:
-    """Decode -> resize (shortest edge <= max_edge, LANCZOS) -> JPEG encode.
-
-    With ``passthrough``, RGB JPEGs that need no resize keep their bytes (after
-    a full decode), and others are converted to RGB: silverlabel's policy.
-    """
+def _libs_one(raw: bytes, max_edge: int, quality: int) -> int:
+    """The least work that stores the same pixels with the same libraries silverlabel uses:
+    JPEGs decoded by libjpeg-turbo (reduced in the DCT domain where >= 2x the target
+    remains; a JPEG needing no resize decoded at 1/8 only to prove it is whole, its bytes
+    kept), anything else by Pillow; OpenCV's resize; libjpeg-turbo's encoder. No EXIF
+    orientation, colour management, pHash or checksum. Returns the stored size."""
+    import cv2
+    import numpy as np
+    import simplejpeg
     from PIL import Image
 
-    lo, hi, max_edge, quality, passthrough = task
+    from silverlabel.imageops import _dct_reduction
+
+    arr = None
+    if raw[:2] == b"\xff\xd8":
+        h, w, cs, _ = simplejpeg.decode_jpeg_header(raw)
+        if cs not in ("CMYK", "YCCK"):
+            if min(w, h) <= max_edge:
+                simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_width=-(-w // 8), min_height=-(-h // 8))
+                return len(raw)
+            s = _dct_reduction(min(w, h) / max_edge)
+            arr = simplejpeg.decode_jpeg(raw, min_width=-(-w // s), min_height=-(-h // s))
+    if arr is None:
+        arr = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    h, w = arr.shape[:2]
+    if min(w, h) > max_edge:
+        s = max_edge / min(w, h)
+        tw, th = max(1, round(w * s)), max(1, round(h * s))
+        f = min(w / tw, h / th)
+        arr = cv2.resize(arr, (tw, th), interpolation=cv2.INTER_LINEAR if f < 2 else cv2.INTER_AREA)
+    return len(simplejpeg.encode_jpeg(arr, quality=quality, colorspace="RGB", colorsubsampling="420"))
+
+
+def _kernel_chunk(task: tuple[int, int, int, int, str]) -> tuple[int, int, float, dict[str, float]]:
+    lo, hi, max_edge, quality, kind = task
+    import cv2
+
+    cv2.setNumThreads(1)
+    from silverlabel.imageops import ImageConfig, process_image
+
+    cfg = ImageConfig(max_shortest_edge=max_edge, quality=quality)
     cpu0 = time.process_time()
-    ok = 0
-    nbytes = 0
+    ok = nbytes = 0
+    timings: dict[str, float] = {}
     for i in range(lo, hi):
+        raw = _KERNEL_IMAGES[i]
+        if kind == "silverlabel":
+            r = process_image(raw, cfg, timings)
+            if r.status == "success":
+                ok += 1
+                nbytes += len(r.data)
+            continue
         try:
-            raw = _KERNEL_IMAGES[i]
-            im = Image.open(io.BytesIO(raw))
-            fmt = im.format
-            im.load()
-            w, h = im.size
-            short = min(w, h)
-            if passthrough:
-                if fmt == "JPEG" and im.mode == "RGB" and short <= max_edge:
-                    nbytes += len(raw)  # already what we would store: keep the bytes
-                    ok += 1
-                    continue
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-            elif im.mode not in ("RGB", "L"):
-                im = im.convert("RGB")
-            if short > max_edge:
-                s = max_edge / short
-                im = im.resize((max(1, round(w * s)), max(1, round(h * s))),
-                               Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=quality)
-            nbytes += buf.tell()
+            nbytes += _libs_one(raw, max_edge, quality)
             ok += 1
-        except Exception:  # noqa: BLE001 - count as failure
+        except Exception:  # noqa: BLE001 - a failure, as in the pool
             pass
-    return ok, nbytes, time.process_time() - cpu0
+    return ok, nbytes, time.process_time() - cpu0, timings
 
 
-def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int,
-               passthrough: bool = False) -> dict[str, Any]:
+def run_kernel(images: list[bytes], workers: int, max_edge: int, quality: int, kind: str) -> dict[str, Any]:
     global _KERNEL_IMAGES
     _KERNEL_IMAGES = images  # inherited by forked workers: no pickling of inputs
     n = len(images)
     chunk = 20
-    tasks = [(lo, min(n, lo + chunk), max_edge, quality, passthrough) for lo in range(0, n, chunk)]
+    tasks = [(lo, min(n, lo + chunk), max_edge, quality, kind) for lo in range(0, n, chunk)]
     with mp.get_context("fork").Pool(workers) as pool:
         # warm-up: imports, first decoder/encoder use, in every worker
-        warm = [(lo, min(n, lo + 5), max_edge, quality, passthrough)
-                for lo in range(0, min(n, 5 * workers * 2), 5)]
+        warm = [(lo, min(n, lo + 5), max_edge, quality, kind) for lo in range(0, min(n, 5 * workers * 2), 5)]
         list(pool.imap_unordered(_kernel_chunk, warm))
         t0 = time.perf_counter()
         results = list(pool.imap_unordered(_kernel_chunk, tasks))
         dt = time.perf_counter() - t0
+    stages: dict[str, float] = {}
+    for r in results:
+        for k, v in r[3].items():
+            stages[k] = stages.get(k, 0.0) + v
     return {"seconds": dt, "rc": 0, "successes": sum(r[0] for r in results),
-            "out_bytes": sum(r[1] for r in results), "cpu": sum(r[2] for r in results)}
+            "out_bytes": sum(r[1] for r in results), "cpu": sum(r[2] for r in results), "stages": stages}
+
+
+def stage_breakdown(urls: list[str], max_edge: int, quality: int, limit: int = 400) -> dict[str, float]:
+    """CPU milliseconds per image of each step of an ingest, measured one after the other in
+    this process on the first ``limit`` images: read (HTTP fetch through silverlabel's
+    client), the kernel's stages, the tar member writes and the samples parquet."""
+    import pyarrow.parquet as pq
+
+    from silverlabel.formats.tables import samples_table
+    from silverlabel.formats.wds import ShardWriter
+    from silverlabel.imageops import ImageConfig, process_image
+    from silverlabel.sources.http import FetchConfig, Fetcher
+
+    urls = urls[:limit]
+    cfg = ImageConfig(max_shortest_edge=max_edge, quality=quality)
+    fetcher = Fetcher(FetchConfig())
+    out: dict[str, float] = {"read": 0.0}
+    raws = []
+    for u in urls:
+        t = time.process_time()
+        r = fetcher.fetch(u)
+        out["read"] += time.process_time() - t
+        raws.append(r.data if r.status == "success" else None)
+    fetcher.close()
+    results = []
+    timings: dict[str, float] = {}
+    for raw in raws:
+        results.append(process_image(raw, cfg, timings) if raw is not None else None)
+    out.update(timings)
+    t = time.process_time()
+    buf = io.BytesIO()
+    with ShardWriter(buf) as w:
+        for i, r in enumerate(results):
+            if r is not None and r.status == "success":
+                meta = {"key": f"{i:09d}", "url": urls[i], "width": r.width, "height": r.height,
+                        "sha256": r.sha256, "imagehash": r.imagehash}
+                w.write(f"{i:09d}", {"jpg": r.data, "json": json.dumps(meta).encode()})
+    out["tar"] = time.process_time() - t
+    t = time.process_time()
+    rows = [{"key": f"{i:09d}", "uid": None, "id": i, "url": u, "caption": None, "status":
+             (r.status if r is not None else "failed_download"), "error": (r.error if r is not None else "404"),
+             "width": getattr(r, "width", None), "height": getattr(r, "height", None),
+             "original_width": getattr(r, "original_width", None), "original_height": getattr(r, "original_height", None),
+             "sha256": getattr(r, "sha256", None), "imagehash": getattr(r, "imagehash", None), "shard": "x.tar",
+             "source": None, "label": None} for i, (u, r) in enumerate(zip(urls, results))]
+    pq.write_table(samples_table(rows), io.BytesIO())
+    out["parquet"] = time.process_time() - t
+    return {k: v * 1000 / max(1, len(urls)) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -463,26 +587,35 @@ def fmt_table(rows: list[dict[str, Any]], n: int) -> str:
     def rate(r):
         return r["successes"] / r["seconds"] if r.get("seconds") else 0.0
 
-    ref_i2d = next((rate(r) for r in rows if r["method"].startswith("img2dataset") and r.get("seconds")), None)
-    ref_k = next((rate(r) for r in rows if r["method"] == KERNEL_ALL and r.get("seconds")), None)
-    ref_kp = next((rate(r) for r in rows if r["method"] == KERNEL_PASS and r.get("seconds")), None)
+    i2d = next((r for r in rows if r["method"].startswith("img2dataset") and r.get("seconds")), None)
+    ref_k = next((rate(r) for r in rows if r["method"] == KERNEL_LIBS and r.get("seconds")), None)
     lines = [
-        "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel "
-        "| vs kernel (keep) | CPU s | server CPU s | output MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | images | successes | seconds | images/s | vs img2dataset | vs kernel limit "
+        "| CPU s | CPU ms/image | CPU vs img2dataset | server CPU s | output MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("seconds") is None:
-            lines.append(f"| {r['method']} ({r.get('note', '')}) | {n} |" + " – |" * 9)
+            lines.append(f"| {r['method']} ({r.get('note', '')}) | {n} |" + " – |" * 10)
             continue
         rr = rate(r)
-        vi = f"{rr / ref_i2d:.2f}x" if ref_i2d else "–"
+        vi = f"**{rr / rate(i2d):.2f}x**" if i2d else "–"
         vk = f"{rr / ref_k:.2f}x" if ref_k else "–"
-        vkp = f"{rr / ref_kp:.2f}x" if ref_kp else "–"
+        ms = 1000 * r["cpu"] / max(1, n)
+        ci = f"{ms / (1000 * i2d['cpu'] / max(1, n)):.2f}x" if i2d and i2d["cpu"] else "–"
         lines.append(
-            f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} | {vkp} "
-            f"| {r['cpu']:.1f} | {r['server_cpu']:.1f} | {r['out_bytes'] / 1e6:.1f} |")
+            f"| {r['method']} | {n} | {r['successes']} | {r['seconds']:.2f} | {rr:.1f} | {vi} | {vk} "
+            f"| {r['cpu']:.1f} | {ms:.2f} | {ci} | {r['server_cpu']:.1f} | {r['out_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
+
+
+def fmt_stages(stages: dict[str, float]) -> str:
+    """The per-step CPU table (ms per image)."""
+    order = ["read", *STAGES, "tar", "parquet"]
+    keys = [k for k in order if k in stages] + sorted(k for k in stages if k not in order)
+    total = sum(stages.values())
+    return ("| step | " + " | ".join(keys) + " | total |\n|---|" + "---:|" * (len(keys) + 1) + "\n"
+            + "| CPU ms/image | " + " | ".join(f"{stages[k]:.2f}" for k in keys) + f" | {total:.2f} |")
 
 
 def summarize(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -508,7 +641,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="work dir (default: a fresh temp dir, removed at the end)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per method (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="640x480", help="nominal pool image size WxH")
+    p.add_argument("--size", default="640x480", help="nominal pool image size WxH (uniform pool)")
+    p.add_argument("--pool", choices=["uniform", "mixed"], default="uniform",
+                   help="uniform: photo-like JPEGs of --size; mixed: web-like (200..2,000 px, aspect 0.5..2, "
+                        "~10%% PNG/WebP/gray/CMYK, ~2%% failures)")
     p.add_argument("--samples-per-shard", type=int, default=250)
     p.add_argument("--max-edge", type=int, default=600, help="shortest edge cap (resize only if bigger)")
     p.add_argument("--quality", type=int, default=90, help="JPEG re-encode quality")
@@ -520,7 +656,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--i2d-python", default=None, help="interpreter for bench/.venv-img2dataset (<= 3.12)")
     p.add_argument("--silverlabel", default=None, help="silverlabel command (default: next to this python)")
     p.add_argument("--silverlabel-extra", default="", help="extra args appended to `silverlabel ingest`")
-    p.add_argument("--only", default="silverlabel,img2dataset,kernel",
+    p.add_argument("--only", default="silverlabel,img2dataset,kernel,stages",
                    help="comma list of methods to run")
     p.add_argument("--run-timeout", type=float, default=1800, help="kill a CLI run after this many seconds")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
@@ -545,10 +681,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     machine_at_start = machine_description()
     t0 = time.perf_counter()
-    pool = make_pool(args.n, (w, h), args.seed, max(1, args.workers))
+    if args.pool == "mixed":
+        entries = make_mixed_pool(args.n, args.seed, max(1, args.workers))
+    else:
+        entries = make_pool(args.n, (w, h), args.seed, max(1, args.workers))
+    pool = [(name, b) for name, b in entries if b is not None]  # what the server has
     gen_s = time.perf_counter() - t0
     total_mb = sum(len(b) for _, b in pool) / 1e6
-    log(f"pool: {len(pool)} JPEGs, {total_mb:.1f} MB, generated in {gen_s:.1f}s")
+    log(f"pool: {len(entries)} URLs, {len(pool)} served images, {total_mb:.1f} MB, generated in {gen_s:.1f}s")
 
     files = as_served_files(pool)
     rows: list[dict[str, Any]] = []
@@ -570,7 +710,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with ImageServerProcess(files) as srv:
         log(f"serving on {srv.base_url} (pid {srv.pid})")
-        urls = [srv.url(name) for name, _ in pool]
+        urls = [srv.url(name) for name, _ in entries]
         urls_parquet, urls_txt = write_url_lists(urls, out / "urls")
         n_warm = min(len(urls), max(50, 25 * args.workers))
         warm_parquet, warm_txt = write_url_lists(urls[:n_warm], out / "urls-warmup")
@@ -585,10 +725,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 i2d_py, urls_txt, out / "img2dataset", args, tag)))
         if "kernel" in only:
             images = [b for _, b in pool]
-            methods.append((KERNEL_ALL, lambda urls_pq, urls_txt, tag: run_kernel(
-                images, args.workers, args.max_edge, args.quality)))
-            methods.append((KERNEL_PASS, lambda urls_pq, urls_txt, tag: run_kernel(
-                images, args.workers, args.max_edge, args.quality, passthrough=True)))
+            methods.append((KERNEL_LIBS, lambda urls_pq, urls_txt, tag: run_kernel(
+                images, args.workers, args.max_edge, args.quality, "libs")))
+            methods.append((KERNEL_SL, lambda urls_pq, urls_txt, tag: run_kernel(
+                images, args.workers, args.max_edge, args.quality, "silverlabel")))
 
         def measured(fn, *a):
             s0 = proc_cpu_seconds(srv.pid)
@@ -615,7 +755,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if r["rc"] != 0:
                     problems.append(f"{name} exited {r['rc']}; log tail:\n{tail(r['log'])}")
                     log(problems[-1])
-                if r["successes"] != len(urls):
+                if r["successes"] != len(urls) and args.pool == "uniform":
                     problems.append(f"{name} wrote {r['successes']} of {len(urls)} images"
                                     + (f" (stats {r['stats']})" if "stats" in r else "")
                                     + ": comparison not like for like")
@@ -635,9 +775,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append({"method": "img2dataset", "seconds": None, "note": "not installed"})
         # the fixed reference rows go last
         rows.sort(key=lambda r: r["method"].startswith("kernel"))
+        stages = stage_breakdown(urls, args.max_edge, args.quality) if "stages" in only else None
 
-    table = fmt_table(rows, len(pool))
+    table = fmt_table(rows, len(entries))
     print(table)
+    if stages:
+        print("\nwhere silverlabel's CPU goes (one process, first 400 images):\n" + fmt_stages(stages))
+
     for p_ in problems:
         print(f"\nNOTE: {p_}")
 
@@ -650,14 +794,20 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"- at end: {machine_description().split('; load avg now ')[-1].split(';')[0]} (load avg; "
               "other work on a shared machine shows up here and in the spread of the runs)",
               f"- versions: {_versions(i2d_py)}",
-              f"- pool: {len(pool)} photo-like JPEGs (q92, nominal {w}x{h}, mixed 4:3/3:4/3:2), "
-              f"{total_mb:.1f} MB, served from 127.0.0.1 by a separate process; "
+              ("- pool: web-like mixed pool (long side 200..2,000 px, aspect 0.5..2, ~10% PNG/WebP/gray/CMYK, "
+               f"~1% truncated, ~1% 404): {len(entries)} URLs, " if args.pool == "mixed" else
+               f"- pool: {len(pool)} photo-like JPEGs (q92, nominal {w}x{h}, mixed 4:3/3:4/3:2), ")
+              + f"{total_mb:.1f} MB, served from 127.0.0.1 by a separate process; "
               f"{args.workers} worker processes for every method; shortest edge capped at "
               f"{args.max_edge} (resize only if bigger), JPEG q{args.quality}, "
               f"{args.samples_per_shard} samples/shard; median of {args.repeat} timed run(s) after a warm-up",
               ""]
         md.append(table)
         md.append("")
+        if stages:
+            md += ["CPU per step of silverlabel's ingest (ms per image; one process, first 400 images, measured "
+                   "one step after the other; read = HTTP fetch through silverlabel's client):", "",
+                   fmt_stages(stages), ""]
         for r in rows:
             if r.get("cmd"):
                 md.append(f"- silverlabel: `{r['cmd']}`")

@@ -28,6 +28,7 @@ import io
 import math
 import struct
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -35,12 +36,16 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from silverlabel.errors import UserError
+from silverlabel.options import int_or_off, opt, positive_int
 
 # Pillow must not silently accept truncated files: a truncated JPEG is a failed decode.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel cap is ImageConfig.max_pixels, checked from the header before decoding;
 # Pillow's own global limit would otherwise override a user's larger cap.
 Image.MAX_IMAGE_PIXELS = None
+
+RESIZE_FILTERS = ("fast", "area", "lanczos")
+PHASH_MODES = ("fast", "exact")
 
 STATUS_SUCCESS = "success"
 STATUS_FAILED_DECODE = "failed_decode"
@@ -66,10 +71,17 @@ class ImageConfig:
     checked from the header, before any pixel is decoded.
     """
 
-    min_side: int = 48
-    max_shortest_edge: int | None = 600
-    quality: int = 90
-    max_pixels: int = 100_000_000
+    min_side: int = opt(48, "drop images whose shorter side is smaller", type=positive_int, group="images")
+    max_shortest_edge: int | None = opt(600, "downscale so the shortest edge is at most this; 0 keeps the size",
+                                        type=int_or_off, group="images")
+    quality: int = opt(90, "JPEG quality when re-encoding", type=int, group="images")
+    max_pixels: int = opt(100_000_000, "decompression-bomb cap", type=positive_int, group="images", default_help="1e8")
+    resize_filter: str = opt("fast", "downscale filter: fast (DCT-domain reduction for JPEGs, then bilinear below 2x and "
+                             "area above), area (OpenCV INTER_AREA, img2dataset's default), lanczos (Pillow)",
+                             choices=RESIZE_FILTERS, group="images")
+    phash: str = opt("fast", "fast: pHash of the stored pixels before encoding (within 2 bits of exact on >= 99%% of "
+                     "real photos); exact: str(imagehash.phash()) of the stored JPEG (a second decode)",
+                     choices=PHASH_MODES, group="images")
 
     def __post_init__(self) -> None:
         if self.min_side < 1:
@@ -82,6 +94,10 @@ class ImageConfig:
             raise UserError(f"quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
             raise UserError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise UserError(f"--resize-filter must be one of {', '.join(RESIZE_FILTERS)}, not {self.resize_filter!r}")
+        if self.phash not in PHASH_MODES:
+            raise UserError(f"--phash must be one of {', '.join(PHASH_MODES)}, not {self.phash!r}")
 
 
 @dataclass
@@ -421,21 +437,25 @@ def _fail(status: str, error: str, sha: str | None = None) -> ImageResult:
     return ImageResult(status=status, error=error, sha256=sha)
 
 
-def process_image(raw: bytes, cfg: ImageConfig | None = None) -> ImageResult:
+def process_image(raw: bytes, cfg: ImageConfig | None = None, timings: dict[str, float] | None = None) -> ImageResult:
     """Turn downloaded/read bytes into the JPEG to store, with its metadata.
 
     Never raises for a bad image: the status is one of ``success``, ``failed_decode``,
-    ``too_small`` or ``decompression_bomb``, with a one-line ``error``.
+    ``too_small`` or ``decompression_bomb``, with a one-line ``error``. ``timings``, when
+    given, accumulates this thread's CPU seconds per kernel stage (``sha256``, ``header``,
+    ``decode``, ``resize``, ``encode``, ``hash``), for benchmarks.
 
     >>> process_image(b"<html>oops</html>").status
     'failed_decode'
     """
     cfg = cfg or ImageConfig()
+    clock = _Clock(timings)
     sha = hashlib.sha256(raw).hexdigest()
+    clock.lap("sha256")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's EXIF/ICC chatter is not our error
-            return _process(raw, cfg, sha)
+            return _process(raw, cfg, sha, clock)
     except Image.DecompressionBombError as e:
         return _fail(STATUS_BOMB, str(e), sha)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
@@ -447,8 +467,22 @@ def process_image(raw: bytes, cfg: ImageConfig | None = None) -> ImageResult:
         return _fail(STATUS_FAILED_DECODE, f"{type(e).__name__}: {e}", sha)
 
 
-def _process(raw: bytes, cfg: ImageConfig, sha: str) -> ImageResult:
-    img = Image.open(io.BytesIO(raw))
+class _Clock:
+    """Per-stage CPU time of the calling thread (a no-op without a ``timings`` dict)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.t = time.thread_time() if timings is not None else 0.0
+
+    def lap(self, stage: str) -> None:
+        if self.timings is not None:
+            now = time.thread_time()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+            self.t = now
+
+
+def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResult:
+    img = Image.open(io.BytesIO(raw))  # reads the header only
     fmt = img.format
     w0, h0 = img.size
     if w0 * h0 > cfg.max_pixels:
@@ -467,60 +501,208 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str) -> ImageResult:
     tw, th = _target_size(ow, oh, cfg.max_shortest_edge)
     icc = img.info.get("icc_profile")
     needs_resize = (tw, th) != (ow, oh)
+    done = dict(status=STATUS_SUCCESS, width=tw, height=th, original_width=ow, original_height=oh, sha256=sha)
+    clock.lap("header")
 
-    passthrough = fmt == "JPEG" and img.mode == "RGB" and orient == 1 and not needs_resize
-    if passthrough:
+    if fmt == "JPEG" and img.mode == "RGB" and orient == 1 and not needs_resize:
         # Already what we would store: keep the compressed data, drop EXIF/XMP only.
-        img.load()
         try:
             data = strip_jpeg_metadata(raw) if _has_strippable_segment(raw) else raw
         except ValueError:
             data = None
         if data is not None:
-            return ImageResult(
-                status=STATUS_SUCCESS,
-                data=data,
-                width=ow,
-                height=oh,
-                original_width=ow,
-                original_height=oh,
-                sha256=sha,
-                imagehash=phash(img),
-                reencoded=False,
-            )
+            h = _passthrough_hash(data, img, cfg, clock)  # also proves the whole stream decodes
+            return ImageResult(**done, data=data, imagehash=h, reencoded=False)
 
-    if fmt == "JPEG" and needs_resize:
-        # Decode at a reduced DCT scale while staying >= 2x the target (Pillow's
-        # reducing_gap idea): much faster, and Lanczos does the final high-quality step.
-        dw, dh = (th * 2, tw * 2) if swapped else (tw * 2, th * 2)
-        img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else None, (dw, dh))
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    img.load()
-    if orient != 1:
-        for op in _ORIENT_OPS[orient]:
-            img = img.transpose(op)
-    img, icc_out = _to_rgb(img, icc)
-    if img.size != (tw, th):
-        img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    buf = io.BytesIO()
-    save_kw: dict = {"quality": cfg.quality}
-    if icc_out:
-        save_kw["icc_profile"] = icc_out
-    img.save(buf, "JPEG", **save_kw)
-    data = buf.getvalue()
-    stored = Image.open(io.BytesIO(data))  # hash what a reader of the shard will decode
-    return ImageResult(
-        status=STATUS_SUCCESS,
-        data=data,
-        width=tw,
-        height=th,
-        original_width=ow,
-        original_height=oh,
-        sha256=sha,
-        imagehash=phash(stored),
-        reencoded=True,
-    )
+    turbo = _turbo() if fmt == "JPEG" and img.mode in ("RGB", "L") and cfg.resize_filter != "lanczos" else None
+    if turbo is not None:
+        # libjpeg-turbo: reduce in the DCT domain by 2/4/8 while >= 2x the target remains
+        s = _dct_reduction(min(ow / tw, oh / th)) if cfg.resize_filter == "fast" else 1
+        kw = {"min_width": -(-w0 // s), "min_height": -(-h0 // s)} if s > 1 else {}
+        arr = turbo.decode_jpeg(raw, colorspace="RGB", **kw)
+        clock.lap("decode")
+        arr = _resize_array(arr, (th, tw) if swapped else (tw, th), cfg.resize_filter)
+        arr = _orient_array(arr, orient)
+        icc_out = icc if _profile_space(icc) == "RGB " else None
+        clock.lap("resize")
+    else:
+        if fmt == "JPEG" and needs_resize:
+            # Decode at a reduced DCT scale while staying >= 2x the target (Pillow's
+            # reducing_gap idea): much faster, and the filter does the final step.
+            dw, dh = (th * 2, tw * 2) if swapped else (tw * 2, th * 2)
+            img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else None, (dw, dh))
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        clock.lap("decode")
+        if orient != 1:
+            for op in _ORIENT_OPS[orient]:
+                img = img.transpose(op)
+        img, icc_out = _to_rgb(img, icc)
+        if img.size != (tw, th) and cfg.resize_filter == "lanczos":
+            img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        arr = _resize_array(np.asarray(img), (tw, th), cfg.resize_filter)
+        clock.lap("resize")
+    data = _encode_jpeg(arr, cfg.quality, icc_out)
+    clock.lap("encode")
+    if cfg.phash == "exact":  # hash what a reader of the shard will decode
+        h = phash(Image.open(io.BytesIO(data)))
+    else:  # the stored pixels before encoding: within a few bits of the exact hash
+        h = phash_pixels(arr)
+    clock.lap("hash")
+    return ImageResult(**done, data=data, imagehash=h, reencoded=True)
+
+
+# --- the libjpeg-turbo / OpenCV path ---------------------------------------------------
+
+_TURBO: list = []
+
+
+def _turbo():
+    """simplejpeg (libjpeg-turbo) or None when it is not installed: Pillow does it all."""
+    if not _TURBO:
+        try:
+            import simplejpeg
+        except ImportError:  # pragma: no cover - a declared dependency
+            simplejpeg = None
+        _TURBO.append(simplejpeg)
+    return _TURBO[0]
+
+
+_CV2: list = []
+
+
+def _cv2():
+    """OpenCV, single-threaded (parallelism comes from ingest's processes and threads)."""
+    if not _CV2:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+        except ImportError:  # pragma: no cover - a declared dependency
+            cv2 = None
+        _CV2.append(cv2)
+    return _CV2[0]
+
+
+def _dct_reduction(factor: float) -> int:
+    """The DCT-domain reduction (1, 2, 4 or 8) that leaves >= 2x the target to resize."""
+    s = 1
+    while s < 8 and factor / (2 * s) >= 2:
+        s *= 2
+    return s
+
+
+def _resize_array(arr: np.ndarray, size: tuple[int, int], how: str) -> np.ndarray:
+    """Resize an HxWx3 uint8 array to ``size`` = (width, height) with filter ``how``.
+
+    ``fast``: bilinear when the remaining factor is below 2 (as close to a Lanczos result
+    as area averaging there, measured on real photos; see BENCHMARKS.md), area averaging
+    above; ``area``: OpenCV's INTER_AREA (img2dataset's default); ``lanczos``: Pillow's
+    antialiased Lanczos.
+    """
+    w, h = size
+    if arr.shape[1] == w and arr.shape[0] == h:
+        return arr
+    if how == "lanczos" or _cv2() is None:
+        return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    cv2 = _cv2()
+    factor = min(arr.shape[1] / w, arr.shape[0] / h)
+    inter = cv2.INTER_LINEAR if how == "fast" and factor < 2 else cv2.INTER_AREA
+    return cv2.resize(arr, (w, h), interpolation=inter)
+
+
+def _orient_array(arr: np.ndarray, orient: int) -> np.ndarray:
+    """Apply EXIF orientation ``orient`` to an HxWxC array (the same as Pillow's transposes)."""
+    if orient == 1:
+        return arr
+    if orient in (5, 6, 7, 8):
+        arr = arr.transpose(1, 0, 2)  # TRANSPOSE; the others follow from it
+        arr = {5: arr, 6: arr[:, ::-1], 7: arr[::-1, ::-1], 8: arr[::-1]}[orient]
+    else:
+        arr = {2: arr[:, ::-1], 3: arr[::-1, ::-1], 4: arr[::-1]}[orient]
+    return np.ascontiguousarray(arr)
+
+
+def _encode_jpeg(arr: np.ndarray, quality: int, icc: bytes | None) -> bytes:
+    """Baseline JPEG, 4:2:0 (Pillow's default at these qualities), the ICC profile kept."""
+    turbo = _turbo()
+    if turbo is None:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=quality, **({"icc_profile": icc} if icc else {}))
+        return buf.getvalue()
+    data = turbo.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB", colorsubsampling="420")
+    return insert_icc_profile(data, icc) if icc else data
+
+
+_ICC_CHUNK = 65519  # 65535 - 2 (length) - 12 ("ICC_PROFILE\0") - 2 (sequence numbers)
+
+
+def insert_icc_profile(jpeg: bytes, icc: bytes) -> bytes:
+    """Add ``icc`` as APP2 ``ICC_PROFILE`` segments right after SOI (and APP0, if any),
+    chunked as the ICC spec and Pillow do.
+
+    >>> from PIL import Image; import io
+    >>> buf = io.BytesIO(); Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    >>> Image.open(io.BytesIO(insert_icc_profile(buf.getvalue(), b"x" * 70000))).info["icc_profile"] == b"x" * 70000
+    True
+    """
+    pos = 2
+    if jpeg[2:4] == b"\xff\xe0":  # keep JFIF first
+        pos = 4 + struct.unpack(">H", jpeg[4:6])[0]
+    chunks = [icc[i : i + _ICC_CHUNK] for i in range(0, len(icc), _ICC_CHUNK)]
+    if len(chunks) > 255:
+        return jpeg  # not representable; Pillow refuses such profiles too
+    segs = [
+        b"\xff\xe2" + struct.pack(">H", 2 + 12 + 2 + len(c)) + b"ICC_PROFILE\0" + bytes((i + 1, len(chunks))) + c
+        for i, c in enumerate(chunks)
+    ]
+    return jpeg[:pos] + b"".join(segs) + jpeg[pos:]
+
+
+def phash_pixels(arr: np.ndarray) -> str:
+    """pHash of an RGB (or gray) uint8 array without encoding it: within 2 bits of
+    ``str(imagehash.phash(...))`` of the image stored from these pixels on >= 99% of real
+    photos (tested); near-duplicate search works at 4-10 bits.
+
+    Gray as imagehash takes it, a cheap reduction to 128x128 (bilinear to 256, then area;
+    pHash squashes to a square anyway), then imagehash's 32x32 Lanczos and DCT on that.
+
+    >>> phash_pixels(np.full((64, 64, 3), 255, np.uint8))
+    '8000000000000000'
+    """
+    cv2 = _cv2()
+    if arr.ndim == 3:
+        gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if cv2 is not None else np.asarray(Image.fromarray(arr).convert("L"))
+    else:
+        gray = arr
+    if cv2 is not None and min(gray.shape) > 256:
+        gray = cv2.resize(gray, (256, 256), interpolation=cv2.INTER_LINEAR)
+    if cv2 is not None and min(gray.shape) > 128:
+        gray = cv2.resize(gray, (128, 128), interpolation=cv2.INTER_AREA)
+    return phash(Image.fromarray(np.ascontiguousarray(gray)))
+
+
+_PASS_HASH_SIDE = 256  # DCT-scaled decode for the fast hash of a kept JPEG: >= 256 px short side
+
+
+def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
+    """pHash of a JPEG kept byte for byte; decoding it also proves the stream is whole."""
+    turbo = _turbo()
+    if cfg.phash == "exact" or turbo is None:
+        img.load()
+        clock.lap("decode")
+        h = phash(img)
+    else:
+        w, h0 = img.size
+        s = max(1, min(8, min(w, h0) // _PASS_HASH_SIDE))
+        s = 1 << (s.bit_length() - 1)  # 1, 2, 4 or 8
+        kw = {"min_width": -(-w // s), "min_height": -(-h0 // s)} if s > 1 else {}
+        gray = turbo.decode_jpeg(data, colorspace="GRAY", **kw)[..., 0]
+        clock.lap("decode")
+        h = phash_pixels(gray)
+    clock.lap("hash")
+    return h
 
 
 def _has_strippable_segment(data: bytes) -> bool:
