@@ -48,10 +48,12 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
 import shutil
+import sys
 import time
 import types
 import typing
@@ -156,9 +158,9 @@ class ScriptConfig:
 def run_script(cfg: ScriptConfig) -> None:
     """Run the script with this Python; a failure is an error naming the script."""
     import subprocess
-    import sys
 
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()  # our lines before the script's
     rc = subprocess.run([sys.executable, cfg.script, *map(str, cfg.args)]).returncode
     if rc != 0:
         raise UserError(f"{cfg.script} exited with status {rc}")
@@ -177,7 +179,13 @@ def _call_stage(stage: str, cfg: Any) -> Any:
     _, run = _stage_api(kind)
     if stage == "train":  # an interrupted build left a checkpoint: continue it
         return run(cfg, resume=(Path(cfg.output) / "checkpoint.pt").exists(), progress=False)
-    result = run(cfg)
+    if "progress" not in inspect.signature(run).parameters:
+        result = run(cfg)
+    else:  # a per-shard stage: a bar of items done on a terminal
+        from tqdm import tqdm
+
+        with tqdm(unit="img", desc=stage, dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
+            result = run(cfg, progress=lambda done, ok: bar.update(done))
     if stage == "eval":
         from silverlabel.stages.evaluate import format_report
 
