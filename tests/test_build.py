@@ -186,6 +186,13 @@ def test_paths_nested_configs_and_types(recipe, tmp_path):
     assert pool.image.min_side == 32 and pool.fetch.retries == 0
     assert sel.source == pool.output and sel.min_prob == 0.1
     assert r.step("trainset").deps == ("sel",)
+    (tmp_path / "w.pth").write_bytes(b"weights")
+    lab = tmp_path / "label.yaml"
+    lab.write_text("steps:\n  lab:\n    stage: label\n    dataset: pool\n"
+                   "    teachers: [efficientnet_lite0, {name: 'timm:resnet18', checkpoint: w.pth}]\n")
+    step = pipeline.load_recipe(lab).step("lab")
+    assert [t.name for t in step.config.teachers] == ["efficientnet_lite0", "timm:resnet18"]
+    assert step.inputs["teachers"] == [str(tmp_path / "w.pth")] and step.state_path == tmp_path / "pool" / ".build-lab.json"
     os.chdir(tmp_path)  # a --set path that exists is taken from the current folder
     assert pipeline.load_recipe(recipe, overrides=["vars.photos=photos"]).step("pool").config.sources == (
         str(tmp_path / "photos"),)

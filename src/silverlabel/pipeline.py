@@ -221,10 +221,8 @@ class Step:
 
     @property
     def state_path(self) -> Path:
-        """``.build-STEP.json`` in the folder of the step's first record."""
-        first = self.kind.records(self.config)[0]
-        home = first.parent if self.stage != "label" else Path(self.config.dataset)
-        return home / f"{STATE_PREFIX}{self.name}.json"
+        """``.build-STEP.json`` in the folder of the step's first record (a label step's: the dataset)."""
+        return self.kind.records(self.config)[0].parent / f"{STATE_PREFIX}{self.name}.json"
 
 
 @dataclass
