@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,27 @@ def test_resume_and_reproducible(trainset, reinforced, tmp_path):
     a = unpack(_samples(out / "toy-train-0000.tar")[0][1][RNF_EXT]).augs
     b = unpack(_samples(tmp_path / "o" / "toy-train-0000.tar")[0][1][RNF_EXT]).augs
     assert [x.crop for x in a] != [x.crop for x in b]
+
+
+def test_changed_input_shard_is_redone(trainset, tmp_path):
+    """A shard's commit record binds to its input's bytes (issue 13 item 3): an input rewritten
+    with the same bytes is not redone, one with other bytes is, and only that one."""
+    ts = tmp_path / "ts"
+    shutil.copytree(trainset, ts)
+    cfg = _cfg(ts, tmp_path / "out", augs=1, embeddings=False)
+    assert run_reinforce(cfg).shards_done_now == 2
+    first = _md5s(tmp_path / "out")
+    same = ts / "toy-train-0000.tar"
+    same.write_bytes(same.read_bytes())
+    assert run_reinforce(cfg).shards_done_now == 0
+    (ts / "toy-train-0001.tar").write_bytes(same.read_bytes())  # other bytes (another shard's samples)
+    (ts / "toy-validation-0000.tar").write_bytes(same.read_bytes())  # a copied split's shard
+    again = run_reinforce(cfg)
+    assert again.shards_done_now == 1 and again.shards_skipped == 1
+    after = _md5s(tmp_path / "out")
+    assert after["toy-train-0000.tar"] == first["toy-train-0000.tar"]
+    assert after["toy-train-0001.tar"] == after["toy-train-0000.tar"] != first["toy-train-0001.tar"]
+    assert after["toy-validation-0000.tar"] == hashlib.md5(same.read_bytes()).hexdigest()
 
 
 def test_replay_processes_write_byte_identical_shards(reinforced, tmp_path, monkeypatch):
