@@ -77,7 +77,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, groups: dict[str
         else:
             kw.update(type=meta["type"], nargs=meta["nargs"], action=meta["action"], required=meta["required"])
         names = [meta["short"], meta["flag"]] if meta["short"] else [meta["flag"]]
-        target.add_argument(*names, dest=dest, default=argparse.SUPPRESS, **{k: v for k, v in kw.items() if v is not None})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        target.add_argument(*names, dest=dest, default=argparse.SUPPRESS, **kw)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
@@ -264,7 +265,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors")
     if s.images_now:
-        print(f"  throughput: {s.images_now} images in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s on {s.device}")
+        print(f"  throughput: {s.images_now} images in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s "
+              f"on {s.device}")
     print(f"  labels: {os.path.abspath(s.output)}")
     return 0
 
@@ -424,6 +426,16 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG_TRAIN = """\
+examples:
+  silverlabel train train/in12k -o runs/vit-s --loss bce-multihot --steps 10000   # on the teacher's top-k labels
+  silverlabel train train/in12k -o runs/vit-s --resume            # continues at the exact step
+  torchrun --nproc-per-node 8 -m silverlabel.cli train train/in12k -o runs/vit-s ...   # DDP
+  silverlabel train train/in1k -o runs/ft384 --init runs/vit-s/checkpoint-final.pt --img-size 384 --loss ce
+  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50          # distil from stored outputs
+"""
+
+
 def _train_extras(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     _progress_flag(p)
@@ -441,6 +453,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
     print(f"  checkpoint: {os.path.abspath(s.checkpoint)}")
     return 0
+
+
+_EPILOG_EVAL = """\
+examples:
+  silverlabel eval runs/ft384 --data train/in1k --split validation --real-labels real.json
+  silverlabel eval runs/vit-s --data train/in1k --head-space in21k --target-space in1k   # a 21k head on 1k labels
+  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 0.1                    # probe + fine-tune
+  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 --lowshot-modes probe --ft-steps 2000
+"""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -548,12 +569,12 @@ COMMANDS = (
             "bce-multihot / soft-topk on the teacher's top-k labels. Checkpoints RUN/checkpoint.pt; --resume "
             "continues at the exact step. Metrics in RUN/metrics.jsonl and RUN/metrics.csv. Under torchrun "
             "(WORLD_SIZE > 1) it trains with DDP.", cmd_train, ("silverlabel.stages.train:TrainConfig",),
-            extras=_train_extras),
+            _EPILOG_TRAIN, _train_extras),
     Command("eval", "accuracy of a trained run on a split of a training set",
             "Evaluate a run's checkpoint (RUN/checkpoint-final.pt, else RUN/checkpoint.pt) on a split: top-1/top-5 "
             "on cls, per-class accuracy, ReaL-style accuracy with --real-labels. Writes RUN/eval-SPLIT.json (or "
             "--out) and prints a table.", cmd_eval,
-            ("silverlabel.stages.evaluate:EvalConfig", "silverlabel.stages.lowshot:LowShotConfig")),
+            ("silverlabel.stages.evaluate:EvalConfig", "silverlabel.stages.lowshot:LowShotConfig"), _EPILOG_EVAL),
     Command("card", "dataset card (README.md), plots and an HTML report",
             "Write a Hugging Face-style dataset card (YAML front matter, structure, splits, creation from the "
             "lineage, COYO's threshold table) and PNG plots for a pool, selection or training set; with --html, a "

@@ -27,17 +27,21 @@ class SelectConfig:
                                    group="labels")
     rollup_to: str | None = opt(None, "roll labels up to the nearest ancestor listed (wnids)", metavar="FILE",
                                 group="labels")
-    top_classes: int | None = opt(None, "keep the N largest classes", type=positive_int, metavar="N", group="classes and splits")
+    top_classes: int | None = opt(None, "keep the N largest classes", type=positive_int, metavar="N",
+                                  group="classes and splits")
     val_per_class: int = opt(0, "validation samples per class", type=int, metavar="V", group="classes and splits",
                              default_help="")
     min_train_per_class: int = opt(0, "keep classes that still have T training samples after V validation ones",
                                    type=int, metavar="T", group="classes and splits", default_help="")
-    fraction: float | None = opt(None, "subset of the training split (with --balanced)", type=float, group="classes and splits")
+    fraction: float | None = opt(None, "subset of the training split (with --balanced)", type=float,
+                                 group="classes and splits")
     balanced: bool = opt(False, "equal per class, remainder +1 for random classes", action="store_true",
                          group="classes and splits")
-    keys_file: str | None = opt(None, "an official list (keys, file names or uids, one per line)", group="classes and splits")
+    keys_file: str | None = opt(None, "an official list (keys, file names or uids, one per line)",
+                                group="classes and splits")
     uids: str | None = opt(None, "DataComp uids.npy (u8,u8) or uids.txt (32 hex a line)", group="uids and duplicates")
-    dedupe: str | None = opt(None, "exact (sha256) or phash:D (pHash within Hamming distance D)", group="uids and duplicates")
+    dedupe: str | None = opt(None, "exact (sha256) or phash:D (pHash within Hamming distance D)",
+                             group="uids and duplicates")
     exclude_near: str | None = opt(None, "drop samples near a reference dataset or hash list", metavar="REF",
                                    group="uids and duplicates")
     max_distance: int = opt(8, "distance for --exclude-near", type=int, group="uids and duplicates")
