@@ -27,6 +27,7 @@ import dataclasses
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, o
                    write_keys, write_uid_list)
 from .rules import (balanced_quotas, choose_classes, label_mapping, load_uids, output_label_space, read_names,
                     reference_hashes, write_classes_and_report)
-from .units import Plan, connect, count_unit, fraction_unit, write_unit
+from .units import Plan, Unit, connect, count_unit, fraction_unit, write_unit
 
 #: Temporary key tables for the units, inside the output (so every worker sees them).
 TMP_DIR = ".select-tmp"
@@ -71,6 +72,55 @@ def _label_rule(cfg: SelectConfig, pool: Input, con: Any) -> str:
     if cfg.fraction is not None and mode == "none":
         raise UserError("--fraction --balanced needs labels (--label top1 or source)")
     return mode
+
+
+def _reset_output(out: Path) -> Path:
+    """Empty the selection folder ``out`` for a new selection; returns its temporary folder.
+    The old manifest goes first, so a run that dies half way leaves no manifest and
+    ``shard`` refuses the folder instead of reading a mix."""
+    (out / "silverlabel.json").unlink(missing_ok=True)
+    tmp = out / TMP_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sel_dir = out / SELECTION_DIR
+    sel_dir.mkdir(parents=True, exist_ok=True)
+    for old in sel_dir.glob("*.parquet"):
+        old.unlink()
+    return tmp
+
+
+def _with(plan: Plan, files: dict[str, str] | None = None, tables: dict[str, pa.Table] | None = None) -> Plan:
+    """``plan`` with more key tables."""
+    return dataclasses.replace(plan, files={**plan.files, **(files or {})}, tables={**plan.tables, **(tables or {})})
+
+
+@dataclass
+class _Counts:
+    """The merged summaries of the count pass."""
+
+    rows: int = 0  # the pool's rows
+    uid_matched: int = 0  # of them, with a listed uid
+    uids_missing: int = 0  # listed uids in no row
+    before_label: int = 0  # rows the label rule sees (after --uids and the duplicate rules)
+    labeled: int = 0  # rows with a class (after --min-prob)
+    counts: dict[str, int] = field(default_factory=dict)  # rows per class
+    candidates: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # V smallest (md5, key) per class
+
+
+def _count_pass(eng: Any, units: list[Unit], plan: Plan, progress: Report | None, n_uids: int) -> _Counts:
+    n = _Counts()
+    found = np.zeros(n_uids, bool)
+    for res in eng.map(count_unit, units, plan, progress):
+        n.rows += res["rows"]
+        n.uid_matched += res["uid_matched"]
+        found[np.asarray(res["uid_hits"], np.int64)] = True
+        n.before_label += res["before_label"]
+        n.labeled += res["labeled"]
+        for c, k in res["counts"].items():
+            n.counts[c] = n.counts.get(c, 0) + k
+        _merge_best(n.candidates, res["candidates"], lambda c: plan.val_per_class)
+    n.uids_missing = int(n_uids - found.sum())
+    return n
 
 
 def _merge_best(best: dict[Any, list[tuple[str, str]]], rows: list[tuple], limit: Any) -> None:
@@ -121,81 +171,59 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     wanted = read_names(cfg.keys_file) if cfg.keys_file else None
     ref = reference_hashes(cfg.exclude_near) if cfg.exclude_near else None
 
-    # A selection is rewritten whole: drop the old manifest first, so a run that dies
-    # half way leaves no manifest and `shard` refuses the folder instead of reading a mix.
-    (out / "silverlabel.json").unlink(missing_ok=True)
-    tmp = out / TMP_DIR
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sel_dir = out / SELECTION_DIR
-    sel_dir.mkdir(parents=True, exist_ok=True)
-    for old in sel_dir.glob("*.parquet"):
-        old.unlink()
+    tmp = _reset_output(out)
 
     # 1b. pool-wide rules, on the driver: key tables for the units
-    files: dict[str, str] = {}
+    plan = base
     if uids is not None:
-        files["uid_list"] = write_uid_list(uids, tmp / "uid_list.parquet")
-    with contextlib.closing(connect(pool.whole(), dataclasses.replace(base, files=dict(files)))) as con:
+        plan = _with(plan, files={"uid_list": write_uid_list(uids, tmp / "uid_list.parquet")})
+    with contextlib.closing(connect(pool.whole(), plan)) as con:
         drop, dups, removed_dups = duplicate_rules(cfg, con, ref)
     if drop:
-        files["drop_keys"] = write_keys(tmp / "drop_keys.parquet", "key", drop)
+        plan = _with(plan, files={"drop_keys": write_keys(tmp / "drop_keys.parquet", "key", drop)})
     if wanted is not None:
-        files["wanted"] = write_keys(tmp / "wanted.parquet", "name", wanted)
-    plan = dataclasses.replace(base, mode=mode, files=dict(files), tables=dict(tables),
-                               threads=1 if per_shard else base.threads)
+        plan = _with(plan, files={"wanted": write_keys(tmp / "wanted.parquet", "name", wanted)})
+    plan = _with(dataclasses.replace(plan, mode=mode, threads=1 if per_shard else base.threads), tables=tables)
     units = pool.units if per_shard else [pool.whole()]
     eng = create_engine(engine, workers=workers, address=ray_address)
 
     # 2. counts and validation candidates
-    total_in = uid_matched = n_before = n_labeled = 0
-    uid_found = np.zeros(0 if uids is None else uids.num_rows, bool)
-    counts: dict[str, int] = {}
-    cands: dict[str, list[tuple[str, str]]] = {}
-    for res in eng.map(count_unit, units, plan, progress):
-        total_in += res["rows"]
-        uid_matched += res["uid_matched"]
-        uid_found[np.asarray(res["uid_hits"], np.int64)] = True
-        n_before += res["before_label"]
-        n_labeled += res["labeled"]
-        for c, n in res["counts"].items():
-            counts[c] = counts.get(c, 0) + n
-        _merge_best(cands, res["candidates"], lambda c: cfg.val_per_class)
+    n = _count_pass(eng, units, plan, progress, 0 if uids is None else uids.num_rows)
     removed: dict[str, int] = {}
-    if cfg.uids:
-        removed["not_in_uids"] = total_in - uid_matched
-        removed["uids_missing_from_pool"] = int(len(uid_found) - uid_found.sum())
+    if uids is not None:
+        removed["not_in_uids"] = n.rows - n.uid_matched
+        removed["uids_missing_from_pool"] = n.uids_missing
     removed.update(removed_dups)
-    if n_before - n_labeled:
-        removed["below_min_prob_or_unlabeled"] = n_before - n_labeled
+    if n.before_label - n.labeled:
+        removed["below_min_prob_or_unlabeled"] = n.before_label - n.labeled
 
     # 3. the plan: classes, validation draw, quotas
-    chosen, class_ids, cls_of, names = choose_classes(counts, cfg, mode, wnids)
-    removed_by_class = sum(n for c, n in counts.items() if c not in chosen)
+    chosen, class_ids, cls_of, names = choose_classes(n.counts, cfg, mode, wnids)
+    removed_by_class = sum(c for cid, c in n.counts.items() if cid not in chosen)
     if removed_by_class:
         removed["class_filter"] = removed_by_class
     if mode != "none":
-        plan.tables["classes_t"] = pa.table({
-            "class_id": pa.array(class_ids, pa.string()),
-            "cls": pa.array([cls_of[c] for c in class_ids], pa.int32()),
-            "class_name": pa.array([names[c][1] for c in class_ids], pa.string())})
-        plan.files["validation_keys"] = write_keys(tmp / "validation_keys.parquet", "key",
-                                                   (k for c in chosen for _m, k in cands.get(c, [])))
+        classes = pa.table({"class_id": pa.array(class_ids, pa.string()),
+                            "cls": pa.array([cls_of[c] for c in class_ids], pa.int32()),
+                            "class_name": pa.array([names[c][1] for c in class_ids], pa.string())})
+        validation = (k for c in chosen for _m, k in n.candidates.get(c, []))
+        plan = _with(plan, tables={"classes_t": classes},
+                     files={"validation_keys": write_keys(tmp / "validation_keys.parquet", "key", validation)})
 
     # 4. the balanced fraction of train
     if cfg.fraction is not None:
-        train_counts = {cls_of[c]: counts[c] - len(cands.get(c, [])) for c in class_ids}
-        train_counts = {c: n for c, n in train_counts.items() if n > 0}
+        train_counts = {cls_of[c]: n.counts[c] - len(n.candidates.get(c, [])) for c in class_ids}
+        train_counts = {c: k for c, k in train_counts.items() if k > 0}
         n_train = sum(train_counts.values())
         total = math.floor(cfg.fraction * n_train + 1e-9)
         quotas = balanced_quotas(train_counts, total, cfg.seed)
-        plan.tables["quota_t"] = pa.table({"cls": pa.array(list(quotas), pa.int32()),
-                                           "quota": pa.array(list(quotas.values()), pa.int64())})
+        plan = _with(plan, tables={"quota_t": pa.table({"cls": pa.array(list(quotas), pa.int32()),
+                                                        "quota": pa.array(list(quotas.values()), pa.int64())})})
         best: dict[int, list[tuple[str, str]]] = {}
         for res in eng.map(fraction_unit, units, plan):
             _merge_best(best, res["best"], quotas.__getitem__)
-        plan.files["fraction_keys"] = write_keys(tmp / "fraction_keys.parquet", "key",
-                                                 (k for lst in best.values() for _m, k in lst))
+        kept = (k for lst in best.values() for _m, k in lst)
+        plan = _with(plan, files={"fraction_keys": write_keys(tmp / "fraction_keys.parquet", "key", kept)})
         removed["outside_fraction"] = n_train - total
 
     # 5. write the parts, then classes, report, duplicates, manifest
@@ -205,17 +233,17 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     for res in eng.map(write_unit, units, plan):
         rows += res["rows"]
         before_keys += res["before_keys"]
-        for (c, s), n in res["per"].items():
-            by_cls.setdefault(c, {})[s] = by_cls.get(c, {}).get(s, 0) + n
-            splits[s] = splits.get(s, 0) + n
+        for (c, sp), k in res["per"].items():
+            by_cls.setdefault(c, {})[sp] = by_cls.get(c, {}).get(sp, 0) + k
+            splits[sp] = splits.get(sp, 0) + k
     if cfg.keys_file:
         removed["not_in_keys_file"] = before_keys - rows
     if rows == 0:
-        with atomic_write(sel_dir / "part-00000-00000.parquet") as f:
+        with atomic_write(out / SELECTION_DIR / "part-00000-00000.parquet") as f:
             pq.write_table(SELECTION_SCHEMA.empty_table(), f)
     splits = dict(sorted(splits.items()))
     write_classes_and_report(out, class_ids, cls_of, names, mode, output_label_space(cfg, mode, pool.label_space),
-                             by_cls, {"input_rows": total_in, "selected_rows": rows, "splits": splits,
+                             by_cls, {"input_rows": n.rows, "selected_rows": rows, "splits": splits,
                                       "classes": len(class_ids), "removed": removed, "label_rule": mode})
     if cfg.dedupe or cfg.exclude_near:
         write_duplicates(out / DUPLICATES_FILE, dups)
