@@ -206,4 +206,6 @@ def test_folder_and_tar_sources(tmp_path, pool, reference):
     assert len(rows2) == N_IMAGES and {r["status"] for r in rows2} == {"success"}
     assert rows2[0]["source"] == "data-000000.tar#000000000" and rows2[0]["caption"] == "c0"
     ref_rows = [r for r in pq.read_table(reference / "samples").to_pylist() if r["status"] == "success"]
-    assert [r["imagehash"] for r in rows2] == [r["imagehash"] for r in ref_rows]
+    # the same stored pixels: the fast pHash (pre-encode pixels at ingest, a reduced decode of
+    # the kept bytes here) agrees within a few bits
+    assert all(bin(int(a["imagehash"], 16) ^ int(b["imagehash"], 16)).count("1") <= 4 for a, b in zip(rows2, ref_rows))

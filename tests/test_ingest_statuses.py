@@ -108,7 +108,10 @@ def test_stored_pixels_are_right(ingested):
         data = samples[row["key"]]["jpg"]
         im = Image.open(io.BytesIO(data))
         assert im.format == "JPEG" and im.mode == "RGB"
-        assert str(imagehash.phash(im)) == row["imagehash"]
+        # the default pHash is taken from the stored pixels before encoding: a few bits from
+        # imagehash of the stored JPEG (test_imageops checks <= 2 bits on >= 99% of real photos;
+        # these are synthetic test images)
+        assert bin(int(str(imagehash.phash(im)), 16) ^ int(row["imagehash"], 16)).count("1") <= 6
         assert im.size == (row["width"], row["height"])
         return im, row
 

@@ -141,7 +141,9 @@ def iter_tar_samples(path: str) -> Iterator[TarSample]:
     """Index a WebDataset tar: yields samples in order with member offsets.
 
     Non-regular members (directories, links, devices) are ignored; so are members whose
-    name has no extension. Consecutive members with the same key form one sample.
+    name has no extension. Consecutive members with the same key form one sample; a member
+    repeating an extension the sample already has starts a new sample with the same key, so
+    an adjacent duplicate is kept, never silently dropped.
     """
     members = _ustar_members(path)
     if members is None:
@@ -153,7 +155,7 @@ def iter_tar_samples(path: str) -> Iterator[TarSample]:
         if parts is None:
             continue
         key, ext = parts
-        if current is None or current.key != key:
+        if current is None or current.key != key or ext in current.members:
             if current is not None:
                 yield current
             current = TarSample(key)

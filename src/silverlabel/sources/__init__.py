@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from silverlabel.errors import UserError
+from silverlabel.registry import Registry
 from silverlabel.options import csv_list, opt
 
 KIND_URL = "url"
@@ -85,12 +87,13 @@ class SourceOptions:
     kind: str | None = opt(None, "do not guess the source kind", flag="--source-kind", choices=lambda: source_kinds())
 
 
-_REGISTRY: dict[str, Callable[[str, SourceOptions], Source]] = {}
+#: The modules that register the built-in sources (a new source: one more line here).
+SOURCE_MODULES = ("silverlabel.sources.tars", "silverlabel.sources.tables", "silverlabel.sources.folder")
+#: kind -> ``cls(path, options) -> Source``
+_REGISTRY = Registry("source kind", SOURCE_MODULES)
 #: (kind, ``detect(path) -> bool``), asked in order by :func:`kind_of`; a folder no rule claims
 #: is an image folder
 _DETECTORS: list[tuple[str, Callable[[str], bool]]] = []
-#: The modules that register the built-in sources (a new source: one more line here).
-SOURCE_MODULES = ("silverlabel.sources.tars", "silverlabel.sources.tables", "silverlabel.sources.folder")
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
@@ -98,26 +101,14 @@ def register_source(kind: str, detect: Callable[[str], bool] | None = None) -> C
     """Class decorator: ``@register_source("tar")`` makes ``kind`` usable as a source;
     ``detect(path)`` lets :func:`kind_of` recognise its paths."""
 
-    def deco(cls):
-        _REGISTRY[kind] = cls
-        if detect is not None:
-            _DETECTORS.append((kind, detect))
-        return cls
-
-    return deco
-
-
-def _load_sources() -> None:
-    import importlib
-
-    for module in SOURCE_MODULES:
-        importlib.import_module(module)
+    if detect is not None:
+        _DETECTORS.append((kind, detect))
+    return _REGISTRY.register(kind)
 
 
 def source_kinds() -> list[str]:
     """The registered source kinds (``--source-kind`` choices)."""
-    _load_sources()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def _strip_gz(name: str) -> str:
@@ -161,7 +152,7 @@ _DETECTORS += [("tar", _is_tar_name), ("table", _is_table), ("tar", _is_tar_fold
 def kind_of(path: str) -> str:
     """Guess the source kind of a path: the first kind whose rule accepts it, else ``folder``
     for a folder."""
-    _load_sources()
+    _REGISTRY.load()
     for kind, detect in _DETECTORS:
         if detect(path):
             return kind
@@ -190,13 +181,10 @@ def selection_table_dir(path: str) -> str | None:
 
 def open_source(path: str, options: SourceOptions) -> Source:
     """Create the source for ``path`` (detected kind unless ``options.kind`` forces one)."""
-    _load_sources()
     kind = options.kind or kind_of(path)
     if kind == "table" and os.path.isdir(path):
         path = selection_table_dir(path) or path
-    if kind not in _REGISTRY:
-        raise UserError(f"unknown source kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[kind](path, options)
+    return _REGISTRY.lookup(kind)(path, options)
 
 
 def normalize_uid(value: Any) -> tuple[str | None, str | None]:
@@ -218,17 +206,47 @@ def derive_uid(locator: str) -> str:
     return hashlib.md5(locator.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def load_bytes(item: Item) -> bytes:
-    """Read a local item's image bytes (files and tar members). Raises OSError."""
+def load_bytes(item: Item, max_bytes: int | None = None) -> bytes:
+    """Read a local item's image bytes: a regular file or a tar member, at most ``max_bytes``.
+
+    Raises OSError for anything else (a FIFO, a device, a link to one), for a file or member
+    larger than ``max_bytes`` (checked before reading, so a tar header claiming 8 GiB costs
+    nothing) and for a member that runs past the end of its tar.
+    """
     if item.kind == KIND_FILE:
-        with open(item.path, "rb") as f:
-            return f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"not a regular file ({_file_type(st.st_mode)})")
+            _check_size(st.st_size, max_bytes, "file")
+            data = f.read(st.st_size + 1)
+            _check_size(len(data), max_bytes, "file")  # grew while we looked
+            return data
     if item.kind == KIND_TAR:
         from silverlabel.formats.wds import read_member
 
+        _check_size(item.size, max_bytes, "tar member")
         with open(item.path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            if item.offset + item.size > end:
+                raise OSError(f"tar member truncated: {item.size} bytes at {item.offset}, the tar ends at {end}")
             return read_member(f, item.offset, item.size)
     raise UserError(f"item kind {item.kind!r} has no local bytes")
+
+
+def _check_size(size: int, max_bytes: int | None, what: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise OSError(f"{what} of {size} bytes exceeds the byte cap of {max_bytes} (--max-bytes)")
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 __all__ = [

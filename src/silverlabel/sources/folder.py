@@ -23,12 +23,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".t
 
 
 def _walk(root: str) -> Iterator[str]:
-    """Relative paths of image files under ``root``, sorted, hidden entries skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Relative paths of image files under ``root``, sorted, hidden entries skipped.
+
+    A folder that cannot be listed stops the source with an error naming it: its images
+    would otherwise be missing without a trace.
+    """
+
+    def refuse(e: OSError) -> None:
+        raise UserError(f"{e.filename}: cannot list this folder ({e.strerror}); fix its permissions or move it out")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 yield os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+
+
+def _utf8_error(rel: str) -> str | None:
+    """An error for a file name that is not valid UTF-8 (it cannot be stored as text)."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return f"file name is not valid UTF-8: {_printable(rel)}"
+
+
+def _printable(rel: str) -> str:
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @register_source("folder")
@@ -40,6 +61,10 @@ class FolderSource:
     def __init__(self, path: str, options: SourceOptions):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such folder")
+        manifest = os.path.join(path, "silverlabel.json")
+        if os.path.isfile(manifest):
+            raise UserError(f"{path}: this is a silverlabel dataset, not a folder of images; to ingest its images "
+                            f"again give its shards ({os.path.join(path, 'shards')})")
         self.path = path
         mode = options.folder_labels
         if mode not in ("auto", "on", "off"):
@@ -55,12 +80,18 @@ class FolderSource:
         return {"kind": "folder", "path": os.path.abspath(self.path), "layout": "imagefolder" if self.labeled else "flat"}
 
     def items(self) -> Iterator[Item]:
+        index = -1
         for index, rel in enumerate(_walk(self.path)):
+            error = _utf8_error(rel)
+            shown = _printable(rel) if error else rel
             yield Item(
                 index=index,
                 kind=KIND_FILE,
-                source=rel,
-                uid=derive_uid(rel),
-                label=rel.split("/", 1)[0] if self.labeled else None,
+                source=shown,
+                uid=derive_uid(shown),
+                label=shown.split("/", 1)[0] if self.labeled else None,
                 path=os.path.join(self.path, rel),
+                error=error,
             )
+        if index < 0:
+            raise UserError(f"{self.path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")

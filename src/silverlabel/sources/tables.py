@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,9 +67,36 @@ def _format_of(path: str) -> str:
 
 
 def _open_text(path: str) -> io.TextIOBase:
+    """UTF-8 text (a leading byte-order mark, as Excel writes, is dropped)."""
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+#: What reading a damaged table raises: bad gzip streams, bad UTF-8, bad CSV.
+_READ_ERRORS = (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
+
+
+def _read_error(path: str, e: BaseException) -> UserError:
+    if isinstance(e, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); save it as UTF-8"
+    else:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError(f"{path}: cannot read this table: {why}")
+
+
+def _unclosed_quote_line(path: str, delim: str) -> int | None:
+    """The line where a quote opens that never closes (so pyarrow read the rest of the file
+    as one value), or None. Python's csv module in strict mode stops there."""
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delim, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error:
+            return start
+    return None
 
 
 def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, Iterator[list[dict[str, Any]]]]:
@@ -83,14 +111,20 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
 
         def gen():
             cols = [c for c in (columns or schema.names) if c in schema.names]
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-                yield batch.to_pylist()
+            try:
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                    yield batch.to_pylist()
+            except _READ_ERRORS as e:
+                raise _read_error(path, e) from None
 
         return schema, gen()
     if fmt in ("csv", "tsv"):
         delim = "," if fmt == "csv" else "\t"
-        with _open_text(path) as f:
-            header = next(csv.reader(f, delimiter=delim), None)
+        try:
+            with _open_text(path) as f:
+                header = next(csv.reader(f, delimiter=delim), None)
+        except _READ_ERRORS as e:
+            raise _read_error(path, e) from None
         if not header:
             raise UserError(f"{path}: empty {fmt} file (no header row)")
         schema = pa.schema([(h, pa.string()) for h in header])  # everything as text: uids, ids stay exact
@@ -104,15 +138,28 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
                     include_columns=[c for c in (columns or header) if c in header],
                 ),
             )
-        except pa.ArrowInvalid as e:
-            raise UserError(f"{path}: cannot parse {fmt}: {e}") from None
+        except _READ_ERRORS as e:
+            raise _read_error(path, e) from None
 
         def gen():
+            last = None
             try:
                 for batch in reader:
-                    yield batch.to_pylist()
-            except pa.ArrowInvalid as e:
-                raise UserError(f"{path}: cannot parse {fmt}: {e}") from None
+                    if last is not None:
+                        yield last
+                    last = batch.to_pylist()
+            except _READ_ERRORS as e:
+                raise _read_error(path, e) from None
+            if last:
+                # A quote that never closes swallows every following row into one value, which
+                # then ends the file: check the last row before handing it over.
+                tail = last[-1]
+                if any(isinstance(v, str) and "\n" in v and v.endswith("\n") for v in tail.values()):
+                    line = _unclosed_quote_line(path, delim)
+                    if line is not None:
+                        raise UserError(f"{path}:{line}: a quote opened here is never closed, so the rest of "
+                                        "the file would be read as one value; fix the quoting")
+                yield last
 
         return schema, gen()
     # jsonl: one object per line; line numbers in errors. Objects may omit keys, so the
@@ -139,17 +186,21 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
 
 def _json_objects(path: str) -> Iterator[dict[str, Any]]:
     """Objects of a JSON-lines file; errors name the file and line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            yield obj
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+                yield obj
+    except _READ_ERRORS as e:
+        raise _read_error(f"{path}:{lineno + 1}", e) from None
 
 
 def _check_url(url: Any) -> tuple[str | None, str | None]:
@@ -162,15 +213,21 @@ def _check_url(url: Any) -> tuple[str | None, str | None]:
     return url, None
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _to_int(value: Any) -> tuple[int | None, str | None]:
     if value is None or value == "":
         return None, None
     try:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return int(value), None
-    except (TypeError, ValueError):
+        v = int(value)
+    except (TypeError, ValueError, OverflowError):
         return None, f"id {str(value)[:40]!r} is not an integer"
+    if not _INT64[0] <= v <= _INT64[1]:
+        return None, f"id {str(value)[:40]!r} does not fit in 64 bits"
+    return v, None
 
 
 @register_source("table")

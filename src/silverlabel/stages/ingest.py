@@ -261,7 +261,7 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
             raw = fr.data
         else:
             try:
-                raw = load_bytes(item)
+                raw = load_bytes(item, cfg.fetch.max_bytes)
             except OSError as e:
                 row.update(status=STATUS_FAILED_READ, error=f"{type(e).__name__}: {e}")
                 return row, None
