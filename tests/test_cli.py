@@ -174,23 +174,24 @@ def test_bugs_keep_their_traceback_user_errors_are_one_line(kind, debug):
         assert p.returncode == 2 and p.stderr == "silverlabel classes: error: no label space here\n", p.stderr
 
 
+_IMPORT = """
+import sys, silverlabel
+assert 'torch' not in sys.modules and 'silverlabel.stages' not in sys.modules, sorted(sys.modules)
+from silverlabel import IngestConfig, run_ingest, SelectConfig, ShardConfig, CardConfig, UserError
+assert 'torch' not in sys.modules
+assert set(silverlabel.__all__) <= set(dir(silverlabel))
+assert all(getattr(silverlabel, name) is not None for name in silverlabel.__all__)
+from silverlabel import run_train, TrainConfig
+assert run_train.__module__ == 'silverlabel.stages.train'
+try:
+    silverlabel.run_nothing
+except AttributeError as e:
+    print(e)
+"""
+
+
 def test_import_silverlabel_is_cheap_and_exposes_the_stages():
-    code = (
-        "import sys, silverlabel\n"
-        "assert 'torch' not in sys.modules and 'silverlabel.stages' not in sys.modules, sorted(sys.modules)\n"
-        "from silverlabel import IngestConfig, run_ingest, SelectConfig, ShardConfig, CardConfig, UserError\n"
-        "assert 'torch' not in sys.modules\n"
-        "assert set(silverlabel.__all__) <= set(dir(silverlabel))\n"
-        "for name in silverlabel.__all__:\n"
-        "    assert getattr(silverlabel, name) is not None, name\n"
-        "from silverlabel import run_train, TrainConfig\n"
-        "assert run_train.__module__ == 'silverlabel.stages.train'\n"
-        "try:\n"
-        "    silverlabel.run_nothing\n"
-        "except AttributeError as e:\n"
-        "    print(e)\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", _IMPORT], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "has no attribute 'run_nothing'" in p.stdout
 

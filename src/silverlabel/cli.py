@@ -203,6 +203,14 @@ class _Progress:
             self.bar.close()
 
 
+def _shards_done(s: Any) -> str:
+    return f"in {s.shards} shards ({s.shards_done_now} written now, {s.shards_skipped} already complete)"
+
+
+def _throughput(done: str, seconds: float, rate: float, unit: str, where: str = "") -> None:
+    print(f"  throughput: {done} in {seconds:.1f} s = {rate:.1f} {unit}/s{where}")
+
+
 def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any], cfg: Any) -> Any:
     bar = _Progress(enabled=not args.no_progress, desc=desc)
     try:
@@ -230,13 +238,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     s = _with_progress(args, "ingest", run_ingest, config_from_args(IngestConfig, args))
     total = sum(s.counts.values())
-    print(f"\nsilverlabel ingest: {total} samples in {s.shards} shards ({s.shards_done_now} written now, "
-          f"{s.shards_skipped} already complete)")
+    print(f"\nsilverlabel ingest: {total} samples {_shards_done(s)}")
     width = max((len(k) for k in s.counts), default=7)
     for status, n in s.counts.items():
         print(f"  {status:<{width}}  {n:>10}  {100 * n / max(1, total):5.1f}%")
     if s.items_now:
-        print(f"  throughput: {s.items_now} inputs in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s")
+        _throughput(f"{s.items_now} inputs", s.seconds, s.images_per_second, "images")
     print(f"  dataset: {os.path.abspath(s.output)}")
     return 0
 
@@ -265,8 +272,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors")
     if s.images_now:
-        print(f"  throughput: {s.images_now} images in {s.seconds:.1f} s = {s.images_per_second:.1f} images/s "
-              f"on {s.device}")
+        _throughput(f"{s.images_now} images", s.seconds, s.images_per_second, "images", f" on {s.device}")
     print(f"  labels: {os.path.abspath(s.output)}")
     return 0
 
@@ -373,16 +379,14 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from silverlabel.stages.shard import ShardConfig, run_shard
 
     s = _with_progress(args, "shard", run_shard, config_from_args(ShardConfig, args))
-    print(f"\nsilverlabel shard: {s.samples} samples in {s.shards} shards ({s.shards_done_now} written now, "
-          f"{s.shards_skipped} already complete)")
+    print(f"\nsilverlabel shard: {s.samples} samples {_shards_done(s)}")
     width = max((len(k) for k in s.splits), default=5)
     for split, info in s.splits.items():
         lengths = info["shard_lengths"]
         print(f"  {split:<{width}}  {info['samples']:>10} samples  {info['shards']:>6} shards "
               f"({min(lengths)}-{max(lengths)} per shard)")
     if s.samples_now:
-        print(f"  throughput: {s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB) in {s.seconds:.1f} s "
-              f"= {s.samples_per_second:.1f} samples/s")
+        _throughput(f"{s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB)", s.seconds, s.samples_per_second, "samples")
     print(f"  training set: {os.path.abspath(s.output)}  (timm: --data-dir {s.output} --dataset wds/{s.name})")
     return 0
 
@@ -415,13 +419,13 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
         raise UserError("reinforce needs -o OUT (or --inspect)")
     cfg = config_from_args(ReinforceConfig, args)
     s = _with_progress(args, "reinforce", run_reinforce, cfg)
-    print(f"\nsilverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations in {s.shards} shards "
-          f"({s.shards_done_now} written now, {s.shards_skipped} already complete), top-{cfg.topk} in {s.label_space}")
+    print(f"\nsilverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations {_shards_done(s)}, "
+          f"top-{cfg.topk} in {s.label_space}")
     print(f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
           f"({s.rnf_bytes / 1e6:.2f} MB of .rnf members)")
     if s.augs_now:
-        print(f"  throughput: {s.augs_now} augmentations ({s.samples_now} samples) in {s.seconds:.1f} s = "
-              f"{s.augs_per_second:.1f} augmentations/s on {s.device}")
+        _throughput(f"{s.augs_now} augmentations ({s.samples_now} samples)", s.seconds, s.augs_per_second,
+                    "augmentations", f" on {s.device}")
     print(f"  training set: {os.path.abspath(s.output)}  (silverlabel train {s.output} --loss kd ...)")
     return 0
 

@@ -23,12 +23,12 @@ the names (``--help``) stays cheap.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from silverlabel.errors import UserError
+from silverlabel.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,7 +58,7 @@ class Loss:
 
 
 #: name -> :class:`Loss`, in registration order
-LOSSES: dict[str, Loss] = {}
+LOSSES = Registry("loss", LOSS_MODULES)
 
 
 def register_loss(name: str, *, targets: str, help: str = "", init_head: Callable[[Any], None] | None = None
@@ -66,30 +66,16 @@ def register_loss(name: str, *, targets: str, help: str = "", init_head: Callabl
     """Decorator: ``@register_loss("ce", targets="class")`` on ``fn(logits, batch, cfg)``."""
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}, not {targets!r}")
-
-    def deco(fn):
-        LOSSES[name] = Loss(name, fn, targets, help, init_head)
-        return fn
-
-    return deco
-
-
-def _load() -> None:
-    for module in LOSS_MODULES:
-        importlib.import_module(module)
+    return LOSSES.register(name, lambda fn: Loss(name, fn, targets, help, init_head))
 
 
 def loss_names() -> list[str]:
     """The registered losses (``--loss`` choices)."""
-    _load()
-    return list(LOSSES)
+    return LOSSES.names()
 
 
 def get_loss(name: str) -> Loss:
-    _load()
-    if name not in LOSSES:
-        raise UserError(f"unknown loss {name!r} (known: {', '.join(LOSSES)})")
-    return LOSSES[name]
+    return LOSSES.lookup(name)
 
 
 # ---------------------------------------------------------------------------------------

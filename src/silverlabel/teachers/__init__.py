@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from silverlabel.errors import UserError
+from silverlabel.registry import Registry
 from silverlabel.teachers.labelspace import SPACE_BY_CLASSES, canonical_space_name  # noqa: F401  (SPACE_BY_CLASSES:
 # the native space by class count, for teachers that do not say)
 
@@ -79,23 +80,17 @@ class Teacher:
                 "data_config": cfg, **self.meta}
 
 
-_REGISTRY: dict[str, Callable[[TeacherSpec], Teacher]] = {}
+#: name -> ``fn(spec) -> Teacher``; the modules listed register the built-in teachers
+_REGISTRY = Registry("teacher", ("silverlabel.teachers.efficientnet_lite0",))
 
 
 def register_teacher(name: str) -> Callable:
     """Decorator: ``@register_teacher("efficientnet_lite0")`` on a ``fn(spec) -> Teacher``."""
-
-    def deco(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def available_teachers() -> list[str]:
-    from silverlabel.teachers import efficientnet_lite0  # noqa: F401  (registration)
-
-    return sorted(_REGISTRY) + ["timm:NAME"]
+    return sorted(_REGISTRY.names()) + ["timm:NAME"]
 
 
 def validate_teacher_spec(spec: TeacherSpec) -> None:
