@@ -91,9 +91,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.write(data)
 
 
-def file_sha256(path: str | os.PathLike, h: Any = None) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (fed into ``h`` when given)."""
-    h = hashlib.sha256() if h is None else h
+def file_digest(path: str | os.PathLike, h: Any = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB blocks: ``h`` a hashlib name, or a
+    hash object to feed (which may already hold other data)."""
+    h = hashlib.new(h) if isinstance(h, str) else h
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -182,6 +183,13 @@ class Dataset:
         return int(Path(path).stem.rsplit("-", 1)[1])
 
     @property
+    def classes_path(self) -> Path:
+        """``classes.json``, the class map of a selection or a training set."""
+        from silverlabel.formats.selection import CLASSES_FILE
+
+        return self.root / CLASSES_FILE
+
+    @property
     def done_dir(self) -> Path:
         """Where the units' commit records live (:class:`silverlabel.stage.Commit`)."""
         return self.root / DONE_DIR
@@ -206,7 +214,7 @@ class Dataset:
             return None
         man = self.read_manifest()
         if man.get("stage") != stage:
-            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not a {stage} output; choose another -o")
+            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not an output of {stage}; choose another -o")
         return man
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -231,11 +239,6 @@ class Pool(Dataset):
     >>> Pool("pool").labels_dir("efficientnet_lite0").as_posix()
     'pool/labels/efficientnet_lite0'
     """
-
-    @property
-    def name(self) -> str:
-        """The shards' name prefix (``--name`` at ingest)."""
-        return self.read_manifest()["name"]
 
     @staticmethod
     def statuses(samples: str | os.PathLike) -> list[str]:
@@ -263,12 +266,6 @@ class Pool(Dataset):
 class Selection(Dataset):
     """A select output: ``selection/*.parquet`` and ``classes.json``."""
 
-    @property
-    def classes_path(self) -> Path:
-        from silverlabel.formats.selection import CLASSES_FILE
-
-        return self.root / CLASSES_FILE
-
     def files(self) -> list[Path]:
         """The selection's parquet files; a UserError when the folder is not a selection."""
         from silverlabel.formats.selection import SELECTION_DIR
@@ -291,7 +288,7 @@ class Selection(Dataset):
         h = hashlib.sha256()
         for p in self.files() if files is None else files:
             h.update(p.name.encode() + b"\0")
-            file_sha256(p, h)
+            file_digest(p, h)
             h.update(b"\0")
         return h.hexdigest()
 
@@ -304,11 +301,14 @@ class TrainSet(Dataset):
     def info_path(self) -> Path:
         return self.root / INFO_FILE
 
-    @property
-    def classes_path(self) -> Path:
-        from silverlabel.formats.selection import CLASSES_FILE
-
-        return self.root / CLASSES_FILE
+    def read_classes(self) -> dict[str, Any]:
+        """``classes.json`` (``num_classes``, ``label_space``, ``classes``); {} when there is none."""
+        if not self.classes_path.exists():
+            return {}
+        doc = read_json(self.classes_path, f"{self.classes_path}: not found")
+        if not isinstance(doc, dict):
+            raise UserError(f"{self.classes_path}: not a class map (a JSON object)")
+        return doc
 
     def tar_path(self, filename: str) -> Path:
         return self.root / filename
@@ -347,6 +347,11 @@ class Run:
     final_checkpoint_path = property(lambda self: self.root / "checkpoint-final.pt")
     metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
     metrics_csv = property(lambda self: self.root / "metrics.csv")
+
+    @property
+    def folder(self) -> Path:
+        """Where a run's reports go: the run folder, or the folder of a ``.pt`` file."""
+        return self.root.parent if self.root.is_file() else self.root
 
     def find_checkpoint(self) -> Path:
         """The final checkpoint, else the latest; ``root`` may itself be a ``.pt`` file."""

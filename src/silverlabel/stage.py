@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, clean_temporaries, write_json_atomic
+from silverlabel.dataset import Dataset, clean_temporaries, file_digest, write_json_atomic
 from silverlabel.engine import Engine, Report, stage_engine
 
 
@@ -61,14 +61,6 @@ def _as_stored(obj: Any) -> Any:
 def config_hash(config: Any) -> str:
     """sha256 of a config as stored (canonical JSON): what a commit record keeps of it."""
     return hashlib.sha256(json.dumps(_as_stored(config), sort_keys=True).encode()).hexdigest()
-
-
-def file_md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -94,7 +86,7 @@ def file_identity(path: str | os.PathLike, record: str | os.PathLike | None = No
             out = rec.get("outputs", {}).get(os.path.relpath(path, root))
             if isinstance(out, dict) and out.get("bytes") == size and out.get("md5"):
                 return {"bytes": size, "md5": out["md5"]}
-    return {"bytes": size, "md5": file_md5(path)}
+    return {"bytes": size, "md5": file_digest(path, "md5")}
 
 
 @dataclass
@@ -141,7 +133,7 @@ class Commit:
         recorded: dict[str, Any] = {}
         for p in outputs:
             rel = os.path.relpath(p, self.root)
-            recorded[rel] = {"bytes": os.path.getsize(p), "md5": md5.get(str(p)) or file_md5(p)}
+            recorded[rel] = {"bytes": os.path.getsize(p), "md5": md5.get(str(p)) or file_digest(p, "md5")}
         rec = {"config_sha256": config_hash(self.config), "inputs": _as_stored(self.inputs), "outputs": recorded,
                "info": _as_stored(dict(info or {})), "silverlabel_version": __version__}
         write_json_atomic(self.path, rec)
@@ -210,6 +202,8 @@ def run_stage(stage: Stage, progress: Report | None = None) -> Any:
     """Run ``stage`` (see the module docstring); returns ``stage.finish``'s summary."""
     stage.prepare()
     cfg = stage.config  # as prepare completed it
+    engine = stage_engine(cfg.engine, cfg.workers, address=getattr(cfg, "ray_address", None),
+                          needs_gpu=stage.needs_gpu, device=getattr(cfg, "device", "auto"))  # bad --device: no file yet
     out = stage.output
     out.root.mkdir(parents=True, exist_ok=True)
     folders = stage.folders()
@@ -218,8 +212,6 @@ def run_stage(stage: Stage, progress: Report | None = None) -> Any:
     manifest = stage.manifest()
     if manifest is not None and not out.exists():
         out.write_manifest(manifest)
-    engine = stage_engine(cfg.engine, cfg.workers, address=getattr(cfg, "ray_address", None),
-                          needs_gpu=stage.needs_gpu, device=getattr(cfg, "device", "auto"))
     skipped: list[tuple[Any, dict[str, Any]]] = []
 
     def todo() -> Iterator[Any]:

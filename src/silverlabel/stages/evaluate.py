@@ -133,10 +133,6 @@ def map_scores(probs: torch.Tensor, head_space: str, target_space: str) -> torch
 # pieces
 
 
-def find_checkpoint(run: str) -> Path:
-    return Run(run).find_checkpoint()
-
-
 def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any], str, int]:
     """``(model in eval mode on CPU, checkpoint's train config dict, "ema" | "model", step)``."""
     from silverlabel.stages.train import TrainConfig, create_model
@@ -194,15 +190,9 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 
         sp = get_label_space(target_space)
         names[: len(sp)] = list(sp.names)[:n]
-    path = TrainSet(trainset).classes_path
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            doc = {}
-        for c in doc.get("classes") or []:
-            if isinstance(c, dict) and isinstance(c.get("cls"), int) and 0 <= c["cls"] < n:
-                names[c["cls"]] = str(c.get("name") or c.get("wnid") or c["cls"])
+    for c in TrainSet(trainset).read_classes().get("classes") or []:
+        if isinstance(c, dict) and isinstance(c.get("cls"), int) and 0 <= c["cls"] < n:
+            names[c["cls"]] = str(c.get("name") or c.get("wnid") or c["cls"])
     return names
 
 
@@ -213,7 +203,7 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     """Evaluate (see the module docstring); writes the JSON report and returns it."""
     t0 = time.monotonic()
-    ckpt = find_checkpoint(cfg.run)
+    ckpt = Run(cfg.run).find_checkpoint()
     split = TrainSet(cfg.trainset).split(cfg.split)
     num_samples = int(split.get("num_samples", sum(split.get("shard_lengths", []))))
     if cfg.head_space is not None:
@@ -292,7 +282,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
         "per_class": per_class,
         "seconds": round(time.monotonic() - t0, 3),
     }
-    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if Path(cfg.run).is_dir() else ckpt.parent) / f"eval-{cfg.split}.json"
+    out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / f"eval-{cfg.split}.json"
     write_json_atomic(out, report)
     report["output"] = str(out)
     return report

@@ -55,7 +55,7 @@ from silverlabel.errors import UserError
 from silverlabel.options import opt, positive_int
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
 from silverlabel.loader import LoaderConfig, decode_image, to_tensor
-from silverlabel.stages.evaluate import find_checkpoint, load_model
+from silverlabel.stages.evaluate import load_model
 from silverlabel.stages.select import balanced_quotas
 
 MODES = ("probe", "finetune")
@@ -335,17 +335,15 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     from silverlabel.stages.train import TrainConfig, run_train
 
     t0 = time.monotonic()
-    ckpt = find_checkpoint(cfg.run)
-    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if Path(cfg.run).is_dir() else ckpt.parent) / "lowshot"
+    ckpt = Run(cfg.run).find_checkpoint()
+    out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / "lowshot"
     train = index_split(cfg.trainset, cfg.train_split)
     val = index_split(cfg.trainset, cfg.val_split)
     classes = sorted({r.cls for r in train if r.cls >= 0})
     if not classes:
         raise UserError(f"{cfg.trainset}: split {cfg.train_split!r} has no labeled samples")
     num_classes = max(classes + [r.cls for r in val]) + 1
-    doc = TrainSet(cfg.trainset).classes_path
-    if doc.exists():
-        num_classes = max(num_classes, int(json.loads(doc.read_text()).get("num_classes", 0)))
+    num_classes = max(num_classes, int(TrainSet(cfg.trainset).read_classes().get("num_classes", 0)))
     subsets = {f: balanced_subset(train, f, cfg.seed) for f in cfg.fractions}
     for f, sub in subsets.items():
         if not sub:

@@ -181,12 +181,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 def num_classes_for(cfg: TrainConfig) -> int:
     """The head size (see the module docstring)."""
     path = TrainSet(cfg.trainset).classes_path
-    doc: dict[str, Any] = {}
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from e
+    doc = TrainSet(cfg.trainset).read_classes()
     targets = get_loss(cfg.loss).targets
     if targets == "class":
         if "num_classes" not in doc:
