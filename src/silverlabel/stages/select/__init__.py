@@ -17,7 +17,8 @@ rules that need the whole pool run on the driver: the pool-wide ones (uid list, 
 search, reading a bare table; :mod:`.pool`) produce key tables for the units, and the class
 choice, validation draw and quotas are decided from small per-unit summaries
 (:mod:`.run`). A 300M-row pool never comes into Python: only its keys and 64-bit pHashes
-do, when near-duplicates are searched.
+do, when near-duplicates are searched. Each unit's DuckDB holds at most ``--memory-limit``
+(on Ray: each task's) and spills beyond it into the output's temporary folder.
 
     >>> balanced_quotas({"a": 500, "b": 500, "c": 500}, total=7, seed=0)
     {'a': 2, 'b': 2, 'c': 3}

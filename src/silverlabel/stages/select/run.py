@@ -151,6 +151,7 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     if per_shard is None:
         per_shard = engine != "local"
     base = Plan(kind=pool.kind, pool_sql=pool.pool_sql, joins_labels=pool.joins_labels, output=str(out),
+                tmp=str(out / TMP_DIR),
                 seed=cfg.seed, val_per_class=cfg.val_per_class, min_prob=cfg.min_prob, multi_label=cfg.multi_label,
                 source_dataset=pool.source_dataset, memory_limit=cfg.memory_limit, threads=max(1, cfg.threads))
     try:  # a setting, not SQL text: the value never meets the parser as code

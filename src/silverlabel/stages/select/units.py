@@ -34,6 +34,7 @@ exactly what one unit over the whole pool ranks first.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class Plan:
     pool_sql: str  # the SELECT of view pool0 (over views samples + labels, or src)
     joins_labels: bool  # pool0 joins samples with labels: a unit without labels files has no rows
     output: str  # the selection directory (absolute)
+    tmp: str  # its temporary folder (absolute): key tables, and where DuckDB spills beyond memory_limit
     mode: str | None = None  # top1 | source | none; None: only the pool views (the driver's pool step)
     seed: int = 0
     val_per_class: int = 0
@@ -170,8 +172,9 @@ def connect(unit: Unit, plan: Plan) -> Any:
     """A DuckDB connection with ``unit``'s files and ``plan``'s tables as views."""
     import duckdb
 
+    spill = Path(plan.tmp) / f"duckdb-{unit.index}-{os.getpid()}"  # one per attempt: a retried unit may overlap
     con = duckdb.connect(config={"memory_limit": plan.memory_limit, "threads": max(1, plan.threads),
-                                 "preserve_insertion_order": True})
+                                 "preserve_insertion_order": False, "temp_directory": str(spill)})
     if plan.min_prob is not None:
         con.execute("SET VARIABLE min_prob = ?", [plan.min_prob])
     if plan.kind == "dataset":
