@@ -316,6 +316,18 @@ class TrainSet(Dataset):
     def wids_index_path(self, name: str, split: str) -> Path:
         return self.root / f"{name}-{split}.wids.json"
 
+    def write_wids_indexes(self, name: str, splits: dict[str, list[str]], shards: dict[str, dict[str, Any]]) -> None:
+        """A wids shard index per split: ``splits`` maps a split to its tar names, ``shards``
+        a tar name to its ``samples``, ``bytes`` and ``md5`` (its commit record's info)."""
+        for split, filenames in splits.items():
+            write_json_atomic(self.wids_index_path(name, split), {
+                "__kind__": "wids-shard-index-v1",
+                "wids_version": 1,
+                "name": f"{name}-{split}",
+                "shardlist": [{"url": fn, "nsamples": shards[fn]["samples"], "filesize": shards[fn]["bytes"],
+                               "md5sum": shards[fn]["md5"]} for fn in filenames],
+            })
+
     def read_info(self) -> dict[str, Any]:
         """``_info.json``: the shard list per split (file names relative to the folder)."""
         return read_json(self.info_path, f"{self.root}: no {INFO_FILE} (not a finished silverlabel shard output)")

@@ -570,7 +570,6 @@ class ReinforceStage(BaseStage):
                                     copy=not reinforced)
 
     def finish(self, run: StageRun) -> ReinforceSummary:
-        from silverlabel.stages.shard import write_index_files
         from silverlabel.teachers.labelspace import get_label_space
 
         cfg, out, info = self.config, self.output, self.info
@@ -580,7 +579,7 @@ class ReinforceStage(BaseStage):
             with atomic_write(out.classes_path) as f:
                 f.write(self.source.classes_path.read_bytes())
         name = info.get("name") or out.root.name
-        write_index_files(out, name, {split: s["filenames"] for split, s in splits.items()}, records)
+        out.write_wids_indexes(name, {split: s["filenames"] for split, s in splits.items()}, records)
         reinforced = [records[fn] for sp in cfg.splits for fn in splits[sp]["filenames"]]
         n_samples = sum(int(n) for sp in cfg.splits for n in splits[sp]["shard_lengths"])
         rnf_total = sum(int(r.get("rnf_bytes", 0)) for r in reinforced)

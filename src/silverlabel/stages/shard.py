@@ -394,7 +394,7 @@ def _source_tar(selection: Path, dataset: str, shard: str) -> str:
     ds = Path(dataset)
     if not ds.is_absolute() and not ds.exists() and (selection / ds).exists():
         ds = selection / ds
-    return str(ds / "shards" / shard)
+    return str(Pool(ds).shards_dir / shard)
 
 
 def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
@@ -613,7 +613,7 @@ class ShardStage(BaseStage):
             lengths = [len(rows) for _i, _name, rows in units]
             splits[split] = {"samples": sum(lengths), "shards": len(units), "filenames": filenames,
                              "shard_lengths": lengths}
-        write_index_files(ts, cfg.name, {split: s["filenames"] for split, s in splits.items()}, records)
+        ts.write_wids_indexes(cfg.name, {split: s["filenames"] for split, s in splits.items()}, records)
         manifest = self.manifest()
         manifest.update(
             state="complete",
@@ -631,18 +631,6 @@ class ShardStage(BaseStage):
         bytes_now = sum(r.bytes for r in run.results)
         return ShardSummary(str(ts.root), cfg.name, splits, run.done_now, len(run.skipped), samples_now, bytes_now,
                             run.seconds)
-
-
-def write_index_files(ts: TrainSet, name: str, splits: dict[str, list[str]], records: dict[str, dict[str, Any]]) -> None:
-    """A wids shard index per split, from the shards' commit records (``samples``, ``bytes``, ``md5``)."""
-    for split, filenames in splits.items():
-        write_json_atomic(ts.wids_index_path(name, split), {
-            "__kind__": "wids-shard-index-v1",
-            "wids_version": 1,
-            "name": f"{name}-{split}",
-            "shardlist": [{"url": fn, "nsamples": records[fn]["samples"], "filesize": records[fn]["bytes"],
-                           "md5sum": records[fn]["md5"]} for fn in filenames],
-        })
 
 
 def run_shard(cfg: ShardConfig, progress: Report | None = None) -> ShardSummary:
