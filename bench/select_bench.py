@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """``select`` benchmarks. A figure, not a test.
 
-``table``: ``silverlabel select`` over a synthetic COYO-Labeled-300M table of ``--n`` rows
-(top-50 labels, long-tailed classes): the imagenet-12k class rule, a 1% balanced subset,
-and a threshold + in1k remap, each timed in a fresh process with its peak memory::
+``table``: ``select`` over a synthetic COYO-Labeled-300M table of ``--n`` rows (top-50
+labels, long-tailed classes) in ``--files`` parquet files: the imagenet-12k class rule, a 1%
+balanced subset, and a threshold + in1k remap, each timed in a fresh process with its peak
+memory; ``--units shards`` runs one unit per file (what ``--engine ray`` runs) on the local
+engine::
 
     .venv/bin/python bench/select_bench.py table --n 10000000 --workdir /tmp/bsel
+    .venv/bin/python bench/select_bench.py table --n 10000000 --files 16 --units shards --workdir /tmp/bsel
 
 ``near-dup``: near-duplicate search over 64-bit pHashes (``silverlabel.dedupe``):
 
@@ -245,8 +248,10 @@ def near_dup_markdown(res: dict[str, Any], command: str) -> str:
 # --- select over a synthetic COYO-Labeled-300M table ---------------------------------------
 
 
-def make_coyo_table(path: str, n: int, k: int = 50, classes: int = 21841, seed: int = 0, chunk: int = 1_000_000) -> None:
-    """A COYO-Labeled-300M-schema parquet of ``n`` rows (top-``k`` labels), written in chunks."""
+def make_coyo_table(path: str, n: int, k: int = 50, classes: int = 21841, seed: int = 0, chunk: int = 1_000_000,
+                    first_id: int = 0) -> None:
+    """A COYO-Labeled-300M-schema parquet of ``n`` rows (top-``k`` labels, ids from
+    ``first_id``), written in chunks."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -267,7 +272,7 @@ def make_coyo_table(path: str, n: int, k: int = 50, classes: int = 21841, seed: 
             p = rng.dirichlet(np.full(k, 0.3), size=m).astype(np.float32)
             p = -np.sort(-p, axis=1)
             offsets = pa.array(np.arange(0, (m + 1) * k, k, dtype=np.int32))
-            ids = np.arange(start, start + m, dtype=np.int64)
+            ids = np.arange(first_id + start, first_id + start + m, dtype=np.int64)
             hashes = rng.integers(0, 2**63, size=m, dtype=np.int64).astype(np.uint64)
             w.write_table(pa.table({
                 "id": ids, "url": pa.array([f"https://img.example/{i}.jpg" for i in ids]),
@@ -278,8 +283,12 @@ def make_coyo_table(path: str, n: int, k: int = 50, classes: int = 21841, seed: 
             }, schema=schema))
 
 
-def bench_select(n: int = 10_000_000, k: int = 50, workdir: str | None = None) -> dict:
-    """Time + peak memory of two selects over an n-row COYO-schema table, each in a fresh process."""
+def bench_select(n: int = 10_000_000, k: int = 50, workdir: str | None = None, files: int = 1,
+                 units: str = "pool") -> dict:
+    """Time + peak memory of three selects over an n-row COYO-schema table (``files``
+    parquet files), each in a fresh process. ``units``: ``pool`` (one unit, what ``--engine
+    local`` runs) or ``shards`` (one unit per file on the local engine with 2 workers: the
+    units ``--engine ray`` runs, without a cluster)."""
     import json
     import os
     import subprocess
@@ -288,34 +297,42 @@ def bench_select(n: int = 10_000_000, k: int = 50, workdir: str | None = None) -
     import time
 
     work = workdir or tempfile.mkdtemp(prefix="sl-bench-select-")
-    table = os.path.join(work, "coyo.parquet")
+    table = os.path.join(work, "coyo.parquet" if files == 1 else f"coyo-{files}")
     if not os.path.exists(table):
         t0 = time.perf_counter()
-        make_coyo_table(table, n, k)
-        print(f"generated {n} rows (top-{k}) in {time.perf_counter() - t0:.0f} s, "
-              f"{os.path.getsize(table) / 2**30:.2f} GiB", flush=True)
+        if files == 1:
+            make_coyo_table(table, n, k)
+        else:
+            os.makedirs(table)
+            for i in range(files):
+                make_coyo_table(os.path.join(table, f"part-{i:05d}.parquet"), n // files, k, seed=i,
+                                first_id=i * (n // files))
+        print(f"generated {n} rows (top-{k}, {files} files) in {time.perf_counter() - t0:.0f} s", flush=True)
     runs = {
         "imagenet-12k rule (top 11821 classes, 40 val, min 400 train)":
-            ["--top-classes", "11821", "--val-per-class", "40", "--min-train-per-class", "400"],
-        "1% balanced subset": ["--fraction", "0.01", "--balanced", "--min-train-per-class", "100"],
-        "min-prob 0.3 + remap to in1k": ["--min-prob", "0.3", "--label-space", "in1k"],
+            dict(top_classes=11821, val_per_class=40, min_train_per_class=400),
+        "1% balanced subset": dict(fraction=0.01, balanced=True, min_train_per_class=100),
+        "min-prob 0.3 + remap to in1k": dict(min_prob=0.3, label_space="in1k"),
     }
+    run_args = "dict(per_shard=True, workers=2)" if units == "shards" else "dict()"
     results = {}
-    for name, args in runs.items():
-        out = os.path.join(work, "sel-" + str(len(results)))
-        code = ("import resource, sys, time; from silverlabel.cli import main; t0 = time.perf_counter(); "
-                f"rc = main(['select', {table!r}, '-o', {out!r}, '--threads', '2', *{args!r}]); "
-                "print('RESULT', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    for name, opts in runs.items():
+        out = os.path.join(work, f"sel-{units}-{len(results)}")
+        code = ("import resource, sys, time; from silverlabel.stages.select import SelectConfig, run_select; "
+                "t0 = time.perf_counter(); "
+                f"run_select(SelectConfig({table!r}, {out!r}, threads=2, **{opts!r}), **{run_args}); "
+                "print('RESULT', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
         if p.returncode or not line:
             raise RuntimeError(f"{name} failed:\n{p.stdout}\n{p.stderr}")
-        _, secs, rss = line[0].split()
+        _, secs, rss, child_rss = line[0].split()
         rows = json.load(open(os.path.join(out, "report.json")))
-        results[name] = {"seconds": float(secs), "peak_rss_mib": int(rss) / 1024, "selected": rows["selected_rows"],
-                         "splits": rows["splits"], "classes": rows["classes"]}
+        results[name] = {"seconds": float(secs), "peak_rss_mib": max(int(rss), int(child_rss)) / 1024,
+                         "selected": rows["selected_rows"], "splits": rows["splits"], "classes": rows["classes"]}
         print(name, results[name], flush=True)
-    return {"rows": n, "k": k, "table": table, "runs": results}
+    return {"rows": n, "k": k, "files": files, "units": units, "table": table, "runs": results}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -337,6 +354,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tb.add_argument("--n", type=float, default=10_000_000, help="rows")
     tb.add_argument("--k", type=int, default=50, help="labels per row (COYO: 50)")
     tb.add_argument("--workdir", default=None, help="keep the generated table here (reused when present)")
+    tb.add_argument("--files", type=int, default=1, help="parquet files the table is cut into")
+    tb.add_argument("--units", choices=("pool", "shards"), default="pool",
+                    help="one unit of the whole pool (--engine local) or one per file (the --engine ray units)")
     return p.parse_args(argv)
 
 
@@ -346,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "table":
         import json
 
-        print(json.dumps(bench_select(int(args.n), args.k, args.workdir), indent=2))
+        print(json.dumps(bench_select(int(args.n), args.k, args.workdir, args.files, args.units), indent=2))
         return 0
     if args.bench == "near-dup":
         refs = tuple(int(float(x)) for x in args.refs.split(",") if x.strip())
