@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 
 import pytest
 
@@ -177,7 +176,7 @@ def test_recipe_errors_name_the_step_and_key(recipe, tmp_path):
         pipeline.plan(pipeline.load_recipe(recipe), only=["x"])
 
 
-def test_paths_nested_configs_and_types(recipe, tmp_path):
+def test_paths_nested_configs_and_types(recipe, tmp_path, monkeypatch):
     r = pipeline.load_recipe(recipe, overrides=[
         "steps.pool.image={min_side: 32}", "steps.pool.fetch={retries: 0}", "steps.sel.min_prob=1e-1"])
     pool, sel = r.step("pool").config, r.step("sel").config
@@ -193,7 +192,7 @@ def test_paths_nested_configs_and_types(recipe, tmp_path):
     step = pipeline.load_recipe(lab).step("lab")
     assert [t.name for t in step.config.teachers] == ["efficientnet_lite0", "timm:resnet18"]
     assert step.inputs["teachers"] == [str(tmp_path / "w.pth")] and step.state_path == tmp_path / "pool" / ".build-lab.json"
-    os.chdir(tmp_path)  # a --set path that exists is taken from the current folder
+    monkeypatch.chdir(tmp_path)  # a --set vars.NAME=PATH that exists is taken from the current folder
     assert pipeline.load_recipe(recipe, overrides=["vars.photos=photos"]).step("pool").config.sources == (
         str(tmp_path / "photos"),)
 
@@ -224,3 +223,11 @@ def test_make_demo_twice(tmp_path, monkeypatch):
 
 def _forbidden(*a, **k):
     raise AssertionError("a stage ran")
+
+
+def test_a_rerun_never_removes_the_output_root(recipe):
+    assert _build(recipe, "steps.pool.output=${out}").ran == ["pool", "sel", "trainset"]
+    assert (recipe.parent / "out" / ".build-pool.json").exists()
+    with pytest.raises(UserError, match="holds the output root"):
+        _build(recipe, "steps.pool.output=${out}", "steps.pool.samples_per_shard=4")
+    assert (recipe.parent / "out" / "trainset" / "_info.json").exists()

@@ -24,7 +24,7 @@ stage's config dataclass (``IngestConfig``, ``LabelConfig``, ... by their Python
 train, lowshot), the dataset it labels (label), the JSON it writes (eval), the card (card),
 the file a ``script`` step writes (``script: x.py``, ``args: [...]``, ``output: FILE``: the
 recipe's own Python script). ``${out}`` is the output root. Relative input paths are relative
-to the recipe file (a ``--set`` value that names an existing path: to the current folder).
+to the recipe file (a ``--set vars.NAME=PATH`` naming an existing path: to the current folder).
 ``--set KEY=VALUE`` overrides any dotted key (``steps.run.steps=3``; VALUE is YAML). Unknown
 keys are errors.
 
@@ -297,7 +297,7 @@ def load_recipe(path: str | os.PathLike, out: str | None = None, overrides: Sequ
             _set_dotted(doc, str(key), value, f"{path}: smoke")
     for text in overrides:
         key, value = parse_set(text)
-        if isinstance(value, str) and not os.path.isabs(value) and os.path.exists(value):
+        if key.startswith("vars.") and isinstance(value, str) and not os.path.isabs(value) and os.path.exists(value):
             value = os.path.abspath(value)  # a path typed on the command line: from the current folder
         _set_dotted(doc, key, value, f"{path}: --set")
     base = path.resolve().parent
@@ -634,7 +634,7 @@ def build(recipe: Recipe, only: Sequence[str] = (), from_step: str | None = None
             summary.skipped.append(step.name)
             continue
         inputs = p.inputs if p.inputs is not None else _input_ids(step, recipe, set())
-        _clear(step)
+        _clear(step, recipe)
         log(f"build: {step.name} ({step.stage}): running ({p.reason})")
         t1 = time.monotonic()
         _call_stage(step.stage, step.config)
@@ -653,13 +653,19 @@ def build(recipe: Recipe, only: Sequence[str] = (), from_step: str | None = None
     return summary
 
 
-def _clear(step: Step) -> None:
+def _clear(step: Step, recipe: Recipe) -> None:
     """Before a rerun: remove what an earlier build of this step made under another key.
-    Only outputs this runner made (the state file proves it) are removed; without one, the
-    stage resumes or refuses by its own rules."""
+    Only outputs this runner made (the state file proves it) are removed, never the output
+    root or a folder holding it or the recipe; without a state file, the stage resumes or
+    refuses by its own rules."""
     state_path = step.state_path
     if not state_path.exists():
         return
+    keep = {recipe.out.resolve(), *recipe.out.resolve().parents, *recipe.path.resolve().parents}
+    for p in step.kind.removes(step.config):
+        if p.resolve() in keep:
+            raise UserError(f"step {step.name!r}: its output {p} holds the output root or the recipe; "
+                            "give the step a folder of its own")
     state_path.unlink()
     for p in step.kind.removes(step.config):
         if p.is_dir():
