@@ -2,10 +2,12 @@
 
 The unit of work is one output shard: :func:`ingest_shard` takes the items of shard ``i``
 (consecutive input rows), fetches or reads them on a thread pool, runs the image kernel,
-and writes ``shards/{name}-{i:06d}.tar`` and then ``samples/{name}-{i:06d}.parquet``
-(the latter records the tar's size, so a shard is complete only when both exist and
-agree). It is a pure function of (unit, config): an engine can run it anywhere, and a
-rerun after a crash redoes exactly the incomplete shards.
+and writes ``shards/{name}-{i:06d}.tar``, then ``samples/{name}-{i:06d}.parquet``, then
+the shard's commit record ``.done/{name}-{i:06d}.json`` (:class:`silverlabel.stage.Commit`:
+the hash of its input items, the size and md5 of both files), so a shard is complete only
+when its record matches. It is a pure function of (unit, config): an engine can run it
+anywhere, and a rerun after a crash redoes exactly the incomplete shards; ``label`` binds
+its units to the recorded md5s, so a shard re-fetched by ``--retry-failed`` is relabeled.
 
     >>> from silverlabel.stages.ingest import IngestConfig, run_ingest   # doctest: +SKIP
     >>> summary = run_ingest(IngestConfig(sources=("urls.parquet",), output="ds"))  # doctest: +SKIP
@@ -48,7 +50,6 @@ STATUS_FAILED_DOWNLOAD = "failed_download"
 STATUS_FAILED_READ = "failed_read"
 #: Statuses that ``--retry-failed`` re-attempts (transient by nature).
 RETRYABLE = (STATUS_FAILED_DOWNLOAD,)
-_TAR_BYTES_KEY = "silverlabel.tar_bytes"
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 
     table = samples_table(rows, list(cfg.extra_fields))
     samples_path = ds.samples_path(cfg.name, unit.shard)
-    write_parquet_atomic(table, samples_path, metadata={_TAR_BYTES_KEY: str(tar_bytes), "silverlabel.version": __version__})
+    write_parquet_atomic(table, samples_path, metadata={"silverlabel.version": __version__})
     counts = Counter(r["status"] for r in rows)
     if unit.commit is not None:
         unit.commit.write([tar_path, samples_path], info={"counts": dict(counts)}, md5={str(tar_path): hf.md5.hexdigest()})

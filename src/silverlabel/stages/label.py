@@ -7,6 +7,9 @@ ImageNet-21k fall11 synsets in sorted-wnid order) and their float32 probabilitie
 id, url, imagehash, width, height and key — COYO-Labeled-300M's schema plus ``key``.
 Samples whose ingest failed are skipped; images that fail to decode here get no row and
 are counted (``silverlabel.decode_errors`` in the file's metadata and the summary).
+Each labels table is committed by ``labels/{name}/.done/{shard}.json``, bound to the md5 of
+its shard's tar and samples table: a shard that changed since (``ingest --retry-failed``)
+is labeled again, the others are skipped.
 
     >>> from silverlabel.stages.label import LABELS_SCHEMA
     >>> LABELS_SCHEMA.field("labels").type

@@ -27,8 +27,9 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
 3. the teacher (or ensemble, probabilities averaged; embeddings concatenated in teacher
    order) runs on the replayed pixels, normalised with its mean/std — on a GPU in fp16
    autocast with the label stage's device handling (``Labeler.classify``);
-4. the output tar is written under a temporary name and renamed into place, then a
-   ``.done/{tar}.json`` record with the settings; a rerun skips shards whose record matches.
+4. the output tar is written under a temporary name and renamed into place, then its
+   commit record ``.done/{tar}.json`` (settings hash, the input shard's md5, the output's size
+   and md5); a rerun skips shards whose record matches, and redoes one whose input changed.
 
 The teacher sees ``replay(image, aug, S)`` at its input size ``S`` (``--img-size``
 overrides); there is no extra eval crop (the augmentation is the crop).
