@@ -184,6 +184,9 @@ def test_paths_nested_configs_and_types(recipe, tmp_path, monkeypatch):
     assert pool.sources == (str(recipe.parent / "photos"),)
     assert pool.image.min_side == 32 and pool.fetch.retries == 0
     assert sel.source == pool.output and sel.min_prob == 0.1
+    ray = pipeline.load_recipe(recipe, overrides=["steps.sel.engine=ray", "steps.sel.workers=4"]).step("sel")
+    assert ray.run_args == {"engine": "ray", "workers": 4}  # run_select's options, beside the config
+    assert pipeline.config_digest(ray) == pipeline.config_digest(pipeline.load_recipe(recipe).step("sel"))
     assert r.step("trainset").deps == ("sel",)
     (tmp_path / "w.pth").write_bytes(b"weights")
     lab = tmp_path / "label.yaml"

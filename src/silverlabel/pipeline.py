@@ -26,7 +26,8 @@ the file a ``script`` step writes (``script: x.py``, ``args: [...]``, ``output: 
 recipe's own Python script). ``${out}`` is the output root. Relative input paths are relative
 to the recipe file (a ``--set vars.NAME=PATH`` naming an existing path: to the current folder).
 ``--set KEY=VALUE`` overrides any dotted key (``steps.run.steps=3``; VALUE is YAML). Unknown
-keys are errors.
+keys are errors; a ``run_*`` function's own options (``select``: ``engine``, ``workers``,
+``ray_address``) may stand beside the config fields, and are no part of the key.
 
 A step runs when it is new, its config or its inputs changed, or its outputs are gone;
 otherwise it is skipped (``--force`` runs it anyway; ``--only STEP``, ``--from STEP`` choose
@@ -173,19 +174,27 @@ def _stage_api(kind: StageKind) -> tuple[type, Callable]:
     return getattr(mod, kind.config), getattr(mod, kind.run)
 
 
-def _call_stage(stage: str, cfg: Any) -> Any:
-    """Run one stage through its public ``run_*`` function and print its report."""
-    kind = STAGES[stage]
-    _, run = _stage_api(kind)
+_RUNNER_ARGS = {"progress", "log", "resume", "stop_after"}  # run_* arguments the runner sets itself
+
+
+def _run_options(run: Callable) -> set[str]:
+    """The ``run_*`` keyword arguments a step may set besides its config (select's ``engine``)."""
+    return set(list(inspect.signature(run).parameters)[1:]) - _RUNNER_ARGS
+
+
+def _call_stage(step: Step) -> Any:
+    """Run one step's stage through its public ``run_*`` function and print its report."""
+    stage, cfg = step.stage, step.config
+    _, run = _stage_api(step.kind)
     if stage == "train":  # an interrupted build left a checkpoint: continue it
         return run(cfg, resume=(Path(cfg.output) / "checkpoint.pt").exists(), progress=False)
     if "progress" not in inspect.signature(run).parameters:
-        result = run(cfg)
+        result = run(cfg, **step.run_args)
     else:  # a per-shard stage: a bar of items done on a terminal
         from tqdm import tqdm
 
         with tqdm(unit="img", desc=stage, dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
-            result = run(cfg, progress=lambda done, ok: bar.update(done))
+            result = run(cfg, progress=lambda done, ok: bar.update(done), **step.run_args)
     if stage == "eval":
         from silverlabel.stages.evaluate import format_report
 
@@ -210,6 +219,7 @@ class Step:
     config: Any  # the stage's config dataclass
     deps: tuple[str, ...]  # earlier steps it refers to
     inputs: dict[str, list[str]]  # field -> paths read (steps' products included)
+    run_args: dict[str, Any] = field(default_factory=dict)  # run_* options outside the config (not keyed)
 
     @property
     def kind(self) -> StageKind:
@@ -320,7 +330,7 @@ def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, 
     if stage not in STAGES:
         raise UserError(f"{where}: unknown stage {stage!r} (one of {', '.join(STAGES)})")
     kind = STAGES[stage]
-    cls, _ = _stage_api(kind)
+    cls, run = _stage_api(kind)
     deps: list[str] = []
 
     def resolve(value: Any) -> Any:
@@ -356,11 +366,13 @@ def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, 
             fields[f] = _relative_to(fields[f], root if f in kind.outputs else base)
     if isinstance(fields.get("teachers"), list):
         fields["teachers"] = [_teacher_paths(t, base) for t in fields["teachers"]]
+    options = _run_options(run) - {f.name for f in dataclasses.fields(cls)}
+    run_args = {k: fields.pop(k) for k in list(fields) if k in options}
     config = build_config(cls, fields, where)
     inputs = {f: [p for p in _paths_of(getattr(config, f))
                   if f != "args" or (os.path.isabs(p) and p != config.output)]  # a script's path arguments
               for f in kind.inputs if getattr(config, f, None) is not None}
-    return Step(name, stage, config, tuple(deps), inputs)
+    return Step(name, stage, config, tuple(deps), inputs, run_args)
 
 
 def _relative_to(value: Any, base: Path) -> Any:
@@ -637,7 +649,7 @@ def build(recipe: Recipe, only: Sequence[str] = (), from_step: str | None = None
         _clear(step, recipe)
         log(f"build: {step.name} ({step.stage}): running ({p.reason})")
         t1 = time.monotonic()
-        _call_stage(step.stage, step.config)
+        _call_stage(step)
         records = step.kind.records(step.config)
         missing = [str(r) for r in records if not r.exists()]
         if missing:
