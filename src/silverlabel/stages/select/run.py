@@ -17,7 +17,10 @@ rows. Units are the whole pool in one (``--engine local``, the fast path) or one
 samples / table file (``--engine ray``, or ``per_shard=True``); either way they run the same
 SQL, so the selection is the same: rows (every column), ``classes.json``, ``report.json``
 and ``duplicates.parquet``. Only the cut of the selection table into part files differs
-(``part-{unit}-{j}.parquet``), which ``shard`` does not see: it orders by key.
+(``part-{unit}-{j}.parquet``), which ``shard`` does not see: it orders by key. Workers read
+the pool's files and the key tables (in ``OUTPUT/.select-tmp``, removed at the end) and
+write their parts into the output, so on Ray the pool and the output are on a file system
+every node sees. Keys are unique in a pool (a dataset's keys, COYO ids, DataComp uids).
 """
 
 from __future__ import annotations
