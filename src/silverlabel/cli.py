@@ -207,8 +207,12 @@ def _shards_done(s: Any) -> str:
     return f"in {s.shards} shards ({s.shards_done_now} written now, {s.shards_skipped} already complete)"
 
 
-def _throughput(done: str, seconds: float, rate: float, unit: str, where: str = "") -> None:
-    print(f"  throughput: {done} in {seconds:.1f} s = {rate:.1f} {unit}/s{where}")
+def _footer(s: Any, now: int, done: str, rate: float, unit: str, what: str, hint: str = "", where: str = "") -> None:
+    """A summary's last lines: the throughput of the work done now (when there was some) and
+    where the output is."""
+    if now:
+        print(f"  throughput: {done} in {s.seconds:.1f} s = {rate:.1f} {unit}/s{where}")
+    print(f"  {what}: {os.path.abspath(s.output)}{hint}")
 
 
 def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any], cfg: Any) -> Any:
@@ -217,20 +221,6 @@ def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any],
         return run(cfg, progress=bar.update)
     finally:
         bar.close()
-
-
-_EPILOG_INGEST = """\
-examples:
-  # a URL table (parquet/csv/tsv/jsonl, .gz ok; COYO-700M and DataComp metadata work as is)
-  silverlabel ingest urls.parquet -o data/pool
-  # DataComp metadata, keeping two columns, 8 processes
-  silverlabel ingest metadata/ -o data/dc --keep-cols clip_b32_similarity_score,face_bboxes --workers 8
-  # an ImageFolder tree (class = folder name) and existing WebDataset shards
-  silverlabel ingest train/ -o data/in1k
-  silverlabel ingest 'shards/imagenet12k-train-{0000..1023}.tar' -o data/in12k
-  # after a crash: run the same command again; to re-try only failed downloads:
-  silverlabel ingest urls.parquet -o data/pool --retry-failed
-"""
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -242,20 +232,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     width = max((len(k) for k in s.counts), default=7)
     for status, n in s.counts.items():
         print(f"  {status:<{width}}  {n:>10}  {100 * n / max(1, total):5.1f}%")
-    if s.items_now:
-        _throughput(f"{s.items_now} inputs", s.seconds, s.images_per_second, "images")
-    print(f"  dataset: {os.path.abspath(s.output)}")
+    _footer(s, s.items_now, f"{s.items_now} inputs", s.images_per_second, "images", "dataset")
     return 0
-
-
-_EPILOG_LABEL = """\
-examples:
-  silverlabel label data/pool                      # default teacher, top-50 over in21k, GPU if present
-  silverlabel label data/pool --limit 500          # a quick look at the first 500 images
-  silverlabel label data/pool --teacher timm:vit_base_patch16_224 --checkpoint vit.safetensors
-  silverlabel label data/pool --teacher efficientnet_lite0 --teacher timm:convnext_tiny --checkpoint - --checkpoint ct.pth
-  silverlabel label --stats data/pool              # COYO's threshold table
-"""
 
 
 def _label_extras(p: argparse.ArgumentParser) -> None:
@@ -271,9 +249,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args))
     print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors")
-    if s.images_now:
-        _throughput(f"{s.images_now} images", s.seconds, s.images_per_second, "images", f" on {s.device}")
-    print(f"  labels: {os.path.abspath(s.output)}")
+    _footer(s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
     return 0
 
 
@@ -335,20 +311,6 @@ def cmd_classes(args: argparse.Namespace) -> int:
     return 0 if found_any else 1
 
 
-_EPILOG_SELECT = """\
-examples:
-  # imagenet-12k: top 11,821 classes by count, 40 validation images each, >= 400 left for training
-  silverlabel select data/pool -o sel/in12k --top-classes 11821 --val-per-class 40 --min-train-per-class 400
-  # label-balanced 1% subset of the training split (imagenet2012_subset)
-  silverlabel select data/in1k --label source -o sel/in1k-1pct --fraction 0.01 --balanced
-  silverlabel select data/in1k --label source -o sel/simclr-1pct --keys-file 1percent.txt
-  # the published COYO-Labeled-300M metadata, no images: threshold and map to in1k
-  silverlabel select coyo-labeled-300m/ -o sel/coyo --min-prob 0.3 --label-space in1k
-  # DataComp-style uid subset, de-duplicated and decontaminated against an eval set
-  silverlabel select data/pool -o sel/dc --uids uids.npy --dedupe phash:8 --exclude-near data/eval
-"""
-
-
 def cmd_select(args: argparse.Namespace) -> int:
     from silverlabel.stages.select import SelectConfig, run_select
 
@@ -364,17 +326,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-_EPILOG_SHARD = """\
-examples:
-  silverlabel shard data/sel -o data/trainset                 # 10000 samples per shard, seed 0
-  silverlabel shard data/sel -o data/in12k --name imagenet12k --shards train=1024,validation=64
-  silverlabel shard data/sel -o data/trainset --shards 16 --seed 1 --workers 8
-  # train on it with timm (the folder is the root of wds/NAME):
-  python train.py --data-dir data/trainset --dataset wds/NAME --train-split train --val-split validation
-  # after a crash: run the same command again; finished shards are kept
-"""
-
-
 def cmd_shard(args: argparse.Namespace) -> int:
     from silverlabel.stages.shard import ShardConfig, run_shard
 
@@ -385,21 +336,9 @@ def cmd_shard(args: argparse.Namespace) -> int:
         lengths = info["shard_lengths"]
         print(f"  {split:<{width}}  {info['samples']:>10} samples  {info['shards']:>6} shards "
               f"({min(lengths)}-{max(lengths)} per shard)")
-    if s.samples_now:
-        _throughput(f"{s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB)", s.seconds, s.samples_per_second, "samples")
-    print(f"  training set: {os.path.abspath(s.output)}  (timm: --data-dir {s.output} --dataset wds/{s.name})")
+    _footer(s, s.samples_now, f"{s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB)", s.samples_per_second, "samples",
+            "training set", f"  (timm: --data-dir {s.output} --dataset wds/{s.name})")
     return 0
-
-
-_EPILOG_REINFORCE = """\
-examples:
-  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 10 --topk 10     # ImageNet+-style, GPU if present
-  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 30 --embeddings  # DataCompDR-style: + pre-logits
-  silverlabel reinforce train/in1k -o rnf --teacher efficientnet_lite0 --teacher timm:convnext_tiny \\
-      --checkpoint - --checkpoint ct.pth --mix both                         # an ensemble; mixup/cutmix pairs
-  silverlabel reinforce --inspect train/in1k-rnf [--key KEY]                 # one sample's augmentations + top-k
-  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50     # distil without the teacher
-"""
 
 
 def _reinforce_extras(p: argparse.ArgumentParser) -> None:
@@ -423,21 +362,9 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
           f"top-{cfg.topk} in {s.label_space}")
     print(f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
           f"({s.rnf_bytes / 1e6:.2f} MB of .rnf members)")
-    if s.augs_now:
-        _throughput(f"{s.augs_now} augmentations ({s.samples_now} samples)", s.seconds, s.augs_per_second,
-                    "augmentations", f" on {s.device}")
-    print(f"  training set: {os.path.abspath(s.output)}  (silverlabel train {s.output} --loss kd ...)")
+    _footer(s, s.augs_now, f"{s.augs_now} augmentations ({s.samples_now} samples)", s.augs_per_second, "augmentations",
+            "training set", f"  (silverlabel train {s.output} --loss kd ...)", f" on {s.device}")
     return 0
-
-
-_EPILOG_TRAIN = """\
-examples:
-  silverlabel train train/in12k -o runs/vit-s --loss bce-multihot --steps 10000   # on the teacher's top-k labels
-  silverlabel train train/in12k -o runs/vit-s --resume            # continues at the exact step
-  torchrun --nproc-per-node 8 -m silverlabel.cli train train/in12k -o runs/vit-s ...   # DDP
-  silverlabel train train/in1k -o runs/ft384 --init runs/vit-s/checkpoint-final.pt --img-size 384 --loss ce
-  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50          # distil from stored outputs
-"""
 
 
 def _train_extras(p: argparse.ArgumentParser) -> None:
@@ -457,15 +384,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
     print(f"  checkpoint: {os.path.abspath(s.checkpoint)}")
     return 0
-
-
-_EPILOG_EVAL = """\
-examples:
-  silverlabel eval runs/ft384 --data train/in1k --split validation --real-labels real.json
-  silverlabel eval runs/vit-s --data train/in1k --head-space in21k --target-space in1k   # a 21k head on 1k labels
-  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 0.1                    # probe + fine-tune
-  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 --lowshot-modes probe --ft-steps 2000
-"""
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -497,15 +415,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_EPILOG_CARD = """\
-examples:
-  silverlabel card data/trainset                       # README.md + card/*.png in the training set
-  silverlabel card data/trainset --html report/        # and a static HTML report (open report/index.html)
-  silverlabel card sel/in12k --name "ImageNet-12k (silver)" --license cc-by-4.0
-  silverlabel card data/pool -o cards/pool.md --no-plots   # the card of an ingested, labeled pool
-"""
-
-
 def cmd_card(args: argparse.Namespace) -> int:
     from silverlabel.stages.card import CardConfig, run_card
 
@@ -520,6 +429,89 @@ def cmd_card(args: argparse.Namespace) -> int:
     for note in s.notes:
         print(f"  note: {note}")
     return 0
+
+
+# the examples each command's --help ends with
+
+_EPILOG_INGEST = """\
+examples:
+  # a URL table (parquet/csv/tsv/jsonl, .gz ok; COYO-700M and DataComp metadata work as is)
+  silverlabel ingest urls.parquet -o data/pool
+  # DataComp metadata, keeping two columns, 8 processes
+  silverlabel ingest metadata/ -o data/dc --keep-cols clip_b32_similarity_score,face_bboxes --workers 8
+  # an ImageFolder tree (class = folder name) and existing WebDataset shards
+  silverlabel ingest train/ -o data/in1k
+  silverlabel ingest 'shards/imagenet12k-train-{0000..1023}.tar' -o data/in12k
+  # after a crash: run the same command again; to re-try only failed downloads:
+  silverlabel ingest urls.parquet -o data/pool --retry-failed
+"""
+
+_EPILOG_LABEL = """\
+examples:
+  silverlabel label data/pool                      # default teacher, top-50 over in21k, GPU if present
+  silverlabel label data/pool --limit 500          # a quick look at the first 500 images
+  silverlabel label data/pool --teacher timm:vit_base_patch16_224 --checkpoint vit.safetensors
+  silverlabel label data/pool --teacher efficientnet_lite0 --teacher timm:convnext_tiny --checkpoint - --checkpoint ct.pth
+  silverlabel label --stats data/pool              # COYO's threshold table
+"""
+
+_EPILOG_SELECT = """\
+examples:
+  # imagenet-12k: top 11,821 classes by count, 40 validation images each, >= 400 left for training
+  silverlabel select data/pool -o sel/in12k --top-classes 11821 --val-per-class 40 --min-train-per-class 400
+  # label-balanced 1% subset of the training split (imagenet2012_subset)
+  silverlabel select data/in1k --label source -o sel/in1k-1pct --fraction 0.01 --balanced
+  silverlabel select data/in1k --label source -o sel/simclr-1pct --keys-file 1percent.txt
+  # the published COYO-Labeled-300M metadata, no images: threshold and map to in1k
+  silverlabel select coyo-labeled-300m/ -o sel/coyo --min-prob 0.3 --label-space in1k
+  # DataComp-style uid subset, de-duplicated and decontaminated against an eval set
+  silverlabel select data/pool -o sel/dc --uids uids.npy --dedupe phash:8 --exclude-near data/eval
+"""
+
+_EPILOG_SHARD = """\
+examples:
+  silverlabel shard data/sel -o data/trainset                 # 10000 samples per shard, seed 0
+  silverlabel shard data/sel -o data/in12k --name imagenet12k --shards train=1024,validation=64
+  silverlabel shard data/sel -o data/trainset --shards 16 --seed 1 --workers 8
+  # train on it with timm (the folder is the root of wds/NAME):
+  python train.py --data-dir data/trainset --dataset wds/NAME --train-split train --val-split validation
+  # after a crash: run the same command again; finished shards are kept
+"""
+
+_EPILOG_REINFORCE = """\
+examples:
+  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 10 --topk 10     # ImageNet+-style, GPU if present
+  silverlabel reinforce train/in1k -o train/in1k-rnf --augs 30 --embeddings  # DataCompDR-style: + pre-logits
+  silverlabel reinforce train/in1k -o rnf --teacher efficientnet_lite0 --teacher timm:convnext_tiny \\
+      --checkpoint - --checkpoint ct.pth --mix both                         # an ensemble; mixup/cutmix pairs
+  silverlabel reinforce --inspect train/in1k-rnf [--key KEY]                 # one sample's augmentations + top-k
+  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50     # distil without the teacher
+"""
+
+_EPILOG_TRAIN = """\
+examples:
+  silverlabel train train/in12k -o runs/vit-s --loss bce-multihot --steps 10000   # on the teacher's top-k labels
+  silverlabel train train/in12k -o runs/vit-s --resume            # continues at the exact step
+  torchrun --nproc-per-node 8 -m silverlabel.cli train train/in12k -o runs/vit-s ...   # DDP
+  silverlabel train train/in1k -o runs/ft384 --init runs/vit-s/checkpoint-final.pt --img-size 384 --loss ce
+  silverlabel train train/in1k-rnf -o runs/kd --loss kd --model resnet50          # distil from stored outputs
+"""
+
+_EPILOG_EVAL = """\
+examples:
+  silverlabel eval runs/ft384 --data train/in1k --split validation --real-labels real.json
+  silverlabel eval runs/vit-s --data train/in1k --head-space in21k --target-space in1k   # a 21k head on 1k labels
+  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 0.1                    # probe + fine-tune
+  silverlabel eval runs/vit-s --data train/in1k --lowshot 0.01 --lowshot-modes probe --ft-steps 2000
+"""
+
+_EPILOG_CARD = """\
+examples:
+  silverlabel card data/trainset                       # README.md + card/*.png in the training set
+  silverlabel card data/trainset --html report/        # and a static HTML report (open report/index.html)
+  silverlabel card sel/in12k --name "ImageNet-12k (silver)" --license cc-by-4.0
+  silverlabel card data/pool -o cards/pool.md --no-plots   # the card of an ingested, labeled pool
+"""
 
 
 @dataclasses.dataclass(frozen=True)
