@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     from silverlabel.pipeline import build, format_plan, load_recipe, plan
 
     ap = argparse.ArgumentParser(prog="python -m silverlabel.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="demo-output", help="folder for the demo's outputs (recreated)")
+    ap.add_argument("--out", default="demo-output", help="folder for the demo's outputs (recreated unless --keep)")
     ap.add_argument("--keep", action="store_true",
                     help="keep --out and rebuild only what changed (a second run does nothing)")
     ap.add_argument("--images", type=int, default=300, help="photo-like images to generate (300)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="ingest processes (all cores)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the demo recipe, as silverlabel build --set")
     args = ap.parse_args(argv)
