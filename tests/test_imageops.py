@@ -278,3 +278,9 @@ def test_kernel_reports_cpu_time_per_stage(astronaut):
     process_image(_encode(astronaut.resize((1000, 1000)), "JPEG"), ImageConfig(max_shortest_edge=300), timings)
     assert {"sha256", "header", "decode", "resize", "encode", "hash"} <= set(timings)
     assert all(v >= 0 for v in timings.values())
+
+
+def test_error_texts_are_the_same_on_every_run():
+    """No memory address in an error (two identical runs must write identical samples tables)."""
+    errs = {process_image(b"garbage bytes, not an image").error for _ in range(3)}
+    assert len(errs) == 1 and "0x" not in errs.pop()

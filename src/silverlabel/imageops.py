@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import struct
 import threading
 import time
@@ -459,12 +460,25 @@ def process_image(raw: bytes, cfg: ImageConfig | None = None, timings: dict[str,
     except Image.DecompressionBombError as e:
         return _fail(STATUS_BOMB, str(e), sha)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return _fail(STATUS_FAILED_DECODE, f"{type(e).__name__}: {msg}", sha)
+        return _fail(STATUS_FAILED_DECODE, _error_text(e), sha)
     except MemoryError:
         return _fail(STATUS_BOMB, "out of memory while decoding", sha)
     except Exception as e:  # a decoder bug must not take the shard down
-        return _fail(STATUS_FAILED_DECODE, f"{type(e).__name__}: {e}", sha)
+        return _fail(STATUS_FAILED_DECODE, _error_text(e), sha)
+
+
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+>")
+
+
+def _error_text(e: BaseException) -> str:
+    """One line, the same on every run: no memory addresses (Pillow names its BytesIO).
+
+    >>> _error_text(OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c>"))
+    'OSError: cannot identify image file <_io.BytesIO>'
+    """
+    msg = str(e).splitlines()[0] if str(e) else ""
+    msg = _ADDRESS.sub(">", msg)
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 class _Clock:
