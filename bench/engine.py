@@ -102,7 +102,7 @@ def ingest_once(urls: Path, out: Path, engine: str, workers: int, args) -> tuple
     if out.exists():
         shutil.rmtree(out)
     cfg = IngestConfig(sources=(str(urls),), output=str(out), samples_per_shard=args.samples_per_shard,
-                       fetch=FetchConfig(timeout=30, retries=1), workers=workers, engine=engine,
+                       fetch=FetchConfig(timeout=30, retries=1, allow_private_network=True), workers=workers, engine=engine,
                        ray_address=args.ray_address)
     t0 = time.perf_counter()
     s = run_ingest(cfg)

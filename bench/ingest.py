@@ -271,6 +271,7 @@ def run_silverlabel(base_cmd: list[str], urls_parquet: Path, out: Path, args, ta
         "--quality", str(args.quality),
         "--timeout", str(args.timeout),
         "--no-progress",
+        "--allow-private-network",  # the pool is served on loopback
     ] + shlex.split(args.silverlabel_extra)
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(REPO / "src"))
@@ -486,7 +487,7 @@ def stage_breakdown(urls: list[str], max_edge: int, quality: int, limit: int = 4
 
     urls = urls[:limit]
     cfg = ImageConfig(max_shortest_edge=max_edge, quality=quality)
-    fetcher = Fetcher(FetchConfig())
+    fetcher = Fetcher(FetchConfig(allow_private_network=True))
     out: dict[str, float] = {"read": 0.0}
     raws = []
     for u in urls:

@@ -30,6 +30,7 @@ with :meth:`MisbehavingServer.add` are served as given; built-in routes misbehav
 ``/redirect-loop``        redirects to itself
 ``/redirect-abs``         absolute redirect to /redirect/0
 ``/redirect-file``        redirects to file:///etc/passwd
+``/redirect-metadata``    redirects to the cloud metadata endpoint (the client must refuse it)
 ``/noai``                 a JPEG with ``X-Robots-Tag: noai``
 ``/otherbot-noai``        a JPEG with ``X-Robots-Tag: googlebot: noai`` (not for us)
 ========================  ==========================================================
@@ -398,6 +399,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def route_redirect_file(self, arg: str, n: int, q: dict) -> None:
         self.send(302, b"", "text/plain", [("Location", "file:///etc/passwd")])
+
+    def route_redirect_metadata(self, arg: str, n: int, q: dict) -> None:
+        self.send(302, b"", "text/plain", [("Location", "http://169.254.169.254/latest/meta-data/")])
 
     def route_noai(self, arg: str, n: int, q: dict) -> None:
         self.send(200, sample_jpeg(), "image/jpeg", [("X-Robots-Tag", "noai")])

@@ -232,7 +232,7 @@ def _ingest_cfg(sources, out, **kw):
     from silverlabel.stages.ingest import IngestConfig
 
     return IngestConfig(sources=(str(sources),), output=str(out), samples_per_shard=kw.pop("samples_per_shard", 6),
-                        fetch=FetchConfig(retries=0, timeout=20), **kw)
+                        fetch=FetchConfig(retries=0, timeout=20, allow_private_network=True), **kw)
 
 
 def _digest(root: Path, subs=("shards", "samples")) -> dict[str, str]:
@@ -371,7 +371,7 @@ def test_ingest_cli_with_engine_ray(cluster, url_table, ingest_reference, tmp_pa
     ref, _, _ = ingest_reference
     out = tmp_path / "ds"
     p = subprocess.run([sys.executable, "-m", "silverlabel.cli", "ingest", str(url_table), "-o", str(out),
-                        "--samples-per-shard", "6", "--retries", "0", "--no-progress", "--engine", "ray",
+                        "--samples-per-shard", "6", "--retries", "0", "--no-progress", "--engine", "ray", "--allow-private-network",
                         "--ray-address", cluster.address],
                        capture_output=True, text=True, timeout=300, env=cluster.env)
     assert p.returncode == 0, p.stderr

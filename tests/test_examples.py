@@ -28,7 +28,7 @@ def pool(tmp_path_factory):
         urls = [srv.base_url.rstrip("/") + "/" + n for n in sorted(files)]
         pq.write_table(pa.table({"url": urls}), base / "urls.parquet")
         assert cli_main(["ingest", str(base / "urls.parquet"), "-o", str(base / "pool"), "--workers", "1",
-                         "--retries", "0", "--no-progress"]) == 0
+                         "--retries", "0", "--no-progress", "--allow-private-network"]) == 0
     assert cli_main(["label", str(base / "pool"), "--no-progress"]) == 0
     return base
 

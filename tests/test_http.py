@@ -19,7 +19,7 @@ from silverlabel.sources.http import FetchConfig, Fetcher, FetchResult, robots_o
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST = FetchConfig(timeout=2.0, retries=2, backoff=0.01, max_retry_after=5.0)
+FAST = FetchConfig(allow_private_network=True, timeout=2.0, retries=2, backoff=0.01, max_retry_after=5.0)
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_request_headers(server, fetcher):
 
 
 def test_custom_user_agent(server):
-    with Fetcher(FetchConfig(user_agent="mybot/1.0 (+mailto:me@example.org)")) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, user_agent="mybot/1.0 (+mailto:me@example.org)")) as f:
         assert f.fetch(server.add("/a.jpg", sample_jpeg())).status == "success"
     assert server.last_headers("/a.jpg")["User-Agent"] == "mybot/1.0 (+mailto:me@example.org)"
 
@@ -120,7 +120,7 @@ def test_flaky_500_then_success(server, fetcher):
 
 
 def test_no_retries(server):
-    with Fetcher(FetchConfig(retries=0, backoff=0.01)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, retries=0, backoff=0.01)) as f:
         r = f.fetch(server.url("/flaky/b"))
     assert (r.status, r.error, r.attempts) == ("failed_download", "HTTP 500", 1)
 
@@ -177,7 +177,7 @@ CAP_ERROR = "body exceeds byte cap of 100000 bytes"
 
 
 def test_byte_cap_from_content_length(server):
-    with Fetcher(FetchConfig(max_bytes=100_000)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_bytes=100_000)) as f:
         start = time.monotonic()
         r = f.fetch(server.url("/big?size=50000000"))
     assert (r.status, r.error, r.attempts) == ("failed_download", CAP_ERROR, 1)
@@ -186,7 +186,7 @@ def test_byte_cap_from_content_length(server):
 
 @pytest.mark.parametrize("route", ["/big-no-length", "/big-chunked"])
 def test_byte_cap_while_reading(server, route):
-    with Fetcher(FetchConfig(max_bytes=100_000)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_bytes=100_000)) as f:
         r = f.fetch(server.url(f"{route}?size=200000000"))
     assert (r.status, r.error, r.attempts) == ("failed_download", CAP_ERROR, 1)
     time.sleep(0.2)
@@ -195,16 +195,16 @@ def test_byte_cap_while_reading(server, route):
 
 @pytest.mark.parametrize("route", ["/big", "/big-no-length", "/big-chunked"])
 def test_big_body_under_cap(server, route):
-    with Fetcher(FetchConfig(max_bytes=3_000_000)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_bytes=3_000_000)) as f:
         r = f.fetch(server.url(f"{route}?size=2500000"))
     assert r.status == "success" and len(r.data) == 2_500_000
 
 
 def test_exactly_at_cap(server):
     server.add("/exact", bytes(1000))
-    with Fetcher(FetchConfig(max_bytes=1000)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_bytes=1000)) as f:
         assert f.fetch(server.url("/exact")).status == "success"
-    with Fetcher(FetchConfig(max_bytes=999)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_bytes=999)) as f:
         assert f.fetch(server.url("/exact")).error == "body exceeds byte cap of 999 bytes"
 
 
@@ -227,7 +227,7 @@ def test_other_bot_directive_does_not_apply(server, fetcher):
 
 
 def test_robots_can_be_ignored(server):
-    with Fetcher(FetchConfig(respect_robots=False)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, respect_robots=False)) as f:
         assert f.fetch(server.url("/noai")).status == "success"
 
 
@@ -239,9 +239,9 @@ def test_robots_multiple_headers_and_bot_prefix(server, fetcher):
 
 def test_robots_user_directives(server):
     url = server.add("/noindex", sample_jpeg(), headers={"X-Robots-Tag": "noindex, nofollow"})
-    with Fetcher(FetchConfig()) as f:
+    with Fetcher(FetchConfig(allow_private_network=True)) as f:
         assert f.fetch(url).status == "success"
-    with Fetcher(FetchConfig(robots_optout=("noai", "noimageai", "noindex"))) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, robots_optout=("noai", "noimageai", "noindex"))) as f:
         assert f.fetch(url).error == "X-Robots-Tag: noindex"
 
 
@@ -285,7 +285,7 @@ def test_redirect_loop(server, fetcher):
 
 
 def test_max_redirects_zero(server):
-    with Fetcher(FetchConfig(max_redirects=0)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, max_redirects=0)) as f:
         assert f.fetch(server.url("/redirect/1")).error == "too many redirects (>0)"
         assert f.fetch(server.url("/redirect/0")).status == "success"
 
@@ -293,6 +293,25 @@ def test_max_redirects_zero(server):
 def test_absolute_redirect(server, fetcher):
     r = fetcher.fetch(server.url("/redirect-abs"))
     assert r.status == "success" and r.final_url == server.url("/redirect/0")
+
+
+def test_private_addresses_refused_by_default(server):
+    """A URL table must not reach loopback or private hosts unless the user says so: refused
+    after DNS, before any connection (the server sees nothing)."""
+    with Fetcher(FetchConfig()) as f:
+        r = f.fetch(server.url("/redirect/0"))
+    assert (r.status, r.attempts) == ("blocked_address", 1)
+    assert "127.0.0.1" in r.error and "--allow-private-network" in r.error
+    assert sum(server.hits.values()) == 0
+
+
+def test_redirect_to_link_local_refused_even_on_an_intranet(server, fetcher):
+    """The cloud metadata endpoint is refused on every redirect, --allow-private-network or not;
+    nothing is sent there (the check happens after DNS, before connecting)."""
+    r = fetcher.fetch(server.url("/redirect-metadata"))
+    assert (r.status, r.attempts) == ("blocked_address", 1)
+    assert "169.254.169.254" in r.error and r.final_url == "http://169.254.169.254/latest/meta-data/"
+    assert server.hits["/redirect-metadata"] == 1
 
 
 def test_redirect_to_file_refused(server, fetcher):
@@ -327,7 +346,7 @@ def test_connection_refused_retried(fetcher):
 
 
 def test_hang_after_headers_times_out(server):
-    with Fetcher(FetchConfig(timeout=1.0, retries=2, backoff=0.01)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, timeout=1.0, retries=2, backoff=0.01)) as f:
         start = time.monotonic()
         r = f.fetch(server.url("/hang"))
         elapsed = time.monotonic() - start
@@ -338,7 +357,7 @@ def test_hang_after_headers_times_out(server):
 
 @pytest.mark.parametrize("route", ["/drip-headers", "/drip-body"])
 def test_trickling_server_bounded_by_deadline(server, route):
-    with Fetcher(FetchConfig(timeout=0.5, retries=0)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, timeout=0.5, retries=0)) as f:
         start = time.monotonic()
         r = f.fetch(server.url(route))
         elapsed = time.monotonic() - start
@@ -352,7 +371,7 @@ def test_connect_timeout_retried():
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
         filler.connect(listener.getsockname())
-        with Fetcher(FetchConfig(timeout=0.2, retries=2, backoff=0.01)) as f:
+        with Fetcher(FetchConfig(allow_private_network=True, timeout=0.2, retries=2, backoff=0.01)) as f:
             start = time.monotonic()
             r = f.fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg")
     assert (r.status, r.error, r.attempts) == ("failed_download", "timeout after 0.2 s", 3)
@@ -364,7 +383,7 @@ def test_tls_handshake_timeout_retried():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        with Fetcher(FetchConfig(timeout=0.2, retries=1, backoff=0.01)) as f:
+        with Fetcher(FetchConfig(allow_private_network=True, timeout=0.2, retries=1, backoff=0.01)) as f:
             r = f.fetch(f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg")
     assert (r.error, r.attempts) == ("timeout after 0.2 s", 2)
 
@@ -404,7 +423,7 @@ def test_keep_alive_reuses_one_connection(server, fetcher):
 
 
 def test_stale_pooled_connection_retried_for_free(server):
-    with Fetcher(FetchConfig(retries=0)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, retries=0)) as f:
         assert f.fetch(server.add("/s.jpg", sample_jpeg())).status == "success"
         server.drop_connections()  # the server forgets the idle keep-alive connection
         time.sleep(0.1)
@@ -423,7 +442,7 @@ def test_close_empties_pool(server):
 
 
 def test_per_host_limit(server):
-    with Fetcher(FetchConfig(per_host=2)) as f, ThreadPoolExecutor(8) as pool:
+    with Fetcher(FetchConfig(allow_private_network=True, per_host=2)) as f, ThreadPoolExecutor(8) as pool:
         results = list(pool.map(f.fetch, [server.url(f"/slow/{i}?delay=0.15") for i in range(8)]))
     assert all(r.status == "success" for r in results)
     assert server.max_in_flight == 2
@@ -431,14 +450,14 @@ def test_per_host_limit(server):
 
 
 def test_concurrency_without_limit_pressure(server):
-    with Fetcher(FetchConfig(per_host=16)) as f, ThreadPoolExecutor(8) as pool:
+    with Fetcher(FetchConfig(allow_private_network=True, per_host=16)) as f, ThreadPoolExecutor(8) as pool:
         results = list(pool.map(f.fetch, [server.url(f"/slow/{i}?delay=0.2") for i in range(8)]))
     assert all(r.status == "success" for r in results)
     assert server.max_in_flight > 2
 
 
 def test_queueing_for_a_slot_does_not_eat_the_deadline(server):
-    cfg = FetchConfig(per_host=1, timeout=0.3, retries=0)
+    cfg = FetchConfig(allow_private_network=True, per_host=1, timeout=0.3, retries=0)
     with Fetcher(cfg) as f, ThreadPoolExecutor(3) as pool:
         results = list(pool.map(f.fetch, [server.url(f"/slow/{i}?delay=0.2") for i in range(3)]))
     assert [r.status for r in results] == ["success"] * 3  # the last one queued 0.4 s
@@ -469,7 +488,7 @@ def test_dns_cache_expires(server, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo",
                         lambda h, *a, **k: calls.append(h) or real(h, *a, **k))
     url = server.add("/e", sample_jpeg()).replace("127.0.0.1", "localhost")
-    with Fetcher(FetchConfig(dns_ttl=0.1)) as f:
+    with Fetcher(FetchConfig(allow_private_network=True, dns_ttl=0.1)) as f:
         f.fetch(url)
         time.sleep(0.2)
         f.close()  # force a new connection
@@ -481,7 +500,7 @@ def test_thread_safety_many_fetches(server):
     for i in range(20):
         server.add(f"/m{i}", sample_jpeg(seed=i))
     urls = [server.url(f"/m{i % 20}") for i in range(200)] + [server.url("/status/404")] * 20
-    with Fetcher(FetchConfig(per_host=8)) as f, ThreadPoolExecutor(64) as pool:
+    with Fetcher(FetchConfig(allow_private_network=True, per_host=8)) as f, ThreadPoolExecutor(64) as pool:
         results = list(pool.map(f.fetch, urls))
     assert [r.data == sample_jpeg(seed=i % 20) for i, r in enumerate(results[:200])] == [True] * 200
     assert all(r.error == "HTTP 404" for r in results[200:])
@@ -508,7 +527,7 @@ def test_https_unverified_cert_rejected(cert):
 
 @needs_openssl
 def test_https_without_verification(cert):
-    with MisbehavingServer(tls=cert) as server, Fetcher(FetchConfig(verify_tls=False)) as f:
+    with MisbehavingServer(tls=cert) as server, Fetcher(FetchConfig(allow_private_network=True, verify_tls=False)) as f:
         url = server.add("/t.jpg", sample_jpeg())
         results = [f.fetch(url) for _ in range(3)]
     assert [r.data == sample_jpeg() for r in results] == [True] * 3

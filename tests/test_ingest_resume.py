@@ -61,7 +61,8 @@ def _digest(root: Path) -> dict[str, str]:
     return out
 
 
-COMMON = ("--samples-per-shard", "20", "--no-progress", "--retries", "0", "--keep-cols", "score")
+COMMON = ("--samples-per-shard", "20", "--no-progress", "--retries", "0", "--keep-cols", "score",
+          "--allow-private-network")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_retry_failed_refetches_only_failures(tmp_path, server, pool):
                                           + [server.url(n) for n in names[15:]]) + "\n")
     out = tmp_path / "ds"
     args = ("ingest", str(table), "-o", str(out), "--workers", "1", "--samples-per-shard", "10", "--no-progress",
-            "--retries", "0")
+            "--retries", "0", "--allow-private-network")
     _cli(*args)
     rows = pq.read_table(out / "samples").to_pylist()
     assert rows[15]["status"] == "failed_download"
@@ -173,7 +174,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, url_table, reference):
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, url_table, args, message):
-    p = _cli("ingest", str(url_table), "-o", str(tmp_path / "x"), *args, check=False)
+    p = _cli("ingest", str(url_table), "-o", str(tmp_path / "x"), "--allow-private-network", *args, check=False)
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x" / "shards").exists()

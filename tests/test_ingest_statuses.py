@@ -77,7 +77,7 @@ def ingested(tmp_path_factory):
             workers=1,
             threads=8,
             image=ImageConfig(max_pixels=50_000_000),
-            fetch=FetchConfig(timeout=1.5, max_bytes=1_000_000, retries=2, backoff=0.05),
+            fetch=FetchConfig(timeout=1.5, max_bytes=1_000_000, retries=2, backoff=0.05, allow_private_network=True),
         )
         summary = run_ingest(cfg)
         served = {"huge": huge_jpeg(), "ua": server.last_headers("/ok.jpg").get("User-Agent")}

@@ -191,7 +191,7 @@ def test_changed_shard_is_relabeled(tmp_path):
         table = tmp_path / "urls.csv"
         table.write_text("url\n" + "\n".join(server.url(name) for name, _ in images) + "\n")
         ingest = IngestConfig(sources=(str(table),), output=str(tmp_path / "ds"), samples_per_shard=5, workers=1,
-                              fetch=FetchConfig(retries=0))
+                              fetch=FetchConfig(retries=0, allow_private_network=True))
         run_ingest(ingest)
         label = LabelConfig(dataset=str(tmp_path / "ds"), device="cpu", decode_threads=2, topk=5)
         first = run_label(label)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import http.client
+import ipaddress
 import itertools
 import random
 import re
@@ -111,11 +112,15 @@ class FetchConfig:
     dns_ttl: float = 300.0
     verify_tls: bool = opt(True, "do not verify TLS certificates", flag="--insecure", action="store_false",
                            group="HTTP", default_help="")
+    allow_private_network: bool = opt(False, "also fetch from loopback, private and other non-public addresses "
+                                      "(an intranet pool); refused by default, after DNS and on every redirect, as "
+                                      "status blocked_address (link-local and multicast always are)",
+                                      action="store_true", group="HTTP", default_help="")
 
 
 @dataclass
 class FetchResult:
-    """Outcome of one fetch: ``status`` is "success", "failed_download" or "opted_out"."""
+    """Outcome of one fetch: ``status`` is "success", "failed_download", "opted_out" or "blocked_address"."""
 
     status: str
     error: str = ""
@@ -233,9 +238,33 @@ class _Deadline:
         return left
 
 
+def blocked_address(ip: str, allow_private: bool = False) -> bool:
+    """True for an address a URL from a table must not reach.
+
+    Always: link-local (the cloud metadata endpoint 169.254.169.254, fe80::/10), multicast
+    and unspecified addresses: no image host lives there, even on an intranet. Unless
+    ``allow_private``: loopback, private, shared and every other non-public range. IPv4
+    addresses mapped into IPv6 count as what they map.
+
+        >>> [blocked_address(a) for a in ("93.184.216.34", "127.0.0.1", "169.254.169.254", "10.1.2.3")]
+        [False, True, True, True]
+        >>> [blocked_address(a, allow_private=True) for a in ("127.0.0.1", "10.1.2.3", "169.254.169.254")]
+        [False, False, True]
+        >>> blocked_address("::ffff:192.168.0.1"), blocked_address("2606:2800:220:1::1")
+        (True, False)
+    """
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        return True
+    return not allow_private and not addr.is_global
+
+
 class _DNSCache:
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: float, allow_private: bool = False):
         self._ttl, self._lock = ttl, threading.Lock()
+        self.allow_private = allow_private
         self._entries: dict[tuple[str, int], tuple[float, list]] = {}
         self._resolving: dict[tuple[str, int], threading.Lock] = {}
 
@@ -274,6 +303,9 @@ class _DNSCache:
         error: OSError = OSError(f"no address for {host}")
         end = time.monotonic() + timeout
         for family, type_, proto, _, addr in self.resolve(host, port):
+            if blocked_address(addr[0], self.allow_private):
+                error = _BlockedAddress(f"{host} resolves to {addr[0]}, a non-public address")
+                continue  # checked again here: the address connected to is the one checked
             sock = socket.socket(family, type_, proto)
             try:
                 sock.settimeout(max(end - time.monotonic(), 0.001))
@@ -284,6 +316,10 @@ class _DNSCache:
                 sock.close()
                 error = exc
         raise error
+
+
+class _BlockedAddress(OSError):
+    """A host that resolves to a non-public address (see :func:`blocked_address`)."""
 
 
 class _HTTPConnection(http.client.HTTPConnection):
@@ -363,7 +399,7 @@ class Fetcher:
 
     def __init__(self, cfg: FetchConfig = FetchConfig()) -> None:
         self.cfg = cfg
-        self._dns = _DNSCache(cfg.dns_ttl)
+        self._dns = _DNSCache(cfg.dns_ttl, cfg.allow_private_network)
         self._tls: ssl.SSLContext | None = None  # made on first HTTPS use (loading CAs is slow)
         self._lock = threading.Lock()
         # id(conn) -> (pool key, connection, time pooled), oldest first
@@ -427,12 +463,25 @@ class Fetcher:
             except (ValueError, UnicodeError):
                 error = f"redirect to unsupported url {url!r}"
                 raise _Outcome(FetchResult("failed_download", error, final_url=url)) from None
+            self._check_address(target)
             status, location, body = self._hop(target, deadline)
             if location is None:
                 return FetchResult("success", data=body, http_status=status, final_url=url)
             url = urljoin(url, location)
         error = f"too many redirects (>{self.cfg.max_redirects})"
         raise _Outcome(FetchResult("failed_download", error, http_status=status, final_url=url))
+
+    def _check_address(self, t: _Target) -> None:
+        """Refuse a host (first or redirected to) that resolves to a non-public address."""
+        try:
+            infos = self._dns.resolve(t.host, t.port)
+        except OSError:
+            return  # the connection attempt reports it, with retries where they apply
+        bad = [info[4][0] for info in infos if blocked_address(info[4][0], self.cfg.allow_private_network)]
+        if bad:
+            hint = "" if self.cfg.allow_private_network else "; --allow-private-network fetches from private ones"
+            error = f"{t.host} resolves to {bad[0]}, a non-public address{hint}"
+            raise _Outcome(FetchResult("blocked_address", error, final_url=t.url))
 
     def _hop(self, t: _Target, deadline: _Deadline) -> tuple[int, str | None, bytes | None]:
         """One request under the host's slot: (status, redirect location or None, body)."""
