@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +14,99 @@ from PIL import Image
 
 from silverlabel.demodata import photo_like_images
 from silverlabel.stages.ingest import IngestConfig, run_ingest
-from silverlabel.stages.label import LabelConfig, run_label
+from silverlabel.stages.label import LabelConfig, get_labeler, run_label
 
 pytestmark = pytest.mark.gpu
 
 
-def test_gpu_path_matches_cpu_path(tmp_path):
-    folder = tmp_path / "photos"
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gpu")
+    folder = root / "photos"
     folder.mkdir()
     Image.fromarray(skimage.data.chelsea()).save(folder / "a.jpg", quality=95)
+    Image.fromarray(skimage.data.coffee()).save(folder / "b.jpg", quality=90, progressive=True)  # kept as is
     for name, data in photo_like_images(60, size=(640, 480), seed=2):
         (folder / name).write_bytes(data)
     (folder / "z.png").write_bytes(b"\x89PNG broken")
-    run_ingest(IngestConfig(sources=(str(folder),), output=str(tmp_path / "ds"), samples_per_shard=16, workers=1))
-    gpu = run_label(LabelConfig(dataset=str(tmp_path / "ds"), device="cuda", output_name="gpu", batch_size=8))
-    cpu = run_label(LabelConfig(dataset=str(tmp_path / "ds"), device="cpu", output_name="cpu"))
+    run_ingest(IngestConfig(sources=(str(folder),), output=str(root / "ds"), samples_per_shard=16, workers=1))
+    return root / "ds"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_gpu_path_matches_cpu_path(dataset):
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="gpu", batch_size=8)
+    gpu = run_label(cfg)
+    counts = get_labeler(cfg).decode_counts  # the cached labeler of the run
+    cpu = run_label(LabelConfig(dataset=str(dataset), device="cpu", output_name="cpu"))
     g = pq.read_table(Path(gpu.output)).to_pylist()
     c = pq.read_table(Path(cpu.output)).to_pylist()
     assert [r["key"] for r in g] == [r["key"] for r in c]
     agree = np.mean([a["labels"][0] == b["labels"][0] for a, b in zip(g, c)])
     assert agree >= 0.95
-    # top-1 probabilities close (bf16 model, GPU resize)
     diff = np.abs(np.array([a["label_probs"][0] for a in g]) - np.array([b["label_probs"][0] for b in c]))
-    assert np.median(diff) < 0.05
+    assert np.median(diff) < 0.02
     for r in g:
         p = np.asarray(r["label_probs"])
         assert np.all(np.diff(p) <= 1e-6) and p.sum() <= 1 + 1e-3
+    assert sum(counts.values()) == len(g) and counts["failed"] == 0, counts
+
+
+def test_deterministic_and_resumable(dataset):
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="det", batch_size=16)
+    out = Path(run_label(cfg).output)
+    first = _digest(out)
+    victim = sorted(out.glob("*.parquet"))[1]
+    victim.unlink()
+    again = run_label(cfg)
+    assert again.shards_done_now == 1
+    assert _digest(out) == first  # same bytes for the same device and batch size
+
+
+def _encoded(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, **kw)
+    return b.getvalue()
+
+
+def test_decode_chain_counts_and_pixels():
+    """Each format goes down the right path and gives the CPU path's pixels (Pillow's own
+    decode exactly; GPU JPEG decoders within a few levels on average)."""
+    import torch
+
+    from silverlabel.inference import EvalTransform, GpuDecoder, resize_crop_batch
+
+    photo = Image.fromarray(skimage.data.astronaut())
+    blobs = {
+        "baseline": _encoded(photo, format="JPEG", quality=92),
+        "progressive": _encoded(photo, format="JPEG", quality=92, progressive=True),
+        "gray": _encoded(photo.convert("L"), format="JPEG", quality=92),
+        "cmyk": _encoded(photo.convert("CMYK"), format="JPEG", quality=92),
+        "png": _encoded(photo, format="PNG"),
+        "webp": _encoded(photo, format="WEBP", lossless=True),
+        "broken": b"\xff\xd8\xff\xe0 not a jpeg",
+    }
+    dec = GpuDecoder("cuda")
+    refs, errors, keep = dec.decode(list(blobs.values()))
+    names = list(blobs)
+    assert [e is not None for e in errors] == [n == "broken" for n in names]
+    # progressive, CMYK, PNG, WebP: Pillow on host threads; baseline and gray: the engines (or nvJPEG)
+    assert dec.counts["pillow"] == 4 and dec.counts["failed"] == 1
+    assert dec.counts["hw"] + dec.counts["nvjpeg"] == 2
+    if dec.use_hw:
+        assert dec.counts["hw"] == 2
+    tf = EvalTransform(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    ok = [j for j, r in enumerate(refs) if r is not None]
+    crops = resize_crop_batch([refs[j] for j in ok], tf, "cuda").cpu()
+    torch.cuda.synchronize()
+    cpu = tf.cpu()
+    for i, j in enumerate(ok):
+        ref = cpu.transforms[1](cpu.transforms[0](Image.open(io.BytesIO(blobs[names[j]])).convert("RGB")))
+        diff = (crops[i].int() - torch.from_numpy(np.array(ref)).permute(2, 0, 1).int()).abs().float()
+        if names[j] in ("progressive", "cmyk", "png", "webp"):
+            assert diff.max() <= 3 and diff.mean() < 0.05, (names[j], diff.max(), diff.mean())
+        else:
+            assert diff.mean() < 2.0, (names[j], diff.mean())

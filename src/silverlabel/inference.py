@@ -1,33 +1,49 @@
 """Batched teacher inference over WebDataset shards, on the CPU or a CUDA GPU.
 
-The label stage (and later reinforce) feed JPEG bytes in and get per-image probabilities
-in a target label space out. Two paths share one contract:
+The label stage (and reinforce) feed JPEG bytes in and get per-image probabilities in a
+target label space out. Two paths share one contract:
 
 - **CPU**: Pillow decodes on a thread pool (decoding releases the GIL) and timm's eval
   transform (resize shorter side to ``floor(size / crop_pct)``, center crop, normalize)
   prepares each image exactly as the teacher's pretrained config says.
-- **GPU**: JPEGs are decoded in batches on the GPU (nvJPEG through
-  ``torchvision.io.decode_jpeg(device="cuda")``, split over a few host threads since
-  nvJPEG's Huffman stage runs on the CPU), resized with Pillow's two-pass antialiased
-  filter (same-size images in one call), center-cropped and normalized there, then run
-  under fp16 autocast (see ``PRECISIONS``) with channels_last, optionally
-  ``torch.compile``d. A producer thread reads the tar and prepares batch i+1 on its own
-  CUDA stream while the model runs batch i; results come back through pinned host
-  buffers, one batch behind. Top-k is taken on the GPU. Images nvJPEG refuses fall back
-  to Pillow.
+- **GPU**, built around what the GPU can do at most (issue 15):
 
-    >>> import torch
+  1. a reader thread reads the batch's tar members (host I/O off the critical path);
+  2. a decode thread decodes JPEGs on the GPU's **hardware JPEG engines** through
+     nvImageCodec (backend ``HW_GPU_ONLY``; the engines are not the SMs, so decoding
+     does not take compute from the model). What they refuse (progressive JPEGs, CMYK,
+     other formats) falls back per image to nvJPEG on the SMs
+     (``torchvision.io.decode_jpeg(list, device="cuda")``), then to Pillow; each path is
+     counted in :attr:`Labeler.decode_counts`. Without nvImageCodec or engines, nvJPEG
+     decodes (in ``decode_procs`` worker processes, as before, when asked for);
+  3. two Triton kernels resize, crop and normalize the whole batch at once, whatever the
+     image sizes (:func:`resize_crop_batch`): Pillow's two-pass antialiased filter with
+     its fixed-point coefficients and 8-bit intermediate, evaluated only for the pixels
+     of the center crop, reading each decoded image in place through a pointer table
+     (grayscale as one plane read three times), writing the model's dtype channels_last;
+  4. the model runs with pure fp16 (or bf16) weights, BatchNorm kept in fp32, channels_last,
+     captured with the probabilities, the label-space mapping and top-k in one CUDA graph
+     per batch size (partial batches are padded, so every image goes through the same
+     kernels: results depend on the device and batch size only); results come back
+     through pinned buffers one batch behind.
+
     >>> tfm = EvalTransform(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3)
     >>> tfm.scale_size
     256
+    >>> p = resize_plan([480, 200], [640, 400], tfm)
+    >>> p["new_h"].tolist(), p["new_w"].tolist(), p["top"].tolist(), p["left"].tolist()
+    ([256, 256], [341, 512], [16, 16], [58, 144])
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import math
 import queue
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,11 +55,16 @@ from PIL import Image
 from silverlabel.errors import UserError
 from silverlabel.teachers import Teacher
 
+log = logging.getLogger(__name__)
 
-#: GPU autocast precisions. fp16 is the default: on 300 low-confidence photos its top-1
-#: matched the fp32 CPU path on every image, bf16 on 94.7% (its 8-bit mantissa flips
-#: near-ties); tensor-core speed is the same on Hopper.
+#: GPU precisions: the teacher's weights are cast to this dtype (BatchNorm stays fp32).
+#: fp16 is the default: its 10-bit mantissa keeps top-1 near-ties as the fp32 CPU path
+#: has them far more often than bf16's 7 bits (on 300 low-confidence photos under
+#: autocast: fp16 matched every image, bf16 94.7%); tensor-core speed is the same on Hopper.
 PRECISIONS = ("fp16", "bf16", "fp32")
+
+#: Pillow's filter supports (``ImagingResample``): bicubic (a = -0.5) and bilinear.
+FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
 
 
 @dataclass(frozen=True)
@@ -83,116 +104,424 @@ def decode_rgb(data: bytes) -> Image.Image:
     return im.convert("RGB")
 
 
+def _rgb_array(data: bytes) -> np.ndarray:
+    return np.array(decode_rgb(data))  # a writable copy: torch.from_numpy wants one
+
+
 # ---------------------------------------------------------------------------------------
-# teachers -> probabilities in the target space
+# batched resize + center crop + normalize on the GPU (Pillow's arithmetic, any sizes)
 
 
-class GpuPreprocessor:
-    """nvJPEG decode + resize/crop on one GPU (used in-process and by decode workers)."""
+def _window(out_pos: np.ndarray, scale: np.ndarray, support: float, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's ``precompute_coeffs`` window [lo, hi) of input pixels for output ``out_pos``."""
+    center = (out_pos + 0.5) * scale
+    sup = support * np.maximum(scale, 1.0)
+    lo = np.maximum(np.trunc(center - sup + 0.5), 0).astype(np.int64)
+    hi = np.minimum(np.trunc(center + sup + 0.5), size).astype(np.int64)
+    return lo, hi
 
-    def __init__(self, device: Any, threads: int = 4):
+
+def resize_plan(heights: Sequence[int], widths: Sequence[int], tf: EvalTransform) -> dict[str, Any]:
+    """Per image: the resized size (torchvision ``Resize(int)``: shorter side to
+    ``tf.scale_size``), the center crop's offset (``CenterCrop``), the source rows the
+    vertical pass reads, and the most filter taps any image needs."""
+    h = np.asarray(heights, np.int64)
+    w = np.asarray(widths, np.int64)
+    s = tf.scale_size
+    short, long = np.minimum(h, w), np.maximum(h, w)
+    new_long = np.trunc(s * long / short).astype(np.int64)  # int(s * long / short), as torchvision
+    new_w = np.where(w <= h, s, new_long)
+    new_h = np.where(w <= h, new_long, s)
+    if (new_w < tf.size).any() or (new_h < tf.size).any():
+        raise UserError(f"crop {tf.size} larger than the resized image (crop_pct > 1 is not supported)")
+    top = np.round((new_h - tf.size) / 2.0).astype(np.int64)  # round half to even, as Python's round
+    left = np.round((new_w - tf.size) / 2.0).astype(np.int64)
+    scale_h, scale_w = h / new_h, w / new_w
+    support = FILTER_SUPPORT[tf.interpolation if tf.interpolation in FILTER_SUPPORT else "bilinear"]
+    ylo, _ = _window(top.astype(np.float64), scale_h, support, h)
+    _, yhi = _window((top + tf.size - 1).astype(np.float64), scale_h, support, h)
+    fs = np.maximum(np.maximum(scale_h, scale_w), 1.0)
+    taps = int((np.ceil(support * fs) * 2 + 1).max()) if len(h) else 1
+    return {"new_h": new_h, "new_w": new_w, "top": top, "left": left, "scale_h": scale_h, "scale_w": scale_w,
+            "ylo": ylo, "rows": yhi - ylo, "taps": taps}
+
+
+try:  # Triton ships with CUDA builds of torch; without it the GPU path is unavailable
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _filter(x, BICUBIC: tl.constexpr):
+        x = tl.abs(x)
+        if BICUBIC:  # Pillow's bicubic_filter, a = -0.5
+            return tl.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
+                            tl.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5, 0.0))
+        return tl.where(x < 1.0, 1.0 - x, 0.0)
+
+    @triton.jit
+    def _coeff_pass(imeta, fmeta, lo_out, k_out, KMAX, S: tl.constexpr, SUP: tl.constexpr, BICUBIC: tl.constexpr,
+                    BS: tl.constexpr):
+        """Pillow's ``precompute_coeffs`` for the crop's output positions of image ``n`` along
+        axis ``d`` (0: rows, 1: columns): first input index ``lo[n, d, i]`` and fixed-point
+        coefficients ``k[n, d, t, i]`` (normalized in float64, rounded to 22 fractional bits)."""
+        n = tl.program_id(0)
+        d = tl.program_id(1)
+        i = tl.arange(0, BS)
+        m = i < S
+        n_in = tl.load(imeta + n * 9 + d)  # H or W
+        offset = tl.load(imeta + n * 9 + 7 + d)  # top or left: the crop in resized coordinates
+        scale = tl.load(fmeta + n * 2 + d)
+        fs = tl.maximum(scale, 1.0)
+        center = ((offset + i).to(tl.float64) + 0.5) * scale
+        lo = tl.maximum((center - SUP * fs + 0.5).to(tl.int64), 0)  # C's (int): toward zero
+        hi = tl.minimum((center + SUP * fs + 0.5).to(tl.int64), n_in)
+        ww = tl.zeros((BS,), tl.float64)
+        for t in range(0, KMAX):
+            w = _filter(((t + lo).to(tl.float64) - center + 0.5) / fs, BICUBIC)
+            ww += tl.where(t < hi - lo, w, 0.0)
+        ww = tl.where(ww == 0.0, 1.0, ww)
+        row = (n * 2 + d).to(tl.int64)
+        tl.store(lo_out + row * S + i, lo.to(tl.int32), mask=m)
+        for t in range(0, KMAX):
+            k = _filter(((t + lo).to(tl.float64) - center + 0.5) / fs, BICUBIC) / ww
+            k = tl.where(t < hi - lo, k, 0.0) * 4194304.0  # 1 << 22
+            tl.store(k_out + (row * KMAX + t) * S + i, tl.where(k < 0, k - 0.5, k + 0.5).to(tl.int32), mask=m)
+
+    @triton.jit
+    def _rows_pass(ptrs, imeta, lo_t, k_t, tmp, R, KMAX, S: tl.constexpr, BR: tl.constexpr, BX: tl.constexpr):
+        """Horizontal pass: source rows [ylo, ylo + rows) -> tmp[n, r, x, c] (uint8), x in the crop."""
+        n = tl.program_id(0)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        x = tl.arange(0, BX)
+        src = tl.load(ptrs + n).to(tl.pointer_type(tl.uint8))
+        W = tl.load(imeta + n * 9 + 1)
+        sh = tl.load(imeta + n * 9 + 2)
+        sw = tl.load(imeta + n * 9 + 3)
+        sc = tl.load(imeta + n * 9 + 4)
+        ylo = tl.load(imeta + n * 9 + 5)
+        rows = tl.load(imeta + n * 9 + 6)
+        xm = x < S
+        m = (r < rows)[:, None] & xm[None, :]
+        row_off = (ylo + r).to(tl.int64) * sh
+        tab = (n * 2 + 1).to(tl.int64)
+        lo = tl.load(lo_t + tab * S + x, mask=xm, other=0)
+        a0 = tl.full((BR, BX), 2097152, tl.int32)  # 1 << 21: rounding
+        a1 = tl.full((BR, BX), 2097152, tl.int32)
+        a2 = tl.full((BR, BX), 2097152, tl.int32)
+        for t in range(0, KMAX):
+            k = tl.load(k_t + (tab * KMAX + t) * S + x, mask=xm, other=0)
+            col = tl.minimum(lo + t, W - 1).to(tl.int64) * sw
+            p = src + row_off[:, None] + col[None, :]
+            a0 += tl.load(p, mask=m, other=0).to(tl.int32) * k[None, :]
+            a1 += tl.load(p + sc, mask=m, other=0).to(tl.int32) * k[None, :]
+            a2 += tl.load(p + 2 * sc, mask=m, other=0).to(tl.int32) * k[None, :]
+        dst = tmp + ((n * R + r).to(tl.int64)[:, None] * S + x[None, :]) * 3
+        tl.store(dst, tl.minimum(tl.maximum(a0 >> 22, 0), 255).to(tl.uint8), mask=m)
+        tl.store(dst + 1, tl.minimum(tl.maximum(a1 >> 22, 0), 255).to(tl.uint8), mask=m)
+        tl.store(dst + 2, tl.minimum(tl.maximum(a2 >> 22, 0), 255).to(tl.uint8), mask=m)
+
+    @triton.jit
+    def _cols_pass(tmp, imeta, lo_t, k_t, out, R, KMAX, m0, m1, m2, s0, s1, s2, S: tl.constexpr,
+                   NORMALIZE: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
+        """Vertical pass over tmp -> out[n, y, x, c] (NHWC memory = NCHW channels_last),
+        as (v / 255 - mean) / std in out's dtype, or the uint8 pixel."""
+        n = tl.program_id(0)
+        y = tl.program_id(1) * BY + tl.arange(0, BY)
+        x = tl.arange(0, BX)
+        H = tl.load(imeta + n * 9 + 0)
+        ylo = tl.load(imeta + n * 9 + 5)
+        ym = y < S
+        m = ym[:, None] & (x < S)[None, :]
+        tab = (n * 2).to(tl.int64)
+        lo = tl.load(lo_t + tab * S + y, mask=ym, other=0)
+        a0 = tl.full((BY, BX), 2097152, tl.int32)
+        a1 = tl.full((BY, BX), 2097152, tl.int32)
+        a2 = tl.full((BY, BX), 2097152, tl.int32)
+        for t in range(0, KMAX):
+            k = tl.load(k_t + (tab * KMAX + t) * S + y, mask=ym, other=0)
+            row = tl.minimum(tl.maximum(tl.minimum(lo + t, H - 1) - ylo, 0), R - 1)
+            p = tmp + ((n * R + row).to(tl.int64)[:, None] * S + x[None, :]) * 3
+            a0 += tl.load(p, mask=m, other=0).to(tl.int32) * k[:, None]
+            a1 += tl.load(p + 1, mask=m, other=0).to(tl.int32) * k[:, None]
+            a2 += tl.load(p + 2, mask=m, other=0).to(tl.int32) * k[:, None]
+        v0 = tl.minimum(tl.maximum(a0 >> 22, 0), 255)
+        v1 = tl.minimum(tl.maximum(a1 >> 22, 0), 255)
+        v2 = tl.minimum(tl.maximum(a2 >> 22, 0), 255)
+        dst = out + ((n * S + y).to(tl.int64)[:, None] * S + x[None, :]) * 3
+        if NORMALIZE:  # torchvision's to_tensor (v / 255) then Normalize, in float32
+            tl.store(dst, ((v0.to(tl.float32) / 255.0 - m0) / s0).to(out.dtype.element_ty), mask=m)
+            tl.store(dst + 1, ((v1.to(tl.float32) / 255.0 - m1) / s1).to(out.dtype.element_ty), mask=m)
+            tl.store(dst + 2, ((v2.to(tl.float32) / 255.0 - m2) / s2).to(out.dtype.element_ty), mask=m)
+        else:
+            tl.store(dst, v0.to(tl.uint8), mask=m)
+            tl.store(dst + 1, v1.to(tl.uint8), mask=m)
+            tl.store(dst + 2, v2.to(tl.uint8), mask=m)
+
+
+def resize_crop_batch(refs: Sequence[tuple[int, int, int, int, int, int]], tf: EvalTransform, device: Any,
+                      dtype: Any = None):
+    """Resize (shorter side to ``tf.scale_size``), center-crop and normalize a batch of
+    images of any sizes in three kernel launches (filter coefficients, then the two passes);
+    returns ``(N, 3, S, S)`` channels_last in
+    ``dtype`` (``None``: uint8 pixels, not normalized).
+
+    ``refs[i] = (address, height, width, row stride, column stride, channel stride)`` of an
+    8-bit RGB image in device memory (strides in bytes; a channel stride of 0 reads a gray
+    plane as RGB). The caller keeps the images alive until the work on the current stream
+    is done. The pixels equal Pillow's ``resize(BICUBIC)`` + crop, the CPU path's, up to
+    float64 rounding of the filter weights (no difference seen in the tests).
+    """
+    import torch
+
+    if triton is None:
+        raise UserError("the GPU path needs Triton (it comes with CUDA builds of torch)")
+    meta = np.asarray(refs, np.int64).reshape(-1, 6)
+    n, size = len(meta), tf.size
+    out = torch.empty((n, size, size, 3), dtype=dtype or torch.uint8, device=device)
+    if n == 0:
+        return out.permute(0, 3, 1, 2)
+    plan = resize_plan(meta[:, 1], meta[:, 2], tf)
+    imeta = np.stack([meta[:, 1], meta[:, 2], meta[:, 3], meta[:, 4], meta[:, 5], plan["ylo"], plan["rows"],
+                      plan["top"], plan["left"]], 1)
+    host = torch.from_numpy(np.concatenate([meta[:, 0], imeta.reshape(-1)]))
+    gpu = host.to(device, non_blocking=True)
+    ptrs, imeta_d = gpu[:n], gpu[n:]
+    fmeta = torch.from_numpy(np.stack([plan["scale_h"], plan["scale_w"]], 1).reshape(-1)).to(device, non_blocking=True)
+    R, taps = int(plan["rows"].max()), plan["taps"]
+    bicubic = tf.interpolation == "bicubic"
+    sup = FILTER_SUPPORT["bicubic" if bicubic else "bilinear"]
+    bx = triton.next_power_of_2(size)
+    lo_t = torch.empty((n, 2, size), dtype=torch.int32, device=device)
+    k_t = torch.empty((n, 2, taps, size), dtype=torch.int32, device=device)
+    _coeff_pass[(n, 2)](imeta_d, fmeta, lo_t, k_t, taps, S=size, SUP=sup, BICUBIC=bicubic, BS=bx, num_warps=4)
+    tmp = torch.empty((n, R, size, 3), dtype=torch.uint8, device=device)
+    _rows_pass[(n, triton.cdiv(R, 8))](ptrs, imeta_d, lo_t, k_t, tmp, R, taps, S=size, BR=8, BX=bx, num_warps=8)
+    mean, std = tf.mean, tf.std
+    _cols_pass[(n, triton.cdiv(size, 8))](tmp, imeta_d, lo_t, k_t, out, R, taps, mean[0], mean[1], mean[2], std[0],
+                                        std[1], std[2], S=size, NORMALIZE=dtype is not None, BY=8, BX=bx,
+                                        num_warps=8)
+    return out.permute(0, 3, 1, 2)
+
+
+def tensor_ref(t) -> tuple[int, int, int, int, int, int]:
+    """:func:`resize_crop_batch`'s reference to a uint8 image tensor: (3, H, W) or (H, W, 3)."""
+    if t.shape[0] == 3 and t.dim() == 3 and t.shape[-1] != 3:
+        return (t.data_ptr(), t.shape[1], t.shape[2], t.stride(1), t.stride(2), t.stride(0))
+    return (t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1), t.stride(2))
+
+
+# ---------------------------------------------------------------------------------------
+# decoding on the GPU: hardware engines, then nvJPEG on the SMs, then Pillow
+
+#: decode paths, in the order they are tried (the keys of ``decode_counts``)
+DECODE_PATHS = ("hw", "nvjpeg", "pillow", "failed")
+
+
+def hardware_jpeg_decoder(device_index: int) -> Any:
+    """An nvImageCodec decoder on the GPU's hardware JPEG engines, or None (no package, no
+    engines). Only ``HW_GPU_ONLY``: the hybrid ``GPU_ONLY`` backend (Huffman on the host)
+    failed to create on the H200 where this was measured, and nvJPEG through torchvision
+    covers what the engines refuse."""
+    _preload_nvjpeg()
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
+    try:  # libjpeg-turbo's (so Pillow's) chroma upsampling, where the decoder offers it
+        dec = nvimgcodec.Decoder(device_id=device_index, backends=backends, options=":fancy_upsampling=1")
+    except Exception:
+        dec = None
+    try:
+        dec = dec or nvimgcodec.Decoder(device_id=device_index, backends=backends)
+        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                         allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.I_RGB)
+    except Exception as e:  # no engines on this GPU, or the library refused
+        log.info("no hardware JPEG decoder: %s: %s", type(e).__name__, e)
+        return None
+    return nvimgcodec, dec, params
+
+
+def _preload_nvjpeg() -> None:
+    """Load libnvjpeg from the ``nvidia-nvjpeg`` wheel (``nvidia/cu13/lib``) where it is on
+    ``sys.path`` but not on the loader's path, so that nvImageCodec's plugin finds it."""
+    import ctypes
+    import glob
+    import os
+    import sys
+
+    for base in sys.path:
+        for path in sorted(glob.glob(os.path.join(base or ".", "nvidia", "cu*", "lib", "libnvjpeg.so.*"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+class GpuDecoder:
+    """Bytes -> 8-bit RGB images on one GPU, per image down the chain hardware engines ->
+    nvJPEG -> Pillow; ``decode`` returns :func:`resize_crop_batch` references.
+
+    ``use_hw`` can be switched off (the benchmark does, to compare). The hardware path is
+    dropped for good if it decodes none of the first 64 JPEGs offered to it. With ``reuse``
+    the engines decode into the buffers of the batch decoded ``SLOTS`` batches earlier on
+    this decoder (after an event says this stream's work on them is done) instead of new
+    allocations each batch."""
+
+    SLOTS = 8
+
+    def __init__(self, device: Any, use_hw: bool = True, pool: ThreadPoolExecutor | None = None):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
-        self.gpu_decode_threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.gpu_decode_threads)
+        self.pool = pool or ThreadPoolExecutor(4)
+        self.hw = hardware_jpeg_decoder(self.device.index or 0) if use_hw else None
+        self.use_hw = self.hw is not None
+        self.counts: Counter = Counter()
+        self._hw_tried = 0
+        self.reuse = True
+        self._slots: list[list[Any]] = [[] for _ in range(self.SLOTS)]
+        self._slot_done: list[Any] = [None] * self.SLOTS
+        self._batch = 0
 
-    def decode_chunk(self, blobs: list[bytes]) -> tuple[list[Any], list[str | None], Any]:
-        """nvJPEG-decode one chunk on this thread's own stream; Pillow for what it refuses."""
+    def decode(self, blobs: Sequence[bytes]) -> tuple[list[Any], list[str | None], list[Any]]:
+        """Decode on the current CUDA stream: (refs, errors, keepalive); a failed image has
+        ref None and its error. Keep ``keepalive`` until the stream's work on the refs is done."""
+        n = len(blobs)
+        refs: list[Any] = [None] * n
+        errors: list[str | None] = [None] * n
+        keep: list[Any] = []
+        kinds = [jpeg_kind(b) for b in blobs]
+        # Progressive JPEGs (nvJPEG runs their Huffman stage on this thread, one image after
+        # another), CMYK/YCCK (Pillow's conversion is the CPU path's) and other formats:
+        # Pillow on host threads, in parallel with the GPU decoding the rest.
+        on_host = {j: self.pool.submit(_rgb_array, blobs[j]) for j in range(n) if kinds[j] != "baseline"}
+        baseline = [j for j in range(n) if kinds[j] == "baseline"]
+        if baseline and self.use_hw:
+            self._decode_hw(blobs, baseline, refs, keep)
+        self._decode_nvjpeg(blobs, [j for j in baseline if refs[j] is None], refs, keep)
+        for j in baseline:
+            if refs[j] is None:
+                on_host[j] = self.pool.submit(_rgb_array, blobs[j])
+        for j, fut in sorted(on_host.items()):
+            try:
+                t = self.torch.from_numpy(fut.result()).to(self.device)
+            except Exception as e:
+                errors[j] = f"{type(e).__name__}: {e}"
+                self.counts["failed"] += 1
+                continue
+            refs[j] = tensor_ref(t)
+            keep.append(t)
+            self.counts["pillow"] += 1
+        return refs, errors, keep
+
+    def _decode_hw(self, blobs: Sequence[bytes], idx: list[int], refs: list[Any], keep: list[Any]) -> None:
+        nvimgcodec, dec, params = self.hw
+        torch = self.torch
+        stream = torch.cuda.current_stream(self.device)
+        k = self._batch % self.SLOTS
+        if self._batch:  # everything that reads the previous batch's images is on this stream by now
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._slot_done[(self._batch - 1) % self.SLOTS] = ev
+        self._batch += 1
+        reuse = self._slots[k][:len(idx)] if self.reuse and len(self._slots[k]) >= len(idx) else None
+        if reuse is not None and self._slot_done[k] is not None:
+            self._slot_done[k].synchronize()
+        streams = [nvimgcodec.CodeStream(blobs[j]) for j in idx]
+        try:
+            images = dec.decode(streams, images=reuse, params=params, cuda_stream=stream.cuda_stream)
+        except Exception as e:
+            if reuse is not None:  # buffers refused: decode into new ones from now on
+                log.warning("reusing decode buffers failed (%s: %s)", type(e).__name__, e)
+                self.reuse, reuse = False, None
+            try:
+                images = dec.decode(streams, params=params, cuda_stream=stream.cuda_stream)
+            except Exception as e:
+                log.warning("hardware JPEG decode failed for a batch (%s: %s); falling back", type(e).__name__, e)
+                images = [None] * len(idx)
+        if self.reuse:
+            fresh = [im if im is not None else (reuse[i] if reuse is not None else None) for i, im in enumerate(images)]
+            self._slots[k] = [im for im in fresh if im is not None] + self._slots[k][len(idx):]
+        got = 0
+        for j, im in zip(idx, images):
+            if im is None:
+                continue
+            cai = im.__cuda_array_interface__
+            shape = cai["shape"]
+            h, w = shape[:2]
+            c = shape[2] if len(shape) == 3 else 1
+            strides = cai.get("strides") or ((w * c, c, 1) if len(shape) == 3 else (w, 1))
+            refs[j] = (cai["data"][0], h, w, strides[0], strides[1], strides[2] if c == 3 else 0)
+            got += 1
+        keep.append(images)
+        self.counts["hw"] += got
+        self._hw_tried += len(idx)
+        if self.counts["hw"] == 0 and self._hw_tried >= 64:
+            log.warning("the hardware JPEG decoder decoded none of %d JPEGs: not using it", self._hw_tried)
+            self.use_hw = False
+
+    def _decode_nvjpeg(self, blobs: Sequence[bytes], idx: list[int], refs: list[Any], keep: list[Any]) -> None:
+        if not idx:
+            return
         import torchvision.io as tio
 
         torch = self.torch
-        stream = torch.cuda.Stream(self.device)
-        errors: list[str | None] = [None] * len(blobs)
-        with torch.cuda.stream(stream):
-            datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-            try:
-                images = tio.decode_jpeg(datas, device=self.device, mode=tio.ImageReadMode.RGB)
-            except Exception:  # one bad image fails the batch call: find it
-                images = []
-                for d in datas:
-                    try:
-                        images.append(tio.decode_jpeg(d, device=self.device, mode=tio.ImageReadMode.RGB))
-                    except Exception:
-                        images.append(None)
-            for j, im in enumerate(images):
-                if im is None:
-                    try:
-                        arr = np.asarray(decode_rgb(blobs[j]))
-                        images[j] = torch.from_numpy(arr).permute(2, 0, 1).to(self.device)
-                    except Exception as e:
-                        errors[j] = f"{type(e).__name__}: {e}"
-            done = torch.cuda.Event()
-            done.record(stream)
-        return images, errors, done
-
-    def decode(self, blobs: list[bytes]) -> tuple[list[Any], list[str | None]]:
-        """Decode a batch on the GPU, split over ``gpu_decode_threads`` threads (nvJPEG's
-        Huffman stage runs on the host), then make the current stream wait for all of it."""
-        torch = self.torch
-        k = min(self.gpu_decode_threads, max(1, len(blobs) // 16))
-        step = -(-len(blobs) // k)
-        chunks = [blobs[i : i + step] for i in range(0, len(blobs), step)]
-        if len(chunks) == 1:
-            parts = [self.decode_chunk(chunks[0])]
-        else:
-            parts = list(self.pool.map(self.decode_chunk, chunks))
-        images: list[Any] = []
-        errors: list[str | None] = []
-        current = torch.cuda.current_stream(self.device)
-        for ims, errs, ev in parts:
-            current.wait_event(ev)
-            images.extend(ims)
-            errors.extend(errs)
-        return images, errors
-
-    def prep(self, images: list[Any], tf: EvalTransform, normalize: bool = True):
-        """Resize shorter side, center crop, normalize: (N,3,S,S) channels_last.
-
-        With ``normalize=False`` the crop comes back as uint8 (what decode workers send).
-
-        The resize is two antialiased 1-D passes (width, then height), each rounded to
-        8 bits, as Pillow does: the result matches the CPU path's pixels to within one
-        level. Images of the same size are resized together in one call.
-        """
-        torch = self.torch
-        F = torch.nn.functional
-        n = len(images)
-        out = torch.empty((n, 3, tf.size, tf.size), device=self.device, dtype=torch.float32)
-        mode = "bicubic" if tf.interpolation == "bicubic" else "bilinear"
-        groups: dict[tuple[int, int], list[int]] = {}
-        for j, im in enumerate(images):
-            groups.setdefault(tuple(im.shape[-2:]), []).append(j)
-        s = tf.scale_size  # shorter side -> s, as torchvision's Resize(int)
-        for (h, w), idx in groups.items():
-            nh, nw = (max(1, int(s * h / w)), s) if w <= h else (s, max(1, int(s * w / h)))
-            x = torch.stack([images[j] for j in idx]).float()
-            if nw != w:
-                x = F.interpolate(x, size=(h, nw), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
-            if nh != h:
-                x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
-            top = int(round((nh - tf.size) / 2.0))
-            left = int(round((nw - tf.size) / 2.0))
-            crop = x[:, :, top : top + tf.size, left : left + tf.size]
-            if len(idx) == n:
-                out.copy_(crop)
-            else:
-                out[torch.as_tensor(idx, device=self.device)] = crop
-        if not normalize:
-            return out.to(torch.uint8)
-        return normalize_batch(out, tf)
+        datas = [torch.frombuffer(bytearray(blobs[j]), dtype=torch.uint8) for j in idx]
+        try:
+            images = tio.decode_jpeg(datas, device=self.device, mode=tio.ImageReadMode.RGB)
+        except Exception:  # one bad image fails the batch call: find it
+            images = []
+            for d in datas:
+                try:
+                    images.append(tio.decode_jpeg(d, device=self.device, mode=tio.ImageReadMode.RGB))
+                except Exception:
+                    images.append(None)
+        for j, im in zip(idx, images):
+            if im is not None and im.dim() == 3 and im.shape[0] == 3:
+                refs[j] = tensor_ref(im)
+                keep.append(im)
+                self.counts["nvjpeg"] += 1
 
 
+_SOF = {0xC0: "baseline", 0xC1: "baseline", 0xC2: "progressive"}  # others (lossless, arithmetic): Pillow
 
-def normalize_batch(x, tf: EvalTransform):
-    """uint8/float (N,3,S,S) in 0..255 -> normalized float32, channels_last."""
-    import torch
 
-    x = x.float()
-    mean = torch.tensor(tf.mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(tf.std, device=x.device).view(1, 3, 1, 1) * 255
-    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+def jpeg_kind(data: bytes) -> str:
+    """``baseline`` (what the engines decode: Huffman, 8-bit, 1 or 3 components),
+    ``progressive``, or ``other`` (CMYK/YCCK, 12-bit, arithmetic coding, not a JPEG), read
+    from the frame header without decoding.
+
+    >>> jpeg_kind(b"PNG")
+    'other'
+    """
+    if data[:2] != b"\xff\xd8":
+        return "other"
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return "other"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > n:
+                return "other"
+            ok = data[pos + 4] == 8 and data[pos + 9] in (1, 3)
+            return _SOF.get(marker, "other") if ok else "other"
+        pos += 2 + length
+    return "other"
 
 
 def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -205,17 +534,25 @@ def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
     return out
 
 
-def decode_worker(device: str, threads: int, specs: list[EvalTransform], tasks: Any, results: Any) -> None:
-    """A decode process of the GPU path: (id, path, keys, locs) in, uint8 GPU crops out.
+def normalize_batch(x, tf: EvalTransform):
+    """uint8/float (N,3,S,S) in 0..255 -> normalized float32, channels_last."""
+    import torch
 
-    Each process has its own nvJPEG decoder and its own interpreter, so decoding scales
-    past torchvision's single locked decoder and never holds the model's GIL. Crops go
-    back as CUDA tensors over CUDA IPC (no host round trip).
-    """
+    x = x.float()
+    mean = torch.tensor(tf.mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(tf.std, device=x.device).view(1, 3, 1, 1) * 255
+    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+
+def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: Any, use_hw: bool = False) -> None:
+    """A decode process of the GPU path (on GPUs without JPEG engines by default): (id,
+    path, keys, locs) in, uint8 GPU crops out over CUDA IPC (no host round trip). Each process has its
+    own nvJPEG decoder and interpreter, so decoding scales past torchvision's single locked
+    decoder and never holds the model's GIL."""
     import torch
 
     torch.cuda.set_device(torch.device(device))
-    prep = GpuPreprocessor(device, threads)
+    decoder = GpuDecoder(device, use_hw=use_hw)
     sent: list = []  # keep recently sent tensors alive until the consumer has used them
     while True:
         task = tasks.get()
@@ -223,17 +560,72 @@ def decode_worker(device: str, threads: int, specs: list[EvalTransform], tasks: 
             break
         bid, path, keys, locs = task
         try:
-            blobs = read_blobs(path, locs)
-            images, errors = prep.decode(blobs)
+            refs, errors, keep = decoder.decode(read_blobs(path, locs))
             ok = [j for j, e in enumerate(errors) if e is None]
             failed = [(keys[j], errors[j]) for j in range(len(keys)) if errors[j] is not None]
-            crops = [prep.prep([images[j] for j in ok], tf, normalize=False) for tf in specs] if ok else []
+            crops = [resize_crop_batch([refs[j] for j in ok], tf, device) for tf in specs] if ok else []
             torch.cuda.current_stream().synchronize()
-            results.put((bid, [keys[j] for j in ok], crops, failed, None))
+            del keep
+            results.put((bid, [keys[j] for j in ok], crops, failed, dict(decoder.counts), None))
+            decoder.counts.clear()
             sent.append(crops)
             del sent[:-8]
         except Exception as e:  # reported to the driver, which fails the shard loudly
-            results.put((bid, None, None, None, f"{type(e).__name__}: {e}"))
+            results.put((bid, None, None, None, None, f"{type(e).__name__}: {e}"))
+
+
+# ---------------------------------------------------------------------------------------
+# teachers -> probabilities in the target space
+
+
+def _put(q: queue.Queue, item: Any, abort: threading.Event) -> bool:
+    """``q.put`` that gives up when the consumer has gone (False)."""
+    while not abort.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, abort: threading.Event) -> Any:
+    """``q.get`` that gives up (None) when the consumer has gone."""
+    while not abort.is_set():
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return None
+
+
+class _Graph:
+    """The per-batch tail on the GPU (every teacher, probabilities, mapping, average,
+    top-k) captured as one CUDA graph for batch size ``B``: smaller batches are padded (the
+    rows past ``n`` hold the previous batch's images and are ignored), so every image goes
+    through the same kernels whatever batch it lands in."""
+
+    def __init__(self, labeler: Labeler, B: int):
+        torch = labeler.torch
+        self.B = B
+        self.inputs = [torch.zeros((B, 3, tf.size, tf.size), dtype=labeler.dtype, device=labeler.device)
+                       .contiguous(memory_format=torch.channels_last) for tf in labeler.transforms]
+        side = torch.cuda.Stream(labeler.device)
+        side.wait_stream(torch.cuda.current_stream(labeler.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # warm-up: cuDNN/cuBLAS handles, workspaces, compilation
+                labeler.forward(self.inputs)
+        torch.cuda.current_stream(labeler.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.idx, self.vals = labeler.forward(self.inputs)
+
+    def __call__(self, xs: Sequence[Any]):
+        n = xs[0].shape[0]
+        for buf, x in zip(self.inputs, xs):
+            buf[:n].copy_(x)
+        self.graph.replay()
+        return self.idx[:n], self.vals[:n]
 
 
 class Labeler:
@@ -241,68 +633,130 @@ class Labeler:
 
     ``run(batches)`` takes an iterable of ``(keys, file, [(offset, size), ...])`` and yields
     ``(keys_ok, top_indices[N,k] int32, top_probs[N,k] float32, failed: list[(key, error)])``.
+
+    On the GPU, ``decode_procs`` worker processes decode with nvJPEG only where the GPU has
+    no hardware JPEG engines (with engines, decoding stays in this process: the engines do
+    the work, and kernels from other processes would time-slice with the model's);
+    ``gpu_decode_threads`` caps the decode threads (2 at most: one builds a batch while the
+    other's is on the engines; more only contend for the GIL). ``cuda_graphs=False`` runs
+    the model eagerly.
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
-                 precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0):
+                 precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
+                 cuda_graphs: bool = True, hw_decode: bool = True):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
 
         if not teachers:
             raise UserError("at least one teacher")
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.torch = torch
         self.teachers = list(teachers)
         self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
         self.target = get_label_space(target_space)
         if not 1 <= topk <= len(self.target):
             raise UserError(f"--topk must be in 1..{len(self.target)}, got {topk}")
         self.topk = topk
-        self.transforms = [EvalTransform.from_teacher(t, overrides) for t in self.teachers]
-        self.maps = []
-        for t in self.teachers:
-            src = get_label_space(t.label_space)
-            if src.name == self.target.name:
-                self.maps.append(None)
-            else:
-                self.maps.append(torch.as_tensor(index_map(src, self.target), device=self.device))
-        self.models = []
-        if self.device.type == "cpu":
-            keep_heap_memory()
-        for t in self.teachers:
-            m = t.model.to(self.device).eval().to(memory_format=torch.channels_last)
-            if self.device.type == "cuda" and compile:
-                m = torch.compile(m)
-            self.models.append(m)
-        if precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision] if cuda \
+            else torch.float32
+        self.transforms = [EvalTransform.from_teacher(t, overrides) for t in self.teachers]
+        self.maps = [self._mapping(index_map(get_label_space(t.label_space), self.target))
+                     if get_label_space(t.label_space).name != self.target.name else None for t in self.teachers]
+        if not cuda:
+            keep_heap_memory()
+        self.models = [self._prepare(t.model, compile and cuda) for t in self.teachers]
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
-        self.gpu_prep = GpuPreprocessor(self.device, gpu_decode_threads) if self.device.type == "cuda" else None
-        self.gpu_decode_threads = gpu_decode_threads
-        self.decode_procs = decode_procs if self.device.type == "cuda" else 0
+        self.gpu_decode_threads = max(1, min(2, gpu_decode_threads))
+        self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool)
+                         for _ in range(self.gpu_decode_threads)] if cuda else []
+        hw = bool(self.decoders) and self.decoders[0].use_hw
+        self.decode_procs = decode_procs if cuda and not hw else 0
+        self.cuda_graphs = cuda_graphs and cuda
+        self._graphs: dict[int, Any] = {}
         self._workers: list = []
         self._tasks = self._results = None
-        self._cpu_tfms = [tf.cpu() for tf in self.transforms] if self.device.type == "cpu" else None
+        self._worker_counts: Counter = Counter()
+        self._cpu_tfms = [tf.cpu() for tf in self.transforms] if not cuda else None
+
+    def _prepare(self, model, compile: bool):
+        torch = self.torch
+        m = model.to(self.device).eval()
+        if self.dtype != torch.float32:
+            m = m.to(self.dtype)
+            for mod in m.modules():  # BatchNorm statistics in fp32 (cuDNN takes fp16 input with fp32 parameters)
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.float()
+            head = m.get_classifier() if hasattr(m, "get_classifier") else None
+            if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters()):
+                # logits in fp32: fp16's spacing near logit 10 (0.008) is wider than the gap
+                # between the top two classes of a near-tie, which would flip top-1 at random
+                head.float()
+                head.register_forward_pre_hook(lambda _mod, args: tuple(a.float() for a in args))
+        m = m.to(memory_format=torch.channels_last)
+        return torch.compile(m) if compile else m
+
+    def _mapping(self, mapping: np.ndarray) -> list[tuple[Any, Any]]:
+        """The mapping as layers of (source columns, target columns), each layer one-to-one,
+        so merging classes is a few deterministic index_add_ calls (no atomics racing)."""
+        torch = self.torch
+        src = np.nonzero(mapping >= 0)[0]
+        dst = mapping[src]
+        order = np.argsort(dst, kind="stable")
+        src, dst = src[order], dst[order]
+        first = np.r_[0, np.nonzero(np.diff(dst))[0] + 1]
+        rank = np.arange(len(dst)) - np.repeat(first, np.diff(np.r_[first, len(dst)]))
+        return [(torch.as_tensor(src[rank == r], device=self.device), torch.as_tensor(dst[rank == r], device=self.device))
+                for r in range(int(rank.max()) + 1 if len(rank) else 0)]
+
+    @property
+    def decode_counts(self) -> dict[str, int]:
+        """Images decoded by each path so far (``hw``, ``nvjpeg``, ``pillow``, ``failed``)."""
+        total = Counter(self._worker_counts)
+        for d in self.decoders:
+            total.update(d.counts)
+        return {k: total.get(k, 0) for k in DECODE_PATHS}
 
     # -- the shared tail: logits -> probs -> target space -> top-k ---------------------
     def _probs(self, i: int, logits):
         torch = self.torch
         logits = logits.float()
         probs = logits.softmax(-1) if self.teachers[i].activation == "softmax" else logits.sigmoid()
-        mapping = self.maps[i]
-        if mapping is None:
+        layers = self.maps[i]
+        if layers is None:
             return probs
         out = torch.zeros(probs.shape[0], len(self.target), device=probs.device, dtype=probs.dtype)
-        keep = mapping >= 0
-        out.index_add_(1, mapping[keep], probs[:, keep])
+        for src, dst in layers:
+            out.index_add_(1, dst, probs.index_select(1, src))
         return out
 
     def _topk(self, per_teacher: list):
         probs = per_teacher[0] if len(per_teacher) == 1 else sum(per_teacher) / len(per_teacher)
         vals, idx = probs.topk(self.topk, dim=-1, largest=True, sorted=True)
         return idx.to(self.torch.int32), vals.to(self.torch.float32)
+
+    def forward(self, xs: Sequence[Any]):
+        """Prepared batches (one per teacher, in the model dtype) -> (top indices, top probs)."""
+        return self._topk([self._probs(i, m(x)) for i, (m, x) in enumerate(zip(self.models, xs))])
+
+    def _runner(self, batch: int):
+        """The model tail for batches of up to ``batch`` images: a CUDA graph when it captures."""
+        if not self.cuda_graphs:
+            return self.forward
+        if batch not in self._graphs:
+            try:
+                self._graphs[batch] = _Graph(self, batch)
+            except Exception as e:  # a teacher that syncs or branches on data: run it eagerly
+                log.warning("CUDA graph capture failed (%s: %s): running the model eagerly", type(e).__name__, e)
+                self.cuda_graphs = False
+                self.torch.cuda.synchronize(self.device)
+                return self.forward
+        return self._graphs[batch]
 
     # -- prepared images (reinforce) -----------------------------------------------------
     def classify(self, images: Sequence[Any], embeddings: bool = False
@@ -316,15 +770,11 @@ class Labeler:
         pre-logits (timm ``forward_head(pre_logits=True)``), concatenated in teacher order.
         Probabilities of an ensemble are averaged in the target space, as in :meth:`run`."""
         torch = self.torch
-        cuda = self.device.type == "cuda"
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
         per_teacher, embs = [], []
-        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=cuda and self.precision != "fp32"):
+        with torch.inference_mode():
             for i, (model, tf) in enumerate(zip(self.models, self.transforms)):
-                x = torch.from_numpy(np.ascontiguousarray(images[i]))
-                if cuda:
-                    x = x.to(self.device)
-                x = normalize_batch(x.permute(0, 3, 1, 2), tf)
+                x = torch.from_numpy(np.ascontiguousarray(images[i])).to(self.device)
+                x = normalize_batch(x.permute(0, 3, 1, 2), tf).to(self.dtype)
                 if embeddings:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
                     logits = model.get_classifier()(pre)
@@ -372,7 +822,8 @@ class Labeler:
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         for _ in range(self.decode_procs):
             w = ctx.Process(target=decode_worker, daemon=True,
-                            args=(str(self.device), self.gpu_decode_threads, self.transforms, self._tasks, self._results))
+                            args=(str(self.device), self.transforms, self._tasks, self._results,
+                                  any(d.use_hw for d in self.decoders)))
             w.start()
             self._workers.append(w)
 
@@ -386,15 +837,17 @@ class Labeler:
                 w.kill()
         self._workers = []
 
-    def _produce_in_process(self, batches, emit) -> None:
-        for keys, path, locs in batches:
-            images, errors = self.gpu_prep.decode(read_blobs(path, locs))
-            ok = [j for j, e in enumerate(errors) if e is None]
-            failed = [(keys[j], errors[j]) for j in range(len(keys)) if errors[j] is not None]
-            xs = [self.gpu_prep.prep([images[j] for j in ok], tf) for tf in self.transforms] if ok else []
-            emit([keys[j] for j in ok], xs, failed)
+    def _prepare_batch(self, decoder: GpuDecoder, keys: list[str], blobs: list[bytes]):
+        """Decode + resize/crop/normalize one batch on the current stream."""
+        refs, errors, keep = decoder.decode(blobs)
+        ok = [j for j, e in enumerate(errors) if e is None]
+        failed = [(keys[j], errors[j]) for j in range(len(keys)) if errors[j] is not None]
+        xs = [resize_crop_batch([refs[j] for j in ok], tf, self.device, self.dtype) for tf in self.transforms] \
+            if ok else []
+        return [keys[j] for j in ok], xs, failed, keep
 
     def _produce_with_workers(self, batches, emit) -> None:
+        """Batches decoded by the worker processes (GPUs without JPEG engines)."""
         if not self._workers:
             self._start_workers()
         in_flight = 0
@@ -402,7 +855,7 @@ class Labeler:
         def receive() -> None:
             while True:
                 try:
-                    bid, keys, crops, failed, error = self._results.get(timeout=5)
+                    bid, keys, crops, failed, counts, error = self._results.get(timeout=5)
                     break
                 except queue.Empty:
                     dead = [w for w in self._workers if not w.is_alive()]
@@ -411,12 +864,13 @@ class Labeler:
                         raise RuntimeError(f"a GPU decode worker died (exit code {dead[0].exitcode})") from None
             if error:
                 raise RuntimeError(f"decode worker failed on batch {bid}: {error}")
-            xs = [normalize_batch(c, tf) for c, tf in zip(crops, self.transforms)]
+            self._worker_counts.update(counts)
+            xs = [normalize_batch(c, tf).to(self.dtype) for c, tf in zip(crops, self.transforms)]
             del crops
-            emit(keys, xs, failed)
+            emit(keys, xs, failed, None)
 
-        for bid, (keys, path, locs) in enumerate(batches):
-            self._tasks.put((bid, path, keys, locs))
+        for bid, (keys, blobs_or_path, locs) in enumerate(batches):
+            self._tasks.put((bid, blobs_or_path, keys, locs))
             in_flight += 1
             while in_flight >= 2 * self.decode_procs:
                 receive()
@@ -427,68 +881,122 @@ class Labeler:
 
     def _run_gpu(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]]):
         torch = self.torch
-        prep_stream = torch.cuda.Stream(self.device)
-        q: queue.Queue = queue.Queue(maxsize=3)
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return
+        runner = self._runner(len(first[0]))  # captured before any other thread touches the GPU
+        batches = itertools.chain([first], it)
+        abort = threading.Event()
+        ready: queue.Queue = queue.Queue(maxsize=3)
         stop = object()
 
-        def emit(keys, xs, failed):
-            ev = torch.cuda.Event()
-            ev.record(prep_stream)
-            q.put((keys, xs, failed, ev))
+        def guarded(fn):
+            def body(*args):
+                try:
+                    fn(*args)
+                except BaseException as e:  # surfaces in the consumer
+                    _put(ready, e, abort)
+                    return
+                _put(ready, stop, abort)
+            return body
 
-        def producer():
-            try:
-                with torch.cuda.stream(prep_stream):
-                    if self.decode_procs:
-                        self._produce_with_workers(batches, emit)
-                    else:
-                        self._produce_in_process(batches, emit)
-            except BaseException as e:  # surface errors in the consumer
-                q.put(e)
-                return
-            q.put(stop)
+        threads = []
+        if self.decode_procs:
+            stream = torch.cuda.Stream(self.device)
 
-        th = threading.Thread(target=producer, daemon=True)
-        th.start()
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
-        pending = None  # (keys, idx_host, val_host, failed, event) of the previous batch
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is stop:
-                break
-            keys, xs, failed, ev = item
-            torch.cuda.current_stream(self.device).wait_event(ev)
-            if keys:
-                with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=self.precision != "fp32"):
-                    per_teacher = [self._probs(i, m(xs[i])) for i, m in enumerate(self.models)]
-                    idx, vals = self._topk(per_teacher)
-                idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
-                val_h = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
-                idx_h.copy_(idx, non_blocking=True)
-                val_h.copy_(vals, non_blocking=True)
-            else:
-                idx_h = torch.zeros((0, self.topk), dtype=torch.int32)
-                val_h = torch.zeros((0, self.topk), dtype=torch.float32)
-            done = torch.cuda.Event()
-            done.record()
-            del xs
-            # hand back the previous batch while this one computes
+            def emit(keys, xs, failed, keep):
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                _put(ready, (keys, xs, failed, ev, keep), abort)
+
+            def produce_procs():
+                with torch.cuda.stream(stream):
+                    self._produce_with_workers(batches, emit)
+
+            threads.append(threading.Thread(target=guarded(produce_procs), daemon=True))
+        else:
+            read_q: queue.Queue = queue.Queue(maxsize=2 * len(self.decoders))
+
+            def reader():  # host I/O off the decode threads
+                try:
+                    for keys, path, locs in batches:
+                        if not _put(read_q, (keys, read_blobs(path, locs)), abort):
+                            return
+                finally:
+                    for _ in self.decoders:
+                        _put(read_q, stop, abort)
+
+            def produce(decoder: GpuDecoder):
+                stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(stream):
+                    while (item := _get(read_q, abort)) is not stop and item is not None:
+                        keys, xs, failed, keep = self._prepare_batch(decoder, *item)
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
+                        if not _put(ready, (keys, xs, failed, ev, keep), abort):
+                            return
+
+            threads.append(threading.Thread(target=guarded(reader), daemon=True))
+            threads += [threading.Thread(target=guarded(produce), args=(d,), daemon=True) for d in self.decoders]
+        for th in threads:
+            th.start()
+        current = torch.cuda.current_stream(self.device)
+        k = self.topk
+        B = len(first[0])  # the largest batch: the reader's batches are full but for the last
+        ring = [(torch.empty((B, k), dtype=torch.int32, pin_memory=True),
+                 torch.empty((B, k), dtype=torch.float32, pin_memory=True)) for _ in range(3)]
+        pending = None  # (keys, idx, vals, failed, done event, keepalive) of the previous batch
+        finished = 0
+        try:
+            for step in itertools.count():
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is stop:
+                    finished += 1
+                    if finished == len(threads):
+                        break
+                    continue
+                keys, xs, failed, ev, keep = item
+                current.wait_event(ev)
+                n = len(keys)
+                idx_h, val_h = ring[step % 3]
+                if n:
+                    for x in xs:
+                        x.record_stream(current)
+                    if n > B:
+                        raise ValueError(f"batch of {n} after a first batch of {B}: batches must not grow")
+                    with torch.inference_mode():
+                        idx, vals = runner(xs)
+                    idx_h[:n].copy_(idx, non_blocking=True)
+                    val_h[:n].copy_(vals, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(current)
+                del xs
+                # hand back the previous batch while this one computes
+                if pending is not None:
+                    yield self._collect(pending)
+                pending = (keys, idx_h, val_h, failed, done, keep)
             if pending is not None:
-                pending[4].synchronize()
-                yield pending[0], pending[1].numpy(), pending[2].numpy(), pending[3]
-            pending = (keys, idx_h, val_h, failed, done)
-        if pending is not None:
-            pending[4].synchronize()
-            yield pending[0], pending[1].numpy(), pending[2].numpy(), pending[3]
-        th.join()
+                yield self._collect(pending)
+        finally:
+            abort.set()
+            for th in threads:
+                th.join(timeout=10)
+
+    @staticmethod
+    def _collect(pending):
+        keys, idx_h, val_h, failed, done, _keep = pending
+        done.synchronize()
+        n = len(keys)
+        return keys, idx_h[:n].numpy().copy(), val_h[:n].numpy().copy(), failed
 
     def run(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]]
             ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list]]:
         """Label batches ``(keys, file, [(offset, size), ...])`` of JPEG members.
 
-        With decode workers, batches can come back out of order: order rows by key."""
+        On the GPU, batches can come back out of order: order rows by key."""
         if self.device.type == "cuda":
             yield from self._run_gpu(batches)
         else:
