@@ -621,6 +621,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: errors that are bad input as they are; any other OSError only when it is a full disk or a
+#: read-only output (:func:`silverlabel.dataset.storage_error`)
+_BAD_INPUT = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
@@ -631,16 +636,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        # bad input: one line naming the file, row or flag. Anything else is a bug and keeps
-        # its traceback; SILVERLABEL_DEBUG=1 shows the traceback of these too.
-        if os.environ.get("SILVERLABEL_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"silverlabel {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 0
+    except (UserError, OSError) as e:
+        # bad input, a full disk or a read-only output: one line naming the file, row or flag.
+        # Anything else is a bug and keeps its traceback; SILVERLABEL_DEBUG=1 shows the
+        # traceback of these too.
+        from silverlabel.dataset import storage_error
+
+        shown = e if isinstance(e, _BAD_INPUT) else storage_error(e, getattr(args, "output", None))
+        if shown is None or os.environ.get("SILVERLABEL_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"silverlabel {args.command}: error: {shown}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nsilverlabel {args.command}: interrupted after {time.monotonic() - t0:.0f} s; "
               "run the same command again to resume", file=sys.stderr)

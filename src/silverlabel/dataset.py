@@ -27,6 +27,7 @@ A stage reads another stage's output only through these views, never by building
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -69,7 +70,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    f = open(tmp, mode)
+    try:
+        f = open(tmp, mode)
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise OSError(e.errno, e.strerror, str(path)) from e  # the file meant, not its temporary
+        raise
     try:
         yield f
         f.flush()
@@ -77,11 +83,57 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
         f.close()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        # close() flushes what is buffered and so fails again on a full disk: the temporary
+        # is removed whatever close() says
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write() names no file
         raise
+
+
+#: errno values of a storage that refuses writes: full, over quota, read-only, not permitted
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(e: BaseException, where: str | os.PathLike | None = None) -> UserError | None:
+    """A full disk, a read-only or forbidden folder, as one line naming the path (``where``
+    when the error names none); None for any other error.
+
+    >>> print(storage_error(OSError(errno.ENOSPC, "No space left on device", "out/a.tar")))
+    out/a.tar: No space left on device (free some space or write elsewhere, then run the same command again)
+    """
+    if not isinstance(e, OSError) or e.errno not in STORAGE_ERRNOS:
+        return None
+    hint = {errno.ENOSPC: " (free some space or write elsewhere, then run the same command again)",
+            errno.EDQUOT: " (free some space or write elsewhere, then run the same command again)",
+            errno.EROFS: " (choose a writable output folder)"}.get(e.errno, "")
+    return UserError(f"{e.filename or where or '?'}: {e.strerror or os.strerror(e.errno)}{hint}")
+
+
+def check_target(path: str | os.PathLike | None, flag: str, folder: bool) -> None:
+    """A UserError naming ``flag`` when ``path`` cannot be written as a ``folder`` (or a file):
+    it, or a folder above it, exists as the other kind. Checked before any work is done.
+
+    >>> check_target("/", "--out", folder=False)
+    Traceback (most recent call last):
+    ...
+    silverlabel.errors.UserError: --out /: is a folder; give a file name
+    """
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{flag} {path}: is a folder; give a file name" if not folder
+                        else f"{flag} {path}: is a file, not a folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -49,8 +49,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, clean_temporaries, file_digest, write_json_atomic
+from silverlabel.dataset import Dataset, clean_temporaries, file_digest, storage_error, write_json_atomic
+from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine
+
+#: in every output folder while a stage runs on it (:func:`output_lock`)
+LOCK_FILE = ".lock"
 
 
 def _as_stored(obj: Any) -> Any:
@@ -199,41 +203,97 @@ class StageRun:
 
 
 def run_stage(stage: Stage, progress: Report | None = None) -> Any:
-    """Run ``stage`` (see the module docstring); returns ``stage.finish``'s summary."""
+    """Run ``stage`` (see the module docstring); returns ``stage.finish``'s summary.
+
+    One run at a time per output (:func:`output_lock`). A full disk or a read-only output
+    ends in a UserError naming the path, after the temporaries are removed."""
     stage.prepare()
     cfg = stage.config  # as prepare completed it
     engine = stage_engine(cfg.engine, cfg.workers, address=getattr(cfg, "ray_address", None),
                           needs_gpu=stage.needs_gpu, device=getattr(cfg, "device", "auto"))  # bad --device: no file yet
     out = stage.output
-    out.root.mkdir(parents=True, exist_ok=True)
+    try:
+        out.root.mkdir(parents=True, exist_ok=True)
+        with output_lock(out.root):
+            return _run_locked(stage, engine, progress)
+    except OSError as e:
+        err = storage_error(e, out.root)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
+    out, cfg = stage.output, stage.config
     folders = stage.folders()
-    out.clean_temporaries()
-    clean_temporaries(folders)
-    manifest = stage.manifest()
-    if manifest is not None and not out.exists():
-        out.write_manifest(manifest)
-    skipped: list[tuple[Any, dict[str, Any]]] = []
 
-    def todo() -> Iterator[Any]:
-        for unit in stage.plan(engine):
-            rec = unit.commit.check()
-            if rec is not None:
-                again = stage.redo(unit, rec)
-                if again is None:
-                    skipped.append((unit, rec))
-                    continue
-                unit = again
-            yield unit
+    def clean() -> None:
+        out.clean_temporaries()
+        clean_temporaries(folders)
 
-    t0 = time.monotonic()
-    results = list(engine.map(stage.unit_fn, todo(), cfg, progress))
-    seconds = time.monotonic() - t0
-    out.clean_temporaries()  # what units that died and were retried (cluster engines) left behind
-    clean_temporaries(folders)
+    clean()
+    try:
+        manifest = stage.manifest()
+        if manifest is not None and not out.exists():
+            out.write_manifest(manifest)
+        skipped: list[tuple[Any, dict[str, Any]]] = []
+
+        def todo() -> Iterator[Any]:
+            for unit in stage.plan(engine):
+                rec = unit.commit.check()
+                if rec is not None:
+                    again = stage.redo(unit, rec)
+                    if again is None:
+                        skipped.append((unit, rec))
+                        continue
+                    unit = again
+                yield unit
+
+        t0 = time.monotonic()
+        results = list(engine.map(stage.unit_fn, todo(), cfg, progress))
+        seconds = time.monotonic() - t0
+    except BaseException:
+        with contextlib.suppress(OSError):  # what the failed units left (the lock says no other run writes here)
+            clean()
+        raise
+    clean()  # what units that died and were retried (cluster engines) left behind
     summary = stage.finish(StageRun(results, skipped, seconds, engine.device, engine))
     with contextlib.suppress(OSError):
         out.tmp_dir.rmdir()
     return summary
+
+
+@contextlib.contextmanager
+def output_lock(root: str | os.PathLike) -> Iterator[None]:
+    """Hold ``root/.lock`` (``flock``, exclusive) while the block runs: a second run on the
+    same output gets a UserError naming the holder's pid. The kernel releases the lock when
+    its process exits, however it exits, so a killed run leaves no stale lock.
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> with output_lock(d):  # doctest: +ELLIPSIS
+        ...     with output_lock(d):
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        silverlabel.errors.UserError: ...: in use by another silverlabel run (pid ...); wait for it to end or choose another output
+    """
+    import fcntl
+
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{root}: in use by another silverlabel run (pid {holder}); "
+                            "wait for it to end or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:

@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import write_json_atomic
-from silverlabel.dataset import Run, TrainSet
+from silverlabel.dataset import Run, TrainSet, check_target, write_json_atomic
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.options import device_field, opt, positive_int
@@ -135,12 +134,9 @@ def map_scores(probs: torch.Tensor, head_space: str, target_space: str) -> torch
 
 def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any], str, int]:
     """``(model in eval mode on CPU, checkpoint's train config dict, "ema" | "model", step)``."""
-    from silverlabel.stages.train import TrainConfig, create_model
+    from silverlabel.stages.train import TrainConfig, create_model, load_weights
 
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot load checkpoint ({e})") from e
+    ck = load_weights(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
         raise UserError(f"{path}: not a silverlabel train checkpoint (needs model, config)")
     conf = dict(ck["config"])
@@ -203,6 +199,7 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     """Evaluate (see the module docstring); writes the JSON report and returns it."""
     t0 = time.monotonic()
+    check_target(cfg.out, "--out", folder=False)
     ckpt = Run(cfg.run).find_checkpoint()
     split = TrainSet(cfg.trainset).split(cfg.split)
     num_samples = int(split.get("num_samples", sum(split.get("shard_lengths", []))))

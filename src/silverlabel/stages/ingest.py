@@ -380,12 +380,29 @@ class IngestStage(BaseStage):
         if list(extra.values()) != list(cfg.extra_fields):
             self.config = cfg = replace(cfg, extra_fields=tuple(extra.values()))
         man = pool.previous_run("ingest")
-        diffs = changed_settings(man.get("config", {}), cfg.output_config()) if man else []
+        if man:
+            self._check_same_sources(man)
+        diffs = changed_settings(man.get("config", {}), cfg.output_config(), ignore=("sources",)) if man else []
         if diffs:
             raise UserError(
                 f"{pool.root}: was ingested with different settings ({', '.join(diffs)}); "
                 "resume with the same command or write to a new -o"
             )
+
+    def _check_same_sources(self, man: dict[str, Any]) -> None:
+        """A resume reads the same sources: compared by absolute path (the manifest's
+        ``parents``), so a relative SOURCE given from another working directory is refused."""
+        def where(parent: Any) -> str:
+            return f"{parent.get('kind')}:{parent.get('path')}" if isinstance(parent, dict) else repr(parent)
+
+        before = [where(p) for p in man.get("parents") or []]
+        now = [where(s.describe()) for s in self.sources]
+        if before != now:
+            changed = next(((b, n) for b, n in zip(before, now) if b != n), None)
+            shown = (f"{changed[0]} before, {changed[1]} now" if changed
+                     else f"{len(before)} sources before, {len(now)} now")
+            raise UserError(f"{self.output.root}: was ingested from other sources ({shown}); resume from the same "
+                            "working directory, or give the sources as before, or write to a new -o")
 
     def manifest(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silverlabel.dataset import Run, TrainSet, atomic_write, write_json_atomic
+from silverlabel.dataset import Run, TrainSet, atomic_write, check_target, write_json_atomic
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.options import opt, positive_int
@@ -335,6 +335,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     from silverlabel.stages.train import TrainConfig, run_train
 
     t0 = time.monotonic()
+    check_target(cfg.out, "--out", folder=True)
     ckpt = Run(cfg.run).find_checkpoint()
     out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / "lowshot"
     train = index_split(cfg.trainset, cfg.train_split)

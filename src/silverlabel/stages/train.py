@@ -68,7 +68,7 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import Run, TrainSet, atomic_write
+from silverlabel.dataset import Run, TrainSet, atomic_write, check_target
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
@@ -203,16 +203,69 @@ def num_classes_for(cfg: TrainConfig) -> int:
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The timm model of ``cfg``; a UserError for an unknown name, or an ``img_size`` that is
+    not a multiple of a patch model's patch size (below it, timm builds a model of no patches)."""
     import timm
 
     try:
-        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, img_size=cfg.img_size)
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, img_size=cfg.img_size)
     except TypeError:  # models without an img_size argument (CNNs)
         return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"unknown timm model {cfg.model!r}") from e
         raise
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and not getattr(model.patch_embed, "dynamic_img_pad", False):
+        p = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
+        if cfg.img_size < p or cfg.img_size % p:
+            raise UserError(f"--img-size {cfg.img_size}: {cfg.model} needs a multiple of its patch size {p} "
+                            f"(e.g. {max(p, cfg.img_size // p * p)})")
+    return model
+
+
+def load_weights(path: str | os.PathLike, flag: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``, never running pickled code: a UserError naming
+    ``flag`` and the file when it holds Python objects other than tensors and plain containers,
+    or is not a PyTorch file at all."""
+    import pickle
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False, which would run the file's code: never say that
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            raise UserError(f"{flag} {path}: holds pickled Python objects, not only weights; refused (pickles can "
+                            "run code): save its state_dict, or use safetensors") from None
+        why = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0][:200]
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({why})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+
+
+#: TrainConfig fields a resumed run may change: where things are and how fast, plus the length
+#: (``steps``/``epochs``: a finished run is continued). Any other change is another run
+#: (``--init`` may be left out: the weights come from the checkpoint).
+RESUMABLE_CHANGES = ("trainset", "output", "steps", "epochs", "device", "num_workers", "ckpt_every", "log_every",
+                     "tensorboard")
+
+
+def check_resume(ckpt_path: Path, stored: Any, cfg: TrainConfig) -> None:
+    """A UserError naming every setting of ``cfg`` that differs from the checkpoint's config."""
+    from silverlabel.stage import changed_settings
+
+    if not isinstance(stored, dict):
+        raise UserError(f"{ckpt_path}: not a silverlabel train checkpoint (no config); choose another -o")
+    given = {k: v for k, v in asdict(cfg).items() if k in stored}  # a field newer than the checkpoint: its default
+    diffs = changed_settings(stored, given, ignore=RESUMABLE_CHANGES + (("init",) if cfg.init is None else ()))
+    if diffs:
+        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {stored.get(k)})" for k in diffs)
+        raise UserError(f"{ckpt_path}: the run was started with other settings: {shown}; resume with the same "
+                        "settings or choose another -o")
 
 
 def load_init(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
@@ -220,10 +273,10 @@ def load_init(model: torch.nn.Module, path: str) -> dict[str, list[str]]:
     except ``pos_embed``, which is resampled. Returns ``{"dropped", "resampled", "missing"}``."""
     from timm.layers import resample_abs_pos_embed
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--init: no such file: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_weights(path, "--init")
     state = ck["model"] if isinstance(ck, dict) and isinstance(ck.get("model"), dict) else ck
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--init {path}: not a checkpoint or state dict of tensors")
     own = model.state_dict()
     out: dict[str, list[str]] = {"dropped": [], "resampled": [], "missing": []}
     new_state = {}
@@ -338,10 +391,15 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         torch.use_deterministic_algorithms(True, warn_only=True)
     run = Run(cfg.output)
     out, ckpt_path, final_path = run.root, run.checkpoint_path, run.final_checkpoint_path
+    check_target(out, "-o", folder=True)
     if ckpt_path.exists() and not resume:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
-    if cfg.init is not None and not os.path.exists(cfg.init):
+    if cfg.init is not None and not os.path.isfile(cfg.init):
         raise FileNotFoundError(f"--init: no such file: {cfg.init}")
+    ck = None
+    if resume and ckpt_path.exists():  # before anything is built: a run resumed with other settings is refused
+        ck = load_weights(ckpt_path)
+        check_resume(ckpt_path, ck.get("config") if isinstance(ck, dict) else None, cfg)
 
     # -- data
     lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
@@ -374,8 +432,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     step = 0
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ema is not None and ck.get("ema") is not None:

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from silverlabel.dataset import atomic_write, write_json_atomic
+from silverlabel.dataset import atomic_write, check_target, write_json_atomic
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, opt, positive_int
 from silverlabel.stages.card.facts import COYO_THRESHOLDS, CURVE_THRESHOLDS, Facts, brace_pattern
@@ -101,6 +101,7 @@ def run_card(cfg: CardConfig) -> CardSummary:
     import duckdb
 
     t0 = time.monotonic()
+    check_target(cfg.html, "--html", folder=True)
     lin = resolve_lineage(cfg.dataset)
     readme = Path(cfg.output) if cfg.output else lin.root / README
     if readme.is_dir():
