@@ -431,6 +431,17 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from silverlabel.verify import VerifyConfig, format_report, verify
+
+    cfg = config_from_args(VerifyConfig, args)
+    report = verify(cfg)
+    print(json.dumps(report.to_json(), indent=2) if cfg.as_json else format_report(report))
+    return 0 if report.ok else 1
+
+
 # the examples each command's --help ends with
 
 _EPILOG_INGEST = """\
@@ -514,6 +525,14 @@ examples:
 """
 
 
+_EPILOG_VERIFY = """\
+examples:
+  silverlabel verify data/pool                # shards, samples tables, labels: sizes, md5s, counts, coverage
+  silverlabel verify data/trainset --json     # a machine-readable report; exit code 1 when anything is wrong
+  silverlabel verify runs/vit-s --sizes-only  # a run's checkpoints; --sizes-only skips the md5s
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """One subcommand: its texts, the configs its flags come from (a class, or ``module:Class``
@@ -576,6 +595,11 @@ COMMANDS = (
             "lineage, COYO's threshold table) and PNG plots for a pool, selection or training set; with --html, a "
             "static report with thumbnails per class that opens from disk.",
             cmd_card, ("silverlabel.stages.card:CardConfig",), _EPILOG_CARD, None),
+    Command("verify", "check a dataset or run against what was recorded: missing, corrupt, stale",
+            "Check every unit of a pool, selection, training set or run against its commit records and manifest: "
+            "files missing or changed (size, md5), units made from inputs that changed since, counts that do not "
+            "add up, success rows without labels. Reads only. Exit code 0 when all is good, 1 when there are "
+            "problems.", cmd_verify, ("silverlabel.verify:VerifyConfig",), _EPILOG_VERIFY, None),
 )
 
 
