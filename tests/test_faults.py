@@ -298,6 +298,10 @@ def test_a_second_run_on_one_output_is_refused_naming_the_holder(tmp_path, capsy
         assert main(argv) == 2
         _one_line_error(capsys, str(out), f"pid {os.getpid()}")
     assert not (out / "silverlabel.json").exists()
+    run = tmp_path / "run"  # train too
+    run.mkdir()
+    with output_lock(run), pytest.raises(UserError, match=f"{run}: in use by another silverlabel run"):
+        run_train(TrainConfig(str(tmp_path / "no-trainset-needed"), str(run)), **QUIET)
     # a killed holder's lock goes with its process
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom silverlabel.stage import output_lock\n"
                                f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],

@@ -87,6 +87,14 @@ def test_labels_made_from_an_older_shard_are_stale(chain, tmp_path):
     assert _kinds(r) == [("stale", "data-000001.parquet")]
 
 
+def test_an_unfinished_ingest(chain, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(chain / "pool", pool)
+    man = json.loads((pool / "silverlabel.json").read_text())
+    (pool / "silverlabel.json").write_text(json.dumps({**man, "state": "running"}))
+    assert _kinds(verify(VerifyConfig(str(pool)))) == [("unrecorded", "silverlabel.json")]
+
+
 def test_a_damaged_trainset_and_a_changed_selection(chain, tmp_path):
     sel, ts = tmp_path / "sel", tmp_path / "ts"
     shutil.copytree(chain / "sel", sel)

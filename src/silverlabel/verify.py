@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import DONE_DIR, Dataset, Pool, Run, Selection, TrainSet, file_digest, read_json
+from silverlabel.dataset import DONE_DIR, Dataset, Pool, Run, Selection, TrainSet, file_digest
 from silverlabel.errors import UserError
 from silverlabel.options import opt
 from silverlabel.stage import file_identity, read_record
@@ -168,9 +168,7 @@ def verify_pool(pool: Pool, man: dict[str, Any], report: VerifyReport, hashes: b
             report.add("missing", tar, "the tar of a samples table")
     for stem in sorted(set(records) - {t.stem for t in samples}):
         report.add("missing", pool.samples_dir / f"{stem}.parquet", "recorded unit without its samples table")
-    if man.get("state") not in (None, "complete"):
-        report.add("count", pool.manifest_path, f"state is {man.get('state')!r}: the last ingest did not finish")
-    elif man.get("counts") is not None and dict(man["counts"]) != dict(counts):
+    if man.get("state") in (None, "complete") and man.get("counts") is not None and dict(man["counts"]) != dict(counts):
         report.add("count", pool.manifest_path, f"counts {man['counts']} differ from the samples tables' {dict(counts)}")
     for labels in sorted(man.get("labels") or {}):
         verify_labels(pool, name, labels, records, success, report, hashes)
@@ -319,22 +317,24 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
             verify_run(run, report)
             return report
         raise UserError(f"{root}: not a silverlabel dataset or run (no {ds.manifest_path.name}, no checkpoint)")
-    man = read_json(ds.manifest_path, f"{root}: no manifest")
+    man = ds.read_manifest()
     if not isinstance(man, dict):
         raise UserError(f"{ds.manifest_path}: not a manifest (a JSON object)")
     stage = man.get("stage")
-    if stage == "ingest":
-        report = VerifyReport(str(root), "pool")
-        verify_pool(Pool(root), man, report, cfg.hashes)
-    elif stage == "select":
-        report = VerifyReport(str(root), "selection")
-        verify_selection(Selection(root), man, report)
-    elif stage in ("shard", "reinforce"):
-        report = VerifyReport(str(root), "trainset")
-        verify_trainset(TrainSet(root), man, report, cfg.hashes)
-    else:
+    kind = {"ingest": "pool", "select": "selection", "shard": "trainset", "reinforce": "trainset"}.get(stage)
+    if kind is None:
         raise UserError(f"{ds.manifest_path}: stage {stage!r} is not one verify knows (ingest, select, shard, "
                         "reinforce)")
+    report = VerifyReport(str(root), kind)
+    if man.get("state") not in (None, "complete"):
+        report.add("unrecorded", ds.manifest_path, f"state is {man['state']!r}: the last {stage} did not finish; "
+                   "run it again to complete the dataset")
+    if kind == "pool":
+        verify_pool(Pool(root), man, report, cfg.hashes)
+    elif kind == "selection":
+        verify_selection(Selection(root), man, report)
+    else:
+        verify_trainset(TrainSet(root), man, report, cfg.hashes)
     report.problems.sort(key=lambda p: (KINDS.index(p.kind), p.path))
     return report
 

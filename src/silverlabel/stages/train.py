@@ -377,7 +377,19 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
               progress: bool = True, log=print) -> TrainSummary:
     """Train (see the module docstring). ``resume``: continue from ``RUN/checkpoint.pt``
     (a fresh start when there is none). ``stop_after``: stop (with a checkpoint) once this
-    global step is reached, as if interrupted; the schedule still runs to the full length."""
+    global step is reached, as if interrupted; the schedule still runs to the full length.
+    One run at a time per RUN folder: rank 0 holds ``RUN/.lock`` (:func:`~silverlabel.stage.output_lock`)."""
+    from silverlabel.stage import output_lock
+
+    if _dist_env()[0] != 0:
+        return _train(cfg, resume, stop_after, progress, log)
+    check_target(cfg.output, "-o", folder=True)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg.output):
+        return _train(cfg, resume, stop_after, progress, log)
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> TrainSummary:
     # -- setup: distributed, device, determinism
     rank, world, local_rank = _dist_env()
     ddp = world > 1
@@ -391,7 +403,6 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
         torch.use_deterministic_algorithms(True, warn_only=True)
     run = Run(cfg.output)
     out, ckpt_path, final_path = run.root, run.checkpoint_path, run.final_checkpoint_path
-    check_target(out, "-o", folder=True)
     if ckpt_path.exists() and not resume:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
     if cfg.init is not None and not os.path.isfile(cfg.init):
