@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from silverlabel import __version__
 from silverlabel.errors import UserError
 
 FORMAT_VERSION = 1
@@ -254,7 +255,19 @@ class Dataset:
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> dict[str, Any]:
-        return read_json(self.manifest_path, f"{self.root}: not a silverlabel dataset (no {MANIFEST})")
+        """The manifest: a JSON object whose ``format_version`` this version reads; a
+        UserError naming the file otherwise (a newer version's output, or not a manifest)."""
+        path = self.manifest_path
+        man = read_json(path, f"{self.root}: not a silverlabel dataset (no {MANIFEST})")
+        if not isinstance(man, dict):
+            raise UserError(f"{path}: not a silverlabel manifest (a JSON object), got {type(man).__name__}")
+        version = man.get("format_version")
+        if type(version) is not int:
+            raise UserError(f"{path}: not a silverlabel manifest (format_version {version!r} is not a number)")
+        if not 1 <= version <= FORMAT_VERSION:
+            raise UserError(f"{path}: format_version {version} is not one this silverlabel {__version__} reads "
+                            f"(1..{FORMAT_VERSION}); upgrade silverlabel")
+        return man
 
     def previous_run(self, stage: str) -> dict[str, Any] | None:
         """The manifest a previous run of ``stage`` left in this output folder; None when
@@ -381,8 +394,38 @@ class TrainSet(Dataset):
             })
 
     def read_info(self) -> dict[str, Any]:
-        """``_info.json``: the shard list per split (file names relative to the folder)."""
-        return read_json(self.info_path, f"{self.root}: no {INFO_FILE} (not a finished silverlabel shard output)")
+        """``_info.json``: the shard list per split (file names relative to the folder); a
+        UserError naming the file when it is not one (each split: ``filenames``, plain tar
+        names, and as many ``shard_lengths``).
+
+            >>> import tempfile
+            >>> ts = TrainSet(tempfile.mkdtemp())
+            >>> _ = ts.info_path.write_text('{"splits": {"train": {"filenames": ["../x.tar"]}}}')
+            >>> try:
+            ...     ts.read_info()
+            ... except UserError as e:
+            ...     print(str(e).split(": ", 1)[1])
+            split 'train': shard '../x.tar' is not a plain file name
+        """
+        path = self.info_path
+        info = read_json(path, f"{self.root}: no {INFO_FILE} (not a finished silverlabel shard output)")
+        splits = info.get("splits") if isinstance(info, dict) else None
+        if not isinstance(splits, dict):
+            raise UserError(f"{path}: not a shard list (a JSON object with a 'splits' mapping)")
+        for name, s in splits.items():
+            files = s.get("filenames") if isinstance(s, dict) else None
+            if not isinstance(files, list):
+                raise UserError(f"{path}: split {name!r} has no 'filenames' list")
+            for fn in files:
+                try:
+                    check_name(fn)
+                except UserError:
+                    raise UserError(f"{path}: split {name!r}: shard {fn!r} is not a plain file name") from None
+            lengths = s.get("shard_lengths", [0] * len(files))
+            if (not isinstance(lengths, list) or len(lengths) != len(files)
+                    or not all(type(n) is int and n >= 0 for n in lengths)):
+                raise UserError(f"{path}: split {name!r}: 'shard_lengths' must be {len(files)} counts, one per file")
+        return info
 
     def split(self, split: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
         """One split's entry of ``_info.json`` (``filenames``, ``shard_lengths``, ...); a
