@@ -248,14 +248,20 @@ def cmd_label(args: argparse.Namespace) -> int:
         return print_label_stats(args.dataset, getattr(args, "name", None))
     s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args))
     print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
-          f"({s.shards_done_now} written now), {s.decode_errors} decode errors")
+          f"({s.shards_done_now} written now), {s.decode_errors} decode errors{_missing_note(s.missing)}")
     _footer(s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
     return 0
 
 
+def _missing_note(missing: int) -> str:
+    """The label summary's count of samples their tars do not hold (damaged shards)."""
+    return (f", {missing} samples not labeled: missing from their damaged shards"
+            if missing else "")
+
+
 def print_label_stats(dataset: str, name: str | None) -> int:
     from silverlabel.dataset import Dataset
-    from silverlabel.stages.label import threshold_stats
+    from silverlabel.stages.label import labels_counts, threshold_stats
     from silverlabel.teachers.labelspace import space_size
 
     ds = Dataset(dataset)
@@ -268,8 +274,10 @@ def print_label_stats(dataset: str, name: str | None) -> int:
         raise UserError(f"{dataset}: no labels named {name!r} (have: {', '.join(done)})")
     n_classes = space_size(man["labels"][name]["config"]["label_space"])
     files = sorted((ds.root / "labels" / name).glob("*.parquet"))
+    _rows, decode_errors, missing = labels_counts(files)
     rows = threshold_stats(files, num_classes=n_classes)
-    print(f"labels/{name}: {rows[0]['images'] if rows else 0} images")
+    print(f"labels/{name}: {rows[0]['images'] if rows else 0} images, {decode_errors} decode errors"
+          f"{_missing_note(missing)}")
     print(f"{'threshold':>9}  {'labels/image':>12}  {'distinct labels':>15}  {'images with >=1':>15}")
     for r in rows:
         print(f"{r['threshold']:>9.1f}  {r['avg_labels_per_image']:>12.3f}  {r['distinct_labels']:>15}  "

@@ -6,7 +6,9 @@ class indices (most probable first) in the output label space (default: the 21,8
 ImageNet-21k fall11 synsets in sorted-wnid order) and their float32 probabilities, plus
 id, url, imagehash, width, height and key — COYO-Labeled-300M's schema plus ``key``.
 Samples whose ingest failed are skipped; images that fail to decode here get no row and
-are counted (``silverlabel.decode_errors`` in the file's metadata and the summary).
+are counted (``silverlabel.decode_errors`` in the file's metadata and the summary), and so
+are the successful samples of the samples table whose image the tar does not hold (a
+truncated or damaged shard: ``silverlabel.missing``): no sample is lost without a count.
 Each labels table is committed by ``labels/{name}/.done/{shard}.json``, bound to the md5 of
 its shard's tar and samples table: a shard that changed since (``ingest --retry-failed``)
 is labeled again, the others are skipped.
@@ -38,7 +40,7 @@ from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, opt, positive_int, precision_field,
                                  ray_address_field)
 from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, run_stage
-from silverlabel.formats.tables import read_parquet_metadata, write_parquet_atomic
+from silverlabel.formats.tables import write_parquet_atomic
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
 
@@ -129,6 +131,7 @@ class LabelResult:
     rows: int
     decode_errors: int
     seconds: float
+    missing: int = 0  # successful samples whose image the tar does not hold (damaged shard)
 
 
 @dataclass
@@ -141,6 +144,7 @@ class LabelSummary:
     images_now: int
     seconds: float
     device: str
+    missing: int = 0  # successful samples whose image their tar does not hold (damaged shards)
 
     @property
     def images_per_second(self) -> float:
@@ -220,6 +224,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     samples = pq.read_table(unit.samples, columns=["key", "id", "url", "imagehash", "width", "height", "status"])
     samples = samples.filter(pc.equal(samples["status"], "success"))
     meta = {r["key"]: r for r in samples.to_pylist()}
+    expected = list(meta)[: unit.limit]  # in tar order: what a whole tar would give
     batch = cfg.batch_size or (256 if labeler.device.type == "cuda" else 16)
     keys_all: list[str] = []
     idx_parts: list[np.ndarray] = []
@@ -237,6 +242,8 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     keys_all = [keys_all[i] for i in order]
     idx, vals = idx[order], vals[order]
     rows = [meta[key] for key in keys_all]
+    seen = set(keys_all).union(key for key, _e in errors)
+    missing = [key for key in expected if key not in seen]
     table = pa.Table.from_arrays(
         [
             pa.array([r["id"] for r in rows], pa.int64()),
@@ -256,14 +263,17 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
         metadata={
             "silverlabel.decode_errors": str(len(errors)),
             "silverlabel.errors": json.dumps(errors[:100]),
+            "silverlabel.missing": str(len(missing)),
+            "silverlabel.missing_keys": json.dumps(missing[:100]),
             "silverlabel.limit": "" if unit.limit is None else str(unit.limit),
             "silverlabel.label_config": json.dumps(cfg.output_config()),
             "silverlabel.version": __version__,
         },
     )
     if unit.commit is not None:
-        unit.commit.write([unit.output], info={"rows": len(rows), "decode_errors": len(errors)})
-    return LabelResult(unit.shard, len(rows), len(errors), time.monotonic() - t0)
+        unit.commit.write([unit.output], info={"rows": len(rows), "decode_errors": len(errors),
+                                               "missing": len(missing)})
+    return LabelResult(unit.shard, len(rows), len(errors), time.monotonic() - t0, len(missing))
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,13 +325,13 @@ class LabelStage(BaseStage):
     def finish(self, run: StageRun) -> LabelSummary:
         cfg, pool = self.config, self.output
         files = pool.labels_files(cfg.name)
-        rows = sum(pq.read_metadata(p).num_rows for p in files)
-        decode_errors = sum(int(read_parquet_metadata(p).get("silverlabel.decode_errors", 0)) for p in files)
+        rows, decode_errors, missing = labels_counts(files)
         man = pool.read_manifest()
         man.setdefault("labels", {})[cfg.name] = {
             "config": cfg.output_config(),
             "rows": rows,
             "decode_errors": decode_errors,
+            "missing": missing,
             "files": len(files),
             "partial": cfg.limit is not None,
             "silverlabel_version": __version__,
@@ -329,7 +339,7 @@ class LabelStage(BaseStage):
         pool.write_manifest({k: v for k, v in man.items() if k not in ("format_version", "updated")})
         images_now = sum(r.rows + r.decode_errors for r in run.results)
         return LabelSummary(str(self.out_dir), rows, decode_errors, len(files), run.done_now, images_now, run.seconds,
-                            run.device)
+                            run.device, missing)
 
 
 def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
@@ -339,7 +349,38 @@ def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
 
 
 # ---------------------------------------------------------------------------------------
-# COYO's threshold table
+# reading labels files back: counts, COYO's threshold table
+
+
+def _unreadable(path: str | Path, e: Exception) -> UserError:
+    """The one-line error for a labels file that is not readable parquet (truncated, damaged):
+    its commit record no longer matches it, so ``label`` writes it again."""
+    return UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                     "run silverlabel label again to rewrite it")
+
+
+def labels_counts(paths: list) -> tuple[int, int, int]:
+    """(rows, decode errors, missing samples) over labels files, from their footers; a
+    UserError naming a file that is not readable."""
+    rows = decode_errors = missing = 0
+    for p in paths:
+        try:
+            md = pq.read_metadata(p)
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(p, e) from None
+        kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+        rows += md.num_rows
+        decode_errors += int(kv.get("silverlabel.decode_errors", 0))
+        missing += int(kv.get("silverlabel.missing", 0))
+    return rows, decode_errors, missing
+
+
+def _batches(path: Any) -> Iterator[pa.RecordBatch]:
+    """The labels and probabilities of one labels file, streamed; a UserError naming it when unreadable."""
+    try:
+        yield from pq.ParquetFile(path).iter_batches(columns=["labels", "label_probs"], batch_size=65536)
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(path, e) from None
 
 
 def threshold_stats(paths: list, thresholds: tuple[float, ...] = THRESHOLDS, num_classes: int = 21841) -> list[dict]:
@@ -350,8 +391,7 @@ def threshold_stats(paths: list, thresholds: tuple[float, ...] = THRESHOLDS, num
     n_images = 0
     per_t = {t: {"labels": 0, "with_one": 0, "seen": np.zeros(num_classes, bool)} for t in thresholds}
     for p in paths:
-        pf = pq.ParquetFile(p)
-        for batch in pf.iter_batches(columns=["labels", "label_probs"], batch_size=65536):
+        for batch in _batches(p):
             labels = batch.column(0)
             probs = batch.column(1)
             offsets = np.asarray(probs.offsets)
