@@ -32,8 +32,8 @@ MERGING_IN21K = (220, 2433, 2434, 222, 2436, 2437, 486, 487, 496, 497, 723, 0)
 def make_labeled_dataset(root: Path, label_ids: tuple[int, ...] | None = None) -> Path:
     """An ImageFolder dataset (6 source classes, 31 images, one broken) in shards of 5,
     with synthetic top-5 teacher labels over 12 in21k classes (``label_ids``, default
-    0..11); one shard has no labels file (as after ``label --limit``-less partial runs),
-    one row a low top-1 probability exactly at float32(0.3). With ``label_ids``, also a
+    0..11); one shard's labels file has no rows (every image failed to decode: the join
+    drops its samples), one row a low top-1 probability exactly at float32(0.3). With ``label_ids``, also a
     row whose merged probabilities tie (0.25 + 0.125 + 0.125 = 0.375, then 0.25 and 0.25)
     and a row none of whose labels maps to in1k or in12k."""
     from silverlabel.stages.ingest import IngestConfig, run_ingest
@@ -55,9 +55,7 @@ def make_labeled_dataset(root: Path, label_ids: tuple[int, ...] | None = None) -
     dsobj = Dataset(ds)
     files = dsobj.samples_files()
     for i, p in enumerate(files):
-        if i == 3:
-            continue  # no labels for this shard: the inner join drops its rows
-        rows = [r for r in pq.read_table(p).to_pylist() if r["status"] == "success"]
+        rows = [r for r in pq.read_table(p).to_pylist() if r["status"] == "success" and i != 3]
         labels, probs = [], []
         for j, r in enumerate(rows):
             top = rng.choice(12, size=5, replace=False).astype(np.int32)

@@ -27,6 +27,9 @@ class SelectConfig:
                                    group="labels")
     rollup_to: str | None = opt(None, "roll labels up to the nearest ancestor listed (wnids)", metavar="FILE",
                                 group="labels")
+    allow_partial: bool = opt(False, "select from a dataset whose labels miss some shards or stopped at --limit "
+                              "(their samples are left out; report.json lists them)", action="store_true",
+                              group="labels")
     top_classes: int | None = opt(None, "keep the N largest classes", type=positive_int, metavar="N",
                                   group="classes and splits")
     val_per_class: int = opt(0, "validation samples per class", type=int, metavar="V", group="classes and splits",

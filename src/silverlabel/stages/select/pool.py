@@ -46,6 +46,8 @@ class Input:
     label_space: str | None  # the labels' label space (None: no teacher labels)
     source_dataset: str | None  # the dataset's absolute path (None: a bare table)
     joins_labels: bool
+    #: with --allow-partial, what the labels do not cover: labels name, files, partial, samples
+    missing: dict[str, Any] | None = None
 
     def whole(self) -> Unit:
         """One unit of the whole pool (the local engine's fast path, the pool-wide rules)."""
@@ -53,13 +55,40 @@ class Input:
 
 
 def open_input(cfg: SelectConfig) -> Input:
-    """The input of ``cfg`` as an :class:`Input`; a clear error for anything else."""
+    """The input of ``cfg`` as an :class:`Input`; a clear error for anything else, and a
+    UserError naming the first file that is not readable parquet (its footer is read)."""
     src = Path(cfg.source).resolve()
     if not src.exists():
         raise FileNotFoundError(f"{cfg.source}: no such dataset, file or folder")
     if (src / "silverlabel.json").is_file():
         return _open_dataset(cfg, src)
     return _open_table(cfg, src)
+
+
+def check_parquet(path: str | Path) -> None:
+    """A UserError naming ``path`` when it is missing or its parquet footer is not readable
+    (a truncated or overwritten file)."""
+    try:
+        pq.read_metadata(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: parquet file not found") from None
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+
+
+def unreadable_input(pool: Input, source: str, e: Exception) -> UserError:
+    """The one-line error for a DuckDB read error in a pass: the first of the pool's files
+    that is not readable parquet, named (a damaged page: every file's pages are read), or
+    DuckDB's own first line."""
+    for f in pool.whole().all_files():
+        check_parquet(f)
+        try:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                pf.read_row_group(i)
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{f}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+    return UserError(f"{source}: {str(e).splitlines()[0]}")
 
 
 def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
@@ -77,6 +106,8 @@ def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
     samples = ds.samples_files()
     if not samples:
         raise UserError(f"{cfg.source}: no samples/*.parquet (is the ingest finished?)")
+    for p in samples:
+        check_parquet(p)
     space = None
     label_files: list[tuple[str, ...]] = [()] * len(samples)
     if name is not None:
@@ -93,13 +124,36 @@ def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
         label_files = [(str(folder / p.name),) if (folder / p.name).is_file() else () for p in samples]
         if not any(label_files):
             raise UserError(f"{folder}: no labels files for the samples (is `silverlabel label` finished?)")
+        for lab in label_files:
+            for p in lab:
+                check_parquet(p)
+        missing = _missing_labels(cfg, labels[name], folder, samples, label_files)
         sql = (f"SELECT {_SAMPLE_COLUMNS}, l.labels, l.label_probs FROM samples s JOIN labels l USING (key) "
                "WHERE s.status = 'success'")
     else:
         sql = (f"SELECT {_SAMPLE_COLUMNS}, NULL::INTEGER[] AS labels, NULL::FLOAT[] AS label_probs "
                "FROM samples s WHERE s.status = 'success'")
+        missing = None
     units = [Unit(i, (str(p),), lab) for i, (p, lab) in enumerate(zip(samples, label_files))]
-    return Input("dataset", sql, units, space, str(src), name is not None)
+    return Input("dataset", sql, units, space, str(src), name is not None, missing)
+
+
+def _missing_labels(cfg: SelectConfig, block: Any, folder: Path, samples: list[Path],
+                    label_files: list[tuple[str, ...]]) -> dict[str, Any] | None:
+    """What the labels in ``folder`` leave out: shards without a labels file, or labels made
+    with ``--limit``. A UserError unless ``--allow-partial``; then the report's entry."""
+    absent = [p for p, lab in zip(samples, label_files) if not lab]
+    partial = isinstance(block, dict) and bool(block.get("partial"))
+    if not absent and not partial:
+        return None
+    what = (f"no labels file for {len(absent)} of {len(samples)} shards ({absent[0].stem}"
+            f"{', ...' if len(absent) > 1 else ''})" if absent else "labels made with --limit (partial)")
+    if not cfg.allow_partial:
+        raise UserError(f"{folder}: {what}; run silverlabel label {cfg.source} to finish them, or pass "
+                        "--allow-partial to select without the unlabeled samples")
+    return {"labels": folder.name, "labels_files_missing": [f"{p.stem}.parquet" for p in absent],
+            "labels_partial": partial,
+            "samples_without_labels_file": sum(Pool.statuses(p).count("success") for p in absent)}
 
 
 def _open_table(cfg: SelectConfig, src: Path) -> Input:
@@ -109,6 +163,8 @@ def _open_table(cfg: SelectConfig, src: Path) -> Input:
     if not files:
         raise UserError(f"{cfg.source}: not a silverlabel dataset and no *.parquet in it")
     try:
+        for f in files:
+            check_parquet(f)
         with duckdb.connect() as con:
             has = set(con.read_parquet([str(f) for f in files]).columns)
     except duckdb.Error as e:
@@ -149,10 +205,12 @@ def has_source_labels(con: Any, pool: Input) -> bool:
 # key tables for the units
 
 
-def write_keys(path: Path, column: str, values: Iterable[str]) -> str:
-    """A one-column string table (sorted, distinct) for the units; returns its path."""
+def write_keys(path: Path, column: str, values: Iterable[str], positions: bool = False) -> str:
+    """A one-column string table (sorted, distinct) for the units, with ``positions``
+    a ``pos`` column too (the row number); returns its path."""
     arr = pa.array(sorted(set(values)), pa.string())
-    pq.write_table(pa.table({column: arr}), path)
+    cols = {column: arr, **({"pos": pa.array(np.arange(len(arr), dtype=np.int64))} if positions else {})}
+    pq.write_table(pa.table(cols), path)
     return str(path)
 
 

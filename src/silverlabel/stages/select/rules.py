@@ -50,10 +50,17 @@ def load_uids(path: str) -> pa.Table:
     """A uid list as a table (uid, copies), sorted by uid: DataComp ``uids.npy`` (dtype
     ``u8,u8``) or text, one 32-hex uid a line."""
     if path.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-        if arr.dtype.names is None or len(arr.dtype.names) != 2:
-            raise UserError(f"{path}: expected a structured array of dtype ('u8','u8'), got {arr.dtype}")
-        a, b = (arr[n].astype(np.uint64) for n in arr.dtype.names)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy uid list ({e})") from None
+        names = arr.dtype.names or ()
+        if (len(names) != 2 or arr.ndim != 1
+                or any(arr.dtype[n].kind != "u" or arr.dtype[n].itemsize != 8 for n in names)):
+            # (f8, f8) or (u4, u4) would silently change the uids
+            raise UserError(f"{path}: uids.npy must be a 1-d array of dtype ('u8', 'u8') as DataComp writes, "
+                            f"not {arr.dtype} of shape {arr.shape}")
+        a, b = (arr[n].astype(np.uint64) for n in names)
         uids = [f"{int(x):016x}{int(y):016x}" for x, y in zip(a.tolist(), b.tolist())]
     else:
         with open(path) as f:

@@ -45,8 +45,8 @@ from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 
 from .config import SelectConfig, SelectSummary
-from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, write_duplicates,
-                   write_keys, write_uid_list)
+from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, unreadable_input,
+                   write_duplicates, write_keys, write_uid_list)
 from .rules import (balanced_quotas, choose_classes, label_mapping, load_uids, output_label_space, read_names,
                     reference_hashes, write_classes_and_report)
 from .units import Plan, Unit, connect, count_unit, fraction_unit, write_unit
@@ -151,6 +151,17 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     out = Path(cfg.output).resolve()
     _check_output(out)
     pool = open_input(cfg)  # validate the input before touching the output
+    try:
+        return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard)
+    except (duckdb.IOException, duckdb.InvalidInputException) as e:  # a file damaged past its footer
+        raise unreadable_input(pool, cfg.source, e) from None
+
+
+def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, workers: int,
+            ray_address: str | None, progress: Report | None, per_shard: bool | None) -> SelectSummary:
+    """:func:`run_select` on the opened input ``pool``."""
+    import duckdb
+
     if per_shard is None:
         per_shard = engine != "local"
     base = Plan(kind=pool.kind, pool_sql=pool.pool_sql, joins_labels=pool.joins_labels, output=str(out),
@@ -186,7 +197,7 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     if drop:
         plan = _with(plan, files={"drop_keys": write_keys(tmp / "drop_keys.parquet", "key", drop)})
     if wanted is not None:
-        plan = _with(plan, files={"wanted": write_keys(tmp / "wanted.parquet", "name", wanted)})
+        plan = _with(plan, files={"wanted": write_keys(tmp / "wanted.parquet", "name", wanted, positions=True)})
     plan = _with(dataclasses.replace(plan, mode=mode, threads=1 if per_shard else base.threads), tables=tables)
     units = pool.units if per_shard else [pool.whole()]
     eng = create_engine(engine, workers=workers, address=ray_address)
@@ -194,6 +205,8 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     # 2. counts and validation candidates
     n = _count_pass(eng, units, plan, progress, 0 if uids is None else uids.num_rows)
     removed: dict[str, int] = {}
+    if pool.missing and pool.missing["samples_without_labels_file"]:
+        removed["no_labels_file"] = pool.missing["samples_without_labels_file"]
     if uids is not None:
         removed["not_in_uids"] = n.rows - n.uid_matched
         removed["uids_missing_from_pool"] = n.uids_missing
@@ -234,21 +247,30 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     rows = before_keys = 0
     by_cls: dict[int, dict[str, int]] = {}
     splits: dict[str, int] = {}
+    found = np.zeros(len(wanted or ()), bool)
     for res in eng.map(write_unit, units, plan):
+        found[np.asarray(res["wanted_hits"], np.int64)] = True
         rows += res["rows"]
         before_keys += res["before_keys"]
         for (c, sp), k in res["per"].items():
             by_cls.setdefault(c, {})[sp] = by_cls.get(c, {}).get(sp, 0) + k
             splits[sp] = splits.get(sp, 0) + k
-    if cfg.keys_file:
+    more: dict[str, Any] = {}  # report.json's entries beyond the counts
+    if wanted is not None:
         removed["not_in_keys_file"] = before_keys - rows
+        removed["keys_not_found"] = int(len(wanted) - found.sum())  # names of the file that match no sample
+        more["keys_file"] = {"names": len(wanted), "found": int(found.sum()),
+                               "not_found": removed["keys_not_found"],
+                               "not_found_examples": [wanted[i] for i in np.flatnonzero(~found)[:10].tolist()]}
+    if pool.missing:
+        more["missing_labels"] = pool.missing
     if rows == 0:
         with atomic_write(out / SELECTION_DIR / "part-00000-00000.parquet") as f:
             pq.write_table(SELECTION_SCHEMA.empty_table(), f)
     splits = dict(sorted(splits.items()))
     write_classes_and_report(out, class_ids, cls_of, names, mode, output_label_space(cfg, mode, pool.label_space),
                              by_cls, {"input_rows": n.rows, "selected_rows": rows, "splits": splits,
-                                      "classes": len(class_ids), "removed": removed, "label_rule": mode})
+                                      "classes": len(class_ids), "removed": removed, "label_rule": mode, **more})
     if cfg.dedupe or cfg.exclude_near:
         write_duplicates(out / DUPLICATES_FILE, dups)
     else:

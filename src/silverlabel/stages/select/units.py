@@ -60,6 +60,9 @@ class Unit:
     files: tuple[str, ...]
     labels: tuple[str, ...] = ()
 
+    def all_files(self) -> tuple[str, ...]:
+        return self.files + self.labels
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -79,7 +82,7 @@ class Plan:
     memory_limit: str = "4GB"
     threads: int = 1
     #: key tables decided for the whole pool, as parquet files: uid_list (uid, copies, pos),
-    #: drop_keys (key), validation_keys (key), fraction_keys (key), wanted (name)
+    #: drop_keys (key), validation_keys (key), fraction_keys (key), wanted (name, pos)
     files: dict[str, str] = field(default_factory=dict)
     #: small maps as Arrow tables: label_map (src, dst), classes_t (class_id, cls, class_name),
     #: quota_t (cls, quota)
@@ -131,6 +134,10 @@ _IN_FRACTION = "SELECT * FROM split_v WHERE split <> 'train' OR key IN (SELECT k
 
 _WANTED = """SELECT * FROM chosen_t
 WHERE key IN (SELECT name FROM wanted) OR uid IN (SELECT name FROM wanted) OR fname IN (SELECT name FROM wanted)"""
+
+_WANTED_HITS = """SELECT w.pos FROM wanted w JOIN chosen_t c ON w.name = c.key
+UNION SELECT w.pos FROM wanted w JOIN chosen_t c ON w.name = c.uid
+UNION SELECT w.pos FROM wanted w JOIN chosen_t c ON w.name = c.fname"""
 
 _ROWS = """SELECT w.key, w.source_key, CAST(w.id AS BIGINT) AS id, w.uid, w.url, w.caption, f.split,
        CAST(f.cls AS INTEGER) AS cls, f.class_name,
@@ -281,8 +288,9 @@ class _Parts:
 
 def write_unit(unit: Unit, plan: Plan, report: Report | None = None) -> dict[str, Any]:
     """Pass 3: the unit's selected rows in (split, key) order as part files; the rows
-    before ``--keys-file`` and the count per (cls, split)."""
-    res: dict[str, Any] = {"index": unit.index, "rows": 0, "before_keys": 0, "per": {}}
+    before ``--keys-file``, the ``--keys-file`` names found (their ``pos``) and the count
+    per (cls, split)."""
+    res: dict[str, Any] = {"index": unit.index, "rows": 0, "before_keys": 0, "per": {}, "wanted_hits": []}
     if _empty(unit, plan):
         return res
     with contextlib.closing(connect(unit, plan)) as con:
@@ -291,6 +299,8 @@ def write_unit(unit: Unit, plan: Plan, report: Report | None = None) -> dict[str
                                                          else "SELECT * FROM split_v"))
         con.execute("CREATE TEMP VIEW final_t AS " + (_WANTED if "wanted" in plan.files else "SELECT * FROM chosen_t"))
         res["before_keys"] = _count(con, "SELECT count(*) FROM chosen_t")
+        if "wanted" in plan.files:
+            res["wanted_hits"] = [r[0] for r in con.execute(_WANTED_HITS).fetchall()]
         res["per"] = {(c, s): n for c, s, n in con.execute("SELECT cls, split, count(*) FROM final_t "
                                                            "GROUP BY 1, 2").fetchall()}
         parts = _Parts(Path(plan.output) / SELECTION_DIR, unit.index)
