@@ -25,7 +25,10 @@ How it runs:
    (``k = --shards`` or ``ceil(n / --samples-per-shard)``). The plan depends only on the
    selection's rows and the seed, never on the order of its files or on ``--workers``.
 2. *index* (one unit per source shard): each source tar that feeds an unfinished output
-   shard is indexed once (headers only) to locate the selected samples' image members.
+   shard is indexed once (headers) to locate the selected samples' image members, and read
+   once in full to check it against the size and md5 that ingest recorded for it (its
+   ``.done`` record): a truncated or bit-flipped source tar is an error naming it, never
+   copied into a training set.
 3. *write* (one unit per output shard): the shard's samples are read source tar by source
    tar, each tar opened once and read front to back in offset order (no random seek per
    sample), then written in shuffled order to a reproducible tar (fixed headers) under a
@@ -61,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Pool, Selection, TrainSet, atomic_write, write_json_atomic
+from silverlabel.dataset import Pool, Selection, TrainSet, atomic_write, file_digest, write_json_atomic
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
@@ -75,6 +78,8 @@ DEFAULT_SAMPLES_PER_SHARD = 10_000
 _SPLIT_ORDER = ("train", "validation", "test")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
+#: What to do about a source tar that is not what ingest recorded.
+_REPAIR = " (restore it, or delete it and run silverlabel ingest again)"
 #: Columns the plan needs; the others of SELECTION_SCHEMA are optional (null when absent).
 REQUIRED_COLUMNS = ("key", "split", "source_dataset", "source_shard", "source_key")
 #: Columns carried to the writing units (the sample's .cls/.json/.txt).
@@ -194,11 +199,13 @@ def even_lengths(n: int, k: int) -> list[int]:
 
 @dataclass
 class IndexUnit:
-    """One source tar and the source keys to locate in it."""
+    """One source tar, the source keys to locate in it, and its md5 as ingest recorded it
+    (None: no record to check against)."""
 
     id: int
     path: str
     keys: list[str]
+    md5: str | None = None
 
 
 @dataclass
@@ -233,6 +240,9 @@ def index_source_shard(unit: IndexUnit, cfg: ShardConfig, report: Report | None 
     wanted = set(unit.keys)
     found: dict[str, tuple[str, int, int]] = {}
     try:
+        if unit.md5 is not None and file_digest(unit.path, "md5") != unit.md5:
+            raise UserError(f"{unit.path}: corrupt source shard: its md5 differs from the one ingest recorded"
+                            f"{_REPAIR}")
         for s in iter_tar_samples(unit.path):
             if s.key in wanted:
                 ext = s.image_ext()
@@ -438,6 +448,10 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     for s in split_names:
         if not _NAME_RE.match(s):
             raise UserError(f"{sel}: split name {s!r} cannot name shards (letters, digits, '.', '-', '_')")
+    unknown = [f"{k}={v}" for k, v in cfg.shards if k not in split_names] if isinstance(cfg.shards, tuple) else []
+    if unknown:
+        raise UserError(f"--shards {unknown[0]}: the selection has no split {unknown[0].split('=')[0]!r} "
+                        f"(has: {', '.join(sorted(split_names))})")
 
     locator = pc.binary_join_element_wise(table.column("source_dataset"), table.column("source_shard"), "\0")
     loc_enc = locator.dictionary_encode().combine_chunks()
@@ -496,8 +510,10 @@ class ShardSummary:
         return self.samples_now / self.seconds if self.seconds > 0 else 0.0
 
 
-def _index_units(plan: _Plan, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, IndexUnit]]:
-    """One index unit per source tar feeding ``rows``: (locator, its rows, unit)."""
+def _index_units(plan: _Plan, rows: np.ndarray, md5: dict[int, str | None]
+                 ) -> Iterator[tuple[int, np.ndarray, IndexUnit]]:
+    """One index unit per source tar feeding ``rows``: (locator, its rows, unit); ``md5``:
+    per locator, the tar's md5 as ingest recorded it."""
     loc = plan.loc[rows]
     order = np.argsort(loc, kind="stable")
     rows, loc = rows[order], loc[order]
@@ -508,13 +524,20 @@ def _index_units(plan: _Plan, rows: np.ndarray) -> Iterator[tuple[int, np.ndarra
             continue
         l = int(plan.loc[group[0]])
         keys = source_keys.take(group).to_pylist()
-        yield l, group, IndexUnit(l, plan.paths[l], list(dict.fromkeys(keys)))
+        yield l, group, IndexUnit(l, plan.paths[l], list(dict.fromkeys(keys)), md5[l])
 
 
 def _source_record(path: str) -> Path:
     """The commit record of the ingest unit that wrote source tar ``path``."""
     tar = Path(path)
     return Pool(tar.parent.parent).commit_path(tar.stem)
+
+
+def _recorded(path: str) -> dict[str, Any] | None:
+    """``{"bytes", "md5"}`` that ingest recorded for source tar ``path`` (None: no record)."""
+    rec = read_record(_source_record(path))
+    out = (rec or {}).get("outputs", {}).get(os.path.relpath(path, Path(path).parent.parent))
+    return out if isinstance(out, dict) and isinstance(out.get("bytes"), int) and out.get("md5") else None
 
 
 class ShardStage(BaseStage):
@@ -539,7 +562,8 @@ class ShardStage(BaseStage):
                                  "resume with the same command and selection, or write to a new -o")
         self.plan_ = plan = make_plan(cfg, self.files)  # validates the selection before anything is written
         # which shards are left, and are their sources there
-        sources: dict[int, Any] = {}
+        sources: dict[int, str] = {}  # per locator: the source tar's md5
+        recorded_md5: dict[int, str | None] = {}  # ... as ingest recorded it, to check it against
         self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
         todo: list[np.ndarray] = []
         config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
@@ -553,7 +577,12 @@ class ShardStage(BaseStage):
                             raise FileNotFoundError(
                                 f"{path}: source shard of selected samples not found "
                                 f"(source_dataset {plan.locators[u][0]!r} moved or deleted?)")
-                        sources[u] = file_identity(path, _source_record(path))["md5"]
+                        recorded, size = _recorded(path), os.path.getsize(path)
+                        if recorded is not None and recorded["bytes"] != size:
+                            raise UserError(f"{path}: corrupt source shard: {size} bytes, ingest recorded "
+                                            f"{recorded['bytes']}{_REPAIR}")
+                        sources[u] = (recorded or file_identity(path))["md5"]
+                        recorded_md5[u] = recorded and recorded["md5"]
                 identity = hashlib.sha256(" ".join(sources[u] for u in used.tolist()).encode()).hexdigest()
                 commit = Commit(str(ts.commit_path(filename)), {**config, "split": split, "index": i},
                                 {"selection": self.fingerprint, "sources": identity})
@@ -562,7 +591,7 @@ class ShardStage(BaseStage):
                 if commit.check() is None:
                     todo.append(rows)
         needed = np.concatenate(todo) if todo else np.zeros(0, dtype=np.int64)
-        self.index_plan = list(_index_units(plan, needed))
+        self.index_plan = list(_index_units(plan, needed, recorded_md5))
 
     def manifest(self) -> dict[str, Any]:
         cfg = self.config
