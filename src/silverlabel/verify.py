@@ -116,7 +116,7 @@ def _output(rec: dict[str, Any] | None, rel: str) -> dict[str, Any] | None:
     return {"bytes": out.get("bytes"), "md5": out.get("md5")} if isinstance(out, dict) else None
 
 
-def _tar_lengths(path: Path, report: VerifyReport) -> list[str] | None:
+def _tar_keys(path: Path, report: VerifyReport) -> list[str] | None:
     """The sample keys of a tar, or None (a *corrupt* problem) when it cannot be read."""
     from silverlabel.formats.wds import iter_tar_samples
 
@@ -160,7 +160,7 @@ def verify_pool(pool: Pool, man: dict[str, Any], report: VerifyReport, hashes: b
         counts.update(statuses)
         success[stem] = [k for k, s in zip(t.column("key").to_pylist(), statuses) if s == "success"]
         if tar.is_file():
-            keys = _tar_lengths(tar, report)
+            keys = _tar_keys(tar, report)
             if keys is not None and sorted(keys) != sorted(success[stem]):
                 report.add("count", tar, f"{len(keys)} samples, its samples table has {len(success[stem])} "
                            "success rows")
@@ -252,7 +252,7 @@ def verify_trainset(ts: TrainSet, man: dict[str, Any], report: VerifyReport, has
                 if rec is None:
                     report.add("missing", tar, f"tar of split {split}")
                 continue
-            keys = _tar_lengths(tar, report)
+            keys = _tar_keys(tar, report)
             if keys is not None and len(keys) != length:
                 report.add("count", tar, f"{len(keys)} samples, _info.json says {length}")
     parent = next(iter(man.get("parents") or []), {})
