@@ -697,7 +697,7 @@ def phash_pixels(arr: np.ndarray) -> str:
     return phash(Image.fromarray(np.ascontiguousarray(gray)))
 
 
-_PASS_HASH_SIDE = 256  # DCT-scaled decode for the fast hash of a kept JPEG: >= 256 px short side
+_PASS_HASH_SIDE = 128  # DCT-scaled decode for the fast hash of a kept JPEG: >= 128 px short side
 
 
 def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
