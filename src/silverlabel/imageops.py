@@ -679,8 +679,9 @@ def phash_pixels(arr: np.ndarray) -> str:
     ``str(imagehash.phash(...))`` of the image stored from these pixels on >= 99% of real
     photos (tested); near-duplicate search works at 4-10 bits.
 
-    Gray as imagehash takes it, a cheap reduction to 128x128 (bilinear to 256, then area;
-    pHash squashes to a square anyway), then imagehash's 32x32 Lanczos and DCT on that.
+    Gray as imagehash takes it, area averaging to 128x128 (pHash squashes to a square
+    anyway), then imagehash's 32x32 Lanczos and DCT on that small image. (A cheaper bilinear
+    step to 256 first gave 99.0% within 2 bits instead of 100% on 312 real-photo crops.)
 
     >>> phash_pixels(np.full((64, 64, 3), 255, np.uint8))
     '8000000000000000'
@@ -690,14 +691,12 @@ def phash_pixels(arr: np.ndarray) -> str:
         gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if cv2 is not None else np.asarray(Image.fromarray(arr).convert("L"))
     else:
         gray = arr
-    if cv2 is not None and min(gray.shape) > 256:
-        gray = cv2.resize(gray, (256, 256), interpolation=cv2.INTER_LINEAR)
     if cv2 is not None and min(gray.shape) > 128:
         gray = cv2.resize(gray, (128, 128), interpolation=cv2.INTER_AREA)
     return phash(Image.fromarray(np.ascontiguousarray(gray)))
 
 
-_PASS_HASH_SIDE = 128  # DCT-scaled decode for the fast hash of a kept JPEG: >= 128 px short side
+_PASS_HASH_SIDE = 192  # DCT-scaled decode for the fast hash of a kept JPEG: >= 192 px short side
 
 
 def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
