@@ -131,6 +131,17 @@ def test_select_names_a_truncated_parquet(pools, tmp_path, damaged):
     assert not (tmp_path / "sel").exists()
 
 
+def test_select_names_a_parquet_damaged_past_its_footer(pools, tmp_path):
+    """The footer reads, a page does not: DuckDB's text names no file; the error does."""
+    ds = _copy(pools["labeled"], tmp_path / "ds")
+    f = ds / "samples" / "data-000001.parquet"
+    data, footer = bytearray(f.read_bytes()), pq.read_metadata(f).serialized_size + 8
+    data[4:len(data) - footer] = b"\x07" * (len(data) - footer - 4)
+    f.write_bytes(bytes(data))
+    _one_line_error(_cli("select", str(ds), "-o", str(tmp_path / "sel")), str(f), "not a readable parquet file")
+    assert not (tmp_path / "sel" / ".select-tmp").exists() and not (tmp_path / "sel" / "silverlabel.json").exists()
+
+
 def test_select_names_a_truncated_file_of_a_bare_table(pools, tmp_path):
     table = tmp_path / "table"
     table.mkdir()

@@ -76,19 +76,19 @@ def check_parquet(path: str | Path) -> None:
         raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
-def unreadable_input(pool: Input, source: str, e: Exception) -> UserError:
-    """The one-line error for a DuckDB read error in a pass: the first of the pool's files
-    that is not readable parquet, named (a damaged page: every file's pages are read), or
-    DuckDB's own first line."""
+def unreadable_file(pool: Input) -> UserError | None:
+    """After a DuckDB error in a pass: the one-line error naming the first of the pool's
+    files that is not readable parquet (every page is read: a damaged page names no file in
+    DuckDB's text), or None when they all read (the error is not the input's)."""
     for f in pool.whole().all_files():
         check_parquet(f)
         try:
             pf = pq.ParquetFile(f)
             for i in range(pf.num_row_groups):
                 pf.read_row_group(i)
-        except (OSError, pa.ArrowException) as err:
-            raise UserError(f"{f}: not a readable parquet file ({str(err).splitlines()[0]})") from None
-    return UserError(f"{source}: {str(e).splitlines()[0]}")
+        except (OSError, pa.ArrowException) as e:
+            return UserError(f"{f}: not a readable parquet file ({str(e).splitlines()[0]})")
+    return None
 
 
 def _open_dataset(cfg: SelectConfig, src: Path) -> Input:

@@ -45,7 +45,7 @@ from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
 
 from .config import SelectConfig, SelectSummary
-from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, unreadable_input,
+from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, unreadable_file,
                    write_duplicates, write_keys, write_uid_list)
 from .rules import (balanced_quotas, choose_classes, label_mapping, load_uids, output_label_space, read_names,
                     reference_hashes, write_classes_and_report)
@@ -153,8 +153,13 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     pool = open_input(cfg)  # validate the input before touching the output
     try:
         return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard)
-    except (duckdb.IOException, duckdb.InvalidInputException) as e:  # a file damaged past its footer
-        raise unreadable_input(pool, cfg.source, e) from None
+    except duckdb.Error:  # a file damaged past its footer? then name it
+        bad = unreadable_file(pool)
+        if bad is None:
+            raise
+        raise bad from None
+    finally:
+        shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # key tables, spill files
 
 
 def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, workers: int,
