@@ -9,20 +9,24 @@ target label space out. Two paths share one contract:
 - **GPU**, built around what the GPU can do at most (issue 15):
 
   1. a reader thread reads the batch's tar members (host I/O off the critical path);
-  2. a decode thread decodes JPEGs on the GPU's **hardware JPEG engines** through
-     nvImageCodec (backend ``HW_GPU_ONLY``; the engines are not the SMs, so decoding
-     does not take compute from the model). What they refuse (progressive JPEGs, CMYK,
-     other formats) falls back per image to nvJPEG on the SMs
-     (``torchvision.io.decode_jpeg(list, device="cuda")``), then to Pillow; each path is
-     counted in :attr:`Labeler.decode_counts`. Without nvImageCodec or engines, nvJPEG
-     decodes (in ``decode_procs`` worker processes, as before, when asked for);
-  3. two Triton kernels resize, crop and normalize the whole batch at once, whatever the
+  2. two decode threads decode baseline JPEGs on the GPU's **hardware JPEG engines**
+     through nvImageCodec (backend ``HW_GPU_ONLY``; the engines are not the SMs, and the
+     call releases the GIL), into reused buffers. A baseline JPEG the engines refuse falls
+     back to nvJPEG on the SMs (``torchvision.io.decode_jpeg(list, device="cuda")``), then
+     to Pillow; progressive JPEGs (nvJPEG would run their Huffman stage on the decode
+     thread, one after another), CMYK/YCCK JPEGs (Pillow's conversion is the CPU path's)
+     and other formats go to Pillow on host threads, started before the engines' batch.
+     Each path is counted in :attr:`Labeler.decode_counts`. Without nvImageCodec or
+     engines, nvJPEG decodes (in ``decode_procs`` worker processes when asked for);
+  3. three Triton kernels resize, crop and normalize the whole batch at once, whatever the
      image sizes (:func:`resize_crop_batch`): Pillow's two-pass antialiased filter with
-     its fixed-point coefficients and 8-bit intermediate, evaluated only for the pixels
-     of the center crop, reading each decoded image in place through a pointer table
-     (grayscale as one plane read three times), writing the model's dtype channels_last;
-  4. the model runs with pure fp16 (or bf16) weights, BatchNorm kept in fp32, channels_last,
-     captured with the probabilities, the label-space mapping and top-k in one CUDA graph
+     its fixed-point coefficients (one small table kernel) and 8-bit intermediate,
+     evaluated only for the pixels of the center crop, reading each decoded image in place
+     through a pointer table (grayscale as one plane read three times), writing the
+     model's dtype channels_last;
+  4. the model runs with pure fp16 (or bf16) weights, BatchNorm and the classifier head in
+     fp32, channels_last, captured with the probabilities, the label-space mapping and
+     top-k in one CUDA graph
      per batch size (partial batches are padded, so every image goes through the same
      kernels: results depend on the device and batch size only); results come back
      through pinned buffers one batch behind.
@@ -364,8 +368,9 @@ def _preload_nvjpeg() -> None:
 
 
 class GpuDecoder:
-    """Bytes -> 8-bit RGB images on one GPU, per image down the chain hardware engines ->
-    nvJPEG -> Pillow; ``decode`` returns :func:`resize_crop_batch` references.
+    """Bytes -> 8-bit RGB images on one GPU: baseline JPEGs down the chain hardware engines
+    -> nvJPEG -> Pillow, everything else (progressive, CMYK, other formats) on Pillow
+    threads; ``decode`` returns :func:`resize_crop_batch` references.
 
     ``use_hw`` can be switched off (the benchmark does, to compare). The hardware path is
     dropped for good if it decodes none of the first 64 JPEGs offered to it. With ``reuse``
