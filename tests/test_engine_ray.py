@@ -500,5 +500,6 @@ def test_select_cli_engine_ray_equals_duckdb_and_shard_on_ray_equals_local(clust
                                   workers=2, engine=engine, ray_address=cluster.address), prog)
         assert s.shards_done_now == 4 and prog.done == s.samples_now == len(ray_sel[0])
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted(out.iterdir()) if p.is_file() and p.name != "silverlabel.json"})
+                        for p in sorted(out.iterdir())
+                        if p.is_file() and p.name != "silverlabel.json" and not p.name.startswith(".")})
     assert digests[0] == digests[1] and len(digests[0]) == 4 + 4  # tars, _info, classes, 2 wids indexes

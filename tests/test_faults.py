@@ -315,3 +315,21 @@ def test_a_second_run_on_one_output_is_refused_naming_the_holder(tmp_path, capsy
         holder.wait(timeout=30)
     time.sleep(0.1)
     assert main(argv) == 0
+
+
+def test_select_takes_the_output_lock_too(tmp_path):
+    """select is no run_stage stage; it holds OUTPUT/.lock all the same."""
+    from silverlabel.stage import output_lock
+    from silverlabel.stages.select import SelectConfig, run_select
+
+    from silverlabel.stages.ingest import IngestConfig, run_ingest
+
+    pool = tmp_path / "pool"
+    run_ingest(IngestConfig(sources=(str(_noise_folder(tmp_path / "imgs", 4)),), output=str(pool), workers=1))
+    out = tmp_path / "sel"
+    out.mkdir()
+    with output_lock(out):
+        with pytest.raises(UserError, match="in use by another silverlabel run"):
+            run_select(SelectConfig(source=str(pool), output=str(out), label="none"))
+    assert run_select(SelectConfig(source=str(pool), output=str(out), label="none")).rows == 4
+    assert (out / ".lock").read_bytes() == b""  # no pid left in a finished output

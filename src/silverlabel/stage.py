@@ -291,7 +291,10 @@ def output_lock(root: str | os.PathLike) -> Iterator[None]:
                             "wait for it to end or choose another output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a finished output carries no pid of this machine
     finally:
         os.close(fd)  # releases the lock
 

@@ -43,6 +43,7 @@ from silverlabel.dataset import Dataset, atomic_write
 from silverlabel.engine import Report, create_engine
 from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
+from silverlabel.stage import output_lock
 
 from .config import SelectConfig, SelectSummary
 from .pool import (DUPLICATES_FILE, Input, duplicate_rules, has_source_labels, open_input, unreadable_file,
@@ -151,15 +152,17 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     out = Path(cfg.output).resolve()
     _check_output(out)
     pool = open_input(cfg)  # validate the input before touching the output
-    try:
-        return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard)
-    except duckdb.Error:  # a file damaged past its footer? then name it
-        bad = unreadable_file(pool)
-        if bad is None:
-            raise
-        raise bad from None
-    finally:
-        shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # key tables, spill files
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one run per output, as every stage
+        try:
+            return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard)
+        except duckdb.Error:  # a file damaged past its footer? then name it
+            bad = unreadable_file(pool)
+            if bad is None:
+                raise
+            raise bad from None
+        finally:
+            shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # key tables, spill files
 
 
 def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, workers: int,
