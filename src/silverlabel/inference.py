@@ -946,7 +946,10 @@ class Labeler:
             threads += [threading.Thread(target=guarded(produce), args=(d,), daemon=True) for d in self.decoders]
         for th in threads:
             th.start()
-        current = torch.cuda.current_stream(self.device)
+        # The model runs on a stream of its own, not the legacy default stream: that one waits
+        # implicitly for every blocking stream (nvImageCodec's internal ones among them), which
+        # would serialize the model with the JPEG engines instead of overlapping them.
+        current = torch.cuda.Stream(self.device)
         k = self.topk
         B = len(first[0])  # the largest batch: the reader's batches are full but for the last
         ring = [(torch.empty((B, k), dtype=torch.int32, pin_memory=True),
@@ -972,10 +975,10 @@ class Labeler:
                         x.record_stream(current)
                     if n > B:
                         raise ValueError(f"batch of {n} after a first batch of {B}: batches must not grow")
-                    with torch.inference_mode():
+                    with torch.cuda.stream(current), torch.inference_mode():
                         idx, vals = runner(xs)
-                    idx_h[:n].copy_(idx, non_blocking=True)
-                    val_h[:n].copy_(vals, non_blocking=True)
+                        idx_h[:n].copy_(idx, non_blocking=True)
+                        val_h[:n].copy_(vals, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(current)
                 del xs

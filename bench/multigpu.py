@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Multi-GPU runs (issue 19): label on 1 GPU and on all, DDP training over NCCL, reinforce.
+
+A figure and a check, not a test. On a machine with N >= 2 GPUs, in one run:
+
+1. label: a pool of ``--images`` photo-like JPEGs (bench/label.py's uniform pool, in shards
+   of ``--shard-size`` so every GPU gets units), labeled by each ``--teachers`` with one
+   worker and with one worker per GPU: the label tables must be identical row for row;
+   images/s of each, whole run and steady state (10%..90% of the images, start-up excluded);
+2. train: ``torchrun --nproc-per-node 1`` and ``N`` with the same global batch
+   (``--batch-size`` is per rank): per-step losses side by side, images/s; then the N-rank
+   run again, one rank SIGKILLed after its first checkpoint, ``--resume``d to the end: its
+   final weights must equal the uninterrupted run's;
+3. reinforce: the training set reinforced with one worker and with one per GPU: the output
+   tars must be byte-identical.
+
+``--device cpu`` runs the same steps on the CPU (2 workers, gloo) as a dry run of the
+script. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the lent machines need.
+
+    python bench/multigpu.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO / "bench"), str(REPO / "tests")]
+
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def log(msg: str) -> None:
+    print(f"[multigpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Clock:
+    """Progress callback that notes when 10% and 90% of the images were done."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.marks = total, 0, {}
+
+    def __call__(self, done: int, ok: int) -> None:
+        self.done += done
+        for f in (0.1, 0.9):
+            if f not in self.marks and self.done >= f * self.total:
+                self.marks[f] = time.perf_counter()
+
+    def steady(self) -> float | None:
+        if 0.1 in self.marks and 0.9 in self.marks and self.marks[0.9] > self.marks[0.1]:
+            return 0.8 * self.total / (self.marks[0.9] - self.marks[0.1])
+        return None
+
+
+def label_table(ds: Path, name: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((ds / "labels" / name).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("key")
+
+
+def teacher_spec(name: str, root: Path):
+    from silverlabel.teachers import TeacherSpec
+
+    if name == "efficientnet_lite0":
+        return TeacherSpec("efficientnet_lite0")
+    import timm
+    from safetensors.torch import save_file
+
+    ckpt = root / f"{name}.safetensors"  # random weights: speed and identity only
+    if not ckpt.exists():
+        model = timm.create_model(name, pretrained=False, num_classes=21841)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    return TeacherSpec(f"timm:{name}", checkpoint=str(ckpt))
+
+
+def bench_label(args, root: Path, n_gpus: int) -> list[dict]:
+    from label import build_pool
+
+    from silverlabel.stages.label import LabelConfig, run_label
+
+    ds = build_pool(root, "uniform", args.images, args.unique, os.cpu_count() or 1, args.shard_size)
+    out = []
+    for name in args.teachers.split(","):
+        spec = teacher_spec(name, root)
+        r: dict = {"teacher": name, "images": args.images}
+        for workers in (1, n_gpus):
+            cfg = LabelConfig(dataset=str(ds), teachers=(spec,), device=args.device, workers=workers,
+                              batch_size=args.batch, output_name=f"w{workers}-{spec.slug}", topk=50)
+            clock = Clock(args.images)
+            t0 = time.perf_counter()
+            s = run_label(cfg, clock)
+            dt = time.perf_counter() - t0
+            r[f"w{workers}"] = {"seconds": dt, "rows": s.rows, "img_s": args.images / dt, "steady_img_s": clock.steady()}
+            log(f"label {name} workers={workers}: {args.images / dt:.0f} img/s whole run, "
+                f"{(clock.steady() or 0):.0f} steady ({dt:.1f} s)")
+        one, many = label_table(ds, f"w1-{spec.slug}"), label_table(ds, f"w{n_gpus}-{spec.slug}")
+        r["identical"] = one.equals(many)
+        r["rows"] = one.num_rows
+        a, b = r["w1"]["steady_img_s"], r[f"w{n_gpus}"]["steady_img_s"]
+        r["scaling_steady"] = (b / a) if a and b else None
+        r["scaling_whole"] = r[f"w{n_gpus}"]["img_s"] / r["w1"]["img_s"]
+        log(f"label {name}: identical={r['identical']} scaling steady {r['scaling_steady']} whole {r['scaling_whole']:.2f}")
+        out.append(r)
+    return out
+
+
+def toy_trainset(root: Path, n: int) -> Path:
+    from toy_trainset import write_toy_trainset
+
+    per = n // 8
+    return write_toy_trainset(root / "ts", {"train": [per] * 8, "validation": [64]},
+                              lambda i, s, w, h: (i % 10, {"label": i % 10}), size=(160, 120), seed=3,
+                              classes={"num_classes": 10, "classes": [{"index": i, "name": f"c{i}"} for i in range(10)]})
+
+
+def torchrun(nproc: int, trainset: Path, out: Path, args, extra: list[str] = (), kill_after: Path | None = None):
+    """Run ``silverlabel train`` under torchrun; with ``kill_after``, SIGKILL rank 1 once that
+    file exists. Returns (returncode, seconds, stderr tail)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "silverlabel.cli", "train", str(trainset), "-o", str(out), "--model", args.model,
+           "--img-size", str(args.img_size), "--batch-size", str(args.global_batch // nproc), "--steps",
+           str(args.train_steps), "--log-every", "1", "--ckpt-every", str(args.train_steps // 2), "--seed", "0",
+           "--device", args.device, "--workers", "2", "--no-progress", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    killed = False
+    if kill_after is not None:
+        while proc.poll() is None and not killed:
+            if kill_after.exists():
+                ranks = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "silverlabel.cli train"],
+                                       capture_output=True, text=True).stdout.split()  # torchrun's workers
+                workers = sorted(int(p) for p in ranks)
+                if workers:
+                    os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun tears the rest down
+                    killed = True
+            time.sleep(0.05)
+    _, err = proc.communicate(timeout=900)
+    return proc.returncode, time.perf_counter() - t0, err[-3000:], killed
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights_digest(run: Path) -> str:
+    import torch
+
+    ck = torch.load(run / "checkpoint-final.pt", map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for k, v in sorted(ck["model"].items()):
+        h.update(k.encode())
+        h.update(v.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def bench_train(args, root: Path, n_gpus: int) -> dict:
+    ts = root / "ts"
+    r: dict = {"global_batch": args.global_batch, "steps": args.train_steps, "model": args.model}
+    for nproc in (1, n_gpus):
+        out = root / f"run-{nproc}"
+        rc, dt, err, _ = torchrun(nproc, ts, out, args)
+        if rc != 0:
+            log(f"torchrun {nproc} failed: {err}")
+            r[f"p{nproc}"] = {"rc": rc, "stderr": err}
+            return r
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        ips = [x.get("samples_per_s") for x in rows[len(rows) // 2:]]
+        ips = [x for x in ips if x]
+        r[f"p{nproc}"] = {"seconds": dt, "losses": losses(out), "img_s_median": sorted(ips)[len(ips) // 2] if ips else None,
+                          "weights": weights_digest(out)}
+        log(f"train nproc={nproc}: {dt:.1f} s, img/s {r[f'p{nproc}']['img_s_median']}")
+    a, b = r["p1"]["losses"], r[f"p{n_gpus}"]["losses"]
+    r["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(a, b))
+    if r["p1"]["img_s_median"] and r[f"p{n_gpus}"]["img_s_median"]:
+        r["scaling"] = r[f"p{n_gpus}"]["img_s_median"] / r["p1"]["img_s_median"]
+    # kill one rank after the mid-run checkpoint, resume, compare the final weights
+    out = root / "run-killed"
+    rc, dt, err, killed = torchrun(n_gpus, ts, out, args, kill_after=out / "checkpoint.pt")
+    r["killed"] = {"rc": rc, "killed": killed}
+    rc2, dt2, err2, _ = torchrun(n_gpus, ts, out, args, extra=["--resume"])
+    r["killed"].update(resume_rc=rc2, resume_stderr=err2[-500:] if rc2 else "")
+    if rc2 == 0:
+        r["killed"]["same_final_weights"] = weights_digest(out) == r[f"p{n_gpus}"]["weights"]
+    log(f"train kill/resume: {r['killed']}")
+    return r
+
+
+def bench_reinforce(args, root: Path, n_gpus: int) -> dict:
+    from silverlabel.stages.reinforce import ReinforceConfig, run_reinforce
+    from silverlabel.teachers import TeacherSpec
+
+    ts = root / "ts"
+    digests = []
+    r: dict = {}
+    for workers in (1, n_gpus):
+        out = root / f"rnf-{workers}"
+        t0 = time.perf_counter()
+        run_reinforce(ReinforceConfig(trainset=str(ts), output=str(out), teachers=(TeacherSpec("efficientnet_lite0"),),
+                                      augs=4, topk=10, device=args.device, workers=workers))
+        r[f"w{workers}_seconds"] = time.perf_counter() - t0
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))})
+    r["identical_tars"] = digests[0] == digests[1] and len(digests[0]) > 0
+    r["tars"] = len(digests[0])
+    log(f"reinforce: {r}")
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--images", type=int, default=16000)
+    ap.add_argument("--unique", type=int, default=1000)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--teachers", default="efficientnet_lite0,vit_base_patch16_224")
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--global-batch", type=int, default=128)
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--train-images", type=int, default=8192)
+    ap.add_argument("--only", default="label,train,reinforce")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        if n_gpus < 2:
+            log(f"{n_gpus} GPU(s): nothing to compare")
+            return 2
+        gpu = torch.cuda.get_device_name(0)
+    else:
+        n_gpus, gpu = 2, "cpu (dry run)"
+    root = args.out or Path(tempfile.mkdtemp(prefix="silverlabel-multigpu-"))
+    root.mkdir(parents=True, exist_ok=True)
+    res: dict = {"gpus": n_gpus, "gpu": gpu, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1, default=str))
+
+    only = set(args.only.split(","))
+    if only & {"train", "reinforce"}:
+        toy_trainset(root, args.train_images)
+    for part, fn in (("label", bench_label), ("train", bench_train), ("reinforce", bench_reinforce)):
+        if part in only:
+            try:
+                res[part] = fn(args, root, n_gpus)
+            except Exception as e:  # noqa: BLE001 - record it, go on with the next part
+                res[part] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{part} failed: {type(e).__name__}: {e}")
+            save()
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
