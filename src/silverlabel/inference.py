@@ -612,6 +612,11 @@ class _Graph:
 
     def __init__(self, labeler: Labeler, B: int):
         torch = labeler.torch
+        with torch.cuda.device(labeler.device):  # capture on the model's GPU, not the current one
+            self._capture(labeler, B)
+
+    def _capture(self, labeler: Labeler, B: int) -> None:
+        torch = labeler.torch
         self.B = B
         self.inputs = [torch.zeros((B, 3, tf.size, tf.size), dtype=labeler.dtype, device=labeler.device)
                        .contiguous(memory_format=torch.channels_last) for tf in labeler.transforms]
