@@ -206,7 +206,7 @@ def hex_to_u64(hexes: Sequence[str] | pa.Array | pa.ChunkedArray | np.ndarray) -
     >>> hex_to_u64(["8000000000000000", "123"])
     Traceback (most recent call last):
     ...
-    ValueError: not a 16-hex-digit hash at row 1: '123'
+    silverlabel.errors.UserError: not a 16-hex-digit hash at row 1: '123'
     """
     vals, ok = hex_to_u64_masked(hexes)
     if not ok.all():
