@@ -279,3 +279,11 @@ def test_label_stats_names_a_truncated_labels_file(pools, tmp_path):
     f = ds / LABELS / "data-000001.parquet"
     os.truncate(f, f.stat().st_size // 2)
     _one_line_error(_cli("label", "--stats", str(ds)), str(f), "not a readable parquet file")
+
+
+def test_card_names_a_truncated_parquet(pools, tmp_path):
+    """Item 19 for card: a truncated samples or labels table is one line naming it."""
+    ds = _copy(pools["labeled"], tmp_path / "ds")
+    f = sorted((ds / "samples").glob("*.parquet"))[-1]
+    os.truncate(f, f.stat().st_size // 2)
+    _one_line_error(_cli("card", str(ds), "--no-plots"), str(f), "not a readable parquet file")

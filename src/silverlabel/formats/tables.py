@@ -66,3 +66,14 @@ def read_parquet_metadata(path: Path) -> dict[str, str]:
     """The key/value metadata of a parquet file's schema, decoded."""
     md = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in md.items()}
+
+
+def check_parquet(path: str | Path) -> None:
+    """A UserError naming ``path`` when it is missing or its parquet footer is not readable
+    (a truncated or overwritten file)."""
+    try:
+        pq.read_metadata(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: parquet file not found") from None
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from silverlabel import __version__
 from silverlabel.errors import UserError
+from silverlabel.formats.tables import check_parquet
 from silverlabel.sql import literal, read_parquet
 from silverlabel.stages.card.lineage import Lineage
 
@@ -143,6 +144,9 @@ class Facts:
         self.has_samples = self.has_labels = False
         if lin.pool is not None:
             samples = lin.pool / "samples"
+            for f in [*sorted(samples.glob("*.parquet")),
+                      *(sorted(lin.labels_dir.glob("*.parquet")) if lin.labels_dir is not None else [])]:
+                check_parquet(f)  # a truncated table: one line naming it, not DuckDB's traceback
             if any(samples.glob("*.parquet")):
                 tables = read_parquet(samples / "*.parquet", union_by_name=True)
                 con.execute(f"CREATE VIEW samples AS SELECT * FROM {tables}")
@@ -164,6 +168,8 @@ class Facts:
                 FROM samples s {join} WHERE s.status = 'success'""")
         else:
             if lin.selection is not None:
+                for f in sorted((lin.selection / "selection").glob("*.parquet")):
+                    check_parquet(f)
                 sel = read_parquet(lin.selection / "selection" / "*.parquet")
                 con.execute(f"""CREATE VIEW items AS SELECT key, split, cls, class_name, labels, label_probs,
                     width, height, CASE WHEN source_dataset IS NULL THEN NULL

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from silverlabel.dataset import Pool, atomic_write
 from silverlabel.errors import UserError
+from silverlabel.formats.tables import check_parquet
 
 from .config import SelectConfig
 from .units import Unit
@@ -63,17 +64,6 @@ def open_input(cfg: SelectConfig) -> Input:
     if (src / "silverlabel.json").is_file():
         return _open_dataset(cfg, src)
     return _open_table(cfg, src)
-
-
-def check_parquet(path: str | Path) -> None:
-    """A UserError naming ``path`` when it is missing or its parquet footer is not readable
-    (a truncated or overwritten file)."""
-    try:
-        pq.read_metadata(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: parquet file not found") from None
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 def unreadable_file(pool: Input) -> UserError | None:
