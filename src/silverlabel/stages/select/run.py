@@ -152,10 +152,9 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     out = Path(cfg.output).resolve()
     _check_output(out)
     pool = open_input(cfg)  # validate the input before touching the output
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):  # one run per output, as every stage
+    with contextlib.ExitStack() as held:  # the output's lock, once _select first writes
         try:
-            return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard)
+            return _select(cfg, pool, out, t0, engine, workers, ray_address, progress, per_shard, held)
         except duckdb.Error:  # a file damaged past its footer? then name it
             bad = unreadable_file(pool)
             if bad is None:
@@ -166,7 +165,8 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
 
 
 def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, workers: int,
-            ray_address: str | None, progress: Report | None, per_shard: bool | None) -> SelectSummary:
+            ray_address: str | None, progress: Report | None, per_shard: bool | None,
+            held: contextlib.ExitStack) -> SelectSummary:
     """:func:`run_select` on the opened input ``pool``."""
     import duckdb
 
@@ -194,6 +194,8 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     wanted = read_names(cfg.keys_file) if cfg.keys_file else None
     ref = reference_hashes(cfg.exclude_near) if cfg.exclude_near else None
 
+    out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(output_lock(out))  # one run per output, as every stage; nothing written before
     tmp = _reset_output(out)
 
     # 1b. pool-wide rules, on the driver: key tables for the units
