@@ -7,7 +7,7 @@ A figure, not a test. Two measurements:
    (W spawned processes) against the Ray engine (W tasks at once on a Ray cluster of this
    machine, started here with max(W, cores) CPUs, or ``--ray-address``), fetching ``--n``
    photo-like JPEGs from loopback image servers (``--servers`` separate processes,
-   ``demodata.ImageServerProcess``) through ``run_ingest`` in this process. Every run
+   ``tests/fixtures/imageserver.ImageServerProcess``) through ``run_ingest`` in this process. Every run
    writes a fresh dataset; the two engines' outputs are compared byte for byte.
 2. **label** images/s on one GPU (or the CPU with ``--label-device cpu``): the local
    engine's worker (``workers=1``: the labeler in this process) against one Ray actor
