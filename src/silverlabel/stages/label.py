@@ -79,7 +79,8 @@ class LabelConfig:
     batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
     precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
     gpu_decode_threads: int = 4
-    decode_procs: int = opt(-1, "GPU JPEG-decode processes per GPU worker", type=int,
+    decode_procs: int = opt(-1, "nvJPEG decode processes per GPU worker, used only on GPUs without hardware "
+                            "JPEG engines (with engines, decoding stays in the labeling process)", type=int,
                             default_help="default: 3; 0 decodes in the labeling process")
     compile: bool = opt(False, "torch.compile the teacher (GPU)", action="store_true")
     workers: int = opt(default_factory=gpu_count, help="processes", type=positive_int, auto_workers="gpu",
