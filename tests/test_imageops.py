@@ -284,3 +284,28 @@ def test_error_texts_are_the_same_on_every_run():
     """No memory address in an error (two identical runs must write identical samples tables)."""
     errs = {process_image(b"garbage bytes, not an image").error for _ in range(3)}
     assert len(errs) == 1 and "0x" not in errs.pop()
+
+
+def test_corrupt_jpegs_are_kept_or_failed_as_pillow_decides(chelsea):
+    """libjpeg-turbo's strict mode refuses JPEGs with corrupt entropy data that Pillow decodes
+    (with a warning): those fall back to Pillow, so the fast kernel keeps or fails exactly the
+    images Pillow would, on both the kept-bytes and the resize path."""
+    raw = _encode(chelsea, "JPEG", quality=90)
+    rng = np.random.default_rng(0)
+    kept = failed = 0
+    for _ in range(40):
+        d = bytearray(raw)
+        for _ in range(3):
+            d[int(rng.integers(len(raw) // 3, len(raw) - 10))] = int(rng.integers(0, 255))
+        d = bytes(d)
+        try:
+            _decode(d)
+            pillow_ok = True
+        except Exception:  # noqa: BLE001 - Pillow refuses it
+            pillow_ok = False
+        for cfg in (ImageConfig(), ImageConfig(max_shortest_edge=150)):
+            r = process_image(d, cfg)
+            assert (r.status == "success") == pillow_ok, (r.status, r.error)
+        kept += pillow_ok
+        failed += not pillow_ok
+    assert kept > 10  # the case that matters: decodable by Pillow, refused by strict libjpeg-turbo

@@ -529,17 +529,19 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
             return ImageResult(**done, data=data, imagehash=h, reencoded=False)
 
     turbo = _turbo() if fmt == "JPEG" and img.mode in ("RGB", "L") and cfg.resize_filter != "lanczos" else None
+    arr = None
     if turbo is not None:
         # libjpeg-turbo: reduce in the DCT domain by 2/4/8 while >= 2x the target remains
         s = _dct_reduction(min(ow / tw, oh / th)) if cfg.resize_filter == "fast" else 1
         kw = {"min_width": -(-w0 // s), "min_height": -(-h0 // s)} if s > 1 else {}
-        arr = turbo.decode_jpeg(raw, colorspace="RGB", **kw)
+        arr = _turbo_decode(turbo, raw, "RGB", kw)
         clock.lap("decode")
+    if arr is not None:
         arr = _resize_array(arr, (th, tw) if swapped else (tw, th), cfg.resize_filter)
         arr = _orient_array(arr, orient)
         icc_out = icc if _profile_space(icc) == "RGB " else None
         clock.lap("resize")
-    else:
+    else:  # Pillow: other formats, CMYK, and JPEGs libjpeg-turbo's strict mode refused
         if fmt == "JPEG" and needs_resize:
             # Decode at a reduced DCT scale while staying >= 2x the target (Pillow's
             # reducing_gap idea): much faster, and the filter does the final step.
@@ -711,11 +713,26 @@ def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _C
         s = max(1, min(8, min(w, h0) // _PASS_HASH_SIDE))
         s = 1 << (s.bit_length() - 1)  # 1, 2, 4 or 8
         kw = {"min_width": -(-w // s), "min_height": -(-h0 // s)} if s > 1 else {}
-        gray = turbo.decode_jpeg(data, colorspace="GRAY", **kw)[..., 0]
+        gray = _turbo_decode(turbo, data, "GRAY", kw)
+        if gray is None:  # Pillow decides, as for any JPEG libjpeg-turbo refused
+            img.load()
+            clock.lap("decode")
+            return phash(img)
         clock.lap("decode")
-        h = phash_pixels(gray)
+        h = phash_pixels(gray[..., 0])
     clock.lap("hash")
     return h
+
+
+def _turbo_decode(turbo, data: bytes, colorspace: str, kw: dict) -> np.ndarray | None:
+    """libjpeg-turbo's strict decode, or None where it refuses: its strict mode turns
+    libjpeg's warnings (corrupt entropy data, extraneous bytes) into errors, which Pillow
+    only warns about. The caller then decodes with Pillow, so an image is kept or failed
+    exactly as before (a truncated JPEG still fails: Pillow refuses truncated files)."""
+    try:
+        return turbo.decode_jpeg(data, colorspace=colorspace, **kw)
+    except ValueError:
+        return None
 
 
 def _has_strippable_segment(data: bytes) -> bool:
