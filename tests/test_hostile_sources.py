@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -140,18 +141,44 @@ def test_empty_folder_and_dataset_as_source_are_errors(tmp_path):
         open_source(str(tmp_path / "pool"), SourceOptions(kind="folder"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
+def _as_nobody() -> list[str]:
+    """A command prefix that runs as the unprivileged user ``nobody`` (root reads every
+    folder, so a permission test needs another user); [] when not root or no setpriv."""
+    import shutil
+
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    return []
+
+
 def test_unreadable_subfolder_is_an_error(tmp_path):
-    src = tmp_path / "imgs"
-    (src / "cat").mkdir(parents=True)
-    (src / "dog").mkdir()
-    (src / "cat" / "a.jpg").write_bytes(_jpeg())
-    os.chmod(src / "dog", 0)
+    import tempfile
+
+    prefix = _as_nobody() if os.geteuid() == 0 else []
+    if os.geteuid() == 0 and not prefix:
+        pytest.skip("root reads every folder and setpriv is missing")
+    base = Path(tempfile.mkdtemp(dir="/tmp" if prefix else tmp_path))
     try:
-        with pytest.raises(UserError, match="cannot list"):
-            list(open_source(str(src), SourceOptions()).items())
+        os.chmod(base, 0o755)
+        src = base / "imgs"
+        (src / "cat").mkdir(parents=True)
+        (src / "dog").mkdir()
+        (src / "cat" / "a.jpg").write_bytes(_jpeg())
+        for d in (src, src / "cat"):
+            os.chmod(d, 0o755)
+        os.chmod(src / "cat" / "a.jpg", 0o644)
+        os.chmod(src / "dog", 0)
+        code = ("import sys\nfrom silverlabel.sources import SourceOptions, open_source\n"
+                "list(open_source(sys.argv[1], SourceOptions()).items())")
+        p = subprocess.run([*prefix, sys.executable, "-c", code, str(src)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "HOME": "/tmp"})
+        assert p.returncode != 0 and "UserError" in p.stderr and "cannot list this folder" in p.stderr, p.stderr[-800:]
+        assert str(src / "dog") in p.stderr
     finally:
-        os.chmod(src / "dog", 0o755)
+        os.chmod(base / "imgs" / "dog", 0o755)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _items(path, **kw):
