@@ -226,3 +226,12 @@ def test_ids_beyond_int64_are_rows(tmp_path):
     items = _items(p)
     assert [i.id for i in items] == [5, None, -7]
     assert items[1].error and "64 bits" in items[1].error and items[0].error is None
+
+
+def test_brace_lists_as_webdataset_reads_them(tmp_path):
+    """``{00000,00002}`` (a list, as webdataset and the shell expand it) beside ``{0..2}``."""
+    for i in range(3):
+        _tar_with([(f"k{i}.jpg", _jpeg(i))], tmp_path / f"d-{i:05d}.tar")
+    listed = _items(str(tmp_path / "d-{00000,00002}.tar"))
+    assert [i.source for i in listed] == ["d-00000.tar#k0", "d-00002.tar#k2"]
+    assert len(_items(str(tmp_path / "d-{00000..00002}.tar"))) == 3

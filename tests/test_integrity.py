@@ -287,3 +287,23 @@ def test_card_names_a_truncated_parquet(pools, tmp_path):
     f = sorted((ds / "samples").glob("*.parquet"))[-1]
     os.truncate(f, f.stat().st_size // 2)
     _one_line_error(_cli("card", str(ds), "--no-plots"), str(f), "not a readable parquet file")
+
+
+def test_class_rules_on_a_pool_without_labels_are_refused(tmp_path):
+    """``select --top-classes 3`` on an unlabeled pool exited 0 with "0 classes" (issue 17)."""
+    import io
+
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        (imgs / f"{i}.jpg").write_bytes(buf.getvalue())
+    run_ingest(IngestConfig(sources=(str(imgs),), output=str(tmp_path / "pool"), workers=1))
+    for kw in ({"top_classes": 3}, {"val_per_class": 1}, {"min_prob": 0.5}):
+        with pytest.raises(UserError, match="has no labels"):
+            run_select(SelectConfig(source=str(tmp_path / "pool"), output=str(tmp_path / "sel"), **kw))
+    assert not (tmp_path / "sel").exists()
+    assert run_select(SelectConfig(source=str(tmp_path / "pool"), output=str(tmp_path / "sel"))).rows == 4

@@ -21,24 +21,31 @@ from silverlabel.errors import UserError
 from silverlabel.formats.wds import iter_tar_samples, read_member
 from silverlabel.sources import KIND_TAR, Item, SourceOptions, derive_uid, normalize_uid, register_source
 
-_BRACE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_RE = re.compile(r"\{(?:(\d+)\.\.(\d+)|([^{}]*,[^{}]*))\}")  # {00..99} or {a,b,c}
 _SIDE_MAX = 1 << 20  # side members (.json/.txt/.cls) above 1 MiB are ignored
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{00..02}.tar`` -> ``['a-00.tar', 'a-01.tar', 'a-02.tar']`` (zero padding kept).
+    """``a-{00..02}.tar`` -> ``['a-00.tar', 'a-01.tar', 'a-02.tar']`` (zero padding kept);
+    lists as webdataset and the shell have them, ``a-{00000,00002}.tar``, nested or mixed.
 
     >>> expand_braces("s-{8..10}.tar")
     ['s-8.tar', 's-9.tar', 's-10.tar']
+    >>> expand_braces("{train,val}-{00000,00002}.tar")
+    ['train-00000.tar', 'train-00002.tar', 'val-00000.tar', 'val-00002.tar']
     """
     m = _BRACE_RE.search(pattern)
     if not m:
         return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") else 0
+    if m.group(3) is not None:
+        parts = m.group(3).split(",")
+    else:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :]))
+    for part in parts:
+        out.extend(expand_braces(pattern[: m.start()] + part + pattern[m.end() :]))
     return out
 
 

@@ -73,8 +73,15 @@ def _label_rule(cfg: SelectConfig, pool: Input, con: Any) -> str:
         raise UserError(f"{cfg.source}: has no teacher labels (run silverlabel label first, or use --label source)")
     if mode == "source" and not has_source:
         raise UserError(f"{cfg.source}: has no source labels (ImageFolder classes or .cls); use --label top1")
-    if cfg.fraction is not None and mode == "none":
-        raise UserError("--fraction --balanced needs labels (--label top1 or source)")
+    if mode == "none":  # a class rule on a pool without labels would silently keep everything
+        needs = [flag for flag, on in (("--fraction", cfg.fraction is not None),
+                                       ("--top-classes", cfg.top_classes is not None),
+                                       ("--val-per-class", cfg.val_per_class > 0),
+                                       ("--min-train-per-class", cfg.min_train_per_class > 0),
+                                       ("--min-prob", cfg.min_prob is not None)) if on]
+        if needs:
+            raise UserError(f"{cfg.source}: has no labels (run silverlabel label first, or ingest an ImageFolder), "
+                            f"so {', '.join(needs)} cannot apply")
     return mode
 
 
