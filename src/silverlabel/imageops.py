@@ -23,6 +23,7 @@ the *stored* image.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -528,13 +529,12 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
             h = _passthrough_hash(data, img, cfg, clock)  # also proves the whole stream decodes
             return ImageResult(**done, data=data, imagehash=h, reencoded=False)
 
-    turbo = _turbo() if fmt == "JPEG" and img.mode in ("RGB", "L") and cfg.resize_filter != "lanczos" else None
     arr = None
-    if turbo is not None:
+    if fmt == "JPEG" and img.mode in ("RGB", "L") and cfg.resize_filter != "lanczos":
         # libjpeg-turbo: reduce in the DCT domain by 2/4/8 while >= 2x the target remains
         s = _dct_reduction(min(ow / tw, oh / th)) if cfg.resize_filter == "fast" else 1
         kw = {"min_width": -(-w0 // s), "min_height": -(-h0 // s)} if s > 1 else {}
-        arr = _turbo_decode(turbo, raw, "RGB", kw)
+        arr = _turbo_decode(raw, "RGB", kw)
         clock.lap("decode")
     if arr is not None:
         arr = _resize_array(arr, (th, tw) if swapped else (tw, th), cfg.resize_filter)
@@ -571,34 +571,21 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
 
 # --- the libjpeg-turbo / OpenCV path ---------------------------------------------------
 
-_TURBO: list = []
-
-
+@functools.cache
 def _turbo():
-    """simplejpeg (libjpeg-turbo) or None when it is not installed: Pillow does it all."""
-    if not _TURBO:
-        try:
-            import simplejpeg
-        except ImportError:  # pragma: no cover - a declared dependency
-            simplejpeg = None
-        _TURBO.append(simplejpeg)
-    return _TURBO[0]
+    """simplejpeg (libjpeg-turbo), imported on first use."""
+    import simplejpeg
+
+    return simplejpeg
 
 
-_CV2: list = []
-
-
+@functools.cache
 def _cv2():
     """OpenCV, single-threaded (parallelism comes from ingest's processes and threads)."""
-    if not _CV2:
-        try:
-            import cv2
+    import cv2
 
-            cv2.setNumThreads(1)
-        except ImportError:  # pragma: no cover - a declared dependency
-            cv2 = None
-        _CV2.append(cv2)
-    return _CV2[0]
+    cv2.setNumThreads(1)
+    return cv2
 
 
 def _dct_reduction(factor: float) -> int:
@@ -620,7 +607,7 @@ def _resize_array(arr: np.ndarray, size: tuple[int, int], how: str) -> np.ndarra
     w, h = size
     if arr.shape[1] == w and arr.shape[0] == h:
         return arr
-    if how == "lanczos" or _cv2() is None:
+    if how == "lanczos":
         return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0))
     cv2 = _cv2()
     factor = min(arr.shape[1] / w, arr.shape[0] / h)
@@ -642,12 +629,7 @@ def _orient_array(arr: np.ndarray, orient: int) -> np.ndarray:
 
 def _encode_jpeg(arr: np.ndarray, quality: int, icc: bytes | None) -> bytes:
     """Baseline JPEG, 4:2:0 (Pillow's default at these qualities), the ICC profile kept."""
-    turbo = _turbo()
-    if turbo is None:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "JPEG", quality=quality, **({"icc_profile": icc} if icc else {}))
-        return buf.getvalue()
-    data = turbo.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB", colorsubsampling="420")
+    data = _turbo().encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB", colorsubsampling="420")
     return insert_icc_profile(data, icc) if icc else data
 
 
@@ -689,11 +671,8 @@ def phash_pixels(arr: np.ndarray) -> str:
     '8000000000000000'
     """
     cv2 = _cv2()
-    if arr.ndim == 3:
-        gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if cv2 is not None else np.asarray(Image.fromarray(arr).convert("L"))
-    else:
-        gray = arr
-    if cv2 is not None and min(gray.shape) > 128:
+    gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
+    if min(gray.shape) > 128:
         gray = cv2.resize(gray, (128, 128), interpolation=cv2.INTER_AREA)
     return phash(Image.fromarray(np.ascontiguousarray(gray)))
 
@@ -703,8 +682,7 @@ _PASS_HASH_SIDE = 192  # DCT-scaled decode for the fast hash of a kept JPEG: >= 
 
 def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
     """pHash of a JPEG kept byte for byte; decoding it also proves the stream is whole."""
-    turbo = _turbo()
-    if cfg.phash == "exact" or turbo is None:
+    if cfg.phash == "exact":
         img.load()
         clock.lap("decode")
         h = phash(img)
@@ -713,7 +691,7 @@ def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _C
         s = max(1, min(8, min(w, h0) // _PASS_HASH_SIDE))
         s = 1 << (s.bit_length() - 1)  # 1, 2, 4 or 8
         kw = {"min_width": -(-w // s), "min_height": -(-h0 // s)} if s > 1 else {}
-        gray = _turbo_decode(turbo, data, "GRAY", kw)
+        gray = _turbo_decode(data, "GRAY", kw)
         if gray is None:  # Pillow decides, as for any JPEG libjpeg-turbo refused
             img.load()
             clock.lap("decode")
@@ -724,13 +702,13 @@ def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _C
     return h
 
 
-def _turbo_decode(turbo, data: bytes, colorspace: str, kw: dict) -> np.ndarray | None:
+def _turbo_decode(data: bytes, colorspace: str, kw: dict) -> np.ndarray | None:
     """libjpeg-turbo's strict decode, or None where it refuses: its strict mode turns
     libjpeg's warnings (corrupt entropy data, extraneous bytes) into errors, which Pillow
     only warns about. The caller then decodes with Pillow, so an image is kept or failed
     exactly as before (a truncated JPEG still fails: Pillow refuses truncated files)."""
     try:
-        return turbo.decode_jpeg(data, colorspace=colorspace, **kw)
+        return _turbo().decode_jpeg(data, colorspace=colorspace, **kw)
     except ValueError:
         return None
 
