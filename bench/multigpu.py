@@ -192,8 +192,10 @@ def bench_train(args, root: Path, n_gpus: int) -> dict:
     r["killed"] = {"rc": rc, "killed": killed}
     rc2, dt2, err2, _ = torchrun(n_gpus, ts, out, args, extra=["--resume"])
     r["killed"].update(resume_rc=rc2, resume_stderr=err2[-500:] if rc2 else "")
-    if rc2 == 0:
+    if rc2 == 0 and killed and rc != 0:  # only a run that really died mid-way tests the resume
         r["killed"]["same_final_weights"] = weights_digest(out) == r[f"p{n_gpus}"]["weights"]
+    else:
+        r["killed"]["same_final_weights"] = None  # the kill missed (or the resume failed): nothing shown
     log(f"train kill/resume: {r['killed']}")
     return r
 
@@ -265,7 +267,13 @@ def main() -> int:
                 log(f"{part} failed: {type(e).__name__}: {e}")
             save()
     print(json.dumps(res, indent=1, default=str))
-    return 0
+    checks = [*(x.get("identical") for x in res.get("label") or [] if isinstance(x, dict)),
+              (res.get("train") or {}).get("killed", {}).get("same_final_weights"),
+              (res.get("reinforce") or {}).get("identical_tars")]
+    failed = [c for c in checks if c is False] or [part for part in only if "error" in (res.get(part) or {})]
+    if failed:
+        log(f"checks failed: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

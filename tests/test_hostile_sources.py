@@ -202,7 +202,7 @@ def test_csv_with_a_byte_order_mark_reads(tmp_path):
 
 
 _URLS = [b"http://a/%08x.jpg" % (i * 2654435761 % 2**32) for i in range(5000)]  # compresses poorly
-_LINES = b"".join(u + b"\n" for u in _URLS).replace(b"%", b"%%")
+_LINES = b"".join(u + b"\n" for u in _URLS)
 
 
 @pytest.mark.parametrize("name,data,match", [
@@ -210,7 +210,7 @@ _LINES = b"".join(u + b"\n" for u in _URLS).replace(b"%", b"%%")
     ("latin-header.csv", b"ur\xe9l\nhttp://a/1.jpg\n", "latin-header.csv: cannot read"),
     ("latin.jsonl", b'{"url": "http://a/1.jpg", "caption": "caf\xe9"}\n', "latin.jsonl:1"),
     ("bad.csv.gz", b"this is not gzip", "bad.csv.gz: cannot read"),
-    ("cut.csv.gz", gzip.compress(b"url\n" + _LINES % ())[:3000], "cut.csv.gz: cannot read"),
+    ("cut.csv.gz", gzip.compress(b"url\n" + _LINES)[:3000], "cut.csv.gz: cannot read"),
     ("cut.jsonl.gz", gzip.compress(b"".join(b'{"url": "%s"}\n' % u for u in _URLS))[:3000], "cut.jsonl.gz"),
 ])
 def test_damaged_tables_are_errors_naming_the_file(tmp_path, name, data, match):

@@ -548,3 +548,13 @@ def test_https_verified_with_sni_through_dns_cache(cert, monkeypatch):
 
 def test_result_defaults():
     assert FetchResult("success") == FetchResult("success", "", None, None, None, 1)
+
+
+def test_an_address_refused_at_connect_time_is_blocked_not_retried(server):
+    """The check at connect time (a DNS answer that changed after the first check) gives the
+    same status, and is not retried as a network error."""
+    with Fetcher(FetchConfig(allow_private_network=True, retries=2, backoff=0.01)) as f:
+        f._dns.allow_private = False  # the first check passes; the connection's own check refuses
+        r = f.fetch(server.url("/redirect/0"))
+    assert (r.status, r.attempts) == ("blocked_address", 1) and "127.0.0.1" in r.error
+    assert sum(server.hits.values()) == 0

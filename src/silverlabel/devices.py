@@ -43,7 +43,8 @@ def torch_device(device: str, index: int | None = None) -> Any:
 
 def worker_device(device: str) -> str:
     """The device of this worker process: with several GPUs, pool worker k uses GPU k (mod
-    the count), so ``--workers N`` on an N-GPU machine puts one worker on each GPU."""
+    the count), so ``--workers N`` on an N-GPU machine puts one worker on each GPU. That GPU
+    becomes the process's current device (streams, CUDA graphs and libraries follow it)."""
     import multiprocessing as mp
 
     device = resolve_device(device)
@@ -51,7 +52,7 @@ def worker_device(device: str) -> str:
         import torch
 
         ident = mp.current_process()._identity
-        if ident and torch.cuda.device_count() > 1:
-            return f"cuda:{(ident[0] - 1) % torch.cuda.device_count()}"
-        return "cuda:0"
+        index = (ident[0] - 1) % torch.cuda.device_count() if ident and torch.cuda.device_count() > 1 else 0
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
     return device

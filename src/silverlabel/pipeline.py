@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import write_json_atomic
+from silverlabel.dataset import Pool, file_digest, write_json_atomic
 from silverlabel.errors import UserError
 
 STATE_PREFIX = ".build-"  # .build-STEP.json: the step's key, written last
@@ -119,8 +119,8 @@ STAGES: dict[str, StageKind] = {
                         lambda c: _p(c.output), _manifest, lambda c: [_p(c.output)]),
     "label": StageKind("label", "LabelConfig", "run_label", ("dataset", "teachers"), (),
                        lambda c: _p(c.dataset),
-                       lambda c: [Path(c.dataset) / "silverlabel.json", Path(c.dataset) / "labels" / c.name],
-                       lambda c: [Path(c.dataset) / "labels" / c.name]),
+                       lambda c: [Path(c.dataset) / "silverlabel.json", Pool(c.dataset).labels_dir(c.name)],
+                       lambda c: [Pool(c.dataset).labels_dir(c.name)]),
     "select": StageKind("select", "SelectConfig", "run_select", ("source", "keys_file", "uids", "exclude_near"),
                         ("output",), lambda c: _p(c.output), _manifest, lambda c: [_p(c.output)]),
     "shard": StageKind("shard", "ShardConfig", "run_shard", ("selection",), ("output",),
@@ -480,14 +480,6 @@ def _fits(tp: Any, value: Any) -> bool:
 # keys: what a step's output depends on
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def path_identity(path: str | os.PathLike) -> str:
     """What a path's content is, cheaply: a manifest's or small file's sha256, a big file's size
     and mtime, a folder's file sizes and mtimes; a URL or a pattern is its own identity."""
@@ -497,11 +489,11 @@ def path_identity(path: str | os.PathLike) -> str:
     if p.is_file():
         st = p.stat()
         if st.st_size <= _HASH_WHOLE:
-            return "sha256:" + _sha256_file(p)
+            return "sha256:" + file_digest(p)
         return f"stat:{st.st_size}:{st.st_mtime_ns}"
     if p.is_dir():
         if (p / "silverlabel.json").is_file():
-            return "manifest:" + _sha256_file(p / "silverlabel.json")
+            return "manifest:" + file_digest(p / "silverlabel.json")
         h = hashlib.sha256()
         for dirpath, dirnames, filenames in os.walk(p):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

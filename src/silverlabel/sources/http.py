@@ -175,6 +175,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _BlockedAddress):
+        return False
     if isinstance(exc, socket.gaierror):
         return exc.errno == socket.EAI_AGAIN
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -302,10 +304,11 @@ class _DNSCache:
         """A TCP socket connected to the first cached address of host that accepts."""
         error: OSError = OSError(f"no address for {host}")
         end = time.monotonic() + timeout
-        for family, type_, proto, _, addr in self.resolve(host, port):
-            if blocked_address(addr[0], self.allow_private):
-                error = _BlockedAddress(f"{host} resolves to {addr[0]}, a non-public address")
-                continue  # checked again here: the address connected to is the one checked
+        infos = self.resolve(host, port)
+        bad = [info[4][0] for info in infos if blocked_address(info[4][0], self.allow_private)]
+        if bad:  # checked again here, as Fetcher._check_address does: the addresses connected to
+            raise _BlockedAddress(f"{host} resolves to {bad[0]}, a non-public address")
+        for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
             try:
                 sock.settimeout(max(end - time.monotonic(), 0.001))
@@ -596,6 +599,8 @@ class Fetcher:
                 raise _Outcome(fail(error), retry=phase == "connect") from None
             if reused and phase == "request":
                 raise _Stale() from exc
+            if isinstance(exc, _BlockedAddress):  # the address resolved at connect time (DNS changed)
+                raise _Outcome(fail(str(exc), "blocked_address")) from None
             raise _Outcome(fail(_describe(exc)), retry=_retryable(exc)) from None
         finally:
             if watch is not None:

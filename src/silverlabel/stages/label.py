@@ -164,10 +164,6 @@ def get_labeler(cfg: LabelConfig):
     from silverlabel.teachers import create_teacher
 
     device = worker_device(cfg.device)
-    if device.startswith("cuda"):  # the worker's GPU is its current one: streams, CUDA graphs, libraries
-        import torch
-
-        torch.cuda.set_device(torch.device(device))
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
            cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs)
     if key not in _LABELER_CACHE:

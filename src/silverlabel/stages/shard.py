@@ -362,16 +362,6 @@ class _Plan:
     splits: dict[str, list[tuple[int, str, np.ndarray]]]  # split -> [(index, filename, rows)]
 
 
-def selection_files(selection: str | os.PathLike) -> list[Path]:
-    """The selection's parquet files; a UserError when ``selection`` is not a selection."""
-    return Selection(selection).files()
-
-
-def selection_fingerprint(files: list[Path]) -> str:
-    """sha256 over the selection's parquet files (names and bytes)."""
-    return Selection(files[0].parent.parent).fingerprint(files)
-
-
 def read_selection(files: list[Path]) -> pa.Table:
     """The selection rows with _META_COLUMNS + split (absent optional columns as nulls)."""
     tables = []

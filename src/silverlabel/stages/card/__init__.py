@@ -41,13 +41,13 @@ from silverlabel.dataset import atomic_write, check_target, write_json_atomic
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, opt, positive_int
 from silverlabel.stages.card.facts import COYO_THRESHOLDS, CURVE_THRESHOLDS, Facts, brace_pattern
-from silverlabel.stages.card.lineage import Lineage, check_labels_name, resolve_lineage
+from silverlabel.stages.card.lineage import Lineage, resolve_lineage
 from silverlabel.stages.card.markdown import compact_json, render_card, size_category
 from silverlabel.stages.card.plots import PLOT_TITLES, write_plots
 from silverlabel.stages.card.report import write_report
 
 __all__ = ["CARD_DIR", "COYO_THRESHOLDS", "CURVE_THRESHOLDS", "PLOT_TITLES", "README", "CardConfig", "CardSummary",
-           "Facts", "Lineage", "brace_pattern", "check_labels_name", "compact_json", "render_card",
+           "Facts", "Lineage", "brace_pattern", "compact_json", "render_card",
            "resolve_lineage", "run_card", "size_category", "write_plots", "write_report"]
 
 CARD_DIR = "card"

@@ -4,23 +4,18 @@
 and follows the ``parents`` recorded in the manifests upwards; a parent that is gone becomes a note
 in the card instead of an error.
 
-    >>> check_labels_name("vit_base_patch16_224.augreg_in21k")
-    'vit_base_patch16_224.augreg_in21k'
-    >>> check_labels_name("../../etc")
-    Traceback (most recent call last):
-    ...
-    silverlabel.errors.UserError: labels name '../../etc' read from a manifest is not a plain folder name
+A labels name read from a manifest is checked with :func:`silverlabel.dataset.check_name`
+before it becomes a path component.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import MANIFEST, Dataset
+from silverlabel.dataset import MANIFEST, Dataset, Pool, Selection, check_name
 from silverlabel.errors import UserError
 
 
@@ -55,14 +50,7 @@ class Lineage:
         """The pool's ``labels/NAME`` folder of the labels this card describes."""
         if self.pool is None or not self.labels_name:
             return None
-        return self.pool / "labels" / self.labels_name
-
-
-def check_labels_name(name: str) -> str:
-    """``name`` if it is one plain path component (no separator, not ``.``/``..``, no NUL), else UserError."""
-    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")):
-        raise UserError(f"labels name {name!r} read from a manifest is not a plain folder name")
-    return name
+        return Pool(self.pool).labels_dir(self.labels_name)
 
 
 def _manifest(path: Path) -> dict[str, Any] | None:
@@ -104,7 +92,7 @@ def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
         labels = lin.pool_manifest.get("labels") or {}
         want = (lin.selection_manifest or {}).get("config", {}).get("labels_name")
         name = want if want in labels else (sorted(labels)[0] if labels else None)
-        lin.labels_name = None if name is None else check_labels_name(name)
+        lin.labels_name = None if name is None else check_name(name, "labels name read from a manifest")
     return lin
 
 
@@ -119,12 +107,15 @@ def _find_selection(lin: Lineage) -> None:
         lin.notes.append(f"selection {sel} not found: per-sample facts read from the shards")
         return
     lin.selection, lin.selection_manifest = sel, sm
-    from silverlabel.stages.shard import selection_files, selection_fingerprint
-
-    with contextlib.suppress(Exception):
-        if lin.manifest.get("selection_sha256") not in (None, selection_fingerprint(selection_files(sel))):
-            lin.notes.append(f"selection {sel} changed after these shards were written: its rows and "
-                             "report may not describe this training set")
+    recorded = lin.manifest.get("selection_sha256")
+    try:
+        changed = recorded is not None and recorded != Selection(sel).fingerprint()
+    except (UserError, OSError) as e:
+        lin.notes.append(f"selection {sel} could not be compared with these shards ({e})")
+        return
+    if changed:
+        lin.notes.append(f"selection {sel} changed after these shards were written: its rows and "
+                         "report may not describe this training set")
 
 
 def _find_pool(lin: Lineage) -> None:

@@ -16,6 +16,8 @@ as every unit, and leave key tables for the units (:func:`write_keys`): the uid 
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +238,7 @@ def duplicate_rules(cfg: SelectConfig, con: Any, ref: np.ndarray | None
     drop: list[str] = []
     dups: list[tuple[str, str | None, int, str]] = []
     removed: dict[str, int] = {}
+    hashes = functools.cache(lambda: _hashes(con))  # one pass over the pool for both rules
     if cfg.dedupe == "exact":
         col = "sha256" if con.execute("SELECT count(sha256) FROM pool1").fetchone()[0] else "imagehash"
         dup = con.execute(_EXACT_BY[col]).fetchall()
@@ -249,7 +252,7 @@ def duplicate_rules(cfg: SelectConfig, con: Any, ref: np.ndarray | None
             d = int(cfg.dedupe.split(":", 1)[1])
         except ValueError:
             raise UserError(f"--dedupe {cfg.dedupe!r}: D must be an integer (phash:8)") from None
-        keys, vals, valid = _hashes(con)
+        keys, vals, valid = hashes()
         idx = np.flatnonzero(valid)
         keep, dup_of = dedupe_keep_first(vals[idx], d)
         g, k = idx[~keep], idx[dup_of[~keep]]
@@ -260,7 +263,7 @@ def duplicate_rules(cfg: SelectConfig, con: Any, ref: np.ndarray | None
     if ref is not None:
         from silverlabel.dedupe import hamming, near_any
 
-        keys, vals, valid = _hashes(con)
+        keys, vals, valid = hashes()
         idx = np.flatnonzero(valid)
         hit, ref_of = near_any(vals[idx], ref, cfg.max_distance)
         gone = [keys[i] for i in idx[hit]]
