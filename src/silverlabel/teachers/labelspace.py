@@ -69,7 +69,6 @@ class SpaceInfo:
 #: The one table of label spaces; every list of names (CLI choices, checks) comes from it.
 SPACES: dict[str, SpaceInfo] = {}
 #: Derived indexes of :data:`SPACES`, kept by :func:`register_label_space`.
-SPACE_FILES: dict[str, str] = {}
 SPACE_BY_CLASSES: dict[int, str] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -82,7 +81,6 @@ def register_label_space(name: str, wnids_file: str, num_classes: int, aliases: 
     """
     info = SpaceInfo(name, wnids_file, num_classes, tuple(aliases))
     SPACES[name] = info
-    SPACE_FILES[name] = wnids_file
     SPACE_BY_CLASSES.setdefault(num_classes, name)
     for alias in (name, *info.aliases):
         _ALIASES[alias.lower()] = name

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
+from silverlabel.dataset import Selection
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import check_parquet
 from silverlabel.sql import literal, read_parquet
@@ -406,7 +407,9 @@ class Facts:
                         out[ext] = _image_note(data, ext)
             return out
         if lin.kind == "selection":
-            rows = pq.read_table(sorted((lin.selection / "selection").glob("*.parquet"))[0]).slice(0, 1).to_pylist()
+            first = Selection(lin.selection).files()[0]  # one row, not the whole part file
+            batch = next(pq.ParquetFile(first).iter_batches(batch_size=1), None)
+            rows = batch.to_pylist() if batch is not None else []
             return _jsonable(rows[0]) if rows else None
         rows = self.con.sql("SELECT * FROM samples WHERE status = 'success' ORDER BY key LIMIT 1").to_arrow_table()
         if rows.num_rows == 0:
