@@ -21,7 +21,8 @@ from silverlabel.loader import (
     create_loader,
     decode_image,
     normalize_on,
-    rank_shards,
+    rank_positions,
+    shard_order,
     steps_per_epoch,
 )
 
@@ -58,15 +59,14 @@ def _cfg(trainset, **kw):
 def _keys(cfg, epoch=0, start_step=0):
     """The rank's key sequence, read without decoding images (cheap order checks)."""
     ds = ShardStream(cfg, epoch, start_step)
-    B = cfg.batch_size
-    end = min(ds.per_rank, ds.steps * B)
     from silverlabel.loader import _Stream
 
     stream = _Stream(cfg, epoch, ds.lengths)
     out = []
-    for pos in range(start_step * B, end):
-        shard, i = stream.locate(pos)
-        out.append(ds._shard_index(shard)[i].key)
+    for b in range(start_step, ds.steps):
+        for pos in rank_positions(cfg, b, ds.per_rank):
+            shard, i = stream.locate(pos)
+            out.append(ds._shard_index(shard)[i].key)
     return out
 
 
@@ -123,52 +123,53 @@ def test_topk_override_and_no_labels(tmp_path):
     assert labels.shape == (3, 5) and (labels[:, 1:] == -1).all() and (probs[:, 1:] == 0).all()
 
 
-def test_ranks_equal_counts_and_coverage(trainset):
-    seen = []
-    counts = []
-    for rank in range(2):
-        cfg = _cfg(trainset, batch_size=4, world_size=2, rank=rank)
-        keys = _keys(cfg, epoch=1)
-        counts.append(len(keys))
-        assert len(keys) == steps_per_epoch(cfg) * 4 == 28
-        seen.append(keys)
-    assert counts[0] == counts[1]
-    # every shard goes to exactly one rank; 5 shards -> 3 + 2, so one rank holds more
-    # samples than 28 (it stops early) and the other fewer (it wraps around)
-    shards = [rank_shards(_cfg(trainset, world_size=2, rank=r), 1, 5) for r in range(2)]
-    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(5))
-    for r, keys in enumerate(seen):
-        held = sum(LENGTHS[s] for s in shards[r])
-        distinct = min(held, 28)
-        assert len(set(keys)) == distinct and len(set(keys[:distinct])) == distinct
-        if held < 28:  # the wrap repeats the rank's stream from its start
-            assert keys[held:] == keys[: 28 - held]
-    union = set(seen[0]) | set(seen[1])
-    assert not set(seen[0]) & set(seen[1])
-    assert len(union) >= N - 13  # only the longer rank's unread tail is missed this epoch
+def test_ranks_slice_the_global_batches(trainset):
+    # 2 ranks x 4 = global batch 8: rank r's batch k is the r-th half of the 1-process batch k
+    one = _keys(_cfg(trainset, batch_size=8), epoch=1)
+    ranks = [_keys(_cfg(trainset, batch_size=4, world_size=2, rank=r), epoch=1) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == steps_per_epoch(_cfg(trainset, batch_size=4, world_size=2)) * 4 == 28
+    glued = [k for b in range(7) for r in range(2) for k in ranks[r][4 * b: 4 * b + 4]]
+    assert glued == one[:56] and len(set(glued)) == 56  # disjoint, and the 1-process order
+    assert not set(ranks[0]) & set(ranks[1])
 
 
-def test_rank_wraps_around_when_short(trainset):
-    # 3 ranks: shards split 2/2/1 -> a rank with one 11..13-sample shard must wrap to reach 20
-    for rank in range(3):
-        cfg = _cfg(trainset, batch_size=5, world_size=3, rank=rank, drop_last=True)
-        keys = _keys(cfg, epoch=0)
-        assert len(keys) == 20
-    # more ranks than shards still gives every rank the same count
-    for rank in range(7):
-        cfg = _cfg(trainset, batch_size=2, world_size=7, rank=rank)
-        with pytest.warns(UserWarning, match="overlapping"):
-            assert len(_keys(cfg)) == 8
+def test_more_ranks_than_shards_and_wraparound(trainset):
+    # 7 ranks over 5 shards: every rank still gets 60 // 7 = 8 distinct samples, no warning
+    keys = [_keys(_cfg(trainset, batch_size=2, world_size=7, rank=r)) for r in range(7)]
+    assert [len(k) for k in keys] == [8] * 7
+    assert len({k for ks in keys for k in ks}) == 56
+    # without drop_last the epoch is padded to 7 * ceil(60 / 7) = 63 positions: the last 3
+    # wrap to the stream's start, and the last global batch (63 - 56 = 7) gives each rank 1
+    cfg = _cfg(trainset, batch_size=2, world_size=7, drop_last=False)
+    one = _keys(_cfg(trainset, batch_size=14, drop_last=False, world_size=1))
+    assert len(one) == 60
+    ranks = [_keys(dataclasses.replace(cfg, rank=r)) for r in range(7)]
+    assert [len(k) for k in ranks] == [9] * 7
+    assert [ranks[r][8] for r in range(7)] == one[56:] + one[:3]
 
 
-def test_real_loader_two_ranks_equal_batches(trainset):
-    n = []
-    for rank in range(2):
-        cfg = _cfg(trainset, batch_size=6, world_size=2, rank=rank, img_size=16)
-        batches = _run(create_loader(cfg, epoch=0))
-        n.append([len(b[4]) for b in batches])
-        assert [k for b in batches for k in b[4]] == _keys(cfg, epoch=0)
-    assert n[0] == n[1] == [6] * 5
+def test_real_loader_ranks_equal_one_process_pixels(trainset, monkeypatch):
+    import silverlabel.loader as L
+
+    calls = []
+    orig = L.decode_image
+    monkeypatch.setattr(L, "decode_image", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    one = _run(create_loader(_cfg(trainset, batch_size=12, img_size=16), epoch=2))
+    assert len(calls) == 60
+    calls.clear()
+    ranks = [_run(create_loader(_cfg(trainset, batch_size=6, world_size=2, rank=r, img_size=16), epoch=2))
+             for r in range(2)]
+    assert len(calls) == 60  # each rank decodes its own 30 samples, nothing of the other's
+    assert [len(b[4]) for b in ranks[0]] == [len(b[4]) for b in ranks[1]] == [6] * 5
+    for k, batch in enumerate(one):
+        assert batch[4] == ranks[0][k][4] + ranks[1][k][4]
+        for j in range(4):  # images (same crops and flips), cls, labels, probs
+            assert torch.equal(batch[j], torch.cat([ranks[0][k][j], ranks[1][k][j]]))
+    # a rank resumed at batch 3 with workers gives the same tail
+    tail = _run(create_loader(_cfg(trainset, batch_size=6, world_size=2, rank=1, img_size=16, num_workers=2),
+                              epoch=2, start_step=3))
+    assert [b[4] for b in tail] == [b[4] for b in ranks[1][3:]]
+    assert torch.equal(tail[0][0], ranks[1][3][0])
 
 
 def test_epoch_order_deterministic_and_different(trainset):
@@ -180,7 +181,7 @@ def test_epoch_order_deterministic_and_different(trainset):
     assert len(set(e0)) == N
     assert _keys(dataclasses.replace(cfg, seed=1), 0) != e0
     # shards really are shuffled between epochs (and samples within them)
-    orders = {tuple(rank_shards(cfg, e, 5)) for e in range(6)}
+    orders = {tuple(shard_order(cfg, e, 5)) for e in range(6)}
     assert len(orders) > 1
 
 

@@ -10,31 +10,40 @@ label_probs [B,k] float32)`` (plus ``keys``, a list of B sample keys, when
     ...     for step, (x, cls, labels, probs) in enumerate(create_loader(cfg, epoch), start=0):
     ...         ...
 
-Order (all of it a pure function of the config, ``epoch`` and nothing else):
+Order (all of it a pure function of the config, ``epoch`` and nothing else; the rank and
+world size only choose which part of it a process yields):
 
-1. *Shards*: in epoch ``e`` the split's shards are permuted with
-   ``np.random.default_rng((seed, e))`` (training; eval keeps the file order), and rank
-   ``r`` takes shards ``order[r::world_size]`` of that permutation (with fewer shards than
-   ranks, rank ``r`` reads every shard starting at ``order[r % S]``).
-2. *Samples*: a rank reads its shards in that order; the samples of shard ``s`` are read
-   in the order of ``np.random.default_rng((seed, e, 1, s)).permutation(len)`` (training;
-   eval keeps the shard's order). This concatenation, repeated cyclically, is the rank's
-   *stream*; the epoch is its first ``per_rank`` positions, where ``per_rank =
-   num_samples // world_size`` (``drop_last``; otherwise ``ceil(num_samples /
-   world_size)``), so every rank yields exactly the same number of samples and batches
-   (a rank whose shards hold fewer samples wraps around to its first shards: no DDP hang).
-3. *Batches*: batch ``b`` is stream positions ``[b*B, (b+1)*B)``; ``steps_per_epoch =
-   per_rank // B`` with ``drop_last`` (``ceil`` without). ``start_step=k`` starts at batch
-   ``k``: the skipped samples are never read or decoded (positions map to (shard, offset)
-   arithmetically; only tar headers are read).
+1. *The global stream*: in epoch ``e`` the split's shards are permuted with
+   ``np.random.default_rng((seed, e))`` (training; eval keeps the file order), and the
+   samples of shard ``s`` are read in the order of ``np.random.default_rng((seed, e, 1,
+   s)).permutation(len)`` (training; eval keeps the shard's order). This concatenation,
+   repeated cyclically, is the *stream*: one sequence for all ranks, the same as a
+   1-process run reads.
+2. *The epoch*: ``per_rank = num_samples // world_size`` (``drop_last``; otherwise
+   ``ceil(num_samples / world_size)``) samples per rank, i.e. stream positions ``[0,
+   world_size * per_rank)`` (without ``drop_last`` this can pass ``num_samples``: the
+   stream wraps to its start, so every rank yields the same number of samples and batches
+   and DDP never hangs).
+3. *Batches*: with ``B = batch_size`` (per rank) and ``G = world_size * B`` (the global
+   batch), global batch ``k`` is stream positions ``[k*G, min((k+1)*G, world_size *
+   per_rank))`` and rank ``r`` takes the ``r``-th of its ``world_size`` equal slices: with
+   ``m = min(B, per_rank - k*B)`` samples per rank, positions ``[k*G + r*m, k*G +
+   (r+1)*m)``. So the ranks' batches ``k``, concatenated in rank order, are exactly batch
+   ``k`` of a 1-process run with ``batch_size = G``, pixels included (see 5), and a rank
+   reads and decodes only its own samples. ``steps_per_epoch = per_rank // B`` with
+   ``drop_last`` (``ceil`` without). ``start_step=k`` starts at batch ``k``: the skipped
+   samples are never read or decoded (positions map to (shard, offset) arithmetically;
+   only tar headers are read).
 4. *Workers*: with ``num_workers = W > 0`` worker ``w`` builds the whole batches
    ``start_step + j`` with ``j % W == w``; the DataLoader returns worker results
    round-robin in order, so **the batch sequence is identical for any ``num_workers``**
    (and for any ``start_step``: resuming at ``k`` gives exactly batches ``k, k+1, ...`` of
    the uninterrupted run, pixels included).
 5. *Augmentation*: each sample's crop and flip come from
-   ``np.random.default_rng((seed, e, 2, rank, position))``, so they too are reproduced on
-   resume and independent of ``num_workers``. Training: RandomResizedCrop(img_size,
+   ``np.random.default_rng((seed, e, 2, 0, position))`` with its *stream* position (the
+   ``0`` stands where a rank number stood when ranks read streams of their own; kept so
+   1-process batches are unchanged), so they are the same whichever rank or worker decodes
+   the sample, and are reproduced on resume. Training: RandomResizedCrop(img_size,
    scale, ratio) with torchvision's parameter sampling (10 tries, then a central crop
    clamped to ``ratio``), bicubic, horizontal flip with probability ``hflip``. Eval:
    shorter side to ``int(img_size / 0.875)`` bicubic, then a center crop. JPEGs much
@@ -57,7 +66,9 @@ which augmentation) is drawn from ``(seed, epoch, key)``, or ``epoch % K`` with
 
 Shards are read through one open file at a time per worker, member by member at offsets
 from the tar headers (:func:`silverlabel.formats.wds.iter_tar_samples`); no more than one
-sample's bytes are held at a time.
+sample's bytes are held at a time. Every rank reads the headers of the shards its slices
+fall in (all ranks read the same shards at about the same time), but only its own
+samples' members.
 """
 
 from __future__ import annotations
@@ -67,7 +78,6 @@ import io
 import json
 import math
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,7 +158,8 @@ def _split_info(cfg: LoaderConfig) -> tuple[list[str], list[int]]:
 
 
 def samples_per_rank(cfg: LoaderConfig, num_samples: int | None = None) -> int:
-    """Samples each rank yields per epoch (before batching)."""
+    """Samples each rank yields per epoch (before batching); the epoch is stream positions
+    ``[0, world_size * samples_per_rank)``."""
     if num_samples is None:
         num_samples = sum(_split_info(cfg)[1])
     if cfg.drop_last:
@@ -169,15 +180,6 @@ def shard_order(cfg: LoaderConfig, epoch: int, num_shards: int) -> np.ndarray:
     return np.random.default_rng((cfg.seed, epoch)).permutation(num_shards)
 
 
-def rank_shards(cfg: LoaderConfig, epoch: int, num_shards: int) -> list[int]:
-    """The shards rank ``cfg.rank`` reads in ``epoch``, in reading order."""
-    order = shard_order(cfg, epoch, num_shards)
-    if num_shards >= cfg.world_size:
-        return order[cfg.rank :: cfg.world_size].tolist()
-    start = cfg.rank % num_shards
-    return np.concatenate([order[start:], order[:start]]).tolist()
-
-
 def sample_order(cfg: LoaderConfig, epoch: int, shard: int, length: int) -> np.ndarray:
     """The order in which the samples of ``shard`` are read in ``epoch``."""
     if not cfg.train:
@@ -185,18 +187,26 @@ def sample_order(cfg: LoaderConfig, epoch: int, shard: int, length: int) -> np.n
     return np.random.default_rng((cfg.seed, epoch, 1, shard)).permutation(length)
 
 
+def rank_positions(cfg: LoaderConfig, batch: int, per_rank: int) -> range:
+    """The stream positions of rank ``cfg.rank``'s batch ``batch`` (its slice of global
+    batch ``batch``; see the module docstring). Empty past the epoch."""
+    B = cfg.batch_size
+    m = max(0, min(B, per_rank - batch * B))
+    start = batch * B * cfg.world_size + cfg.rank * m
+    return range(start, start + m)
+
+
 class _Stream:
-    """A rank's stream: position -> (shard, index in shard), cyclic over its shards."""
+    """The epoch's stream (the same for every rank): position -> (shard, index in shard),
+    cyclic over the split's non-empty shards."""
 
     def __init__(self, cfg: LoaderConfig, epoch: int, lengths: list[int]):
         self.cfg, self.epoch = cfg, epoch
-        self.shards = rank_shards(cfg, epoch, len(lengths))
+        order = shard_order(cfg, epoch, len(lengths)).tolist()
+        self.shards = [s for s in order if lengths[s] > 0]
+        if not self.shards:
+            raise UserError(f"{cfg.trainset}: split {cfg.split!r} has only empty shards")
         lens = np.array([lengths[s] for s in self.shards], dtype=np.int64)
-        keep = lens > 0
-        self.shards = [s for s, k in zip(self.shards, keep) if k]
-        lens = lens[keep]
-        if len(lens) == 0:
-            raise UserError(f"{cfg.trainset}: rank {cfg.rank} has only empty shards in split {cfg.split!r}")
         self.lengths = lens
         self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         self.total = int(lens.sum())
@@ -366,9 +376,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.per_rank = samples_per_rank(cfg, self.num_samples)
         self.steps = (self.per_rank // cfg.batch_size if cfg.drop_last
                       else -(-self.per_rank // cfg.batch_size))
-        if len(self.files) < cfg.world_size and cfg.train:
-            warnings.warn(f"{cfg.trainset}: {len(self.files)} shards for {cfg.world_size} ranks; "
-                          "ranks will read overlapping shards", stacklevel=2)
         self.k = cfg.topk if cfg.topk is not None else self._first_k()
         self._index: OrderedDict[int, list[TarSample]] = OrderedDict()
 
@@ -435,7 +442,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     cls = int(read_member(f, *s.members["cls"]).decode().strip())
                 else:
                     cls = int(meta.get("label", -1))
-                rng = np.random.default_rng((cfg.seed, self.epoch, 2, cfg.rank, pos)) if cfg.train else None
+                rng = np.random.default_rng((cfg.seed, self.epoch, 2, 0, pos)) if cfg.train else None
                 if cfg.kd and cfg.train:
                     kd = self._kd_sample(f, shard, s, data, mean, std)
                     if kd is not None:  # (image, teacher top-k labels, probs) of a stored augmentation
@@ -485,25 +492,25 @@ class ShardStream(torch.utils.data.IterableDataset):
         pad = self.k - len(labels)
         return to_tensor(img, mean, std), labels + [-1] * pad, probs + [0.0] * pad
 
+    def _positions(self, batches: list[int] | range) -> Iterator[int]:
+        for b in batches:
+            yield from rank_positions(self.cfg, b, self.per_rank)
+
     def samples(self) -> Iterator[tuple]:
-        """This rank's samples from ``start_step * batch_size`` on, unbatched, in order:
+        """This rank's samples from batch ``start_step`` on, unbatched, in order:
         ``(image, cls, labels, label_probs[, key])``."""
-        end = min(self.per_rank, self.steps * self.cfg.batch_size)
-        return self._read(iter(range(self.start_step * self.cfg.batch_size, end)))
+        return self._read(self._positions(range(self.start_step, self.steps)))
 
     def __iter__(self) -> Iterator[tuple]:
-        B = self.cfg.batch_size
-        end = min(self.per_rank, self.steps * B)
         batches = self._batches()
-        positions = (p for b in batches for p in range(b * B, min((b + 1) * B, end)))
+        sizes = iter([len(rank_positions(self.cfg, b, self.per_rank)) for b in batches])
+        size = next(sizes, 0)
         buf: list[tuple] = []
-        for item in self._read(positions):
+        for item in self._read(self._positions(batches)):  # one reader: open shard and index carry over
             buf.append(item)
-            if len(buf) == B:
+            if len(buf) == size:
                 yield collate(buf)
-                buf = []
-        if buf:
-            yield collate(buf)
+                buf, size = [], next(sizes, 0)
 
 
 def create_loader(cfg: LoaderConfig, epoch: int = 0, start_step: int = 0, *, pin_memory: bool = False,
