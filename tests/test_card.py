@@ -380,7 +380,7 @@ def test_labels_name_must_be_a_folder_name(chain, tmp_path):
 def test_doctests():
     import silverlabel.stages.card as card_pkg
 
-    for name in ("lineage", "facts", "plots", "markdown", "report"):
+    for name in ("lineage", "facts", "plots", "markdown", "report", "hub"):
         mod = importlib.import_module(f"silverlabel.stages.card.{name}")
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0, name

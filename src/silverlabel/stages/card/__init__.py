@@ -37,10 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from silverlabel.dataset import atomic_write, check_target, write_json_atomic
+from silverlabel.dataset import Pool, atomic_write, check_target, write_json_atomic
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, opt, positive_int
 from silverlabel.stages.card.facts import COYO_THRESHOLDS, CURVE_THRESHOLDS, Facts, brace_pattern
+from silverlabel.stages.card.hub import hub_metadata
 from silverlabel.stages.card.lineage import Lineage, resolve_lineage
 from silverlabel.stages.card.markdown import compact_json, render_card, size_category
 from silverlabel.stages.card.plots import PLOT_TITLES, write_plots
@@ -65,7 +66,11 @@ class CardConfig:
     plots: bool = opt(True, "no PNG plots", flag="--no-plots", action="store_false", default_help="")
     pretty_name: str | None = opt(None, "pretty_name of the card", flag="--name",
                                   default_help="default: the dataset's name")
-    license: str = opt("other", "license id for the front matter", default_help="default: other")
+    license: str | None = opt(None, "license id for the front matter (a Hub license id: cc-by-4.0, mit, other, ...)",
+                              default_help="default: the card's current license, else other")
+    task_categories: tuple[str, ...] | None = opt(
+        None, "task_categories of the front matter", nargs="+", metavar="TASK",
+        default_help="default: the card's current ones, else image-classification")
     per_class: int = opt(8, "thumbnails per class in the report", type=int, metavar="K")
     max_classes: int = opt(10_000, "classes shown, largest first", type=int, metavar="N")  # with a grid in the report
     least_confident: int = opt(48, "least confident samples shown", type=int, metavar="N")
@@ -78,6 +83,8 @@ class CardConfig:
         for name in ("per_class", "max_classes", "least_confident", "max_clusters", "failures_per_status"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.task_categories is not None:
+            object.__setattr__(self, "task_categories", tuple(self.task_categories))
         if not 16 <= self.thumb_size <= 512:
             raise UserError(f"--thumb-size must be in 16..512, got {self.thumb_size}")
 
@@ -94,6 +101,24 @@ class CardSummary:
     thumbnails: int
     seconds: float
     notes: list[str]
+
+
+def _read_card(readme: Path) -> str | None:
+    """The card already at ``readme`` (None: none yet)."""
+    try:
+        return readme.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise UserError(f"{readme}: not a UTF-8 text file; move it away to write a new card") from None
+
+
+def _labels_names(lin: Lineage) -> list[str]:
+    """A pool's labels sets that have tables (each its own Hub config)."""
+    if lin.kind != "pool":
+        return []
+    pool = Pool(lin.root)
+    return [n for n in pool.labels_names() if pool.labels_files(n)]
 
 
 def run_card(cfg: CardConfig) -> CardSummary:
@@ -114,8 +139,11 @@ def run_card(cfg: CardConfig) -> CardSummary:
             facts = Facts(lin, cfg, con, Path(tmp))
             d = facts.compute()
             plots = write_plots(d, card_dir) if cfg.plots else []
+            old = _read_card(readme)
+            hub = hub_metadata(lin.kind, lin.root, info=getattr(facts, "info", None), classes_doc=facts.classes_doc,
+                               labels=_labels_names(lin), notes=d["notes"]) if readme.parent.resolve() == lin.root.resolve() else {}
             with atomic_write(readme) as f:
-                f.write(render_card(facts, plots, readme).encode())
+                f.write(render_card(facts, plots, readme, old, hub).encode())
             write_json_atomic(card_dir / "card.json", {k: v for k, v in d.items() if k != "sizes"})
             if cfg.html:
                 n_thumbs = write_report(facts, Path(cfg.html), plots)

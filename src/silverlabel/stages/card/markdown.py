@@ -43,11 +43,6 @@ def size_category(n: int) -> str:
     return "n>1T"
 
 
-def _yaml_str(s: str) -> str:
-    """A YAML scalar: JSON strings are valid YAML."""
-    return json.dumps(s, ensure_ascii=False)
-
-
 def compact_json(obj: Any, indent: int = 0) -> str:
     """JSON with objects one key a line and lists on one line (readable data instances).
 
@@ -166,19 +161,21 @@ def _multi_label(d: dict[str, Any]) -> bool:
     return bool(d.get("topk") and d["topk"] > 1)
 
 
-def _front_matter(f: Facts) -> list[str]:
-    """The YAML front matter Hugging Face reads (license, size, tasks, tags)."""
+def card_yaml(f: Facts) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The YAML Hugging Face reads, in the three parts :func:`~silverlabel.stages.card.hub.merge_yaml`
+    merges: derived from the facts (always rewritten; ``configs``/``dataset_info`` are added by
+    the caller), from flags (None: the flag was not given, the card's value stays) and defaults
+    (written only where the card has no value)."""
     d = f.d
-    n = d["samples"]
-    multi = _multi_label(d)
-    task_ids = ["multi-class-image-classification"] + (["multi-label-image-classification"] if multi else [])
-    fm = ["---", f"pretty_name: {_yaml_str(d['name'])}", f"license: {_yaml_str(f.cfg.license)}",
-          "annotations_creators:", "- machine-generated", "language_creators:", "- found", "language:", "- en",
-          "multilinguality:", "- monolingual", "size_categories:", f"- {_yaml_str(size_category(n))}",
-          "source_datasets:", "- original", "task_categories:", "- image-classification", "task_ids:"]
-    fm += [f"- {t}" for t in task_ids]
-    fm += ["tags:", "- silverlabel", "- webdataset", "- machine-labeled", "---", ""]
-    return fm
+    task_ids = ["multi-class-image-classification"] + (["multi-label-image-classification"] if _multi_label(d) else [])
+    derived = {"size_categories": [size_category(d["samples"])], "task_ids": task_ids,
+               "tags": ["silverlabel", "webdataset" if f.lin.kind == "trainset" else "parquet", "machine-labeled"]}
+    flags = {"license": f.cfg.license, "pretty_name": f.cfg.pretty_name,
+             "task_categories": list(f.cfg.task_categories) if f.cfg.task_categories else None}
+    defaults = {"pretty_name": d["name"], "license": "other", "task_categories": ["image-classification"],
+                "annotations_creators": ["machine-generated"], "language_creators": ["found"], "language": ["en"],
+                "multilinguality": ["monolingual"], "source_datasets": ["original"]}
+    return derived, flags, defaults
 
 
 def _description(f: Facts) -> list[str]:
@@ -260,8 +257,7 @@ def _source_data(f: Facts) -> list[str]:
     """Dataset Creation, first part: where the images came from and what became of them."""
     d = f.d
     sel, ing = d.get("select"), d.get("ingest")
-    out = ["## Dataset Creation\n", "### Curation Rationale\n",
-           f"{_MORE} (why this dataset was made; silverlabel recorded how, below.)\n", "### Source Data\n"]
+    out = ["### Source Data\n"]
     if ing:
         for p in ing["parents"]:
             extra = ", ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in p.items()
@@ -385,37 +381,62 @@ def _statistics(plots: list[Path], readme: Path) -> list[str]:
     return out
 
 
-def _considerations(f: Facts) -> list[str]:
-    """Considerations and Additional Information (mostly for the curator to fill in)."""
+def _biases(f: Facts) -> list[str]:
+    """What the facts say about biases (the user's own discussion goes above it)."""
     d = f.d
-    out = ["## Considerations for Using the Data\n", "### Social Impact of Dataset\n", f"{_MORE}\n",
-           "### Discussion of Biases\n"]
-    bias = (f"{_MORE} The labels are a model's predictions, not human annotations: they inherit the teacher's "
+    bias = ("The labels are a model's predictions, not human annotations: they inherit the teacher's "
             "errors and biases and the skew of the source pool.")
     if d.get("thresholds"):
         t3 = next((r for r in d["thresholds"] if r["threshold"] == 0.3), None)
         if t3:
             bias += (f" At threshold 0.3, {100 * t3['share_with_label']:.1f}% of the images have a label and "
                      f"{t3['distinct_labels']:,} classes occur.")
-    out.append(bias + "\n")
-    out.append("### Other Known Limitations\n")
-    out.append(f"{_MORE} Web images may be removed by their owners over time; near-duplicates are removed only "
-               "where the lineage above lists a de-duplication rule.\n")
-    out.append("## Additional Information\n")
-    out.append("### Dataset Curators\n")
-    out.append(f"{_MORE}\n")
-    out.append("### Licensing Information\n")
-    out.append(f"{_MORE} The license field above (`{f.cfg.license}`) covers the metadata and labels. The images "
-               "remain the property of their owners; state here the terms under which they may be used.\n")
-    out.append("### Citation Information\n")
-    out.append(f"{_MORE}\n")
-    out.append(f"---\n\n*Card written by `silverlabel card` ({__version__}) from the dataset's manifests and tables; "
-               "fill in the sections marked as needing information.*\n")
-    return out
+    return [bias + "\n"]
 
 
-def render_card(f: Facts, plots: list[Path], readme: Path) -> str:
-    """The text of ``README.md``: front matter and sections, from ``f``'s computed facts."""
-    sections = [_front_matter(f), _description(f), _structure(f), _source_data(f), _filters(f), _annotations(f),
-                _provenance(f), _statistics(plots, readme), _considerations(f)]
-    return "\n".join(line for section in sections for line in section)
+def _user(*lines: str) -> str:
+    return "\n".join(lines) + "\n"
+
+
+def card_blocks(f: Facts, plots: list[Path], readme: Path, license: str) -> list[tuple[str | None, str]]:
+    """The card's text in order: ``(name, text)`` for the blocks silverlabel writes (between
+    markers, rewritten by every run) and ``(None, text)`` for the sections the curator fills in
+    (written once, then left alone)."""
+    def gen(*sections: list[str]) -> str:
+        return "\n".join(line for section in sections for line in section) + "\n"
+
+    return [
+        ("description", gen(_description(f))),
+        ("structure", gen(_structure(f))),
+        (None, _user("## Dataset Creation\n", "### Curation Rationale\n",
+                     f"{_MORE} (why this dataset was made; silverlabel recorded how, below.)\n")),
+        ("creation", gen(_source_data(f), _filters(f), _annotations(f), _provenance(f))),
+        ("statistics", gen(_statistics(plots, readme))),
+        (None, _user("## Considerations for Using the Data\n", "### Social Impact of Dataset\n", f"{_MORE}\n",
+                     "### Discussion of Biases\n", f"{_MORE}\n")),
+        ("biases", gen(_biases(f))),
+        (None, _user("### Other Known Limitations\n",
+                     f"{_MORE} Web images may be removed by their owners over time; near-duplicates are removed only "
+                     "where the lineage above lists a de-duplication rule.\n", "## Additional Information\n",
+                     "### Dataset Curators\n", f"{_MORE}\n", "### Licensing Information\n",
+                     f"{_MORE} The images remain the property of their owners; state here the terms under which "
+                     "they may be used.\n")),
+        ("license", f"The license field above (`{license}`) covers the metadata and labels.\n"),
+        (None, _user("### Citation Information\n", f"{_MORE}\n")),
+        ("footer", f"---\n\n*Card written by `silverlabel card` ({__version__}) from the dataset's manifests and "
+                   "tables. Text between `silverlabel:begin`/`end` markers is rewritten by every run; fill in the "
+                   "other sections, they are kept.*\n"),
+    ]
+
+
+def render_card(f: Facts, plots: list[Path], readme: Path, old: str | None = None,
+                hub: dict[str, Any] | None = None) -> str:
+    """The text of ``README.md`` from ``f``'s computed facts, merged into ``old`` (the card
+    already there, if any): its YAML keys silverlabel does not own and its text outside the
+    generated blocks are kept. ``hub``: the ``configs`` and ``dataset_info`` to write."""
+    from silverlabel.stages.card.hub import compose_card, merge_body, merge_yaml, split_card
+
+    old_yaml, old_body = split_card(old) if old is not None else ({}, None)
+    derived, flags, defaults = card_yaml(f)
+    data = merge_yaml(old_yaml, {**derived, **(hub or {})}, flags, defaults)
+    return compose_card(data, merge_body(old_body, card_blocks(f, plots, readme, str(data["license"]))))
