@@ -11,6 +11,7 @@ import torch
 
 from toy_trainset import write_toy_trainset
 
+from silverlabel.errors import UserError
 from silverlabel.stages.train import TrainConfig, compute_loss, lr_at, run_train
 
 LENGTHS = [16, 16, 16]
@@ -193,20 +194,23 @@ def test_cli_train(trainset, tmp_path, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_ddp_two_process_gloo(trainset, tmp_path):
+def test_ddp_two_process_gloo_equals_one_process(trainset, tmp_path):
+    """2 ranks x batch 4 over gloo on the CPU: the same per-step losses (mean over ranks) and
+    final weights as one process with batch 8 -- the ranks train on the two halves of each
+    global batch, same crops and flips (the loader's global order). 8 steps cross the epoch
+    boundary (48 samples = 6 global batches)."""
     import os
-    import subprocess
-    import sys
-
     import re
     import shutil
+    import subprocess
+    import sys
 
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "silverlabel.cli", "train", trainset, "-o", str(out), "--model", "test_vit",
-           "--img-size", "32", "--batch-size", "4", "--steps", "4", "--log-every", "1", "--device", "cpu",
-           "--no-progress"]
+           "--img-size", "32", "--batch-size", "4", "--steps", "8", "--warmup-steps", "2", "--lr", "2e-3",
+           "--log-every", "1", "--device", "cpu", "--no-progress", "--no-tensorboard"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     # torchrun --standalone picks its ports by binding and releasing them: another process
     # (a Ray cluster shutting down in an earlier test) can take one in between. Only that
@@ -215,7 +219,52 @@ def test_ddp_two_process_gloo(trainset, tmp_path):
         shutil.rmtree(out, ignore_errors=True)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("silverlabel train: 4 steps") == 1  # rank 0 only
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows] == [1, 2, 3, 4]
-    assert torch.load(out / "checkpoint-final.pt", weights_only=True)["step"] == 4
+    assert r.stdout.count("silverlabel train: 8 steps") == 1  # rank 0 only
+    two = _metric_losses(out)
+    assert [s for s, _ in two] == list(range(1, 9))
+    ck2 = torch.load(out / "checkpoint-final.pt", weights_only=True)
+    assert ck2["step"] == 8 and ck2["world_size"] == 2
+
+    one_out = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1)
+    try:
+        run_train(TrainConfig(trainset, str(one_out), model="test_vit", img_size=32, batch_size=8, steps=8,
+                              warmup_steps=2, lr=2e-3, log_every=1, device="cpu", tensorboard=False), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    one = _metric_losses(one_out)
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (s, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-5), (s, a, b)
+    assert len({round(a, 4) for _, a in one}) > 4  # the losses move: the comparison says something
+    ck1 = torch.load(one_out / "checkpoint-final.pt", weights_only=True)
+    for k, v in ck1["model"].items():
+        # the key bias's gradient is 0 in exact arithmetic (softmax ignores a shift); AdamW
+        # scales its float noise up to lr-sized steps, so it alone gets a looser bound
+        atol = 1e-4 if k.endswith("qkv.bias") else 1e-5
+        torch.testing.assert_close(ck2["model"][k], v, rtol=1e-4, atol=atol, msg=k)
+    # the world size is part of the run: resuming the 2-rank run in one process is refused
+    with pytest.raises(UserError, match="2 processes"):
+        run_train(TrainConfig(trainset, str(out), model="test_vit", img_size=32, batch_size=4, steps=8,
+                              warmup_steps=2, lr=2e-3, log_every=1, device="cpu", tensorboard=False),
+                  resume=True, progress=False)
+
+
+def test_loader_workers_scale_with_the_ranks_cores(monkeypatch):
+    import os
+
+    from silverlabel.stages.train import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(-1, "cuda") == 31 and loader_workers(3, "cuda") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 ranks share the host's 32 cores
+    assert loader_workers(-1, "cuda") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(-1, "cuda") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert loader_workers(-1, "cuda") == 1  # never none on a GPU
+    assert loader_workers(-1, "cpu") == 0  # the CPU model wants the cores
+    with pytest.raises(UserError, match="num_workers"):
+        TrainConfig("ts", "run", num_workers=-2)

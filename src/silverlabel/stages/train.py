@@ -36,7 +36,7 @@ One plain loop that reads top to bottom (nanoGPT-style)::
   needs only the step. ``steps`` (if given) overrides ``epochs``.
 - **Checkpoints**: ``RUN/checkpoint.pt`` every ``ckpt_every`` steps and at the end, plus
   ``RUN/checkpoint-final.pt``; a plain dict ``{model, optimizer, ema, step, epoch, config,
-  torch_rng, format}`` (config a plain dict) written atomically, loadable with
+  world_size, torch_rng, format}`` (config a plain dict) written atomically, loadable with
   ``torch.load(..., weights_only=True)``. ``resume=True`` continues at the exact step; on CPU
   the loss trajectory equals the uninterrupted run (deterministic algorithms, fixed seeds).
 - **Metrics**: ``RUN/metrics.jsonl`` and ``RUN/metrics.csv``, one row per ``log_every``
@@ -46,6 +46,15 @@ One plain loop that reads top to bottom (nanoGPT-style)::
   the checkpoint).
 - **DDP**: when ``WORLD_SIZE > 1`` (torchrun), a gloo (CPU) or nccl (CUDA) process group,
   ``DistributedDataParallel``, and the loader's ``rank``/``world_size``; only rank 0 writes.
+  ``batch_size`` is per rank; the global batch ``N * batch_size`` is read in one global
+  order and rank ``r`` trains on the ``r``-th slice of it (:mod:`silverlabel.loader`), so an
+  N-rank run sees the same batches, augmentations included, as a 1-process run with
+  ``batch_size * N``, and its logged loss (the mean over ranks) and weights equal that run's
+  up to float summation order (tested on the CPU over gloo). BatchNorm becomes SyncBatchNorm
+  on CUDA (global-batch statistics); on the CPU it stays per rank. A run resumes only with
+  the world size it started with. Loader workers per rank default to the rank's share of
+  the cores less one on a GPU (:func:`loader_workers`), batches are pinned and copied
+  non-blocking, and travel as uint8 (normalised on the GPU).
 - **Fine-tuning** (``init``): weights from a checkpoint (or a plain state dict); tensors
   whose shape differs are dropped (a new head when the class count differs) except
   ``pos_embed``, which is resampled to the new ``img_size`` (timm's
@@ -109,7 +118,9 @@ class TrainConfig:
     ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay", type=float)
     ckpt_every: int = opt(100, "checkpoint every N steps", type=positive_int)
     log_every: int = opt(10, "metrics row every N steps", type=positive_int)
-    num_workers: int = opt(0, "loader worker processes", flag="--workers", type=int)
+    num_workers: int = opt(-1, "loader worker processes per rank; -1 = auto", flag="--workers", type=int,
+                           default_help="default: 0 on CPU; on a GPU the rank's share of the cores - 1 "
+                                        "(cores / LOCAL_WORLD_SIZE - 1, at most 32)")
     init: str | None = opt(None, "fine-tune from this checkpoint (new head / pos-embed resampled)", metavar="CKPT")
     kd_aug: str = opt("random", "kd: which stored augmentation a sample replays: random per epoch, or epoch %% K",
                       choices=("random", "sequential"))
@@ -130,8 +141,10 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"steps must be >= 1, got {self.steps}")
-        if self.warmup_steps < 0 or self.num_workers < 0 or self.seed < 0:
-            raise UserError("warmup_steps, num_workers and seed must be >= 0")
+        if self.warmup_steps < 0 or self.seed < 0:
+            raise UserError("warmup_steps and seed must be >= 0")
+        if self.num_workers < -1:
+            raise UserError(f"num_workers must be >= 0 (or -1: auto), got {self.num_workers}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -364,6 +377,35 @@ def _tensorboard_writer(path: Path, step: int):
     return SummaryWriter(str(path), purge_step=step + 1)
 
 
+def loader_workers(requested: int, device_type: str) -> int:
+    """Loader worker processes for this rank: ``requested`` when >= 0; auto (-1): 0 on the
+    CPU (the model wants the cores), on a GPU this rank's share of the usable cores less one
+    for the training process itself: ``cores // LOCAL_WORLD_SIZE - 1``, between 1 and 32
+    (cores from ``os.sched_getaffinity``; LOCAL_WORLD_SIZE is torchrun's ranks on this host)."""
+    if requested >= 0:
+        return requested
+    if device_type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(32, cores // local - 1))
+
+
+def _sync_batchnorm(model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
+    """Under DDP: BatchNorm layers (timm's BatchNormAct2d included) become SyncBatchNorm on
+    CUDA, so batch statistics are those of the global batch as in a 1-process run; PyTorch
+    has no CPU SyncBatchNorm, so on the CPU they stay per rank (said once)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type != "cuda":
+        log("note: BatchNorm statistics are per rank under DDP on the CPU (no SyncBatchNorm there); "
+            "losses differ from a 1-process run")
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def _dist_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
@@ -411,10 +453,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if resume and ckpt_path.exists():  # before anything is built: a run resumed with other settings is refused
         ck = load_weights(ckpt_path)
         check_resume(ckpt_path, ck.get("config") if isinstance(ck, dict) else None, cfg)
+        if int(ck.get("world_size", world)) != world:  # the global batch and the data order depend on it
+            raise UserError(f"{ckpt_path}: the run was started with {ck['world_size']} processes, this one has "
+                            f"{world}; resume with the same number")
 
     # -- data
     lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                        num_workers=cfg.num_workers, img_size=cfg.img_size, normalize=device.type != "cuda",
+                        num_workers=loader_workers(cfg.num_workers, device.type), img_size=cfg.img_size,
+                        normalize=device.type != "cuda",
                         kd=get_loss(cfg.loss).targets == "reinforced", kd_aug=cfg.kd_aug, p_reinforced=cfg.p_reinforced)
     loader_steps = steps_per_epoch(lcfg)
     per_epoch = loader_steps // cfg.accum_steps
@@ -455,6 +501,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     start_step = step
     train_model = model
     if ddp:
+        model = _sync_batchnorm(model, device, log if master else lambda *_: None)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -466,6 +513,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                 "format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "step": step,
                 "epoch": step // per_epoch, "config": asdict(cfg), "num_classes": num_classes,
+                "world_size": world,
                 "torch_rng": torch.get_rng_state()})
 
     # -- metrics files (rank 0)
