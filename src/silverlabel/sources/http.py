@@ -36,15 +36,39 @@ One :class:`Fetcher` is shared by all worker threads of a process. Its parts:
   Error and redirect bodies up to 64 KiB are read (to keep the connection), never kept.
   A gzip/deflate body sent despite ``Accept-Encoding: identity`` is decoded, under the cap.
 
+* **Proxies**: as ``requests`` and curl read them, where the Fetcher is made (in the
+  process that downloads): ``http_proxy``/``HTTP_PROXY`` for http URLs, ``https_proxy``/
+  ``HTTPS_PROXY`` for https ones, ``all_proxy``/``ALL_PROXY`` for both (lower case first;
+  ``HTTP_PROXY`` is ignored where ``REQUEST_METHOD`` says we run under CGI), and
+  ``no_proxy``/``NO_PROXY`` (see :class:`NoProxy`). ``FetchConfig.proxy`` (``--proxy``)
+  replaces the ``*_PROXY`` variables, ``no_proxy`` (``--no-proxy``) adds hosts to
+  NO_PROXY, ``proxy_env=False`` (``--no-proxy-env``) ignores the environment. Only
+  ``http://`` proxies: http URLs go to it in absolute form, https URLs through a
+  ``CONNECT`` tunnel with TLS (SNI, certificate check) to the origin inside. Credentials
+  in the proxy URL (``http://user:pass@proxy:3128``) are sent as ``Proxy-Authorization:
+  Basic`` and never shown: :class:`ProxyURL` prints without them, errors name the proxy
+  without them. Connections to the proxy (http) and tunnels (https, per origin) are
+  pooled like direct ones. A proxy that cannot be reached, refuses a tunnel or is set to
+  something unsupported (``socks5://``) gives ``failed_download`` rows saying so.
+* **Private addresses with a proxy**: the proxy's own address is the user's choice and is
+  never refused (a proxy on loopback is common). The proxy resolves the target's name, so
+  only what the URL itself says can be checked here: a literal IP (any spelling
+  ``getaddrinfo`` accepts, ``127.1`` or ``0x7f000001`` too) that is not public, or
+  ``localhost``/``*.localhost``, is refused as ``blocked_address`` before anything is
+  sent, on every redirect hop too; a public-looking name that the proxy resolves to a
+  private address is the proxy's policy to refuse. Hosts in NO_PROXY get the full checks.
+
 ``fetch`` never raises for network or HTTP problems: every outcome is a :class:`FetchResult`.
 """
 
 from __future__ import annotations
 
+import base64
 import heapq
 import http.client
 import ipaddress
 import itertools
+import os
 import random
 import re
 import socket
@@ -53,14 +77,15 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from silverlabel.errors import UserError
 from silverlabel.options import csv_list, opt, parse_size, positive_int
 
-__all__ = ["FetchConfig", "FetchResult", "Fetcher", "robots_opt_out"]
+__all__ = ["FetchConfig", "FetchResult", "Fetcher", "NoProxy", "ProxyURL", "proxy_url", "robots_opt_out"]
 
 
 def _version() -> str:
@@ -90,6 +115,214 @@ _VALUED_DIRECTIVES = frozenset(
 _BOT_PREFIX = re.compile(r"\s*([A-Za-z0-9_.*-]+)\s*:(.*)", re.S)
 
 
+# --- proxies ----------------------------------------------------------------------------
+
+_PROXY_VARS = {"http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+               "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+def _authority(host: str, port: int, default: int | None) -> str:
+    """``host:port`` as a URL writes it: IPv6 in brackets, the port left out if default."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == default else f"{name}:{port}"
+
+
+class ProxyURL:
+    """An HTTP proxy, ``http://[user:pass@]host[:port]``, whose credentials never show.
+
+    ``str()`` and ``repr()`` leave the credentials out (``***`` says there are some), so a
+    config that holds one can be printed, logged or stored. ``host:port`` without a scheme
+    means ``http://``; the port defaults to 80; ``%``-escapes in user and password are
+    decoded. ``https://`` (TLS to the proxy) and ``socks*://`` proxies are not supported:
+    ValueError, with a message that does not repeat the URL.
+
+        >>> p = ProxyURL("http://alice:s%40cret@Proxy.internal:3128")
+        >>> str(p), p.host, p.port, p.username
+        ('http://***@proxy.internal:3128', 'proxy.internal', 3128, 'alice')
+        >>> p.authorization
+        'Basic YWxpY2U6c0BjcmV0'
+        >>> str(ProxyURL("proxy:8080")), str(ProxyURL("http://[::1]/")), ProxyURL("http://[::1]").port
+        ('http://proxy:8080', 'http://[::1]:80', 80)
+    """
+
+    __slots__ = ("host", "port", "username", "_password")
+
+    def __init__(self, url: str | ProxyURL) -> None:
+        if isinstance(url, ProxyURL):
+            self.host, self.port, self.username, self._password = url.host, url.port, url.username, url._password
+            return
+        text = url.strip()
+        if "://" not in text:
+            text = "http://" + text
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        if scheme != "http":
+            raise ValueError(f"proxy scheme {scheme}:// is not supported: give an http:// proxy "
+                             "(https URLs go through it in a CONNECT tunnel)")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError("proxy URL has a bad port") from None
+        host = parts.hostname or ""
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError("proxy URL has a bad host name") from None
+        if not host or any(c in host for c in " /\\@") or any(ord(c) < 33 for c in host):
+            raise ValueError("proxy URL has no host" if not host else "proxy URL has a bad host name")
+        self.host, self.port = host, port
+        self.username = unquote(parts.username) if parts.username is not None else None
+        self._password = unquote(parts.password) if parts.password is not None else None
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``Proxy-Authorization`` header value (Basic), or None without credentials."""
+        if self.username is None:
+            return None
+        pair = f"{self.username}:{self._password or ''}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+    def secrets(self) -> list[str]:
+        """Strings that must never appear in an error: the password as given and escaped,
+        and the header value. Passwords under 4 characters are not scrubbed from text (they
+        would mangle every message); nothing here writes them anyway."""
+        if not self._password or len(self._password) < 4:
+            return []
+        out = {self._password, quote(self._password, safe=""), self.authorization or ""}
+        out.add((self.authorization or "").removeprefix("Basic "))
+        return sorted((s for s in out if s), key=len, reverse=True)
+
+    def __str__(self) -> str:
+        auth = "***@" if self.username is not None else ""
+        return f"http://{auth}{_authority(self.host, self.port, None)}"
+
+    def __repr__(self) -> str:
+        return f"ProxyURL({str(self)!r})"
+
+    def _key(self) -> tuple:
+        return self.host, self.port, self.username, self._password
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProxyURL) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple:  # pickles (to engine workers) with its credentials
+        return _proxy_from_key, self._key()
+
+
+def _proxy_from_key(host: str, port: int, username: str | None, password: str | None) -> ProxyURL:
+    p = ProxyURL.__new__(ProxyURL)
+    p.host, p.port, p.username, p._password = host, port, username, password
+    return p
+
+
+def proxy_url(text: str) -> ProxyURL | None:
+    """The ``--proxy`` converter: a :class:`ProxyURL`, or None for ``""`` (no proxy).
+
+        >>> proxy_url("http://u:p@127.0.0.1:3128"), proxy_url("")
+        (ProxyURL('http://***@127.0.0.1:3128'), None)
+    """
+    if not text.strip():
+        return None
+    try:
+        return ProxyURL(text)
+    except ValueError as exc:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class NoProxy:
+    """Hosts fetched directly, not through the proxy: a NO_PROXY list as curl and requests read it.
+
+    Entries are separated by commas (or spaces). ``*`` alone means every host. A name
+    matches itself and its subdomains (``example.org``, ``.example.org`` and
+    ``*.example.org`` all match ``example.org`` and ``a.example.org``, not
+    ``badexample.org``). An IP address or CIDR block (``10.0.0.0/8``, ``fd00::/8``)
+    matches URLs whose host is a literal address in it; names are not resolved for this.
+    An entry may end in ``:port`` (``[::1]:8080`` for IPv6) to match that port only.
+    Case and a trailing dot do not matter.
+
+        >>> np = NoProxy("localhost, .internal.org,example.com:8080, 10.0.0.0/8 [::1]")
+        >>> [np.matches(h, p) for h, p in [("localhost", 80), ("a.internal.org", 443),
+        ...     ("internal.org", 80), ("example.com", 8080), ("example.com", 80),
+        ...     ("10.2.3.4", 80), ("::1", 443), ("notinternal.org", 80), ("11.0.0.1", 80)]]
+        [True, True, True, True, False, True, True, False, False]
+        >>> NoProxy("*").matches("anything.example", 443), NoProxy("").matches("localhost", 80)
+        (True, False)
+    """
+
+    def __init__(self, spec: str | Iterable[str] = ()) -> None:
+        entries = [spec] if isinstance(spec, str) else list(spec)
+        self.every = False
+        self.names: list[tuple[str, int | None]] = []
+        self.nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = []
+        for entry in (e for text in entries for e in re.split(r"[,\s]+", text.lower()) if e):
+            if entry == "*":
+                self.every = True
+                continue
+            host, port = entry, None
+            if entry.startswith("["):  # [v6] or [v6]:port
+                host, _, rest = entry[1:].partition("]")
+                if rest.startswith(":") and rest[1:].isdigit():
+                    port = int(rest[1:])
+            elif entry.count(":") == 1:  # name:port or v4:port (a bare IPv6 has several colons)
+                name, _, digits = entry.partition(":")
+                if digits.isdigit():
+                    host, port = name, int(digits)
+            try:
+                self.nets.append((ipaddress.ip_network(host, strict=False), port))
+                continue
+            except ValueError:
+                pass
+            host = host.lstrip("*").lstrip(".").rstrip(".")
+            if host:
+                self.names.append((host, port))
+
+    def __bool__(self) -> bool:
+        return self.every or bool(self.names) or bool(self.nets)
+
+    def matches(self, host: str, port: int) -> bool:
+        """True if a URL to ``host`` (lower case, IPv6 without brackets) at ``port`` is fetched directly."""
+        if self.every:
+            return True
+        host = host.lower().rstrip(".")
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return any((host == n or host.endswith("." + n)) and p in (None, port) for n, p in self.names)
+        return any(addr in net and p in (None, port) for net, p in self.nets)
+
+
+def _env_proxy(environ: Mapping[str, str], scheme: str) -> tuple[str, str] | None:
+    """(variable name, value) of the proxy the environment sets for ``scheme``, or None."""
+    for name in _PROXY_VARS[scheme]:
+        if name == "HTTP_PROXY" and "REQUEST_METHOD" in environ:
+            continue  # under CGI, HTTP_PROXY comes from a request header ("httpoxy")
+        value = environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host that is an IP literal stands for, in any spelling that
+    ``getaddrinfo`` (so a proxy) accepts: ``127.1``, ``2130706433``, ``0x7f.1``; else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[0-9a-fx.]+", host) or not host[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     """How a :class:`Fetcher` behaves; see the module docstring for the semantics."""
@@ -116,6 +349,24 @@ class FetchConfig:
                                       "(an intranet pool); refused by default, after DNS and on every redirect, as "
                                       "status blocked_address (link-local and multicast always are)",
                                       action="store_true", group="HTTP", default_help="")
+    proxy: ProxyURL | None = opt(None, "fetch through this HTTP proxy, http://[user:pass@]host:port, instead of "
+                                 "the one HTTP_PROXY/HTTPS_PROXY/ALL_PROXY name (https URLs by CONNECT); NO_PROXY "
+                                 "still applies. Credentials are better kept in HTTPS_PROXY: a command line is "
+                                 "visible to other users", type=proxy_url, metavar="URL", group="HTTP")
+    no_proxy: tuple[str, ...] = opt((), "hosts fetched directly, not through the proxy, besides NO_PROXY's "
+                                    "(names match subdomains; IPs, CIDRs, :port, *)", type=csv_list,
+                                    metavar="H1,H2", group="HTTP", default_help="")
+    proxy_env: bool = opt(True, "ignore HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY", flag="--no-proxy-env",
+                          action="store_false", group="HTTP", default_help="")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.proxy, str):  # FetchConfig(proxy="http://...") from Python
+            try:
+                object.__setattr__(self, "proxy", ProxyURL(self.proxy) if self.proxy.strip() else None)
+            except ValueError as exc:
+                raise UserError(f"--proxy: {exc}") from None
+        if isinstance(self.no_proxy, str):
+            object.__setattr__(self, "no_proxy", csv_list(self.no_proxy))
 
 
 @dataclass
@@ -177,6 +428,8 @@ def _describe(exc: BaseException) -> str:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, _BlockedAddress):
         return False
+    if isinstance(exc, _ProxyError):
+        return exc.retry
     if isinstance(exc, socket.gaierror):
         return exc.errno == socket.EAI_AGAIN
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -197,6 +450,11 @@ class _Target:
     @property
     def key(self) -> tuple[str, str, int]:
         return self.scheme, self.host, self.port
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` for the Host header and the absolute form (port left out if default)."""
+        return _authority(self.host, self.port, 443 if self.scheme == "https" else 80)
 
 
 def _target(url: str) -> _Target:
@@ -300,12 +558,13 @@ class _DNSCache:
                 self._resolving.pop(key, None)  # only once the entry is there
             return infos
 
-    def connect(self, host: str, port: int, timeout: float) -> socket.socket:
-        """A TCP socket connected to the first cached address of host that accepts."""
+    def connect(self, host: str, port: int, timeout: float, check: bool = True) -> socket.socket:
+        """A TCP socket connected to the first cached address of host that accepts; with
+        ``check``, refuse a host with a blocked address (not for the user's own proxy)."""
         error: OSError = OSError(f"no address for {host}")
         end = time.monotonic() + timeout
         infos = self.resolve(host, port)
-        bad = [info[4][0] for info in infos if blocked_address(info[4][0], self.allow_private)]
+        bad = [info[4][0] for info in infos if check and blocked_address(info[4][0], self.allow_private)]
         if bad:  # checked again here, as Fetcher._check_address does: the addresses connected to
             raise _BlockedAddress(f"{host} resolves to {bad[0]}, a non-public address")
         for family, type_, proto, _, addr in infos:
@@ -325,19 +584,68 @@ class _BlockedAddress(OSError):
     """A host that resolves to a non-public address (see :func:`blocked_address`)."""
 
 
+class _ProxyError(OSError):
+    """The proxy could not be reached or refused a tunnel; the message names it (no credentials)."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+def _open_socket(conn: _HTTPConnection | _HTTPSConnection) -> socket.socket:
+    """The connection's TCP socket: to its host, or to its proxy (not address-checked)."""
+    proxy = conn.proxy
+    if proxy is None:
+        return conn.dns.connect(conn.host, conn.port, conn.timeout)
+    try:
+        return conn.dns.connect(proxy.host, proxy.port, conn.timeout, check=False)
+    except TimeoutError:
+        raise
+    except OSError as exc:
+        raise _ProxyError(f"proxy {proxy} unreachable: {_describe(exc)}", _retryable(exc)) from None
+
+
+def _tunnel(sock: socket.socket, proxy: ProxyURL, host: str, port: int) -> None:
+    """Ask the proxy on ``sock`` for a CONNECT tunnel to host:port; _ProxyError if refused."""
+    authority = _authority(host, port, None)
+    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    if proxy.authorization:
+        head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+    resp = http.client.HTTPResponse(sock, method="CONNECT")
+    try:
+        sock.sendall((head + "\r\n").encode("ascii"))
+        resp.begin()
+    except TimeoutError:
+        raise
+    except (http.client.HTTPException, OSError) as exc:  # reset, closed, garbage
+        error = f"proxy {proxy}: CONNECT {authority} failed: {_describe(exc)}"
+        raise _ProxyError(error, isinstance(exc, OSError)) from None
+    finally:
+        resp.close()  # the response object only; the socket stays open
+    if not 200 <= resp.status < 300:
+        error = f"proxy {proxy} refused CONNECT {authority}: HTTP {resp.status} {resp.reason}".strip()
+        raise _ProxyError(error, resp.status in (408, 429) or resp.status >= 500)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     dns: _DNSCache
+    proxy: ProxyURL | None = None  # set: host and port are the proxy's, requests go in absolute form
+    pool_key: tuple = ()
 
     def connect(self) -> None:
-        self.sock = self.dns.connect(self.host, self.port, self.timeout)
+        self.sock = _open_socket(self)
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     dns: _DNSCache
+    proxy: ProxyURL | None = None  # set: a CONNECT tunnel through it to host:port
+    pool_key: tuple = ()
 
     def connect(self) -> None:  # TLS handshake under the socket timeout; SNI = real host
-        sock = self.dns.connect(self.host, self.port, self.timeout)
+        sock = _open_socket(self)
         try:
+            if self.proxy is not None:
+                _tunnel(sock, self.proxy, self.host, self.port)
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
@@ -400,9 +708,15 @@ class Fetcher:
         ['success', 'failed_download']
     """
 
-    def __init__(self, cfg: FetchConfig = FetchConfig()) -> None:
+    def __init__(self, cfg: FetchConfig = FetchConfig(), environ: Mapping[str, str] | None = None) -> None:
+        """``environ`` (default ``os.environ``) gives the proxy variables; like ``requests``,
+        they are looked at on every fetch (the settings are rebuilt only when they change)."""
         self.cfg = cfg
         self._dns = _DNSCache(cfg.dns_ttl, cfg.allow_private_network)
+        self._environ = environ
+        self._proxy_seen: tuple | None = None
+        self._routes: tuple[dict[str, ProxyURL | str], NoProxy] = ({}, NoProxy())  # replaced whole
+        self._secrets: list[str] = []
         self._tls: ssl.SSLContext | None = None  # made on first HTTPS use (loading CAs is slow)
         self._lock = threading.Lock()
         # id(conn) -> (pool key, connection, time pooled), oldest first
@@ -411,6 +725,58 @@ class Fetcher:
         self._slots: dict[str, list] = {}  # host -> [BoundedSemaphore, users]
         self._watchdog = _Watchdog()
         self._closed = False
+
+    def _proxy_settings(self) -> None:
+        """Bring scheme -> proxy (or the one-line error of an unusable setting), the bypass
+        list and the strings to scrub up to date with the environment."""
+        environ = os.environ if self._environ is None else self._environ
+        names = (*_PROXY_VARS["http"], *_PROXY_VARS["https"], "no_proxy", "NO_PROXY", "REQUEST_METHOD")
+        seen = tuple(environ.get(n) for n in names) if self.cfg.proxy_env else ()
+        if seen == self._proxy_seen:
+            return
+        cfg, proxies = self.cfg, {}
+        if cfg.proxy is not None:
+            proxies = {"http": cfg.proxy, "https": cfg.proxy}
+        elif cfg.proxy_env:
+            for scheme in ("http", "https"):
+                found = _env_proxy(environ, scheme)
+                if found is not None:
+                    name, value = found
+                    try:
+                        proxies[scheme] = ProxyURL(value)
+                    except ValueError as exc:  # every fetch that needs it says so, none goes direct
+                        proxies[scheme] = f"{name}: {exc}"
+        bypass = list(cfg.no_proxy)
+        if cfg.proxy_env:
+            bypass.append(environ.get("no_proxy") or environ.get("NO_PROXY") or "")
+        secrets = {x for p in proxies.values() if isinstance(p, ProxyURL) for x in p.secrets()}
+        with self._lock:
+            self._routes = (proxies, NoProxy(bypass))
+            self._secrets = sorted(secrets, key=len, reverse=True)
+            self._proxy_seen = seen
+
+    def proxy_for(self, url: str) -> ProxyURL | None:
+        """The proxy a fetch of ``url`` goes through (None: direct); ValueError for a bad URL
+        or an unusable proxy setting.
+
+            >>> f = Fetcher(FetchConfig(), environ={"HTTPS_PROXY": "http://u:pw@127.0.0.1:3128",
+            ...                                     "NO_PROXY": "intranet.example"})
+            >>> f.proxy_for("https://example.org/a.jpg"), f.proxy_for("http://example.org/a.jpg")
+            (ProxyURL('http://***@127.0.0.1:3128'), None)
+            >>> f.proxy_for("https://img.intranet.example/a.jpg") is None
+            True
+        """
+        return self._route(_target(url))
+
+    def _route(self, t: _Target) -> ProxyURL | None:
+        self._proxy_settings()
+        proxies, bypass = self._routes
+        choice = proxies.get(t.scheme)
+        if choice is None or bypass.matches(t.host, t.port):
+            return None
+        if isinstance(choice, str):
+            raise ValueError(f"unusable proxy setting {choice}")
+        return choice
 
     def __enter__(self) -> Fetcher:
         return self
@@ -449,6 +815,8 @@ class Fetcher:
             except Exception as exc:  # a bug or an exotic error: still a result, never a raise
                 result, retry, wait = FetchResult("failed_download", _describe(exc)), False, None
             result.attempts = attempt + 1
+            for secret in self._secrets:  # nothing puts them there; in case an exception text does
+                result.error = result.error.replace(secret, "***")
             if not retry or attempt >= self.cfg.retries:
                 return result
             if wait is None:
@@ -466,28 +834,47 @@ class Fetcher:
             except (ValueError, UnicodeError):
                 error = f"redirect to unsupported url {url!r}"
                 raise _Outcome(FetchResult("failed_download", error, final_url=url)) from None
-            self._check_address(target)
-            status, location, body = self._hop(target, deadline)
+            try:
+                proxy = self._route(target)
+            except ValueError as exc:
+                raise _Outcome(FetchResult("failed_download", str(exc), final_url=url)) from None
+            self._check_address(target, proxy)
+            status, location, body = self._hop(target, proxy, deadline)
             if location is None:
                 return FetchResult("success", data=body, http_status=status, final_url=url)
             url = urljoin(url, location)
         error = f"too many redirects (>{self.cfg.max_redirects})"
         raise _Outcome(FetchResult("failed_download", error, http_status=status, final_url=url))
 
-    def _check_address(self, t: _Target) -> None:
-        """Refuse a host (first or redirected to) that resolves to a non-public address."""
+    def _check_address(self, t: _Target, proxy: ProxyURL | None = None) -> None:
+        """Refuse a host (first or redirected to) that resolves to a non-public address; through
+        a proxy (which resolves names) a literal non-public IP or a localhost name."""
+        allow = self.cfg.allow_private_network
+        hint = "" if allow else "; --allow-private-network fetches from private ones"
+        if proxy is not None:
+            addr = _literal_ip(t.host)
+            if addr is not None and blocked_address(str(addr), allow):
+                error = f"{t.host} is {addr}, a non-public address{hint}"
+                raise _Outcome(FetchResult("blocked_address", error, final_url=t.url))
+            if not allow and (t.host == "localhost" or t.host.endswith(".localhost")):
+                error = f"{t.host} is a loopback name{hint}"
+                raise _Outcome(FetchResult("blocked_address", error, final_url=t.url))
+            return
         try:
             infos = self._dns.resolve(t.host, t.port)
         except OSError:
             return  # the connection attempt reports it, with retries where they apply
-        bad = [info[4][0] for info in infos if blocked_address(info[4][0], self.cfg.allow_private_network)]
+        bad = [info[4][0] for info in infos if blocked_address(info[4][0], allow)]
         if bad:
-            hint = "" if self.cfg.allow_private_network else "; --allow-private-network fetches from private ones"
             error = f"{t.host} resolves to {bad[0]}, a non-public address{hint}"
             raise _Outcome(FetchResult("blocked_address", error, final_url=t.url))
 
-    def _hop(self, t: _Target, deadline: _Deadline) -> tuple[int, str | None, bytes | None]:
-        """One request under the host's slot: (status, redirect location or None, body)."""
+    def _hop(self, t: _Target, proxy: ProxyURL | None, deadline: _Deadline) -> tuple[int, str | None, bytes | None]:
+        """One request under the host's slot: (status, redirect location or None, body).
+
+        Pooled connections are keyed by where they lead: the origin (direct), the proxy
+        (http through it: any origin), or the origin through the proxy (an https tunnel).
+        """
         with self._lock:
             slot = self._slots.get(t.host)
             if slot is None:
@@ -496,8 +883,12 @@ class Fetcher:
         queued = time.monotonic()
         slot[0].acquire()
         deadline.at += time.monotonic() - queued
+        if proxy is None:
+            key: tuple = t.key
+        else:
+            key = ("proxy", proxy) if t.scheme == "http" else (*t.key, proxy)
         try:
-            conn = self._take(t.key)
+            conn = self._take(key)
             if conn is not None:
                 try:
                     return self._exchange(conn, t, deadline, reused=True)
@@ -505,9 +896,11 @@ class Fetcher:
                     pass
             if t.scheme == "https":
                 conn = _HTTPSConnection(t.host, t.port, context=self._tls_context())
+            elif proxy is not None:
+                conn = _HTTPConnection(proxy.host, proxy.port)
             else:
                 conn = _HTTPConnection(t.host, t.port)
-            conn.dns = self._dns
+            conn.dns, conn.proxy, conn.pool_key = self._dns, proxy, key
             return self._exchange(conn, t, deadline, reused=False)
         finally:
             with self._lock:
@@ -541,7 +934,14 @@ class Fetcher:
             watch = self._watchdog.watch(deadline.at, sock)
             phase = "request"
             sock.settimeout(deadline.left())
-            conn.putrequest("GET", t.path, skip_accept_encoding=True)
+            via = conn.proxy if t.scheme == "http" else None  # http through a proxy: absolute form
+            if via is not None:
+                conn.putrequest("GET", f"http://{t.authority}{t.path}", skip_host=True, skip_accept_encoding=True)
+                conn.putheader("Host", t.authority)
+                if via.authorization:
+                    conn.putheader("Proxy-Authorization", via.authorization)
+            else:
+                conn.putrequest("GET", t.path, skip_accept_encoding=True)
             conn.putheader("User-Agent", cfg.user_agent)
             conn.putheader("Accept", "image/*,*/*;q=0.8")
             conn.putheader("Accept-Encoding", "identity")
@@ -563,6 +963,8 @@ class Fetcher:
                         raise _Outcome(fail(error))
                     raise _Outcome(fail(f"HTTP {status}"), retry=True, wait=wait)
                 missing = " without Location" if status in _REDIRECTS else ""
+                if status == 407 and via is not None:
+                    missing = f" from proxy {via}: its credentials are missing or wrong"
                 raise _Outcome(fail(f"HTTP {status}{missing}"))
             if cfg.respect_robots:
                 values = resp.headers.get_all("X-Robots-Tag") or []
@@ -596,12 +998,15 @@ class Fetcher:
             if fired or isinstance(exc, TimeoutError) or time.monotonic() >= deadline.at:
                 # once connected, a timeout means a stalling server: not retried (bounds wall time)
                 error = f"timeout after {float(cfg.timeout)} s"
+                if phase == "connect" and conn.proxy is not None:
+                    error += f" (connecting through proxy {conn.proxy})"
                 raise _Outcome(fail(error), retry=phase == "connect") from None
             if reused and phase == "request":
                 raise _Stale() from exc
             if isinstance(exc, _BlockedAddress):  # the address resolved at connect time (DNS changed)
                 raise _Outcome(fail(str(exc), "blocked_address")) from None
-            raise _Outcome(fail(_describe(exc)), retry=_retryable(exc)) from None
+            error = str(exc) if isinstance(exc, _ProxyError) else _describe(exc)  # it names the proxy
+            raise _Outcome(fail(error), retry=_retryable(exc)) from None
         finally:
             if watch is not None:
                 self._watchdog.done(watch)
@@ -644,7 +1049,7 @@ class Fetcher:
             conn.close()
             return
         with self._lock:
-            self._idle[id(conn)] = (t.key, conn, time.monotonic())
+            self._idle[id(conn)] = (conn.pool_key or t.key, conn, time.monotonic())
             evicted = self._idle.popitem(last=False)[1][1] if len(self._idle) > _MAX_IDLE else None
         if evicted is not None:
             evicted.close()
