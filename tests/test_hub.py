@@ -99,9 +99,12 @@ def test_trainset_loads_with_class_names(chain, hf):
                                                                            info["splits"]["train"]["filenames"]]},
                                      cache_dir=cache, split="train").features
     declared = ds["train"].features
-    assert list(inferred) == list(declared)
+    assert list(inferred) == list(declared) and list(declared)[:2] == ["jpg", "cls"]
     assert inferred["cls"] == datasets.Value("int64")
-    assert {k: v for k, v in inferred.items() if k != "cls"} == {k: v for k, v in declared.items() if k != "cls"}
+    # a field null in every sample read is declared a string (a later sample's value fits it)
+    as_read = json.dumps(inferred._to_yaml_list()).replace('"dtype": "null"', '"dtype": "string"')
+    assert json.loads(as_read)[2:] == declared._to_yaml_list()[2:]  # all but jpg and cls
+    assert '"null"' in json.dumps(inferred._to_yaml_list())  # the folder source has no url: a real case
 
 
 def test_pool_loads_samples_and_each_labels_set(chain, hf):
@@ -197,3 +200,15 @@ def test_helpers():
     assert "mine\n" in again and "A2" in again and "B2" in again and "hand edit" not in again and "user" not in again
     without_b = edited[:edited.index("<!-- silverlabel:begin b")]
     assert "B2" not in merge_body(without_b, [("a", "A2\n"), ("b", "B2\n")])  # a block the user deleted stays so
+
+
+def test_broken_yaml_is_a_clear_error_and_kept(chain, tmp_path):
+    from silverlabel.errors import UserError
+
+    ts = tmp_path / "ts"
+    shutil.copytree(chain["trainset"], ts)
+    broken = "---\nlicense: [mit\n---\n# Mine\n"
+    (ts / "README.md").write_text(broken)
+    with pytest.raises(UserError, match="README.md: the card's YAML front matter"):
+        run_card(CardConfig(dataset=str(ts), plots=False, threads=2))
+    assert (ts / "README.md").read_text() == broken

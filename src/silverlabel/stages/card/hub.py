@@ -64,13 +64,17 @@ FLAG_KEYS = ("license", "pretty_name", "task_categories")
 _ARROW_DTYPES = {"double": "float64", "float": "float32", "halffloat": "float16"}
 
 
-def feature_yaml(t: pa.DataType) -> dict[str, Any]:
+def feature_yaml(t: pa.DataType, null: str = "null") -> dict[str, Any]:
     """The card-YAML form of the ``datasets`` feature of an arrow type (as
-    ``Features._to_yaml_list`` writes it): ``{"dtype": ...}``, ``{"list": ...}`` or ``{"struct": [...]}``."""
+    ``Features._to_yaml_list`` writes it): ``{"dtype": ...}``, ``{"list": ...}`` or ``{"struct": [...]}``.
+    ``null``: the dtype of a field that was null in every sample read (``string`` takes the
+    values of a later sample, where ``null`` would fail on them)."""
+    if pa.types.is_null(t):
+        return {"dtype": null}
     if pa.types.is_struct(t):
-        return {"struct": [{"name": f.name, **feature_yaml(f.type)} for f in t]}
+        return {"struct": [{"name": f.name, **feature_yaml(f.type, null)} for f in t]}
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        inner = feature_yaml(t.value_type)
+        inner = feature_yaml(t.value_type, null)
         kind = "list" if pa.types.is_list(t) else "large_list"
         if list(inner) == ["dtype"]:
             return {kind: inner["dtype"]}
@@ -155,7 +159,12 @@ def trainset_features(root: Path, info: dict[str, Any], class_names: list[str] |
                         return None
                     if ext_l in IMAGE_EXTS:
                         continue
-                    row[ext] = _decoded(ext_l, read_member(f, offset, size))
+                    try:
+                        row[ext] = _decoded(ext_l, read_member(f, offset, size))
+                    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                        notes.append(f"{path.name}: member {s.key}.{ext} does not decode ({e}): no dataset_info "
+                                     "features")
+                        return None
                 rows.append(row)
     if not rows:
         return None
@@ -173,7 +182,7 @@ def trainset_features(root: Path, info: dict[str, Any], class_names: list[str] |
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 notes.append(f"member .{ext} has no single type across samples ({e}): no dataset_info features")
                 return None
-            features.append({"name": ext, **feature_yaml(t)})
+            features.append({"name": ext, **feature_yaml(t, null="string")})
     features += [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
     return features
 
@@ -217,13 +226,13 @@ def block(name: str, text: str) -> str:
     return f"{BEGIN.format(name)}\n{text.rstrip()}\n{END.format(name)}\n\n"
 
 
-def _by_config(ours: list[dict[str, Any]], theirs: Any) -> list[dict[str, Any]]:
-    """``ours`` then the user's entries of other config names (a dict is one ``default`` entry)."""
+def _by_config(ours: list[dict[str, Any]], theirs: Any, owned: set[str]) -> list[dict[str, Any]]:
+    """``ours`` then the user's entries of config names not in ``owned`` (a dict is one
+    ``default`` entry)."""
     if isinstance(theirs, dict):
         theirs = [theirs]
-    names = {c["config_name"] for c in ours}
     return ours + [c for c in (theirs or []) if isinstance(c, dict)
-                   and c.get("config_name", "default") not in names]
+                   and c.get("config_name", "default") not in owned]
 
 
 def merge_yaml(old: dict[str, Any], derived: dict[str, Any], flags: dict[str, Any],
@@ -233,9 +242,10 @@ def merge_yaml(old: dict[str, Any], derived: dict[str, Any], flags: dict[str, An
     given) written over it, ``defaults`` filling what is still missing; ``tags`` are a union;
     ``configs``/``dataset_info`` entries of other config names are kept."""
     out = dict(old)
+    owned = {c["config_name"] for c in derived.get("configs", [])}
     for k, v in derived.items():
         if k in ("configs", "dataset_info"):
-            v = _by_config(v, old.get(k))
+            v = _by_config(v, old.get(k), owned)
             if not v:
                 out.pop(k, None)
                 continue
@@ -269,14 +279,19 @@ def merge_body(old: str | None, blocks: list[tuple[str | None, str]]) -> str:
     return _BLOCK.sub(lambda m: block(m[1], new.get(m[1], "")).rstrip("\n"), old)
 
 
-def split_card(text: str) -> tuple[dict[str, Any], str]:
-    """The YAML mapping and the body of an existing card, read by ``huggingface_hub``."""
+def split_card(text: str, where: str | os.PathLike = "README.md") -> tuple[dict[str, Any], str]:
+    """The YAML mapping and the body of an existing card (at ``where``, for the error), read by
+    ``huggingface_hub``."""
     from huggingface_hub import DatasetCard
+
+    import yaml
 
     try:
         card = DatasetCard(text, ignore_metadata_errors=True)
-    except ValueError as e:
-        raise UserError(f"the card's YAML front matter is not a mapping ({e}); fix or move it") from None
+    except (ValueError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where}: the card's YAML front matter does not read as a mapping ({first}); fix it or move the "
+                        "card away") from None
     return card.data.to_dict(), card.text
 
 

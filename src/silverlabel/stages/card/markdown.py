@@ -436,7 +436,7 @@ def render_card(f: Facts, plots: list[Path], readme: Path, old: str | None = Non
     generated blocks are kept. ``hub``: the ``configs`` and ``dataset_info`` to write."""
     from silverlabel.stages.card.hub import compose_card, merge_body, merge_yaml, split_card
 
-    old_yaml, old_body = split_card(old) if old is not None else ({}, None)
+    old_yaml, old_body = split_card(old, readme) if old is not None else ({}, None)
     derived, flags, defaults = card_yaml(f)
     data = merge_yaml(old_yaml, {**derived, **(hub or {})}, flags, defaults)
     return compose_card(data, merge_body(old_body, card_blocks(f, plots, readme, str(data["license"]))))
