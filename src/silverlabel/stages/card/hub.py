@@ -290,8 +290,8 @@ def split_card(text: str, where: str | os.PathLike = "README.md") -> tuple[dict[
         card = DatasetCard(text, ignore_metadata_errors=True)
     except (ValueError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{where}: the card's YAML front matter does not read as a mapping ({first}); fix it or move the "
-                        "card away") from None
+        raise UserError(f"{where}: the card's YAML front matter does not read as a mapping ({first}); "
+                        "fix it or move the card away") from None
     return card.data.to_dict(), card.text
 
 
