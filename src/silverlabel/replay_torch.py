@@ -1,0 +1,528 @@
+"""Batched replay of stored augmentations in torch, on any device (issue 18).
+
+:func:`replay_views` gives, for a batch of decoded images and their stored augmentations
+(:class:`silverlabel.augment.Aug`), the same uint8 pixels as :func:`silverlabel.augment.replay`
+(Pillow), computed for all views at once on the images' device. It follows Pillow's own
+arithmetic, step by step, rather than an approximation of it:
+
+- **crop + resize** (rule 2): Pillow's two-pass ``ImagingResample`` with a sub-pixel box. The
+  box is rounded to float32 as Pillow's C code receives it; the bicubic (a = -0.5) filter
+  coefficients are computed in float64 in the same order as ``precompute_coeffs`` (the
+  window sum accumulated tap by tap) and rounded to 22-bit fixed point; the horizontal pass
+  rounds to an 8-bit intermediate, then the vertical pass. Each pass is a float64 matrix
+  product with banded coefficient matrices (every product and partial sum is an integer
+  below 2^53, so the result is exact, whatever the summation order), batched over images
+  of the same size bucket (zero padding adds nothing);
+- **flip** (rule 3): a mirror;
+- **RandAugment** (rule 4), the views grouped by op at each step: point ops (Invert,
+  Posterize, Solarize, SolarizeAdd, AutoContrast, Equalize) as one per-view, per-channel
+  lookup table, built from each view's histograms as ``ImageOps`` builds it; Color,
+  Contrast, Brightness and Sharpness as ``Image.blend`` with a float32 factor and C's
+  truncation, their degenerate images as Pillow makes them (ITU-R 601 luma in 16-bit fixed
+  point, the luma histogram's mean, the SMOOTH 3x3 filter in float32 with the border
+  copied); Rotate, Shear and Translate as Pillow's generic affine transform: float64
+  source coordinates at pixel centres, bilinear interpolation with clamped neighbours,
+  truncated, grey 128 outside;
+- **mix** (rule 5): mixup in float32 rounded half to even, cutmix by Python-rounded box.
+
+On the CPU the result equals Pillow's bit for bit (tests/test_replay_torch.py measures it per
+op); on a GPU the arithmetic is the same IEEE arithmetic, and only the JPEG decode (the
+hardware engines' IDCT) can differ from Pillow's by a grey level here and there.
+
+    >>> import torch
+    >>> from silverlabel.augment import Aug, Q
+    >>> img = torch.arange(8 * 6 * 3, dtype=torch.uint8).reshape(8, 6, 3)
+    >>> out = replay_views([img], [View(0, Aug((0, 0, Q, Q), True))], 4)
+    >>> tuple(out.shape), out.dtype
+    ((1, 4, 4, 3), torch.uint8)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from silverlabel.augment import MIX_CUTMIX, MIX_MIXUP, OPS, Q, Aug
+from silverlabel.errors import UserError
+
+# Divisions are tensor / tensor throughout: torch computes ``scalar / tensor`` and, on CUDA,
+# ``tensor / python scalar`` as a multiplication by the reciprocal, which is not the correctly
+# rounded quotient that C and Python compute (one ulp is enough to move a truncation).
+PRECISION_BITS = 22  # Pillow's fixed-point resampling coefficients
+_HALF = float(1 << (PRECISION_BITS - 1))
+_ONE = float(1 << PRECISION_BITS)
+
+# op ids (augment.OPS is the table; these are its fixed ids)
+IDENTITY, AUTOCONTRAST, EQUALIZE, INVERT, ROTATE, POSTERIZE, SOLARIZE, SOLARIZE_ADD = range(8)
+COLOR, CONTRAST, BRIGHTNESS, SHARPNESS, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y = range(8, 16)
+LUT_OPS = frozenset({AUTOCONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD})
+BLEND_OPS = frozenset({COLOR, CONTRAST, BRIGHTNESS, SHARPNESS})
+AFFINE_OPS = frozenset({ROTATE, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y})
+assert len(OPS) == 16 and OPS[SHARPNESS][0] == "Sharpness" and OPS[TRANSLATE_Y][0] == "TranslateY"
+
+
+@dataclass(frozen=True)
+class View:
+    """One augmented view to replay: ``images[image]`` under ``aug``; with a mix, the partner's
+    image index and the partner's stored augmentation (its own mix is ignored)."""
+
+    image: int
+    aug: Aug
+    partner: tuple[int, Aug] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# crop + resize: Pillow's ImagingResample with a box, exactly
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``bicubic_filter`` (a = -0.5), the same operations in the same order."""
+    x = x.abs()
+    near = ((1.5 * x - 2.5) * x) * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resample_coeffs(in_size: torch.Tensor, in0: np.ndarray, in1: np.ndarray, out_size: int,
+                    device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for a batch of boxes along one
+    axis: ``in_size`` int64 [V] (source length), ``in0``/``in1`` float32 [V] (the box edge as C
+    receives it). Returns (first source index [V, S] int64, taps used [V, S] int64, fixed-point
+    coefficients [V, S, T] float64 holding integers)."""
+    in0_t = torch.from_numpy(np.ascontiguousarray(in0, np.float32).astype(np.float64)).to(device)
+    diff = torch.from_numpy((np.asarray(in1, np.float32) - np.asarray(in0, np.float32)).astype(np.float64)).to(device)
+    scale = diff / torch.full_like(diff, out_size)  # (double)(in1 - in0) / outSize, the difference in float32
+    fs = scale.clamp(min=1.0)
+    support = 2.0 * fs
+    T = int(torch.ceil(support).max().item()) * 2 + 1 if len(scale) else 1
+    inv = torch.ones_like(fs) / fs
+    xx = torch.arange(out_size, dtype=torch.float64, device=device)
+    center = in0_t[:, None] + (xx + 0.5)[None, :] * scale[:, None]
+    lo = torch.trunc(center - support[:, None] + 0.5).to(torch.int64).clamp(min=0)
+    hi = torch.minimum(torch.trunc(center + support[:, None] + 0.5).to(torch.int64), in_size.to(device)[:, None])
+    n = hi - lo
+    taps = torch.arange(T, device=device)
+    pos = (lo[..., None] + taps).to(torch.float64)
+    w = _bicubic(((pos - center[..., None]) + 0.5) * inv[:, None, None])
+    w = torch.where(taps < n[..., None], w, torch.zeros_like(w))
+    ww = torch.zeros_like(center)
+    for t in range(T):  # summed tap by tap, as the C loop does
+        ww = ww + w[..., t]
+    k = torch.where(ww[..., None] != 0, w / torch.where(ww == 0, torch.ones_like(ww), ww)[..., None], w)
+    kf = k * _ONE
+    fixed = torch.where(k < 0, torch.trunc(-0.5 + kf), torch.trunc(0.5 + kf))
+    return lo, n, fixed
+
+
+def _boxes(crops: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rule 2's box (x0*W, y0*H, (x0+w)*W, (y0+h)*H) in Python floats, then float32 as Pillow's
+    ``_resize`` parses it. ``crops`` uint16-valued [V, 4], ``sizes`` [V, 2] = (W, H)."""
+    f = crops.astype(np.float64) / Q
+    W, H = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    x0, y0 = f[:, 0] * W, f[:, 1] * H
+    x1, y1 = (f[:, 0] + f[:, 2]) * W, (f[:, 1] + f[:, 3]) * H
+    return x0.astype(np.float32), y0.astype(np.float32), x1.astype(np.float32), y1.astype(np.float32)
+
+
+def _fixed_round(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``clip8`` of ``(1 << 21) + sum``: the 8-bit result, as float64."""
+    return torch.floor((acc + _HALF) / _ONE).clamp_(0, 255)
+
+
+def _groups(shapes: list[tuple[int, int]], waste: float = 1.25) -> list[list[int]]:
+    """Images bucketed so that padding each bucket to its largest height and width costs at
+    most ``waste`` x the bucket's pixels (same-size images: one bucket)."""
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] * shapes[i][1], shapes[i]))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    hmax = wmax = area = 0
+    for i in order:
+        h, w = shapes[i]
+        nh, nw = max(hmax, h), max(wmax, w)
+        if cur and nh * nw * (len(cur) + 1) > waste * (area + h * w):
+            out.append(cur)
+            cur, hmax, wmax, area = [], 0, 0, 0
+            nh, nw = h, w
+        cur.append(i)
+        hmax, wmax, area = nh, nw, area + h * w
+    if cur:
+        out.append(cur)
+    return out
+
+
+def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int]] | Sequence[Any],
+                  size: int) -> torch.Tensor:
+    """Rule 2 for many views: ``crops[v] = (image index, crop)`` with ``crop`` the stored
+    (x0, y0, w, h) in 1/65535 of the source; returns uint8 [V, size, size, 3] equal to
+    ``img.resize((size, size), BICUBIC, box=crop_box(...))``."""
+    device = images[0].device
+    V = len(crops)
+    out = torch.empty((V, size, size, 3), dtype=torch.uint8, device=device)
+    if V == 0:
+        return out
+    img_of = np.array([int(c[0]) for c in crops], np.int64)
+    boxes = np.array([c[1] for c in crops], np.int64).reshape(V, 4)
+    shapes = [(int(t.shape[0]), int(t.shape[1])) for t in images]
+    wh = np.array([(shapes[i][1], shapes[i][0]) for i in img_of], np.int64).reshape(V, 2)
+    bx0, by0, bx1, by1 = _boxes(boxes, wh)
+    sizes_t = torch.from_numpy(wh)
+    xlo, xn, xk = resample_coeffs(sizes_t[:, 0], bx0, bx1, size, device)
+    ylo, yn, yk = resample_coeffs(sizes_t[:, 1], by0, by1, size, device)
+    # per view, the source columns and rows its taps read (host copies: a few numbers per view)
+    xlo_h, xn_h, ylo_h, yn_h = (t.cpu().numpy() for t in (xlo, xn, ylo, yn))
+    col0, col1 = xlo_h[:, 0], (xlo_h + xn_h).max(1)
+    row0, row1 = ylo_h[:, 0], (ylo_h + yn_h).max(1)
+    used = sorted(set(img_of.tolist()))
+    for group in _groups([shapes[i] for i in used]):
+        imgs = [used[g] for g in group]
+        views = [np.nonzero(img_of == i)[0] for i in imgs]
+        allv = np.concatenate(views)
+        c0, c1 = int(col0[allv].min()), int(col1[allv].max())
+        r0, r1 = int(row0[allv].min()), int(row1[allv].max())
+        Wr, Hr = c1 - c0, r1 - r0
+        G, kmax = len(imgs), max(len(v) for v in views)
+        src = torch.zeros((G, 3, Hr, Wr), dtype=torch.float64, device=device)
+        for g, i in enumerate(imgs):
+            h, w = shapes[i]
+            part = images[i][r0:min(r1, h), c0:min(c1, w)]
+            src[g, :, :part.shape[0], :part.shape[1]] = part.permute(2, 0, 1)
+        slot_g = np.concatenate([np.full(len(v), g) for g, v in enumerate(views)])
+        slot_k = np.concatenate([np.arange(len(v)) for v in views])
+        vidx = torch.from_numpy(allv).to(device)
+        # horizontal coefficients as dense [G, Wr, kmax * S]: column s*S + x of image g holds
+        # view (g, s)'s taps for output column x (unused taps have weight 0: clamped index)
+        T = xk.shape[2]
+        taps = torch.arange(T, device=device)
+        cols = (xlo[vidx][..., None] + taps - c0).clamp_(0, Wr - 1)  # [n, S, T]
+        g_t = torch.from_numpy(slot_g).to(device)[:, None, None]
+        s_t = torch.from_numpy(slot_k).to(device)[:, None, None]
+        x_t = torch.arange(size, device=device)[None, :, None]
+        kh = torch.zeros(G * Wr * kmax * size, dtype=torch.float64, device=device)
+        kh.index_add_(0, ((g_t * Wr + cols) * (kmax * size) + s_t * size + x_t).reshape(-1), xk[vidx].reshape(-1))
+        tmp = torch.bmm(src.view(G, 3 * Hr, Wr), kh.view(G, Wr, kmax * size))
+        tmp = _fixed_round(tmp).view(G, 3, Hr, kmax, size)
+        # each view's intermediate [n, Hr, 3 * S], and its vertical coefficients [n, S, Hr]
+        inter = tmp[torch.from_numpy(slot_g).to(device), :, :, torch.from_numpy(slot_k).to(device)]  # [n, 3, Hr, S]
+        inter = inter.permute(0, 2, 1, 3).reshape(len(allv), Hr, 3 * size)
+        Ty = yk.shape[2]
+        rows = (ylo[vidx][..., None] + torch.arange(Ty, device=device) - r0).clamp_(0, Hr - 1)  # [n, S, Ty]
+        n_t = torch.arange(len(allv), device=device)[:, None, None]
+        y_t = torch.arange(size, device=device)[None, :, None]
+        kv = torch.zeros(len(allv) * size * Hr, dtype=torch.float64, device=device)
+        kv.index_add_(0, ((n_t * size + y_t) * Hr + rows).reshape(-1), yk[vidx].reshape(-1))
+        res = _fixed_round(torch.bmm(kv.view(len(allv), size, Hr), inter))  # [n, S, 3 * S]
+        out[vidx] = res.view(len(allv), size, 3, size).permute(0, 1, 3, 2).to(torch.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# RandAugment ops, grouped
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's RGB -> L: ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16`` ([n, S, S, 3] -> [n, S, S])."""
+    xi = x.to(torch.int32)
+    return (xi[..., 0] * 19595 + xi[..., 1] * 38470 + xi[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _histograms(x: torch.Tensor) -> torch.Tensor:
+    """Per view and channel 256-bin histograms of uint8 [n, S, S, 3] -> int64 [n, 3, 256]."""
+    n = x.shape[0]
+    base = (torch.arange(n, device=x.device)[:, None, None, None] * 3 + torch.arange(3, device=x.device)) * 256
+    idx = (x.to(torch.int64) + base).reshape(-1)
+    return torch.bincount(idx, minlength=n * 3 * 256).view(n, 3, 256)
+
+
+def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Per view, per channel lookup tables [n, 3, 256] (int64) of the point ops ``ops[i]``."""
+    dev = x.device
+    n = len(ops)
+    ar = torch.arange(256, device=dev, dtype=torch.int64)
+    lut = ar.repeat(n, 3, 1)
+    op_ids = np.array([o for o, _s, _l in ops])
+
+    def rows(op: int) -> np.ndarray:
+        return np.nonzero(op_ids == op)[0]
+
+    for op in (INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD):
+        r = rows(op)
+        if not len(r):
+            continue
+        ms = [ops[i][2] / 255 for i in r]
+        if op == INVERT:
+            t = (255 - ar).expand(len(r), 256)
+        elif op == POSTERIZE:  # ImageOps.posterize(img, 8 - round(4 m))
+            masks = torch.tensor([~(2 ** (8 - (8 - int(round(4 * m)))) - 1) for m in ms], device=dev)
+            t = ar[None, :] & masks[:, None]
+        elif op == SOLARIZE:  # ImageOps.solarize(img, 256 - round(256 m))
+            thr = torch.tensor([256 - int(round(256 * m)) for m in ms], device=dev)
+            t = torch.where(ar[None, :] < thr[:, None], ar[None, :], 255 - ar[None, :])
+        else:  # augment._solarize_add
+            add = torch.tensor([int(round(110 * m)) for m in ms], device=dev)
+            t = torch.where(ar[None, :] < 128, (ar[None, :] + add[:, None]).clamp(max=255), ar[None, :])
+        lut[torch.from_numpy(r).to(dev)] = t[:, None, :].expand(len(r), 3, 256)
+    hist_rows = np.nonzero(np.isin(op_ids, (AUTOCONTRAST, EQUALIZE)))[0]
+    if len(hist_rows):
+        hr = torch.from_numpy(hist_rows).to(dev)
+        h = _histograms(x[hr])  # [m, 3, 256]
+        nz = h > 0
+        ident = ar.expand_as(h)
+        # AutoContrast: lo/hi = first/last non-empty bin; lut = int(ix * 255/(hi-lo) - lo * scale), clamped
+        lo = torch.where(nz, ar, 256).amin(-1)
+        hi = torch.where(nz, ar, -1).amax(-1)
+        span = (hi - lo).clamp(min=1).to(torch.float64)
+        scale = torch.full_like(span, 255.0) / span
+        offset = -lo.to(torch.float64) * scale
+        ac = torch.trunc(ar.to(torch.float64) * scale[..., None] + offset[..., None]).clamp(0, 255).to(torch.int64)
+        ac = torch.where((hi <= lo)[..., None], ident, ac)
+        # Equalize: step = (total - last non-empty bin's count) // 255; lut[i] = (step//2 + sum(h[:i])) // step
+        total = h.sum(-1)
+        last = h.gather(-1, hi.clamp(min=0)[..., None])[..., 0]
+        step = (total - last) // 255
+        excl = torch.cumsum(h, -1) - h
+        eq = ((step // 2)[..., None] + excl) // step.clamp(min=1)[..., None]
+        eq = torch.where(((nz.sum(-1) <= 1) | (step == 0))[..., None], ident, eq.clamp(0, 255))
+        is_ac = torch.from_numpy(op_ids[hist_rows] == AUTOCONTRAST).to(dev)[:, None, None]
+        lut[hr] = torch.where(is_ac, ac, eq)
+    return lut
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    base = (torch.arange(n, device=x.device)[:, None, None, None] * 3 + torch.arange(3, device=x.device)) * 256
+    return lut.to(torch.uint8).reshape(-1)[(x.to(torch.int64) + base).reshape(-1)].view_as(x)
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """``ImageFilter.SMOOTH`` (3x3, 1 1 1 / 1 5 1 / 1 1 1, divisor 13) as Pillow's
+    ``ImagingFilter3x3`` computes it for RGB: float32 taps, rows y+1, y, y-1 in that order,
+    +0.5 then truncation; the border rows and columns copied."""
+    k1 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
+    k5 = torch.tensor(5.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
+    k1, k5 = k1.to(x.device), k5.to(x.device)
+    f = x.to(torch.float32)
+
+    def row(r: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        return (r[:, :, :-2] * k1 + r[:, :, 1:-1] * mid) + r[:, :, 2:] * k1
+
+    ss = torch.full_like(f[:, 1:-1, 1:-1], 0.5)
+    ss = ss + row(f[:, 2:], k1)
+    ss = ss + row(f[:, 1:-1], k5)
+    ss = ss + row(f[:, :-2], k1)
+    out = x.clone()
+    out[:, 1:-1, 1:-1] = ss.clamp(0, 255).to(torch.uint8)  # (UINT8) of a value in [0.5, 255.5): truncation
+    return out
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``Image.blend(a, b, alpha)``: ``(UINT8)(a + alpha * (b - a))`` in float32, clipped to 0..255
+    (alpha float32 [n])."""
+    ai = a.to(torch.int32)
+    d = (b.to(torch.int32) - ai).to(torch.float32)
+    temp = ai.to(torch.float32) + alpha.view(-1, 1, 1, 1) * d
+    return torch.trunc(temp).clamp_(0, 255).to(torch.uint8)
+
+
+def _blend_op(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Color / Contrast / Brightness / Sharpness for views ``x`` with ops ``ops[i]``."""
+    dev = x.device
+    op_ids = np.array([o for o, _s, _l in ops])
+    # the factor 1 + sign * 0.9 * m as Python computes it, then float32 as ImagingBlend takes it
+    alpha = torch.tensor(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32),
+                         device=dev)
+    degenerate = torch.empty_like(x)
+    for op in (COLOR, CONTRAST, BRIGHTNESS, SHARPNESS):
+        r = np.nonzero(op_ids == op)[0]
+        if not len(r):
+            continue
+        rt = torch.from_numpy(r).to(dev)
+        xs = x[rt]
+        if op == COLOR:
+            d = _luma(xs).to(torch.uint8)[..., None].expand_as(xs)
+        elif op == CONTRAST:  # int(mean of the luma histogram + 0.5)
+            lum = _luma(xs).reshape(len(r), -1).to(torch.int64)
+            total = lum.sum(1).to(torch.float64)
+            mean = total / torch.full_like(total, lum.shape[1])
+            d = torch.trunc(mean + 0.5).to(torch.uint8)[:, None, None, None].expand_as(xs)
+        elif op == BRIGHTNESS:
+            d = torch.zeros_like(xs)
+        else:
+            d = _smooth(xs)
+        degenerate[rt] = d
+    return _blend(degenerate, x, alpha)
+
+
+def _affine_matrix(op: int, sign: int, level: int, size: int) -> tuple[float, ...]:
+    """The 6 affine coefficients Pillow's ``transform`` receives for ``OPS[op]`` (output to
+    input, as ``augment`` and ``Image.rotate`` compute them), or None for the identity."""
+    m = level / 255
+    s = sign
+    if op == ROTATE:
+        angle = (s * 30.0 * m) % 360.0
+        if angle == 0:
+            return None  # Image.rotate returns a copy
+        w = h = size
+        cx, cy = w / 2, h / 2
+        a = -math.radians(angle)
+        mat = [round(math.cos(a), 15), round(math.sin(a), 15), 0.0, round(-math.sin(a), 15), round(math.cos(a), 15), 0.0]
+
+        def tr(x: float, y: float) -> tuple[float, float]:
+            aa, b, c, d, e, f = mat
+            return aa * x + b * y + c, d * x + e * y + f
+
+        mat[2], mat[5] = tr(-cx - 0, -cy - 0)
+        mat[2] += cx
+        mat[5] += cy
+        return tuple(mat)
+    if op == SHEAR_X:
+        return (1, s * 0.3 * m, 0, 0, 1, 0)
+    if op == SHEAR_Y:
+        return (1, 0, 0, s * 0.3 * m, 1, 0)
+    if op == TRANSLATE_X:
+        return (1, 0, s * 0.45 * m * size, 0, 1, 0)
+    return (1, 0, 0, 0, 1, s * 0.45 * m * size)
+
+
+def _affine(x: torch.Tensor, mats: np.ndarray) -> torch.Tensor:
+    """Pillow's generic affine transform with the bilinear filter for every view (``mats``
+    float64 [n, 6]): source point ``a0 (x+.5) + a1 (y+.5) + a2`` (and likewise y); outside
+    [0, W) x [0, H) the fill grey 128; else bilinear in float64 over the clamped 2x2
+    neighbours, truncated to uint8."""
+    n, S = x.shape[0], x.shape[1]
+    dev = x.device
+    a = torch.from_numpy(np.ascontiguousarray(mats, np.float64)).to(dev)
+    c = torch.arange(S, dtype=torch.float64, device=dev) + 0.5
+    xi, yi = c[None, None, :], c[None, :, None]
+    a0, a1, a2, a3, a4, a5 = (a[:, i].view(n, 1, 1) for i in range(6))
+    xo = (a0 * xi + a1 * yi) + a2
+    yo = (a3 * xi + a4 * yi) + a5
+    inside = (xo >= 0) & (xo < S) & (yo >= 0) & (yo < S)
+    xs, ys = xo - 0.5, yo - 0.5
+    fx, fy = torch.floor(xs), torch.floor(ys)
+    dx, dy = xs - fx, ys - fy
+    fx = fx.clamp(-2, S + 1).to(torch.int64)  # outside points are masked; keep the ints small
+    fy = fy.clamp(-2, S + 1).to(torch.int64)
+    x0, x1 = fx.clamp(0, S - 1), (fx + 1).clamp(0, S - 1)
+    y0, y1 = fy.clamp(0, S - 1), (fy + 1).clamp(0, S - 1)
+    flat = x.reshape(n, S * S, 3).to(torch.float64)
+
+    def px(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        idx = (yy * S + xx).reshape(n, S * S, 1).expand(n, S * S, 3)
+        return flat.gather(1, idx).view(n, S, S, 3)
+
+    p00, p01, p10, p11 = px(y0, x0), px(y0, x1), px(y1, x0), px(y1, x1)
+    dx, dy = dx[..., None], dy[..., None]
+    v1 = p00 + (p01 - p00) * dx
+    v2 = p10 + (p11 - p10) * dx
+    v = v1 + (v2 - v1) * dy
+    out = torch.trunc(v).clamp_(0, 255).to(torch.uint8)
+    return torch.where(inside[..., None], out, torch.full_like(out, 128))
+
+
+def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
+    """Rule 4 on uint8 [n, S, S, 3]: view ``i``'s ops ``op_lists[i]`` in order, the views grouped
+    by op family at each step (lookup tables, blends, affine warps)."""
+    n, S = x.shape[0], x.shape[1]
+    steps = max((len(o) for o in op_lists), default=0)
+    dev = x.device
+    for j in range(steps):
+        here = [(i, tuple(o[j])) for i, o in enumerate(op_lists) if len(o) > j and o[j][0] != IDENTITY]
+        for o, _s, _l in (op for _i, op in here):
+            if not 0 <= o < len(OPS):
+                raise UserError(f"unknown RandAugment op id {o}")
+        lut_v = [(i, op) for i, op in here if op[0] in LUT_OPS]
+        if lut_v:
+            r = torch.tensor([i for i, _ in lut_v], device=dev)
+            xs = x[r]
+            x[r] = _apply_lut(xs, _lut_tables(xs, [op for _, op in lut_v]))
+        blend_v = [(i, op) for i, op in here if op[0] in BLEND_OPS]
+        if blend_v:
+            r = torch.tensor([i for i, _ in blend_v], device=dev)
+            x[r] = _blend_op(x[r], [op for _, op in blend_v])
+        aff = [(i, _affine_matrix(op[0], op[1], op[2], S)) for i, op in here if op[0] in AFFINE_OPS]
+        aff = [(i, m) for i, m in aff if m is not None]
+        if aff:
+            r = torch.tensor([i for i, _ in aff], device=dev)
+            x[r] = _affine(x[r], np.array([m for _, m in aff], np.float64))
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# the whole replay
+
+
+def _mix(a: torch.Tensor, b: torch.Tensor, mixes: Sequence[Any]) -> torch.Tensor:
+    """Rule 5 for views ``a`` with partners ``b`` (uint8 [m, S, S, 3])."""
+    out = a.clone()
+    S_h, S_w = a.shape[1], a.shape[2]
+    up = [i for i, m in enumerate(mixes) if m.mode == MIX_MIXUP]
+    if up:
+        r = torch.tensor(up, device=a.device)
+        lam = np.array([mixes[i].params[0] / Q for i in up], np.float64).astype(np.float32)
+        lam_t = torch.from_numpy(lam).to(a.device).view(-1, 1, 1, 1)
+        one_minus = torch.from_numpy((np.float32(1) - lam).astype(np.float32)).to(a.device).view(-1, 1, 1, 1)
+        v = a[r].to(torch.float32) * lam_t + b[r].to(torch.float32) * one_minus
+        out[r] = torch.round(v).clamp_(0, 255).to(torch.uint8)  # round half to even, as np.rint
+    for i, m in enumerate(mixes):
+        if m.mode != MIX_CUTMIX:
+            continue
+        x0, y0, w, h = (v / Q for v in m.params)
+        c0, c1 = int(round(x0 * S_w)), int(round((x0 + w) * S_w))
+        r0, r1 = int(round(y0 * S_h)), int(round((y0 + h) * S_h))
+        out[i, r0:r1, c0:c1] = b[i, r0:r1, c0:c1]
+    return out
+
+
+def replay_views(images: Sequence[torch.Tensor], views: Sequence[View], size: int) -> torch.Tensor:
+    """Rules 2-5 for every view: ``images`` are decoded uint8 [H, W, 3] tensors on one device
+    (what :func:`silverlabel.augment.decode` gives, or the GPU decoder's); returns uint8
+    [len(views), size, size, 3] on that device, each row ``augment.replay`` of its view."""
+    if not views:
+        dev = images[0].device if images else torch.device("cpu")
+        return torch.empty((0, size, size, 3), dtype=torch.uint8, device=dev)
+    mixed = [i for i, v in enumerate(views) if v.aug.mix is not None]
+    for i in mixed:
+        if views[i].partner is None:
+            raise UserError("a view that mixes needs its partner (image index, augmentation)")
+    base: list[tuple[int, Aug]] = [(v.image, v.aug) for v in views]
+    base += [(views[i].partner[0], views[i].partner[1]) for i in mixed]
+    x = resized_crops(images, [(img, aug.crop) for img, aug in base], size)
+    flips = [i for i, (_img, aug) in enumerate(base) if aug.flip]
+    if flips:
+        r = torch.tensor(flips, device=x.device)
+        x[r] = x[r].flip(2)
+    x = apply_ops(x, [aug.ops for _img, aug in base])
+    n = len(views)
+    if mixed:
+        r = torch.tensor(mixed, device=x.device)
+        x[r] = _mix(x[r], x[n:], [views[i].aug.mix for i in mixed])
+    return x[:n]
+
+
+def decode_cpu(data: bytes) -> torch.Tensor:
+    """Rule 1 on the CPU: Pillow's RGB decode as a uint8 [H, W, 3] tensor."""
+    from silverlabel.augment import decode
+
+    return torch.from_numpy(np.array(decode(data)))
+
+
+class _DeviceArray:
+    """A GPU image reference ``(address, height, width, row, column, channel strides)`` from
+    :class:`silverlabel.inference.GpuDecoder` as a CUDA array, for ``torch.as_tensor``."""
+
+    def __init__(self, ref: tuple[int, int, int, int, int, int]):
+        ptr, h, w, rs, cs, chs = (int(v) for v in ref)
+        shape, strides = ((h, w, 3), (rs, cs, chs)) if chs else ((h, w), (rs, cs))
+        self.__cuda_array_interface__ = {"shape": shape, "strides": strides, "typestr": "|u1",
+                                         "data": (ptr, False), "version": 2}
+
+
+def ref_tensor(ref: tuple[int, int, int, int, int, int], device: Any) -> torch.Tensor:
+    """A decoder reference as a uint8 [H, W, 3] tensor view (gray planes read three times)."""
+    t = torch.as_tensor(_DeviceArray(ref), device=device)
+    return t if t.dim() == 3 else t[..., None].expand(t.shape[0], t.shape[1], 3)
