@@ -8,14 +8,21 @@ A figure and a check, not a test. On a machine with N >= 2 GPUs, in one run:
    worker and with one worker per GPU: the label tables must be identical row for row;
    images/s of each, whole run and steady state (10%..90% of the images, start-up excluded);
 2. train: ``torchrun --nproc-per-node 1`` and ``N`` with the same global batch
-   (``--batch-size`` is per rank): per-step losses side by side, images/s; then the N-rank
-   run again, one rank SIGKILLed after its first checkpoint, ``--resume``d to the end: its
-   final weights must equal the uninterrupted run's;
-3. reinforce: the training set reinforced with one worker and with one per GPU: the output
-   tars must be byte-identical.
+   (``--batch-size`` is per rank; the loader gives rank ``r`` the ``r``-th slice of each
+   global batch): per-step losses side by side (max relative difference; a check within
+   ``--loss-rtol``, bf16 noise on a GPU), the final weights' largest difference, images/s
+   (median over the second half of the steps) and its scaling (a check: >= 0.9 x N on a
+   GPU); loader workers per rank are train's default (the rank's share of the cores - 1)
+   unless ``--train-workers``; then the N-rank run again, one rank SIGKILLed after its
+   first checkpoint, ``--resume``d to the end: its final weights must equal the
+   uninterrupted run's;
+3. reinforce: the training set reinforced with one worker and with one per GPU
+   (``reinforce --workers`` puts worker k on GPU k, as ``label`` does): the output tars
+   must be byte-identical; seconds and scaling of each.
 
 ``--device cpu`` runs the same steps on the CPU (2 workers, gloo) as a dry run of the
-script. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the lent machines need.
+script (no scaling checks there). NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0),
+as the lent machines need.
 
     python bench/multigpu.py --json out.json
 """
@@ -111,17 +118,19 @@ def bench_label(args, root: Path, n_gpus: int) -> list[dict]:
         a, b = r["w1"]["steady_img_s"], r[f"w{n_gpus}"]["steady_img_s"]
         r["scaling_steady"] = (b / a) if a and b else None
         r["scaling_whole"] = r[f"w{n_gpus}"]["img_s"] / r["w1"]["img_s"]
+        if args.device == "cuda":
+            r["scaling_ok"] = (r["scaling_steady"] or r["scaling_whole"]) >= 0.9 * n_gpus
         log(f"label {name}: identical={r['identical']} scaling steady {r['scaling_steady']} whole {r['scaling_whole']:.2f}")
         out.append(r)
     return out
 
 
-def toy_trainset(root: Path, n: int) -> Path:
+def toy_trainset(root: Path, n: int, size: tuple[int, int]) -> Path:
     from toy_trainset import write_toy_trainset
 
     per = n // 8
     return write_toy_trainset(root / "ts", {"train": [per] * 8, "validation": [64]},
-                              lambda i, s, w, h: (i % 10, {"label": i % 10}), size=(160, 120), seed=3,
+                              lambda i, s, w, h: (i % 10, {"label": i % 10}), size=size, seed=3,
                               classes={"num_classes": 10, "classes": [{"index": i, "name": f"c{i}"} for i in range(10)]})
 
 
@@ -132,7 +141,9 @@ def torchrun(nproc: int, trainset: Path, out: Path, args, extra: list[str] = (),
            "-m", "silverlabel.cli", "train", str(trainset), "-o", str(out), "--model", args.model,
            "--img-size", str(args.img_size), "--batch-size", str(args.global_batch // nproc), "--steps",
            str(args.train_steps), "--log-every", "1", "--ckpt-every", str(args.train_steps // 2), "--seed", "0",
-           "--device", args.device, "--workers", "2", "--no-progress", *extra]
+           "--device", args.device, "--no-progress", "--no-tensorboard", *extra]
+    if args.train_workers is not None:
+        cmd += ["--workers", str(args.train_workers)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -155,12 +166,15 @@ def losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def weights_digest(run: Path) -> str:
+def final_weights(run: Path) -> dict:
     import torch
 
-    ck = torch.load(run / "checkpoint-final.pt", map_location="cpu", weights_only=True)
+    return torch.load(run / "checkpoint-final.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def weights_digest(run: Path) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(ck["model"].items()):
+    for k, v in sorted(final_weights(run).items()):
         h.update(k.encode())
         h.update(v.float().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -168,13 +182,16 @@ def weights_digest(run: Path) -> str:
 
 def bench_train(args, root: Path, n_gpus: int) -> dict:
     ts = root / "ts"
-    r: dict = {"global_batch": args.global_batch, "steps": args.train_steps, "model": args.model}
+    r: dict = {"global_batch": args.global_batch, "steps": args.train_steps, "model": args.model,
+               "img_size": args.img_size, "train_workers": args.train_workers if args.train_workers is not None
+               else "auto"}
     for nproc in (1, n_gpus):
         out = root / f"run-{nproc}"
         rc, dt, err, _ = torchrun(nproc, ts, out, args)
         if rc != 0:
             log(f"torchrun {nproc} failed: {err}")
             r[f"p{nproc}"] = {"rc": rc, "stderr": err}
+            r["error"] = f"torchrun --nproc-per-node {nproc} exited {rc}"
             return r
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         ips = [x.get("samples_per_s") for x in rows[len(rows) // 2:]]
@@ -183,9 +200,21 @@ def bench_train(args, root: Path, n_gpus: int) -> dict:
                           "weights": weights_digest(out)}
         log(f"train nproc={nproc}: {dt:.1f} s, img/s {r[f'p{nproc}']['img_s_median']}")
     a, b = r["p1"]["losses"], r[f"p{n_gpus}"]["losses"]
+    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
+    r["same_steps"] = len(a) == len(b) == args.train_steps
     r["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(a, b))
+    r["max_rel_loss_diff"] = max(rel)
+    r["max_rel_loss_diff_first10"] = max(rel[:10])
+    r["losses_equal"] = r["same_steps"] and r["max_rel_loss_diff"] <= args.loss_rtol
+    w1, wn = final_weights(root / "run-1"), final_weights(root / f"run-{n_gpus}")
+    r["max_abs_weight_diff"] = max(float((w1[k].float() - wn[k].float()).abs().max()) for k in w1)
+    log(f"train losses 1 vs {n_gpus}: max rel diff {r['max_rel_loss_diff']:.2e} (first 10 steps "
+        f"{r['max_rel_loss_diff_first10']:.2e}), weights max abs diff {r['max_abs_weight_diff']:.2e}")
     if r["p1"]["img_s_median"] and r[f"p{n_gpus}"]["img_s_median"]:
         r["scaling"] = r[f"p{n_gpus}"]["img_s_median"] / r["p1"]["img_s_median"]
+        if args.device == "cuda":
+            r["scaling_ok"] = r["scaling"] >= 0.9 * n_gpus
+        log(f"train images/s scaling 1 -> {n_gpus}: {r['scaling']:.2f}x")
     # kill one rank after the mid-run checkpoint, resume, compare the final weights
     out = root / "run-killed"
     rc, dt, err, killed = torchrun(n_gpus, ts, out, args, kill_after=out / "checkpoint.pt")
@@ -213,8 +242,10 @@ def bench_reinforce(args, root: Path, n_gpus: int) -> dict:
         run_reinforce(ReinforceConfig(trainset=str(ts), output=str(out), teachers=(TeacherSpec("efficientnet_lite0"),),
                                       augs=4, topk=10, device=args.device, workers=workers))
         r[f"w{workers}_seconds"] = time.perf_counter() - t0
+        log(f"reinforce workers={workers}: {r[f'w{workers}_seconds']:.1f} s")
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))})
     r["identical_tars"] = digests[0] == digests[1] and len(digests[0]) > 0
+    r["scaling"] = r["w1_seconds"] / r[f"w{n_gpus}_seconds"]
     r["tars"] = len(digests[0])
     log(f"reinforce: {r}")
     return r
@@ -229,14 +260,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--teachers", default="efficientnet_lite0,vit_base_patch16_224")
     ap.add_argument("--model", default="vit_small_patch16_224")
-    ap.add_argument("--img-size", type=int, default=128)
-    ap.add_argument("--global-batch", type=int, default=128)
-    ap.add_argument("--train-steps", type=int, default=40)
-    ap.add_argument("--train-images", type=int, default=8192)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--global-batch", type=int, default=256)
+    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-images", type=int, default=16384)
+    ap.add_argument("--train-image-width", type=int, default=320, help="toy training images, 4:3")
+    ap.add_argument("--train-workers", type=int, default=None, help="loader workers per rank (default: train's auto)")
+    ap.add_argument("--loss-rtol", type=float, default=None,
+                    help="per-step loss, 1 vs N: largest relative difference (default 0.02 cuda/bf16, 1e-5 cpu)")
     ap.add_argument("--only", default="label,train,reinforce")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.loss_rtol is None:
+        args.loss_rtol = 0.02 if args.device == "cuda" else 1e-5
     if args.device == "cuda":
         import torch
 
@@ -257,7 +294,8 @@ def main() -> int:
 
     only = set(args.only.split(","))
     if only & {"train", "reinforce"}:
-        toy_trainset(root, args.train_images)
+        w = args.train_image_width
+        toy_trainset(root, args.train_images, (w, w * 3 // 4))
     for part, fn in (("label", bench_label), ("train", bench_train), ("reinforce", bench_reinforce)):
         if part in only:
             try:
@@ -266,11 +304,19 @@ def main() -> int:
                 res[part] = {"error": f"{type(e).__name__}: {e}"}
                 log(f"{part} failed: {type(e).__name__}: {e}")
             save()
+    train = res.get("train") or {}
+    checks = {**{f"label {x.get('teacher')} identical": x.get("identical") for x in res.get("label") or []
+                 if isinstance(x, dict)},
+              **{f"label {x.get('teacher')} scaling": x.get("scaling_ok") for x in res.get("label") or []
+                 if isinstance(x, dict)},
+              "train losses 1 vs N": train.get("losses_equal"), "train scaling": train.get("scaling_ok"),
+              "train kill+resume weights": train.get("killed", {}).get("same_final_weights"),
+              "reinforce identical": (res.get("reinforce") or {}).get("identical_tars")}
+    res["checks"] = checks
+    save()
     print(json.dumps(res, indent=1, default=str))
-    checks = [*(x.get("identical") for x in res.get("label") or [] if isinstance(x, dict)),
-              (res.get("train") or {}).get("killed", {}).get("same_final_weights"),
-              (res.get("reinforce") or {}).get("identical_tars")]
-    failed = [c for c in checks if c is False] or [part for part in only if "error" in (res.get(part) or {})]
+    log("checks: " + ", ".join(f"{k}: {v}" for k, v in checks.items()))
+    failed = [k for k, c in checks.items() if c is False] + [part for part in only if "error" in (res.get(part) or {})]
     if failed:
         log(f"checks failed: {failed}")
     return 1 if failed else 0
