@@ -5,7 +5,16 @@ A command's flags are generated from the fields of its config dataclasses
 field, and a flag the user does not give leaves the field to its dataclass default, so
 ``silverlabel label DATASET`` and ``run_label(LabelConfig(DATASET))`` do the same thing.
 What is left here: the examples of each command, the one-screen summaries, and the few
-options that are not config fields (``--no-progress``, ``--stats``, ``--inspect``, ``--resume``).
+options that are not config fields (``--no-progress``, ``--stats``, ``--inspect``, ``--resume``,
+and the global ``-v``/``-q``/``--log-level``/``--progress``, accepted before or after the
+command).
+
+Output: a command's result (its summary: counts, where the output is) goes to stdout; with
+``-q`` only its first line. Diagnostics go through :mod:`logging` (:mod:`silverlabel.log`,
+configured here and nowhere else) to stderr: warnings by default, ``-v`` info, ``-vv``
+debug (worker processes too), ``-q`` errors only. Progress bars go to stderr when it is a
+terminal (``--progress`` or ``SILVERLABEL_PROGRESS=1``: always; ``--no-progress``, ``-q``:
+never), with a total and an ETA where the amount of work is known.
 
 Bad input (a :class:`~silverlabel.errors.UserError`, a missing file, an argparse error) ends
 with one line on stderr and exit code 2; anything else is a bug and keeps its traceback
@@ -24,6 +33,7 @@ from typing import Any
 
 from silverlabel import __version__
 from silverlabel.errors import UserError
+from silverlabel.log import LEVELS, Progress, configure, level_from_flags, progress_wanted
 from silverlabel.options import LazyChoices, cli_meta, engine_field, is_nested, opt, positive_int, ray_address_field
 
 # ---------------------------------------------------------------------------------------
@@ -178,47 +188,56 @@ def _progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class _Progress:
-    """tqdm bar showing images/s and the success rate."""
+def _add_global_flags(p: argparse.ArgumentParser, top: bool) -> None:
+    """``-v``/``-q``/``--log-level``/``--progress``: on the main parser (with defaults) and on
+    every command's (defaults suppressed, so a flag given before the command is kept)."""
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="count", default=d(0),
+                   help="say more on stderr: -v what the run decides (resumes, skips, passes), -vv debug")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                   help="only errors and the result's first line; no progress bar")
+    g.add_argument("--log-level", type=str.lower, choices=LEVELS, default=d(None), metavar="LEVEL",
+                   help=f"{', '.join(LEVELS)} (default: warning, or $SILVERLABEL_LOG_LEVEL); overrides -v/-q")
+    g.add_argument("--progress", action="store_true", default=d(False),
+                   help="progress bars even when stderr is not a terminal")
 
-    def __init__(self, enabled: bool, desc: str = "ingest"):
-        self.bar = None
-        self.enabled = enabled
-        self.desc = desc
-        self.done = self.ok = 0
 
-    def update(self, done: int, ok: int) -> None:
-        self.done += done
-        self.ok += ok
-        if self.enabled and self.bar is None:  # created on first progress: errors print no empty bar
-            from tqdm import tqdm
+def _want_progress(args: argparse.Namespace) -> bool:
+    """A bar for this run: see :func:`silverlabel.log.progress_wanted`."""
+    return progress_wanted(getattr(args, "no_progress", False), args.quiet, args.progress)
 
-            self.bar = tqdm(unit="img", desc=self.desc, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
-        if self.bar is not None:
-            self.bar.update(done)
-            self.bar.set_postfix_str(f"success {100 * self.ok / max(1, self.done):.1f}%", refresh=False)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _head(args: argparse.Namespace, text: str) -> None:
+    """A summary's first line (the one ``-q`` keeps), below the progress bar."""
+    print(text if args.quiet else f"\n{text}")
+
+
+def _more(args: argparse.Namespace, text: str) -> None:
+    """A summary's further lines (not with ``-q``)."""
+    if not args.quiet:
+        print(text)
 
 
 def _shards_done(s: Any) -> str:
     return f"in {s.shards} shards ({s.shards_done_now} written now, {s.shards_skipped} already complete)"
 
 
-def _footer(s: Any, now: int, done: str, rate: float, unit: str, what: str, hint: str = "", where: str = "") -> None:
+def _footer(args: argparse.Namespace, s: Any, now: int, done: str, rate: float, unit: str, what: str, hint: str = "",
+            where: str = "") -> None:
     """A summary's last lines: the throughput of the work done now (when there was some) and
     where the output is."""
     if now:
-        print(f"  throughput: {done} in {s.seconds:.1f} s = {rate:.1f} {unit}/s{where}")
-    print(f"  {what}: {os.path.abspath(s.output)}{hint}")
+        _more(args, f"  throughput: {done} in {s.seconds:.1f} s = {rate:.1f} {unit}/s{where}")
+    _more(args, f"  {what}: {os.path.abspath(s.output)}{hint}")
 
 
-def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any], cfg: Any) -> Any:
-    bar = _Progress(enabled=not args.no_progress, desc=desc)
+def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any], cfg: Any, unit: str = "img",
+                   success: bool = True, **kw: Any) -> Any:
+    """``run(cfg, progress=...)`` with a bar (:class:`silverlabel.log.Progress`) to stderr."""
+    bar = Progress(bar=_want_progress(args), desc=desc, unit=unit, success=success)
     try:
-        return run(cfg, progress=bar.update)
+        return run(cfg, progress=bar, **kw)
     finally:
         bar.close()
 
@@ -228,11 +247,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     s = _with_progress(args, "ingest", run_ingest, config_from_args(IngestConfig, args))
     total = sum(s.counts.values())
-    print(f"\nsilverlabel ingest: {total} samples {_shards_done(s)}")
+    _head(args, f"silverlabel ingest: {total} samples {_shards_done(s)}")
     width = max((len(k) for k in s.counts), default=7)
     for status, n in s.counts.items():
-        print(f"  {status:<{width}}  {n:>10}  {100 * n / max(1, total):5.1f}%")
-    _footer(s, s.items_now, f"{s.items_now} inputs", s.images_per_second, "images", "dataset")
+        _more(args, f"  {status:<{width}}  {n:>10}  {100 * n / max(1, total):5.1f}%")
+    _footer(args, s, s.items_now, f"{s.items_now} inputs", s.images_per_second, "images", "dataset")
     return 0
 
 
@@ -247,9 +266,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.stats:
         return print_label_stats(args.dataset, getattr(args, "name", None))
     s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args))
-    print(f"\nsilverlabel label: {s.rows} images labeled in {s.shards} files "
+    _head(args, f"silverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors{_missing_note(s.missing)}")
-    _footer(s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
+    _footer(args, s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
     return 0
 
 
@@ -323,28 +342,29 @@ def cmd_select(args: argparse.Namespace) -> int:
     from silverlabel.stages.select import SelectConfig, run_select
 
     run = config_from_args(SelectRun, args)
-    s = run_select(config_from_args(SelectConfig, args), **dataclasses.asdict(run))
+    s = _with_progress(args, "select", run_select, config_from_args(SelectConfig, args), unit="row", success=False,
+                       **dataclasses.asdict(run))
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items()) or "nothing"
     print(f"silverlabel select: {s.rows} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
     for why, n in s.removed.items():
-        print(f"  removed {n:>10}  {why.replace('_', ' ')}")
-    print(f"  selection: {os.path.abspath(s.output)}")
+        _more(args, f"  removed {n:>10}  {why.replace('_', ' ')}")
+    _more(args, f"  selection: {os.path.abspath(s.output)}")
     if s.from_table:
-        print(f"  (no images yet: fetch them with  silverlabel ingest {s.output} -o DATASET)")
+        _more(args, f"  (no images yet: fetch them with  silverlabel ingest {s.output} -o DATASET)")
     return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from silverlabel.stages.shard import ShardConfig, run_shard
 
-    s = _with_progress(args, "shard", run_shard, config_from_args(ShardConfig, args))
-    print(f"\nsilverlabel shard: {s.samples} samples {_shards_done(s)}")
+    s = _with_progress(args, "shard", run_shard, config_from_args(ShardConfig, args), unit="sample", success=False)
+    _head(args, f"silverlabel shard: {s.samples} samples {_shards_done(s)}")
     width = max((len(k) for k in s.splits), default=5)
     for split, info in s.splits.items():
         lengths = info["shard_lengths"]
-        print(f"  {split:<{width}}  {info['samples']:>10} samples  {info['shards']:>6} shards "
+        _more(args, f"  {split:<{width}}  {info['samples']:>10} samples  {info['shards']:>6} shards "
               f"({min(lengths)}-{max(lengths)} per shard)")
-    _footer(s, s.samples_now, f"{s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB)", s.samples_per_second, "samples",
+    _footer(args, s, s.samples_now, f"{s.samples_now} samples ({s.bytes_now / 1e6:.1f} MB)", s.samples_per_second, "samples",
             "training set", f"  (timm: --data-dir {s.output} --dataset wds/{s.name})")
     return 0
 
@@ -365,12 +385,12 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
     if not hasattr(args, "output"):
         raise UserError("reinforce needs -o OUT (or --inspect)")
     cfg = config_from_args(ReinforceConfig, args)
-    s = _with_progress(args, "reinforce", run_reinforce, cfg)
-    print(f"\nsilverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations {_shards_done(s)}, "
+    s = _with_progress(args, "reinforce", run_reinforce, cfg, unit="sample", success=False)
+    _head(args, f"silverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations {_shards_done(s)}, "
           f"top-{cfg.topk} in {s.label_space}")
-    print(f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
+    _more(args, f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
           f"({s.rnf_bytes / 1e6:.2f} MB of .rnf members)")
-    _footer(s, s.augs_now, f"{s.augs_now} augmentations ({s.samples_now} samples)", s.augs_per_second, "augmentations",
+    _footer(args, s, s.augs_now, f"{s.augs_now} augmentations ({s.samples_now} samples)", s.augs_per_second, "augmentations",
             "training set", f"  (silverlabel train {s.output} --loss kd ...)", f" on {s.device}")
     return 0
 
@@ -383,14 +403,14 @@ def _train_extras(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from silverlabel.stages.train import TrainConfig, run_train
 
-    s = run_train(config_from_args(TrainConfig, args), resume=args.resume, progress=not args.no_progress)
+    s = run_train(config_from_args(TrainConfig, args), resume=args.resume, progress=_want_progress(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "n/a"
-    print(f"\nsilverlabel train: {s.steps} steps ({s.steps - s.start_step} now, {s.epochs:.2f} epochs), "
+    _head(args, f"silverlabel train: {s.steps} steps ({s.steps - s.start_step} now, {s.epochs:.2f} epochs), "
           f"final loss {loss}")
-    print(f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
-    print(f"  checkpoint: {os.path.abspath(s.checkpoint)}")
+    _more(args, f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
+    _more(args, f"  checkpoint: {os.path.abspath(s.checkpoint)}")
     return 0
 
 
@@ -401,15 +421,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from silverlabel.stages.lowshot import LowShotConfig, format_lowshot, run_lowshot
 
         lcfg = config_from_args(LowShotConfig, args)
-        print(format_lowshot(run_lowshot(lcfg, log=lambda m: print(m, file=sys.stderr))))
+        say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+        print(format_lowshot(run_lowshot(lcfg, log=say)))
         return 0
     cfg = config_from_args(EvalConfig, args)
     bar = None
     log = None
-    if not args.no_progress and sys.stderr.isatty():
+    if _want_progress(args):
         from tqdm import tqdm
 
-        bar = tqdm(unit="img", desc="eval", dynamic_ncols=True)
+        bar = tqdm(unit="img", desc="eval", dynamic_ncols=True, file=sys.stderr)
 
         def log(done: int, total: int) -> None:
             bar.total = total
@@ -426,16 +447,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from silverlabel.stages.card import CardConfig, run_card
 
-    s = run_card(config_from_args(CardConfig, args))
+    s = _with_progress(args, "card", run_card, config_from_args(CardConfig, args), unit="step", success=False)
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
     print(f"silverlabel card: {s.kind}, {s.samples} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
-    print(f"  card:   {os.path.abspath(s.readme)}")
+    _more(args, f"  card:   {os.path.abspath(s.readme)}")
     if s.plots:
-        print(f"  plots:  {os.path.dirname(os.path.abspath(s.plots[0]))} ({len(s.plots)})")
+        _more(args, f"  plots:  {os.path.dirname(os.path.abspath(s.plots[0]))} ({len(s.plots)})")
     if s.report:
-        print(f"  report: {os.path.abspath(s.report)} ({s.thumbnails} thumbnails)")
+        _more(args, f"  report: {os.path.abspath(s.report)} ({s.thumbnails} thumbnails)")
     for note in s.notes:
-        print(f"  note: {note}")
+        _more(args, f"  note: {note}")
     return 0
 
 
@@ -644,12 +665,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Turn pools of web images into machine-labeled, ImageNet-like pretraining datasets.",
     )
     parser.add_argument("--version", action="version", version=f"silverlabel {__version__}")
+    _add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
         add_command(sub, cmd, flags=command in (None, cmd.name))
     from silverlabel.pipeline import add_build_parser  # `silverlabel build RECIPE.yaml`
 
     add_build_parser(sub)
+    for p in sub.choices.values():  # -v/-q/... after the command too
+        _add_global_flags(p, top=False)
     return parser
 
 
@@ -658,10 +682,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 _BAD_INPUT = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+def _command_of(argv: Sequence[str]) -> str:
+    """The command named in ``argv``: its first word that is neither a flag nor the value of
+    ``--log-level``."""
+    it = iter(argv)
+    for a in it:
+        if a == "--log-level":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    try:
+        configure(level_from_flags(args.verbose, args.quiet, args.log_level))
+    except ValueError as e:  # a bad $SILVERLABEL_LOG_LEVEL
+        parser.error(str(e))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -15,6 +15,13 @@ its units are and what it needs; :func:`run_stage` does the rest the same way fo
 5. the temporaries of units that died and were retried are removed, and ``stage.finish``
    writes the index files and the final manifest and returns the summary.
 
+Progress: units ``report(done, ok)`` per item; a stage that knows its amount of work
+before running says so with ``stage.total()`` (a parquet table's row count, a training
+set's shard lengths) and ``stage.done_work(unit, record)`` (what a unit found done stands
+for), so the bar (:class:`silverlabel.log.Progress`) has a total and an ETA for the work
+left; :class:`BaseStage`'s defaults: no total, and a done unit's count from its record.
+Skips and resumes are logged (``-v``).
+
 "This unit is done" is recorded one way: the unit function writes its outputs atomically,
 then, last, ``unit.commit.write(outputs)``: ``.done/{unit}.json`` next to the outputs,
 holding a hash of the unit's config, the identity (bytes + md5) of each input, and the size and md5
@@ -41,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -52,6 +60,9 @@ from silverlabel import __version__
 from silverlabel.dataset import Dataset, clean_temporaries, file_digest, storage_error, write_json_atomic
 from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine
+from silverlabel.log import set_total, skip
+
+log = logging.getLogger(__name__)
 
 #: in every output folder while a stage runs on it (:func:`output_lock`)
 LOCK_FILE = ".lock"
@@ -237,6 +248,9 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
         if manifest is not None and not out.exists():
             out.write_manifest(manifest)
         skipped: list[tuple[Any, dict[str, Any]]] = []
+        total = getattr(stage, "total", None)
+        set_total(progress, total() if total is not None else None)
+        done_work = getattr(stage, "done_work", None)
 
         def todo() -> Iterator[Any]:
             for unit in stage.plan(engine):
@@ -245,13 +259,22 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
                     again = stage.redo(unit, rec)
                     if again is None:
                         skipped.append((unit, rec))
+                        log.debug("%s: done before, skipped", Path(unit.commit.path).stem)
+                        if done_work is not None:
+                            skip(progress, done_work(unit, rec))
                         continue
+                    log.debug("%s: done before, redone", Path(unit.commit.path).stem)
                     unit = again
                 yield unit
 
+        log.info("%s: running on %s (%s, %d worker%s)", out.root, type(engine).__name__, engine.device,
+                 getattr(engine, "workers", 0), "" if getattr(engine, "workers", 0) == 1 else "s")
         t0 = time.monotonic()
         results = list(engine.map(stage.unit_fn, todo(), cfg, progress))
         seconds = time.monotonic() - t0
+        if skipped:
+            log.info("%s: resumed: %d unit%s found done, %d run now", out.root, len(skipped),
+                     "" if len(skipped) == 1 else "s", len(results))
     except BaseException:
         with contextlib.suppress(OSError):  # what the failed units left (the lock says no other run writes here)
             clean()
@@ -327,3 +350,21 @@ class BaseStage:
 
     def redo(self, unit: Any, record: dict[str, Any]) -> Any | None:
         return None
+
+    def total(self) -> int | None:
+        """The progress items (what units ``report`` as done) of all units, done or not, when
+        the stage knows it before running (None: a rate, no total, is shown)."""
+        return None
+
+    def done_work(self, unit: Any, record: dict[str, Any]) -> int:
+        """The progress items a unit found done stands for (taken off :meth:`total`): from its
+        record's ``info``, ``samples``, else the sum of ``counts``, else ``rows`` plus
+        ``decode_errors``; 0 when it has none of them."""
+        info = record.get("info") or {}
+        if isinstance(info.get("samples"), int):
+            return info["samples"]
+        if isinstance(info.get("counts"), dict):
+            return sum(int(v) for v in info["counts"].values())
+        if isinstance(info.get("rows"), int):
+            return info["rows"] + int(info.get("decode_errors", 0))
+        return 0

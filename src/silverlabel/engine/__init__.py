@@ -13,6 +13,7 @@ progress inside the shard; engines aggregate it for the progress bar.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -98,6 +99,19 @@ def stage_engine(name: str, workers: int, *, address: str | None = None, needs_g
     engine = create_engine(name, workers, address=address, actor=True, gpus_per_worker=gpus)
     engine.device = engine.describe_device(device)
     return engine
+
+
+def unit_name(unit: Any) -> str:
+    """A unit as log lines name it: its commit record's name (the output shard), else its type.
+
+        >>> unit_name(3)
+        'int'
+    """
+    commit = getattr(unit, "commit", None)
+    path = getattr(commit, "path", None)
+    if isinstance(path, str):
+        return os.path.splitext(os.path.basename(path))[0]
+    return type(unit).__name__
 
 
 def _square(x, _cfg, _report):  # for the doctest (must be importable by workers)

@@ -2,12 +2,15 @@
 
 Units are submitted through a bounded window (so a table of 700M rows is never
 materialised as work items), results come back as they complete, and per-item progress
-from the workers flows through a queue to the driver's progress bar. ``workers=1`` runs
-in-process, which keeps tracebacks simple when debugging.
+from the workers flows through a queue to the driver's progress bar; so do the workers' log
+records (at the driver's level: :func:`silverlabel.log.worker_logging`), shown by the
+driver's handlers. ``workers=1`` runs in-process, which keeps tracebacks simple when
+debugging.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -18,15 +21,19 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from silverlabel.engine import Report, ShardFn
+from silverlabel.engine import Report, ShardFn, unit_name
 from silverlabel.errors import UserError
+from silverlabel.log import current_level, forward_records, worker_logging
 
+log = logging.getLogger(__name__)
 _progress_queue: Any = None
 
 
-def _init_worker(q: Any) -> None:
+def _init_worker(q: Any, level: int = logging.WARNING) -> None:
     global _progress_queue
     _progress_queue = q
+    # the driver's log level; records go through the queue to the driver's handlers
+    worker_logging(level, q)
     # Parallelism comes from the worker processes: numpy's OpenBLAS must not start a
     # thread per core in each of them (idle BLAS threads busy-wait and eat the CPU the other
     # workers need). Runs before the unit function's module imports numpy; the user's own
@@ -59,10 +66,14 @@ class _BatchedReport:
 
 def _run_unit(fn: ShardFn, unit: Any, config: Any) -> Any:
     report = _BatchedReport(_progress_queue)
+    t0 = time.monotonic()
+    log.debug("%s: started", unit_name(unit))
     try:
-        return fn(unit, config, report)
+        result = fn(unit, config, report)
     finally:
         report.flush()
+    log.debug("%s: done in %.2f s", unit_name(unit), time.monotonic() - t0)
+    return result
 
 
 class LocalEngine:
@@ -93,12 +104,15 @@ class LocalEngine:
         def drain() -> None:
             while not stop.is_set() or not q.empty():
                 try:
-                    d, s = q.get(timeout=0.1)
+                    msg = q.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 except (EOFError, OSError):
                     return
-                report(d, s)
+                if isinstance(msg, logging.LogRecord):  # a worker's log record
+                    forward_records(msg)
+                else:
+                    report(*msg)
 
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
@@ -106,7 +120,8 @@ class LocalEngine:
         it = iter(units)
         exhausted = False
         try:
-            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(q, current_level())) as pool:
                 while True:
                     while not exhausted and len(pending) < 2 * self.workers:
                         try:

@@ -22,7 +22,9 @@ Two ways to run a unit:
 
 Progress: units report ``(done, ok)`` to a small progress actor (cumulative per unit and
 attempt, coalesced every 0.2 s); the driver polls it and calls the stage's ``progress``
-callback with increments, exactly as the local engine does. A retried unit's counts are
+callback with increments, exactly as the local engine does. Logging: a unit runs with the
+``silverlabel`` loggers at the driver's level, writing to the worker's stderr, which Ray
+shows on the driver's console (``log_to_driver``). A retried unit's counts are
 not added twice: per unit, the driver shows the largest count any attempt reached and, when
 the unit finishes, settles on the final attempt's exact totals.
 
@@ -34,6 +36,7 @@ ingest ... --engine ray``). The engine checks this before the first unit runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -41,10 +44,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from silverlabel import __version__
-from silverlabel.engine import Report, ShardFn
+from silverlabel.engine import Report, ShardFn, unit_name
 from silverlabel.errors import UserError
+from silverlabel.log import ROOT, current_level, worker_logging
 
 _REPORT_EVERY = 0.2
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,15 +85,22 @@ class _CumulativeReport:
             pass
 
 
-def _execute(fn: ShardFn, unit: Any, config: Any, token: int, sink: Any) -> tuple[int, Any, int, int]:
+def _execute(fn: ShardFn, unit: Any, config: Any, token: int, sink: Any,
+             level: int = logging.WARNING) -> tuple[int, Any, int, int]:
+    if logging.getLogger(ROOT).level != level:  # once per worker process: the driver's level, to its stderr
+        worker_logging(level)
     report = _CumulativeReport(sink, token)
+    t0 = time.monotonic()
+    log.debug("%s: started", unit_name(unit))
     result = fn(unit, config, report)
+    log.debug("%s: done in %.2f s", unit_name(unit), time.monotonic() - t0)
     return token, result, report.done, report.ok
 
 
-def silverlabel_unit(fn: ShardFn, unit: Any, config: Any, token: int, sink: Any) -> tuple[int, Any, int, int]:
+def silverlabel_unit(fn: ShardFn, unit: Any, config: Any, token: int, sink: Any,
+                     level: int = logging.WARNING) -> tuple[int, Any, int, int]:
     """A unit as a Ray task (its worker's process title is ``ray::silverlabel_unit``)."""
-    return _execute(fn, unit, config, token, sink)
+    return _execute(fn, unit, config, token, sink, level)
 
 
 class SilverlabelWorker:
@@ -98,8 +110,9 @@ class SilverlabelWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def run(self, fn: ShardFn, unit: Any, config: Any, token: int, sink: Any) -> tuple[int, Any, int, int]:
-        return _execute(fn, unit, config, token, sink)
+    def run(self, fn: ShardFn, unit: Any, config: Any, token: int, sink: Any,
+            level: int = logging.WARNING) -> tuple[int, Any, int, int]:
+        return _execute(fn, unit, config, token, sink, level)
 
 
 class ProgressSink:
@@ -254,6 +267,7 @@ class RayEngine:
             pass
         sink = ray.remote(ProgressSink).options(**sink_options).remote()
         config_ref = ray.put(config)
+        level = current_level()  # the workers log at the driver's level
         gpus = self._gpus() if self.actor else 0
         n = self._count(gpus)
         actors: list[Any] = []
@@ -284,11 +298,11 @@ class RayEngine:
                         break
                     if self.actor:
                         a = min(range(n), key=load.__getitem__)
-                        ref = actors[a].run.remote(fn, unit, config_ref, token, sink)
+                        ref = actors[a].run.remote(fn, unit, config_ref, token, sink, level)
                         load[a] += 1
                     else:
                         a = -1
-                        ref = task.remote(fn, unit, config_ref, token, sink)
+                        ref = task.remote(fn, unit, config_ref, token, sink, level)
                     pending[ref] = (token, a)
                     token += 1
                 if not pending:

@@ -1,0 +1,184 @@
+"""What a run says and how loud: -q/-v/--log-level through the standard logging module
+(worker processes included), the Python API configuring nothing, and progress with a total
+where the amount of work is known."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from silverlabel.cli import build_parser, main
+from silverlabel.demodata import ImageServer, real_photos
+from silverlabel.log import ROOT, Progress, level_from_flags, progress_wanted
+
+RESULT = re.compile(r"^silverlabel ingest: 8 samples in 2 shards \(2 written now, 0 already complete\)$")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main`` configures the ``silverlabel`` logger (as the CLI does in its own process):
+    leave the next test the logger as it was."""
+    logger = logging.getLogger(ROOT)
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "ab"[i % 2] / f"{i}.jpg")
+    return root
+
+
+def _ingest(images: Path, out: Path, *flags: str, workers: int = 1) -> list[str]:
+    return ["ingest", str(images), "-o", str(out), "--workers", str(workers), "--samples-per-shard", "4", *flags]
+
+
+def test_quiet_prints_only_the_result_line(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SILVERLABEL_PROGRESS", "1")  # -q wins over a forced bar
+    assert main(["-q", *_ingest(images, tmp_path / "pool", workers=2)]) == 0
+    out, err = capsys.readouterr()
+    assert RESULT.match(out.rstrip("\n")) and out.count("\n") == 1, out
+    assert err == "", err
+    # after the command too; and without -q the summary has its table and the output's path
+    assert main(_ingest(images, tmp_path / "pool2", "--quiet")) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    assert main(_ingest(images, tmp_path / "pool3", "--no-progress")) == 0
+    out = capsys.readouterr().out
+    assert "  success" in out and str(tmp_path / "pool3") in out
+
+
+def test_debug_lines_come_from_the_worker_processes(images, tmp_path, capsys):
+    assert main(["-vv", *_ingest(images, tmp_path / "pool", "--no-progress", workers=2)]) == 0
+    out, err = capsys.readouterr()
+    assert RESULT.match(out.strip().splitlines()[0]), out
+    started = re.findall(r"silverlabel\.engine\.local\[(\d+)\]: debug: (data-\d+): started", err)
+    assert sorted(u for _pid, u in started) == ["data-000000", "data-000001"], err
+    assert all(int(pid) != os.getpid() for pid, _u in started), err  # logged in the pool's processes
+    assert "running on LocalEngine (cpu, 2 workers)" in err
+    # -v: info from the driver, no debug from anyone; a resumed run says what it skipped
+    assert main(["-v", *_ingest(images, tmp_path / "pool", "--no-progress", workers=2)]) == 0
+    err = capsys.readouterr().err
+    assert ": debug:" not in err and "resumed: 2 units found done, 0 run now" in err, err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_level_before_or_after_the_command(images, tmp_path, capsys, where):
+    def run(level: str, out: str) -> str:
+        flag = ["--log-level", level]
+        argv = _ingest(images, tmp_path / out, "--no-progress")
+        assert main(flag + argv if where == "before" else argv + flag) == 0
+        return capsys.readouterr().err
+
+    assert "running on LocalEngine" in run("INFO", "a")
+    assert logging.getLogger(ROOT).level == logging.INFO
+    assert run("warning", "b") == ""
+    assert logging.getLogger(ROOT).level == logging.WARNING
+    # --log-level overrides -v, wherever each is
+    assert run("error", "c") == "" and logging.getLogger(ROOT).level == logging.ERROR
+
+
+def test_flags_parse_anywhere_and_bad_levels_are_refused(capsys, monkeypatch):
+    for argv in (["-v", "-v", "card", "x"], ["card", "x", "-vv"], ["-v", "card", "x", "-v"]):
+        a = build_parser("card").parse_args(argv)
+        assert level_from_flags(a.verbose, a.quiet, a.log_level, env={}) <= logging.INFO, argv
+    a = build_parser("card").parse_args(["--log-level", "debug", "card", "x", "-q"])
+    assert level_from_flags(a.verbose, a.quiet, a.log_level, env={}) == logging.DEBUG
+    with pytest.raises(SystemExit) as e:
+        main(["card", "x", "--log-level", "loud"])
+    assert e.value.code == 2 and "invalid choice: 'loud'" in capsys.readouterr().err
+    monkeypatch.setenv("SILVERLABEL_LOG_LEVEL", "chatty")
+    with pytest.raises(SystemExit) as e:
+        main(["classes", "285", "--space", "in1k"])
+    assert e.value.code == 2 and "not a log level: 'chatty'" in capsys.readouterr().err
+    monkeypatch.setenv("SILVERLABEL_LOG_LEVEL", "error")
+    assert main(["classes", "285", "--space", "in1k"]) == 0
+    assert logging.getLogger(ROOT).level == logging.ERROR
+
+
+def test_the_python_api_configures_no_logging(images, tmp_path):
+    """Importing silverlabel and running a stage (with worker processes) adds no handler to
+    the root logger or to silverlabel's, changes no level, and prints nothing."""
+    code = f"""
+import logging, sys
+root = logging.getLogger()
+before = (list(root.handlers), root.level)
+import silverlabel
+from silverlabel import IngestConfig, run_ingest
+s = run_ingest(IngestConfig(({str(images)!r},), {str(tmp_path / 'pool')!r}, workers=2, samples_per_shard=4))
+assert sum(s.counts.values()) == 8, s
+lib = logging.getLogger("silverlabel")
+assert (list(root.handlers), root.level) == before, (root.handlers, root.level)
+assert lib.handlers == [] and lib.level == logging.NOTSET and lib.propagate, lib.handlers
+sys.stdout.write("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("SILVERLABEL_LOG_LEVEL", "SILVERLABEL_PROGRESS")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "ok" and p.stderr == "", p.stderr
+
+
+def _url_table(tmp_path: Path, srv: ImageServer, names: list[str], fmt: str) -> Path:
+    table = pa.table({"url": [srv.url(n) for n in names]})
+    path = tmp_path / f"urls.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, path, row_group_size=2)
+    else:
+        path.write_text("url\n" + "".join(f"{u}\n" for u in table.column("url").to_pylist()))
+    return path
+
+
+def test_ingest_progress_has_a_total_when_the_parquet_row_count_is_known(tmp_path, capsys):
+    photos = real_photos()[:5]
+    with ImageServer({n: data for n, data in photos}) as srv:
+        names = [n for n, _ in photos] + ["missing.jpg"]
+        for fmt in ("parquet", "csv"):
+            table = _url_table(tmp_path, srv, names, fmt)
+            argv = ["ingest", str(table), "-o", str(tmp_path / fmt), "--workers", "1", "--retries", "0",
+                    "--allow-private-network", "--progress"]
+            assert main(argv) == 0
+            err = capsys.readouterr().err
+            if fmt == "parquet":  # the footer's row count: a total, a percentage and an ETA
+                assert "6/6" in err and "100%" in err and "success 83.3%" in err, err
+            else:  # a CSV's length is known only once read: a count and a rate, no made-up total
+                assert "6img" in err and "/6" not in err and "%|" not in err, err
+        # resumed: the done shard is off the total, so the bar is of the work left
+        assert main(["ingest", str(tmp_path / "urls.parquet"), "-o", str(tmp_path / "parquet"), "--workers", "1",
+                     "--allow-private-network", "--progress"]) == 0
+        assert "img/s" not in capsys.readouterr().err  # nothing left to do: no bar at all
+
+
+def test_progress_stays_off_a_non_terminal_unless_asked(monkeypatch):
+    monkeypatch.delenv("SILVERLABEL_PROGRESS", raising=False)
+    assert not progress_wanted()  # pytest's captured stderr is not a terminal
+    assert progress_wanted(force=True) and not progress_wanted(no_progress=True, force=True)
+    monkeypatch.setenv("SILVERLABEL_PROGRESS", "1")
+    assert progress_wanted() and not progress_wanted(quiet=True)
+
+
+def test_progress_without_a_bar_logs_where_it_is(caplog):
+    p = Progress(bar=False, desc="label", unit="img", every=0)
+    p.set_total(100)
+    with caplog.at_level(logging.INFO, logger=ROOT):
+        p(10, 10)
+        p.skip(50)
+        p(10, 10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"label: 10/100 \(10\.0%\), [\d.]+ img/s, ETA \d+:\d\d", lines[0]), lines
+    assert lines[1].startswith("label: 20/50 (40.0%)"), lines
