@@ -387,7 +387,7 @@ def _all_text(paths: list[Path], *extra: str) -> str:
 
 def _ingest_cli(table: Path, out: Path, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "silverlabel.cli", "ingest", str(table), "-o", str(out),
-                           "--workers", "1", "--no-progress", "--retries", "0", *flags],
+                           "--workers", "1", "--no-progress", "--retries", "0", "-vv", *flags],
                           capture_output=True, text=True, timeout=180, env=env)
 
 
