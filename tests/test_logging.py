@@ -182,3 +182,37 @@ def test_progress_without_a_bar_logs_where_it_is(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert re.fullmatch(r"label: 10/100 \(10\.0%\), [\d.]+ img/s, ETA \d+:\d\d", lines[0]), lines
     assert lines[1].startswith("label: 20/50 (40.0%)"), lines
+
+
+def _labels_table(path: Path, counts: list[int]) -> None:
+    """A bare COYO-Labeled table: class i (of in21k) is the top-1 of counts[i] rows."""
+    cls = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    n = len(cls)
+    offsets = pa.array(np.arange(0, n + 1, dtype=np.int32))
+    pq.write_table(pa.table({
+        "id": pa.array(np.arange(n, dtype=np.int64)), "url": [f"http://x/{i}.jpg" for i in range(n)],
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(cls)),
+        "label_probs": pa.ListArray.from_arrays(offsets, pa.array(np.full(n, 0.9, np.float32))),
+    }), path)
+
+
+def test_select_and_card_say_their_passes_and_steps(tmp_path, capsys):
+    table = tmp_path / "labels.parquet"
+    _labels_table(table, [9, 7, 5, 3])
+    sel = tmp_path / "sel"
+    assert main(["-v", "select", str(table), "-o", str(sel), "--top-classes", "2", "--val-per-class", "1",
+                 "--fraction", "0.5", "--balanced", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("silverlabel select: 9 samples (train 7, validation 2)"), out
+    passes = re.findall(r"silverlabel: select: (\w+) pass \(1 part\)", err)
+    assert passes == ["count", "fraction", "write"], err
+    assert "1/1" in err  # each pass's bar: its parts
+    assert main(["card", str(sel), "--no-plots", "--progress", "--verbose"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("silverlabel card: selection, 9 samples"), out
+    assert re.search(r"silverlabel: card: facts computed \([\d.]+ s\)", err) and "card: card written" in err, err
+    assert "2/2" in err, err
+    # neither says anything on stderr by default, nor more than the result's line with -q
+    assert main(["card", str(sel), "--no-plots", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\n") == 1, (out, err)

@@ -233,13 +233,16 @@ class Progress:
             self.set_total(self.total - items)
 
     def phase(self, desc: str, total: int | None = None, unit: str | None = None, success: bool = False) -> None:
-        """A new pass (select's count and write passes, card's steps): the bar starts over."""
+        """A new pass (select's count and write passes, card's steps): the bar starts over,
+        drawn at once when the pass's size is known (its first item may take a while)."""
         self.close()
-        self.log.info("%s", desc)
         self.desc, self.unit, self.success = desc, unit or self.unit, success
+        self.log.info("%s", _sized(desc, total, self.unit))
         self.done = self.ok = 0
         self.total = None if total is None else int(total)
         self.t0 = self.last_log = time.monotonic()
+        if self.enabled and self.total is not None:
+            self(0, 0)
 
     def __call__(self, done: int, ok: int) -> None:
         self.done += done
@@ -277,6 +280,11 @@ class Progress:
             self.bar = None
 
 
+def _sized(desc: str, total: int | None, unit: str) -> str:
+    """``select: count pass (3 parts)``."""
+    return desc if total is None else f"{desc} ({total} {unit}{'' if total == 1 else 's'})"
+
+
 def set_total(progress: Any, total: int | None) -> None:
     """Tell ``progress`` the amount of work when it takes it (a :class:`Progress`); a plain
     ``report`` callable is left alone."""
@@ -299,4 +307,4 @@ def phase(progress: Any, desc: str, total: int | None = None, unit: str | None =
     if f is not None:
         f(desc, total, unit)
     else:
-        logging.getLogger(ROOT).info("%s", desc)
+        logging.getLogger(ROOT).info("%s", _sized(desc, total, unit or "item"))
