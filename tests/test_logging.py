@@ -216,3 +216,21 @@ def test_select_and_card_say_their_passes_and_steps(tmp_path, capsys):
     assert main(["card", str(sel), "--no-plots", "-q"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.count("\n") == 1, (out, err)
+
+
+@pytest.mark.slow
+def test_ray_workers_log_at_the_drivers_level(images, tmp_path):
+    """``-vv`` with ``--engine ray``: the units' debug lines come from Ray's worker processes
+    (Ray shows their stderr on the driver's); at the default level they say nothing."""
+    pytest.importorskip("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("SILVERLABEL_LOG_LEVEL", None)
+    argv = [sys.executable, "-m", "silverlabel", "-vv", *_ingest(images, tmp_path / "pool", "--no-progress"),
+            "--engine", "ray"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert RESULT.match(p.stdout.strip().splitlines()[0]), p.stdout
+    started = re.findall(r"silverlabel\.engine\.ray_engine\[(\d+)\]: debug: (data-\d+): started", p.stderr)
+    assert sorted(u for _pid, u in started) == ["data-000000", "data-000001"], p.stderr[-3000:]
+    driver = re.search(r"silverlabel\.stage\[(\d+)\]: .*running on RayEngine", p.stderr)
+    assert driver and all(pid != driver.group(1) for pid, _u in started), p.stderr[-3000:]
