@@ -268,3 +268,24 @@ def test_loader_workers_scale_with_the_ranks_cores(monkeypatch):
     assert loader_workers(-1, "cpu") == 0  # the CPU model wants the cores
     with pytest.raises(UserError, match="num_workers"):
         TrainConfig("ts", "run", num_workers=-2)
+
+
+def test_sync_batchnorm_under_ddp_keeps_the_parameters():
+    import timm
+
+    from silverlabel.stages.train import _sync_batchnorm
+
+    notes = []
+    vit = timm.create_model("test_vit", num_classes=4)
+    assert _sync_batchnorm(vit, torch.device("cuda"), notes.append) is vit and not notes  # no BatchNorm: as is
+    cnn = timm.create_model("test_efficientnet", num_classes=4)
+    keys, params = list(cnn.state_dict()), [id(p) for p in cnn.parameters()]
+    assert _sync_batchnorm(cnn, torch.device("cpu"), notes.append) is cnn
+    assert len(notes) == 1 and "per rank" in notes[0]  # no SyncBatchNorm on the CPU: said
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in cnn.modules())
+    synced = _sync_batchnorm(cnn, torch.device("cuda"), notes.append)  # conversion only: no GPU needed
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) > 0
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules() if isinstance(m, bn))
+    # the optimizer (built before) and the checkpoint keys still see the same tensors
+    assert [id(p) for p in synced.parameters()] == params and list(synced.state_dict()) == keys
