@@ -266,7 +266,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     if args.stats:
         return print_label_stats(args.dataset, getattr(args, "name", None))
-    s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args))
+    s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args), success=False)
     _head(args, f"silverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors{_missing_note(s.missing)}")
     _footer(args, s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
