@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,8 @@ def bench_train(args, root: Path, n_gpus: int) -> dict:
     r: dict = {"global_batch": args.global_batch, "steps": args.train_steps, "model": args.model,
                "img_size": args.img_size, "train_workers": args.train_workers if args.train_workers is not None
                else "auto"}
+    for name in ("run-1", f"run-{n_gpus}", "run-killed"):  # fresh runs when --out is reused
+        shutil.rmtree(root / name, ignore_errors=True)
     for nproc in (1, n_gpus):
         out = root / f"run-{nproc}"
         rc, dt, err, _ = torchrun(nproc, ts, out, args)
@@ -238,6 +241,7 @@ def bench_reinforce(args, root: Path, n_gpus: int) -> dict:
     r: dict = {}
     for workers in (1, n_gpus):
         out = root / f"rnf-{workers}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh output when --out is reused (no resumed no-op)
         t0 = time.perf_counter()
         run_reinforce(ReinforceConfig(trainset=str(ts), output=str(out), teachers=(TeacherSpec("efficientnet_lite0"),),
                                       augs=4, topk=10, device=args.device, workers=workers))
@@ -263,7 +267,7 @@ def main() -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--global-batch", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=60)
-    ap.add_argument("--train-images", type=int, default=16384)
+    ap.add_argument("--train-images", type=int, default=8192)
     ap.add_argument("--train-image-width", type=int, default=320, help="toy training images, 4:3")
     ap.add_argument("--train-workers", type=int, default=None, help="loader workers per rank (default: train's auto)")
     ap.add_argument("--loss-rtol", type=float, default=None,
@@ -295,7 +299,10 @@ def main() -> int:
     only = set(args.only.split(","))
     if only & {"train", "reinforce"}:
         w = args.train_image_width
-        toy_trainset(root, args.train_images, (w, w * 3 // 4))
+        if (root / "ts" / "_info.json").exists():  # an earlier call with the same --out (one part per call)
+            log(f"reusing the training set in {root / 'ts'}")
+        else:
+            toy_trainset(root, args.train_images, (w, w * 3 // 4))
     for part, fn in (("label", bench_label), ("train", bench_train), ("reinforce", bench_reinforce)):
         if part in only:
             try:
