@@ -134,7 +134,8 @@ def test_rerun_keeps_user_sections_and_yaml(chain, tmp_path):
     assert fm["license"] == "other" and "homepage" not in fm
     # the user: a YAML key of their own, another license, a config of their own, a tag;
     # a written section, and an edit inside a generated block
-    fm.update(homepage="https://example.org/toy", license="cc-by-4.0", tags=fm["tags"] + ["birds"])
+    fm.update(homepage="https://example.org/toy", license="cc-by-4.0", tags=fm["tags"] + ["birds"],
+              pretty_name="Toy Birds")
     fm["configs"].append({"config_name": "val-only", "data_files": [{"split": "validation",
                                                                      "path": "toy-validation-*.tar"}]})
     mine = "We made this to test silverlabel's cards.\n"
@@ -148,6 +149,7 @@ def test_rerun_keeps_user_sections_and_yaml(chain, tmp_path):
     run_card(CardConfig(dataset=str(ts), plots=False, threads=2))
     fm2, body2 = front_matter(readme.read_text())
     assert fm2["homepage"] == "https://example.org/toy" and fm2["license"] == "cc-by-4.0"
+    assert fm2["pretty_name"] == "Toy Birds" and "# Dataset Card for Toy Birds\n" in body2
     assert fm2["tags"][-1] == "birds" and "silverlabel" in fm2["tags"]
     assert [c["config_name"] for c in fm2["configs"]] == ["default", "val-only"]
     assert fm2["dataset_info"] == fm["dataset_info"]

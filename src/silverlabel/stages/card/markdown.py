@@ -433,10 +433,14 @@ def render_card(f: Facts, plots: list[Path], readme: Path, old: str | None = Non
                 hub: dict[str, Any] | None = None) -> str:
     """The text of ``README.md`` from ``f``'s computed facts, merged into ``old`` (the card
     already there, if any): its YAML keys silverlabel does not own and its text outside the
-    generated blocks are kept. ``hub``: the ``configs`` and ``dataset_info`` to write."""
+    generated blocks are kept. ``hub``: the ``configs`` and ``dataset_info`` to write. Without
+    ``--name``, a ``pretty_name`` the card already has names the dataset (``f.d["name"]``, so
+    the title and ``card.json`` agree with the YAML)."""
     from silverlabel.stages.card.hub import compose_card, merge_body, merge_yaml, split_card
 
     old_yaml, old_body = split_card(old, readme) if old is not None else ({}, None)
+    if f.cfg.pretty_name is None and isinstance(old_yaml.get("pretty_name"), str) and old_yaml["pretty_name"]:
+        f.d["name"] = old_yaml["pretty_name"]
     derived, flags, defaults = card_yaml(f)
     data = merge_yaml(old_yaml, {**derived, **(hub or {})}, flags, defaults)
     return compose_card(data, merge_body(old_body, card_blocks(f, plots, readme, str(data["license"]))))
