@@ -394,6 +394,8 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=1, help="also time fresh decode buffers and 3 decode processes")
     ap.add_argument("--agree-variants", type=int, default=1, help="also agreement with nvJPEG and with fp32")
     ap.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
+                    "e.g. 0,16,32,66")
     ap.add_argument("--markdown", help="append the results here")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
@@ -442,7 +444,15 @@ def main() -> int:
             r.update({f"{p}_{k}": v for k, v in prep_rates(labeler, blobs[p], args.batch).items()})
             rate, rows, counts = end_to_end(cfg, ds)
             r[f"{p}_img_s"], r[f"{p}_rows"], r[f"{p}_decode_counts"] = rate, rows, counts
-            print(name, p, f"{rate:.0f} img/s", counts, flush=True)
+            lab = get_labeler(cfg)
+            r[f"{p}_model_sms"], r[f"{p}_model_rate_auto"] = lab.model_sms, lab.model_rate
+            print(name, p, f"{rate:.0f} img/s", counts, f"model on {lab.model_sms} SMs", flush=True)
+            if p == next(iter(pools)) and args.reserve_sweep:  # SMs kept from the model for the decode
+                for v in (int(x) for x in args.reserve_sweep.split(",")):
+                    rcfg = replace(cfg, reserve_sms=v)
+                    r[f"{p}_img_s_reserve{v}"] = end_to_end(rcfg, ds)[0]
+                    print(name, p, f"{v} SMs reserved: {r[f'{p}_img_s_reserve{v}']:.0f} img/s", flush=True)
+                    get_labeler(rcfg).close()
             if p == next(iter(pools)) and args.variants:  # what the design choices are worth
                 for d in labeler.decoders:
                     d.reuse = False

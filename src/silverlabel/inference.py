@@ -47,6 +47,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 #: has them far more often than bf16's 7 bits (on 300 low-confidence photos under
 #: autocast: fp16 matched every image, bf16 94.7%); tensor-core speed is the same on Hopper.
 PRECISIONS = ("fp16", "bf16", "fp32")
+#: (the model's img/s on the whole GPU at least, share of the SMs left to the decode): see
+#: Labeler._auto_reserve.
+AUTO_RESERVE = ((15_000.0, 0.5), (6_000.0, 0.25), (0.0, 0.12))
 
 #: Pillow's filter supports (``ImagingResample``): bicubic (a = -0.5) and bilinear.
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
@@ -549,6 +553,47 @@ def normalize_batch(x, tf: EvalTransform):
     return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
 
 
+def producer_stream(device: Any) -> Any:
+    """A CUDA stream for the decode/resize side of a GPU pipeline, at the highest priority.
+
+    The producer is a chain of small, dependent steps (bitstream copies, decode, colour
+    conversion, resize kernels, host synchronisations between them); the model is a few long
+    kernels that fill every SM. At equal priority each producer kernel queues behind the
+    model's blocks, so on an H200 a decode loop next to a ViT-B kept 8% of its rate alone
+    (bench/label_overlap.py) and the two took turns instead of overlapping. At high priority
+    the producer's blocks are scheduled first as SMs free up; the model loses little (its
+    kernels are throughput work)."""
+    import torch
+
+    low, high = torch.cuda.Stream.priority_range()
+    return torch.cuda.Stream(device, priority=high)
+
+
+def model_stream(device: Any, reserve_sms: int) -> tuple[Any, Any, int]:
+    """(stream, green context or None, SMs the model gets) for a GPU pipeline's model.
+
+    With ``reserve_sms > 0`` the stream belongs to a CUDA green context of all SMs but
+    ``reserve_sms``: the model's kernels fill every SM they may use for as long as they run,
+    so on a shared GPU the producer's small decode and resize kernels wait behind them at any
+    stream priority (measured on an H200 next to a ViT-B/16: the JPEG decode kept 8% of its
+    rate; with 32 SMs left to it, 52%, while the model kept 83% of its full-GPU rate:
+    bench/label_overlap.py). Without green contexts (torch < 2.10, CUDA < 12.8, no
+    ``Stream()`` on the context) the model gets a plain stream and every SM."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if 0 < reserve_sms < total:
+        try:
+            from torch.cuda.green_contexts import GreenContext
+
+            ctx = GreenContext.create(num_sms=total - reserve_sms, device_id=torch.device(device).index or 0)
+            return ctx.Stream(), ctx, total - reserve_sms
+        except Exception as e:  # noqa: BLE001 - an optional speed-up: say why and go on
+            log.info("no green context for the model (%s: %s): it shares every SM with the decode",
+                     type(e).__name__, e)
+    return torch.cuda.Stream(device), None, total
+
+
 def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: Any, use_hw: bool = False) -> None:
     """A decode process of the GPU path (on GPUs without JPEG engines by default): (id,
     path, keys, locs) in, uint8 GPU crops out over CUDA IPC (no host round trip). Each process has its
@@ -557,6 +602,7 @@ def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: 
     import torch
 
     torch.cuda.set_device(torch.device(device))
+    torch.cuda.set_stream(producer_stream(device))
     decoder = GpuDecoder(device, use_hw=use_hw)
     sent: list = []  # keep recently sent tensors alive until the consumer has used them
     while True:
@@ -649,13 +695,14 @@ class Labeler:
     the work, and kernels from other processes would time-slice with the model's);
     ``gpu_decode_threads`` caps the decode threads (2 at most: one builds a batch while the
     other's is on the engines; more only contend for the GIL). ``cuda_graphs=False`` runs
-    the model eagerly.
+    the model eagerly. ``reserve_sms`` SMs are kept from the model for the decode (a CUDA
+    green context; ``None``: chosen from the teacher's speed, see :func:`model_stream`).
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
-                 cuda_graphs: bool = True, hw_decode: bool = True):
+                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int | None = None):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -693,6 +740,9 @@ class Labeler:
         self._tasks = self._results = None
         self._worker_counts: Counter = Counter()
         self._cpu_tfms = [tf.cpu() for tf in self.transforms] if not cuda else None
+        self.reserve_sms = reserve_sms
+        self._stream = self._green = None
+        self.model_sms = self.model_rate = None
 
     def _prepare(self, model, compile: bool):
         torch = self.torch
@@ -768,11 +818,43 @@ class Labeler:
                 return self.forward
         return self._graphs[batch]
 
+    def _model_stream(self, runner) -> Any:
+        """The model's stream for :meth:`_run_gpu` (made once): on a green context that leaves
+        ``reserve_sms`` SMs to the decode (``None``: by the teacher's measured speed)."""
+        if self._stream is None:
+            reserve = self.reserve_sms
+            if reserve is None:
+                reserve = self._auto_reserve(runner)
+            self._stream, self._green, self.model_sms = model_stream(self.device, reserve)
+        return self._stream
+
+    def _auto_reserve(self, runner) -> int:
+        """SMs to leave to the decode, from the model's own rate on the whole GPU: a teacher
+        faster than the JPEG engines (~15-20k img/s of 640x480 on an H200) is decode-bound
+        and leaves half the GPU to it; a slower one leaves what decode needs to keep up
+        (the thresholds are from bench/label.py's sweep on the H200, see BENCHMARKS.md)."""
+        torch = self.torch
+        B = getattr(runner, "B", 64)  # a captured graph's batch size
+        xs = [torch.zeros((B, 3, tf.size, tf.size), dtype=self.dtype, device=self.device)
+              .contiguous(memory_format=torch.channels_last) for tf in self.transforms]
+        with torch.inference_mode():
+            runner(xs)
+            torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                runner(xs)
+            torch.cuda.synchronize(self.device)
+        rate = 3 * B / (time.perf_counter() - t0)
+        total = torch.cuda.get_device_properties(self.device).multi_processor_count
+        reserve = next(frac for limit, frac in AUTO_RESERVE if rate >= limit)
+        self.model_rate = rate
+        return int(round(total * reserve))
+
     # -- prepared images (reinforce) -----------------------------------------------------
     def classify(self, images: Sequence[Any], embeddings: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Teacher outputs for already-augmented images: ``images[i]`` is a uint8
-        ``(N, S_i, S_i, 3)`` array at teacher ``i``'s input size (``self.transforms[i].size``),
+        ``(N, S_i, S_i, 3)`` array (or tensor, on any device) at teacher ``i``'s input size (``self.transforms[i].size``),
         normalized here with the teacher's mean/std (no resize, no crop).
 
         Returns numpy ``(top indices [N,k] int32, top probs [N,k] float32, embeddings)``;
@@ -783,7 +865,8 @@ class Labeler:
         per_teacher, embs = [], []
         with torch.inference_mode():
             for i, (model, tf) in enumerate(zip(self.models, self.transforms)):
-                x = torch.from_numpy(np.ascontiguousarray(images[i])).to(self.device)
+                x = images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images[i]))
+                x = x.to(self.device)
                 x = normalize_batch(x.permute(0, 3, 1, 2), tf).to(self.dtype)
                 if embeddings:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -896,6 +979,11 @@ class Labeler:
         if first is None:
             return
         runner = self._runner(len(first[0]))  # captured before any other thread touches the GPU
+        # The model runs on a stream of its own, not the legacy default stream: that one waits
+        # implicitly for every blocking stream (nvImageCodec's internal ones among them); and
+        # on a green context that leaves SMs to the decode (timed here, before the producers
+        # start, when the reserve is chosen from the model's speed).
+        current = self._model_stream(runner)
         batches = itertools.chain([first], it)
         abort = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=3)
@@ -913,7 +1001,7 @@ class Labeler:
 
         threads = []
         if self.decode_procs:
-            stream = torch.cuda.Stream(self.device)
+            stream = producer_stream(self.device)
 
             def emit(keys, xs, failed, keep):
                 ev = torch.cuda.Event()
@@ -938,7 +1026,7 @@ class Labeler:
                         _put(read_q, stop, abort)
 
             def produce(decoder: GpuDecoder):
-                stream = torch.cuda.Stream(self.device)
+                stream = producer_stream(self.device)
                 with torch.cuda.stream(stream):
                     while (item := _get(read_q, abort)) is not stop and item is not None:
                         keys, xs, failed, keep = self._prepare_batch(decoder, *item)
@@ -951,10 +1039,6 @@ class Labeler:
             threads += [threading.Thread(target=guarded(produce), args=(d,), daemon=True) for d in self.decoders]
         for th in threads:
             th.start()
-        # The model runs on a stream of its own, not the legacy default stream: that one waits
-        # implicitly for every blocking stream (nvImageCodec's internal ones among them), which
-        # would serialize the model with the JPEG engines instead of overlapping them.
-        current = torch.cuda.Stream(self.device)
         k = self.topk
         B = len(first[0])  # the largest batch: the reader's batches are full but for the last
         ring = [(torch.empty((B, k), dtype=torch.int32, pin_memory=True),
