@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -218,14 +219,18 @@ class Progress:
         self.total: int | None = None
         self.done = self.ok = 0
         self.t0 = self.last_log = time.monotonic()
+        self.lock = threading.Lock()  # reports come from the engine's thread, totals from the plan's
 
     # -- what stages tell --------------------------------------------------------------
     def set_total(self, total: int | None) -> None:
         """The items this run will report in all (None: not known)."""
-        self.total = None if total is None else max(0, int(total))
-        if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
+        with self.lock:
+            if not self.done:  # the rate counts from here, not from the checks before
+                self.t0 = self.last_log = time.monotonic()
+            self.total = None if total is None else max(0, int(total))
+            if self.bar is not None:
+                self.bar.total = self.total
+                self.bar.refresh()
 
     def skip(self, items: int) -> None:
         """Items of work found done (a resumed run): not part of this run's total."""
@@ -245,6 +250,10 @@ class Progress:
             self(0, 0)
 
     def __call__(self, done: int, ok: int) -> None:
+        with self.lock:
+            self._add(done, ok)
+
+    def _add(self, done: int, ok: int) -> None:
         self.done += done
         self.ok += ok
         if self.enabled and self.bar is None:  # made on the first progress: an error prints no empty bar
