@@ -234,3 +234,20 @@ def test_ray_workers_log_at_the_drivers_level(images, tmp_path):
     assert sorted(u for _pid, u in started) == ["data-000000", "data-000001"], p.stderr[-3000:]
     driver = re.search(r"silverlabel\.stage\[(\d+)\]: .*running on RayEngine", p.stderr)
     assert driver and all(pid != driver.group(1) for pid, _u in started), p.stderr[-3000:]
+
+
+def test_shard_progress_counts_the_work_left_on_a_resume(images, tmp_path, capsys):
+    pool, sel, ts = tmp_path / "pool", tmp_path / "sel", tmp_path / "ts"
+    assert main(["-q", *_ingest(images, pool)]) == 0
+    assert main(["-q", "select", str(pool), "--label", "source", "-o", str(sel)]) == 0
+    argv = ["shard", str(sel), "-o", str(ts), "--shards", "2", "--workers", "1", "--progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "8/8" in err and "sample/s" in err, err
+    shard = sorted(ts.glob("*.tar"))[0]
+    shard.unlink()  # one shard of two to write again
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "(1 written now, 1 already complete)" in out
+    last = err.strip().split("\r")[-1]  # the bar's final frame: the work of this run
+    assert "100%" in last and "4/4" in last, err
