@@ -315,6 +315,8 @@ def naive_rate(model, tf, ds: Path, batch: int, workers: int, dtype, limit: int)
             out.float().softmax(-1).topk(50)[1].cpu()
             n += x.shape[0]
     torch.cuda.synchronize()
+    if t0 is None:
+        raise SystemExit(f"--naive-images {limit}: too few to time past 2 warm-up batches of {batch}")
     return n / (time.perf_counter() - t0)
 
 
