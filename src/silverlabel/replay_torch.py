@@ -130,8 +130,9 @@ def _boxes(crops: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _fixed_round(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's ``clip8`` of ``(1 << 21) + sum``: the 8-bit result, as float64."""
-    return torch.floor((acc + _HALF) / _ONE).clamp_(0, 255)
+    """Pillow's ``clip8`` of ``(1 << 21) + sum``: the 8-bit result, as float64 (in place; the
+    scaling by 2^-22 is exact)."""
+    return acc.mul_(1.0 / _ONE).add_(0.5).floor_().clamp_(0, 255)
 
 
 def _groups(shapes: list[tuple[int, int]], waste: float = 1.25) -> list[list[int]]:
@@ -404,20 +405,20 @@ def _affine(x: torch.Tensor, mats: np.ndarray) -> torch.Tensor:
     inside = (xo >= 0) & (xo < S) & (yo >= 0) & (yo < S)
     xs, ys = xo - 0.5, yo - 0.5
     fx, fy = torch.floor(xs), torch.floor(ys)
-    dx, dy = xs - fx, ys - fy
+    dx, dy = (xs - fx)[..., None], (ys - fy)[..., None]
     fx = fx.clamp(-2, S + 1).to(torch.int64)  # outside points are masked; keep the ints small
     fy = fy.clamp(-2, S + 1).to(torch.int64)
     x0, x1 = fx.clamp(0, S - 1), (fx + 1).clamp(0, S - 1)
-    y0, y1 = fy.clamp(0, S - 1), (fy + 1).clamp(0, S - 1)
-    flat = x.reshape(n, S * S, 3).to(torch.float64)
+    base = torch.arange(n, device=dev).view(n, 1, 1) * (S * S)
+    r0, r1 = base + fy.clamp(0, S - 1) * S, base + (fy + 1).clamp(0, S - 1) * S
+    pix = x.reshape(n * S * S, 3)
 
-    def px(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        idx = (yy * S + xx).reshape(n, S * S, 1).expand(n, S * S, 3)
-        return flat.gather(1, idx).view(n, S, S, 3)
+    def px(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return pix[(row + col).reshape(-1)].view(n, S, S, 3).to(torch.float64)
 
-    p00, p01, p10, p11 = px(y0, x0), px(y0, x1), px(y1, x0), px(y1, x1)
-    dx, dy = dx[..., None], dy[..., None]
+    p00, p01 = px(r0, x0), px(r0, x1)
     v1 = p00 + (p01 - p00) * dx
+    p10, p11 = px(r1, x0), px(r1, x1)
     v2 = p10 + (p11 - p10) * dx
     v = v1 + (v2 - v1) * dy
     out = torch.trunc(v).clamp_(0, 255).to(torch.uint8)
