@@ -164,7 +164,75 @@ def test_tar_member_names_are_never_paths(tmp_path):
 
 
 def test_expand_braces():
+    """Brace patterns as webdataset and bash read them (the braceexpand package)."""
     assert expand_braces("x-{000..002}.tar") == ["x-000.tar", "x-001.tar", "x-002.tar"]
+    assert expand_braces("x-{00000,00002}.tar") == ["x-00000.tar", "x-00002.tar"]
+    assert expand_braces("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]
+    assert expand_braces("x-{a,b{1..2}}.tar") == ["x-a.tar", "x-b1.tar", "x-b2.tar"]  # nested
+    assert expand_braces("x-{0..10..5}.tar") == ["x-0.tar", "x-5.tar", "x-10.tar"]  # a step
+    assert expand_braces("x-{09..11}.tar") == ["x-09.tar", "x-10.tar", "x-11.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="not a valid brace pattern"):
+        expand_braces("x-{0..2.tar")
+    with pytest.raises(ValueError, match="more than"):
+        expand_braces("x-{0..99999999}.tar")
+
+
+def test_brace_lists_and_ranges_name_tars_and_tables(tmp_path):
+    for name in ("train-00000", "train-00001", "val-00000"):
+        _wds(tmp_path / f"{name}.tar", [("k", {"jpg": name.encode(), "json": b"{}"})])
+        pq.write_table(pa.table({"url": [f"http://h.example/{name}.jpg"]}), tmp_path / f"{name}.parquet")
+    items = _items(str(tmp_path / "{train-{00000,00001},val-00000}.tar"))
+    assert [i.source for i in items] == ["train-00000.tar#k", "train-00001.tar#k", "val-00000.tar#k"]
+    assert kind_of(str(tmp_path / "{train,val}-00000.parquet")) == "table"
+    urls = [i.url for i in _items(str(tmp_path / "{val-00000,train-{00000..00001}}.parquet"))]
+    assert urls == ["http://h.example/val-00000.jpg", "http://h.example/train-00000.jpg",
+                    "http://h.example/train-00001.jpg"]
+    with pytest.raises(FileNotFoundError, match=r"val-00001\.parquet"):
+        _items(str(tmp_path / "{train,val}-{00000..00001}.parquet"))
+    with pytest.raises(FileNotFoundError, match=r"val-00001\.tar"):
+        _items(str(tmp_path / "{train,val}-00001.tar"))
+
+
+def test_keep_cols_on_tars_from_the_json_member(tmp_path):
+    meta = [{"url": "http://src/0.jpg", "score": 0.5, "n": 3, "ok": True, "tags": ["a", "b"], "note": "x"},
+            {"url": "http://src/1.jpg", "score": 1, "n": None, "ok": False, "tags": [], "note": None},
+            {"url": "http://src/2.jpg"}]
+    _wds(tmp_path / "a.tar", [(f"k{i}", {"jpg": b"J", "json": json.dumps(m).encode()}) for i, m in enumerate(meta)])
+    src = open_source(str(tmp_path / "a.tar"), SourceOptions(keep_cols=("score", "n", "ok", "tags", "note")))
+    assert [(f.name, str(f.type)) for f in src.extra_fields] == [
+        ("score", "double"), ("n", "int64"), ("ok", "bool"), ("tags", "string"), ("note", "string")]
+    assert [i.extra for i in src.items()] == [
+        {"score": 0.5, "n": 3, "ok": True, "tags": '["a", "b"]', "note": "x"},
+        {"score": 1.0, "n": None, "ok": False, "tags": "[]", "note": None},
+        {"score": None, "n": None, "ok": None, "tags": None, "note": None}]  # a key a sample lacks: null
+    assert src.describe()["keep_cols"] == ["score", "n", "ok", "tags", "note"]
+    assert _items(tmp_path / "a.tar")[0].extra is None  # nothing asked, nothing kept
+    with pytest.raises(ValueError, match=r"a\.tar \(\.json members\): --keep-cols names missing columns: nope"):
+        _items(tmp_path / "a.tar", keep_cols=("score", "nope"))
+    with pytest.raises(ValueError, match="url would overwrite a samples-table column"):
+        _items(tmp_path / "a.tar", keep_cols=("url",))
+    _wds(tmp_path / "b.tar", [("k0", {"jpg": b"J"})])
+    with pytest.raises(ValueError, match=r"b\.tar: --keep-cols reads keys of the samples' \.json members"):
+        _items(tmp_path / "b.tar", keep_cols=("score",))
+    _wds(tmp_path / "c.tar", [("k0", {"jpg": b"J", "json": b'{"n": 1}'}), ("k1", {"jpg": b"J", "json": b'{"n": "many"}'})])
+    with pytest.raises(ValueError, match=r"c\.tar#k1: 'n' is 'many', not int64"):
+        _items(tmp_path / "c.tar", keep_cols=("n",))
+
+
+def test_keep_cols_on_tars_reach_the_samples_table(tmp_path):
+    from httpserver import sample_jpeg
+
+    from silverlabel.cli import main as cli_main
+
+    _wds(tmp_path / "in.tar", [(f"k{i}", {"jpg": sample_jpeg(96, 72, seed=i),
+                                          "json": json.dumps({"score": i / 4, "source": "web"}).encode()})
+                               for i in range(3)])
+    assert cli_main(["ingest", str(tmp_path / "in.tar"), "-o", str(tmp_path / "pool"), "--workers", "1",
+                     "--no-progress", "--keep-cols", "score"]) == 0
+    t = pq.read_table(next((tmp_path / "pool" / "samples").glob("*.parquet")))
+    assert t.column("score").to_pylist() == [0.0, 0.25, 0.5] and t.schema.field("score").type == pa.float64()
+    assert t.column("status").to_pylist() == ["success"] * 3
 
 
 def test_shard_writer_is_reproducible(tmp_path):

@@ -6,6 +6,9 @@ file or tar sample); :func:`load_bytes` gets an item's image bytes in a worker.
     >>> kind_of("metadata/part-0001.parquet"), kind_of("shards/00000.tar")
     ('table', 'tar')
 
+Wherever a path is accepted, a brace pattern names several files, expanded as webdataset
+and the shell do it (:func:`expand_braces`, the ``braceexpand`` package).
+
 To add a source: a module with a class implementing :class:`Source`, decorated with
 ``@register_source("kind", detect=fn)`` (``fn(path) -> bool`` recognises its paths; without
 it the kind is used only when named by ``--source-kind``), and one line in
@@ -30,6 +33,9 @@ from silverlabel.options import csv_list, opt
 KIND_URL = "url"
 KIND_FILE = "file"
 KIND_TAR = "tar"
+#: image bytes embedded in a parquet column (img2dataset's ``parquet`` output): ``path``,
+#: row ``offset`` within the file, ``column``
+KIND_EMBEDDED = "embedded"
 
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -39,7 +45,9 @@ class Item:
     """One input element, with everything a worker needs to produce its sample row.
 
     ``error`` is set when the input itself is unusable (empty URL, malformed uid): the
-    item still becomes a row, with status ``invalid_input``.
+    item still becomes a row, with status ``status`` (default ``invalid_input``; a source
+    that records its own failures says so, e.g. ``source_failed_to_download``).
+    ``extra`` holds the carried-through columns the source declares in ``extra_fields``.
     """
 
     index: int
@@ -55,6 +63,8 @@ class Item:
     path: str | None = None
     offset: int = 0
     size: int = -1
+    status: str | None = None
+    column: str | None = None
 
 
 class Source(Protocol):
@@ -88,7 +98,8 @@ class SourceOptions:
 
 
 #: The modules that register the built-in sources (a new source: one more line here).
-SOURCE_MODULES = ("silverlabel.sources.tars", "silverlabel.sources.tables", "silverlabel.sources.folder")
+SOURCE_MODULES = ("silverlabel.sources.tars", "silverlabel.sources.tables", "silverlabel.sources.folder",
+                  "silverlabel.sources.img2dataset")
 #: kind -> ``cls(path, options) -> Source``
 _REGISTRY = Registry("source kind", SOURCE_MODULES)
 #: (kind, ``detect(path) -> bool``), asked in order by :func:`kind_of`; a folder no rule claims
@@ -97,13 +108,73 @@ _DETECTORS: list[tuple[str, Callable[[str], bool]]] = []
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
-def register_source(kind: str, detect: Callable[[str], bool] | None = None) -> Callable:
+#: at most this many paths from one brace pattern (``{0..999999999}`` is a typo, not a dataset)
+MAX_BRACE_PATHS = 1_000_000
+_RANGE_RE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def register_source(kind: str, detect: Callable[[str], bool] | None = None, first: bool = False) -> Callable:
     """Class decorator: ``@register_source("tar")`` makes ``kind`` usable as a source;
-    ``detect(path)`` lets :func:`kind_of` recognise its paths."""
+    ``detect(path)`` lets :func:`kind_of` recognise its paths, asked after the built-in
+    rules, or before them with ``first=True`` (a layout that would otherwise pass for a
+    plain table, tar or folder)."""
 
     if detect is not None:
-        _DETECTORS.append((kind, detect))
+        if first:
+            _DETECTORS.insert(0, (kind, detect))
+        else:
+            _DETECTORS.append((kind, detect))
     return _REGISTRY.register(kind)
+
+
+def has_braces(path: str) -> bool:
+    """Whether ``path`` is a brace pattern (holds ``{`` ... ``}``)."""
+    return "{" in path and "}" in path[path.index("{"):]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The paths a brace pattern names, in order, as webdataset and bash expand them
+    (``braceexpand``): ranges keep their zero padding, lists and nesting work, ``\\{``
+    is a literal brace.
+
+    >>> expand_braces("s-{8..10}.tar")
+    ['s-8.tar', 's-9.tar', 's-10.tar']
+    >>> expand_braces("{train,val}-{00000..00001}.tar")
+    ['train-00000.tar', 'train-00001.tar', 'val-00000.tar', 'val-00001.tar']
+    >>> expand_braces("plain.tar")
+    ['plain.tar']
+    """
+    import itertools
+
+    from braceexpand import braceexpand
+
+    # braceexpand lists a range before it yields: refuse a huge one before it is built
+    for m in _RANGE_RE.finditer(pattern):
+        lo, hi, step = int(m.group(1)), int(m.group(2)), abs(int(m.group(3) or 1)) or 1
+        if abs(hi - lo) // step + 1 > MAX_BRACE_PATHS:
+            raise UserError(f"{pattern}: {m.group(0)} names more than {MAX_BRACE_PATHS:,} paths; check the range")
+    try:
+        paths = list(itertools.islice(braceexpand(pattern), MAX_BRACE_PATHS + 1))
+    except ValueError as e:  # UnbalancedBracesError
+        raise UserError(f"{pattern}: not a valid brace pattern ({e})") from None
+    if len(paths) > MAX_BRACE_PATHS:
+        raise UserError(f"{pattern}: names more than {MAX_BRACE_PATHS:,} paths; check the ranges")
+    return paths
+
+
+def check_keep_cols(keep_cols: tuple[str, ...] | list[str], available: list[str], where: str) -> None:
+    """The clear errors of ``--keep-cols``: a name the source does not have (``where`` says
+    what was looked in), or one that would overwrite a samples-table column."""
+    from silverlabel.formats.tables import SAMPLES_SCHEMA
+
+    missing = [c for c in keep_cols if c not in available]
+    if missing:
+        shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
+        raise UserError(f"{where}: --keep-cols names missing columns: {', '.join(missing)} "
+                        f"(has: {shown or 'none'})")
+    clash = [c for c in keep_cols if c in SAMPLES_SCHEMA.names]
+    if clash:
+        raise UserError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
 
 
 def source_kinds() -> list[str]:
@@ -207,7 +278,8 @@ def derive_uid(locator: str) -> str:
 
 
 def load_bytes(item: Item, max_bytes: int | None = None) -> bytes:
-    """Read a local item's image bytes: a regular file or a tar member, at most ``max_bytes``.
+    """Read a local item's image bytes: a regular file, a tar member or a parquet cell, at
+    most ``max_bytes``.
 
     Raises OSError for anything else (a FIFO, a device, a link to one), for a file or member
     larger than ``max_bytes`` (checked before reading, so a tar header claiming 8 GiB costs
@@ -224,6 +296,10 @@ def load_bytes(item: Item, max_bytes: int | None = None) -> bytes:
             data = f.read(st.st_size + 1)
             _check_size(len(data), max_bytes, "file")  # grew while we looked
             return data
+    if item.kind == KIND_EMBEDDED:
+        from silverlabel.sources.tables import read_cell
+
+        return read_cell(item.path, item.offset, item.column, max_bytes)
     if item.kind == KIND_TAR:
         from silverlabel.formats.wds import read_member
 
@@ -253,7 +329,10 @@ __all__ = [
     "Item",
     "Source",
     "SourceOptions",
+    "check_keep_cols",
     "derive_uid",
+    "expand_braces",
+    "has_braces",
     "kind_of",
     "load_bytes",
     "normalize_uid",

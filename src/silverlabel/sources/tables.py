@@ -1,4 +1,5 @@
-"""URL tables: parquet, csv, tsv, jsonl (optionally .gz), one file or a folder of them.
+"""URL tables: parquet, csv, tsv, jsonl (optionally .gz): one file, a folder of them, or a
+brace pattern (``part-{00000..00009}.parquet``).
 
 Columns are found by name (``url``, ``caption``, ``uid``, ``id`` by default). When no
 caption column is named and the table has no ``caption``, ``text`` is used: that is the
@@ -14,12 +15,15 @@ Tables are streamed in record batches, never loaded whole.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import io
 import json
 import os
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +38,10 @@ from silverlabel.sources import (
     TABLE_SUFFIXES,
     Item,
     SourceOptions,
+    check_keep_cols,
     derive_uid,
+    expand_braces,
+    has_braces,
     normalize_uid,
     register_source,
 )
@@ -52,9 +59,11 @@ def _table_files(path: str) -> list[str]:
         if not files:
             raise UserError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
         return files
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    return [path]
+    files = expand_braces(path) if has_braces(path) and not os.path.exists(path) else [path]
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: no such file")
+    return files
 
 
 def _format_of(path: str) -> str:
@@ -254,14 +263,7 @@ class TableSource:
             self.caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
         self.uid_col = o.uid_col if o.uid_col in names else None
         self.id_col = o.id_col if o.id_col in names else None
-        missing = [c for c in o.keep_cols if c not in names]
-        if missing:
-            raise UserError(f"{self.files[0]}: --keep-cols names missing columns: {', '.join(missing)}")
-        reserved = {"key", "status", "error", "shard", "source", "label", "width", "height", "sha256", "imagehash",
-                    "original_width", "original_height", "url", "uid", "id", "caption"}
-        clash = [c for c in o.keep_cols if c in reserved]
-        if clash:
-            raise UserError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
+        check_keep_cols(o.keep_cols, schema.names, self.files[0])
         self.extra_fields = [schema.field(c) for c in o.keep_cols]
         self._columns = [c for c in (o.url_col, self.caption_col, self.uid_col, self.id_col, *o.keep_cols) if c]
 
@@ -299,3 +301,81 @@ class TableSource:
                         error=err or uid_err or id_err,
                     )
                     index += 1
+
+
+# ---------------------------------------------------------------------------------------
+# image bytes embedded in a parquet column (img2dataset's ``parquet`` output)
+
+#: a row group whose image column holds more than this (uncompressed) is refused: a cell is
+#: read by decoding its whole row group (img2dataset writes 100 rows per group)
+EMBEDDED_GROUP_MAX = 512 << 20
+#: decoded row groups kept per process, at most this many bytes (the newest is always kept)
+_CELL_CACHE_BYTES = 256 << 20
+_cells: OrderedDict[tuple, pa.ChunkedArray] = OrderedDict()
+_footers: OrderedDict[tuple, tuple[list[int], pq.FileMetaData]] = OrderedDict()
+_cells_lock = threading.Lock()
+
+
+def embedded_group_problem(path: str, column: str, metadata: pq.FileMetaData) -> str | None:
+    """Why the image cells of ``column`` cannot be read one by one (a row group too large
+    to decode whole), or None."""
+    if metadata.num_row_groups == 0:
+        return None
+    first = metadata.row_group(0)
+    leaves = [i for i in range(first.num_columns) if first.column(i).path_in_schema == column]
+    if not leaves:
+        return f"{path}: no column {column!r}"
+    for rg in range(metadata.num_row_groups):
+        size = metadata.row_group(rg).column(leaves[0]).total_uncompressed_size
+        if size > EMBEDDED_GROUP_MAX:
+            return (f"{path}: row group {rg} holds {size >> 20} MiB of {column!r} image bytes (at most "
+                    f"{EMBEDDED_GROUP_MAX >> 20} MiB); rewrite it with smaller row groups (row_group_size)")
+    return None
+
+
+def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) -> bytes:
+    """The bytes in ``column`` of row ``row`` (0-based, over the whole file) of a parquet file.
+
+    Its row group is decoded once and kept in a small per-process cache, so the rows of a
+    group, read in order by a shard's threads, cost one decode. Raises OSError for a null
+    cell, a row past the end, a value over ``max_bytes`` (checked before it is copied) and
+    a file that cannot be read.
+    """
+    try:
+        st = os.stat(path)
+        with _cells_lock:
+            fkey = (path, st.st_mtime_ns, st.st_size)
+            footer = _footers.get(fkey)
+            if footer is None:
+                md = pq.read_metadata(path)
+                starts = [0]
+                for rg in range(md.num_row_groups):
+                    starts.append(starts[-1] + md.row_group(rg).num_rows)
+                footer = _footers[fkey] = (starts, md)
+                while len(_footers) > 64:
+                    _footers.popitem(last=False)
+            starts, md = footer
+            if not 0 <= row < starts[-1]:
+                raise OSError(f"row {row} is past the end of {path} ({starts[-1]} rows)")
+            rg = bisect.bisect_right(starts, row) - 1
+            ckey = (*fkey, rg, column)
+            cells = _cells.get(ckey)
+            if cells is None:
+                problem = embedded_group_problem(path, column, md)
+                if problem:
+                    raise OSError(problem)
+                cells = _cells[ckey] = pq.ParquetFile(path).read_row_group(rg, columns=[column]).column(0)
+                total = sum(c.nbytes for c in _cells.values())
+                while len(_cells) > 1 and total > _CELL_CACHE_BYTES:
+                    total -= _cells.popitem(last=False)[1].nbytes
+            else:
+                _cells.move_to_end(ckey)
+    except (pa.ArrowException, KeyError, IndexError) as e:
+        raise OSError(f"{path}: cannot read column {column!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    value = cells[row - starts[rg]]
+    if not value.is_valid:
+        raise OSError(f"no image bytes: column {column!r} of row {row} is null")
+    buf = value.as_buffer()
+    if max_bytes is not None and buf.size > max_bytes:
+        raise OSError(f"embedded image of {buf.size} bytes exceeds the byte cap of {max_bytes} (--max-bytes)")
+    return buf.to_pybytes()

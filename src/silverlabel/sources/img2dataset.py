@@ -1,0 +1,436 @@
+"""img2dataset's own outputs, taken as they are: its ``webdataset``, ``parquet`` and ``files``
+output formats.
+
+img2dataset (``img2dataset/writer.py``, ``downloader.py``) writes, for each shard ``{shard}``
+(zero-padded digits) of its output folder:
+
+- ``{shard}.parquet``, one row per input URL, failures included: the input's columns (``url``,
+  ``caption``, its ``save_additional_columns``), then ``key``, ``status`` (``success``,
+  ``failed_to_download``, ``failed_to_resize``), ``error_message``, ``width``, ``height``,
+  ``original_width``, ``original_height``, optionally ``exif`` and the ``compute_hash``
+  column (``sha256`` by default, of the bytes it downloaded);
+- the images: ``{shard}.tar`` (``webdataset``: ``{key}.jpg`` + ``.txt`` + ``.json``), a
+  ``{shard}/`` folder of the same files (``files``), or (``parquet``) a binary column named
+  after the encode format (``jpg``) in ``{shard}.parquet`` itself;
+- ``{shard}_stats.json``: the shard's counts and its histogram of statuses.
+
+Each metadata row becomes one item, in the file's order. Its image is read where img2dataset
+stored it and never downloaded again; its ``url`` and ``caption`` are used as they are. A row
+img2dataset failed stays a row, with status ``source_{status}`` (``source_failed_to_download``)
+and its ``error_message``. Every other metadata column travels into the samples table under
+its own name prefixed ``source_`` (``source_key``, ``source_sha256``,
+``source_original_width``, ...), beside silverlabel's own ``sha256``/``width``/``height`` of
+the image it stores; ``--keep-cols`` keeps named columns under their own names as well. The
+stats files go into the manifest's description of the source (:meth:`Img2DatasetSource.describe`),
+never into the data. A shard whose metadata parquet is gone is read from its samples' ``.json``.
+
+A path may be the output folder, one of its ``.parquet``/``.tar`` files, or a brace pattern
+over them (``out/{00000..00009}.tar``). :func:`is_img2dataset` recognises them by their
+metadata's columns, so a plain URL table, tar or image folder is never taken for one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from silverlabel.errors import UserError
+from silverlabel.formats.wds import iter_tar_samples
+from silverlabel.sources import (
+    KIND_EMBEDDED,
+    KIND_FILE,
+    KIND_TAR,
+    Item,
+    SourceOptions,
+    check_keep_cols,
+    derive_uid,
+    expand_braces,
+    has_braces,
+    normalize_uid,
+    register_source,
+)
+from silverlabel.sources.folder import IMAGE_SUFFIXES
+from silverlabel.sources.tables import _to_int, embedded_group_problem
+from silverlabel.sources.tars import json_field, json_value, read_json_member
+
+#: the columns img2dataset adds to every metadata row: what tells its outputs apart
+SIGNATURE = frozenset({"key", "status", "error_message", "width", "height", "original_width", "original_height"})
+#: the image column of its ``parquet`` output is named after ``encode_format``
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+#: metadata columns that become silverlabel's own, not ``source_`` columns
+OWN_COLUMNS = ("url", "caption")
+PREFIX = "source_"
+_STEM_RE = re.compile(r"^\d+$")
+_SIDE_MAX = 1 << 20
+#: the types img2dataset gives its own columns, for shards read from ``.json`` alone
+_KNOWN_TYPES = {"key": pa.string(), "status": pa.string(), "error_message": pa.string(), "width": pa.int32(),
+                "height": pa.int32(), "original_width": pa.int32(), "original_height": pa.int32(),
+                "exif": pa.string(), "sha256": pa.string(), "md5": pa.string()}
+
+
+# ---------------------------------------------------------------------------------------
+# recognising the layout
+
+
+def _schema(path: str) -> pa.Schema | None:
+    try:
+        return pq.read_schema(path)
+    except Exception:  # not parquet, unreadable: not ours to judge here
+        return None
+
+
+def _is_metadata(path: str) -> bool:
+    schema = _schema(path) if os.path.isfile(path) else None
+    return schema is not None and SIGNATURE <= set(schema.names)
+
+
+def _first_tar_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            for s in iter_tar_samples(path):
+                meta = read_json_member(f, s)
+                if meta is not None or s.image_ext() is not None:
+                    return meta
+    except Exception:  # a damaged tar is the tar source's to report
+        return None
+    return None
+
+
+def _read_json_file(path: str) -> dict[str, Any] | None:
+    try:
+        if os.path.getsize(path) > _SIDE_MAX:
+            return None
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _first_folder_json(folder: str) -> dict[str, Any] | None:
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return None
+    return _read_json_file(os.path.join(folder, names[0])) if names else None
+
+
+def _stems(folder: str) -> list[str]:
+    """img2dataset's shard names in a folder (``00000`` from ``00000.parquet``,
+    ``00000.tar``, ``00000/``), in shard order."""
+    stems = set()
+    for e in os.scandir(folder):
+        name = e.name
+        if e.is_dir():
+            stem = name
+        elif name.endswith((".parquet", ".tar")):
+            stem = name.rsplit(".", 1)[0]
+        else:
+            continue
+        if _STEM_RE.match(stem):
+            stems.add(stem)
+    return sorted(stems, key=lambda s: (int(s), s))
+
+
+def _shard_is_img2dataset(base: str) -> bool:
+    """Whether the shard at ``base`` (a path without extension) was written by img2dataset:
+    its metadata parquet, else its first ``.json``, has img2dataset's columns."""
+    if os.path.isfile(base + ".parquet"):
+        return _is_metadata(base + ".parquet")
+    if os.path.isfile(base + ".tar"):
+        meta = _first_tar_json(base + ".tar")
+    elif os.path.isdir(base):
+        meta = _first_folder_json(base)
+    else:
+        return False
+    return meta is not None and SIGNATURE <= set(meta)
+
+
+def is_img2dataset(path: str) -> bool:
+    """Whether ``path`` is img2dataset output: its output folder, a shard's ``.parquet`` or
+    ``.tar`` or a brace pattern over them, recognised by img2dataset's metadata columns."""
+    if os.path.isdir(path):
+        try:
+            stems = _stems(path)
+        except OSError:
+            return False
+        return bool(stems) and _shard_is_img2dataset(os.path.join(path, stems[0]))
+    if has_braces(path) and not os.path.exists(path):
+        try:
+            path = expand_braces(path)[0]
+        except UserError:
+            return False
+    name = path.lower()
+    if name.endswith(".parquet"):
+        return _is_metadata(path)
+    if name.endswith(".tar") and os.path.isfile(path):
+        return _shard_is_img2dataset(path[:-4])
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# the source
+
+
+@dataclass
+class _Shard:
+    stem: str
+    metadata: str | None = None  # {shard}.parquet
+    tar: str | None = None  # webdataset
+    folder: str | None = None  # files
+    column: str | None = None  # parquet: the embedded image column
+    stats: str | None = None
+    fields: list[pa.Field] = field(default_factory=list)  # metadata columns, typed
+
+    @property
+    def format(self) -> str:
+        return "parquet" if self.column else ("webdataset" if self.tar else "files")
+
+
+def _shard_at(base: str) -> _Shard:
+    folder, stem = os.path.split(base)
+    sh = _Shard(stem)
+    if os.path.isfile(base + ".parquet"):
+        sh.metadata = base + ".parquet"
+    if os.path.isfile(base + ".tar"):
+        sh.tar = base + ".tar"
+    if os.path.isdir(base):
+        sh.folder = base
+    if os.path.isfile(base + "_stats.json"):
+        sh.stats = base + "_stats.json"
+    return sh
+
+
+def _shards(path: str) -> list[_Shard]:
+    if os.path.isdir(path):
+        stems = _stems(path)
+        if not stems:
+            raise UserError(f"{path}: no img2dataset shards here (looked for 00000.parquet, 00000.tar, 00000/)")
+        return [_shard_at(os.path.join(path, s)) for s in stems]
+    files = expand_braces(path) if has_braces(path) and not os.path.exists(path) else [path]
+    bases: list[str] = []
+    for f in files:
+        if not f.lower().endswith((".parquet", ".tar")):
+            raise UserError(f"{f}: give img2dataset's output folder, or its shards' .parquet or .tar files")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: no such file")
+        base = f.rsplit(".", 1)[0]
+        if base not in bases:
+            bases.append(base)
+    return [_shard_at(b) for b in bases]
+
+
+def _folder_index(folder: str) -> dict[str, dict[str, str]]:
+    """key -> {extension: path} of a ``files`` shard folder, in name order."""
+    out: dict[str, dict[str, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") or "." not in name:
+            continue
+        key, ext = name.split(".", 1)
+        out.setdefault(key, {})[ext.lower()] = os.path.join(folder, name)
+    return out
+
+
+def _image_of(members: dict[str, Any]) -> str | None:
+    for ext in members:
+        if "." + ext in IMAGE_SUFFIXES:
+            return ext
+    return None
+
+
+def _read_stats(shards: list[_Shard]) -> dict[str, Any] | None:
+    """img2dataset's own counts, summed over its ``{shard}_stats.json`` files."""
+    paths = [s.stats for s in shards if s.stats]
+    if not paths:
+        return None
+    totals: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                obj = json.load(f)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+                totals[k] += int(obj.get(k) or 0)
+            for k, v in (obj.get("status_dict") or {}).items():
+                statuses[str(k)] += int(v)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{p}: not an img2dataset stats file ({e})") from None
+    return {"files": len(paths), **{k: totals[k] for k in ("count", "successes", "failed_to_download",
+                                                           "failed_to_resize")},
+            "statuses": dict(statuses.most_common(20))}
+
+
+@register_source("img2dataset", detect=is_img2dataset, first=True)
+class Img2DatasetSource:
+    """img2dataset's output shards become items of kind ``tar``, ``file`` or ``embedded``."""
+
+    def __init__(self, path: str, options: SourceOptions):
+        self.path = path
+        self.options = options
+        self.shards = _shards(path)
+        columns: dict[str, pa.Field] = {}
+        for sh in self.shards:
+            self._read_layout(sh)
+            for f in sh.fields:
+                if f.name not in columns or pa.types.is_null(columns[f.name].type):
+                    columns[f.name] = f
+        self.columns = columns
+        check_keep_cols(options.keep_cols, list(columns), f"{path} (img2dataset metadata)")
+        self.source_fields = [f.with_name(PREFIX + f.name) for f in columns.values() if f.name not in OWN_COLUMNS]
+        self.extra_fields = self.source_fields + [columns[c] for c in options.keep_cols]
+        self.stats = _read_stats(self.shards)
+        #: every file read (what names this input in a manifest)
+        self.files = [p for sh in self.shards for p in (sh.metadata, sh.tar, sh.stats) if p] + [
+            os.path.join(sh.folder, n) for sh in self.shards if sh.folder for n in sorted(os.listdir(sh.folder))]
+
+    def _read_layout(self, sh: _Shard) -> None:
+        """The shard's metadata columns and where its images are; a clear error when it has
+        no images (only img2dataset's metadata) or none of its metadata."""
+        if sh.metadata:
+            try:
+                md = pq.read_metadata(sh.metadata)
+            except Exception as e:
+                raise UserError(f"{sh.metadata}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            schema = md.schema.to_arrow_schema()
+            missing = SIGNATURE - set(schema.names)
+            if missing:
+                raise UserError(f"{sh.metadata}: not img2dataset metadata (no {', '.join(sorted(missing))} column)")
+            for name in IMAGE_COLUMNS:
+                i = schema.get_field_index(name)
+                if i >= 0 and (pa.types.is_binary(schema.field(i).type) or pa.types.is_large_binary(schema.field(i).type)):
+                    sh.column = name
+                    break
+            if sh.column:
+                problem = embedded_group_problem(sh.metadata, sh.column, md)
+                if problem:
+                    raise UserError(problem)
+            sh.fields = [f for f in schema if f.name != sh.column]
+            if not (sh.column or sh.tar or sh.folder):
+                raise UserError(f"{sh.metadata}: img2dataset metadata without its images (no {sh.stem}.tar, no "
+                                f"{sh.stem}/ folder, no image column); to download its URLs again, give it with "
+                                "--source-kind table")
+            return
+        first = _first_tar_json(sh.tar) if sh.tar else (_first_folder_json(sh.folder) if sh.folder else None)
+        if first is None:
+            where = sh.tar or sh.folder or sh.stem
+            raise UserError(f"{where}: neither img2dataset's {sh.stem}.parquet nor .json metadata beside its images")
+        sh.fields = [pa.field(k, _KNOWN_TYPES[k]) if k in _KNOWN_TYPES else json_field(k, [v])
+                     for k, v in first.items()]
+
+    def describe(self) -> dict[str, Any]:
+        """Lineage for the manifest: the layout and img2dataset's own stats."""
+        return {
+            "kind": "img2dataset",
+            "path": os.path.abspath(self.path),
+            "format": "+".join(sorted({sh.format for sh in self.shards})),
+            "shards": len(self.shards),
+            "stats": self.stats,
+            "keep_cols": list(self.options.keep_cols),
+        }
+
+    def items(self) -> Iterator[Item]:
+        index = 0
+        for sh in self.shards:
+            for item in self._shard_items(sh):
+                item.index = index
+                index += 1
+                yield item
+
+    def _shard_items(self, sh: _Shard) -> Iterator[Item]:
+        stored: dict[str, Any] = {}
+        tar_file = None
+        try:
+            if sh.tar:
+                try:
+                    for s in iter_tar_samples(sh.tar):
+                        stored.setdefault(s.key, s)
+                except Exception as e:  # tarfile raises several types for damaged archives
+                    raise UserError(f"{sh.tar}: not a readable tar file ({type(e).__name__}: {e})") from None
+                tar_file = open(sh.tar, "rb")
+            elif sh.folder and not sh.column:
+                stored = _folder_index(sh.folder)
+            seen: set[str] = set()
+            if sh.metadata:
+                for row_idx, row in enumerate(self._metadata_rows(sh)):
+                    key = row.get("key")
+                    if key is not None:
+                        seen.add(str(key))
+                    yield self._item(sh, row, row_idx, stored, typed=True)
+            for key, st in stored.items():  # stored but not in the metadata (or no metadata)
+                if key in seen:
+                    continue
+                if sh.tar:
+                    row = read_json_member(tar_file, st) or {}
+                else:
+                    row = _read_json_file(st["json"]) if "json" in st else None
+                    row = row or {}
+                row.setdefault("key", key)
+                row.setdefault("status", "success")
+                yield self._item(sh, row, -1, stored, typed=False)
+        finally:
+            if tar_file is not None:
+                tar_file.close()
+
+    def _metadata_rows(self, sh: _Shard) -> Iterator[dict[str, Any]]:
+        try:
+            pf = pq.ParquetFile(sh.metadata)
+            cols = [f.name for f in sh.fields]
+            for batch in pf.iter_batches(batch_size=8192, columns=cols):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{sh.metadata}: cannot read this table: {str(e).splitlines()[0]}") from None
+
+    def _item(self, sh: _Shard, row: dict[str, Any], row_idx: int, stored: dict[str, Any], typed: bool) -> Item:
+        key = None if row.get("key") is None else str(row["key"])
+        status = row.get("status")
+        url = row.get("url") if isinstance(row.get("url"), str) and row.get("url").strip() else None
+        caption = row.get("caption")
+        o = self.options
+        item = Item(index=-1, kind=KIND_TAR if sh.tar else (KIND_EMBEDDED if sh.column else KIND_FILE),
+                    source=f"{sh.stem}.parquet#{key}", url=url,
+                    caption=None if caption is None else str(caption))
+        uid = normalize_uid(row.get(o.uid_col))[0] if o.uid_col in row else None
+        item.uid = uid or derive_uid(url or f"{sh.stem}#{key}")
+        if o.id_col in row:
+            item.id = _to_int(row.get(o.id_col))[0]
+        where = f"{sh.stem}#{key}"
+        values = {f.name: (row.get(f.name) if typed else json_value(row.get(f.name), f, where))
+                  for f in self.columns.values()}
+        item.extra = {PREFIX + name: values[name] for name in self.columns if name not in OWN_COLUMNS}
+        item.extra.update({c: values[c] for c in o.keep_cols})
+        if status != "success":
+            item.status = f"source_{status or 'unknown'}"
+            item.error = str(row.get("error_message") or f"img2dataset status {status!r}")
+            return item
+        if sh.column:
+            if row_idx < 0:
+                item.status, item.error = "failed_read", f"{sh.metadata} has no row for key {key!r}"
+            else:
+                item.path, item.offset, item.column = sh.metadata, row_idx, sh.column
+            return item
+        st = stored.get(key) if key is not None else None
+        members = (st.members if sh.tar else st) if st is not None else {}
+        ext = (st.image_ext() if sh.tar else _image_of(members)) if st is not None else None
+        if ext is None:
+            where = sh.tar or sh.folder
+            item.status = "failed_read"
+            item.error = f"img2dataset recorded success, but {os.path.basename(where)} has no image for key {key!r}"
+            return item
+        if sh.tar:
+            item.source = f"{sh.stem}.tar#{key}"
+            item.path = sh.tar
+            item.offset, item.size = members[ext]
+        else:
+            item.source = f"{sh.stem}/{key}.{ext}"
+            item.path = members[ext]
+        return item
