@@ -78,7 +78,7 @@ def test_second_build_does_nothing(recipe, monkeypatch):
     info = json.loads((out / "trainset" / "_info.json").read_text())
     assert len(info["splits"]["train"]["filenames"]) == 2
     state = json.loads((out / "trainset" / ".build-trainset.json").read_text())
-    assert state["inputs"] == {f"selection:{out / 'sel'}": "step:sel:" + json.loads(
+    assert state["inputs"] == {"selection:${out}/sel": "step:sel:" + json.loads(  # no path of this machine
         (out / "sel" / ".build-sel.json").read_text())["output"]}
     assert _plan(recipe) == dict.fromkeys(["pool", "sel", "trainset"], "up to date")
 

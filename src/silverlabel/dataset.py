@@ -12,6 +12,12 @@
     RUN/ (train; Run)                    checkpoint.pt, checkpoint-final.pt, metrics.jsonl, metrics.csv
     any output: .done/{unit}.json        a unit's commit record (silverlabel.stage.Commit)
 
+Nothing written records where it lies: a dataset is named by :func:`dataset_identity` (its
+manifest's ``id``: ``KIND@sha256:HEX``, a hash of its stage, its settings, its inputs' names
+and its content), a user-given input by :func:`input_name` (a URL as given, a local file or
+folder as its base name and content digest), and a parent by :func:`parent_entry` (its id
+and its location relative to the child, the one thing a later stage needs to find it).
+
 Nothing appears under a final name before it is complete: :func:`atomic_write` writes to
 a hidden temporary name in the same folder, fsyncs, renames, and fsyncs the folder.
 A stage reads another stage's output only through these views, never by building its paths.
@@ -33,7 +39,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -286,6 +292,19 @@ class Dataset:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.manifest_path, manifest)
 
+    def parent_roots(self, kind: str | None = None) -> dict[str, Path]:
+        """The parents of this dataset its manifest names (``kind``: those of that kind only),
+        id -> where they are now (:func:`parent_location`); a parent with no id or no location
+        is left out."""
+        roots = {}
+        for p in self.read_manifest().get("parents") or []:
+            if isinstance(p, dict) and (kind is None or p.get("kind") == kind):
+                where = parent_location(self.root, p)
+                ident = p.get("id") or (str(where) if where is not None else None)
+                if where is not None and ident:
+                    roots[ident] = where
+        return roots
+
     # -- housekeeping ---------------------------------------------------------------
     def clean_temporaries(self) -> int:
         """Remove temporary files a killed run left behind; returns how many."""
@@ -296,6 +315,202 @@ class Dataset:
                     p.unlink()
                     removed += 1
         return removed
+
+
+# ---------------------------------------------------------------------------------------
+# names that do not say where things lie
+
+#: the kind word of each stage's output, the first part of its id
+ID_KINDS = {"ingest": "pool", "select": "selection", "shard": "trainset", "reinforce": "trainset", "train": "run"}
+_ID_RE = re.compile(r"^[\w.+-]+@sha256:[0-9a-f]{64}$")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (``s3://b/x``, ``https://h/x``), False for a local path."""
+    return "://" in str(path)
+
+
+def is_identity(value: Any) -> bool:
+    """True for a name :func:`make_identity` or :func:`input_name` made (``NAME@sha256:HEX``).
+
+    >>> is_identity("pool@sha256:" + "0" * 64), is_identity("/data/pool")
+    (True, False)
+    """
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+def public_url(url: str) -> str:
+    """``url`` as the user gave it, less any ``user:password@`` (never written anywhere).
+
+    >>> public_url("https://me:secret@host/a.parquet?x=1")
+    'https://host/a.parquet?x=1'
+    """
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def make_identity(kind: str, doc: Any) -> str:
+    """``KIND@sha256:HEX``: the sha256 of ``doc`` as canonical JSON. ``doc`` holds what makes
+    a dataset what it is (settings, inputs' names, content digests), never a location.
+
+    >>> make_identity("pool", {"b": 1, "a": [2]}) == make_identity("pool", {"a": [2], "b": 1})
+    True
+    """
+    return f"{kind}@sha256:{hashlib.sha256(_canonical(doc)).hexdigest()}"
+
+
+def tree_digest(files: Iterable[str | os.PathLike], base: str | os.PathLike) -> str:
+    """sha256 over ``files`` (their paths relative to ``base``, sorted, and their bytes)."""
+    h = hashlib.sha256()
+    for rel, p in sorted((os.path.relpath(f, base), f) for f in files):
+        h.update(Path(rel).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        file_digest(p, h)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None) -> str:
+    """How a published file names an input the user gave, wherever it lies: a URL as given
+    (less credentials); a silverlabel dataset or run by :func:`dataset_identity`; a local
+    file as ``BASENAME@sha256:DIGEST`` of its bytes; a local folder, or a pattern whose
+    ``files`` are given, as its base name and a digest of its files' relative names and bytes.
+    The content is read once per call (a large input costs one extra read).
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "urls.txt").write_text("https://example.com/a.jpg\\n")
+        >>> input_name(d / "urls.txt")
+        'urls.txt@sha256:3b23e6d72ef69e67ca13937d05a19223197fea41659cddf8896767dae0131809'
+        >>> input_name("s3://bucket/meta.parquet")
+        's3://bucket/meta.parquet'
+    """
+    s = str(path)
+    if is_url(s):
+        return public_url(s)
+    p = Path(s)
+    name = p.name or os.path.basename(os.path.abspath(s))
+    if files is not None:
+        files = [Path(f) for f in files]
+        if files != [p]:
+            base = p if p.is_dir() else p.parent
+            return f"{name}@sha256:{tree_digest(files, base)}"
+    if p.is_dir():
+        if (p / MANIFEST).is_file() or (p / INFO_FILE).is_file() or Run(p).is_run():
+            return dataset_identity(p)
+        found = [Path(dp) / fn for dp, dns, fns in os.walk(p) for fn in fns]
+        return f"{name}@sha256:{tree_digest(found, p)}"
+    if p.is_file():
+        return f"{name}@sha256:{file_digest(p)}"
+    raise FileNotFoundError(f"{s}: no such file or folder")
+
+
+def named_config(config: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """``config`` with each of ``fields`` that names a path (a string, or a list of them)
+    replaced by its :func:`input_name`: a stage's settings as a manifest publishes them."""
+    out = dict(config)
+    for f in fields:
+        v = out.get(f)
+        if isinstance(v, (list, tuple)):
+            out[f] = [input_name(x) if isinstance(x, (str, os.PathLike)) else x for x in v]
+        elif isinstance(v, (str, os.PathLike)):
+            out[f] = input_name(v)
+    return out
+
+
+def named_teachers(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Teacher entries of a config with each ``checkpoint`` file named by :func:`input_name`."""
+    return [dict(t, checkpoint=input_name(t["checkpoint"])) if t.get("checkpoint") else dict(t) for t in teachers]
+
+
+def records_digest(root: str | os.PathLike) -> str:
+    """sha256 over the outputs (relative names, sizes, md5s) the commit records in
+    ``root/.done`` hold: the content of a stage's output, without reading it again."""
+    h = hashlib.sha256()
+    done = Path(root) / DONE_DIR
+    for p in sorted(done.glob("*.json")) if done.is_dir() else []:
+        try:
+            outputs = json.loads(p.read_text()).get("outputs") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for rel in sorted(outputs):
+            o = outputs[rel]
+            if isinstance(o, dict):
+                h.update(f"{Path(rel).as_posix()}\0{o.get('bytes')}\0{o.get('md5')}\n".encode())
+    return h.hexdigest()
+
+
+def dataset_identity(root: str | os.PathLike) -> str:
+    """The location-independent identity of a silverlabel output (``KIND@sha256:HEX``): the
+    ``id`` of its manifest (pool, selection, training set, reinforced set), of its checkpoint
+    (a run folder or a ``.pt`` file); for an output without one (made by an older version, or a
+    training set of ``_info.json`` only), a hash of its manifest or ``_info.json`` (less the
+    ``updated`` time). The same output written anywhere has the same identity.
+
+        >>> import tempfile
+        >>> d = Dataset(tempfile.mkdtemp())
+        >>> d.write_manifest({"stage": "select", "id": "selection@sha256:" + "1" * 64})
+        >>> dataset_identity(d.root) == "selection@sha256:" + "1" * 64
+        True
+    """
+    root = Path(root)
+    ds = Dataset(root)
+    if ds.exists():
+        man = ds.read_manifest()
+        if is_identity(man.get("id")):
+            return man["id"]
+        kind = ID_KINDS.get(str(man.get("stage")), "dataset")
+        return make_identity(kind, {k: v for k, v in man.items() if k not in ("updated", "id")})
+    if (root / INFO_FILE).is_file():
+        return make_identity("trainset", {"info": file_digest(root / INFO_FILE)})
+    run = Run(root)
+    if run.is_run():
+        return run.identity()
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such dataset folder")
+    raise UserError(f"{root}: not a silverlabel output (no {MANIFEST}, {INFO_FILE} or checkpoint)")
+
+
+def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """A manifest's ``parents`` entry for the dataset at ``root`` read by the output ``child``:
+    ``kind``, ``id`` (:func:`dataset_identity`) and ``location``, the parent's path relative
+    to the child's folder (``../pool``), which holds wherever the two are moved together, or
+    the URL given; plus ``extra``.
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> Dataset(d / "pool").write_manifest({"stage": "ingest", "id": "pool@sha256:" + "2" * 64})
+        >>> e = parent_entry("dataset", d / "pool", d / "out" / "sel")
+        >>> e["location"], e["id"][:5]
+        ('../../pool', 'pool@')
+    """
+    if is_url(root):
+        return {"kind": kind, "id": dataset_identity(root), "location": public_url(str(root)), **extra}
+    rel = os.path.relpath(os.path.abspath(root), os.path.abspath(child))
+    return {"kind": kind, "id": dataset_identity(root), "location": Path(rel).as_posix(), **extra}
+
+
+def without_locations(parents: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``parents`` entries less their ``location``: what of them goes into an id."""
+    return [{k: v for k, v in p.items() if k != "location"} for p in parents]
+
+
+def parent_location(child: str | os.PathLike, entry: Mapping[str, Any]) -> Path | None:
+    """Where the parent a ``parents`` entry names lies now: its ``location`` relative to the
+    folder of ``child`` (or an older manifest's absolute ``path``); None when it names none."""
+    where = entry.get("location") if isinstance(entry.get("location"), str) else entry.get("path")
+    if not isinstance(where, str) or not where:
+        return None
+    if os.path.isabs(where) or is_url(where):
+        return Path(where)
+    return Path(os.path.normpath(Path(child) / where))  # sel/../pool -> pool, as errors name it
 
 
 class Pool(Dataset):
@@ -454,6 +669,26 @@ class Run:
     final_checkpoint_path = property(lambda self: self.root / "checkpoint-final.pt")
     metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
     metrics_csv = property(lambda self: self.root / "metrics.csv")
+
+    def is_run(self) -> bool:
+        """A ``.pt`` file, or a folder holding a checkpoint."""
+        if self.root.is_file():
+            return self.root.suffix == ".pt"
+        return self.checkpoint_path.is_file() or self.final_checkpoint_path.is_file()
+
+    def identity(self) -> str:
+        """The run's id as its checkpoint records it (``run@sha256:...``, from its settings and
+        its inputs' ids); for a checkpoint without one, its file name and bytes' digest."""
+        ckpt = self.find_checkpoint()
+        try:
+            import torch
+
+            ck = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a torch file, or one with objects: named by its bytes
+            ck = None
+        if isinstance(ck, dict) and is_identity(ck.get("id")):
+            return ck["id"]
+        return input_name(ckpt)
 
     @property
     def folder(self) -> Path:

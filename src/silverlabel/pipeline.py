@@ -37,8 +37,9 @@ earlier step, the identity of that step's output as recorded when it finished (t
 its manifest, run checkpoint or report); for any other path, the sha256 of its manifest
 (``silverlabel.json``) or of the file (size and mtime above 64 MiB), or the sizes and mtimes
 of a folder's files. The key goes to ``.build-STEP.json`` next to the step's outputs, written
-atomically and last; a step whose outputs a previous build made under another key has them
-removed before it reruns. ``--dry-run`` prints the plan and runs nothing.
+atomically and last, each input named ``${out}/...`` or relative to the recipe
+(:func:`shown_path`), never by where the build ran; a step whose outputs a previous build
+made under another key has them removed before it reruns. ``--dry-run`` prints the plan and runs nothing.
 
     python -m silverlabel build examples/imagenet12k.yaml --dry-run
 """
@@ -63,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import Pool, file_digest, write_json_atomic
+from silverlabel.dataset import Pool, file_digest, public_url, write_json_atomic
 from silverlabel.errors import UserError
 
 STATE_PREFIX = ".build-"  # .build-STEP.json: the step's key, written last
@@ -485,7 +486,7 @@ def path_identity(path: str | os.PathLike) -> str:
     and mtime, a folder's file sizes and mtimes; a URL or a pattern is its own identity."""
     p = Path(path)
     if "://" in str(path):
-        return str(path)
+        return public_url(str(path))
     if p.is_file():
         st = p.stat()
         if st.st_size <= _HASH_WHOLE:
@@ -503,7 +504,32 @@ def path_identity(path: str | os.PathLike) -> str:
                 st = os.stat(os.path.join(dirpath, fn))
                 h.update(f"{os.path.relpath(os.path.join(dirpath, fn), p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return "tree:" + h.hexdigest()
-    return "missing" if not any(c in str(path) for c in "*?{[") else str(path)
+    if not any(c in str(path) for c in "*?{["):
+        return "missing"
+    import glob
+
+    from silverlabel.sources.tars import expand_braces
+
+    files = sorted({f for pat in expand_braces(str(path)) for f in glob.glob(pat)})
+    h = hashlib.sha256()  # a pattern: what it matches now (names relative to its folder), not where
+    for f in files:
+        h.update(f"{os.path.relpath(f, p.parent)}\0{path_identity(f)}\n".encode())
+    return "pattern:" + h.hexdigest()
+
+
+def shown_path(path: str, recipe: Recipe) -> str:
+    """How the build state names an input path: ``${out}/...`` under the output root, relative
+    to the recipe's folder under it, a URL as given; else its base name. Never where the
+    output root or the recipe lie, so a moved build keeps its state."""
+    if "://" in path:
+        return path
+    p = os.path.abspath(path)
+    for root, shown in ((recipe.out, "${out}"), (recipe.path.resolve().parent, "")):
+        rel = os.path.relpath(p, os.path.abspath(root))
+        if rel != ".." and not rel.startswith(".." + os.sep):
+            rel = Path(rel).as_posix()
+            return f"{shown}/{rel}" if shown and rel != "." else (shown or rel)
+    return os.path.basename(p) or p
 
 
 def config_digest(step: Step) -> str:
@@ -553,9 +579,12 @@ def _input_ids(step: Step, recipe: Recipe, pending: set[str]) -> dict[str, str] 
     ids: dict[str, str] = {}
     for fld, paths in step.inputs.items():
         for p in paths:
+            key = f"{fld}:{shown_path(p, recipe)}"
+            while key in ids:  # two inputs of one base name outside the recipe's folders
+                key += "+"
             dep = next((d for prod, d in by_product.items() if p == prod or p.startswith(prod + os.sep)), None)
             if dep is None:
-                ids[f"{fld}:{p}"] = path_identity(p)
+                ids[key] = path_identity(p)
                 continue
             if dep in pending:
                 return None
@@ -563,7 +592,7 @@ def _input_ids(step: Step, recipe: Recipe, pending: set[str]) -> dict[str, str] 
             if state is None:
                 raise UserError(f"step {step.name!r} needs step {dep!r}, which has not been built "
                                 f"(run without --only/--from, or build {dep!r} first)")
-            ids[f"{fld}:{p}"] = f"step:{dep}:{state['output']}"
+            ids[key] = f"step:{dep}:{state['output']}"
     return ids
 
 

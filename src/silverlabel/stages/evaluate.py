@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import Run, TrainSet, check_target, write_json_atomic
+from silverlabel.dataset import Run, TrainSet, check_target, dataset_identity, input_name, write_json_atomic
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.options import device_field, opt, positive_int
@@ -141,7 +141,7 @@ def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str
         raise UserError(f"{path}: not a silverlabel train checkpoint (needs model, config)")
     conf = dict(ck["config"])
     fields = set(TrainConfig.__dataclass_fields__)
-    tcfg = TrainConfig(**{k: v for k, v in conf.items() if k in fields})
+    tcfg = TrainConfig(**{"output": "-", **{k: v for k, v in conf.items() if k in fields}})  # stored without one
     if not ck.get("num_classes"):
         raise UserError(f"{path}: checkpoint has no num_classes")
     num_classes = int(ck["num_classes"])
@@ -270,8 +270,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
                   "top1": per_right[c] / per_count[c]} for c in sorted(per_count)]
     acc = {k: (correct[k] / labeled if labeled else None) for k in ks}
     report: dict[str, Any] = {
-        "run": str(cfg.run), "checkpoint": str(ckpt), "weights": which, "step": step, "model": tconf.get("model"),
-        "trainset": str(cfg.trainset), "split": cfg.split, "img_size": img_size,
+        "run": dataset_identity(cfg.run), "checkpoint": input_name(ckpt), "weights": which, "step": step,
+        "model": tconf.get("model"), "trainset": dataset_identity(cfg.trainset), "split": cfg.split, "img_size": img_size,
         "head_space": cfg.head_space, "target_space": cfg.target_space,
         "counts": {"samples": seen, "labeled": labeled, "real": real["count"] if real else None},
         **{f"top{k}": acc[k] for k in ks},
@@ -280,8 +280,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
     }
     out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / f"eval-{cfg.split}.json"
-    write_json_atomic(out, report)
+    write_json_atomic(out, report)  # inputs by their ids; where they are on this machine only in what is returned
     report["output"] = str(out)
+    report["paths"] = {"run": str(cfg.run), "checkpoint": str(ckpt), "trainset": str(cfg.trainset)}
     return report
 
 
@@ -290,8 +291,9 @@ def format_report(r: dict[str, Any], max_classes: int = 50) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:6.2f}%"
 
-    lines = [f"silverlabel eval: {r['checkpoint']} ({r['weights']} weights, step {r['step']}) on "
-             f"{r['trainset']} [{r['split']}]"]
+    where = r.get("paths") or r  # the local paths of a report just made, else the ids it records
+    lines = [f"silverlabel eval: {where['checkpoint']} ({r['weights']} weights, step {r['step']}) on "
+             f"{where['trainset']} [{r['split']}]"]
     if r.get("head_space"):
         lines.append(f"  head {r['head_space']} -> target {r['target_space']}")
     c = r["counts"]

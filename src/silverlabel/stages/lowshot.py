@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silverlabel.dataset import Run, TrainSet, atomic_write, check_target, write_json_atomic
+from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, dataset_identity, input_name,
+                                 write_json_atomic)
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.options import opt, positive_int
@@ -321,7 +322,7 @@ def write_subset_trainset(src: str, records: Sequence[Record], out: Path, split:
     write_json_atomic(info_path, {
         "name": "subset", "splits": {split: {"name": split, "num_samples": len(records), "filenames": names,
                                              "shard_lengths": lengths}},
-        "silverlabel": {"source": str(src), "keys_sha256": keys_doc}})
+        "silverlabel": {"source": dataset_identity(src), "keys_sha256": keys_doc}})
     return out
 
 
@@ -401,7 +402,8 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
             # an earlier fine-tune is resumed (or reused) only if it started from the same
             # weights, subset and settings; otherwise it is started again
             stamp = {"init_sha256": init_sha, "subset": json.loads((sdir / "_info.json").read_text())
-                     ["silverlabel"]["keys_sha256"], "train": asdict(tcfg)}
+                     ["silverlabel"]["keys_sha256"],  # the settings, less where (init: by its sha256)
+                     "train": {k: v for k, v in asdict(tcfg).items() if k not in ("trainset", "output", "init")}}
             if rdir.exists() and _read_json(rdir / STAMP_FILE) != stamp:
                 shutil.rmtree(rdir)
             rdir.mkdir(parents=True, exist_ok=True)
@@ -413,19 +415,23 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
                                      out=str(rdir / f"eval-{cfg.val_split}.json")))
             results.setdefault(tag, {})["finetune"] = {
                 "top1": ev["top1"], "top5": ev.get("top5"), "steps": s.steps, "final_loss": _last_loss(rdir),
-                "batch_size": bs, "run": str(rdir), "trainset": str(sdir)}
+                "batch_size": bs, "run": rdir.name, "trainset": sdir.name}  # beside lowshot.json
             log(f"  fine-tune {tag}: top-1 {_pct(ev['top1'])}")
 
     report = {
-        "run": str(cfg.run), "checkpoint": str(ckpt), "weights": which, "step": step, "model": tconf.get("model"),
-        "trainset": str(cfg.trainset), "train_split": cfg.train_split, "val_split": cfg.val_split,
+        "run": dataset_identity(cfg.run), "checkpoint": input_name(ckpt), "weights": which, "step": step,
+        "model": tconf.get("model"), "trainset": dataset_identity(cfg.trainset), "train_split": cfg.train_split,
+        "val_split": cfg.val_split,
         "img_size": img_size, "num_classes": num_classes, "train_samples": len(train), "val_samples": len(val),
         "subsets": {fraction_tag(f): {"fraction": f, "samples": len(s),
                                       "per_class": _quota_range(s)} for f, s in subsets.items()},
-        "results": results, "config": asdict(cfg), "seconds": round(time.monotonic() - t0, 3),
+        "results": results, "seconds": round(time.monotonic() - t0, 3),
+        "config": {**asdict(cfg), "run": dataset_identity(cfg.run), "trainset": dataset_identity(cfg.trainset),
+                   "out": None},  # inputs by their ids: nothing says where the run was
     }
     write_json_atomic(out / "lowshot.json", report)
     report["output"] = str(out / "lowshot.json")
+    report["paths"] = {"run": str(cfg.run), "checkpoint": str(ckpt), "trainset": str(cfg.trainset)}
     return report
 
 
@@ -472,8 +478,9 @@ def _pct(v: float | None) -> str:
 
 def format_lowshot(r: dict[str, Any]) -> str:
     """A readable table of a low-shot report."""
-    lines = [f"silverlabel eval --lowshot: {r['checkpoint']} ({r['weights']} weights, step {r['step']}) on "
-             f"{r['trainset']}",
+    where = r.get("paths") or r  # the local paths of a report just made, else the ids it records
+    lines = [f"silverlabel eval --lowshot: {where['checkpoint']} ({r['weights']} weights, step {r['step']}) on "
+             f"{where['trainset']}",
              f"  subsets of {r['train_samples']} {r['train_split']} samples; "
              f"accuracy on all {r['val_samples']} {r['val_split']} samples",
              "",

@@ -77,7 +77,8 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import Run, TrainSet, atomic_write, check_target
+from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, dataset_identity, input_name, is_identity,
+                                 make_identity)
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
@@ -267,13 +268,40 @@ RESUMABLE_CHANGES = ("trainset", "output", "steps", "epochs", "device", "num_wor
                      "tensorboard")
 
 
+#: TrainConfig fields that are no part of a run's id (where it is written, how fast)
+RUNTIME_FIELDS = ("output", "device", "num_workers", "ckpt_every", "log_every", "tensorboard")
+
+
+def published_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config a checkpoint stores: the training set by its id, ``init`` by its name (a
+    file's name and content digest), no output folder -- nothing that says where the run was.
+
+    >>> published_config(TrainConfig("data/ts", "runs/x"))["trainset"]  # doctest: +SKIP
+    'trainset@sha256:...'
+    """
+    d = asdict(cfg)
+    d.pop("output")
+    d["trainset"] = dataset_identity(cfg.trainset)
+    if cfg.init is not None:
+        d["init"] = input_name(cfg.init)
+    return d
+
+
+def run_identity(config: dict[str, Any]) -> str:
+    """A run's id (``run@sha256:...``): its published config less the runtime fields."""
+    return make_identity("run", {k: v for k, v in config.items() if k not in RUNTIME_FIELDS})
+
+
 def check_resume(ckpt_path: Path, stored: Any, cfg: TrainConfig) -> None:
     """A UserError naming every setting of ``cfg`` that differs from the checkpoint's config."""
     from silverlabel.stage import changed_settings
 
     if not isinstance(stored, dict):
         raise UserError(f"{ckpt_path}: not a silverlabel train checkpoint (no config); choose another -o")
-    given = {k: v for k, v in asdict(cfg).items() if k in stored}  # a field newer than the checkpoint: its default
+    named = published_config(cfg)
+    if cfg.init is not None and not is_identity(stored.get("init")):  # an older checkpoint: init by path
+        named["init"] = cfg.init
+    given = {k: v for k, v in named.items() if k in stored}  # a field newer than the checkpoint: its default
     diffs = changed_settings(stored, given, ignore=RESUMABLE_CHANGES + (("init",) if cfg.init is None else ()))
     if diffs:
         shown = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {stored.get(k)})" for k in diffs)
@@ -456,6 +484,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         if int(ck.get("world_size", world)) != world:  # the global batch and the data order depend on it
             raise UserError(f"{ckpt_path}: the run was started with {ck['world_size']} processes, this one has "
                             f"{world}; resume with the same number")
+    stored_config = published_config(cfg)  # what the checkpoints say of the run: ids, not paths
 
     # -- data
     lcfg = LoaderConfig(cfg.trainset, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
@@ -512,7 +541,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             save_checkpoint(path, {
                 "format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "step": step,
-                "epoch": step // per_epoch, "config": asdict(cfg), "num_classes": num_classes,
+                "epoch": step // per_epoch, "config": stored_config, "id": run_identity(stored_config),
+                "num_classes": num_classes,
                 "world_size": world,
                 "torch_rng": torch.get_rng_state()})
 

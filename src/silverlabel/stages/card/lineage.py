@@ -1,8 +1,11 @@
 """What a dataset directory is, and the pool / selection / training set above it that still exist.
 
 ``resolve_lineage`` reads manifests only (no tables). It accepts an ingest, select or shard output
-and follows the ``parents`` recorded in the manifests upwards; a parent that is gone becomes a note
-in the card instead of an error.
+and follows the ``parents`` recorded in the manifests upwards (each found at its location
+relative to the child, :func:`silverlabel.dataset.parent_location`, and named by its id); a
+parent that is gone, or there but another dataset than the one recorded, becomes a note in the
+card instead of an error. Notes name parents by id and relative location, never by a path of
+this machine.
 
 A labels name read from a manifest is checked with :func:`silverlabel.dataset.check_name`
 before it becomes a path component.
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import MANIFEST, Dataset, Pool, Selection, check_name
+from silverlabel.dataset import MANIFEST, Dataset, Pool, Selection, check_name, dataset_identity, parent_location
 from silverlabel.errors import UserError
 
 
@@ -101,20 +104,21 @@ def _find_selection(lin: Lineage) -> None:
     parent = next((p for p in lin.manifest.get("parents", []) if p.get("kind") == "selection"), None)
     if not parent:
         return
-    sel = Path(parent["path"])
-    sm = _manifest(sel)
+    sel = parent_location(lin.root, parent)
+    shown = _shown(parent)
+    sm = _manifest(sel) if sel is not None else None
     if sm is None or sm.get("stage") != "select":
-        lin.notes.append(f"selection {sel} not found: per-sample facts read from the shards")
+        lin.notes.append(f"selection {shown} not found: per-sample facts read from the shards")
         return
     lin.selection, lin.selection_manifest = sel, sm
     recorded = lin.manifest.get("selection_sha256")
     try:
         changed = recorded is not None and recorded != Selection(sel).fingerprint()
     except (UserError, OSError) as e:
-        lin.notes.append(f"selection {sel} could not be compared with these shards ({e})")
+        lin.notes.append(f"selection {shown} could not be compared with these shards ({_no_root(e, sel)})")
         return
     if changed:
-        lin.notes.append(f"selection {sel} changed after these shards were written: its rows and "
+        lin.notes.append(f"selection {shown} changed after these shards were written: its rows and "
                          "report may not describe this training set")
 
 
@@ -123,8 +127,25 @@ def _find_pool(lin: Lineage) -> None:
     parent = (lin.selection_manifest.get("parents") or [{}])[0]
     if parent.get("kind") != "dataset":
         return
-    pm = _manifest(Path(parent["path"]))
-    if pm is not None and pm.get("stage") == "ingest":
-        lin.pool, lin.pool_manifest = Path(parent["path"]), pm
+    where = parent_location(lin.selection, parent)
+    pm = _manifest(where) if where is not None else None
+    if pm is None or pm.get("stage") != "ingest":
+        lin.notes.append(f"source dataset {_shown(parent)} not found: no ingest statistics")
+    elif parent.get("id") and dataset_identity(where) != parent["id"]:
+        lin.notes.append(f"source dataset {_shown(parent)} is now another dataset ({dataset_identity(where)}): "
+                         "no ingest statistics")
     else:
-        lin.notes.append(f"source dataset {parent.get('path')} not found: no ingest statistics")
+        lin.pool, lin.pool_manifest = where, pm
+
+
+def _shown(parent: dict[str, Any]) -> str:
+    """A parent as a note names it: its id and its location relative to the child."""
+    ident, where = parent.get("id"), parent.get("location")
+    if ident and where:
+        return f"{ident} ({where})"
+    return str(ident or where or parent.get("path") or "?")
+
+
+def _no_root(e: BaseException, root: Path) -> str:
+    """An error's text with ``root`` (a path of this machine) left out."""
+    return str(e).replace(str(root), ".")
