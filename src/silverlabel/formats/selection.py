@@ -11,9 +11,11 @@
       report.json               counts per split and class, rules applied, removed duplicates
       duplicates.parquet        with --dedupe / --exclude-near: removed_key, kept_key, distance, rule
 
-A selected sample points back at its source: ``source_dataset`` (the dataset directory
-that holds its bytes, or null when the selection came from a bare table with no images)
-and ``source_shard`` (the tar name inside ``source_dataset/shards``) + ``source_key``.
+A selected sample points back at its source: ``source_dataset`` (the id of the dataset
+that holds its bytes, :func:`silverlabel.dataset.dataset_identity`, or null when the
+selection came from a bare table with no images; the manifest's ``parents`` give that id's
+location relative to the selection; an older selection held the directory's path) and
+``source_shard`` (the tar name inside that dataset's ``shards/``) + ``source_key``.
 ``key`` is the sample's key in the output; it differs from ``source_key`` only when a uid
 is listed several times (``{source_key}-1``, ``-2``, as DataComp's resharder does).
 
