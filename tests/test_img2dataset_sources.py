@@ -237,8 +237,11 @@ def test_metadata_without_images_and_bad_stats_give_clear_errors(tmp_path):
     _write_meta(tmp_path / "00000.parquet", _meta_rows(2))
     with pytest.raises(ValueError, match=r"without its images .*--source-kind table"):
         open_source(str(tmp_path), SourceOptions())
-    # the escape hatch it names: the metadata as a URL table
-    assert len(list(open_source(str(tmp_path / "00000.parquet"), SourceOptions(kind="table")).items())) == 2
+    # the escape hatch it names: the metadata as a URL table (its stats file is not a table)
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 2}))
+    for path in (tmp_path / "00000.parquet", tmp_path):
+        items = list(open_source(str(path), SourceOptions(kind="table")).items())
+        assert [it.url for it in items] == ["http://h.example/0-0.jpg", "http://h.example/0-1.jpg"]
     (tmp_path / "00000").mkdir()
     (tmp_path / "00000" / "000000000.jpg").write_bytes(sample_jpeg(32, 24))
     (tmp_path / "00000_stats.json").write_text("{not json")

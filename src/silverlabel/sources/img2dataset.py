@@ -317,8 +317,8 @@ class Img2DatasetSource:
             sh.fields = [f for f in schema if f.name != sh.column]
             if not (sh.column or sh.tar or sh.folder):
                 raise UserError(f"{sh.metadata}: img2dataset metadata without its images (no {sh.stem}.tar, no "
-                                f"{sh.stem}/ folder, no image column); to download its URLs again, give it with "
-                                "--source-kind table")
+                                f"{sh.stem}/ folder, no image column); to download its URLs again, give the folder or its "
+                                ".parquet files with --source-kind table")
             return
         first = _first_tar_json(sh.tar) if sh.tar else (_first_folder_json(sh.folder) if sh.folder else None)
         if first is None:

@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import os
+import re
 import threading
 import zlib
 from collections import OrderedDict
@@ -49,12 +50,19 @@ from silverlabel.sources import (
 BATCH_ROWS = 65_536
 
 
+def _is_stats_beside_shard(folder: str, name: str) -> bool:
+    """img2dataset's ``00000_stats.json`` beside its ``00000.parquet``: its counts, not a table."""
+    m = re.match(r"^(\d+)_stats\.json$", name)
+    return m is not None and os.path.isfile(os.path.join(folder, m.group(1) + ".parquet"))
+
+
 def _table_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(
             os.path.join(path, n)
             for n in os.listdir(path)
             if not n.startswith(".") and (n[:-3] if n.endswith(".gz") else n).lower().endswith(TABLE_SUFFIXES)
+            and not _is_stats_beside_shard(path, n)
         )
         if not files:
             raise UserError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
