@@ -447,7 +447,7 @@ def main() -> int:
             rate, rows, counts = end_to_end(cfg, ds)
             r[f"{p}_img_s"], r[f"{p}_rows"], r[f"{p}_decode_counts"] = rate, rows, counts
             lab = get_labeler(cfg)
-            r[f"{p}_model_sms"], r[f"{p}_model_rate_auto"] = lab.model_sms, lab.model_rate
+            r[f"{p}_model_sms"] = lab.model_sms
             print(name, p, f"{rate:.0f} img/s", counts, f"model on {lab.model_sms} SMs", flush=True)
             if p == next(iter(pools)) and args.reserve_sweep:  # SMs kept from the model for the decode
                 for v in (int(x) for x in args.reserve_sweep.split(",")):

@@ -47,7 +47,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,9 +66,6 @@ log = logging.getLogger(__name__)
 #: has them far more often than bf16's 7 bits (on 300 low-confidence photos under
 #: autocast: fp16 matched every image, bf16 94.7%); tensor-core speed is the same on Hopper.
 PRECISIONS = ("fp16", "bf16", "fp32")
-#: (the model's img/s on the whole GPU at least, share of the SMs left to the decode): see
-#: Labeler._auto_reserve.
-AUTO_RESERVE = ((15_000.0, 0.5), (6_000.0, 0.25), (0.0, 0.12))
 
 #: Pillow's filter supports (``ImagingResample``): bicubic (a = -0.5) and bilinear.
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
@@ -573,12 +569,12 @@ def model_stream(device: Any, reserve_sms: int) -> tuple[Any, Any, int]:
     """(stream, green context or None, SMs the model gets) for a GPU pipeline's model.
 
     With ``reserve_sms > 0`` the stream belongs to a CUDA green context of all SMs but
-    ``reserve_sms``: the model's kernels fill every SM they may use for as long as they run,
-    so on a shared GPU the producer's small decode and resize kernels wait behind them at any
-    stream priority (measured on an H200 next to a ViT-B/16: the JPEG decode kept 8% of its
-    rate; with 32 SMs left to it, 52%, while the model kept 83% of its full-GPU rate:
-    bench/label_overlap.py). Without green contexts (torch < 2.10, CUDA < 12.8, no
-    ``Stream()`` on the context) the model gets a plain stream and every SM."""
+    ``reserve_sms``. Why one would: the model's kernels fill every SM they may use for as
+    long as they run, so a decode loop next to a model loop waits behind them at any stream
+    priority (on an H200 next to a ViT-B/16 the JPEG decode kept 8% of its rate; with 32 SMs
+    left to it, 52%, the model 83% of its full-GPU rate: bench/label_overlap.py). In
+    ``label`` end to end it measured no gain (BENCHMARKS.md), so it is off by default.
+    Without green contexts (torch < 2.11, CUDA < 12.8) the model gets a plain stream."""
     import torch
 
     total = torch.cuda.get_device_properties(device).multi_processor_count
@@ -696,13 +692,13 @@ class Labeler:
     ``gpu_decode_threads`` caps the decode threads (2 at most: one builds a batch while the
     other's is on the engines; more only contend for the GIL). ``cuda_graphs=False`` runs
     the model eagerly. ``reserve_sms`` SMs are kept from the model for the decode (a CUDA
-    green context; ``None``: chosen from the teacher's speed, see :func:`model_stream`).
+    green context, see :func:`model_stream`; off by default: it measured no gain end to end).
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
-                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int | None = None):
+                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -742,7 +738,7 @@ class Labeler:
         self._cpu_tfms = [tf.cpu() for tf in self.transforms] if not cuda else None
         self.reserve_sms = reserve_sms
         self._stream = self._green = None
-        self.model_sms = self.model_rate = None
+        self.model_sms = None
 
     def _prepare(self, model, compile: bool):
         torch = self.torch
@@ -818,37 +814,12 @@ class Labeler:
                 return self.forward
         return self._graphs[batch]
 
-    def _model_stream(self, runner) -> Any:
+    def _model_stream(self) -> Any:
         """The model's stream for :meth:`_run_gpu` (made once): on a green context that leaves
-        ``reserve_sms`` SMs to the decode (``None``: by the teacher's measured speed)."""
+        ``reserve_sms`` SMs to the decode when asked."""
         if self._stream is None:
-            reserve = self.reserve_sms
-            if reserve is None:
-                reserve = self._auto_reserve(runner)
-            self._stream, self._green, self.model_sms = model_stream(self.device, reserve)
+            self._stream, self._green, self.model_sms = model_stream(self.device, self.reserve_sms)
         return self._stream
-
-    def _auto_reserve(self, runner) -> int:
-        """SMs to leave to the decode, from the model's own rate on the whole GPU: a teacher
-        faster than the JPEG engines (~15-20k img/s of 640x480 on an H200) is decode-bound
-        and leaves half the GPU to it; a slower one leaves what decode needs to keep up
-        (the thresholds are from bench/label.py's sweep on the H200, see BENCHMARKS.md)."""
-        torch = self.torch
-        B = getattr(runner, "B", 64)  # a captured graph's batch size
-        xs = [torch.zeros((B, 3, tf.size, tf.size), dtype=self.dtype, device=self.device)
-              .contiguous(memory_format=torch.channels_last) for tf in self.transforms]
-        with torch.inference_mode():
-            runner(xs)
-            torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                runner(xs)
-            torch.cuda.synchronize(self.device)
-        rate = 3 * B / (time.perf_counter() - t0)
-        total = torch.cuda.get_device_properties(self.device).multi_processor_count
-        reserve = next(frac for limit, frac in AUTO_RESERVE if rate >= limit)
-        self.model_rate = rate
-        return int(round(total * reserve))
 
     # -- prepared images (reinforce) -----------------------------------------------------
     def classify(self, images: Sequence[Any], embeddings: bool = False
@@ -980,10 +951,8 @@ class Labeler:
             return
         runner = self._runner(len(first[0]))  # captured before any other thread touches the GPU
         # The model runs on a stream of its own, not the legacy default stream: that one waits
-        # implicitly for every blocking stream (nvImageCodec's internal ones among them); and
-        # on a green context that leaves SMs to the decode (timed here, before the producers
-        # start, when the reserve is chosen from the model's speed).
-        current = self._model_stream(runner)
+        # implicitly for every blocking stream (nvImageCodec's internal ones among them).
+        current = self._model_stream()
         batches = itertools.chain([first], it)
         abort = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=3)
