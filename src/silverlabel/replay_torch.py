@@ -94,23 +94,33 @@ def _bicubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def resample_coeffs(in_size: torch.Tensor, in0: np.ndarray, in1: np.ndarray, out_size: int,
-                    device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dev(a: Any, device: Any) -> torch.Tensor:
+    """A host array or list on ``device``, without synchronising the current stream (a plain
+    host-to-device ``.to()`` waits for the stream's queued work; this thread queues ahead)."""
+    return torch.as_tensor(a).to(device, non_blocking=True)
+
+
+def resample_coeffs(in_size: np.ndarray, in0: np.ndarray, in1: np.ndarray, out_size: int, device: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for a batch of boxes along one
-    axis: ``in_size`` int64 [V] (source length), ``in0``/``in1`` float32 [V] (the box edge as C
-    receives it). Returns (first source index [V, S] int64, taps used [V, S] int64, fixed-point
-    coefficients [V, S, T] float64 holding integers)."""
-    in0_t = torch.from_numpy(np.ascontiguousarray(in0, np.float32).astype(np.float64)).to(device)
-    diff = torch.from_numpy((np.asarray(in1, np.float32) - np.asarray(in0, np.float32)).astype(np.float64)).to(device)
-    scale = diff / torch.full_like(diff, out_size)  # (double)(in1 - in0) / outSize, the difference in float32
-    fs = scale.clamp(min=1.0)
-    support = 2.0 * fs
-    T = int(torch.ceil(support).max().item()) * 2 + 1 if len(scale) else 1
-    inv = torch.ones_like(fs) / fs
+    axis: ``in_size`` int [V] (source length), ``in0``/``in1`` float32 [V] (the box edge as C
+    receives it). Returns, on ``device``, (first source index [V, S] int64, taps used [V, S]
+    int64, fixed-point coefficients [V, S, T] float64 holding integers), and on the host each
+    view's first and one-past-last source index (the same float64 arithmetic in numpy)."""
+    in0_h = np.asarray(in0, np.float32).astype(np.float64)
+    scale_h = (np.asarray(in1, np.float32) - np.asarray(in0, np.float32)).astype(np.float64) / out_size
+    fs_h = np.maximum(scale_h, 1.0)  # (double)(in1 - in0) / outSize above: the difference taken in float32
+    support_h = 2.0 * fs_h
+    inv_h = 1.0 / fs_h
+    size_h = np.asarray(in_size, np.int64)
+    T = int(np.ceil(support_h).max()) * 2 + 1 if len(scale_h) else 1
+    first = np.maximum(np.trunc((in0_h + 0.5 * scale_h) - support_h + 0.5).astype(np.int64), 0)
+    last = np.minimum(np.trunc((in0_h + (out_size - 1 + 0.5) * scale_h) + support_h + 0.5).astype(np.int64), size_h)
+    in0_t, scale, support, inv = (_dev(v, device) for v in (in0_h, scale_h, support_h, inv_h))
     xx = torch.arange(out_size, dtype=torch.float64, device=device)
     center = in0_t[:, None] + (xx + 0.5)[None, :] * scale[:, None]
     lo = torch.trunc(center - support[:, None] + 0.5).to(torch.int64).clamp(min=0)
-    hi = torch.minimum(torch.trunc(center + support[:, None] + 0.5).to(torch.int64), in_size.to(device)[:, None])
+    hi = torch.minimum(torch.trunc(center + support[:, None] + 0.5).to(torch.int64), _dev(size_h, device)[:, None])
     n = hi - lo
     taps = torch.arange(T, device=device)
     pos = (lo[..., None] + taps).to(torch.float64)
@@ -122,7 +132,7 @@ def resample_coeffs(in_size: torch.Tensor, in0: np.ndarray, in1: np.ndarray, out
     k = torch.where(ww[..., None] != 0, w / torch.where(ww == 0, torch.ones_like(ww), ww)[..., None], w)
     kf = k * _ONE
     fixed = torch.where(k < 0, torch.trunc(-0.5 + kf), torch.trunc(0.5 + kf))
-    return lo, n, fixed
+    return lo, n, fixed, first, last
 
 
 def _boxes(crops: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -177,13 +187,9 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
     shapes = [(int(t.shape[0]), int(t.shape[1])) for t in images]
     wh = np.array([(shapes[i][1], shapes[i][0]) for i in img_of], np.int64).reshape(V, 2)
     bx0, by0, bx1, by1 = _boxes(boxes, wh)
-    sizes_t = torch.from_numpy(wh)
-    xlo, xn, xk = resample_coeffs(sizes_t[:, 0], bx0, bx1, size, device)
-    ylo, yn, yk = resample_coeffs(sizes_t[:, 1], by0, by1, size, device)
-    # per view, the source columns and rows its taps read (host copies: a few numbers per view)
-    xlo_h, xn_h, ylo_h, yn_h = (t.cpu().numpy() for t in (xlo, xn, ylo, yn))
-    col0, col1 = xlo_h[:, 0], (xlo_h + xn_h).max(1)
-    row0, row1 = ylo_h[:, 0], (ylo_h + yn_h).max(1)
+    # per view, the source columns [col0, col1) and rows [row0, row1) its taps read
+    xlo, xn, xk, col0, col1 = resample_coeffs(wh[:, 0], bx0, bx1, size, device)
+    ylo, yn, yk, row0, row1 = resample_coeffs(wh[:, 1], by0, by1, size, device)
     used = sorted(set(img_of.tolist()))
     for group in _groups([shapes[i] for i in used]):
         imgs = [used[g] for g in group]
@@ -200,21 +206,21 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
             src[g, :, :part.shape[0], :part.shape[1]] = part.permute(2, 0, 1)
         slot_g = np.concatenate([np.full(len(v), g) for g, v in enumerate(views)])
         slot_k = np.concatenate([np.arange(len(v)) for v in views])
-        vidx = torch.from_numpy(allv).to(device)
+        vidx = _dev(allv, device)
         # horizontal coefficients as dense [G, Wr, kmax * S]: column s*S + x of image g holds
         # view (g, s)'s taps for output column x (unused taps have weight 0: clamped index)
         T = xk.shape[2]
         taps = torch.arange(T, device=device)
         cols = (xlo[vidx][..., None] + taps - c0).clamp_(0, Wr - 1)  # [n, S, T]
-        g_t = torch.from_numpy(slot_g).to(device)[:, None, None]
-        s_t = torch.from_numpy(slot_k).to(device)[:, None, None]
+        g_dev, s_dev = _dev(slot_g, device), _dev(slot_k, device)
+        g_t, s_t = g_dev[:, None, None], s_dev[:, None, None]
         x_t = torch.arange(size, device=device)[None, :, None]
         kh = torch.zeros(G * Wr * kmax * size, dtype=torch.float64, device=device)
         kh.index_add_(0, ((g_t * Wr + cols) * (kmax * size) + s_t * size + x_t).reshape(-1), xk[vidx].reshape(-1))
         tmp = torch.bmm(src.view(G, 3 * Hr, Wr), kh.view(G, Wr, kmax * size))
         tmp = _fixed_round(tmp).view(G, 3, Hr, kmax, size)
         # each view's intermediate [n, Hr, 3 * S], and its vertical coefficients [n, S, Hr]
-        inter = tmp[torch.from_numpy(slot_g).to(device), :, :, torch.from_numpy(slot_k).to(device)]  # [n, 3, Hr, S]
+        inter = tmp[g_dev, :, :, s_dev]  # [n, 3, Hr, S]
         inter = inter.permute(0, 2, 1, 3).reshape(len(allv), Hr, 3 * size)
         Ty = yk.shape[2]
         rows = (ylo[vidx][..., None] + torch.arange(Ty, device=device) - r0).clamp_(0, Hr - 1)  # [n, S, Ty]
@@ -242,7 +248,8 @@ def _histograms(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     base = (torch.arange(n, device=x.device)[:, None, None, None] * 3 + torch.arange(3, device=x.device)) * 256
     idx = (x.to(torch.int64) + base).reshape(-1)
-    return torch.bincount(idx, minlength=n * 3 * 256).view(n, 3, 256)
+    h = torch.zeros(n * 3 * 256, dtype=torch.int64, device=x.device)  # not bincount: it syncs for its length
+    return h.index_add_(0, idx, torch.ones_like(idx)).view(n, 3, 256)
 
 
 def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -264,18 +271,18 @@ def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tenso
         if op == INVERT:
             t = (255 - ar).expand(len(r), 256)
         elif op == POSTERIZE:  # ImageOps.posterize(img, 8 - round(4 m))
-            masks = torch.tensor([~(2 ** (8 - (8 - int(round(4 * m)))) - 1) for m in ms], device=dev)
+            masks = _dev([~(2 ** (8 - (8 - int(round(4 * m)))) - 1) for m in ms], dev)
             t = ar[None, :] & masks[:, None]
         elif op == SOLARIZE:  # ImageOps.solarize(img, 256 - round(256 m))
-            thr = torch.tensor([256 - int(round(256 * m)) for m in ms], device=dev)
+            thr = _dev([256 - int(round(256 * m)) for m in ms], dev)
             t = torch.where(ar[None, :] < thr[:, None], ar[None, :], 255 - ar[None, :])
         else:  # augment._solarize_add
-            add = torch.tensor([int(round(110 * m)) for m in ms], device=dev)
+            add = _dev([int(round(110 * m)) for m in ms], dev)
             t = torch.where(ar[None, :] < 128, (ar[None, :] + add[:, None]).clamp(max=255), ar[None, :])
-        lut[torch.from_numpy(r).to(dev)] = t[:, None, :].expand(len(r), 3, 256)
+        lut[_dev(r, dev)] = t[:, None, :].expand(len(r), 3, 256)
     hist_rows = np.nonzero(np.isin(op_ids, (AUTOCONTRAST, EQUALIZE)))[0]
     if len(hist_rows):
-        hr = torch.from_numpy(hist_rows).to(dev)
+        hr = _dev(hist_rows, dev)
         h = _histograms(x[hr])  # [m, 3, 256]
         nz = h > 0
         ident = ar.expand_as(h)
@@ -294,7 +301,7 @@ def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tenso
         excl = torch.cumsum(h, -1) - h
         eq = ((step // 2)[..., None] + excl) // step.clamp(min=1)[..., None]
         eq = torch.where(((nz.sum(-1) <= 1) | (step == 0))[..., None], ident, eq.clamp(0, 255))
-        is_ac = torch.from_numpy(op_ids[hist_rows] == AUTOCONTRAST).to(dev)[:, None, None]
+        is_ac = _dev(op_ids[hist_rows] == AUTOCONTRAST, dev)[:, None, None]
         lut[hr] = torch.where(is_ac, ac, eq)
     return lut
 
@@ -311,7 +318,7 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     +0.5 then truncation; the border rows and columns copied."""
     k1 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
     k5 = torch.tensor(5.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
-    k1, k5 = k1.to(x.device), k5.to(x.device)
+    k1, k5 = _dev(k1, x.device), _dev(k5, x.device)
     f = x.to(torch.float32)
 
     def row(r: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
@@ -340,14 +347,13 @@ def _blend_op(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
     dev = x.device
     op_ids = np.array([o for o, _s, _l in ops])
     # the factor 1 + sign * 0.9 * m as Python computes it, then float32 as ImagingBlend takes it
-    alpha = torch.tensor(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32),
-                         device=dev)
+    alpha = _dev(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32), dev)
     degenerate = torch.empty_like(x)
     for op in (COLOR, CONTRAST, BRIGHTNESS, SHARPNESS):
         r = np.nonzero(op_ids == op)[0]
         if not len(r):
             continue
-        rt = torch.from_numpy(r).to(dev)
+        rt = _dev(r, dev)
         xs = x[rt]
         if op == COLOR:
             d = _luma(xs).to(torch.uint8)[..., None].expand_as(xs)
@@ -402,7 +408,7 @@ def _affine(x: torch.Tensor, mats: np.ndarray) -> torch.Tensor:
     neighbours, truncated to uint8."""
     n, S = x.shape[0], x.shape[1]
     dev = x.device
-    a = torch.from_numpy(np.ascontiguousarray(mats, np.float64)).to(dev)
+    a = _dev(np.ascontiguousarray(mats, np.float64), dev)
     c = torch.arange(S, dtype=torch.float64, device=dev) + 0.5
     xi, yi = c[None, None, :], c[None, :, None]
     a0, a1, a2, a3, a4, a5 = (a[:, i].view(n, 1, 1) for i in range(6))
@@ -444,17 +450,17 @@ def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]
                 raise UserError(f"unknown RandAugment op id {o}")
         lut_v = [(i, op) for i, op in here if op[0] in LUT_OPS]
         if lut_v:
-            r = torch.tensor([i for i, _ in lut_v], device=dev)
+            r = _dev([i for i, _ in lut_v], dev)
             xs = x[r]
             x[r] = _apply_lut(xs, _lut_tables(xs, [op for _, op in lut_v]))
         blend_v = [(i, op) for i, op in here if op[0] in BLEND_OPS]
         if blend_v:
-            r = torch.tensor([i for i, _ in blend_v], device=dev)
+            r = _dev([i for i, _ in blend_v], dev)
             x[r] = _blend_op(x[r], [op for _, op in blend_v])
         aff = [(i, _affine_matrix(op[0], op[1], op[2], S)) for i, op in here if op[0] in AFFINE_OPS]
         aff = [(i, m) for i, m in aff if m is not None]
         if aff:
-            r = torch.tensor([i for i, _ in aff], device=dev)
+            r = _dev([i for i, _ in aff], dev)
             x[r] = _affine(x[r], np.array([m for _, m in aff], np.float64))
     return x
 
@@ -469,10 +475,10 @@ def _mix(a: torch.Tensor, b: torch.Tensor, mixes: Sequence[Any]) -> torch.Tensor
     S_h, S_w = a.shape[1], a.shape[2]
     up = [i for i, m in enumerate(mixes) if m.mode == MIX_MIXUP]
     if up:
-        r = torch.tensor(up, device=a.device)
+        r = _dev(up, a.device)
         lam = np.array([mixes[i].params[0] / Q for i in up], np.float64).astype(np.float32)
-        lam_t = torch.from_numpy(lam).to(a.device).view(-1, 1, 1, 1)
-        one_minus = torch.from_numpy((np.float32(1) - lam).astype(np.float32)).to(a.device).view(-1, 1, 1, 1)
+        lam_t = _dev(lam, a.device).view(-1, 1, 1, 1)
+        one_minus = _dev((np.float32(1) - lam).astype(np.float32), a.device).view(-1, 1, 1, 1)
         v = a[r].to(torch.float32) * lam_t + b[r].to(torch.float32) * one_minus
         out[r] = torch.round(v).clamp_(0, 255).to(torch.uint8)  # round half to even, as np.rint
     for i, m in enumerate(mixes):
@@ -501,12 +507,12 @@ def replay_views(images: Sequence[torch.Tensor], views: Sequence[View], size: in
     x = resized_crops(images, [(img, aug.crop) for img, aug in base], size)
     flips = [i for i, (_img, aug) in enumerate(base) if aug.flip]
     if flips:
-        r = torch.tensor(flips, device=x.device)
+        r = _dev(flips, x.device)
         x[r] = x[r].flip(2)
     x = apply_ops(x, [aug.ops for _img, aug in base])
     n = len(views)
     if mixed:
-        r = torch.tensor(mixed, device=x.device)
+        r = _dev(mixed, x.device)
         x[r] = _mix(x[r], x[n:], [views[i].aug.mix for i in mixed])
     return x[:n]
 
