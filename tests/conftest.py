@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+# The loopback servers the tests start are reached directly, whatever proxy the machine that
+# runs the tests is configured with (tests/test_proxy.py sets its own, per test); cleared here
+# so the stages' subprocesses inherit the clean environment too.
+for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_var, None)
+
 
 def pytest_collection_modifyitems(config, items):
     slow_ok = os.environ.get("SILVERLABEL_SLOW") == "1"
