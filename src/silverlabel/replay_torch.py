@@ -8,8 +8,9 @@ arithmetic, step by step, rather than an approximation of it:
 - **crop + resize** (rule 2): Pillow's two-pass ``ImagingResample`` with a sub-pixel box. The
   box is rounded to float32 as Pillow's C code receives it; the bicubic (a = -0.5) filter
   coefficients are computed in float64 in the same order as ``precompute_coeffs`` (the
-  window sum accumulated tap by tap) and rounded to 22-bit fixed point; the horizontal pass
-  rounds to an 8-bit intermediate, then the vertical pass. Each pass is a float64 matrix
+  window sum accumulated tap by tap) and rounded to 22-bit fixed point; the first pass
+  rounds to an 8-bit intermediate, then the second: rows first, except where the installed
+  Pillow (>= 13) goes columns first (:func:`vertical_first`). Each pass is a float64 matrix
   product with banded coefficient matrices (every product and partial sum is an integer
   below 2^53, so the result is exact, whatever the summation order), batched over images
   of the same size bucket (zero padding adds nothing);
@@ -172,6 +173,89 @@ def _groups(shapes: list[tuple[int, int]], waste: float = 1.25) -> list[list[int
     return out
 
 
+def _pillow_major() -> int:
+    import PIL
+
+    return int(PIL.__version__.split(".")[0])
+
+
+_PILLOW_MAJOR = _pillow_major()
+
+
+def vertical_first(height: int, width: int, size: int) -> bool:
+    """Whether Pillow resizes a ``width x height`` source to ``size x size`` height first:
+    Pillow >= 13 does when the height shrinks by more than twice what the width does (its
+    ``ImagingResampleInner``; the box does not enter), earlier versions never. The order
+    matters: each pass rounds to 8 bits."""
+    if _PILLOW_MAJOR < 13:
+        return False
+    return (height - size) > 0 and (height - size) > (width - size) * 2
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A bucket of images for one dense resize: the views' rows in the output, their image
+    slot and view slot in the bucket, views per image, and the source window's origin."""
+
+    device: Any
+    size: int
+    vidx: torch.Tensor
+    g: torch.Tensor
+    s: torch.Tensor
+    kmax: int
+    r0: int
+    c0: int
+
+
+def _coeff_matrix(lo: torch.Tensor, k: torch.Tensor, geo: _Group, n_in: int, origin: int, *, groups: int = 0,
+                  input_major: bool) -> torch.Tensor:
+    """One axis's fixed-point taps as a dense float64 matrix, for a matrix product. Per image
+    (``groups`` = G > 0): view (g, s)'s output position o is row/column ``s*S + o`` of image g's
+    matrix, [G, n_in, kmax*S] (``input_major``) or [G, kmax*S, n_in]; per view (``groups`` = 0):
+    [n, n_in, S] or [n, S, n_in]. Unused taps weigh 0 (their clamped index adds nothing)."""
+    S, dev, kmax = geo.size, geo.device, geo.kmax
+    n = len(geo.vidx)
+    T = k.shape[2]
+    pos = (lo[geo.vidx][..., None] + torch.arange(T, device=dev) - origin).clamp_(0, n_in - 1)  # [n, S, T]
+    o = torch.arange(S, device=dev)[None, :, None]
+    if groups:
+        g, col = geo.g[:, None, None], geo.s[:, None, None] * S + o
+        flat = (g * n_in + pos) * (kmax * S) + col if input_major else (g * (kmax * S) + col) * n_in + pos
+        shape = (groups, n_in, kmax * S) if input_major else (groups, kmax * S, n_in)
+    else:
+        v = torch.arange(n, device=dev)[:, None, None]
+        flat = (v * n_in + pos) * S + o if input_major else (v * S + o) * n_in + pos
+        shape = (n, n_in, S) if input_major else (n, S, n_in)
+    mat = torch.zeros(shape[0] * shape[1] * shape[2], dtype=torch.float64, device=dev)
+    return mat.index_add_(0, flat.reshape(-1), k[geo.vidx].reshape(-1)).view(shape)
+
+
+def _horizontal_then_vertical(src: torch.Tensor, geo: _Group, xs: tuple, ys: tuple) -> torch.Tensor:
+    """Pillow's order up to 12 (and in 13 for most shapes): rows first, rounded to 8 bits, then
+    columns. ``src`` float64 [G, Hr, 3, Wr]; returns uint8 [n, S, S, 3]."""
+    G, Hr, _, Wr = src.shape
+    S, n = geo.size, len(geo.vidx)
+    kh = _coeff_matrix(*xs, geo, Wr, geo.c0, groups=G, input_major=True)  # [G, Wr, kmax*S]
+    tmp = _fixed_round(torch.bmm(src.view(G, Hr * 3, Wr), kh)).view(G, Hr, 3, geo.kmax, S)
+    inter = tmp[geo.g, :, :, geo.s].reshape(n, Hr, 3 * S)  # each view's rows: [n, Hr, 3*S]
+    kv = _coeff_matrix(*ys, geo, Hr, geo.r0, input_major=False)  # [n, S, Hr]
+    res = _fixed_round(torch.bmm(kv, inter))  # [n, S, 3*S]
+    return res.view(n, S, 3, S).permute(0, 1, 3, 2).to(torch.uint8)
+
+
+def _vertical_then_horizontal(src: torch.Tensor, geo: _Group, xs: tuple, ys: tuple) -> torch.Tensor:
+    """Pillow 13's order for sources whose height shrinks much more than their width: columns
+    first (over every source column), rounded to 8 bits, then rows."""
+    G, Hr, _, Wr = src.shape
+    S, n = geo.size, len(geo.vidx)
+    kv = _coeff_matrix(*ys, geo, Hr, geo.r0, groups=G, input_major=False)  # [G, kmax*S, Hr]
+    tmp = _fixed_round(torch.bmm(kv, src.view(G, Hr, 3 * Wr))).view(G, geo.kmax, S * 3, Wr)
+    inter = tmp[geo.g, geo.s]  # [n, S*3, Wr]
+    kh = _coeff_matrix(*xs, geo, Wr, geo.c0, input_major=True)  # [n, Wr, S]
+    res = _fixed_round(torch.bmm(inter, kh))  # [n, S*3, S]
+    return res.view(n, S, 3, S).permute(0, 1, 3, 2).to(torch.uint8)
+
+
 def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int]] | Sequence[Any],
                   size: int) -> torch.Tensor:
     """Rule 2 for many views: ``crops[v] = (image index, crop)`` with ``crop`` the stored
@@ -191,45 +275,26 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
     xlo, xn, xk, col0, col1 = resample_coeffs(wh[:, 0], bx0, bx1, size, device)
     ylo, yn, yk, row0, row1 = resample_coeffs(wh[:, 1], by0, by1, size, device)
     used = sorted(set(img_of.tolist()))
-    for group in _groups([shapes[i] for i in used]):
-        imgs = [used[g] for g in group]
-        views = [np.nonzero(img_of == i)[0] for i in imgs]
-        allv = np.concatenate(views)
-        c0, c1 = int(col0[allv].min()), int(col1[allv].max())
-        r0, r1 = int(row0[allv].min()), int(row1[allv].max())
-        Wr, Hr = c1 - c0, r1 - r0
-        G, kmax = len(imgs), max(len(v) for v in views)
-        src = torch.zeros((G, 3, Hr, Wr), dtype=torch.float64, device=device)
-        for g, i in enumerate(imgs):
-            h, w = shapes[i]
-            part = images[i][r0:min(r1, h), c0:min(c1, w)]
-            src[g, :, :part.shape[0], :part.shape[1]] = part.permute(2, 0, 1)
-        slot_g = np.concatenate([np.full(len(v), g) for g, v in enumerate(views)])
-        slot_k = np.concatenate([np.arange(len(v)) for v in views])
-        vidx = _dev(allv, device)
-        # horizontal coefficients as dense [G, Wr, kmax * S]: column s*S + x of image g holds
-        # view (g, s)'s taps for output column x (unused taps have weight 0: clamped index)
-        T = xk.shape[2]
-        taps = torch.arange(T, device=device)
-        cols = (xlo[vidx][..., None] + taps - c0).clamp_(0, Wr - 1)  # [n, S, T]
-        g_dev, s_dev = _dev(slot_g, device), _dev(slot_k, device)
-        g_t, s_t = g_dev[:, None, None], s_dev[:, None, None]
-        x_t = torch.arange(size, device=device)[None, :, None]
-        kh = torch.zeros(G * Wr * kmax * size, dtype=torch.float64, device=device)
-        kh.index_add_(0, ((g_t * Wr + cols) * (kmax * size) + s_t * size + x_t).reshape(-1), xk[vidx].reshape(-1))
-        tmp = torch.bmm(src.view(G, 3 * Hr, Wr), kh.view(G, Wr, kmax * size))
-        tmp = _fixed_round(tmp).view(G, 3, Hr, kmax, size)
-        # each view's intermediate [n, Hr, 3 * S], and its vertical coefficients [n, S, Hr]
-        inter = tmp[g_dev, :, :, s_dev]  # [n, 3, Hr, S]
-        inter = inter.permute(0, 2, 1, 3).reshape(len(allv), Hr, 3 * size)
-        Ty = yk.shape[2]
-        rows = (ylo[vidx][..., None] + torch.arange(Ty, device=device) - r0).clamp_(0, Hr - 1)  # [n, S, Ty]
-        n_t = torch.arange(len(allv), device=device)[:, None, None]
-        y_t = torch.arange(size, device=device)[None, :, None]
-        kv = torch.zeros(len(allv) * size * Hr, dtype=torch.float64, device=device)
-        kv.index_add_(0, ((n_t * size + y_t) * Hr + rows).reshape(-1), yk[vidx].reshape(-1))
-        res = _fixed_round(torch.bmm(kv.view(len(allv), size, Hr), inter))  # [n, S, 3 * S]
-        out[vidx] = res.view(len(allv), size, 3, size).permute(0, 1, 3, 2).to(torch.uint8)
+    for vfirst in (False, True):
+        some = [i for i in used if vertical_first(*shapes[i], size) == vfirst]
+        for group in _groups([shapes[i] for i in some]):
+            imgs = [some[g] for g in group]
+            views = [np.nonzero(img_of == i)[0] for i in imgs]
+            allv = np.concatenate(views)
+            c0, c1 = int(col0[allv].min()), int(col1[allv].max())
+            r0, r1 = int(row0[allv].min()), int(row1[allv].max())
+            src = torch.zeros((len(imgs), r1 - r0, 3, c1 - c0), dtype=torch.float64, device=device)  # [G, Hr, 3, Wr]
+            for g, i in enumerate(imgs):
+                h, w = shapes[i]
+                part = images[i][r0:min(r1, h), c0:min(c1, w)]
+                src[g, :part.shape[0], :, :part.shape[1]] = part.permute(0, 2, 1)
+            slot_g = np.concatenate([np.full(len(v), g) for g, v in enumerate(views)])
+            slot_k = np.concatenate([np.arange(len(v)) for v in views])
+            vidx = _dev(allv, device)
+            kmax = max(len(v) for v in views)
+            geo = _Group(device, size, vidx, _dev(slot_g, device), _dev(slot_k, device), kmax, r0, c0)
+            pass_ = _vertical_then_horizontal if vfirst else _horizontal_then_vertical
+            out[vidx] = pass_(src, geo, (xlo, xk), (ylo, yk))
     return out
 
 
