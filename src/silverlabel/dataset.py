@@ -377,6 +377,22 @@ def tree_digest(files: Iterable[str | os.PathLike], base: str | os.PathLike) -> 
     return h.hexdigest()
 
 
+def _regular_files(folder: Path) -> Iterator[Path]:
+    """The regular files under ``folder`` (links followed), hidden names left out as the
+    sources leave them out; a FIFO or a device is never opened."""
+    import stat
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            p = Path(dirpath) / fn
+            try:
+                if not fn.startswith(".") and stat.S_ISREG(p.stat().st_mode):
+                    yield p
+            except OSError:  # a dangling link: nothing to name
+                continue
+
+
 def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None) -> str:
     """How a published file names an input the user gave, wherever it lies: a URL as given
     (less credentials); a silverlabel dataset or run by :func:`dataset_identity`; a local
@@ -405,8 +421,7 @@ def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | Non
     if p.is_dir():
         if (p / MANIFEST).is_file() or (p / INFO_FILE).is_file() or Run(p).is_run():
             return dataset_identity(p)
-        found = [Path(dp) / fn for dp, dns, fns in os.walk(p) for fn in fns]
-        return f"{name}@sha256:{tree_digest(found, p)}"
+        return f"{name}@sha256:{tree_digest(_regular_files(p), p)}"
     if p.is_file():
         return f"{name}@sha256:{file_digest(p)}"
     raise FileNotFoundError(f"{s}: no such file or folder")
