@@ -170,8 +170,15 @@ def test_gpu_replay_matches_cpu_replay(photos):
             partner = None if a.mix is None else (a.mix.partner, augs[a.mix.partner][a.mix.partner_aug])
             views.append(View(i, a, partner))
             refs.append(replay(imgs[i], a, 224, None if partner is None else (imgs[partner[0]], partner[1])))
-    exact = replay_views([decode_cpu(d).to(dev) for d in photos], views, 224)
+    from silverlabel import replay_torch
+    from silverlabel.replay_torch import resized_crops
+
+    cpu_decoded = [decode_cpu(d).to(dev) for d in photos]
+    exact = replay_views(cpu_decoded, views, 224)
+    assert not replay_torch._TRITON_FAILED  # the Triton resize ran (no fallback)
     assert np.array_equal(exact.cpu().numpy(), np.stack(refs))
+    crops = [(v.image, v.aug.crop) for v in views]
+    assert torch.equal(resized_crops(cpu_decoded, crops, 224, "triton"), resized_crops(cpu_decoded, crops, 224, "dense"))
     decoder = GpuDecoder(dev)
     refs_gpu, errors, keep = decoder.decode(photos)
     assert errors == [None] * len(photos)
@@ -187,3 +194,48 @@ def test_gpu_replay_matches_cpu_replay(photos):
     top_pil = labeler.classify([np.stack(refs)])[0][:, 0]
     assert (top_gpu == top_pil).mean() >= 0.99, (top_gpu != top_pil).sum()
     del keep
+
+
+def _triton_check() -> None:
+    """Run under TRITON_INTERPRET=1: the Triton resize (the label stage's kernels with the box
+    coefficients) gives the dense path's bytes, which are Pillow's."""
+    from silverlabel.augment import Q, crop_box
+    from silverlabel.replay_torch import resized_crops
+
+    rng = np.random.default_rng(0)
+    imgs, pil = [], []
+    for h, w in [(60, 90), (37, 61), (50, 50), (90, 40), (100, 30)]:  # the last two: height first on Pillow 13
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([128 + 100 * np.sin(xx / 5 + c) * np.cos(yy / 7 - c) for c in range(3)], -1)
+        a = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        imgs.append(torch.from_numpy(a))
+    gray = imgs[2][:, :, 1].contiguous()
+    imgs[2] = gray[..., None].expand(50, 50, 3)  # a gray plane read three times, as the GPU decoder gives it
+    pil = [Image.fromarray(t.contiguous().numpy()) for t in imgs]
+    crops = [(i, a.crop) for i, t in enumerate(imgs)
+             for a in sample_augs(AugPolicy(scale=(0.05, 1)), 1, f"k{i}", t.shape[1], t.shape[0], 3)]
+    crops.append((0, (0, 0, Q, Q)))
+    for size in (24, 40):
+        dense = resized_crops(imgs, crops, size, method="dense")
+        tri = resized_crops(imgs, crops, size, method="triton")
+        assert torch.equal(dense, tri), size
+        for (i, crop), got in zip(crops, tri):
+            ref = pil[i].resize((size, size), Image.Resampling.BICUBIC, box=crop_box(Aug(crop, False), *pil[i].size))
+            assert np.array_equal(got.numpy(), np.asarray(ref)), (i, crop, size)
+    print("triton resize ok")
+
+
+@pytest.mark.timeout(600)
+def test_triton_resize_matches_dense_and_pillow_under_interpreter():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=560)
+    assert p.returncode == 0 and "triton resize ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    _triton_check()

@@ -256,11 +256,55 @@ def _vertical_then_horizontal(src: torch.Tensor, geo: _Group, xs: tuple, ys: tup
     return res.view(n, S, 3, S).permute(0, 1, 3, 2).to(torch.uint8)
 
 
+_TRITON_FAILED: list[str] = []  # why the Triton resize was given up in this process, if it was
+
+
+def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np.ndarray, xs: tuple, ys: tuple,
+                   rows: tuple[np.ndarray, np.ndarray], size: int) -> torch.Tensor:
+    """Width-first views through the label stage's two resize kernels
+    (:func:`silverlabel.inference.resize_crop_batch`'s ``_rows_pass`` and ``_cols_pass``: the
+    same fixed-point arithmetic as Pillow, banded, reading the uint8 sources in place), each
+    view its own "image" with this module's box coefficients in place of the kernels' own
+    centre-crop ones. Returns uint8 [len(views), S, S, 3]."""
+    from silverlabel.inference import _cols_pass, _rows_pass, triton
+
+    dev = images[0].device
+    n, S = len(views), size
+    vidx = _dev(views, dev)
+    (xlo, xk), (ylo, yk) = xs, ys
+    T = max(xk.shape[2], yk.shape[2])
+    lo_t = torch.stack([ylo[vidx], xlo[vidx]], 1).to(torch.int32).contiguous()  # [n, 2 (rows, cols), S]
+    k_t = torch.zeros((n, 2, T, S), dtype=torch.int32, device=dev)
+    k_t[:, 0, :yk.shape[2]] = yk[vidx].permute(0, 2, 1).to(torch.int32)
+    k_t[:, 1, :xk.shape[2]] = xk[vidx].permute(0, 2, 1).to(torch.int32)
+    row0, row1 = rows[0][views], rows[1][views]
+    meta = np.zeros((n, 10), np.int64)  # pointer, then the kernels' 9 fields per image
+    for j, v in enumerate(views):
+        t = images[int(img_of[v])]
+        meta[j] = (t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1), t.stride(2), row0[j],
+                   row1[j] - row0[j], 0, 0)
+    host = _dev(np.concatenate([meta[:, 0], meta[:, 1:].reshape(-1)]), dev)
+    ptrs, imeta = host[:n], host[n:]
+    R = int((row1 - row0).max())
+    bx = triton.next_power_of_2(S)
+    tmp = torch.empty((n, R, S, 3), dtype=torch.uint8, device=dev)
+    _rows_pass[(n, triton.cdiv(R, 8))](ptrs, imeta, lo_t, k_t, tmp, R, T, S=S, BR=8, BX=bx, num_warps=8)
+    out = torch.empty((n, S, S, 3), dtype=torch.uint8, device=dev)
+    _cols_pass[(n, triton.cdiv(S, 8))](tmp, imeta, lo_t, k_t, out, R, T, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, S=S,
+                                       NORMALIZE=False, BY=8, BX=bx, num_warps=8)
+    return out
+
+
 def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int]] | Sequence[Any],
-                  size: int) -> torch.Tensor:
+                  size: int, method: str = "auto") -> torch.Tensor:
     """Rule 2 for many views: ``crops[v] = (image index, crop)`` with ``crop`` the stored
     (x0, y0, w, h) in 1/65535 of the source; returns uint8 [V, size, size, 3] equal to
-    ``img.resize((size, size), BICUBIC, box=crop_box(...))``."""
+    ``img.resize((size, size), BICUBIC, box=crop_box(...))``.
+
+    ``method``: ``dense`` (float64 matrix products, any device), ``triton`` (the label stage's
+    banded resize kernels for the width-first views; on a CUDA device, or on the CPU under
+    ``TRITON_INTERPRET=1``), ``auto`` (triton on a CUDA device where Triton is present and has
+    not failed in this process, else dense). The two give the same bytes."""
     device = images[0].device
     V = len(crops)
     out = torch.empty((V, size, size, 3), dtype=torch.uint8, device=device)
@@ -275,6 +319,28 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
     xlo, xn, xk, col0, col1 = resample_coeffs(wh[:, 0], bx0, bx1, size, device)
     ylo, yn, yk, row0, row1 = resample_coeffs(wh[:, 1], by0, by1, size, device)
     used = sorted(set(img_of.tolist()))
+    if method == "auto":
+        from silverlabel.inference import triton
+
+        method = "triton" if device.type == "cuda" and triton is not None and not _TRITON_FAILED else "dense"
+    if method == "triton":
+        wide = np.array([not vertical_first(*shapes[i], size) for i in img_of])
+        views = np.nonzero(wide)[0]
+        if len(views):
+            try:
+                out[_dev(views, device)] = _resize_triton(images, img_of, views, (xlo, xk), (ylo, yk), (row0, row1),
+                                                          size)
+                used = sorted({int(img_of[v]) for v in np.nonzero(~wide)[0]})
+            except Exception as e:  # noqa: BLE001 - a compile or launch failure: the dense path gives the same bytes
+                if device.type != "cuda":
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning("Triton resize failed (%s: %s): float64 matrix products from now on",
+                                                    type(e).__name__, e)
+                _TRITON_FAILED.append(f"{type(e).__name__}: {e}")
+    elif method != "dense":
+        raise UserError(f"resize method must be auto, dense or triton, not {method!r}")
     for vfirst in (False, True):
         some = [i for i in used if vertical_first(*shapes[i], size) == vfirst]
         for group in _groups([shapes[i] for i in some]):
