@@ -221,6 +221,7 @@ class Step:
     deps: tuple[str, ...]  # earlier steps it refers to
     inputs: dict[str, list[str]]  # field -> paths read (steps' products included)
     run_args: dict[str, Any] = field(default_factory=dict)  # run_* options outside the config (not keyed)
+    roots: tuple[str, str] = ("", "")  # (output root, recipe folder): what config_digest names paths against
 
     @property
     def kind(self) -> StageKind:
@@ -373,7 +374,7 @@ def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, 
     inputs = {f: [p for p in _paths_of(getattr(config, f))
                   if f != "args" or (os.path.isabs(p) and p != config.output)]  # a script's path arguments
               for f in kind.inputs if getattr(config, f, None) is not None}
-    return Step(name, stage, config, tuple(deps), inputs, run_args)
+    return Step(name, stage, config, tuple(deps), inputs, run_args, (str(root), str(base)))
 
 
 def _relative_to(value: Any, base: Path) -> Any:
@@ -524,22 +525,41 @@ def shown_path(path: str, recipe: Recipe) -> str:
     if "://" in path:
         return path
     p = os.path.abspath(path)
-    for root, shown in ((recipe.out, "${out}"), (recipe.path.resolve().parent, "")):
-        rel = os.path.relpath(p, os.path.abspath(root))
+    return _shown(p, str(recipe.out), str(recipe.path.resolve().parent)) or os.path.basename(p) or p
+
+
+def _shown(path: str, out: str, base: str) -> str | None:
+    """``path`` (absolute) as ``${out}/REL`` under ``out``, as REL under ``base``; else None."""
+    for root, shown in ((out, "${out}"), (base, "")):
+        rel = os.path.relpath(path, os.path.abspath(root))
         if rel != ".." and not rel.startswith(".." + os.sep):
             rel = Path(rel).as_posix()
             return f"{shown}/{rel}" if shown and rel != "." else (shown or rel)
-    return os.path.basename(p) or p
+    return None
 
 
 def config_digest(step: Step) -> str:
-    """sha256 of the step's stage and the config fields that change its output."""
+    """sha256 of the step's stage and the config fields that change its output, each path
+    under the output root or the recipe's folder named relative to it (:func:`shown_path`):
+    a build moved whole (recipe, inputs and outputs) is still up to date."""
     cfg = step.config
     if hasattr(cfg, "output_config"):
         doc = cfg.output_config()
     else:
         doc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in step.kind.runtime}
-    text = json.dumps({"stage": step.stage, "config": doc}, sort_keys=True, default=str)
+    out, base = step.roots
+
+    def located(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: located(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [located(x) for x in v]
+        if isinstance(v, str) and out and os.path.isabs(v):
+            shown = _shown(v, out, base)
+            return shown if shown is not None else v
+        return v
+
+    text = json.dumps({"stage": step.stage, "config": located(doc)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
