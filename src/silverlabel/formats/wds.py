@@ -16,9 +16,10 @@ imagenet-12k-wds) without ever turning a member name into a filesystem path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-
 import io
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -103,12 +104,15 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def _ustar_members(path: str) -> list[tuple[str, int, int]] | None:
+def _ustar_members(path: str | BinaryIO) -> list[tuple[str, int, int]] | None:
     """(name, data offset, size) of the regular members by reading 512-byte headers
     directly, ~10x faster than ``tarfile``; None when the archive uses anything beyond
-    plain USTAR/GNU headers (long names, pax records, sparse files), or looks damaged."""
+    plain USTAR/GNU headers (long names, pax records, sparse files), or looks damaged.
+    ``path`` may be an open seekable file (a remote one: only headers are read, and a
+    forward seek skips a member's data)."""
     out: list[tuple[str, int, int]] = []
-    with open(path, "rb") as f:
+    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
+        f.seek(0)
         pos = 0
         while True:
             hdr = f.read(512)
@@ -137,8 +141,9 @@ def _ustar_members(path: str) -> list[tuple[str, int, int]] | None:
             f.seek(pos)
 
 
-def iter_tar_samples(path: str) -> Iterator[TarSample]:
-    """Index a WebDataset tar: yields samples in order with member offsets.
+def iter_tar_samples(path: str | BinaryIO) -> Iterator[TarSample]:
+    """Index a WebDataset tar (a path, or an open seekable file): yields samples in order
+    with member offsets.
 
     Non-regular members (directories, links, devices) are ignored; so are members whose
     name has no extension. Consecutive members with the same key form one sample; a member
@@ -147,7 +152,12 @@ def iter_tar_samples(path: str) -> Iterator[TarSample]:
     """
     members = _ustar_members(path)
     if members is None:
-        with tarfile.open(path, mode="r:") as tar:
+        if isinstance(path, (str, os.PathLike)):
+            tar_ctx = tarfile.open(path, mode="r:")
+        else:
+            path.seek(0)
+            tar_ctx = tarfile.open(fileobj=path, mode="r:")
+        with tar_ctx as tar:
             members = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
     current: TarSample | None = None
     for name, offset, size in members:

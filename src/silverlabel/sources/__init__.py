@@ -7,7 +7,10 @@ file or tar sample); :func:`load_bytes` gets an item's image bytes in a worker.
     ('table', 'tar')
 
 Wherever a path is accepted, a brace pattern names several files, expanded as webdataset
-and the shell do it (:func:`expand_braces`, the ``braceexpand`` package).
+and the shell do it (:func:`expand_braces`, the ``braceexpand`` package). A path may be a URL
+of any fsspec filesystem (``s3://``, ``gs://``, ``hf://``, ``http(s)://``) or a ``pipe:``
+command (:mod:`silverlabel.fs`): listed, detected and read where it lies, a remote glob
+(``s3://b/meta/*.parquet``) included; workers read image bytes with ranged reads of their own.
 
 To add a source: a module with a class implementing :class:`Source`, decorated with
 ``@register_source("kind", detect=fn)`` (``fn(path) -> bool`` recognises its paths; without
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from silverlabel import fs
 from silverlabel.errors import UserError
 from silverlabel.registry import Registry
 from silverlabel.options import csv_list, opt
@@ -177,6 +181,18 @@ def check_keep_cols(keep_cols: tuple[str, ...] | list[str], available: list[str]
         raise UserError(f"--keep-cols: {', '.join(clash)} would overwrite a samples-table column")
 
 
+def describe_location(path: str, files: list[str]) -> dict[str, Any]:
+    """Where a source reads from, for its ``describe()``: a local path as its absolute path
+    (the manifest names it by its bytes); a URL as its ``name``, the URL given made public
+    (:func:`silverlabel.fs.public`: no credentials, no signatures), and its ``content``, a
+    digest of its files' sizes and ETags (:func:`silverlabel.fs.content_digest`), so a
+    changed remote input is told from the one a run began with."""
+    if not fs.is_remote(path):
+        return {"path": os.path.abspath(path)}
+    name = fs.public(path)
+    return {"path": name, "name": name, "content": fs.content_digest(files)}
+
+
 def source_kinds() -> list[str]:
     """The registered source kinds (``--source-kind`` choices)."""
     return sorted(_REGISTRY.names())
@@ -186,8 +202,9 @@ def _strip_gz(name: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
-def _entries(path: str) -> list[str]:
-    return [e.name.lower() for e in os.scandir(path) if not e.name.startswith(".")]
+def _entries(path: str) -> list[tuple[str, bool]]:
+    """(lower-cased name, is_folder) of a folder's visible entries, local or remote."""
+    return [(n.lower(), d) for n, d in fs.listdir(path) if not n.startswith(".")]
 
 
 def _is_tar_name(path: str) -> bool:
@@ -196,23 +213,43 @@ def _is_tar_name(path: str) -> bool:
 
 
 def _is_tar_folder(path: str) -> bool:
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         return False
     entries = _entries(path)
-    return any(e.endswith(".tar") for e in entries) and not any(os.path.isdir(os.path.join(path, e)) for e in entries)
+    return any(n.endswith(".tar") for n, _ in entries) and not any(d for _, d in entries)
 
 
 def _is_table(path: str) -> bool:
-    if _strip_gz(path.lower()).endswith(TABLE_SUFFIXES):
+    if _strip_gz(fs.basename(path).lower() if fs.is_remote(path) else path.lower()).endswith(TABLE_SUFFIXES):
         return True
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         return False
     if selection_table_dir(path) is not None:
         return True
     entries = _entries(path)
-    files = [e for e in entries if os.path.isfile(os.path.join(path, e))]
-    return all(_strip_gz(e).endswith(TABLE_SUFFIXES) for e in files) and any(
-        _strip_gz(e).endswith(TABLE_SUFFIXES) for e in entries)
+    files = [n for n, d in entries if not d]
+    return all(_strip_gz(n).endswith(TABLE_SUFFIXES) for n in files) and any(
+        _strip_gz(n).endswith(TABLE_SUFFIXES) for n, _ in entries)
+
+
+def pattern_files(path: str, what: str = "file") -> list[str]:
+    """The files a path names: itself, the paths of a brace pattern (unless a file has that
+    very name) or, for a remote path, the files a glob (``*``, ``?``, ``[``) matches; each
+    must exist (FileNotFoundError naming ``what`` otherwise)."""
+    expand = has_braces(path) and (fs.is_pipe(path) or not fs.exists(path))  # pipe: as webdataset expands it
+    files = expand_braces(path) if expand else [path]
+    out: list[str] = []
+    for f in files:
+        if fs.has_glob(f):
+            found = fs.glob(f)
+            if not found:
+                raise FileNotFoundError(f"{fs.public(f)}: matches no {what}")
+            out.extend(found)
+            continue
+        if not fs.isfile(f):
+            raise FileNotFoundError(f"{fs.public(f)}: no such {what}")
+        out.append(f)
+    return out
 
 
 # the built-in kinds' rules, asked first: a file name says tar or table before a folder's
@@ -227,11 +264,11 @@ def kind_of(path: str) -> str:
     for kind, detect in _DETECTORS:
         if detect(path):
             return kind
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return "folder"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    raise UserError(f"{path}: cannot tell what kind of source this is; use --source-kind "
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{fs.public(path)}: no such file or folder")
+    raise UserError(f"{fs.public(path)}: cannot tell what kind of source this is; use --source-kind "
                     f"{'|'.join(source_kinds())}")
 
 
@@ -242,18 +279,21 @@ def selection_table_dir(path: str) -> str | None:
     import json
 
     try:
-        with open(os.path.join(path, "silverlabel.json")) as f:
+        with fs.open_input(fs.join(path, "silverlabel.json")) as f:
             stage = json.load(f).get("stage")
     except (OSError, ValueError, AttributeError):
         return None
-    table_dir = os.path.join(path, "selection")
-    return table_dir if stage == "select" and os.path.isdir(table_dir) else None
+    table_dir = fs.join(path, "selection")
+    return table_dir if stage == "select" and fs.isdir(table_dir) else None
 
 
 def open_source(path: str, options: SourceOptions) -> Source:
     """Create the source for ``path`` (detected kind unless ``options.kind`` forces one)."""
+    path = fs.local_path(path)
+    if fs.is_remote(path) and not fs.is_pipe(path):
+        path = path.rstrip("/") if fs.scheme(path) not in ("http", "https") else path
     kind = options.kind or kind_of(path)
-    if kind == "table" and os.path.isdir(path):
+    if kind == "table" and fs.isdir(path):
         path = selection_table_dir(path) or path
     return _REGISTRY.lookup(kind)(path, options)
 
@@ -278,13 +318,23 @@ def derive_uid(locator: str) -> str:
 
 
 def load_bytes(item: Item, max_bytes: int | None = None) -> bytes:
-    """Read a local item's image bytes: a regular file, a tar member or a parquet cell, at
-    most ``max_bytes``.
+    """Read an item's image bytes: a regular file, a tar member or a parquet cell, at most
+    ``max_bytes``, where it lies: a local file, or one ranged read of a remote one
+    (:func:`silverlabel.fs.read_range`), so a worker fetches only its own item's bytes.
 
     Raises OSError for anything else (a FIFO, a device, a link to one), for a file or member
     larger than ``max_bytes`` (checked before reading, so a tar header claiming 8 GiB costs
-    nothing) and for a member that runs past the end of its tar.
+    nothing), for a member that runs past the end of its tar, and for a remote read that
+    fails (the URL in its message made public).
     """
+    if item.kind in (KIND_FILE, KIND_TAR) and item.path is not None and fs.is_remote(item.path):
+        if item.kind == KIND_FILE:
+            return fs.read_capped(item.path, max_bytes)
+        _check_size(item.size, max_bytes, "tar member")
+        try:
+            return fs.read_range(item.path, item.offset, item.size)
+        except OSError as e:
+            raise OSError(f"tar member: {e}") from None
     if item.kind == KIND_FILE:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
         fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -331,12 +381,14 @@ __all__ = [
     "SourceOptions",
     "check_keep_cols",
     "derive_uid",
+    "describe_location",
     "expand_braces",
     "has_braces",
     "kind_of",
     "load_bytes",
     "normalize_uid",
     "open_source",
+    "pattern_files",
     "register_source",
     "selection_table_dir",
     "source_kinds",

@@ -2,7 +2,8 @@
 
 With ``folder_labels="auto"`` a folder whose top level holds only sub-folders is read as
 ImageFolder and each image keeps its class folder's name as its human ``label``.
-Files are listed in sorted order, so keys are the same on every machine.
+Files are listed in sorted order, so keys are the same on every machine. A folder may be a
+remote prefix (``s3://bucket/images``): listed once, and each worker reads its own files.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp(); os.makedirs(f"{d}/cat"); open(f"{d}/cat/a.jpg", "wb").close()
@@ -16,8 +17,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from silverlabel import fs
 from silverlabel.errors import UserError
-from silverlabel.sources import KIND_FILE, Item, SourceOptions, derive_uid, register_source
+from silverlabel.sources import KIND_FILE, Item, SourceOptions, derive_uid, describe_location, register_source
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -28,6 +30,12 @@ def _walk(root: str) -> Iterator[str]:
     A folder that cannot be listed stops the source with an error naming it: its images
     would otherwise be missing without a trace.
     """
+    if fs.is_remote(root):
+        for rel in fs.walk_files(root):
+            parts = rel.split("/")
+            if not any(p.startswith(".") for p in parts) and rel.lower().endswith(IMAGE_SUFFIXES):
+                yield rel
+        return
 
     def refuse(e: OSError) -> None:
         raise UserError(f"{e.filename}: cannot list this folder ({e.strerror}); fix its permissions or move it out")
@@ -59,29 +67,44 @@ class FolderSource:
     extra_fields: list = []
 
     def __init__(self, path: str, options: SourceOptions):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: no such folder")
-        manifest = os.path.join(path, "silverlabel.json")
-        if os.path.isfile(manifest):
-            raise UserError(f"{path}: this is a silverlabel dataset, not a folder of images; to ingest its images "
-                            f"again give its shards ({os.path.join(path, 'shards')})")
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"{fs.public(path)}: no such folder")
+        manifest = fs.join(path, "silverlabel.json")
+        if fs.isfile(manifest):
+            raise UserError(f"{fs.public(path)}: this is a silverlabel dataset, not a folder of images; to ingest its "
+                            f"images again give its shards ({fs.public(fs.join(path, 'shards'))})")
         self.path = path
         mode = options.folder_labels
         if mode not in ("auto", "on", "off"):
             raise UserError(f"--folder-labels must be auto, on or off, not {mode!r}")
-        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
-        top_images = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
-        has_dirs = any(e.is_dir() for e in entries)
+        entries = [(n, d) for n, d in fs.listdir(path) if not n.startswith(".")]
+        top_images = [n for n, d in entries if not d and n.lower().endswith(IMAGE_SUFFIXES)]
+        has_dirs = any(d for _, d in entries)
         self.labeled = mode == "on" or (mode == "auto" and has_dirs and not top_images)
         if mode == "on" and top_images:
-            raise UserError(f"{path}: --folder-labels on, but {top_images[0].name} is not in a class folder")
+            raise UserError(f"{fs.public(path)}: --folder-labels on, but {top_images[0]} is not in a class folder")
+        self._files: list[str] | None = None
+
+    @property
+    def remote_files(self) -> list[str]:
+        """A remote folder's image files (listed once); what its ``content`` digest covers.
+        (Not ``files``: a local folder is named by all its files, as ingest does it.)"""
+        if self._files is None:
+            self._files = [fs.join(self.path, rel) for rel in _walk(self.path)]
+        return self._files
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "folder", "path": os.path.abspath(self.path), "layout": "imagefolder" if self.labeled else "flat"}
+        where = describe_location(self.path, self.remote_files if fs.is_remote(self.path) else [])
+        return {"kind": "folder", **where, "layout": "imagefolder" if self.labeled else "flat"}
+
+    def known_length(self) -> int:
+        """The number of image files (a listing)."""
+        return len(self.remote_files) if fs.is_remote(self.path) else sum(1 for _ in _walk(self.path))
 
     def items(self) -> Iterator[Item]:
         index = -1
-        for index, rel in enumerate(_walk(self.path)):
+        rels = (f[len(self.path) + 1:] for f in self.remote_files) if fs.is_remote(self.path) else _walk(self.path)
+        for index, rel in enumerate(rels):
             error = _utf8_error(rel)
             shown = _printable(rel) if error else rel
             yield Item(
@@ -90,8 +113,9 @@ class FolderSource:
                 source=shown,
                 uid=derive_uid(shown),
                 label=shown.split("/", 1)[0] if self.labeled else None,
-                path=os.path.join(self.path, rel),
+                path=fs.join(self.path, rel),
                 error=error,
             )
         if index < 0:
-            raise UserError(f"{self.path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise UserError(f"{fs.public(self.path)}: no image files in this folder "
+                            f"(looked for {', '.join(IMAGE_SUFFIXES)})")

@@ -25,12 +25,16 @@ stats files go into the manifest's description of the source (:meth:`Img2Dataset
 never into the data. A shard whose metadata parquet is gone is read from its samples' ``.json``.
 
 A path may be the output folder, one of its ``.parquet``/``.tar`` files, or a brace pattern
-over them (``out/{00000..00009}.tar``). :func:`is_img2dataset` recognises them by their
+over them (``out/{00000..00009}.tar``), local or remote (``s3://bucket/out``: listed once;
+tars indexed in one forward pass, embedded cells and files read by each worker with ranged
+reads). :func:`is_img2dataset` recognises them by their
 metadata's columns, so a plain URL table, tar or image folder is never taken for one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -42,6 +46,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from silverlabel import fs
 from silverlabel.errors import UserError
 from silverlabel.formats.wds import iter_tar_samples
 from silverlabel.sources import (
@@ -52,14 +57,16 @@ from silverlabel.sources import (
     SourceOptions,
     check_keep_cols,
     derive_uid,
+    describe_location,
     expand_braces,
     has_braces,
     normalize_uid,
+    pattern_files,
     register_source,
 )
 from silverlabel.sources.folder import IMAGE_SUFFIXES
 from silverlabel.sources.tables import _to_int, embedded_group_problem
-from silverlabel.sources.tars import json_field, json_value, read_json_member
+from silverlabel.sources.tars import json_field, json_value, open_tar_index, read_json_member
 
 #: the columns img2dataset adds to every metadata row: what tells its outputs apart
 SIGNATURE = frozenset({"key", "status", "error_message", "width", "height", "original_width", "original_height"})
@@ -82,20 +89,34 @@ _KNOWN_TYPES = {"key": pa.string(), "status": pa.string(), "error_message": pa.s
 
 def _schema(path: str) -> pa.Schema | None:
     try:
+        if fs.is_remote(path):
+            with fs.open_input(path, read_ahead=0) as f:
+                return pq.read_schema(f)
         return pq.read_schema(path)
     except Exception:  # not parquet, unreadable: not ours to judge here
         return None
 
 
 def _is_metadata(path: str) -> bool:
-    schema = _schema(path) if os.path.isfile(path) else None
+    schema = _schema(path) if fs.isfile(path) else None
     return schema is not None and SIGNATURE <= set(schema.names)
+
+
+#: bytes at the start of a remote tar read to recognise it (its first sample's ``.json``)
+_HEAD_BYTES = 4 << 20
 
 
 def _first_tar_json(path: str) -> dict[str, Any] | None:
     try:
-        with open(path, "rb") as f:
-            for s in iter_tar_samples(path):
+        if fs.is_remote(path):  # the tar's first megabytes only, not the whole tar
+            size = fs.info(path)["size"]
+            f: Any = io.BytesIO(fs.read_range(path, 0, min(size, _HEAD_BYTES)))
+            samples = iter_tar_samples(f)
+        else:
+            f = open(path, "rb")
+            samples = iter_tar_samples(path)
+        with f:
+            for s in samples:
                 meta = read_json_member(f, s)
                 if meta is not None or s.image_ext() is not None:
                     return meta
@@ -106,10 +127,14 @@ def _first_tar_json(path: str) -> dict[str, Any] | None:
 
 def _read_json_file(path: str) -> dict[str, Any] | None:
     try:
-        if os.path.getsize(path) > _SIDE_MAX:
-            return None
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
+        if fs.is_remote(path):
+            data = fs.read_capped(path, _SIDE_MAX)
+        else:
+            if os.path.getsize(path) > _SIDE_MAX:
+                return None
+            with open(path, "rb") as f:
+                data = f.read()
+        obj = json.loads(data)
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -117,19 +142,18 @@ def _read_json_file(path: str) -> dict[str, Any] | None:
 
 def _first_folder_json(folder: str) -> dict[str, Any] | None:
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+        names = sorted(n for n, d in fs.listdir(folder) if not d and n.endswith(".json") and not n.startswith("."))
     except OSError:
         return None
-    return _read_json_file(os.path.join(folder, names[0])) if names else None
+    return _read_json_file(fs.join(folder, names[0])) if names else None
 
 
-def _stems(folder: str) -> list[str]:
-    """img2dataset's shard names in a folder (``00000`` from ``00000.parquet``,
-    ``00000.tar``, ``00000/``), in shard order."""
+def _stems(entries: list[tuple[str, bool]]) -> list[str]:
+    """img2dataset's shard names among a folder's ``(name, is_folder)`` entries (``00000``
+    from ``00000.parquet``, ``00000.tar``, ``00000/``), in shard order."""
     stems = set()
-    for e in os.scandir(folder):
-        name = e.name
-        if e.is_dir():
+    for name, is_dir in entries:
+        if is_dir:
             stem = name
         elif name.endswith((".parquet", ".tar")):
             stem = name.rsplit(".", 1)[0]
@@ -140,15 +164,17 @@ def _stems(folder: str) -> list[str]:
     return sorted(stems, key=lambda s: (int(s), s))
 
 
-def _shard_is_img2dataset(base: str) -> bool:
+def _shard_is_img2dataset(base: str, entries: set[tuple[str, bool]] | None = None) -> bool:
     """Whether the shard at ``base`` (a path without extension) was written by img2dataset:
-    its metadata parquet, else its first ``.json``, has img2dataset's columns."""
-    if os.path.isfile(base + ".parquet"):
-        return _is_metadata(base + ".parquet")
-    if os.path.isfile(base + ".tar"):
-        meta = _first_tar_json(base + ".tar")
-    elif os.path.isdir(base):
-        meta = _first_folder_json(base)
+    its metadata parquet, else its first ``.json``, has img2dataset's columns. ``entries``:
+    its folder's listing, when known (no request per file asked about)."""
+    sh = _shard_at(base, entries)
+    if sh.metadata:
+        return _is_metadata(sh.metadata)
+    if sh.tar:
+        meta = _first_tar_json(sh.tar)
+    elif sh.folder:
+        meta = _first_folder_json(sh.folder)
     else:
         return False
     return meta is not None and SIGNATURE <= set(meta)
@@ -156,22 +182,34 @@ def _shard_is_img2dataset(base: str) -> bool:
 
 def is_img2dataset(path: str) -> bool:
     """Whether ``path`` is img2dataset output: its output folder, a shard's ``.parquet`` or
-    ``.tar`` or a brace pattern over them, recognised by img2dataset's metadata columns."""
-    if os.path.isdir(path):
+    ``.tar`` or a brace pattern over them, recognised by img2dataset's metadata columns.
+    A ``pipe:`` input never is (its command is not run to find out)."""
+    if fs.is_pipe(path):
+        return False
+    if fs.isdir(path):
         try:
-            stems = _stems(path)
+            entries = fs.listdir(path)
         except OSError:
             return False
-        return bool(stems) and _shard_is_img2dataset(os.path.join(path, stems[0]))
-    if has_braces(path) and not os.path.exists(path):
+        stems = _stems(entries)
+        return bool(stems) and _shard_is_img2dataset(fs.join(path, stems[0]), set(entries))
+    if has_braces(path) and not fs.exists(path):
         try:
             path = expand_braces(path)[0]
         except UserError:
             return False
-    name = path.lower()
+    if fs.has_glob(path):
+        try:
+            found = fs.glob(path)
+        except (OSError, UserError):
+            return False
+        if not found:
+            return False
+        path = found[0]
+    name = fs.basename(path).lower() if fs.is_remote(path) else path.lower()
     if name.endswith(".parquet"):
         return _is_metadata(path)
-    if name.endswith(".tar") and os.path.isfile(path):
+    if name.endswith(".tar") and fs.isfile(path):
         return _shard_is_img2dataset(path[:-4])
     return False
 
@@ -195,33 +233,41 @@ class _Shard:
         return "parquet" if self.column else ("webdataset" if self.tar else "files")
 
 
-def _shard_at(base: str) -> _Shard:
-    folder, stem = os.path.split(base)
+def _shard_at(base: str, entries: set[tuple[str, bool]] | None = None) -> _Shard:
+    """The files of the shard at ``base``; ``entries`` (its folder's listing) spares a
+    request per file on an object store."""
+    stem = fs.basename(base) if fs.is_remote(base) else os.path.basename(base)
     sh = _Shard(stem)
-    if os.path.isfile(base + ".parquet"):
+
+    def there(suffix: str, folder: bool = False) -> bool:
+        if entries is not None:
+            return (stem + suffix, folder) in entries
+        return fs.isdir(base) if folder else fs.isfile(base + suffix)
+
+    if there(".parquet"):
         sh.metadata = base + ".parquet"
-    if os.path.isfile(base + ".tar"):
+    if there(".tar"):
         sh.tar = base + ".tar"
-    if os.path.isdir(base):
+    if there("", folder=True):
         sh.folder = base
-    if os.path.isfile(base + "_stats.json"):
+    if there("_stats.json"):
         sh.stats = base + "_stats.json"
     return sh
 
 
 def _shards(path: str) -> list[_Shard]:
-    if os.path.isdir(path):
-        stems = _stems(path)
+    if fs.isdir(path):
+        entries = fs.listdir(path)
+        stems = _stems(entries)
         if not stems:
-            raise UserError(f"{path}: no img2dataset shards here (looked for 00000.parquet, 00000.tar, 00000/)")
-        return [_shard_at(os.path.join(path, s)) for s in stems]
-    files = expand_braces(path) if has_braces(path) and not os.path.exists(path) else [path]
+            raise UserError(f"{fs.public(path)}: no img2dataset shards here (looked for 00000.parquet, 00000.tar, "
+                            "00000/)")
+        return [_shard_at(fs.join(path, s), set(entries)) for s in stems]
     bases: list[str] = []
-    for f in files:
-        if not f.lower().endswith((".parquet", ".tar")):
-            raise UserError(f"{f}: give img2dataset's output folder, or its shards' .parquet or .tar files")
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: no such file")
+    for f in pattern_files(path):
+        name = fs.basename(f) if fs.is_remote(f) else f
+        if not name.lower().endswith((".parquet", ".tar")):
+            raise UserError(f"{fs.public(f)}: give img2dataset's output folder, or its shards' .parquet or .tar files")
         base = f.rsplit(".", 1)[0]
         if base not in bases:
             bases.append(base)
@@ -231,11 +277,11 @@ def _shards(path: str) -> list[_Shard]:
 def _folder_index(folder: str) -> dict[str, dict[str, str]]:
     """key -> {extension: path} of a ``files`` shard folder, in name order."""
     out: dict[str, dict[str, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(".") or "." not in name:
+    for name, is_dir in fs.listdir(folder):
+        if is_dir or name.startswith(".") or "." not in name:
             continue
         key, ext = name.split(".", 1)
-        out.setdefault(key, {})[ext.lower()] = os.path.join(folder, name)
+        out.setdefault(key, {})[ext.lower()] = fs.join(folder, name)
     return out
 
 
@@ -255,8 +301,8 @@ def _read_stats(shards: list[_Shard]) -> dict[str, Any] | None:
     statuses: Counter[str] = Counter()
     for p in paths:
         try:
-            with open(p, encoding="utf-8") as f:
-                obj = json.load(f)
+            with fs.open_input(p) as f:
+                obj = json.loads(f.read().decode("utf-8"))
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
             for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
@@ -264,7 +310,7 @@ def _read_stats(shards: list[_Shard]) -> dict[str, Any] | None:
             for k, v in (obj.get("status_dict") or {}).items():
                 statuses[str(k)] += int(v)
         except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise UserError(f"{p}: not an img2dataset stats file ({e})") from None
+            raise UserError(fs.scrub_text(f"{fs.public(p)}: not an img2dataset stats file ({e})")) from None
     return {"files": len(paths), **{k: totals[k] for k in ("count", "successes", "failed_to_download",
                                                            "failed_to_resize")},
             "statuses": dict(statuses.most_common(20))}
@@ -285,26 +331,32 @@ class Img2DatasetSource:
                 if f.name not in columns or pa.types.is_null(columns[f.name].type):
                     columns[f.name] = f
         self.columns = columns
-        check_keep_cols(options.keep_cols, list(columns), f"{path} (img2dataset metadata)")
+        check_keep_cols(options.keep_cols, list(columns), f"{fs.public(path)} (img2dataset metadata)")
         self.source_fields = [f.with_name(PREFIX + f.name) for f in columns.values() if f.name not in OWN_COLUMNS]
         self.extra_fields = self.source_fields + [columns[c] for c in options.keep_cols]
         self.stats = _read_stats(self.shards)
         #: every file read (what names this input in a manifest)
         self.files = [p for sh in self.shards for p in (sh.metadata, sh.tar, sh.stats) if p] + [
-            os.path.join(sh.folder, n) for sh in self.shards if sh.folder for n in sorted(os.listdir(sh.folder))]
+            fs.join(sh.folder, n) for sh in self.shards if sh.folder for n, d in fs.listdir(sh.folder) if not d]
 
     def _read_layout(self, sh: _Shard) -> None:
         """The shard's metadata columns and where its images are; a clear error when it has
         no images (only img2dataset's metadata) or none of its metadata."""
         if sh.metadata:
             try:
-                md = pq.read_metadata(sh.metadata)
+                if fs.is_remote(sh.metadata):
+                    with fs.open_input(sh.metadata, read_ahead=0) as f:
+                        md = pq.read_metadata(f)
+                else:
+                    md = pq.read_metadata(sh.metadata)
             except Exception as e:
-                raise UserError(f"{sh.metadata}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+                raise UserError(fs.scrub_text(f"{fs.public(sh.metadata)}: not a readable parquet file "
+                                              f"({str(e).splitlines()[0]})")) from None
             schema = md.schema.to_arrow_schema()
             missing = SIGNATURE - set(schema.names)
             if missing:
-                raise UserError(f"{sh.metadata}: not img2dataset metadata (no {', '.join(sorted(missing))} column)")
+                raise UserError(f"{fs.public(sh.metadata)}: not img2dataset metadata "
+                                f"(no {', '.join(sorted(missing))} column)")
             for name in IMAGE_COLUMNS:
                 i = schema.get_field_index(name)
                 if i >= 0 and (pa.types.is_binary(schema.field(i).type) or pa.types.is_large_binary(schema.field(i).type)):
@@ -316,14 +368,15 @@ class Img2DatasetSource:
                     raise UserError(problem)
             sh.fields = [f for f in schema if f.name != sh.column]
             if not (sh.column or sh.tar or sh.folder):
-                raise UserError(f"{sh.metadata}: img2dataset metadata without its images (no {sh.stem}.tar, no "
+                raise UserError(f"{fs.public(sh.metadata)}: img2dataset metadata without its images (no {sh.stem}.tar, no "
                                 f"{sh.stem}/ folder, no image column); to download its URLs again, give the folder or its "
                                 ".parquet files with --source-kind table")
             return
         first = _first_tar_json(sh.tar) if sh.tar else (_first_folder_json(sh.folder) if sh.folder else None)
         if first is None:
             where = sh.tar or sh.folder or sh.stem
-            raise UserError(f"{where}: neither img2dataset's {sh.stem}.parquet nor .json metadata beside its images")
+            raise UserError(f"{fs.public(where)}: neither img2dataset's {sh.stem}.parquet nor .json metadata "
+                            "beside its images")
         sh.fields = [pa.field(k, _KNOWN_TYPES[k]) if k in _KNOWN_TYPES else json_field(k, [v])
                      for k, v in first.items()]
 
@@ -331,7 +384,7 @@ class Img2DatasetSource:
         """Lineage for the manifest: the layout and img2dataset's own stats."""
         return {
             "kind": "img2dataset",
-            "path": os.path.abspath(self.path),
+            **describe_location(self.path, self.files),
             "format": "+".join(sorted({sh.format for sh in self.shards})),
             "shards": len(self.shards),
             "stats": self.stats,
@@ -349,14 +402,11 @@ class Img2DatasetSource:
     def _shard_items(self, sh: _Shard) -> Iterator[Item]:
         stored: dict[str, Any] = {}
         tar_file = None
-        try:
+        with contextlib.ExitStack() as stack:
             if sh.tar:
-                try:
-                    for s in iter_tar_samples(sh.tar):
-                        stored.setdefault(s.key, s)
-                except Exception as e:  # tarfile raises several types for damaged archives
-                    raise UserError(f"{sh.tar}: not a readable tar file ({type(e).__name__}: {e})") from None
-                tar_file = open(sh.tar, "rb")
+                samples, tar_file = stack.enter_context(open_tar_index(sh.tar))
+                for s in samples:
+                    stored.setdefault(s.key, s)
             elif sh.folder and not sh.column:
                 stored = _folder_index(sh.folder)
             seen: set[str] = set()
@@ -377,18 +427,20 @@ class Img2DatasetSource:
                 row.setdefault("key", key)
                 row.setdefault("status", "success")
                 yield self._item(sh, row, -1, stored, typed=False)
-        finally:
-            if tar_file is not None:
-                tar_file.close()
 
     def _metadata_rows(self, sh: _Shard) -> Iterator[dict[str, Any]]:
+        src = fs.readable(sh.metadata)
         try:
-            pf = pq.ParquetFile(sh.metadata)
+            pf = pq.ParquetFile(src)
             cols = [f.name for f in sh.fields]
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
                 yield from batch.to_pylist()
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{sh.metadata}: cannot read this table: {str(e).splitlines()[0]}") from None
+            raise UserError(fs.scrub_text(f"{fs.public(sh.metadata)}: cannot read this table: "
+                                          f"{str(e).splitlines()[0]}")) from None
+        finally:
+            if not isinstance(src, str):
+                src.close()
 
     def _item(self, sh: _Shard, row: dict[str, Any], row_idx: int, stored: dict[str, Any], typed: bool) -> Item:
         key = None if row.get("key") is None else str(row["key"])
@@ -414,7 +466,7 @@ class Img2DatasetSource:
             return item
         if sh.column:
             if row_idx < 0:
-                item.status, item.error = "failed_read", f"{sh.metadata} has no row for key {key!r}"
+                item.status, item.error = "failed_read", f"{fs.basename(sh.metadata)} has no row for key {key!r}"
             else:
                 item.path, item.offset, item.column = sh.metadata, row_idx, sh.column
             return item
@@ -424,7 +476,7 @@ class Img2DatasetSource:
         if ext is None:
             where = sh.tar or sh.folder
             item.status = "failed_read"
-            item.error = f"img2dataset recorded success, but {os.path.basename(where)} has no image for key {key!r}"
+            item.error = f"img2dataset recorded success, but {fs.basename(where)} has no image for key {key!r}"
             return item
         if sh.tar:
             item.source = f"{sh.stem}.tar#{key}"

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from silverlabel import fs
 from silverlabel.errors import UserError
 from silverlabel.sources import (
     KIND_URL,
@@ -41,53 +42,83 @@ from silverlabel.sources import (
     SourceOptions,
     check_keep_cols,
     derive_uid,
-    expand_braces,
-    has_braces,
+    describe_location,
     normalize_uid,
+    pattern_files,
     register_source,
 )
 
 BATCH_ROWS = 65_536
 
 
-def _is_stats_beside_shard(folder: str, name: str) -> bool:
-    """img2dataset's ``00000_stats.json`` beside its ``00000.parquet``: its counts, not a table."""
+def _is_stats_beside_shard(names: set[str], name: str) -> bool:
+    """img2dataset's ``00000_stats.json`` beside its ``00000.parquet`` (``names``: the
+    folder's entries): its counts, not a table."""
     m = re.match(r"^(\d+)_stats\.json$", name)
-    return m is not None and os.path.isfile(os.path.join(folder, m.group(1) + ".parquet"))
+    return m is not None and m.group(1) + ".parquet" in names
+
+
+def _name(path: str) -> str:
+    """The lower-cased name that says a file's format (a URL's query left out)."""
+    return fs.basename(path).lower() if fs.is_remote(path) else path.lower()
 
 
 def _table_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, n)
-            for n in os.listdir(path)
+    if fs.isdir(path):
+        names = {n for n, d in fs.listdir(path) if not d}
+        files = [
+            fs.join(path, n)
+            for n in sorted(names)
             if not n.startswith(".") and (n[:-3] if n.endswith(".gz") else n).lower().endswith(TABLE_SUFFIXES)
-            and not _is_stats_beside_shard(path, n)
-        )
+            and not _is_stats_beside_shard(names, n)
+        ]
         if not files:
-            raise UserError(f"{path}: folder holds no parquet/csv/tsv/jsonl files")
+            raise UserError(f"{fs.public(path)}: folder holds no parquet/csv/tsv/jsonl files")
         return files
-    files = expand_braces(path) if has_braces(path) and not os.path.exists(path) else [path]
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: no such file")
-    return files
+    return pattern_files(path)
 
 
 def _format_of(path: str) -> str:
-    name = path.lower()
+    name = _name(path)
     name = name[:-3] if name.endswith(".gz") else name
     for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
         if name.endswith(ext):
             return fmt
-    raise UserError(f"{path}: unknown table format (use .parquet, .csv, .tsv, .jsonl, optionally .gz)")
+    raise UserError(f"{fs.public(path)}: unknown table format (use .parquet, .csv, .tsv, .jsonl, optionally .gz)")
 
 
 def _open_text(path: str) -> io.TextIOBase:
-    """UTF-8 text (a leading byte-order mark, as Excel writes, is dropped)."""
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+    """UTF-8 text (a leading byte-order mark, as Excel writes, is dropped); a remote file
+    streamed (:func:`silverlabel.fs.open_input`)."""
+    if not fs.is_remote(path):
+        if path.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+        return open(path, encoding="utf-8-sig", newline="")
+    raw = fs.open_input(path)
+    if _name(path).endswith(".gz"):
+        return io.TextIOWrapper(_ClosingGzip(raw), encoding="utf-8-sig", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+class _ClosingGzip(gzip.GzipFile):
+    """A gzip stream over a file object that closes that file too."""
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def _input_stream(path: str) -> pa.NativeFile:
+    """A byte stream of a CSV/TSV file for pyarrow, gunzipped when its name ends in ``.gz``."""
+    if not fs.is_remote(path):
+        return pa.input_stream(path, compression="detect")
+    return pa.input_stream(fs.open_input(path), compression="gzip" if _name(path).endswith(".gz") else None)
 
 
 #: What reading a damaged table raises: bad gzip streams, bad UTF-8, bad CSV.
@@ -95,6 +126,7 @@ _READ_ERRORS = (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, csv.Erro
 
 
 def _read_error(path: str, e: BaseException) -> UserError:
+    path = fs.public(path)
     if isinstance(e, UnicodeDecodeError):
         why = f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); save it as UTF-8"
     else:
@@ -120,10 +152,11 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
     """The file's schema and an iterator over batches of rows (dicts)."""
     fmt = _format_of(path)
     if fmt == "parquet":
+        src = fs.readable(path)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(src)
         except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+            raise UserError(fs.scrub_text(f"{fs.public(path)}: not a readable parquet file ({e})")) from None
         schema = pf.schema_arrow
 
         def gen():
@@ -133,6 +166,9 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
                     yield batch.to_pylist()
             except _READ_ERRORS as e:
                 raise _read_error(path, e) from None
+            finally:
+                if not isinstance(src, str):
+                    src.close()
 
         return schema, gen()
     if fmt in ("csv", "tsv"):
@@ -143,11 +179,11 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
         except _READ_ERRORS as e:
             raise _read_error(path, e) from None
         if not header:
-            raise UserError(f"{path}: empty {fmt} file (no header row)")
+            raise UserError(f"{fs.public(path)}: empty {fmt} file (no header row)")
         schema = pa.schema([(h, pa.string()) for h in header])  # everything as text: uids, ids stay exact
         try:
             reader = pacsv.open_csv(
-                pa.input_stream(path, compression="detect"),
+                _input_stream(path),
                 read_options=pacsv.ReadOptions(block_size=1 << 22),
                 parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
@@ -174,8 +210,8 @@ def _batches(path: str, columns: list[str] | None = None) -> tuple[pa.Schema, It
                 if any(isinstance(v, str) and "\n" in v and v.endswith("\n") for v in tail.values()):
                     line = _unclosed_quote_line(path, delim)
                     if line is not None:
-                        raise UserError(f"{path}:{line}: a quote opened here is never closed, so the rest of "
-                                        "the file would be read as one value; fix the quoting")
+                        raise UserError(f"{fs.public(path)}:{line}: a quote opened here is never closed, so the rest "
+                                        "of the file would be read as one value; fix the quoting")
                 yield last
 
         return schema, gen()
@@ -212,9 +248,9 @@ def _json_objects(path: str) -> Iterator[dict[str, Any]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{fs.public(path)}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+                    raise UserError(f"{fs.public(path)}:{lineno}: expected a JSON object per line")
                 yield obj
     except _READ_ERRORS as e:
         raise _read_error(f"{path}:{lineno + 1}", e) from None
@@ -260,29 +296,44 @@ class TableSource:
         o = options
         if o.url_col not in names:
             raise UserError(
-                f"{self.files[0]}: no column {o.url_col!r} (columns: {', '.join(schema.names) or 'none'}); "
+                f"{fs.public(self.files[0])}: no column {o.url_col!r} (columns: {', '.join(schema.names) or 'none'}); "
                 "name the URL column with --url-col"
             )
         if o.caption_col is not None:
             if o.caption_col not in names:
-                raise UserError(f"{self.files[0]}: no caption column {o.caption_col!r} (--caption-col)")
+                raise UserError(f"{fs.public(self.files[0])}: no caption column {o.caption_col!r} (--caption-col)")
             self.caption_col = o.caption_col
         else:
             self.caption_col = "caption" if "caption" in names else ("text" if "text" in names else None)
         self.uid_col = o.uid_col if o.uid_col in names else None
         self.id_col = o.id_col if o.id_col in names else None
-        check_keep_cols(o.keep_cols, schema.names, self.files[0])
+        check_keep_cols(o.keep_cols, schema.names, fs.public(self.files[0]))
         self.extra_fields = [schema.field(c) for c in o.keep_cols]
         self._columns = [c for c in (o.url_col, self.caption_col, self.uid_col, self.id_col, *o.keep_cols) if c]
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "table",
-            "path": os.path.abspath(self.path),
+            **describe_location(self.path, self.files),
             "files": len(self.files),
             "columns": {"url": self.options.url_col, "caption": self.caption_col, "uid": self.uid_col, "id": self.id_col},
             "keep_cols": list(self.options.keep_cols),
         }
+
+    def known_length(self) -> int | None:
+        """The number of rows, when the footers of parquet files say it; None for
+        CSV/TSV/JSONL (known only once read)."""
+        if not all(_name(f).endswith(".parquet") for f in self.files):
+            return None
+        total = 0
+        for f in self.files:
+            src = fs.readable(f)
+            try:
+                total += pq.read_metadata(src).num_rows
+            finally:
+                if not isinstance(src, str):
+                    src.close()
+        return total
 
     def items(self) -> Iterator[Item]:
         index = 0
@@ -290,7 +341,7 @@ class TableSource:
         for path in self.files:
             schema, batches = _batches(path, self._columns)
             if o.url_col not in schema.names:
-                raise UserError(f"{path}: no column {o.url_col!r} (columns: {', '.join(schema.names)})")
+                raise UserError(f"{fs.public(path)}: no column {o.url_col!r} (columns: {', '.join(schema.names)})")
             for rows in batches:
                 for row in rows:
                     url, err = _check_url(row.get(o.url_col))
@@ -332,13 +383,22 @@ def embedded_group_problem(path: str, column: str, metadata: pq.FileMetaData) ->
     first = metadata.row_group(0)
     leaves = [i for i in range(first.num_columns) if first.column(i).path_in_schema == column]
     if not leaves:
-        return f"{path}: no column {column!r}"
+        return f"{fs.public(path)}: no column {column!r}"
     for rg in range(metadata.num_row_groups):
         size = metadata.row_group(rg).column(leaves[0]).total_uncompressed_size
         if size > EMBEDDED_GROUP_MAX:
-            return (f"{path}: row group {rg} holds {size >> 20} MiB of {column!r} image bytes (at most "
+            return (f"{fs.public(path)}: row group {rg} holds {size >> 20} MiB of {column!r} image bytes (at most "
                     f"{EMBEDDED_GROUP_MAX >> 20} MiB); rewrite it with smaller row groups (row_group_size)")
     return None
+
+
+def _with_file(path: str, fn):
+    """``fn(source)`` over a local path, or over a remote file whose every read is one ranged
+    request (pyarrow reads a footer, then a row group's column chunk: a few requests)."""
+    if not fs.is_remote(path):
+        return fn(path)
+    with fs.open_input(path, read_ahead=0) as f:
+        return fn(f)
 
 
 def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) -> bytes:
@@ -347,15 +407,20 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
     Its row group is decoded once and kept in a small per-process cache, so the rows of a
     group, read in order by a shard's threads, cost one decode. Raises OSError for a null
     cell, a row past the end, a value over ``max_bytes`` (checked before it is copied) and
-    a file that cannot be read.
+    a file that cannot be read. A remote file is read where it lies: its footer once, then
+    only the image column of the row group a cell is in (ranged reads).
     """
     try:
-        st = os.stat(path)
-        with _cells_lock:
+        if fs.is_remote(path):
+            i = fs.info(path, fresh=False)
+            fkey = (path, i["version"], i["size"])
+        else:
+            st = os.stat(path)
             fkey = (path, st.st_mtime_ns, st.st_size)
+        with _cells_lock:
             footer = _footers.get(fkey)
             if footer is None:
-                md = pq.read_metadata(path)
+                md = _with_file(path, pq.read_metadata)
                 starts = [0]
                 for rg in range(md.num_row_groups):
                     starts.append(starts[-1] + md.row_group(rg).num_rows)
@@ -364,7 +429,7 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
                     _footers.popitem(last=False)
             starts, md = footer
             if not 0 <= row < starts[-1]:
-                raise OSError(f"row {row} is past the end of {path} ({starts[-1]} rows)")
+                raise OSError(f"row {row} is past the end of {fs.public(path)} ({starts[-1]} rows)")
             rg = bisect.bisect_right(starts, row) - 1
             ckey = (*fkey, rg, column)
             cells = _cells.get(ckey)
@@ -372,14 +437,16 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
                 problem = embedded_group_problem(path, column, md)
                 if problem:
                     raise OSError(problem)
-                cells = _cells[ckey] = pq.ParquetFile(path).read_row_group(rg, columns=[column]).column(0)
+                cells = _cells[ckey] = _with_file(
+                    path, lambda f: pq.ParquetFile(f, metadata=md).read_row_group(rg, columns=[column]).column(0))
                 total = sum(c.nbytes for c in _cells.values())
                 while len(_cells) > 1 and total > _CELL_CACHE_BYTES:
                     total -= _cells.popitem(last=False)[1].nbytes
             else:
                 _cells.move_to_end(ckey)
     except (pa.ArrowException, KeyError, IndexError) as e:
-        raise OSError(f"{path}: cannot read column {column!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise OSError(f"{fs.public(path)}: cannot read column {column!r}: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     value = cells[row - starts[rg]]
     if not value.is_valid:
         raise OSError(f"no image bytes: column {column!r} of row {row} is null")

@@ -7,31 +7,36 @@ into the samples table, typed by their first value. Member names are untrusted: 
 only ever identifiers, no path is written from them.
 
 A path may be a tar, a folder of tars, or a brace pattern ``shards-{0000..0099}.tar``,
-``{train,val}-{00000,00002}.tar`` (:func:`expand_braces`). img2dataset's own output is read
-by :mod:`silverlabel.sources.img2dataset`, which keeps its metadata too.
+``{train,val}-{00000,00002}.tar`` (:func:`expand_braces`), local or remote
+(``s3://b/shards/{00000..00009}.tar``, ``https://host/shard-0000.tar``, ``pipe:CMD``). A
+remote tar is indexed in one forward pass by the driver (:func:`open_tar_index`: headers
+and the small side members it needs, the stream read ahead in large blocks), and each
+worker then reads its samples' image members with ranged reads of its own. img2dataset's
+own output is read by :mod:`silverlabel.sources.img2dataset`, which keeps its metadata too.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
-import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from silverlabel import fs
 from silverlabel.errors import UserError
-from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
+from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member, split_member_name
 from silverlabel.sources import (
     KIND_TAR,
     Item,
     SourceOptions,
     check_keep_cols,
     derive_uid,
+    describe_location,
     expand_braces,
-    has_braces,
     normalize_uid,
+    pattern_files,
     register_source,
 )
 
@@ -39,21 +44,106 @@ _SIDE_MAX = 1 << 20  # side members (.json/.txt/.cls) above 1 MiB are ignored
 #: samples of the first tar looked at for the keys and types of ``--keep-cols``
 _PEEK_SAMPLES = 100
 
-__all__ = ["TarSource", "expand_braces", "json_field", "json_value", "tar_files"]
+__all__ = ["TarSource", "expand_braces", "json_field", "json_value", "open_tar_index", "tar_files"]
+#: side members a remote tar's index pass keeps, so they are not fetched a second time
+_SIDE_EXTS = frozenset({"json", "txt", "cls"})
 
 
 def tar_files(path: str) -> list[str]:
-    """The tars a path names: a tar, a folder's ``*.tar`` (sorted) or a brace pattern."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+    """The tars a path names: a tar, a folder's (or a prefix's) ``*.tar`` (sorted), a brace
+    pattern, or a remote glob."""
+    if fs.isdir(path):
+        files = [fs.join(path, n) for n, d in fs.listdir(path) if not d and n.endswith(".tar")
+                 and not n.startswith(".")]
         if not files:
-            raise UserError(f"{path}: folder holds no .tar files")
+            raise UserError(f"{fs.public(path)}: folder holds no .tar files")
         return files
-    files = expand_braces(path) if has_braces(path) and not os.path.exists(path) else [path]
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: no such tar file")
-    return files
+    return pattern_files(path, "tar file")
+
+
+class _IndexingReader:
+    """A remote tar for one forward indexing pass: while :func:`iter_tar_samples` reads a
+    header and seeks past the member's data, the data of a small side member (``.json``,
+    ``.txt``, ``.cls``) is kept (it is in the read-ahead block already), so reading it
+    afterwards costs no request. Image members are skipped, never kept."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._pos = 0
+        self._side: tuple[int, int] | None = None
+        self.indexing = True
+        self.kept: dict[int, bytes] = {}
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence == 2:
+            pos = self._f.seek(0, 2) + pos
+        if self._side is not None:
+            start, size = self._side
+            self._side = None
+            if pos >= start + size:
+                self._f.seek(start)
+                data = self._f.read(size)
+                if len(data) == size:
+                    self.kept[start] = data
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._f.close()
+
+    def read(self, n: int = -1) -> bytes:
+        kept = self.kept.get(self._pos)
+        if kept is not None and n == len(kept):
+            self._pos += n
+            return kept
+        self._f.seek(self._pos)
+        data = self._f.read(n)
+        if self.indexing and n == 512 and len(data) == 512 and data[156:157] in (b"0", b"\0"):
+            parts = split_member_name(data[:100].split(b"\0", 1)[0].decode("utf-8", "replace"))
+            try:
+                size = int(data[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                size = -1
+            if parts is not None and parts[1] in _SIDE_EXTS and 0 <= size <= _SIDE_MAX:
+                self._side = (self._pos + 512, size)
+        self._pos += len(data)
+        return data
+
+
+@contextlib.contextmanager
+def open_tar_index(path: str) -> Iterator[tuple[list[TarSample], BinaryIO]]:
+    """``(samples, file)`` of a tar: its samples with member offsets
+    (:func:`iter_tar_samples`) and an open file to read members from. A remote tar is read
+    once, forward, in large blocks, and its side members come from that pass
+    (:class:`_IndexingReader`); a ``pipe:`` from its local copy. A damaged tar is a
+    UserError naming it."""
+    if fs.is_pipe(path):
+        path = fs.pipe_copy(path)
+    try:
+        if not fs.is_remote(path):
+            samples = list(iter_tar_samples(path))
+            f: Any = open(path, "rb")
+        else:
+            raw = fs.open_input(path)
+            f = _IndexingReader(raw)
+            try:
+                samples = list(iter_tar_samples(f))
+            except BaseException:
+                raw.close()
+                raise
+            f.indexing = False
+    except Exception as e:  # tarfile raises several types for damaged archives
+        why = f"{type(e).__name__}: {e}"
+        raise UserError(fs.scrub_text(f"{fs.public(path)}: not a readable tar file ({why})")) from None
+    try:
+        yield samples, f
+    finally:
+        f.close()
 
 
 def read_json_member(f, s: TarSample) -> dict[str, Any] | None:
@@ -124,16 +214,14 @@ class TarSource:
         first samples; a clear error for a key they do not have."""
         first = self.files[0]
         metas: list[dict[str, Any]] = []
-        try:
-            with open(first, "rb") as f:
-                for s in iter_tar_samples(first):
-                    meta = read_json_member(f, s)
-                    if meta is not None:
-                        metas.append(meta)
-                    if len(metas) >= _PEEK_SAMPLES:
-                        break
-        except Exception as e:  # tarfile raises several types for damaged archives
-            raise UserError(f"{first}: not a readable tar file ({type(e).__name__}: {e})") from None
+        with open_tar_index(first) as (samples, f):
+            for s in samples:
+                meta = read_json_member(f, s)
+                if meta is not None:
+                    metas.append(meta)
+                if len(metas) >= _PEEK_SAMPLES:
+                    break
+        first = fs.public(first)
         if not metas:
             raise UserError(f"{first}: --keep-cols reads keys of the samples' .json members, and its first "
                             f"{_PEEK_SAMPLES} samples have none")
@@ -142,20 +230,17 @@ class TarSource:
         return [json_field(c, [m.get(c) for m in metas]) for c in self.keep_cols]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "tar", "path": os.path.abspath(self.path), "files": len(self.files),
+        return {"kind": "tar", **describe_location(self.path, self.files), "files": len(self.files),
                 "keep_cols": list(self.keep_cols)}
 
     def items(self) -> Iterator[Item]:
         index = 0
         for tar_path in self.files:
-            name = os.path.basename(tar_path)
-            try:
-                samples = list(iter_tar_samples(tar_path))
-            except Exception as e:  # tarfile raises several types for damaged archives
-                raise UserError(f"{tar_path}: not a readable tar file ({type(e).__name__}: {e})") from None
-            with open(tar_path, "rb") as f:
+            name = fs.basename(tar_path)
+            where = fs.pipe_copy(tar_path) if fs.is_pipe(tar_path) else tar_path
+            with open_tar_index(where) as (samples, f):
                 for s in samples:
-                    yield self._item(index, name, tar_path, f, s)
+                    yield self._item(index, name, where, f, s)
                     index += 1
 
     def _item(self, index: int, name: str, tar_path: str, f, s) -> Item:
