@@ -361,3 +361,19 @@ def test_public_urls_and_missing_filesystems():
             open_source("gs://bucket/meta.parquet", SourceOptions())
     with pytest.raises(UserError, match="nosuchfs:// is not a filesystem fsspec knows"):
         open_source("nosuchfs://bucket/meta.parquet", SourceOptions())
+
+
+def test_an_endpoint_from_fsspec_environment_configuration(s3, inputs):
+    """The other documented way to reach an S3-compatible store: fsspec's own environment
+    configuration, ``FSSPEC_S3_ENDPOINT_URL`` (read when fsspec is imported: a fresh process)."""
+    import subprocess
+    import sys
+
+    _upload(s3, inputs / "urls.parquet", "env/urls.parquet")
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    env["FSSPEC_S3_ENDPOINT_URL"] = s3.endpoint
+    code = ("from silverlabel.sources import SourceOptions, open_source; "
+            f"print(open_source('s3://{BUCKET}/env/urls.parquet', SourceOptions()).known_length())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(IMAGES + 2)

@@ -242,3 +242,49 @@ def test_shard_writer_is_reproducible(tmp_path):
     assert [s.key for s in iter_tar_samples(str(tmp_path / "one.tar"))] == ["000000001"]
     with pytest.raises(ValueError):
         ShardWriter(io.BytesIO()).write("bad.key", {"jpg": b""})
+
+
+class _CountingFile(io.BytesIO):
+    """A seekable file that counts the reads that reach it (a remote file's requests)."""
+
+    reads = 0
+
+    def read(self, n=-1):
+        self.reads += 1
+        return super().read(n)
+
+
+def test_remote_tar_index_keeps_side_members_and_skips_images(tmp_path):
+    from silverlabel.formats.wds import read_member
+    from silverlabel.sources.tars import _IndexingReader, read_json_member
+
+    big = os.urandom(300_000)  # an image member: skipped by the index pass, never kept
+    _wds(tmp_path / "a.tar", [(f"k{i}", {"jpg": big, "txt": f"cap {i}".encode(),
+                                         "json": json.dumps({"n": i}).encode()}) for i in range(4)])
+    raw = _CountingFile((tmp_path / "a.tar").read_bytes())
+    reader = _IndexingReader(raw)
+    samples = list(iter_tar_samples(reader))
+    reader.indexing = False
+    assert [s.key for s in samples] == ["k0", "k1", "k2", "k3"]
+    assert sum(len(v) for v in reader.kept.values()) < 200  # the .txt and .json members only
+    before = raw.reads
+    assert [read_json_member(reader, s) for s in samples] == [{"n": i} for i in range(4)]
+    assert [read_member(reader, *s.members["txt"]) for s in samples] == [f"cap {i}".encode() for i in range(4)]
+    assert raw.reads == before  # served from the index pass: no second read
+    assert read_member(reader, *samples[2].members["jpg"]) == big and raw.reads == before + 1
+
+
+def test_remote_paths_are_told_apart_and_named_in_public(tmp_path):
+    from silverlabel import fs
+    from silverlabel.sources import describe_location, pattern_files
+
+    from silverlabel.sources import _is_table, _is_tar_name
+
+    # the name rules see a URL's path, not its query (no request is needed to tell them)
+    assert _is_tar_name("https://h.example/shards/s-0001.tar?X-Amz-Signature=abc")
+    assert _is_table("s3://bucket/meta/part-{00000..00003}.parquet")
+    assert fs.basename("pipe:curl -s https://h/a/shard-0003.tar") == "shard-0003.tar"
+    # a pipe: pattern is expanded as webdataset does it, and its command is not run to list it
+    assert pattern_files("pipe:cat /x/s-{0..2}.tar") == [f"pipe:cat /x/s-{i}.tar" for i in range(3)]
+    assert describe_location(str(tmp_path), []) == {"path": str(tmp_path)}
+    assert fs.public("pipe:curl -s 'https://u:p@h/x.tar?sig=S&a=1'") == "pipe:curl -s 'https://h/x.tar?a=1'"

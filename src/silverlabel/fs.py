@@ -310,8 +310,9 @@ def info(path: str, fresh: bool = True) -> dict[str, Any]:
     else:
         fs, p = filesystem(path)
         d = _remote_call(path, fs.info, p)
-        version = next((str(d[k]) for k in ("ETag", "etag", "md5", "Content-MD5", "Digest", "crc32c", "LastModified",
-                                             "Last-Modified", "last_modified", "mtime", "updated") if d.get(k)), "")
+        version = next((str(d[k]) for k in ("ETag", "etag", "md5", "Content-MD5", "Digest", "crc32c", "blob_id",
+                                             "LastModified", "Last-Modified", "last_modified", "mtime", "updated")
+                        if d.get(k)), "")
         out = {"size": int(d.get("size") or 0), "version": version.strip('"')}
     _info_cache[path] = (now, out)
     if len(_info_cache) > 4096:

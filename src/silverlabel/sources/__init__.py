@@ -208,7 +208,7 @@ def _entries(path: str) -> list[tuple[str, bool]]:
 
 
 def _is_tar_name(path: str) -> bool:
-    name = _strip_gz(path.lower())
+    name = _strip_gz((fs.basename(path) if fs.is_remote(path) else path).lower())
     return name.endswith(".tar") or ("{" in name and ".tar" in name)
 
 
