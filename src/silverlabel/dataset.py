@@ -326,8 +326,11 @@ _ID_RE = re.compile(r"^[\w.+-]+@sha256:[0-9a-f]{64}$")
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    """True for ``scheme://...`` (``s3://b/x``, ``https://h/x``), False for a local path."""
-    return "://" in str(path)
+    """True for an input not on a local disk (``s3://b/x``, ``https://h/x``, ``pipe:CMD``;
+    :func:`silverlabel.fs.is_remote`), False for a local path or ``file://``."""
+    from silverlabel import fs
+
+    return fs.is_remote(path)
 
 
 def is_identity(value: Any) -> bool:
@@ -340,17 +343,15 @@ def is_identity(value: Any) -> bool:
 
 
 def public_url(url: str) -> str:
-    """``url`` as the user gave it, less any ``user:password@`` (never written anywhere).
+    """``url`` as the user gave it, less any ``user:password@`` and signing parameters
+    (:func:`silverlabel.fs.public`: a secret is never written anywhere).
 
-    >>> public_url("https://me:secret@host/a.parquet?x=1")
+    >>> public_url("https://me:secret@host/a.parquet?x=1&X-Amz-Signature=abc")
     'https://host/a.parquet?x=1'
     """
-    import urllib.parse
+    from silverlabel import fs
 
-    parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return fs.public(url)
 
 
 def _canonical(doc: Any) -> bytes:
@@ -411,6 +412,7 @@ def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | Non
     s = str(path)
     if is_url(s):
         return public_url(s)
+    s = s[len("file://"):] if s.lower().startswith("file://") else s
     p = Path(s)
     name = p.name or os.path.basename(os.path.abspath(s))
     if files is not None:

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import Pool, file_digest, public_url, write_json_atomic
+from silverlabel.dataset import Pool, file_digest, is_url, public_url, write_json_atomic
 from silverlabel.errors import UserError
 
 STATE_PREFIX = ".build-"  # .build-STEP.json: the step's key, written last
@@ -380,7 +380,7 @@ def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, 
 def _relative_to(value: Any, base: Path) -> Any:
     if isinstance(value, list):
         return [_relative_to(v, base) for v in value]
-    if not isinstance(value, str) or "://" in value or os.path.isabs(value):
+    if not isinstance(value, str) or is_url(value) or os.path.isabs(value):
         return value
     return str(base / value)
 
@@ -486,7 +486,7 @@ def path_identity(path: str | os.PathLike) -> str:
     """What a path's content is, cheaply: a manifest's or small file's sha256, a big file's size
     and mtime, a folder's file sizes and mtimes; a URL or a pattern is its own identity."""
     p = Path(path)
-    if "://" in str(path):
+    if is_url(path):
         return public_url(str(path))
     if p.is_file():
         st = p.stat()
@@ -522,8 +522,8 @@ def shown_path(path: str, recipe: Recipe) -> str:
     """How the build state names an input path: ``${out}/...`` under the output root, relative
     to the recipe's folder under it, a URL as given; else its base name. Never where the
     output root or the recipe lie, so a moved build keeps its state."""
-    if "://" in path:
-        return path
+    if is_url(path):
+        return public_url(path)
     p = os.path.abspath(path)
     return _shown(p, str(recipe.out), str(recipe.path.resolve().parent)) or os.path.basename(p) or p
 
