@@ -377,3 +377,20 @@ def test_an_endpoint_from_fsspec_environment_configuration(s3, inputs):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(IMAGES + 2)
+
+
+def test_many_shards_cost_one_listing_not_a_request_each(s3, tmp_path):
+    n = 20
+    (tmp_path / "many").mkdir()
+    for t in range(n):
+        with open(tmp_path / "many" / f"{t:05d}.tar", "wb") as f, ShardWriter(f) as w:
+            w.write(f"k{t}", {"jpg": sample_jpeg(40, 30, seed=t), "txt": b"x"})
+    prefix = _upload(s3, tmp_path / "many", "many")
+    s3.requests.clear()
+    src = open_source(prefix + "/{00000..00019}.tar", SourceOptions(kind="tar"))
+    assert src.describe()["content"].startswith("sha256:")
+    assert len(list(src.items())) == n
+    heads = [p for m, p, _ in s3.requests if m == "HEAD"]
+    gets = [p for m, p, _ in s3.requests if m == "GET" and p.endswith(".tar")]
+    assert len(heads) <= 2, heads  # the pattern's own name is asked once; each file's size came from the listing
+    assert len(gets) == n  # one read of each tar (its index pass)

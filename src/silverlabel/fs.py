@@ -189,7 +189,7 @@ def _http_exists(path: str) -> bool:
     """An http(s) URL answers a HEAD (fsspec's own check is a GET, which would start
     sending the whole file)."""
     try:
-        info(path)
+        info(path, fresh=False)
         return True
     except FileNotFoundError:
         return False
@@ -213,10 +213,10 @@ def isfile(path: str) -> bool:
         return os.path.isfile(local_path(path))
     if is_pipe(path):
         return True
-    if scheme(path) in ("http", "https"):
-        return _http_exists(path)
-    fs, p = filesystem(path)
-    return bool(_remote_call(path, fs.isfile, p))
+    try:  # a listing made moments ago already knows (see :func:`info`)
+        return info(path, fresh=False)["type"] == "file"
+    except FileNotFoundError:
+        return False
 
 
 def isdir(path: str) -> bool:
@@ -265,6 +265,7 @@ def listdir(folder: str) -> list[tuple[str, bool]]:
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
         if name and e["name"].rstrip("/") != p:
             out.add((name, e.get("type") == "directory"))
+            _remember(join(folder, name), e)
     return sorted(out)
 
 
@@ -272,8 +273,33 @@ def walk_files(folder: str) -> list[str]:
     """Every file under a remote prefix (recursively), as paths relative to it, sorted."""
     fs, p = filesystem(folder)
     p = p.rstrip("/")
-    found = _remote_call(folder, fs.find, p)
-    return sorted(f[len(p) + 1:] for f in found if f.startswith(p + "/"))
+    found = _remote_call(folder, fs.find, p, detail=True)
+    rels = []
+    for f, d in found.items():
+        if f.startswith(p + "/"):
+            rels.append(f[len(p) + 1:])
+            _remember(join(folder, rels[-1]), d)
+    return sorted(rels)
+
+
+#: a pattern naming more files than this in one folder lists the folder once, rather than
+#: asking for each file
+PREFETCH_MIN = 16
+
+
+def prefetch(paths: list[str]) -> None:
+    """Learn the sizes and versions of many remote files with one listing per folder
+    (where more than :data:`PREFETCH_MIN` of them share it) instead of a request per file;
+    :func:`isfile`, :func:`info` and :func:`content_digest` then answer from it."""
+    by_folder: dict[str, int] = {}
+    for p in paths:
+        if is_remote(p) and not is_pipe(p) and scheme(p) not in ("http", "https") and "/" in p.split("://", 1)[1]:
+            folder = p.rsplit("/", 1)[0]
+            by_folder[folder] = by_folder.get(folder, 0) + 1
+    for folder, n in by_folder.items():
+        if n > PREFETCH_MIN:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                listdir(folder)
 
 
 def has_glob(path: str) -> bool:
@@ -285,8 +311,13 @@ def has_glob(path: str) -> bool:
 def glob(pattern: str) -> list[str]:
     """The files a remote glob pattern names (``s3://b/meta/*.parquet``), sorted, as URLs."""
     fs, p = filesystem(pattern)
-    found = _remote_call(pattern, fs.glob, p)
-    return sorted(_full(fs, f, pattern) for f in found if not _remote_call(pattern, fs.isdir, f))
+    found = _remote_call(pattern, fs.glob, p, detail=True)
+    out = []
+    for f, d in found.items():
+        if d.get("type") != "directory":
+            out.append(_full(fs, f, pattern))
+            _remember(out[-1], d)
+    return sorted(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,10 +326,39 @@ def glob(pattern: str) -> list[str]:
 _info_cache: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
+#: at most this many remembered answers (a listing of a large prefix fills it)
+_INFO_CACHE_MAX = 1 << 20
+_VERSION_KEYS = ("ETag", "etag", "md5", "Content-MD5", "Digest", "crc32c", "blob_id", "LastModified", "Last-Modified",
+                 "last_modified", "mtime", "updated")
+
+
+def _remember(path: str, d: dict[str, Any]) -> dict[str, Any]:
+    """Keep what a filesystem said about ``path`` (from ``info``, or an entry of a listing)."""
+    version = next((str(d[k]) for k in _VERSION_KEYS if d.get(k)), "")
+    out = {"size": int(d.get("size") or 0), "version": version.strip('"'),
+           "type": "directory" if d.get("type") == "directory" else "file"}
+    _info_cache[path] = (time.monotonic(), out)
+    if len(_info_cache) > _INFO_CACHE_MAX:
+        _info_cache.pop(next(iter(_info_cache)))
+    return out
+
+
+def forget(path: str | None = None) -> None:
+    """Drop what listings taught about files (this module's answers, and the listing cache
+    of ``path``'s filesystem): called when a source is opened, so every run sees the store
+    as it is now, never as an earlier run in this process saw it."""
+    _info_cache.clear()
+    if path is not None and is_remote(path) and not is_pipe(path):
+        with contextlib.suppress(UserError):
+            filesystem(path)[0].invalidate_cache()
+
+
 def info(path: str, fresh: bool = True) -> dict[str, Any]:
-    """``{"size": int, "version": str}`` of a file: the version is its ETag, else its
-    checksum or modification time, whatever the filesystem reports (``""`` when none).
-    ``fresh=False`` trusts an answer up to a minute old (a worker's repeated reads)."""
+    """``{"size": int, "version": str, "type": "file"|"directory"}`` of a path: the version
+    is its ETag, else its checksum or modification time, whatever the filesystem reports
+    (``""`` when none). ``fresh=False`` trusts an answer up to a minute old, from a listing
+    (:func:`listdir`, :func:`glob`, :func:`walk_files`) or an earlier call, so a source
+    listed once costs no request per file. FileNotFoundError when nothing is there."""
     now = time.monotonic()
     if not fresh:
         hit = _info_cache.get(path)
@@ -306,29 +366,22 @@ def info(path: str, fresh: bool = True) -> dict[str, Any]:
             return hit[1]
     if not is_remote(path):
         st = os.stat(local_path(path))
-        out = {"size": st.st_size, "version": str(st.st_mtime_ns)}
-    else:
-        fs, p = filesystem(path)
-        d = _remote_call(path, fs.info, p)
-        version = next((str(d[k]) for k in ("ETag", "etag", "md5", "Content-MD5", "Digest", "crc32c", "blob_id",
-                                             "LastModified", "Last-Modified", "last_modified", "mtime", "updated")
-                        if d.get(k)), "")
-        out = {"size": int(d.get("size") or 0), "version": version.strip('"')}
-    _info_cache[path] = (now, out)
-    if len(_info_cache) > 4096:
-        _info_cache.pop(next(iter(_info_cache)))
-    return out
+        return {"size": st.st_size, "version": str(st.st_mtime_ns), "type": "directory" if os.path.isdir(
+            local_path(path)) else "file"}
+    fs, p = filesystem(path)
+    return _remember(path, _remote_call(path, fs.info, p))
 
 
 def content_digest(paths: Iterable[str]) -> str:
     """``sha256:HEX`` over remote files' public names, sizes and versions (ETags): what
-    tells a changed input from the one a run began with, without reading it."""
+    tells a changed input from the one a run began with, without reading it (the answers of
+    the listing that found the files, when there was one)."""
     h = hashlib.sha256()
     for p in paths:
         if is_pipe(p):
             h.update(f"{public(p)}\n".encode())
             continue
-        i = info(p)
+        i = info(p, fresh=False)
         h.update(f"{public(p)}\0{i['size']}\0{i['version']}\n".encode())
     return "sha256:" + h.hexdigest()
 
@@ -347,9 +400,10 @@ def open_input(path: str, read_ahead: int = READ_AHEAD) -> BinaryIO:
     if not is_remote(path):
         return open(local_path(path), "rb")
     fs, p = filesystem(path)
+    size = info(path, fresh=False)["size"] or None  # known from the listing: no request to open
     if read_ahead <= 0:
-        return _remote_call(path, fs.open, p, "rb", cache_type="none")
-    return _remote_call(path, fs.open, p, "rb", block_size=read_ahead, cache_type="readahead")
+        return _remote_call(path, fs.open, p, "rb", cache_type="none", size=size)
+    return _remote_call(path, fs.open, p, "rb", block_size=read_ahead, cache_type="readahead", size=size)
 
 
 def readable(path: str) -> str | BinaryIO:
@@ -434,6 +488,7 @@ __all__ = [
     "content_digest",
     "exists",
     "filesystem",
+    "forget",
     "glob",
     "has_glob",
     "info",
@@ -446,6 +501,7 @@ __all__ = [
     "local_path",
     "open_input",
     "pipe_copy",
+    "prefetch",
     "public",
     "read_capped",
     "read_range",

@@ -238,6 +238,7 @@ def pattern_files(path: str, what: str = "file") -> list[str]:
     must exist (FileNotFoundError naming ``what`` otherwise)."""
     expand = has_braces(path) and (fs.is_pipe(path) or not fs.exists(path))  # pipe: as webdataset expands it
     files = expand_braces(path) if expand else [path]
+    fs.prefetch(files)  # s3://b/{00000..09999}.tar: one listing, not ten thousand requests
     out: list[str] = []
     for f in files:
         if fs.has_glob(f):
@@ -291,6 +292,7 @@ def open_source(path: str, options: SourceOptions) -> Source:
     """Create the source for ``path`` (detected kind unless ``options.kind`` forces one)."""
     path = fs.local_path(path)
     if fs.is_remote(path) and not fs.is_pipe(path):
+        fs.forget(path)  # listings of an earlier run in this process are not trusted
         path = path.rstrip("/") if fs.scheme(path) not in ("http", "https") else path
     kind = options.kind or kind_of(path)
     if kind == "table" and fs.isdir(path):
