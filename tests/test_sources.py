@@ -274,6 +274,20 @@ def test_remote_tar_index_keeps_side_members_and_skips_images(tmp_path):
     assert read_member(reader, *samples[2].members["jpg"]) == big and raw.reads == before + 1
 
 
+def test_remote_tar_index_keeps_a_bounded_amount(tmp_path, monkeypatch):
+    from silverlabel.sources import tars
+    from silverlabel.sources.tars import _IndexingReader, read_json_member
+
+    monkeypatch.setattr(tars, "_KEPT_MAX", 40)
+    _wds(tmp_path / "a.tar", [(f"k{i}", {"jpg": b"J" * 600, "json": json.dumps({"n": i, "pad": "x" * 10}).encode()})
+                              for i in range(5)])
+    reader = _IndexingReader(_CountingFile((tmp_path / "a.tar").read_bytes()))
+    samples = list(iter_tar_samples(reader))
+    reader.indexing = False
+    assert 0 < reader.kept_bytes <= 40 and len(reader.kept) == 1
+    assert [read_json_member(reader, s)["n"] for s in samples] == list(range(5))  # the rest read again
+
+
 def test_remote_paths_are_told_apart_and_named_in_public(tmp_path):
     from silverlabel import fs
     from silverlabel.sources import describe_location, pattern_files

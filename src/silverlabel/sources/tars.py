@@ -47,6 +47,8 @@ _PEEK_SAMPLES = 100
 __all__ = ["TarSource", "expand_braces", "json_field", "json_value", "open_tar_index", "tar_files"]
 #: side members a remote tar's index pass keeps, so they are not fetched a second time
 _SIDE_EXTS = frozenset({"json", "txt", "cls"})
+#: at most this many bytes of them per tar (past it, a side member is read again when needed)
+_KEPT_MAX = 256 << 20
 
 
 def tar_files(path: str) -> list[str]:
@@ -65,7 +67,9 @@ class _IndexingReader:
     """A remote tar for one forward indexing pass: while :func:`iter_tar_samples` reads a
     header and seeks past the member's data, the data of a small side member (``.json``,
     ``.txt``, ``.cls``) is kept (it is in the read-ahead block already), so reading it
-    afterwards costs no request. Image members are skipped, never kept."""
+    afterwards costs no request. Image members are skipped, never kept; at most
+    :data:`_KEPT_MAX` bytes are kept (a hostile tar of huge side members costs reads, not
+    memory)."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
@@ -73,6 +77,7 @@ class _IndexingReader:
         self._side: tuple[int, int] | None = None
         self.indexing = True
         self.kept: dict[int, bytes] = {}
+        self.kept_bytes = 0
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence == 1:
@@ -82,11 +87,12 @@ class _IndexingReader:
         if self._side is not None:
             start, size = self._side
             self._side = None
-            if pos >= start + size:
+            if pos >= start + size and self.kept_bytes + size <= _KEPT_MAX:
                 self._f.seek(start)
                 data = self._f.read(size)
                 if len(data) == size:
                     self.kept[start] = data
+                    self.kept_bytes += size
         self._pos = pos
         return pos
 
