@@ -265,7 +265,12 @@ def test_outputs_of_the_wrong_kind(trainset, tmp_path, capsys):
 # resume from another working directory (item 14), two runs on one output (item 15)
 
 
-def test_resume_from_another_folder_with_a_relative_source_is_refused(tmp_path, monkeypatch, capsys):
+def test_resume_from_another_folder_with_other_images_is_refused(tmp_path, monkeypatch, capsys):
+    """Sources are compared by name (base name and content digest), not by path: a relative
+    SOURCE from another folder with other images is refused, the same images anywhere resume."""
+    import shutil
+
+    from silverlabel.dataset import input_name
     from silverlabel.demodata import photo_like_images
 
     for where, seed in (("a", 1), ("b", 2)):
@@ -279,9 +284,11 @@ def test_resume_from_another_folder_with_a_relative_source_is_refused(tmp_path, 
     capsys.readouterr()
     monkeypatch.chdir(tmp_path / "b")
     assert main(argv) == 2
-    _one_line_error(capsys, str(tmp_path / "a" / "imgs"), str(tmp_path / "b" / "imgs"))
-    monkeypatch.chdir(tmp_path / "a")
-    assert main(argv) == 0  # from where it started: a resume (nothing left to do)
+    _one_line_error(capsys, input_name(tmp_path / "a" / "imgs"), input_name(tmp_path / "b" / "imgs"),
+                    str(tmp_path / "b" / "imgs"))
+    shutil.copytree(tmp_path / "a" / "imgs", tmp_path / "c" / "imgs")  # the same images, elsewhere
+    monkeypatch.chdir(tmp_path / "c")
+    assert main(argv) == 0  # a resume (nothing left to do)
     assert "2 already complete" in capsys.readouterr().out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from silverlabel.dataset import dataset_identity, is_identity, parent_location
 from silverlabel.demodata import photo_like_images
 from silverlabel.formats.selection import SELECTION_SCHEMA
 from silverlabel.formats.wds import iter_tar_samples, read_member
@@ -148,7 +150,10 @@ def test_layout_info_and_indexes(trainset, selection):
     man = json.loads((trainset / "silverlabel.json").read_text())
     assert man["stage"] == "shard" and man["state"] == "complete"
     assert man["counts"] == {"train": 33, "validation": 8} and man["shards"] == {"train": 3, "validation": 3}
-    assert man["parents"][0]["path"] == str(selection.resolve())
+    assert not os.path.isabs(man["parents"][0]["location"])  # relative to the training set: moves with both
+    assert parent_location(trainset, man["parents"][0]).resolve() == selection.resolve()
+    assert man["parents"][0]["id"] == dataset_identity(selection) == man["config"]["selection"]  # not its path
+    assert is_identity(man["id"]) and man["id"].startswith("trainset@")
     assert man["config"]["seed"] == 0 and man["config"]["shards"] == 3
 
 

@@ -98,6 +98,7 @@ def test_an_unfinished_ingest(chain, tmp_path):
 def test_a_damaged_trainset_and_a_changed_selection(chain, tmp_path):
     sel, ts = tmp_path / "sel", tmp_path / "ts"
     shutil.copytree(chain / "sel", sel)
+    (tmp_path / "pool").symlink_to(chain / "pool")  # the pool where the selection's manifest says: ../pool
     assert main(["shard", str(sel), "-o", str(ts), "--workers", "1", "--shards", "2", *QUIET]) == 0
     assert verify(VerifyConfig(str(ts))).ok
     tars = sorted(ts.glob("*.tar"))
