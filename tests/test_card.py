@@ -8,6 +8,7 @@ import doctest
 import importlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -228,8 +229,10 @@ def test_trainset_card_front_matter_and_numbers(chain):
     assert params[("select", "top_classes")] == "4" and params[("select", "dedupe")] == "phash:2"
     assert params[("ingest", "image.min_side")] == "48" and params[("shard", "samples_per_shard")] == "10"
     assert "select seed 0, shard seed 0" in body
-    for path in (pool, sel, trainset):
-        assert f"`{path.resolve()}`" in section(body, "### Lineage")
+    lineage = section(body, "### Lineage")  # each folder relative to the card's, never a path of this machine
+    for shown in (f"../{pool.name}", f"../{sel.name}", "."):
+        assert f"`{shown}`" in lineage
+    assert str(trainset.parent) not in body
     for heading in ("### Dataset Summary", "### Data Instances", "### Data Fields", "### Data Splits",
                     "### Source Data", "### Annotations", "### Threshold statistics", "### Licensing Information",
                     "### Discussion of Biases"):
@@ -313,7 +316,7 @@ def test_trainset_without_its_selection(chain, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(chain["trainset"], moved)
     man = json.loads((moved / "silverlabel.json").read_text())
-    man["parents"][0]["path"] = str(tmp_path / "gone")
+    man["parents"][0]["location"] = "../gone"
     (moved / "silverlabel.json").write_text(json.dumps(man))
     s = run_card(CardConfig(dataset=str(moved), threads=2))
     assert s.samples == chain["summary"].samples and s.classes == 4
@@ -332,7 +335,7 @@ def _copy_chain(chain, root: Path) -> dict[str, Path]:
     for child, parent in (("selection", "pool"), ("trainset", "selection")):
         path = out[child] / "silverlabel.json"
         man = json.loads(path.read_text())
-        man["parents"][0]["path"] = str(out[parent])
+        man["parents"][0]["location"] = os.path.relpath(out[parent], out[child])
         path.write_text(json.dumps(man))
     return out
 
@@ -350,7 +353,7 @@ def test_paths_with_a_quote(chain, tmp_path, monkeypatch):
     s = run_card(CardConfig(dataset=str(copies["trainset"]), html=str(quoted / "report"), threads=2))
     assert (s.samples, s.classes, s.notes) == (chain["summary"].samples, 4, [])
     _, body = front_matter((copies["trainset"] / "README.md").read_text())
-    assert f"`{copies['selection'].resolve()}`" in body and "bob's pool" in body
+    assert "`../selection`" in body and "bob's pool" not in body  # named relative to the card, not by path
     _, ref_body = front_matter((chain["trainset"] / "README.md").read_text())
     for table in ("rank", "threshold", "rule"):
         assert md_table(body, table) == md_table(ref_body, table)

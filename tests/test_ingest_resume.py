@@ -210,3 +210,19 @@ def test_folder_and_tar_sources(tmp_path, pool, reference):
     # the same stored pixels: the fast pHash (pre-encode pixels at ingest, a reduced decode of
     # the kept bytes here) agrees within a few bits
     assert all(bin(int(a["imagehash"], 16) ^ int(b["imagehash"], 16)).count("1") <= 4 for a, b in zip(rows2, ref_rows))
+
+
+def test_spool_keeps_small_shards_in_memory_and_spills_the_rest(tmp_path):
+    """A shard's finished images: in memory up to the budget, then in a temp file that
+    close() removes; every piece comes back byte for byte, in any order."""
+    from silverlabel.stages.ingest import _Spool
+
+    spool = _Spool(tmp_path / "tmp", "t", budget=10)
+    pieces = [b"abcd", b"efgh", b"ijklmn", b"", b"opq"]
+    locs = [spool.put(p) for p in pieces]
+    assert [loc[0] < 0 for loc in locs] == [True, True, False, True, False]
+    spilled = list((tmp_path / "tmp").glob("spool-*"))
+    assert len(spilled) == 1
+    assert [spool.get(loc) for loc in reversed(locs)] == list(reversed(pieces))
+    spool.close()
+    assert not spilled[0].exists()

@@ -207,3 +207,42 @@ def test_changed_shard_is_relabeled(tmp_path):
     keys = pq.read_table(out / "data-000002.parquet").column("key").to_pylist()
     assert keys == ["000000010", "000000011"]
     assert run_label(label).shards_done_now == 0
+
+
+def test_class_map_beside_the_tables(labeled, dataset, tmp_path):
+    """issue 17: ``labels/NAME/_classes.json`` turns the tables' class ids into wnids and names
+    without the package; recorded, so ``verify`` checks it; the folder still reads as parquet."""
+    import json
+    import shutil
+
+    from silverlabel.formats.labels import CLASSES_FILE as LABEL_CLASSES_FILE
+    from silverlabel.verify import VerifyConfig, verify
+
+    summary, rows = labeled
+    folder = Path(summary.output)
+    doc = json.loads((folder / LABEL_CLASSES_FILE).read_text())
+    in21k = get_label_space("in21k")
+    assert doc["label_space"] == "in21k" and doc["num_classes"] == len(doc["classes"]) == len(in21k) == 21841
+    assert [c["cls"] for c in doc["classes"]] == list(range(21841))
+    assert [c["wnid"] for c in doc["classes"]] == list(in21k.wnids)
+    chelsea = next(r for r in rows if r["key"] == "000000000")
+    top1 = doc["classes"][chelsea["labels"][0]]
+    assert top1["wnid"] in CATS and top1["name"] == in21k.lemma(chelsea["labels"][0])
+    assert {c["name"] for c in doc["classes"] if c["wnid"] == "n02124075"} == {"Egyptian cat"}
+    record = json.loads((folder / ".done" / "classes.json").read_text())
+    assert set(record["outputs"]) == {LABEL_CLASSES_FILE}
+    assert pq.read_table(folder).num_rows == len(rows)  # pyarrow skips the _-file
+
+    pool = tmp_path / "pool"
+    shutil.copytree(dataset, pool)
+
+    def problems() -> list[tuple[str, str]]:  # of this labels set (other tests leave partial ones)
+        return [(p.kind, Path(p.path).name) for p in verify(VerifyConfig(str(pool))).problems
+                if Path(p.path).parent.name in (folder.name, ".done") and folder.name in p.path]
+
+    assert problems() == []
+    copy = pool / "labels" / folder.name / LABEL_CLASSES_FILE
+    copy.write_text(copy.read_text().replace("Egyptian cat", "Egyptian dog"))  # same size, other bytes
+    assert problems() == [("corrupt", LABEL_CLASSES_FILE)]
+    (pool / "labels" / folder.name / ".done" / "classes.json").unlink()
+    assert problems() == [("unrecorded", LABEL_CLASSES_FILE)]

@@ -10,8 +10,8 @@ checks what the stages recorded against what is on disk:
 - **a pool** (ingest): each samples table has its tar and record, the success rows of a
   table are the samples of its tar, the manifest's counts are the tables' (else *count*); for
   each labels set in the manifest, every shard has a labels file whose record was made from
-  the shard's current tar and samples table (else *stale*), and every success row is labeled
-  (else *coverage*);
+  the shard's current tar and samples table (else *stale*), every success row is labeled
+  (else *coverage*), and its class map ``_classes.json`` is the recorded one;
 - **a selection**: its parquet files read, the rows and splits add up to the manifest's, and
   the source shards its rows point at exist;
 - **a training set** (shard, reinforce): every tar of ``_info.json`` exists, is recorded and
@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import DONE_DIR, Dataset, Pool, Run, Selection, TrainSet, file_digest
+from silverlabel.dataset import (DONE_DIR, Dataset, Pool, Run, Selection, TrainSet, file_digest, is_identity,
+                                 parent_location)
 from silverlabel.errors import UserError
+from silverlabel.formats.labels import CLASSES_FILE, CLASSES_UNIT
 from silverlabel.options import opt
 from silverlabel.stage import file_identity, read_record
 
@@ -179,7 +181,10 @@ def verify_labels(pool: Pool, name: str, labels: str, ingested: dict[str, dict[s
     """One labels set: a file per shard, made from the shard as it is now, labeling every
     success row."""
     folder = pool.labels_dir(labels)
-    records = check_records(folder / DONE_DIR, report, hashes)
+    records = check_records(folder / DONE_DIR, report, hashes)  # the class map's record too (.done/classes.json)
+    classes = folder / CLASSES_FILE
+    if classes.is_file() and CLASSES_UNIT not in records:
+        report.add("unrecorded", classes, "class map without a commit record; run silverlabel label again")
     for stem, keys in success.items():
         shard = Pool.shard_index(stem)
         path = pool.labels_path(labels, name, shard)
@@ -229,8 +234,12 @@ def verify_selection(sel: Selection, man: dict[str, Any], report: VerifyReport) 
         report.add("count", sel.manifest_path, f"counts {want} differ from the selection's {have}")
     if not sel.classes_path.is_file():
         report.add("missing", sel.classes_path, "the class map of the selection")
+    roots = sel.parent_roots("dataset")  # source_dataset holds an id; the manifest says where it is
     for dataset, shard in sorted(s for s in sources if s[0] and s[1]):
-        tar = Pool(dataset).shards_dir / shard
+        if dataset not in roots and is_identity(dataset):
+            report.add("missing", sel.manifest_path, f"source dataset {dataset} of selected samples is not a parent")
+            continue
+        tar = Pool(roots.get(dataset, dataset)).shards_dir / shard
         if not tar.is_file():
             report.add("missing", tar, "source shard of selected samples (moved or deleted?)")
 
@@ -256,8 +265,9 @@ def verify_trainset(ts: TrainSet, man: dict[str, Any], report: VerifyReport, has
             if keys is not None and len(keys) != length:
                 report.add("count", tar, f"{len(keys)} samples, _info.json says {length}")
     parent = next(iter(man.get("parents") or []), {})
-    if man.get("stage") == "shard" and man.get("selection_sha256") and parent.get("path"):
-        sel = Selection(parent["path"])
+    where = parent_location(ts.root, parent)
+    if man.get("stage") == "shard" and man.get("selection_sha256") and where is not None:
+        sel = Selection(where)
         if sel.exists():
             try:
                 now = sel.fingerprint()
@@ -266,8 +276,8 @@ def verify_trainset(ts: TrainSet, man: dict[str, Any], report: VerifyReport, has
             else:
                 if now != man["selection_sha256"]:
                     report.add("stale", ts.root, f"its selection {sel.root} changed since it was sharded")
-    if man.get("stage") == "reinforce" and parent.get("path"):
-        src = TrainSet(parent["path"])
+    if man.get("stage") == "reinforce" and where is not None:
+        src = TrainSet(where)
         for filename, rec in records.items():
             made_from = rec.get("inputs", {}).get("source")
             tar = src.tar_path(filename)

@@ -29,12 +29,12 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Pool, atomic_write
+from silverlabel.dataset import Pool, atomic_write, input_name, make_identity, records_digest
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import samples_table, write_parquet_atomic
@@ -87,8 +87,8 @@ class IngestConfig:
     def output_config(self) -> dict[str, Any]:
         """The settings that determine the output; a resumed run must match them."""
         fetch = asdict(self.fetch)
-        for k in ("retries", "backoff", "max_retry_after", "per_host", "dns_ttl"):
-            fetch.pop(k, None)  # how hard/fast we try, not what we store
+        for k in ("retries", "backoff", "max_retry_after", "per_host", "dns_ttl", "proxy", "no_proxy", "proxy_env"):
+            fetch.pop(k, None)  # how hard/fast and by which route we fetch, not what we store
         return {
             "sources": list(self.sources),
             "name": self.name,
@@ -166,29 +166,48 @@ def _json_member(row: dict[str, Any], extra_names: list[str]) -> bytes:
 
 
 class _Spool:
-    """Append-only temp file for finished JPEGs, so the tar is written in input order
-    without holding a shard's images in memory."""
+    """Finished JPEGs of a shard, kept until the tar is written in input order.
 
-    def __init__(self, folder: Path, tag: str):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"spool-{tag}-{os.getpid()}-{threading.get_ident()}"
-        self.f = open(self.path, "w+b")
+    Held in memory up to ``budget`` bytes (a shard of a few hundred web images is tens of
+    MB), then appended to a temp file, so a shard of any size never holds its images in
+    memory and a small one never writes them to disk twice."""
+
+    def __init__(self, folder: Path, tag: str, budget: int = 128 << 20):
+        self.folder, self.tag, self.budget = folder, tag, budget
+        self.memory: list[bytes] = []
+        self.held = 0
+        self.f: BinaryIO | None = None
+        self.path: Path | None = None
         self.lock = threading.Lock()
 
     def put(self, data: bytes) -> tuple[int, int]:
+        """Keep ``data``; returns where: (-1, index) in memory, else (offset, size) in the file."""
         with self.lock:
+            if self.held + len(data) <= self.budget:
+                self.memory.append(data)
+                self.held += len(data)
+                return -1, len(self.memory) - 1
+            if self.f is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.path = self.folder / f"spool-{self.tag}-{os.getpid()}-{threading.get_ident()}"
+                self.f = open(self.path, "w+b")
             off = self.f.seek(0, os.SEEK_END)
             self.f.write(data)
             return off, len(data)
 
     def get(self, loc: tuple[int, int]) -> bytes:
+        if loc[0] < 0:
+            return self.memory[loc[1]]
+        assert self.f is not None
         self.f.seek(loc[0])
         return self.f.read(loc[1])
 
     def close(self) -> None:
-        self.f.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self.memory.clear()
+        if self.f is not None:
+            self.f.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def _previous_results(ds: Pool, cfg: IngestConfig, shard: int) -> tuple[dict[str, dict], dict[str, dict[str, bytes]]]:
@@ -252,7 +271,7 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
     def work(item: Item) -> tuple[dict[str, Any], dict[str, Any] | None]:
         row = _row_base(item, shard_name)
         if item.error:
-            row.update(status=STATUS_INVALID, error=item.error)
+            row.update(status=item.status or STATUS_INVALID, error=item.error)
             return row, None
         if item.kind == KIND_URL:
             fr = fetcher.fetch(item.url)
@@ -349,9 +368,25 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 def _items_identity(items: list[Item]) -> str:
     """sha256 over a unit's input items: a shard is redone when its items changed."""
     h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps(astuple(it), default=str).encode() + b"\n")
+    for it in items:  # where a local input lies is no part of it (its source locator is)
+        h.update(json.dumps(astuple(replace(it, path=None)), default=str).encode() + b"\n")
     return h.hexdigest()
+
+
+def cfg_source(cfg: IngestConfig, i: int) -> str:
+    """The ``i``-th SOURCE as given (for an error message; never written to a file)."""
+    if i >= len(cfg.sources):
+        return "?"
+    return cfg.sources[i] if "://" in cfg.sources[i] else os.path.abspath(cfg.sources[i])
+
+
+def _published(source: Any) -> dict[str, Any]:
+    """A source's ``parents`` entry: its ``describe()`` with the path replaced by its name
+    (:func:`silverlabel.dataset.input_name`: a URL as given, a local file by its bytes)."""
+    d = source.describe()
+    where = d.pop("path", None) or getattr(source, "path", None)
+    name = d.pop("name", None)  # a remote source names itself (its public URL; see sources.describe_location)
+    return {**d, "name": name or input_name(where, getattr(source, "files", None))}
 
 
 def dataset_counts(pool: Pool) -> tuple[dict[str, int], int]:
@@ -361,6 +396,22 @@ def dataset_counts(pool: Pool) -> tuple[dict[str, int], int]:
     for p in files:
         counts.update(pool.statuses(p))
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), len(files)
+
+
+def known_length(source: Any) -> int | None:
+    """How many inputs ``source`` yields, when that is known without reading it: a parquet
+    table's row count (from its footers), a folder's image count (a listing); None for
+    CSV/TSV/JSONL tables and tar streams, whose length is known only once read.
+
+        >>> import tempfile, pyarrow as pa
+        >>> from silverlabel.sources.tables import TableSource
+        >>> d = tempfile.mkdtemp()
+        >>> pq.write_table(pa.table({"url": ["http://a/1.jpg", "http://a/2.jpg"]}), d + "/t.parquet")
+        >>> known_length(TableSource(d + "/t.parquet", SourceOptions()))
+        2
+    """
+    fn = getattr(source, "known_length", None)  # TableSource, FolderSource (local or remote)
+    return fn() if fn is not None else None
 
 
 class IngestStage(BaseStage):
@@ -379,6 +430,8 @@ class IngestStage(BaseStage):
                 extra.setdefault(f.name, f)
         if list(extra.values()) != list(cfg.extra_fields):
             self.config = cfg = replace(cfg, extra_fields=tuple(extra.values()))
+        # each source named as the manifest publishes it: a URL as given, a file by its bytes
+        self.parents = [_published(s) for s in self.sources]
         man = pool.previous_run("ingest")
         if man:
             self._check_same_sources(man)
@@ -390,19 +443,31 @@ class IngestStage(BaseStage):
             )
 
     def _check_same_sources(self, man: dict[str, Any]) -> None:
-        """A resume reads the same sources: compared by absolute path (the manifest's
-        ``parents``), so a relative SOURCE given from another working directory is refused."""
-        def where(parent: Any) -> str:
-            return f"{parent.get('kind')}:{parent.get('path')}" if isinstance(parent, dict) else repr(parent)
+        """A resume reads the same sources: compared by name (the manifest's ``parents``: a
+        URL, or a file's base name and content digest), so moved sources with the same bytes
+        resume, and other bytes are refused. (A manifest of an older version: by path.)"""
+        def where(parent: Any, now: Any = None) -> str:
+            if not isinstance(parent, dict):
+                return repr(parent)
+            if "name" not in parent and now is not None:  # an older manifest: the absolute path
+                return f"{parent.get('kind')}:{os.path.abspath(now.path)}"
+            content = f"@{parent['content']}" if parent.get("content") else ""  # a remote input's ETags
+            return f"{parent.get('kind')}:{parent.get('name', parent.get('path'))}{content}"
 
-        before = [where(p) for p in man.get("parents") or []]
-        now = [where(s.describe()) for s in self.sources]
+        old = man.get("parents") or []
+        before = [where(p) for p in old]
+        now = [where(p, s if i < len(old) and isinstance(old[i], dict) and "name" not in old[i] else None)
+               for i, (p, s) in enumerate(zip(self.parents, self.sources))]
         if before != now:
-            changed = next(((b, n) for b, n in zip(before, now) if b != n), None)
-            shown = (f"{changed[0]} before, {changed[1]} now" if changed
+            i = next((i for i, (b, n) in enumerate(zip(before, now)) if b != n), None)
+            shown = (f"{before[i]} before, {cfg_source(self.config, i)} = {now[i]} now" if i is not None
                      else f"{len(before)} sources before, {len(now)} now")
-            raise UserError(f"{self.output.root}: was ingested from other sources ({shown}); resume from the same "
-                            "working directory, or give the sources as before, or write to a new -o")
+            raise UserError(f"{self.output.root}: was ingested from other sources ({shown}); resume with the "
+                            "same sources (the same bytes), or write to a new -o")
+
+    def published_config(self) -> dict[str, Any]:
+        """``output_config()`` as the manifest publishes it: the sources by their names."""
+        return {**self.config.output_config(), "sources": [p["name"] for p in self.parents]}
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -410,10 +475,15 @@ class IngestStage(BaseStage):
             "state": "running",
             "silverlabel_version": __version__,
             "name": self.config.name,
-            "config": self.config.output_config(),
-            "parents": [s.describe() for s in self.sources],
+            "config": self.published_config(),
+            "parents": self.parents,
             "counts": None,
         }
+
+    def total(self) -> int | None:
+        """The inputs, when every source knows its length (:func:`known_length`)."""
+        lengths = [known_length(s) for s in self.sources]
+        return None if None in lengths else sum(lengths)
 
     def plan(self, engine: Engine) -> Iterator[IngestUnit]:
         """Stream the sources in order and cut them into shard units."""
@@ -454,7 +524,9 @@ class IngestStage(BaseStage):
         if labels:  # the labels written for this pool stay registered
             manifest["labels"] = labels
         manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
-        pool.write_manifest(manifest)
+        manifest["id"] = make_identity("pool", {"config": manifest["config"], "parents": manifest["parents"],
+                                                "content": records_digest(pool.root)})
+        pool.write_manifest({"id": manifest.pop("id"), **manifest})
         items_now = sum(r.items for r in run.results)
         return IngestSummary(str(pool.root), counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)
 

@@ -33,13 +33,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, Pool
+from silverlabel.dataset import Dataset, Pool, dataset_identity, make_identity, named_teachers, records_digest
 from silverlabel.devices import worker_device
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, opt, positive_int, precision_field,
                                  ray_address_field)
 from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, run_stage
+from silverlabel.formats.labels import write_classes
 from silverlabel.formats.tables import write_parquet_atomic
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
@@ -83,6 +84,8 @@ class LabelConfig:
                             "JPEG engines (with engines, decoding stays in the labeling process)", type=int,
                             default_help="default: 3; 0 decodes in the labeling process")
     compile: bool = opt(False, "torch.compile the teacher (GPU)", action="store_true")
+    reserve_sms: int = opt(0, "SMs kept from the teacher for JPEG decode and resize (a CUDA green context; "
+                           "GPU; measured no gain end to end on an H200, see BENCHMARKS.md)", type=int)
     workers: int = opt(default_factory=gpu_count, help="processes", type=positive_int, auto_workers="gpu",
                        default_help="default: one per GPU, 1 on CPU; with --engine ray: one actor per cluster GPU")
     decode_threads: int = field(default_factory=cpu_count)
@@ -102,6 +105,12 @@ class LabelConfig:
         if self.output_name:
             return self.output_name
         return "+".join(t.slug for t in self.teachers) if len(self.teachers) > 1 else self.teachers[0].slug
+
+    def published_config(self) -> dict[str, Any]:
+        """``output_config()`` as the manifest and the labels tables publish it: a teacher's
+        checkpoint file by its name and content digest, not its path."""
+        d = self.output_config()
+        return {**d, "teachers": named_teachers(d["teachers"])}
 
     def output_config(self) -> dict[str, Any]:
         return {
@@ -124,6 +133,7 @@ class LabelUnit:
     output: str
     limit: int | None = None
     commit: Commit | None = None  # written last: the shard is labeled
+    published: str = ""  # the config as the table's metadata names it (LabelConfig.published_config)
 
 
 @dataclass
@@ -165,7 +175,7 @@ def get_labeler(cfg: LabelConfig):
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms)
     if key not in _LABELER_CACHE:
         for old in _LABELER_CACHE.values():
             old.close()
@@ -177,7 +187,8 @@ def get_labeler(cfg: LabelConfig):
         _LABELER_CACHE[key] = Labeler(teachers, cfg.label_space, cfg.topk, device=device, compile=cfg.compile,
                                       decode_threads=cfg.decode_threads, overrides=overrides,
                                       precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads,
-                                      decode_procs=procs)
+                                      decode_procs=procs,
+                                      reserve_sms=cfg.reserve_sms)
     return _LABELER_CACHE[key]
 
 
@@ -267,7 +278,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
             "silverlabel.missing": str(len(missing)),
             "silverlabel.missing_keys": json.dumps(missing[:100]),
             "silverlabel.limit": "" if unit.limit is None else str(unit.limit),
-            "silverlabel.label_config": json.dumps(cfg.output_config()),
+            "silverlabel.label_config": unit.published or json.dumps(cfg.output_config()),
             "silverlabel.version": __version__,
         },
     )
@@ -301,11 +312,20 @@ class LabelStage(BaseStage):
         if man.get("stage") != "ingest":
             raise UserError(f"{pool.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
         self.name = man["name"]
+        self.published = json.dumps(cfg.published_config())  # named once: a checkpoint is hashed once
         if not pool.samples_files():
             raise UserError(f"{pool.root}: no finished shards to label (run ingest first)")
 
     def folders(self) -> list[Path]:
         return [self.out_dir]
+
+    def total(self) -> int | None:
+        """The images to label: the pool's successful samples (its manifest's counts), at
+        most ``--limit``."""
+        n = (self.output.read_manifest().get("counts") or {}).get("success")
+        if not isinstance(n, int):
+            return None
+        return n if self.config.limit is None else min(n, self.config.limit)
 
     def plan(self, engine: Engine) -> Iterator[LabelUnit]:
         cfg, pool = self.config, self.output
@@ -319,17 +339,22 @@ class LabelStage(BaseStage):
             ingested = pool.commit_path(samples.stem)
             commit = Commit(str(Dataset(self.out_dir).commit_path(out.stem)), {**cfg.output_config(), "limit": remaining},
                             {"tar": file_identity(tar, ingested), "samples": file_identity(samples, ingested)})
-            yield LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining, commit=commit)
+            yield LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining, commit=commit,
+                            published=self.published)
             if remaining is not None:
                 remaining -= pool.statuses(samples).count("success")
 
     def finish(self, run: StageRun) -> LabelSummary:
         cfg, pool = self.config, self.output
+        write_classes(self.out_dir, cfg.label_space)  # _classes.json: the tables' class ids as wnids and names
         files = pool.labels_files(cfg.name)
         rows, decode_errors, missing = labels_counts(files)
         man = pool.read_manifest()
+        config = json.loads(self.published)
         man.setdefault("labels", {})[cfg.name] = {
-            "config": cfg.output_config(),
+            "id": make_identity("labels", {"pool": dataset_identity(pool.root), "config": config,
+                                           "content": records_digest(self.out_dir)}),
+            "config": config,
             "rows": rows,
             "decode_errors": decode_errors,
             "missing": missing,

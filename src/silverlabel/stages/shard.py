@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,13 +65,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Pool, Selection, TrainSet, atomic_write, file_digest, write_json_atomic
+from silverlabel.dataset import (MANIFEST, Pool, Selection, TrainSet, atomic_write, file_digest, is_identity,
+                                 make_identity, parent_entry, records_digest, without_locations, write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
 from silverlabel.formats.selection import SELECTION_SCHEMA
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
 from silverlabel.stage import BaseStage, Commit, StageRun, changed_settings, file_identity, read_record, run_stage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{name}-{split}-{index:04d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 10_000
@@ -390,7 +394,15 @@ def read_selection(files: list[Path]) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks()
 
 
-def _source_tar(selection: Path, dataset: str, shard: str) -> str:
+def _source_tar(selection: Path, dataset: str, shard: str, roots: dict[str, Path]) -> str:
+    """The tar ``shard`` of the dataset ``dataset`` names: an id the selection's manifest
+    maps to a folder (``roots``, :meth:`Dataset.parent_roots`), or (a selection of an older
+    version, or one written by hand) the dataset's path, relative to the selection or not."""
+    if dataset in roots:
+        return str(Pool(roots[dataset]).shards_dir / shard)
+    if is_identity(dataset):
+        raise UserError(f"{selection}: source dataset {dataset} is not among the parents its "
+                        f"{MANIFEST} names; select again")
     ds = Path(dataset)
     if not ds.is_absolute() and not ds.exists() and (selection / ds).exists():
         ds = selection / ds
@@ -447,7 +459,8 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     loc_enc = locator.dictionary_encode().combine_chunks()
     loc = loc_enc.indices.to_numpy().astype(np.int64)
     locators = [tuple(s.split("\0", 1)) for s in loc_enc.dictionary.to_pylist()]
-    paths = [_source_tar(sel, d, s) for d, s in locators]
+    roots = Selection(sel).parent_roots("dataset") if Selection(sel).exists() else {}
+    paths = [_source_tar(sel, d, s, roots) for d, s in locators]
 
     splits: dict[str, list[tuple[int, str, np.ndarray]]] = {}
     seen: dict[str, str] = {}
@@ -585,17 +598,22 @@ class ShardStage(BaseStage):
 
     def manifest(self) -> dict[str, Any]:
         cfg = self.config
-        source_datasets = sorted({os.path.abspath(os.path.dirname(os.path.dirname(p))) for p in self.plan_.paths})
+        source_datasets = sorted({d for d, _shard in self.plan_.locators})  # their ids, as the selection has them
+        parent = parent_entry("selection", cfg.selection, self.output.root, source_datasets=source_datasets)
         return {
             "stage": "shard",
             "state": "running",
             "silverlabel_version": __version__,
             "name": cfg.name,
-            "config": cfg.output_config(),
+            "config": {**cfg.output_config(), "selection": parent["id"]},
             "selection_sha256": self.fingerprint,
-            "parents": [{"kind": "selection", "path": os.path.abspath(cfg.selection), "source_datasets": source_datasets}],
+            "parents": [parent],
             "counts": None,
         }
+
+    def total(self) -> int:
+        """The samples of all output shards."""
+        return sum(len(rows) for _s, _i, _f, rows, _p, _src, _c in self.units)
 
     def plan(self, engine: Engine) -> Iterator[ShardUnit]:
         plan = self.plan_
@@ -606,6 +624,9 @@ class ShardStage(BaseStage):
         exts = np.empty(n_rows, dtype=object)
         groups = {l: (group, unit.keys) for l, group, unit in self.index_plan}
         source_keys = plan.table.column("source_key")
+        if self.index_plan:
+            log.info("shard: locating the images of %d samples in %d source shards",
+                     sum(len(group) for _l, group, _u in self.index_plan), len(self.index_plan))
         for l, located in engine.map(index_source_shard, (unit for _l, _g, unit in self.index_plan), self.config):
             group, keys = groups.pop(l)
             where = dict(zip(keys, located))
@@ -640,7 +661,10 @@ class ShardStage(BaseStage):
             shards={split: s["shards"] for split, s in splits.items()},
             samples=sum(s["samples"] for s in splits.values()),
         )
-        ts.write_manifest(manifest)
+        ident = make_identity("trainset", {"config": manifest["config"],
+                                           "parents": without_locations(manifest["parents"]),
+                                           "content": records_digest(ts.root)})
+        ts.write_manifest({"id": ident, **manifest})
         write_json_atomic(ts.info_path, {
             "name": cfg.name,
             "splits": {split: {"name": split, "num_samples": s["samples"], "filenames": s["filenames"],

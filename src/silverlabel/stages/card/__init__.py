@@ -23,8 +23,9 @@ Outputs::
     HTML_DIR/plots/*.png         copies of the plots
 
 One module per job: ``lineage`` (what the directory is and what is above it), ``facts`` (DuckDB
-views over the tables and every number), ``plots``, ``markdown`` (the README) and ``report``
-(the HTML folder). ``run_card`` runs them in that order.
+views over the tables and every number), ``plots``, ``markdown`` (the README), ``hub`` (what
+the Hugging Face Hub reads: ``configs``/``dataset_info``, and the merge that keeps a user's
+edits on a rerun) and ``report`` (the HTML folder). ``run_card`` runs them in that order.
 
     >>> run_card(CardConfig("data/trainset", html="data/report")).readme  # doctest: +SKIP
     'data/trainset/README.md'
@@ -32,13 +33,16 @@ views over the tables and every number), ``plots``, ``markdown`` (the README) an
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from silverlabel.dataset import Pool, atomic_write, check_target, write_json_atomic
+from silverlabel.engine import Report
 from silverlabel.errors import UserError
+from silverlabel.log import phase
 from silverlabel.options import cpu_count, opt, positive_int
 from silverlabel.stages.card.facts import COYO_THRESHOLDS, CURVE_THRESHOLDS, Facts, brace_pattern
 from silverlabel.stages.card.hub import hub_metadata
@@ -46,6 +50,8 @@ from silverlabel.stages.card.lineage import Lineage, resolve_lineage
 from silverlabel.stages.card.markdown import compact_json, render_card, size_category
 from silverlabel.stages.card.plots import PLOT_TITLES, write_plots
 from silverlabel.stages.card.report import write_report
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CARD_DIR", "COYO_THRESHOLDS", "CURVE_THRESHOLDS", "PLOT_TITLES", "README", "CardConfig", "CardSummary",
            "Facts", "Lineage", "brace_pattern", "compact_json", "render_card",
@@ -65,7 +71,7 @@ class CardConfig:
     html: str | None = opt(None, "also write the HTML report into DIR (DIR/index.html)", metavar="DIR")
     plots: bool = opt(True, "no PNG plots", flag="--no-plots", action="store_false", default_help="")
     pretty_name: str | None = opt(None, "pretty_name of the card", flag="--name",
-                                  default_help="default: the dataset's name")
+                                  default_help="default: the card's current pretty_name, else the dataset's name")
     license: str | None = opt(None, "license id for the front matter (a Hub license id: cc-by-4.0, mit, other, ...)",
                               default_help="default: the card's current license, else other")
     task_categories: tuple[str, ...] | None = opt(
@@ -121,11 +127,18 @@ def _labels_names(lin: Lineage) -> list[str]:
     return [n for n in pool.labels_names() if pool.labels_files(n)]
 
 
-def run_card(cfg: CardConfig) -> CardSummary:
-    """Write the card (and plots, and with ``cfg.html`` the report) of ``cfg.dataset``."""
+def run_card(cfg: CardConfig, progress: Report | None = None) -> CardSummary:
+    """Write the card (and plots, and with ``cfg.html`` the report) of ``cfg.dataset``;
+    ``progress`` ticks once per step done (facts, plots, card, report)."""
     import duckdb
 
     t0 = time.monotonic()
+    steps = 2 + bool(cfg.plots) + bool(cfg.html)
+
+    def step(done: str) -> None:
+        log.info("card: %s (%.1f s)", done, time.monotonic() - t0)
+        if progress is not None:
+            progress(1, 1)
     check_target(cfg.html, "--html", folder=True)
     lin = resolve_lineage(cfg.dataset)
     readme = Path(cfg.output) if cfg.output else lin.root / README
@@ -136,18 +149,26 @@ def run_card(cfg: CardConfig) -> CardSummary:
     with tempfile.TemporaryDirectory(prefix="silverlabel-card-") as tmp:
         # settings as connection options, not SQL text: the temporary folder's path may hold any character
         with duckdb.connect(config={"temp_directory": tmp, "threads": max(1, cfg.threads)}) as con:
+            phase(progress, "card", steps, "step")
             facts = Facts(lin, cfg, con, Path(tmp))
             d = facts.compute()
+            step("facts computed")
             plots = write_plots(d, card_dir) if cfg.plots else []
+            if cfg.plots:
+                step(f"{len(plots)} plots written")
             old = _read_card(readme)
+            # data_files are relative to the README's folder: none for a card written elsewhere
+            in_root = readme.parent.resolve() == lin.root.resolve()
             hub = hub_metadata(lin.kind, lin.root, info=getattr(facts, "info", None), classes_doc=facts.classes_doc,
-                               labels=_labels_names(lin), notes=d["notes"]) if readme.parent.resolve() == lin.root.resolve() else {}
+                               labels=_labels_names(lin), notes=d["notes"]) if in_root else {}
             with atomic_write(readme) as f:
                 f.write(render_card(facts, plots, readme, old, hub).encode())
             write_json_atomic(card_dir / "card.json", {k: v for k, v in d.items() if k != "sizes"})
+            step("card written")
             if cfg.html:
                 n_thumbs = write_report(facts, Path(cfg.html), plots)
                 report = str(Path(cfg.html) / "index.html")
+                step(f"report written ({n_thumbs} thumbnails)")
     return CardSummary(str(readme), lin.kind, d["samples"], d["num_classes"],
                        {s["name"]: s["samples"] for s in d["splits"]}, [str(p) for p in plots], report, n_thumbs,
                        time.monotonic() - t0, d["notes"])

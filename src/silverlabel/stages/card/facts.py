@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Selection
+from silverlabel.dataset import Selection, dataset_identity
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import check_parquet
 from silverlabel.sql import literal, read_parquet
@@ -136,7 +137,8 @@ class Facts:
         self.cfg = cfg
         self.con = con
         self.tmp = tmp
-        self.d: dict[str, Any] = {"silverlabel_version": __version__, "kind": lin.kind, "path": str(lin.root.resolve())}
+        self.d: dict[str, Any] = {"silverlabel_version": __version__, "kind": lin.kind,
+                                  "id": dataset_identity(lin.root)}  # no path of this machine
         self._setup_views()
 
     # -- views -------------------------------------------------------------------------
@@ -172,9 +174,11 @@ class Facts:
                 for f in sorted((lin.selection / "selection").glob("*.parquet")):
                     check_parquet(f)
                 sel = read_parquet(lin.selection / "selection" / "*.parquet")
+                # source_dataset is the pool's id; its shards are where the lineage found the pool
+                shards = literal(f"{lin.pool / 'shards'}/") if lin.pool is not None else "NULL::VARCHAR"
                 con.execute(f"""CREATE VIEW items AS SELECT key, split, cls, class_name, labels, label_probs,
                     width, height, CASE WHEN source_dataset IS NULL THEN NULL
-                                        ELSE source_dataset || '/shards/' || source_shard END AS tar,
+                                        ELSE {shards} || source_shard END AS tar,
                     source_key AS tar_key FROM {sel}""")
                 self.classes_doc = _read_json(lin.selection / "classes.json")
             if lin.kind == "trainset":
@@ -224,8 +228,9 @@ class Facts:
     def compute(self) -> dict[str, Any]:
         """Every number the card states (``card.json``), in a fixed key order."""
         d, lin = self.d, self.lin
-        d["lineage"] = [{"stage": s, "path": str(p.resolve()), "silverlabel_version": m.get("silverlabel_version"),
-                         "updated": m.get("updated")} for s, p, m in lin.chain()]
+        d["lineage"] = [{"stage": s, "path": _relative(p, lin.root), "id": m.get("id"),
+                         "silverlabel_version": m.get("silverlabel_version"), "updated": m.get("updated")}
+                        for s, p, m in lin.chain()]
         d["notes"] = list(lin.notes)
         d["name"] = self.cfg.pretty_name or self._default_name()
         d["splits"] = self._splits()
@@ -344,7 +349,8 @@ class Facts:
         m = self.lin.pool_manifest
         if m is None:
             return None
-        return {"path": str(self.lin.pool.resolve()), "parents": m.get("parents", []), "config": m.get("config", {}),
+        return {"path": _relative(self.lin.pool, self.lin.root), "id": m.get("id"), "parents": m.get("parents", []),
+                "config": m.get("config", {}),
                 "counts": m.get("counts", {}), "shards": m.get("shards"), "version": m.get("silverlabel_version")}
 
     def _teacher(self) -> dict[str, Any] | None:
@@ -371,7 +377,8 @@ class Facts:
         if path.is_file():
             t = pq.read_table(path, columns=["rule", "kept_key"])
             dups = dict(Counter(t.column("rule").to_pylist()))
-        return {"path": str(sel.resolve()), "config": m.get("config", {}), "parents": m.get("parents", []),
+        return {"path": _relative(sel, self.lin.root), "id": m.get("id"), "config": m.get("config", {}),
+                "parents": m.get("parents", []),
                 "report": _read_json(sel / "report.json") or {}, "duplicates": dups}
 
     def _shard(self) -> dict[str, Any] | None:
@@ -441,3 +448,9 @@ def _image_note(data: bytes, ext: str) -> str:
             return f"<{im.format} image, {im.width}x{im.height}, {len(data):,} bytes>"
     except Exception:
         return f"<{ext}, {len(data):,} bytes>"
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the dataset the card describes (``../pool``, ``.``): the card
+    names no folder of the machine it was made on."""
+    return Path(os.path.relpath(path, root)).as_posix()

@@ -261,8 +261,8 @@ def _source_data(f: Facts) -> list[str]:
     if ing:
         for p in ing["parents"]:
             extra = ", ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in p.items()
-                              if k not in ("kind", "path") and v not in (None, [], {}))
-            out.append(f"- {p.get('kind')} `{p.get('path')}`" + (f" ({extra})" if extra else ""))
+                              if k not in ("kind", "path", "name") and v not in (None, [], {}))
+            out.append(f"- {p.get('kind')} `{p.get('name') or p.get('path')}`" + (f" ({extra})" if extra else ""))
         out.append("")
         out.append(f"Ingested into `{ing['path']}` ({ing.get('shards') or 0} shards) with silverlabel "
                    f"{ing.get('version')}. What happened to each input (the samples table's `status`):\n")
@@ -273,7 +273,8 @@ def _source_data(f: Facts) -> list[str]:
     elif sel and (sel.get("parents") or [{}])[0].get("kind") in ("labels_table", "samples_table"):
         par = sel["parents"][0]
         what = "labels table (COYO-Labeled-300M schema)" if par["kind"] == "labels_table" else "metadata table"
-        out.append(f"Selected from the bare {what} `{par.get('path')}`: no images were fetched yet "
+        out.append(f"Selected from the bare {what} `{par.get('name') or par.get('path')}`: no images were fetched "
+                   "yet "
                    "(`silverlabel ingest` on this selection fetches them).\n")
     else:
         out.append("The ingested pool this dataset came from is not available; no source statistics.\n")

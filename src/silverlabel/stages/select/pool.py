@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from silverlabel.dataset import Pool, atomic_write
+from silverlabel.dataset import Pool, atomic_write, dataset_identity
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import check_parquet
 
@@ -47,10 +47,12 @@ class Input:
     pool_sql: str
     units: list[Unit]  # one per samples file / table file
     label_space: str | None  # the labels' label space (None: no teacher labels)
-    source_dataset: str | None  # the dataset's absolute path (None: a bare table)
+    source_dataset: str | None  # the dataset's id (dataset_identity; None: a bare table)
     joins_labels: bool
     #: with --allow-partial, what the labels do not cover: labels name, files, partial, samples
     missing: dict[str, Any] | None = None
+    root: Path | None = None  # where the input lies (the manifest names it relative to the selection)
+    labels_name: str | None = None  # the labels read from the dataset
 
     def whole(self) -> Unit:
         """One unit of the whole pool (the local engine's fast path, the pool-wide rules)."""
@@ -127,7 +129,7 @@ def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
                "FROM samples s WHERE s.status = 'success'")
         missing = None
     units = [Unit(i, (str(p),), lab) for i, (p, lab) in enumerate(zip(samples, label_files))]
-    return Input("dataset", sql, units, space, str(src), name is not None, missing)
+    return Input("dataset", sql, units, space, dataset_identity(src), name is not None, missing, src, name)
 
 
 def _missing_labels(cfg: SelectConfig, block: Any, folder: Path, samples: list[Path],
@@ -172,7 +174,7 @@ def _open_table(cfg: SelectConfig, src: Path) -> Input:
         sql = (f"SELECT CAST(id AS VARCHAR) AS key, id, {o['uid']}, {o['url']}, NULL AS caption, {o['width']}, "
                f"{o['height']}, {o['imagehash']}, NULL AS sha256, NULL AS source_shard, NULL AS source_label, "
                "NULL AS source_path, labels, label_probs FROM src")
-        return Input("labels_table", sql, units, "in21k", None, False)
+        return Input("labels_table", sql, units, "in21k", None, False, root=src)
     if "uid" in has:  # DataComp metadata and the like
         o = opt("url", "width", "height", "sha256")
         cap = "text" if "text" in has else ("caption" if "caption" in has else "NULL")
@@ -180,7 +182,7 @@ def _open_table(cfg: SelectConfig, src: Path) -> Input:
         sql = (f"SELECT uid AS key, {idcol} AS id, uid, {o['url']}, {cap} AS caption, {o['width']}, {o['height']}, "
                f"NULL AS imagehash, {o['sha256']}, NULL AS source_shard, NULL AS source_label, NULL AS source_path, "
                "NULL::INTEGER[] AS labels, NULL::FLOAT[] AS label_probs FROM src")
-        return Input("samples_table", sql, units, None, None, False)
+        return Input("samples_table", sql, units, None, None, False, root=src)
     raise UserError(f"{cfg.source}: a bare table needs the COYO-Labeled columns (id, labels, label_probs) or a uid "
                     f"column (has: {', '.join(sorted(has))})")
 

@@ -39,10 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, atomic_write
+from silverlabel.dataset import (Dataset, Selection, atomic_write, input_name, make_identity, named_config,
+                                 parent_entry, without_locations)
 from silverlabel.engine import Report, create_engine
 from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
+from silverlabel.log import phase
 from silverlabel.stage import output_lock
 
 from .config import SelectConfig, SelectSummary
@@ -121,7 +123,8 @@ class _Counts:
 def _count_pass(eng: Any, units: list[Unit], plan: Plan, progress: Report | None, n_uids: int) -> _Counts:
     n = _Counts()
     found = np.zeros(n_uids, bool)
-    for res in eng.map(count_unit, units, plan, progress):
+    phase(progress, "select: count pass", len(units), "part")
+    for res in _ticked(eng.map(count_unit, units, plan), progress):
         n.rows += res["rows"]
         n.uid_matched += res["uid_matched"]
         found[np.asarray(res["uid_hits"], np.int64)] = True
@@ -134,6 +137,14 @@ def _count_pass(eng: Any, units: list[Unit], plan: Plan, progress: Report | None
     return n
 
 
+def _ticked(results: Any, progress: Report | None) -> Any:
+    """``results`` of a pass, one tick of ``progress`` per part done."""
+    for res in results:
+        if progress is not None:
+            progress(1, 1)
+        yield res
+
+
 def _merge_best(best: dict[Any, list[tuple[str, str]]], rows: list[tuple], limit: Any) -> None:
     """Keep per class the ``limit(class)`` smallest (md5, key) of ``best`` and ``rows``."""
     touched = set()
@@ -142,6 +153,24 @@ def _merge_best(best: dict[Any, list[tuple[str, str]]], rows: list[tuple], limit
         touched.add(c)
     for c in touched:
         best[c] = sorted(best[c])[: limit(c)]
+
+
+#: SelectConfig fields that name an input file or folder (published by name, not path)
+PATH_FIELDS = ("source", "keys_file", "uids", "exclude_near", "rollup_to")
+
+
+def published_config(cfg: SelectConfig, pool: Input, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The manifest's ``config`` and ``parents``: every input named by its id or content
+    digest (:func:`silverlabel.dataset.input_name`), the source dataset also by its location
+    relative to the selection (where ``shard`` finds its images)."""
+    if pool.kind == "dataset":
+        parent = parent_entry("dataset", pool.root, out, labels=pool.labels_name)
+        config = {**named_config(cfg.output_config(), PATH_FIELDS[1:]), "source": parent["id"]}
+    else:
+        files = [f for u in pool.units for f in u.files]
+        parent = {"kind": pool.kind, "name": input_name(pool.root, files)}
+        config = {**named_config(cfg.output_config(), PATH_FIELDS[1:]), "source": parent["name"]}
+    return config, [parent]
 
 
 def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_address: str | None = None,
@@ -209,6 +238,8 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     plan = base
     if uids is not None:
         plan = _with(plan, files={"uid_list": write_uid_list(uids, tmp / "uid_list.parquet")})
+    if cfg.dedupe or cfg.exclude_near:
+        phase(progress, "select: duplicate rules (hashing the pool's images)")
     with contextlib.closing(connect(pool.whole(), plan)) as con:
         drop, dups, removed_dups = duplicate_rules(cfg, con, ref)
     if drop:
@@ -254,7 +285,8 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
         plan = _with(plan, tables={"quota_t": pa.table({"cls": pa.array(list(quotas), pa.int32()),
                                                         "quota": pa.array(list(quotas.values()), pa.int64())})})
         best: dict[int, list[tuple[str, str]]] = {}
-        for res in eng.map(fraction_unit, units, plan):
+        phase(progress, "select: fraction pass", len(units), "part")
+        for res in _ticked(eng.map(fraction_unit, units, plan), progress):
             _merge_best(best, res["best"], quotas.__getitem__)
         kept = (k for lst in best.values() for _m, k in lst)
         plan = _with(plan, files={"fraction_keys": write_keys(tmp / "fraction_keys.parquet", "key", kept)})
@@ -265,7 +297,8 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     by_cls: dict[int, dict[str, int]] = {}
     splits: dict[str, int] = {}
     found = np.zeros(len(wanted or ()), bool)
-    for res in eng.map(write_unit, units, plan):
+    phase(progress, "select: write pass", len(units), "part")
+    for res in _ticked(eng.map(write_unit, units, plan), progress):
         found[np.asarray(res["wanted_hits"], np.int64)] = True
         rows += res["rows"]
         before_keys += res["before_keys"]
@@ -293,11 +326,16 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     else:
         (out / DUPLICATES_FILE).unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    config, parents = published_config(cfg, pool, out)
+    selection = Selection(out)
+    content = selection.fingerprint(sorted((out / SELECTION_DIR).glob("*.parquet")))
     Dataset(out).write_manifest({
+        "id": make_identity("selection", {"config": config, "parents": without_locations(parents),
+                                          "content": content}),
         "stage": "select",
         "silverlabel_version": __version__,
-        "config": cfg.output_config(),
-        "parents": [{"kind": pool.kind, "path": str(Path(cfg.source).resolve())}],
+        "config": config,
+        "parents": parents,
         "counts": {"rows": rows, **{f"split_{k}": v for k, v in splits.items()}},
         "from_table": pool.source_dataset is None,
     })
