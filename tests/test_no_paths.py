@@ -277,3 +277,22 @@ def _load(path: Path) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_large_input_is_named_by_its_size_head_and_tail(tmp_path, monkeypatch):
+    """Naming a local input reads a file over the limit only at its ends (a terabyte of input
+    tars is not read once more per run), and a change there, or of its size, renames it."""
+    from silverlabel import dataset
+
+    monkeypatch.setattr(dataset, "NAME_FULL_LIMIT", 64)
+    monkeypatch.setattr(dataset, "NAME_SAMPLE", 16)
+    f = tmp_path / "big.tar"
+    f.write_bytes(bytes(range(200)))
+    name = dataset.input_name(f)
+    assert name.startswith("big.tar@sha256:")
+    f.write_bytes(bytes(range(100)) + b"\x00" + bytes(range(101, 200)))  # the middle: not read
+    assert dataset.input_name(f) == name
+    f.write_bytes(b"\x01" + bytes(range(1, 200)))  # the head
+    assert dataset.input_name(f) != name
+    f.write_bytes(bytes(range(200)) + b"x")  # the size
+    assert dataset.input_name(f) != name
