@@ -1,23 +1,31 @@
 """Reinforce-stage benchmark (a figure, not a test): augmentations/s and bytes per sample.
 
-    python bench/reinforce.py --images 16000 --augs 10 --configs 1x16,2x8,1p15,2p7   # on a GPU machine
-    python bench/reinforce.py --images 64 --augs 4 --configs 1x2,1p2 --device cpu    # a smoke run on a laptop
+    python bench/reinforce.py --images 4000 --augs 10 --configs torch,1p15 --json reinforce.json   # on a GPU machine
+    python bench/reinforce.py --images 48 --unique 8 --shards 2 --augs 4 --configs torch,1x2 --device cpu \
+        --teachers efficientnet_lite0,vit_tiny_patch16_224 --bound-limit 16                         # a CPU dry run
 
 Builds a training set (``silverlabel shard`` layout: tars + ``_info.json``) of photo-like
-640x480 JPEGs, then measures, on this machine:
+640x480 JPEGs, then measures, on this machine, for each teacher of ``--teachers``
+(``efficientnet_lite0`` with its real weights; any other name is a timm model with random
+weights, saved to a local checkpoint: speed only):
 
 - **reinforce**: ``run_reinforce`` end to end (tar read, per-sample decode, K replays with
-  RandAugment at the teacher's 224 px, teacher in fp16 autocast on the GPU, top-k, packing,
-  reproducible tar written atomically), for each config: ``WORKERSxTHREADS`` (worker
-  processes, each with its own teacher on the same GPU, x replay threads per worker;
-  ``--replay-procs 0``) or ``WORKERSpPROCS`` (replay in PROCS spawned processes per worker,
-  ``--replay-procs PROCS``). Wall clock includes process start-up and teacher loading.
-- **replay bound**: decode + K replays on a thread pool with every core, no teacher (the CPU
-  side of reinforce; exact replay runs on the CPU with Pillow so the training loader can
-  reproduce it bit for bit); and the same in the stage's replay processes (one per core, or
-  ``--bound-procs``), pixels through its shared-memory ring and, for comparison, pickled back.
-- **teacher bound**: ``Labeler.classify`` on an in-memory uint8 batch (normalise + model +
-  top-k), i.e. the GPU side.
+  RandAugment at the teacher's 224 px, teacher in fp16 on the GPU, top-k, packing,
+  reproducible tar written atomically), for each config: ``torch`` (issue 18: decode on the
+  GPU and replay all K views of a batch there, ``--replay torch``, one worker; ``torch-rN``: the
+  same with the teacher on a green context of all SMs but N, ``--reserve-sms N``), ``WORKERSxTHREADS``
+  (Pillow replay, ``--replay pil``: worker processes, each with its own teacher on the same
+  GPU, x replay threads per worker; ``--replay-procs 0``) or ``WORKERSpPROCS`` (Pillow replay
+  in PROCS spawned processes per worker, ``--replay-procs PROCS``). Wall clock includes
+  process start-up and teacher loading.
+- **teacher bound**: the stage's teacher call (``Labeler.classify``: normalise + model + top-k,
+  same precision and batch) on pre-made uint8 batches already on the device: the rate no
+  replay can beat. Each config's rate is printed as a share of it, against issue 18's targets
+  (the GPU replay: >= 60% with efficientnet_lite0, >= 85% with ViT-B/16).
+- **replay bounds**: decode + K replays with no teacher: on the GPU (the stage's torch replay
+  thread: GPU decode + ``replay_views``), and with Pillow on a thread pool with every core and
+  in the stage's replay processes (one per core, or ``--bound-procs``), pixels through its
+  shared-memory ring and, for comparison, pickled back.
 
 And prints a storage table: the measured ``.rnf`` bytes per sample and per augmentation,
 the same on disk inside the tar (512-byte member header + padding to 512), and the two
@@ -36,6 +44,7 @@ published formats, from the fields and dtypes they store:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -159,23 +168,159 @@ def replay_rate_procs(trainset: Path, augs: int, procs: int, size: int, limit: i
 
 
 def teacher_rate(cfg, batch: int, steps: int = 20) -> float:
-    """``Labeler.classify`` on an in-memory uint8 batch: augmentations/s (the GPU side)."""
+    """``Labeler.classify`` on a pre-made uint8 batch already on the teacher's device (normalise +
+    model + top-k at the stage's precision, on a stream of its own as in the stage):
+    augmentations/s, the teacher bound."""
+    import torch
+
     from silverlabel.stages.reinforce import get_teacher_runner
 
     runner = get_teacher_runner(cfg)
     size = runner.transforms[0].size
-    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    for _ in range(3):
-        runner.classify([x], embeddings=cfg.embeddings)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        runner.classify([x], embeddings=cfg.embeddings)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    x = x.to(runner.device)
+    cuda = runner.device.type == "cuda"
+    stream = torch.cuda.Stream(runner.device) if cuda else None
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        for _ in range(3):
+            runner.classify([x], embeddings=cfg.embeddings)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.classify([x], embeddings=cfg.embeddings)  # returns numpy: synchronised
     return batch * steps / (time.perf_counter() - t0)
+
+
+def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
+    """The stage's torch replay alone (GPU decode + ``replay_views`` of every view of a batch, on
+    its own thread and stream, two batches ahead), no teacher: augmentations/s."""
+    from silverlabel.augment import sample_augs
+    from silverlabel.formats.wds import iter_tar_samples
+    from silverlabel.stages import reinforce as rs
+
+    runner = rs.get_teacher_runner(cfg)
+    tar = sorted(trainset.glob("*.tar"))[0]
+    index = list(iter_tar_samples(str(tar)))[:limit]
+    reader = rs._Reader(str(tar))
+    try:
+        sizes = [rs._image_size(reader.read(s.members["jpg"])) for s in index]
+        augs = [sample_augs(cfg.policy, cfg.seed, s.key, w, h, cfg.augs, len(index), i)
+                for i, (s, (w, h)) in enumerate(zip(index, sizes))]
+        per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
+        batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
+        tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}))
+
+        def run(bs) -> None:
+            futs = [tr.submit(b) for b in bs[:2]]
+            for j in range(len(bs)):
+                xs, event, _keep = futs[j].result()
+                if event is not None:
+                    event.synchronize()
+                if j + 2 < len(bs):
+                    futs.append(tr.submit(bs[j + 2]))
+                del xs
+
+        run(batches[:2])  # warm-up: decoder, kernels, allocator
+        t0 = time.perf_counter()
+        run(batches)
+        dt = time.perf_counter() - t0
+        tr.close()
+    finally:
+        reader.close()
+    return len(index) * cfg.augs / dt
+
+
+def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str, float]:
+    """Where a batch's torch replay spends its time, synchronised after each phase (so not
+    overlapped as in the stage): ms per batch for the decode, the crop + resize, and the flip +
+    RandAugment ops, over ``repeats`` batches of the stage's size (the first one is a warm-up)."""
+    import torch
+
+    from silverlabel.augment import sample_augs
+    from silverlabel.formats.wds import iter_tar_samples
+    from silverlabel.replay_torch import View, apply_ops, resized_crops
+    from silverlabel.stages import reinforce as rs
+
+    runner = rs.get_teacher_runner(cfg)
+    size = runner.transforms[0].size
+    tar = sorted(trainset.glob("*.tar"))[0]
+    index = list(iter_tar_samples(str(tar)))[:limit]
+    reader = rs._Reader(str(tar))
+    per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
+    tr = rs._TorchReplay(runner, reader, index, [], [size])
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {"decode": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
+    try:
+        for rep in range(repeats + 1):
+            ids = [(rep * per_batch + j) % len(index) for j in range(per_batch)]
+            t0 = time.perf_counter()
+            images, keep = tr._decode(ids)
+            sync()
+            t1 = time.perf_counter()
+            views = []
+            for j, i in enumerate(ids):
+                w, h = images[j].shape[1], images[j].shape[0]
+                views += [View(j, a) for a in sample_augs(cfg.policy, cfg.seed, index[i].key, w, h, cfg.augs)]
+            with torch.inference_mode():
+                crops = [(v.image, v.aug.crop) for v in views]
+                x = resized_crops(images, crops, size)  # auto: the Triton kernels on a GPU
+                sync()
+                t2 = time.perf_counter()
+                resized_crops(images, crops, size, method="dense")
+                sync()
+                t2d = time.perf_counter()
+                t2, t2d = t2d, t2d - t2  # the ops are timed from here
+                flips = torch.tensor([k for k, v in enumerate(views) if v.aug.flip], device=x.device, dtype=torch.long)
+                x[flips] = x[flips].flip(2)
+                apply_ops(x, [v.aug.ops for v in views])
+                sync()
+            t3 = time.perf_counter()
+            del keep, images, x
+            if rep:
+                times["decode"].append(t1 - t0)
+                times["crop_resize"].append(t2 - t1 - t2d)
+                times["crop_resize_dense"].append(t2d)
+                times["ops"].append(t3 - t2)
+    finally:
+        tr.close()
+        reader.close()
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()} | {"views_per_batch": per_batch * cfg.augs}
+
+
+def teacher_spec(name: str, root: Path):
+    """``efficientnet_lite0`` (real weights), or timm ``name`` with random weights from a local
+    checkpoint (nothing is downloaded)."""
+    from silverlabel.teachers import TeacherSpec
+
+    if name == "efficientnet_lite0":
+        return TeacherSpec(name)
+    import timm
+    from safetensors.torch import save_file
+
+    ckpt = root / f"{name}.safetensors"
+    if not ckpt.exists():
+        model = timm.create_model(name, pretrained=False, num_classes=1000)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+        del model
+    return TeacherSpec(f"timm:{name}", checkpoint=str(ckpt))
+
+
+#: issue 18's targets: the GPU replay's stage rate as a share of the teacher bound
+TARGETS = {"efficientnet_lite0": 0.60, "vit_base_patch16_224": 0.85}
 
 
 def tar_member_bytes(n: int) -> int:
     """What a member of ``n`` bytes occupies in a tar: a 512-byte header + data padded to 512."""
     return 512 + -(-n // 512) * 512
+
+
+def parse_config(conf: str) -> dict:
+    """``torch`` | ``torch-rN`` | ``WxT`` | ``WpP`` -> ReinforceConfig runtime fields."""
+    c = conf.lower()
+    if c == "torch" or c.startswith("torch-r"):
+        return {"replay": "torch", "workers": 1, "reserve_sms": int(c[7:]) if c != "torch" else 0}
+    procs = "p" in c
+    w, t = (int(x) for x in c.replace("p", "x").split("x"))
+    return {"replay": "pil", "workers": w, "threads": None if procs else t, "replay_procs": t if procs else 0}
 
 
 def main() -> int:
@@ -186,9 +331,15 @@ def main() -> int:
     ap.add_argument("--augs", type=int, default=10)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--embeddings", action="store_true", help="also store pre-logits embeddings")
-    ap.add_argument("--configs", default="1x16,2x8,4x4",
-                    help="WORKERSxTHREADS (replay threads) or WORKERSpPROCS (replay processes), comma separated")
+    ap.add_argument("--teachers", default="efficientnet_lite0,vit_base_patch16_224",
+                    help="comma separated: efficientnet_lite0 (real weights) or timm names (random weights)")
+    ap.add_argument("--configs", default="torch,1p15",
+                    help="torch (GPU replay), torch-rN (GPU replay, N SMs kept from the teacher: --reserve-sms N), "
+                         "WORKERSxTHREADS (Pillow replay threads) or WORKERSpPROCS (Pillow replay processes), "
+                         "comma separated")
     ap.add_argument("--bound-procs", type=int, default=0, help="replay processes for the replay bound (0: cores)")
+    ap.add_argument("--bound-limit", type=int, default=1000, help="images for the replay bounds")
+    ap.add_argument("--no-pil-bounds", action="store_true", help="skip the Pillow replay bounds")
     ap.add_argument("--runs", type=int, default=1, help="repeat the bounds and the configs (noisy shared machines)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=0, help="augmented images per forward (0: stage default)")
@@ -204,41 +355,54 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA GPU: use --device cpu for a smoke run", file=sys.stderr)
         return 2
+    t_start = time.perf_counter()
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="sl-bench-reinforce-"))
     t0 = time.perf_counter()
     ts = build_trainset(root, args.images, args.unique, args.shards)
     print(f"trainset: {args.images} images in {args.shards} shards, {time.perf_counter() - t0:.1f} s", flush=True)
-    base = ReinforceConfig(str(ts), str(root / "out-warm"), augs=args.augs, topk=args.topk, embeddings=args.embeddings,
-                           device=args.device, batch_size=args.batch, threads=cores)
     bprocs = args.bound_procs or cores
-    limit = min(args.images, 1000)
+    limit = min(args.images, args.bound_limit)
     bounds: dict[str, list[float]] = {"threads": [], "procs_ring": [], "procs_pickled": []}
-    for _ in range(args.runs):
-        bounds["threads"].append(replay_rate(ts, args.augs, cores, 224, limit=limit))
-        bounds["procs_ring"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=True))
-        bounds["procs_pickled"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=False))
-        print(f"replay bound: {cores} threads {bounds['threads'][-1]:.0f}, {bprocs} processes "
-              f"{bounds['procs_ring'][-1]:.0f} (ring) / {bounds['procs_pickled'][-1]:.0f} (pickled) augmentations/s",
+    if not args.no_pil_bounds:
+        for _ in range(args.runs):
+            bounds["threads"].append(replay_rate(ts, args.augs, cores, 224, limit=limit))
+            bounds["procs_ring"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=True))
+            bounds["procs_pickled"].append(replay_rate_procs(ts, args.augs, bprocs, 224, limit=limit, ring=False))
+            print(f"Pillow replay bound: {cores} threads {bounds['threads'][-1]:.0f}, {bprocs} processes "
+                  f"{bounds['procs_ring'][-1]:.0f} (ring) / {bounds['procs_pickled'][-1]:.0f} (pickled) "
+                  "augmentations/s", flush=True)
+    teachers, runs = [], []
+    for name in args.teachers.split(","):
+        spec = teacher_spec(name, root)
+        base = ReinforceConfig(str(ts), str(root / "out-warm"), teachers=(spec,), augs=args.augs, topk=args.topk,
+                               embeddings=args.embeddings, device=args.device, batch_size=args.batch, threads=cores)
+        batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+        tr = {"teacher": name, "teacher_bound": max(teacher_rate(base, batch) for _ in range(args.runs)),
+              "torch_replay_bound": max(torch_replay_rate(ts, base, limit) for _ in range(args.runs))}
+        if not teachers:  # the replay's phases do not depend on the teacher
+            tr["replay_phases_ms"] = replay_phases(ts, base, limit)
+            print(f"torch replay, ms per batch by phase (synchronised): {json.dumps(tr['replay_phases_ms'])}",
+                  flush=True)
+        print(f"{name}: teacher bound {tr['teacher_bound']:.0f} augmentations/s (classify on device batches of "
+              f"{batch}); GPU-replay bound {tr['torch_replay_bound']:.0f} augmentations/s (decode + replay, no teacher)",
               flush=True)
-    replay_s = max(bounds["threads"])
-    teach_s = teacher_rate(base, args.batch or (256 if args.device.startswith("cuda") else 32))
-    print(f"teacher bound: {teach_s:.0f} augmentations/s", flush=True)
-    runs = []
-    for rep in range(args.runs):
-        for conf in args.configs.split(","):
-            procs = "p" in conf.lower()
-            w, t = (int(x) for x in conf.lower().replace("p", "x").split("x"))
-            cfg = ReinforceConfig(str(ts), str(root / f"out-{conf}-{rep}"), augs=args.augs, topk=args.topk,
-                                  embeddings=args.embeddings, device=args.device, batch_size=args.batch, workers=w,
-                                  threads=cores // w if procs else t, replay_procs=t if procs else 0)
-            s = run_reinforce(cfg)
-            r = {"config": conf, "workers": w, "threads": 0 if procs else t, "replay_procs": t if procs else 0,
-                 "augs": s.augs_now, "seconds": s.seconds,
-                 "augs_per_s": s.augs_per_second, "images_per_s": s.samples_now / s.seconds,
-                 "bytes_per_sample": s.bytes_per_sample, "bytes_per_aug": s.bytes_per_aug}
-            print(json.dumps(r), flush=True)
-            runs.append(r)
+        teachers.append(tr)
+        for rep in range(args.runs):
+            for conf in args.configs.split(","):
+                fields = parse_config(conf)
+                if fields.get("threads", cores) is None:
+                    fields["threads"] = max(1, cores // fields["workers"])
+                cfg = ReinforceConfig(str(ts), str(root / f"out-{name}-{conf}-{rep}"), teachers=(spec,),
+                                      augs=args.augs, topk=args.topk, embeddings=args.embeddings, device=args.device,
+                                      batch_size=args.batch, **{"threads": cores, **fields})
+                s = run_reinforce(cfg)
+                r = {"teacher": name, "config": conf, **fields, "augs": s.augs_now, "seconds": s.seconds,
+                     "augs_per_s": s.augs_per_second, "images_per_s": s.samples_now / s.seconds,
+                     "share_of_teacher_bound": s.augs_per_second / tr["teacher_bound"],
+                     "bytes_per_sample": s.bytes_per_sample, "bytes_per_aug": s.bytes_per_aug}
+                print(json.dumps(r), flush=True)
+                runs.append(r)
     bps = runs[-1]["bytes_per_sample"]
     k = args.augs
     emb_note = " + embeddings" if args.embeddings else ""
@@ -247,23 +411,50 @@ def main() -> int:
         f"### reinforce — {time.strftime('%Y-%m-%d')} — {dev}, {cores} CPU cores, torch {torch.__version__}",
         "",
         f"Command: `python bench/reinforce.py --images {args.images} --augs {k} --topk {args.topk}"
-        f"{' --embeddings' if args.embeddings else ''} --configs {args.configs} --device {args.device}`. "
-        f"Input: {args.images} photo-like 640x480 JPEGs in {args.shards} shards; teacher efficientnet_lite0 "
-        f"(224 px), RandAugment 2 ops m9, no mixing; wall clock includes start-up and teacher loading.",
+        f"{' --embeddings' if args.embeddings else ''} --teachers {args.teachers} --configs {args.configs} "
+        f"--device {args.device}`. Input: {args.images} photo-like 640x480 JPEGs in {args.shards} shards; "
+        f"RandAugment 2 ops m9, no mixing; teachers at 224 px ({args.teachers.replace(',', ', ')}; all but "
+        "efficientnet_lite0 with random weights); wall clock includes start-up and teacher loading.",
         "",
-        "| config (workers x threads, or workers p replay processes) | augmentations/s | images/s | seconds |",
-        "|---|---:|---:|---:|",
+        "| teacher | config | augmentations/s | share of teacher bound | target | images/s | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for r in runs:
-        lines.append(f"| {r['config']} | {r['augs_per_s']:.0f} | {r['images_per_s']:.0f} | {r['seconds']:.1f} |")
+        target = TARGETS.get(r["teacher"]) if r["config"].startswith("torch") else None
+        mark = ""
+        if target is not None:
+            ok = r["share_of_teacher_bound"] >= target
+            mark = f">= {target:.0%} {'met' if ok else 'NOT met'}"
+            verdicts.append(f"{r['teacher']} GPU replay: {r['share_of_teacher_bound']:.0%} of the teacher bound "
+                            f"(target {target:.0%}): {'met' if ok else 'NOT met'}")
+        lines.append(f"| {r['teacher']} | {r['config']} | {r['augs_per_s']:.0f} | {r['share_of_teacher_bound']:.0%} | "
+                     f"{mark} | {r['images_per_s']:.0f} | {r['seconds']:.1f} |")
+    for tr in teachers:
+        lines.append(f"| {tr['teacher']} | *teacher bound: classify on device batches* | {tr['teacher_bound']:.0f} | "
+                     "100% | | | |")
+        lines.append(f"| {tr['teacher']} | *GPU-replay bound: decode + {k} replays on the device, no teacher* | "
+                     f"{tr['torch_replay_bound']:.0f} | | | {tr['torch_replay_bound'] / k:.0f} | |")
+    if bounds["threads"]:
+        lines += [
+            f"| | *Pillow replay bound: decode + {k} replays, {cores} threads, no teacher* | "
+            f"{' / '.join(f'{x:.0f}' for x in bounds['threads'])} | | | {max(bounds['threads']) / k:.0f} | |",
+            f"| | *Pillow replay bound: {bprocs} replay processes, shared-memory ring* | "
+            f"{' / '.join(f'{x:.0f}' for x in bounds['procs_ring'])} | | | {max(bounds['procs_ring']) / k:.0f} | |",
+            f"| | *Pillow replay bound: {bprocs} replay processes, arrays pickled back* | "
+            f"{' / '.join(f'{x:.0f}' for x in bounds['procs_pickled'])} | | | {max(bounds['procs_pickled']) / k:.0f} | |",
+        ]
+    phases = next((tr["replay_phases_ms"] for tr in teachers if "replay_phases_ms" in tr), None)
+    if phases:
+        from silverlabel.replay_torch import _TRITON_FAILED
+
+        resize = "dense float64 products (Triton failed: " + _TRITON_FAILED[0] + ")" if _TRITON_FAILED else \
+            ("the Triton kernels" if args.device.startswith("cuda") else "dense float64 products")
+        lines += ["", f"Torch replay by phase, ms per batch of {phases['views_per_batch']} views (each phase "
+                  f"synchronised, not overlapped): decode {phases['decode']:.1f}, crop + resize "
+                  f"{phases['crop_resize']:.1f} (the stage's: {resize}; dense float64 products "
+                  f"{phases['crop_resize_dense']:.1f}), flip + RandAugment {phases['ops']:.1f}."]
     lines += [
-        f"| *replay bound: decode + {k} replays, {cores} threads, no teacher* | "
-        f"{' / '.join(f'{x:.0f}' for x in bounds['threads'])} | {replay_s / k:.0f} | |",
-        f"| *replay bound: the same in {bprocs} replay processes, shared-memory ring* | "
-        f"{' / '.join(f'{x:.0f}' for x in bounds['procs_ring'])} | {max(bounds['procs_ring']) / k:.0f} | |",
-        f"| *replay bound: {bprocs} replay processes, arrays pickled back* | "
-        f"{' / '.join(f'{x:.0f}' for x in bounds['procs_pickled'])} | {max(bounds['procs_pickled']) / k:.0f} | |",
-        f"| *teacher bound: classify on in-memory batches* | {teach_s:.0f} | | |",
         "",
         "Storage per sample and per stored augmentation:",
         "",
@@ -282,18 +473,19 @@ def main() -> int:
         f"| DataCompDR-12M-bf16 image part | embedding bf16, crop/ops JSON | ~{1536 * 2 + 80} | ~{30 * (1536 * 2 + 80)} |",
         f"| (DataCompDR text part, per sample: 6 x 1536 fp32 embeddings + 5 captions) | | | {6 * 1536 * 4}+ |",
         "",
-        f"Python {platform.python_version()}, {platform.machine()}",
+        f"Python {platform.python_version()}, {platform.machine()}; {time.perf_counter() - t_start:.0f} s in all",
         "",
     ]
     text = "\n".join(lines)
     print(text)
+    for v in verdicts:
+        print(v)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "replay_bound": replay_s, "replay_bounds": bounds,
-                                               "teacher_bound": teach_s},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"runs": runs, "teachers": teachers, "pil_replay_bounds": bounds,
+                                               "targets": TARGETS, "args": vars(args)}, indent=2))
     return 0
 
 

@@ -15,10 +15,15 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
 1. the tar's headers are read; every image's size comes from its header (no decode);
    sample ``key`` (at position ``i`` of the shard) gets ``augment.sample_augs(policy, seed,
    key, W, H, K, n, i)`` — a function of (seed, key), never of processing order;
-2. samples are decoded once each and their K augmentations replayed with
-   :func:`silverlabel.augment.replay` at each teacher's input size (a mixed augmentation
-   replays its partner too), in batches of about ``batch_size`` augmented images, the next
-   two batches prepared while the teacher runs the current one. The replay runs on a thread
+2. samples are decoded once each and their K augmentations replayed at each teacher's input
+   size (a mixed augmentation replays its partner too), in batches of about ``batch_size``
+   augmented images, the next two batches prepared while the teacher runs the current one.
+   With ``replay="torch"`` (the default on a GPU) a batch is decoded on the teacher's device
+   (on a GPU: the label stage's decoder, hardware JPEG engines first) and all its views are
+   replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
+   arithmetic in torch: on the CPU the same bytes as the Pillow replay), on a thread and CUDA
+   stream of their own, straight into the teacher. With ``replay="pil"`` (the default on the
+   CPU) :func:`silverlabel.augment.replay` replays each view with Pillow: on a thread
    pool (``threads``; Pillow holds the GIL for most of it, so this tops out near one core's
    rate) or, with ``replay_procs`` > 0, in that many spawned processes: each opens the
    source tar itself, replays one sample per task, and writes its pixels straight into a
@@ -68,7 +73,8 @@ from silverlabel.augment import (
     sample_augs,
     unpack,
 )
-from silverlabel.dataset import INFO_FILE, TrainSet, atomic_write, write_json_atomic
+from silverlabel.dataset import (INFO_FILE, TrainSet, atomic_write, make_identity, named_teachers, parent_entry,
+                                 records_digest, without_locations, write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
@@ -78,6 +84,9 @@ from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, read_r
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
 
+
+
+REPLAY_MODES = ("auto", "torch", "pil")
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,14 @@ class ReinforceConfig:
     replay_procs: int = opt(-1, "replay processes per worker (Pillow holds the GIL: threads top out near one core); "
                             "0 = replay on --threads threads", type=int, metavar="N",
                             default_help="default: 0 on CPU, min(16, cores/workers - 1) on a GPU")
+    # where the stored augmentations are replayed: torch = batched on the teacher's device (the GPU
+    # decodes and replays, replay_torch.py, Pillow's arithmetic), pil = augment.replay on CPU threads/processes
+    replay: str = opt("auto", "where augmentations are replayed: torch (batched on the teacher's device) or pil "
+                      "(Pillow on CPU threads/processes)", choices=REPLAY_MODES,
+                      default_help="default: torch on a GPU, pil on the CPU")
+    reserve_sms: int = opt(0, "with --replay torch on a GPU: SMs kept from the teacher for the decode and replay "
+                           "(a CUDA green context, as label's --reserve-sms); 0 = the teacher shares every SM",
+                           type=int, metavar="N")
     engine: str = engine_field()  # local | ray (a pool of actors that keep the teacher loaded)
     ray_address: str | None = ray_address_field()
 
@@ -131,6 +148,10 @@ class ReinforceConfig:
             raise UserError("--workers and --threads must be >= 1")
         if self.replay_procs < -1:
             raise UserError(f"--replay-procs must be >= 0 (or -1: auto), got {self.replay_procs}")
+        if self.reserve_sms < 0:
+            raise UserError(f"--reserve-sms must be >= 0, got {self.reserve_sms}")
+        if self.replay not in REPLAY_MODES:
+            raise UserError(f"--replay must be one of {', '.join(REPLAY_MODES)}, not {self.replay!r}")
         if os.path.abspath(self.output) == os.path.abspath(self.trainset):
             raise UserError("-o must not be the input training set")
 
@@ -386,6 +407,91 @@ def _proc_replay(token: str, src: str, job: tuple, sizes: list[int], shm_name: s
     return None
 
 
+def resolve_replay(cfg: ReinforceConfig, device_type: str) -> str:
+    """``cfg.replay`` with ``auto`` resolved: ``torch`` on a GPU, ``pil`` on the CPU."""
+    if cfg.replay != "auto":
+        return cfg.replay
+    return "torch" if device_type == "cuda" else "pil"
+
+
+class _TorchReplay:
+    """Whole batches decoded and replayed on the teacher's device (:mod:`silverlabel.replay_torch`),
+    on a thread of its own ahead of the teacher. On a GPU the images are decoded by the label
+    stage's decoder (hardware JPEG engines, nvJPEG, Pillow per image) and replayed on a CUDA
+    stream of this thread at the highest priority (``inference.producer_stream``); the teacher
+    runs on a stream of its own (not the legacy default stream, which would wait for the
+    decoder's streams) after an event of the replay's."""
+
+    def __init__(self, runner: Any, reader: _Reader, index: list, augs: list[list[Aug]], sizes: list[int],
+                 reserve_sms: int = 0):
+        import torch
+
+        self.torch, self.device = torch, runner.device
+        self.cuda = self.device.type == "cuda"
+        self.decoder = runner.decoders[0] if self.cuda and runner.decoders else None
+        self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
+        self.pool = ThreadPoolExecutor(1)
+        if self.cuda:
+            from silverlabel.inference import model_stream, producer_stream
+
+            self.stream = producer_stream(self.device)  # highest priority: its small kernels go first
+            # the teacher's stream: on a green context of all SMs but reserve_sms when asked (the
+            # teacher's long kernels otherwise hold every SM while the replay's wait)
+            self.model_stream, self._green, _sms = model_stream(self.device, reserve_sms)
+        else:
+            self.stream = self.model_stream = None
+
+    def submit(self, batch: list[int]):
+        return self.pool.submit(self._prepare, batch)
+
+    def _decode(self, need: list[int]) -> tuple[list[Any], Any]:
+        from silverlabel.replay_torch import decode_cpu, ref_tensor
+
+        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
+        if self.decoder is None:
+            return [decode_cpu(b).to(self.device) for b in blobs], None
+        refs, errors, keep = self.decoder.decode(blobs)
+        for i, err in zip(need, errors):
+            if err is not None:
+                raise OSError(f"sample {self.index[i].key!r}: {err}")
+        return [ref_tensor(r, self.device) for r in refs], keep
+
+    def _prepare(self, batch: list[int]) -> tuple[list[Any], Any, Any]:
+        from silverlabel.replay_torch import View, replay_views
+
+        torch = self.torch
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext(), torch.inference_mode():
+            partners = {a.mix.partner for i in batch for a in self.augs[i] if a.mix is not None}
+            need = sorted(set(batch) | partners)
+            pos = {i: j for j, i in enumerate(need)}
+            images, keep = self._decode(need)
+            views = [View(pos[i], a, None if a.mix is None else
+                          (pos[a.mix.partner], self.augs[a.mix.partner][a.mix.partner_aug]))
+                     for i in batch for a in self.augs[i]]
+            xs = [replay_views(images, views, size) for size in self.sizes]
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return xs, event, keep
+
+    def images(self, prepared: tuple[list[Any], Any, Any]) -> list[Any]:
+        """A prepared batch's uint8 [N, S, S, 3] tensors (one per distinct size), usable on the
+        teacher's stream."""
+        xs, event, _keep = prepared
+        if self.cuda:
+            self.model_stream.wait_event(event)
+            for x in xs:
+                x.record_stream(self.model_stream)
+        return xs
+
+    def model_context(self):
+        return self.torch.cuda.stream(self.model_stream) if self.cuda else contextlib.nullcontext()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 _REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
 
 
@@ -438,8 +544,16 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         rnf_bytes = 0
         emb_dim = 0
         out_path = Path(unit.dst)
-        procs = resolve_replay_procs(cfg, runner.device.type)
-        if procs:
+        torch_replay = None
+        procs = 0
+        if resolve_replay(cfg, runner.device.type) == "torch":
+            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.reserve_sms)
+            stack.callback(torch_replay.close)
+        else:
+            procs = resolve_replay_procs(cfg, runner.device.type)
+        if torch_replay is not None:
+            pool = None
+        elif procs:
             pool = _replay_pool(procs)
             rows = min(per_batch, n)  # samples per slot
             if rows and _Ring.fits(rows, k, distinct):
@@ -457,7 +571,9 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                 nonlocal next_batch
                 if next_batch < len(batches):
                     b, slot = batches[next_batch], next_batch % SLOTS
-                    if not procs:
+                    if torch_replay is not None:
+                        futs = [torch_replay.submit(b)]
+                    elif not procs:
                         futs = [pool.submit(_replay_job, reader.read, _sample_job(index, augs, i), distinct) for i in b]
                     else:
                         shm = ring.shm.name if ring else None
@@ -476,13 +592,19 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     except Exception as e:
                         raise UserError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
                     submit()  # keep the pool busy while the teacher runs (the ring slot of this batch is not reused)
-                    if ring is not None:
+                    teacher_ctx = contextlib.nullcontext()
+                    if torch_replay is not None:  # one batch of device tensors, one per distinct size
+                        xs = torch_replay.images(per_sample[0])
+                        images = [xs[distinct.index(size)] for size in sizes]
+                        teacher_ctx = torch_replay.model_context()
+                    elif ring is not None:
                         images = [ring.batch(slot, distinct.index(size), len(b)) for size in sizes]
                     else:
                         images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
-                    del per_sample
-                    idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
-                    del images
+                    with teacher_ctx:
+                        idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
+                    del images, per_sample
+                    xs = None
                     for j, i in enumerate(b):
                         s = index[i]
                         rows = slice(j * k, (j + 1) * k)
@@ -555,9 +677,18 @@ class ReinforceStage(BaseStage):
                     raise FileNotFoundError(f"{self.source.tar_path(filename)}: shard listed in {INFO_FILE} not found")
 
     def manifest(self) -> dict[str, Any]:
+        config = self.config.output_config()  # as published: teachers' checkpoints by name, the input by its id
         return {"stage": "reinforce", "state": "running", "silverlabel_version": __version__,
-                "name": self.info.get("name"), "config": self.config.output_config(),
-                "parents": [{"kind": "trainset", "path": os.path.abspath(self.config.trainset)}]}
+                "name": self.info.get("name"), "config": {**config, "teachers": named_teachers(config["teachers"])},
+                "parents": [parent_entry("trainset", self.config.trainset, self.output.root)]}
+
+    def total(self) -> int:
+        """The samples of the splits reinforced (copied shards report none)."""
+        splits = self.info.get("splits", {})
+        return sum(int(n) for sp in self.config.splits for n in splits.get(sp, {}).get("shard_lengths", ()))
+
+    def done_work(self, unit: ReinforceUnit, record: dict[str, Any]) -> int:
+        return 0 if unit.copy else unit.samples
 
     def plan(self, engine: Engine) -> Iterator[ReinforceUnit]:
         cfg, src, out = self.config, self.source, self.output
@@ -603,7 +734,10 @@ class ReinforceStage(BaseStage):
                 "bytes_per_aug_schema": bytes_per_aug(cfg.topk, cfg.policy.ra_ops, emb_dim, cfg.policy.mixes),
             },
         )
-        out.write_manifest(manifest)
+        ident = make_identity("trainset", {"config": manifest["config"],
+                                           "parents": without_locations(manifest["parents"]),
+                                           "content": records_digest(out.root)})
+        out.write_manifest({"id": ident, **manifest})
         write_json_atomic(out.info_path, info)
         done = [r for r in run.results if not r.copied]
         return ReinforceSummary(str(out.root), n_samples, len(done) + len(run.skipped), len(done), len(run.skipped),
