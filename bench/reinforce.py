@@ -248,7 +248,7 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
     per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
     tr = rs._TorchReplay(runner, reader, index, [], [size])
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {"decode": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
+    times: dict[str, list[float]] = {"decode": [], "views": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
     try:
         for rep in range(repeats + 1):
             ids = [(rep * per_batch + j) % len(index) for j in range(per_batch)]
@@ -262,6 +262,7 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
                 views += [View(j, a) for a in sample_augs(cfg.policy, cfg.seed, index[i].key, w, h, cfg.augs)]
             with torch.inference_mode():
                 crops = [(v.image, v.aug.crop) for v in views]
+                t1v = time.perf_counter()  # the views' parameters drawn (host)
                 x = resized_crops(images, crops, size)  # auto: the Triton kernels on a GPU
                 sync()
                 t2 = time.perf_counter()
@@ -277,7 +278,8 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
             del keep, images, x
             if rep:
                 times["decode"].append(t1 - t0)
-                times["crop_resize"].append(t2 - t1 - t2d)
+                times["views"].append(t1v - t1)
+                times["crop_resize"].append(t2 - t1v - t2d)
                 times["crop_resize_dense"].append(t2d)
                 times["ops"].append(t3 - t2)
     finally:
@@ -451,7 +453,8 @@ def main() -> int:
         resize = "dense float64 products (Triton failed: " + _TRITON_FAILED[0] + ")" if _TRITON_FAILED else \
             ("the Triton kernels" if args.device.startswith("cuda") else "dense float64 products")
         lines += ["", f"Torch replay by phase, ms per batch of {phases['views_per_batch']} views (each phase "
-                  f"synchronised, not overlapped): decode {phases['decode']:.1f}, crop + resize "
+                  f"synchronised, not overlapped): decode {phases['decode']:.1f}, drawing the views' parameters "
+                  f"{phases['views']:.1f}, crop + resize "
                   f"{phases['crop_resize']:.1f} (the stage's: {resize}; dense float64 products "
                   f"{phases['crop_resize_dense']:.1f}), flip + RandAugment {phases['ops']:.1f}."]
     lines += [
