@@ -116,7 +116,22 @@ def _tar(root):
     return path, 3
 
 
-EXAMPLES = {"table": _table, "folder": _folder, "tar": _tar}
+def _img2dataset(root):
+    """img2dataset's ``parquet`` output format: metadata columns and the image bytes embedded
+    (made here; tests/test_img2dataset_sources.py runs img2dataset itself)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = root / "i2d"
+    out.mkdir()
+    rows = [{"url": f"http://example.invalid/{i}.jpg", "caption": f"c{i}", "key": f"0000{i:04d}", "status": "success",
+             "error_message": None, "width": 8, "height": 8, "original_width": 8, "original_height": 8,
+             "jpg": _jpeg()} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), out / "00000.parquet")
+    return out, 3
+
+
+EXAMPLES = {"table": _table, "folder": _folder, "tar": _tar, "img2dataset": _img2dataset}
 
 
 @pytest.mark.parametrize("kind", source_kinds())
@@ -129,7 +144,7 @@ def test_source_contract(kind, tmp_path):
     assert src.describe()["kind"] == kind
     items = list(src.items())
     assert [i.index for i in items] == list(range(n))
-    assert all(i.kind in ("url", "file", "tar") and (i.url or i.path) for i in items)
+    assert all(i.kind in ("url", "file", "tar", "embedded") and (i.url or i.path) for i in items)
     assert all(isinstance(f.name, str) for f in src.extra_fields)
     forced = open_source(str(path), SourceOptions(kind=kind))  # --source-kind names it
     assert len(list(forced.items())) == n
