@@ -676,7 +676,7 @@ def phash_pixels(arr: np.ndarray) -> str:
     return phash(Image.fromarray(np.ascontiguousarray(gray)))
 
 
-_PASS_HASH_SIDE = 192  # DCT-scaled decode for the fast hash of a kept JPEG: >= 192 px short side
+_PASS_HASH_SIDE = 120  # DCT-scaled decode for the fast hash of a kept JPEG: >= 120 px short side (BENCHMARKS.md)
 
 
 def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
