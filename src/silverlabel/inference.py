@@ -554,14 +554,13 @@ def producer_stream(device: Any) -> Any:
 
     The producer is a chain of small, dependent steps (bitstream copies, decode, colour
     conversion, resize kernels, host synchronisations between them); the model is a few long
-    kernels that fill every SM. At equal priority each producer kernel queues behind the
-    model's blocks, so on an H200 a decode loop next to a ViT-B kept 8% of its rate alone
-    (bench/label_overlap.py) and the two took turns instead of overlapping. At high priority
-    the producer's blocks are scheduled first as SMs free up; the model loses little (its
-    kernels are throughput work)."""
+    kernels. At high priority the producer's blocks are scheduled first wherever SMs free up,
+    at no cost to the model. It is not enough on its own: next to a ViT-B/16 a decode loop
+    kept 8-13% of its rate alone at either priority on an H200, because the model's kernels
+    hold every SM for as long as they run (bench/label_overlap.py, BENCHMARKS.md)."""
     import torch
 
-    low, high = torch.cuda.Stream.priority_range()
+    _, high = torch.cuda.Stream.priority_range()
     return torch.cuda.Stream(device, priority=high)
 
 
