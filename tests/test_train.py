@@ -145,6 +145,12 @@ def test_restart_before_first_checkpoint_keeps_no_stale_rows(trainset, tmp_path)
     assert [s for s, _ in _metric_losses(tmp_path / "r")] == [1, 2, 3, 4]
     assert [s for s, _ in _tb_losses(tmp_path / "r")] == [1, 2, 3, 4]
     assert (tmp_path / "r" / "metrics.csv").read_text().count("\n") == 5
+    # the event files name no host and no process (issue 17: nothing machine-specific)
+    import socket
+
+    names = [p.name.split(".") for p in (tmp_path / "r" / "tb").iterdir()]
+    assert len(names) == 2 and all(n[:3] == ["events", "out", "tfevents"] and n[4] == "silverlabel" for n in names)
+    assert not any(socket.gethostname() in n for n in names)
 
 
 def _tb_losses(run):

@@ -395,6 +395,24 @@ def _metrics_truncate(out: Path, step: int) -> None:
             f.write(s.getvalue().encode())
 
 
+_EVENTS = "events.out.tfevents."
+
+
+def _neutral_event_names(tb_dir: Path) -> None:
+    """Rename TensorBoard's event files so their names hold no host name or process id
+    (``events.out.tfevents.TIME.HOST.PID.N`` -> ``events.out.tfevents.TIME.silverlabel.K``):
+    a published run says nothing about the machine it ran on. TensorBoard reads any
+    ``*tfevents*`` file in name order; the time stays first, so the order is kept."""
+    for p in sorted(tb_dir.glob(_EVENTS + "*")):
+        parts = p.name[len(_EVENTS):].split(".")
+        if len(parts) < 4 or parts[1] == "silverlabel" or not parts[0].isdigit():
+            continue  # already neutral, or not a writer's name
+        k = 0
+        while (target := p.with_name(f"{_EVENTS}{parts[0]}.silverlabel.{k}")).exists():
+            k += 1
+        p.rename(target)
+
+
 def _tensorboard_writer(path: Path, step: int):
     """A SummaryWriter on ``RUN/tb`` that continues at ``step`` (``purge_step`` hides
     the events logged after the checkpoint: steps > ``step``). None without tensorboard."""
@@ -646,6 +664,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
             csv_f.close()
         if tb is not None:
             tb.close()
+            _neutral_event_names(out / "tb")
         if ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     seconds = time.monotonic() - t0
