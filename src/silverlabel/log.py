@@ -271,7 +271,6 @@ class Progress:
                 self.last_log = now
                 self.log.info("%s", self.describe(now))
 
-    update = __call__  # the name the CLI used
 
     def describe(self, now: float | None = None) -> str:
         """``ingest: 400/1000 (40.0%), 52.1 img/s, ETA 0:11`` (no total: the count and rate)."""

@@ -59,7 +59,7 @@ from typing import Any, Protocol
 from silverlabel import __version__
 from silverlabel.dataset import Dataset, clean_temporaries, file_digest, storage_error, write_json_atomic
 from silverlabel.errors import UserError
-from silverlabel.engine import Engine, Report, stage_engine
+from silverlabel.engine import Engine, Report, stage_engine, unit_name
 from silverlabel.log import set_total, skip
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,12 @@ class Stage(Protocol):
     def redo(self, unit: Any, record: dict[str, Any]) -> Any | None:
         """A done unit to run again anyway (None: skip it)."""
 
+    def total(self) -> int | None:
+        """The amount of work (progress units) when known before the plan runs, else None."""
+
+    def done_work(self, unit: Any, record: dict[str, Any]) -> int:
+        """The progress units a unit found done stands for (taken off the total)."""
+
     def finish(self, run: StageRun) -> Any:
         """Index files and the final manifest; returns the stage's summary."""
 
@@ -248,9 +254,7 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
         if manifest is not None and not out.exists():
             out.write_manifest(manifest)
         skipped: list[tuple[Any, dict[str, Any]]] = []
-        total = getattr(stage, "total", None)
-        set_total(progress, total() if total is not None else None)
-        done_work = getattr(stage, "done_work", None)
+        set_total(progress, stage.total())
 
         def todo() -> Iterator[Any]:
             for unit in stage.plan(engine):
@@ -259,11 +263,10 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
                     again = stage.redo(unit, rec)
                     if again is None:
                         skipped.append((unit, rec))
-                        log.debug("%s: done before, skipped", Path(unit.commit.path).stem)
-                        if done_work is not None:
-                            skip(progress, done_work(unit, rec))
+                        log.debug("%s: done before, skipped", unit_name(unit))
+                        skip(progress, stage.done_work(unit, rec))
                         continue
-                    log.debug("%s: done before, redone", Path(unit.commit.path).stem)
+                    log.debug("%s: done before, redone", unit_name(unit))
                     unit = again
                 yield unit
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import (DONE_DIR, Dataset, Pool, Run, Selection, TrainSet, file_digest, is_identity,
+from silverlabel.dataset import (DONE_DIR, ID_KINDS, Dataset, Pool, Run, Selection, TrainSet, file_digest, is_identity,
                                  parent_location)
 from silverlabel.errors import UserError
 from silverlabel.formats.labels import CLASSES_FILE, CLASSES_UNIT
@@ -327,11 +327,9 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
             verify_run(run, report)
             return report
         raise UserError(f"{root}: not a silverlabel dataset or run (no {ds.manifest_path.name}, no checkpoint)")
-    man = ds.read_manifest()
-    if not isinstance(man, dict):
-        raise UserError(f"{ds.manifest_path}: not a manifest (a JSON object)")
+    man = ds.read_manifest()  # a UserError unless a JSON object
     stage = man.get("stage")
-    kind = {"ingest": "pool", "select": "selection", "shard": "trainset", "reinforce": "trainset"}.get(stage)
+    kind = ID_KINDS.get(stage) if stage != "train" else None
     if kind is None:
         raise UserError(f"{ds.manifest_path}: stage {stage!r} is not one verify knows (ingest, select, shard, "
                         "reinforce)")

@@ -111,10 +111,9 @@ def _first_tar_json(path: str) -> dict[str, Any] | None:
         if fs.is_remote(path):  # the tar's first megabytes only, not the whole tar
             size = fs.info(path)["size"]
             f: Any = io.BytesIO(fs.read_range(path, 0, min(size, _HEAD_BYTES)))
-            samples = iter_tar_samples(f)
         else:
             f = open(path, "rb")
-            samples = iter_tar_samples(path)
+        samples = iter_tar_samples(f)
         with f:
             for s in samples:
                 meta = read_json_member(f, s)

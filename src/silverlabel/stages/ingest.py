@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
-from silverlabel import __version__
+from silverlabel import __version__, fs
 from silverlabel.dataset import Pool, atomic_write, input_name, make_identity, records_digest
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
@@ -373,11 +373,13 @@ def _items_identity(items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def cfg_source(cfg: IngestConfig, i: int) -> str:
-    """The ``i``-th SOURCE as given (for an error message; never written to a file)."""
+def _cfg_source(cfg: IngestConfig, i: int) -> str:
+    """The ``i``-th SOURCE for an error message: a URL or ``pipe:`` without credentials or
+    signatures (:func:`silverlabel.fs.public`), a local path made absolute."""
     if i >= len(cfg.sources):
         return "?"
-    return cfg.sources[i] if "://" in cfg.sources[i] else os.path.abspath(cfg.sources[i])
+    s = cfg.sources[i]
+    return fs.public(s) if fs.is_remote(s) else os.path.abspath(s)
 
 
 def _published(source: Any) -> dict[str, Any]:
@@ -460,7 +462,7 @@ class IngestStage(BaseStage):
                for i, (p, s) in enumerate(zip(self.parents, self.sources))]
         if before != now:
             i = next((i for i, (b, n) in enumerate(zip(before, now)) if b != n), None)
-            shown = (f"{before[i]} before, {cfg_source(self.config, i)} = {now[i]} now" if i is not None
+            shown = (f"{before[i]} before, {_cfg_source(self.config, i)} = {now[i]} now" if i is not None
                      else f"{len(before)} sources before, {len(now)} now")
             raise UserError(f"{self.output.root}: was ingested from other sources ({shown}); resume with the "
                             "same sources (the same bytes), or write to a new -o")
@@ -524,9 +526,9 @@ class IngestStage(BaseStage):
         if labels:  # the labels written for this pool stay registered
             manifest["labels"] = labels
         manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
-        manifest["id"] = make_identity("pool", {"config": manifest["config"], "parents": manifest["parents"],
-                                                "content": records_digest(pool.root)})
-        pool.write_manifest({"id": manifest.pop("id"), **manifest})
+        pool_id = make_identity("pool", {"config": manifest["config"], "parents": manifest["parents"],
+                                         "content": records_digest(pool.root)})
+        pool.write_manifest({"id": pool_id, **manifest})
         items_now = sum(r.items for r in run.results)
         return IngestSummary(str(pool.root), counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)
 

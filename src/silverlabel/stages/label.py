@@ -278,7 +278,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
             "silverlabel.missing": str(len(missing)),
             "silverlabel.missing_keys": json.dumps(missing[:100]),
             "silverlabel.limit": "" if unit.limit is None else str(unit.limit),
-            "silverlabel.label_config": unit.published or json.dumps(cfg.output_config()),
+            "silverlabel.label_config": unit.published or json.dumps(cfg.published_config()),
             "silverlabel.version": __version__,
         },
     )

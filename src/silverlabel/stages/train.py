@@ -261,15 +261,12 @@ def load_weights(path: str | os.PathLike, flag: str = "checkpoint") -> Any:
         raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
+#: TrainConfig fields that are no part of a run's id (where it is written, how fast)
+RUNTIME_FIELDS = ("output", "device", "num_workers", "ckpt_every", "log_every", "tensorboard")
 #: TrainConfig fields a resumed run may change: where things are and how fast, plus the length
 #: (``steps``/``epochs``: a finished run is continued). Any other change is another run
 #: (``--init`` may be left out: the weights come from the checkpoint).
-RESUMABLE_CHANGES = ("trainset", "output", "steps", "epochs", "device", "num_workers", "ckpt_every", "log_every",
-                     "tensorboard")
-
-
-#: TrainConfig fields that are no part of a run's id (where it is written, how fast)
-RUNTIME_FIELDS = ("output", "device", "num_workers", "ckpt_every", "log_every", "tensorboard")
+RESUMABLE_CHANGES = RUNTIME_FIELDS + ("trainset", "steps", "epochs")
 
 
 def published_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def trainset_features(root: Path, info: dict[str, Any], class_names: list[str] |
             continue
         path = root / split["filenames"][0]
         with open(path, "rb") as f:
-            for i, s in enumerate(iter_tar_samples(str(path))):
+            for i, s in enumerate(iter_tar_samples(f)):
                 if i >= INFER_SAMPLES:
                     break
                 row = {}

@@ -131,9 +131,8 @@ def _find_pool(lin: Lineage) -> None:
     pm = _manifest(where) if where is not None else None
     if pm is None or pm.get("stage") != "ingest":
         lin.notes.append(f"source dataset {_shown(parent)} not found: no ingest statistics")
-    elif parent.get("id") and dataset_identity(where) != parent["id"]:
-        lin.notes.append(f"source dataset {_shown(parent)} is now another dataset ({dataset_identity(where)}): "
-                         "no ingest statistics")
+    elif parent.get("id") and (now := dataset_identity(where)) != parent["id"]:
+        lin.notes.append(f"source dataset {_shown(parent)} is now another dataset ({now}): no ingest statistics")
     else:
         lin.pool, lin.pool_manifest = where, pm
 
