@@ -13,8 +13,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -204,6 +208,87 @@ def test_embedded_cells_are_read_by_row_through_row_groups(tmp_path):
         read_cell(str(tmp_path / "00000.parquet"), 3, "jpg")
     with pytest.raises(OSError, match="past the end"):
         read_cell(str(tmp_path / "00000.parquet"), 8, "jpg")
+
+
+def test_embedded_cells_read_by_many_threads(tmp_path):
+    jpgs = [sample_jpeg(32 + i, 24, seed=i) for i in range(10)]
+    path = str(tmp_path / "00000.parquet")
+    _write_meta(path, _meta_rows(10), jpgs, row_group_size=3)
+    rows = [r for _ in range(6) for r in range(10)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: read_cell(path, r, "jpg"), rows))
+    assert got == [jpgs[r] for r in rows]
+    with ThreadPoolExecutor(4) as pool:  # an error reaches every reader, not only the one that loaded
+        futures = [pool.submit(read_cell, path, 0, "no_such_column") for _ in range(4)]
+    for f in futures:
+        with pytest.raises(OSError, match="no_such_column"):
+            f.result()
+
+
+class _HeldRanges:
+    """One file over loopback HTTP (HEAD, ``Range``); ranged GETs wait until ``release`` is set."""
+
+    def __init__(self, data: bytes):
+        self.held, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body: bool) -> None:
+                m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
+                start, end = (int(m.group(1)), min(len(data), int(m.group(2) or len(data) - 1) + 1)) if m else (0, len(data))
+                if body and m:
+                    outer.held.set()
+                    outer.release.wait(30)
+                self.send_response(206 if m else 200)
+                self.send_header("Content-Length", str(end - start))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", '"v1"')
+                if m:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[start:end])
+
+            def do_HEAD(self):
+                self._send(False)
+
+            def do_GET(self):
+                self._send(True)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/00000.parquet"
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_slow_remote_cell_read_does_not_hold_up_other_readers(tmp_path):
+    pytest.importorskip("aiohttp")
+    jpgs = [sample_jpeg(32 + i, 24, seed=i) for i in range(4)]
+    local = tmp_path / "local.parquet"
+    _write_meta(local, _meta_rows(4), jpgs, row_group_size=2)
+    server = _HeldRanges(local.read_bytes())
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            remote = pool.submit(read_cell, server.url, 1, "jpg")
+            assert server.held.wait(10), "the remote read never reached the server"
+            # the remote read waits on its server; a local read in another thread goes on
+            local_read = pool.submit(lambda: [read_cell(str(local), r, "jpg") for r in range(4)])
+            assert local_read.result(timeout=10) == jpgs
+            assert not remote.done()
+            server.release.set()
+            assert remote.result(timeout=30) == jpgs[1]
+    finally:
+        server.stop()
 
 
 def test_shards_without_metadata_parquet_are_read_from_their_json(tmp_path):

@@ -25,7 +25,8 @@ import re
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -372,6 +373,9 @@ EMBEDDED_GROUP_MAX = 512 << 20
 _CELL_CACHE_BYTES = 256 << 20
 _cells: OrderedDict[tuple, pa.ChunkedArray] = OrderedDict()
 _footers: OrderedDict[tuple, tuple[list[int], pq.FileMetaData]] = OrderedDict()
+#: loads under way, by cache key: a second reader of the same key waits for the first
+_loading: dict[tuple, Future] = {}
+#: guards the caches and ``_loading`` only; never held while a file is read
 _cells_lock = threading.Lock()
 
 
@@ -401,6 +405,46 @@ def _with_file(path: str, fn):
         return fn(f)
 
 
+def _trim_footers() -> None:
+    while len(_footers) > 64:
+        _footers.popitem(last=False)
+
+
+def _trim_cells() -> None:
+    total = sum(c.nbytes for c in _cells.values())
+    while len(_cells) > 1 and total > _CELL_CACHE_BYTES:
+        total -= _cells.popitem(last=False)[1].nbytes
+
+
+def _cached(cache: OrderedDict, key: tuple, load: Callable[[], Any], trim: Callable[[], None]) -> Any:
+    """``cache[key]``, loaded by ``load()`` on a miss. The lock covers only the bookkeeping:
+    the load runs unlocked, so readers of other files and row groups go on meanwhile, and
+    readers of the same key wait for the one load under way (one decode per row group)."""
+    with _cells_lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        pending = _loading.get(key)
+        owner = pending is None
+        if owner:
+            pending = _loading[key] = Future()
+    if not owner:
+        return pending.result()  # the loader's value, or its exception raised here too
+    try:
+        value = load()
+    except BaseException as e:
+        with _cells_lock:
+            del _loading[key]
+        pending.set_exception(e)
+        raise
+    with _cells_lock:
+        cache[key] = value
+        trim()
+        del _loading[key]
+    pending.set_result(value)
+    return value
+
+
 def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) -> bytes:
     """The bytes in ``column`` of row ``row`` (0-based, over the whole file) of a parquet file.
 
@@ -417,33 +461,27 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
         else:
             st = os.stat(path)
             fkey = (path, st.st_mtime_ns, st.st_size)
-        with _cells_lock:
-            footer = _footers.get(fkey)
-            if footer is None:
-                md = _with_file(path, pq.read_metadata)
-                starts = [0]
-                for rg in range(md.num_row_groups):
-                    starts.append(starts[-1] + md.row_group(rg).num_rows)
-                footer = _footers[fkey] = (starts, md)
-                while len(_footers) > 64:
-                    _footers.popitem(last=False)
-            starts, md = footer
-            if not 0 <= row < starts[-1]:
-                raise OSError(f"row {row} is past the end of {fs.public(path)} ({starts[-1]} rows)")
-            rg = bisect.bisect_right(starts, row) - 1
-            ckey = (*fkey, rg, column)
-            cells = _cells.get(ckey)
-            if cells is None:
-                problem = embedded_group_problem(path, column, md)
-                if problem:
-                    raise OSError(problem)
-                cells = _cells[ckey] = _with_file(
-                    path, lambda f: pq.ParquetFile(f, metadata=md).read_row_group(rg, columns=[column]).column(0))
-                total = sum(c.nbytes for c in _cells.values())
-                while len(_cells) > 1 and total > _CELL_CACHE_BYTES:
-                    total -= _cells.popitem(last=False)[1].nbytes
-            else:
-                _cells.move_to_end(ckey)
+
+        def read_footer() -> tuple[list[int], pq.FileMetaData]:
+            md = _with_file(path, pq.read_metadata)
+            starts = [0]
+            for rg in range(md.num_row_groups):
+                starts.append(starts[-1] + md.row_group(rg).num_rows)
+            return starts, md
+
+        starts, md = _cached(_footers, ("footer", *fkey), read_footer, _trim_footers)
+        if not 0 <= row < starts[-1]:
+            raise OSError(f"row {row} is past the end of {fs.public(path)} ({starts[-1]} rows)")
+        rg = bisect.bisect_right(starts, row) - 1
+
+        def read_group() -> pa.ChunkedArray:
+            problem = embedded_group_problem(path, column, md)
+            if problem:
+                raise OSError(problem)
+            return _with_file(
+                path, lambda f: pq.ParquetFile(f, metadata=md).read_row_group(rg, columns=[column]).column(0))
+
+        cells = _cached(_cells, ("cells", *fkey, rg, column), read_group, _trim_cells)
     except (pa.ArrowException, KeyError, IndexError) as e:
         raise OSError(f"{fs.public(path)}: cannot read column {column!r}: "
                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
