@@ -13,12 +13,9 @@ import hashlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from httpserver import MisbehavingServer, sample_jpeg
 from PIL import Image
+from rangeserver import RangeServer
 
 from silverlabel.cli import main as cli_main
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
@@ -225,70 +223,20 @@ def test_embedded_cells_read_by_many_threads(tmp_path):
             f.result()
 
 
-class _HeldRanges:
-    """One file over loopback HTTP (HEAD, ``Range``); ranged GETs wait until ``release`` is set."""
-
-    def __init__(self, data: bytes):
-        self.held, self.release = threading.Event(), threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body: bool) -> None:
-                m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
-                start, end = (int(m.group(1)), min(len(data), int(m.group(2) or len(data) - 1) + 1)) if m else (0, len(data))
-                if body and m:
-                    outer.held.set()
-                    outer.release.wait(30)
-                self.send_response(206 if m else 200)
-                self.send_header("Content-Length", str(end - start))
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", '"v1"')
-                if m:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data[start:end])
-
-            def do_HEAD(self):
-                self._send(False)
-
-            def do_GET(self):
-                self._send(True)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/00000.parquet"
-
-    def stop(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_slow_remote_cell_read_does_not_hold_up_other_readers(tmp_path):
     pytest.importorskip("aiohttp")
     jpgs = [sample_jpeg(32 + i, 24, seed=i) for i in range(4)]
     local = tmp_path / "local.parquet"
     _write_meta(local, _meta_rows(4), jpgs, row_group_size=2)
-    server = _HeldRanges(local.read_bytes())
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            remote = pool.submit(read_cell, server.url, 1, "jpg")
-            assert server.held.wait(10), "the remote read never reached the server"
-            # the remote read waits on its server; a local read in another thread goes on
-            local_read = pool.submit(lambda: [read_cell(str(local), r, "jpg") for r in range(4)])
-            assert local_read.result(timeout=10) == jpgs
-            assert not remote.done()
-            server.release.set()
-            assert remote.result(timeout=30) == jpgs[1]
-    finally:
-        server.stop()
+    with RangeServer({"/00000.parquet": local.read_bytes()}, hold=True) as server, ThreadPoolExecutor(2) as pool:
+        remote = pool.submit(read_cell, server.url("/00000.parquet"), 1, "jpg")
+        assert server.held.wait(10), "the remote read never reached the server"
+        # the remote read waits on its server; a local read in another thread goes on
+        local_read = pool.submit(lambda: [read_cell(str(local), r, "jpg") for r in range(4)])
+        assert local_read.result(timeout=10) == jpgs
+        assert not remote.done()
+        server.release.set()
+        assert remote.result(timeout=30) == jpgs[1]
 
 
 def test_shards_without_metadata_parquet_are_read_from_their_json(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples
 from silverlabel.sources import SourceOptions, kind_of, open_source
-from silverlabel.sources.tars import expand_braces
+from silverlabel.sources.tars import TarSource, expand_braces
 
 UIDS = ["0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"]
 
@@ -233,6 +233,23 @@ def test_keep_cols_on_tars_reach_the_samples_table(tmp_path):
     t = pq.read_table(next((tmp_path / "pool" / "samples").glob("*.parquet")))
     assert t.column("score").to_pylist() == [0.0, 0.25, 0.5] and t.schema.field("score").type == pa.float64()
     assert t.column("status").to_pylist() == ["success"] * 3
+
+
+def test_keep_cols_on_a_remote_tar_index_it_once(tmp_path):
+    pytest.importorskip("aiohttp")
+    from rangeserver import RangeServer
+
+    _wds(tmp_path / "a.tar", [(f"k{i}", {"jpg": os.urandom(50_000), "txt": f"cap {i}".encode(),
+                                         "json": json.dumps({"n": i}).encode()}) for i in range(6)])
+    with RangeServer({"/a.tar": (tmp_path / "a.tar").read_bytes()}) as server:
+        src = TarSource(server.url("/a.tar"), SourceOptions(keep_cols=("n",)))
+        items = list(src.items())
+        assert [(i.caption, i.extra) for i in items] == [(f"cap {i}", {"n": i}) for i in range(6)]
+        # one forward pass (one read-ahead block here): the types' peek and the items share it
+        assert server.gets("/a.tar") == [f"bytes=0-{(tmp_path / 'a.tar').stat().st_size - 1}"]
+        assert list(src.items()) == items  # a second listing indexes again, with the same items
+    local = TarSource(str(tmp_path / "a.tar"), SourceOptions(keep_cols=("n",)))
+    assert [(i.caption, i.extra, i.offset) for i in local.items()] == [(i.caption, i.extra, i.offset) for i in items]
 
 
 def test_shard_writer_is_reproducible(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -44,7 +45,8 @@ _SIDE_MAX = 1 << 20  # side members (.json/.txt/.cls) above 1 MiB are ignored
 #: samples of the first tar looked at for the keys and types of ``--keep-cols``
 _PEEK_SAMPLES = 100
 
-__all__ = ["TarSource", "expand_braces", "json_field", "json_value", "open_tar_index", "tar_files"]
+__all__ = ["TarIndex", "TarSource", "expand_braces", "json_field", "json_value", "open_tar_index", "tar_files",
+           "tar_index"]
 #: side members a remote tar's index pass keeps, so they are not fetched a second time
 _SIDE_EXTS = frozenset({"json", "txt", "cls"})
 #: at most this many bytes of them per tar (past it, a side member is read again when needed)
@@ -71,13 +73,13 @@ class _IndexingReader:
     :data:`_KEPT_MAX` bytes are kept (a hostile tar of huge side members costs reads, not
     memory)."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: BinaryIO, kept: dict[int, bytes] | None = None):
         self._f = f
         self._pos = 0
         self._side: tuple[int, int] | None = None
-        self.indexing = True
-        self.kept: dict[int, bytes] = {}
-        self.kept_bytes = 0
+        self.indexing = kept is None
+        self.kept: dict[int, bytes] = {} if kept is None else kept
+        self.kept_bytes = sum(len(v) for v in self.kept.values())
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence == 1:
@@ -121,24 +123,35 @@ class _IndexingReader:
         return data
 
 
+@dataclass
+class TarIndex:
+    """A tar's samples (:func:`iter_tar_samples`) and the side members its remote index
+    pass kept, by offset (:class:`_IndexingReader`; empty for a local tar): what
+    :func:`open_tar_index` yields, and takes back to open the same tar without a second pass."""
+
+    samples: list[TarSample]
+    kept: dict[int, bytes] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def open_tar_index(path: str) -> Iterator[tuple[list[TarSample], BinaryIO]]:
+def open_tar_index(path: str, index: TarIndex | None = None) -> Iterator[tuple[list[TarSample], BinaryIO]]:
     """``(samples, file)`` of a tar: its samples with member offsets
     (:func:`iter_tar_samples`) and an open file to read members from. A remote tar is read
     once, forward, in large blocks, and its side members come from that pass
-    (:class:`_IndexingReader`); a ``pipe:`` from its local copy. A damaged tar is a
-    UserError naming it."""
+    (:class:`_IndexingReader`); a ``pipe:`` from its local copy. ``index`` (from
+    :func:`tar_index` of the same tar) is used instead of indexing it again. A damaged tar
+    is a UserError naming it."""
     if fs.is_pipe(path):
         path = fs.pipe_copy(path)
     try:
         if not fs.is_remote(path):
-            samples = list(iter_tar_samples(path))
+            samples = index.samples if index is not None else list(iter_tar_samples(path))
             f: Any = open(path, "rb")
         else:
             raw = fs.open_input(path)
-            f = _IndexingReader(raw)
+            f = _IndexingReader(raw, kept=index.kept if index is not None else None)
             try:
-                samples = list(iter_tar_samples(f))
+                samples = index.samples if index is not None else list(iter_tar_samples(f))
             except BaseException:
                 raw.close()
                 raise
@@ -150,6 +163,12 @@ def open_tar_index(path: str) -> Iterator[tuple[list[TarSample], BinaryIO]]:
         yield samples, f
     finally:
         f.close()
+
+
+def tar_index(samples: list[TarSample], f: BinaryIO) -> TarIndex:
+    """What :func:`open_tar_index` yielded, kept for opening the same tar again with no
+    second index pass."""
+    return TarIndex(samples, f.kept if isinstance(f, _IndexingReader) else {})
 
 
 def read_json_member(f, s: TarSample) -> dict[str, Any] | None:
@@ -213,11 +232,14 @@ class TarSource:
         self.path = path
         self.files = tar_files(path)
         self.keep_cols = tuple(options.keep_cols)
+        #: the first tar's index when ``--keep-cols`` made us read it: :meth:`items` uses it once
+        self._first_index: TarIndex | None = None
         self.extra_fields: list[pa.Field] = self._keep_fields() if self.keep_cols else []
 
     def _keep_fields(self) -> list[pa.Field]:
         """Types of the ``--keep-cols`` keys, from the ``.json`` members of the first tar's
-        first samples; a clear error for a key they do not have."""
+        first samples; a clear error for a key they do not have. The tar's index is kept for
+        :meth:`items` (a remote tar is read once, not twice)."""
         first = self.files[0]
         metas: list[dict[str, Any]] = []
         with open_tar_index(first) as (samples, f):
@@ -227,6 +249,7 @@ class TarSource:
                     metas.append(meta)
                 if len(metas) >= _PEEK_SAMPLES:
                     break
+            self._first_index = tar_index(samples, f)
         first = fs.public(first)
         if not metas:
             raise UserError(f"{first}: --keep-cols reads keys of the samples' .json members, and its first "
@@ -241,10 +264,11 @@ class TarSource:
 
     def items(self) -> Iterator[Item]:
         index = 0
-        for tar_path in self.files:
+        for i, tar_path in enumerate(self.files):
             name = fs.basename(tar_path)
             where = fs.pipe_copy(tar_path) if fs.is_pipe(tar_path) else tar_path
-            with open_tar_index(where) as (samples, f):
+            known, self._first_index = (self._first_index if i == 0 else None), None
+            with open_tar_index(where, known) as (samples, f):
                 for s in samples:
                     yield self._item(index, name, where, f, s)
                     index += 1
