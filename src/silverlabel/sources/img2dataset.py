@@ -66,7 +66,7 @@ from silverlabel.sources import (
 )
 from silverlabel.sources.folder import IMAGE_SUFFIXES
 from silverlabel.sources.tables import _to_int, embedded_group_problem
-from silverlabel.sources.tars import json_field, json_value, open_tar_index, read_json_member
+from silverlabel.sources.tars import SIDE_MAX, json_field, json_value, open_tar_index, read_json_member
 
 #: the columns img2dataset adds to every metadata row: what tells its outputs apart
 SIGNATURE = frozenset({"key", "status", "error_message", "width", "height", "original_width", "original_height"})
@@ -76,7 +76,6 @@ IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
 OWN_COLUMNS = ("url", "caption")
 PREFIX = "source_"
 _STEM_RE = re.compile(r"^\d+$")
-_SIDE_MAX = 1 << 20
 #: the types img2dataset gives its own columns, for shards read from ``.json`` alone
 _KNOWN_TYPES = {"key": pa.string(), "status": pa.string(), "error_message": pa.string(), "width": pa.int32(),
                 "height": pa.int32(), "original_width": pa.int32(), "original_height": pa.int32(),
@@ -127,9 +126,9 @@ def _first_tar_json(path: str) -> dict[str, Any] | None:
 def _read_json_file(path: str) -> dict[str, Any] | None:
     try:
         if fs.is_remote(path):
-            data = fs.read_capped(path, _SIDE_MAX)
+            data = fs.read_capped(path, SIDE_MAX)
         else:
-            if os.path.getsize(path) > _SIDE_MAX:
+            if os.path.getsize(path) > SIDE_MAX:
                 return None
             with open(path, "rb") as f:
                 data = f.read()

@@ -41,12 +41,13 @@ from silverlabel.sources import (
     register_source,
 )
 
-_SIDE_MAX = 1 << 20  # side members (.json/.txt/.cls) above 1 MiB are ignored
+#: side members (a tar's .json/.txt/.cls, a ``files`` shard's .json) above 1 MiB are ignored
+SIDE_MAX = 1 << 20
 #: samples of the first tar looked at for the keys and types of ``--keep-cols``
 _PEEK_SAMPLES = 100
 
-__all__ = ["TarIndex", "TarSource", "expand_braces", "json_field", "json_value", "open_tar_index", "tar_files",
-           "tar_index"]
+__all__ = ["SIDE_MAX", "TarIndex", "TarSource", "expand_braces", "json_field", "json_value", "open_tar_index",
+           "tar_files", "tar_index"]
 #: side members a remote tar's index pass keeps, so they are not fetched a second time
 _SIDE_EXTS = frozenset({"json", "txt", "cls"})
 #: at most this many bytes of them per tar (past it, a side member is read again when needed)
@@ -117,7 +118,7 @@ class _IndexingReader:
                 size = int(data[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
             except ValueError:
                 size = -1
-            if parts is not None and parts[1] in _SIDE_EXTS and 0 <= size <= _SIDE_MAX:
+            if parts is not None and parts[1] in _SIDE_EXTS and 0 <= size <= SIDE_MAX:
                 self._side = (self._pos + 512, size)
         self._pos += len(data)
         return data
@@ -174,7 +175,7 @@ def tar_index(samples: list[TarSample], f: BinaryIO) -> TarIndex:
 def read_json_member(f, s: TarSample) -> dict[str, Any] | None:
     """A sample's ``.json`` member as a dict; None when absent, too large or not an object."""
     loc = s.members.get("json")
-    if loc is None or loc[1] > _SIDE_MAX:
+    if loc is None or loc[1] > SIDE_MAX:
         return None
     try:
         obj = json.loads(read_member(f, *loc))
@@ -276,7 +277,7 @@ class TarSource:
     def _item(self, index: int, name: str, tar_path: str, f, s) -> Item:
         def side(ext: str) -> bytes | None:
             loc = s.members.get(ext)
-            if loc is None or loc[1] > _SIDE_MAX:
+            if loc is None or loc[1] > SIDE_MAX:
                 return None
             return read_member(f, *loc)
 
