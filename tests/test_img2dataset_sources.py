@@ -251,6 +251,28 @@ def test_shards_without_metadata_parquet_are_read_from_their_json(tmp_path):
     assert pa.field("source_original_width", pa.int32()) in src.extra_fields
 
 
+def test_files_shard_folders_are_listed_once(tmp_path, monkeypatch):
+    from silverlabel import fs
+
+    rows = [_meta_rows(2, shard=s) for s in range(2)]
+    _write_meta(tmp_path / "00000.parquet", rows[0])  # shard 0 with its metadata, shard 1 with its .json alone
+    for s, shard_rows in enumerate(rows):
+        (tmp_path / f"{s:05d}").mkdir()
+        for r in shard_rows:
+            (tmp_path / f"{s:05d}" / f"{r['key']}.jpg").write_bytes(sample_jpeg(32, 24))
+            (tmp_path / f"{s:05d}" / f"{r['key']}.json").write_text(json.dumps(r))
+    listed: list[str] = []
+    real = fs.listdir
+    monkeypatch.setattr(fs, "listdir", lambda folder: listed.append(os.path.basename(folder)) or real(folder))
+    src = open_source(str(tmp_path), SourceOptions())
+    items = list(src.items())
+    assert [(it.url, os.path.basename(it.path)) for it in items] == [
+        (r["url"], f"{r['key']}.jpg") for shard_rows in rows for r in shard_rows]
+    assert len(src.files) == 1 + 8  # the metadata, each shard's images and .json
+    shard_lists = [n for n in listed if n in ("00000", "00001")]
+    assert sorted(shard_lists) == ["00000", "00001"]  # each shard folder listed once
+
+
 def test_layouts_that_are_not_img2dataset_stay_what_they_were(tmp_path):
     # an ImageFolder whose classes are numbered, a numbered URL table, a plain numbered tar
     for cls in ("0", "1"):

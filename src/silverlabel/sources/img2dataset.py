@@ -65,7 +65,7 @@ from silverlabel.sources import (
     register_source,
 )
 from silverlabel.sources.folder import IMAGE_SUFFIXES
-from silverlabel.sources.tables import _to_int, embedded_group_problem
+from silverlabel.sources.tables import _to_int, embedded_group_problem, with_file
 from silverlabel.sources.tars import SIDE_MAX, json_field, json_value, open_tar_index, read_json_member
 
 #: the columns img2dataset adds to every metadata row: what tells its outputs apart
@@ -88,10 +88,7 @@ _KNOWN_TYPES = {"key": pa.string(), "status": pa.string(), "error_message": pa.s
 
 def _schema(path: str) -> pa.Schema | None:
     try:
-        if fs.is_remote(path):
-            with fs.open_input(path, read_ahead=0) as f:
-                return pq.read_schema(f)
-        return pq.read_schema(path)
+        return with_file(path, pq.read_schema)
     except Exception:  # not parquet, unreadable: not ours to judge here
         return None
 
@@ -138,12 +135,19 @@ def _read_json_file(path: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _first_folder_json(folder: str) -> dict[str, Any] | None:
+def _file_names(folder: str) -> list[str]:
+    """The names of the files in a shard folder, sorted (one listing)."""
+    return [n for n, d in fs.listdir(folder) if not d]
+
+
+def _first_folder_json(folder: str, names: list[str] | None = None) -> dict[str, Any] | None:
+    """The first ``.json`` of a ``files`` shard folder (``names``: its files, when listed)."""
     try:
-        names = sorted(n for n, d in fs.listdir(folder) if not d and n.endswith(".json") and not n.startswith("."))
+        names = _file_names(folder) if names is None else names
     except OSError:
         return None
-    return _read_json_file(fs.join(folder, names[0])) if names else None
+    jsons = [n for n in names if n.endswith(".json") and not n.startswith(".")]
+    return _read_json_file(fs.join(folder, jsons[0])) if jsons else None
 
 
 def _stems(entries: list[tuple[str, bool]]) -> list[str]:
@@ -225,6 +229,7 @@ class _Shard:
     column: str | None = None  # parquet: the embedded image column
     stats: str | None = None
     fields: list[pa.Field] = field(default_factory=list)  # metadata columns, typed
+    names: list[str] | None = None  # files: the names of the files in ``folder``, listed once
 
     @property
     def format(self) -> str:
@@ -272,11 +277,11 @@ def _shards(path: str) -> list[_Shard]:
     return [_shard_at(b) for b in bases]
 
 
-def _folder_index(folder: str) -> dict[str, dict[str, str]]:
-    """key -> {extension: path} of a ``files`` shard folder, in name order."""
+def _folder_index(folder: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """key -> {extension: path} of a ``files`` shard folder (``names``: its files), in name order."""
     out: dict[str, dict[str, str]] = {}
-    for name, is_dir in fs.listdir(folder):
-        if is_dir or name.startswith(".") or "." not in name:
+    for name in names:
+        if name.startswith(".") or "." not in name:
             continue
         key, ext = name.split(".", 1)
         out.setdefault(key, {})[ext.lower()] = fs.join(folder, name)
@@ -324,6 +329,8 @@ class Img2DatasetSource:
         self.shards = _shards(path)
         columns: dict[str, pa.Field] = {}
         for sh in self.shards:
+            if sh.folder:
+                sh.names = _file_names(sh.folder)
             self._read_layout(sh)
             for f in sh.fields:
                 if f.name not in columns or pa.types.is_null(columns[f.name].type):
@@ -335,18 +342,14 @@ class Img2DatasetSource:
         self.stats = _read_stats(self.shards)
         #: every file read (what names this input in a manifest)
         self.files = [p for sh in self.shards for p in (sh.metadata, sh.tar, sh.stats) if p] + [
-            fs.join(sh.folder, n) for sh in self.shards if sh.folder for n, d in fs.listdir(sh.folder) if not d]
+            fs.join(sh.folder, n) for sh in self.shards if sh.folder for n in sh.names or ()]
 
     def _read_layout(self, sh: _Shard) -> None:
         """The shard's metadata columns and where its images are; a clear error when it has
         no images (only img2dataset's metadata) or none of its metadata."""
         if sh.metadata:
             try:
-                if fs.is_remote(sh.metadata):
-                    with fs.open_input(sh.metadata, read_ahead=0) as f:
-                        md = pq.read_metadata(f)
-                else:
-                    md = pq.read_metadata(sh.metadata)
+                md = with_file(sh.metadata, pq.read_metadata)
             except Exception as e:
                 raise UserError(fs.scrub_text(f"{fs.public(sh.metadata)}: not a readable parquet file "
                                               f"({str(e).splitlines()[0]})")) from None
@@ -370,7 +373,7 @@ class Img2DatasetSource:
                                 f"{sh.stem}/ folder, no image column); to download its URLs again, give the folder or its "
                                 ".parquet files with --source-kind table")
             return
-        first = _first_tar_json(sh.tar) if sh.tar else (_first_folder_json(sh.folder) if sh.folder else None)
+        first = _first_tar_json(sh.tar) if sh.tar else (_first_folder_json(sh.folder, sh.names) if sh.folder else None)
         if first is None:
             where = sh.tar or sh.folder or sh.stem
             raise UserError(f"{fs.public(where)}: neither img2dataset's {sh.stem}.parquet nor .json metadata "
@@ -406,7 +409,7 @@ class Img2DatasetSource:
                 for s in samples:
                     stored.setdefault(s.key, s)
             elif sh.folder and not sh.column:
-                stored = _folder_index(sh.folder)
+                stored = _folder_index(sh.folder, sh.names or [])
             seen: set[str] = set()
             if sh.metadata:
                 for row_idx, row in enumerate(self._metadata_rows(sh)):

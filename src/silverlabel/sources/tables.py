@@ -396,9 +396,15 @@ def embedded_group_problem(path: str, column: str, metadata: pq.FileMetaData) ->
     return None
 
 
-def _with_file(path: str, fn):
+def with_file(path: str, fn: Callable[[Any], Any]) -> Any:
     """``fn(source)`` over a local path, or over a remote file whose every read is one ranged
-    request (pyarrow reads a footer, then a row group's column chunk: a few requests)."""
+    request (pyarrow reads a footer, then a row group's column chunk: a few requests).
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "t.parquet"); pq.write_table(pa.table({"a": [1, 2]}), p)
+        >>> with_file(p, pq.read_metadata).num_rows
+        2
+    """
     if not fs.is_remote(path):
         return fn(path)
     with fs.open_input(path, read_ahead=0) as f:
@@ -463,7 +469,7 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
             fkey = (path, st.st_mtime_ns, st.st_size)
 
         def read_footer() -> tuple[list[int], pq.FileMetaData]:
-            md = _with_file(path, pq.read_metadata)
+            md = with_file(path, pq.read_metadata)
             starts = [0]
             for rg in range(md.num_row_groups):
                 starts.append(starts[-1] + md.row_group(rg).num_rows)
@@ -478,7 +484,7 @@ def read_cell(path: str, row: int, column: str, max_bytes: int | None = None) ->
             problem = embedded_group_problem(path, column, md)
             if problem:
                 raise OSError(problem)
-            return _with_file(
+            return with_file(
                 path, lambda f: pq.ParquetFile(f, metadata=md).read_row_group(rg, columns=[column]).column(0))
 
         cells = _cached(_cells, ("cells", *fkey, rg, column), read_group, _trim_cells)
