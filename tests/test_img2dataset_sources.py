@@ -302,6 +302,10 @@ def test_metadata_without_images_and_bad_stats_give_clear_errors(tmp_path):
     (tmp_path / "00000_stats.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"00000_stats\.json: not an img2dataset stats file"):
         open_source(str(tmp_path), SourceOptions())
+    # valid JSON, but far larger than any stats file img2dataset writes: refused before it is read whole
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 2, "pad": "x" * (2 << 20)}))
+    with pytest.raises(ValueError, match=r"00000_stats\.json: not an img2dataset stats file \(larger than 1 MiB\)"):
+        open_source(str(tmp_path), SourceOptions())
     (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 2, "successes": 2, "failed_to_download": 0,
                                                            "failed_to_resize": 0, "status_dict": {"success": 2}}))
     src = open_source(str(tmp_path), SourceOptions())

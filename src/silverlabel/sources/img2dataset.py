@@ -120,16 +120,19 @@ def _first_tar_json(path: str) -> dict[str, Any] | None:
     return None
 
 
+def _read_small(path: str, cap: int = SIDE_MAX) -> bytes:
+    """A small file's bytes, local or remote (one ranged read of at most ``cap`` + 1 bytes);
+    OSError when it holds more than ``cap`` bytes."""
+    with fs.open_input(path, read_ahead=0) as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise OSError(f"larger than {cap >> 20} MiB")
+    return data
+
+
 def _read_json_file(path: str) -> dict[str, Any] | None:
     try:
-        if fs.is_remote(path):
-            data = fs.read_capped(path, SIDE_MAX)
-        else:
-            if os.path.getsize(path) > SIDE_MAX:
-                return None
-            with open(path, "rb") as f:
-                data = f.read()
-        obj = json.loads(data)
+        obj = json.loads(_read_small(path))
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -304,8 +307,7 @@ def _read_stats(shards: list[_Shard]) -> dict[str, Any] | None:
     statuses: Counter[str] = Counter()
     for p in paths:
         try:
-            with fs.open_input(p) as f:
-                obj = json.loads(f.read().decode("utf-8"))
+            obj = json.loads(_read_small(p).decode("utf-8"))  # img2dataset's are a few hundred bytes
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
             for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
