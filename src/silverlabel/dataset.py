@@ -22,6 +22,16 @@ Nothing appears under a final name before it is complete: :func:`atomic_write` w
 a hidden temporary name in the same folder, fsyncs, renames, and fsyncs the folder.
 A stage reads another stage's output only through these views, never by building its paths.
 
+An output may be a URL of any fsspec filesystem (``s3://bucket/pool``; issue 16). Its view's
+``root`` is then this process's *staging* mirror of the URL (:func:`stage_path`: a private
+temporary folder, never published) and ``url`` the URL: writers write under ``root`` as for
+a local folder, and :func:`atomic_write` uploads each finished file to its final name (an
+object PUT is atomic; there is no rename on an object store); a unit's commit record is put
+last (:class:`silverlabel.stage.Commit`). Readers take a staging path for the object it
+mirrors (:func:`url_of`) and read the store: :func:`read_bytes`, :func:`open_read` (ranged
+reads), :func:`parquet_source`, :func:`file_size`, :func:`list_files`. Relative names are
+the same in the bucket and on disk, so nothing written says which it was.
+
     >>> import tempfile
     >>> ds = Dataset(tempfile.mkdtemp())
     >>> ds.shard_path("demo", 3).name
@@ -66,15 +76,239 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+
+# ---------------------------------------------------------------------------------------
+# outputs at URLs: a local staging mirror per process, and reads from the store
+
+#: the prefix of each process's staging folder (:func:`stage_path`)
+STAGING_PREFIX = "silverlabel-staging-"
+_STAGING_RE = re.compile(r"^silverlabel-staging-[A-Za-z0-9_]+$")
+_staging_base: Path | None = None
+#: mirror path -> (size, version) of the store's object a :func:`fetch_local` copy was made from
+_fetched: dict[str, tuple[int, str]] = {}
+
+
+def _staging() -> Path:
+    """This process's staging folder, made on first use and removed when the process exits."""
+    global _staging_base
+    if _staging_base is None or not _staging_base.is_dir():
+        import atexit
+        import shutil
+        import tempfile
+
+        _staging_base = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
+        atexit.register(shutil.rmtree, str(_staging_base), True)
+    return _staging_base
+
+
+def stage_path(url: str) -> Path:
+    """Where this process stages (and caches) the object or prefix ``url``: its staging
+    folder / scheme / bucket / path. A private temporary folder, never published: what is
+    written there is uploaded to ``url`` (:func:`publish`).
+
+        >>> stage_path("s3://bucket/pool/x.tar").parts[-4:]
+        ('s3', 'bucket', 'pool', 'x.tar')
+    """
+    from urllib.parse import urlsplit
+
+    from silverlabel import fs
+
+    parts = urlsplit(fs.public(str(url)))
+    rest = [p for p in parts.path.split("/") if p and p not in (".", "..")]
+    return _staging().joinpath(parts.scheme, parts.netloc or "_", *rest)
+
+
+def url_of(path: str | os.PathLike) -> str | None:
+    """The URL a path stands for: a URL itself (less a trailing ``/``), a staging path of any
+    process (:func:`stage_path`, so a unit planned on one machine names the same object on
+    another), else None (a local path).
+
+        >>> url_of(stage_path("s3://bucket/pool") / "shards" / "a.tar")
+        's3://bucket/pool/shards/a.tar'
+        >>> url_of("/data/pool") is None
+        True
+    """
+    from silverlabel import fs
+
+    s = str(path)
+    if fs.is_remote(s):
+        return s.rstrip("/") if not fs.is_pipe(s) else s
+    parts = Path(s).parts
+    for i, p in enumerate(parts):
+        if _STAGING_RE.match(p) and len(parts) >= i + 3:
+            netloc = "" if parts[i + 2] == "_" else parts[i + 2]
+            return f"{parts[i + 1]}://{netloc}/" + "/".join(parts[i + 3:]) if len(parts) > i + 3 else \
+                f"{parts[i + 1]}://{netloc}"
+    return None
+
+
+def local_target(path: str | os.PathLike) -> Path:
+    """Where this process writes the output ``path`` names: its own staging path for a URL or
+    another process's staging path, the path itself otherwise."""
+    u = url_of(path)
+    return stage_path(u) if u is not None else Path(path)
+
+
+def display(path: str | os.PathLike) -> str:
+    """``path`` as messages show it: the public URL it stands for, else the path."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    return fs.public(u) if u is not None else str(path)
+
+
+def _store(url: str) -> tuple[Any, str]:
+    from silverlabel import fs
+
+    return fs.filesystem(url)
+
+
+def publish(local: str | os.PathLike, url: str) -> None:
+    """Upload the local file ``local`` to ``url`` (one PUT: the object appears whole or not
+    at all); an OSError naming the public URL when the store refuses it."""
+    from silverlabel import fs
+
+    store, p = _store(url)
+    fs._remote_call(url, store.put_file, str(local), p)
+    fs.forget_one(url)
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` as the object ``url`` (one PUT)."""
+    from silverlabel import fs
+
+    store, p = _store(url)
+    fs._remote_call(url, store.pipe_file, p, data)
+    fs.forget_one(url)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file: the object a URL or staging path names (and its staged copy), or a
+    local file; nothing when it is not there."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    if u is None:
+        Path(path).unlink(missing_ok=True)
+        return
+    stage_path(u).unlink(missing_ok=True)
+    store, p = _store(u)
+    with contextlib.suppress(FileNotFoundError):
+        fs._remote_call(u, store.rm_file, p)
+    fs.forget_one(u)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a file: from the store for a URL or staging path, else from disk."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    if u is None:
+        return Path(path).read_bytes()
+    store, p = _store(u)
+    return fs._remote_call(u, store.cat_file, p)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """A file's size (the store's answer, asked now, for a URL or staging path);
+    FileNotFoundError when there is none."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    if u is None:
+        return os.path.getsize(path)
+    i = fs.info(u)
+    if i["type"] != "file":
+        raise FileNotFoundError(f"{fs.public(u)}: not a file")
+    return i["size"]
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file (an object, for a URL or staging path)."""
+    try:
+        file_size(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def open_read(path: str | os.PathLike, read_ahead: int | None = None) -> BinaryIO:
+    """A binary file to read ``path`` from: a local file, or for a URL or staging path a
+    seekable remote file that reads ranges (``read_ahead`` bytes per request; 0: each read
+    one request, as a reader that knows its byte ranges wants)."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    if u is None:
+        return open(path, "rb")
+    fs.forget_one(u)
+    return fs.open_input(u, fs.READ_AHEAD if read_ahead is None else read_ahead)
+
+
+def parquet_source(path: str | os.PathLike) -> Any:
+    """What pyarrow's parquet readers take for ``path``: the local path, or an open remote
+    file (footer and column chunks read by range; closed with the reader's garbage)."""
+    if url_of(path) is None:
+        return str(path)
+    return open_read(path, 0)
+
+
+def list_files(folder: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """The files directly in ``folder`` whose names end with ``suffix`` (hidden ones left
+    out), sorted; for a URL or staging folder, the store's listing as staging paths."""
+    from silverlabel import fs
+
+    u = url_of(folder)
+    if u is None:
+        folder = Path(folder)
+        return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")
+                      and p.is_file()) if folder.is_dir() else []
+    fs.forget(u)
+    try:
+        entries = fs.listdir(u)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    base = stage_path(u)
+    return [base / n for n, is_dir in entries if not is_dir and n.endswith(suffix) and not n.startswith(".")]
+
+
+def fetch_local(path: str | os.PathLike) -> Path:
+    """A local file with the bytes of ``path``: the path itself when local, else this
+    process's staged copy of the object, downloaded when absent or when the object changed
+    since (its size and version)."""
+    from silverlabel import fs
+
+    u = url_of(path)
+    if u is None:
+        return Path(path)
+    i = fs.info(u)
+    dest = stage_path(u)
+    key = (i["size"], i["version"])
+    if dest.is_file() and _fetched.get(str(dest)) == key and dest.stat().st_size == i["size"]:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    store, p = _store(u)
+    try:
+        fs._remote_call(u, store.get_file, p, str(tmp))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fetched[str(dest)] = key
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary sibling of ``path`` for writing; rename it into place on success.
 
     On an exception the temporary file is removed and ``path`` is untouched. A SIGKILL
     leaves only a hidden ``.NAME.tmp-PID`` file, which :meth:`Dataset.clean_temporaries`
-    removes on the next run.
+    removes on the next run. A staging path (an output at a URL, :func:`stage_path`) is then
+    uploaded to its object, and the staged copy kept (a commit record reads its digest, then
+    drops it).
     """
-    path = Path(path)
+    path = local_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
@@ -90,6 +324,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
         f.close()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        url = url_of(path)
+        if url is not None:
+            publish(path, url)
     except BaseException as e:
         # close() flushes what is buffered and so fails again on a full disk: the temporary
         # is removed whatever close() says
@@ -154,7 +391,7 @@ def file_digest(path: str | os.PathLike, h: Any = "sha256") -> str:
     """The hex digest of a file's bytes, read in 1 MiB blocks: ``h`` a hashlib name, or a
     hash object to feed (which may already hold other data)."""
     h = hashlib.new(h) if isinstance(h, str) else h
-    with open(path, "rb") as f:
+    with open_read(path) as f:  # an object of the store, for a URL or staging path
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -186,11 +423,11 @@ def read_json(path: Path, missing: str) -> Any:
     """The JSON document at ``path``: FileNotFoundError(``missing``) when there is none, a
     UserError naming the file when it is not JSON."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
+        raise UserError(f"{display(path)}: corrupt JSON ({e})") from None
 
 
 def check_name(name: str, what: str = "labels name") -> str:
@@ -226,10 +463,18 @@ def clean_temporaries(folders: list[Path]) -> int:
 
 
 class Dataset:
-    """A silverlabel output directory (see the module docstring for the layout)."""
+    """A silverlabel output directory (see the module docstring for the layout): a local
+    folder, or a URL prefix (``url``; ``root`` is then this process's staging mirror of it)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        #: the URL of an output in an object store (None: a local folder)
+        self.url = url_of(root)
+        self.root = stage_path(self.url) if self.url is not None else Path(root)
+
+    @property
+    def location(self) -> str:
+        """Where the dataset is, as messages show it: its public URL, or its folder."""
+        return display(self.url) if self.url is not None else str(self.root)
 
     # -- layout ---------------------------------------------------------------------
     @property
@@ -256,7 +501,7 @@ class Dataset:
 
     def samples_files(self) -> list[Path]:
         """Completed samples tables, in shard order."""
-        return sorted(self.samples_dir.glob("*.parquet")) if self.samples_dir.is_dir() else []
+        return list_files(self.samples_dir, ".parquet")
 
     @staticmethod
     def shard_index(path: str | os.PathLike) -> int:
@@ -280,13 +525,14 @@ class Dataset:
 
     # -- manifest -------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        return is_file(self.manifest_path)
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest: a JSON object whose ``format_version`` this version reads; a
         UserError naming the file otherwise (a newer version's output, or not a manifest)."""
         path = self.manifest_path
-        man = read_json(path, f"{self.root}: not a silverlabel dataset (no {MANIFEST})")
+        man = read_json(path, f"{self.location}: not a silverlabel dataset (no {MANIFEST})")
+        path = display(path)
         if not isinstance(man, dict):
             raise UserError(f"{path}: not a silverlabel manifest (a JSON object), got {type(man).__name__}")
         version = man.get("format_version")
@@ -302,12 +548,22 @@ class Dataset:
         the folder is new (absent, or nothing but hidden files); a UserError when it holds
         anything else."""
         if not self.exists():
-            if self.root.exists() and any(not p.name.startswith(".") for p in self.root.iterdir()):
+            if self.url is not None:
+                from silverlabel import fs
+
+                fs.forget(self.url)
+                try:
+                    entries = fs.listdir(self.url)
+                except (FileNotFoundError, NotADirectoryError):
+                    entries = []
+                if any(not name.startswith(".") for name, _d in entries):
+                    raise UserError(f"{self.location}: exists and is not a silverlabel output; choose another -o")
+            elif self.root.exists() and any(not p.name.startswith(".") for p in self.root.iterdir()):
                 raise UserError(f"{self.root}: output folder exists and is not a silverlabel output; choose another -o")
             return None
         man = self.read_manifest()
         if man.get("stage") != stage:
-            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not an output of {stage}; choose another -o")
+            raise UserError(f"{self.location}: holds a {man.get('stage')!r} output, not an output of {stage}; choose another -o")
         return man
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -471,12 +727,13 @@ def named_teachers(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def records_digest(root: str | os.PathLike) -> str:
     """sha256 over the outputs (relative names, sizes, md5s) the commit records in
-    ``root/.done`` hold: the content of a stage's output, without reading it again."""
+    ``root/.done`` hold: the content of a stage's output, without reading it again (the same
+    for an output at a URL: the records are read from the store)."""
     h = hashlib.sha256()
-    done = Path(root) / DONE_DIR
-    for p in sorted(done.glob("*.json")) if done.is_dir() else []:
+    done = Dataset(root).done_dir
+    for p in list_files(done, ".json"):
         try:
-            outputs = json.loads(p.read_text()).get("outputs") or {}
+            outputs = json.loads(read_bytes(p)).get("outputs") or {}
         except (OSError, ValueError, AttributeError):
             continue
         for rel in sorted(outputs):
@@ -499,14 +756,18 @@ def dataset_identity(root: str | os.PathLike) -> str:
         >>> dataset_identity(d.root) == "selection@sha256:" + "1" * 64
         True
     """
-    root = Path(root)
     ds = Dataset(root)
+    root = ds.root
     if ds.exists():
         man = ds.read_manifest()
         if is_identity(man.get("id")):
             return man["id"]
         kind = ID_KINDS.get(str(man.get("stage")), "dataset")
         return make_identity(kind, {k: v for k, v in man.items() if k not in ("updated", "id")})
+    if ds.url is not None:
+        if is_file(root / INFO_FILE):
+            return make_identity("trainset", {"info": file_digest(root / INFO_FILE)})
+        raise FileNotFoundError(f"{ds.location}: no silverlabel output there (no {MANIFEST} or {INFO_FILE})")
     if (root / INFO_FILE).is_file():
         return make_identity("trainset", {"info": file_digest(root / INFO_FILE)})
     run = Run(root)
@@ -530,9 +791,18 @@ def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, *
         >>> e["location"], e["id"][:5]
         ('../../pool', 'pool@')
     """
-    if is_url(root):
-        return {"kind": kind, "id": dataset_identity(root), "location": public_url(str(root)), **extra}
-    rel = os.path.relpath(os.path.abspath(root), os.path.abspath(child))
+    import posixpath
+    from urllib.parse import urlsplit
+
+    ru, cu = url_of(root), url_of(child)
+    if ru is not None:
+        r, c = urlsplit(ru), urlsplit(cu or "")
+        if cu is not None and (r.scheme, r.netloc) == (c.scheme, c.netloc):  # the same bucket: relative, as on disk
+            rel = posixpath.relpath("/" + r.path.strip("/"), "/" + c.path.strip("/"))
+            return {"kind": kind, "id": dataset_identity(root), "location": rel, **extra}
+        return {"kind": kind, "id": dataset_identity(root), "location": public_url(ru), **extra}
+    # a local parent of an output in a bucket: relative to the working folder (a reader elsewhere needs -o paths)
+    rel = os.path.relpath(os.path.abspath(root), os.path.abspath(child) if cu is None else os.getcwd())
     return {"kind": kind, "id": dataset_identity(root), "location": Path(rel).as_posix(), **extra}
 
 
@@ -547,8 +817,11 @@ def parent_location(child: str | os.PathLike, entry: Mapping[str, Any]) -> Path 
     where = entry.get("location") if isinstance(entry.get("location"), str) else entry.get("path")
     if not isinstance(where, str) or not where:
         return None
-    if os.path.isabs(where) or is_url(where):
+    if is_url(where):
+        return stage_path(where)  # read from the store through its staging path (url_of)
+    if os.path.isabs(where):
         return Path(where)
+    child = Dataset(child).root  # a URL child: its staging mirror, where a relative location resolves alike
     return Path(os.path.normpath(Path(child) / where))  # sel/../pool -> pool, as errors name it
 
 
@@ -564,7 +837,7 @@ class Pool(Dataset):
         """The ``status`` column of one samples table."""
         import pyarrow.parquet as pq  # ParquetFile, not read_table: that imports pyarrow.dataset (~1 s)
 
-        return pq.ParquetFile(samples).read(columns=["status"]).column("status").to_pylist()
+        return pq.ParquetFile(parquet_source(samples)).read(columns=["status"]).column("status").to_pylist()
 
     def labels_dir(self, labels: str) -> Path:
         return self.root / "labels" / check_name(labels)
@@ -574,8 +847,7 @@ class Pool(Dataset):
 
     def labels_files(self, labels: str) -> list[Path]:
         """The labels tables written so far, in shard order."""
-        folder = self.labels_dir(labels)
-        return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        return list_files(self.labels_dir(labels), ".parquet")
 
     def labels_names(self) -> list[str]:
         """The labels registered in the manifest, each checked to be a plain folder name."""
@@ -589,17 +861,18 @@ class Selection(Dataset):
         """The selection's parquet files; a UserError when the folder is not a selection."""
         from silverlabel.formats.selection import SELECTION_DIR
 
-        if not self.root.is_dir():
+        if self.url is None and not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such selection folder")
         if not self.exists():
+            if self.url is not None:
+                raise FileNotFoundError(f"{self.location}: no selection there (no {MANIFEST})")
             raise UserError(f"{self.root}: not a selection (no {MANIFEST}; make one with silverlabel select)")
         man = self.read_manifest()
         if man.get("stage") != "select":
-            raise UserError(f"{self.root}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
-        folder = self.root / SELECTION_DIR
-        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+            raise UserError(f"{self.location}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
+        files = list_files(self.root / SELECTION_DIR, ".parquet")
         if not files:
-            raise UserError(f"{self.root}: no {SELECTION_DIR}/*.parquet files")
+            raise UserError(f"{self.location}: no {SELECTION_DIR}/*.parquet files")
         return files
 
     def fingerprint(self, files: list[Path] | None = None) -> str:
@@ -622,7 +895,7 @@ class TrainSet(Dataset):
 
     def read_classes(self) -> dict[str, Any]:
         """``classes.json`` (``num_classes``, ``label_space``, ``classes``); {} when there is none."""
-        if not self.classes_path.exists():
+        if not is_file(self.classes_path):
             return {}
         doc = read_json(self.classes_path, f"{self.classes_path}: not found")
         if not isinstance(doc, dict):

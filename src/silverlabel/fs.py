@@ -353,6 +353,16 @@ def forget(path: str | None = None) -> None:
             filesystem(path)[0].invalidate_cache()
 
 
+def forget_one(path: str) -> None:
+    """Drop what is known of one remote file (its remembered info, its filesystem's listing
+    cache of its folder): after this process wrote or deleted it."""
+    _info_cache.pop(path, None)
+    if is_remote(path) and not is_pipe(path):
+        with contextlib.suppress(UserError):
+            fsys, p = filesystem(path)
+            fsys.invalidate_cache(p)
+
+
 def info(path: str, fresh: bool = True) -> dict[str, Any]:
     """``{"size": int, "version": str, "type": "file"|"directory"}`` of a path: the version
     is its ETag, else its checksum or modification time, whatever the filesystem reports
@@ -489,6 +499,7 @@ __all__ = [
     "exists",
     "filesystem",
     "forget",
+    "forget_one",
     "glob",
     "has_glob",
     "info",

@@ -31,6 +31,15 @@ changed (a shard re-fetched by ``ingest --retry-failed``) is stale and is redone
 written by an upstream unit takes its identity from that unit's record (no re-hashing);
 any other input is hashed.
 
+An output at a URL (``-o s3://bucket/pool``) is committed the same way, in an object store's
+terms: the unit writes its files into this process's staging mirror of the URL
+(:func:`silverlabel.dataset.stage_path`), each uploaded to its final name as it is closed
+(one PUT each; no rename), then ``commit.write`` puts the record, last, and drops the staged
+copies. ``check`` reads the record by its planned name (``.done/NAME.json``, never a listing,
+which may lag) and asks the store for each output's size, so a killed run leaves nothing a
+rerun trusts (its stray objects are overwritten when the unit is redone), and a rerun on
+another machine needs nothing but the bucket.
+
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> _ = (d / "out.txt").write_bytes(b"hello")
@@ -57,7 +66,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, clean_temporaries, file_digest, storage_error, write_json_atomic
+from silverlabel.dataset import (Dataset, clean_temporaries, display, file_digest, file_size, put_bytes, read_bytes,
+                                 stage_path, storage_error, url_of, write_json_atomic)
 from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine, unit_name
 from silverlabel.log import set_total, skip
@@ -79,9 +89,10 @@ def config_hash(config: Any) -> str:
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A commit record, or None when there is none (or it is unreadable: then not done)."""
+    """A commit record, or None when there is none (or it is unreadable: then not done); at a
+    URL or staging path, read from the store."""
     try:
-        rec = json.loads(Path(path).read_text())
+        rec = json.loads(read_bytes(path))
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) else None
@@ -91,9 +102,9 @@ def file_identity(path: str | os.PathLike, record: str | os.PathLike | None = No
     """``{"bytes", "md5"}`` of an input file: from ``record`` (the commit record of the unit
     that wrote it) when that lists the file at its current size, else by reading the file.
 
-    A FileNotFoundError when the file is missing."""
-    path = Path(path)
-    size = path.stat().st_size
+    A FileNotFoundError when the file is missing. A URL or staging path is asked of the store."""
+    path = Path(path) if url_of(path) is None else path
+    size = file_size(path)
     rec = read_record(record) if record is not None else None
     if rec is not None:
         root = Path(record).parent.parent
@@ -117,9 +128,23 @@ class Commit:
     config: Any
     inputs: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a record of an output at a URL is named by its URL, so any process (a worker, a
+        # Ray node) maps it to its own staging folder
+        url = url_of(self.path)
+        if url is not None:
+            self.path = url
+
+    @property
+    def url_root(self) -> str | None:
+        """The URL of the folder above ``.done`` (None: a local output)."""
+        return self.path.rsplit("/", 2)[0] if url_of(self.path) is not None else None
+
     @property
     def root(self) -> Path:
-        return Path(self.path).parent.parent
+        """The folder above ``.done`` where the unit writes (for a URL: this process's staging)."""
+        url = self.url_root
+        return stage_path(url) if url is not None else Path(self.path).parent.parent
 
     def check(self) -> dict[str, Any] | None:
         """The record when the unit is done with this config and these inputs, else None."""
@@ -130,9 +155,11 @@ class Commit:
         outputs = rec.get("outputs")
         if not isinstance(outputs, dict):
             return None
+        url = self.url_root
         for rel, out in outputs.items():
             try:
-                if (self.root / rel).stat().st_size != out.get("bytes"):
+                where = url + "/" + Path(rel).as_posix() if url is not None else self.root / rel
+                if file_size(where) != out.get("bytes"):
                     return None
             except (OSError, AttributeError):
                 return None
@@ -143,16 +170,39 @@ class Commit:
         """Record the unit as done, after its outputs are in place (the last thing a unit
         does). ``outputs``: the files, under :attr:`root` (recorded relative to it); ``md5``:
         digests already computed while writing, by the same paths (others are read back);
-        ``info``: what the stage's index files need (counts, digests)."""
+        ``info``: what the stage's index files need (counts, digests).
+
+        For an output at a URL the outputs are the staged copies, already uploaded as they
+        were closed (:func:`silverlabel.dataset.atomic_write`): the record is put last, then
+        the staged copies are dropped (the staging folder is a cache, not a store)."""
         md5 = {str(k): v for k, v in (md5 or {}).items()}
         recorded: dict[str, Any] = {}
+        outputs = [Path(p) for p in outputs]
         for p in outputs:
-            rel = os.path.relpath(p, self.root)
-            recorded[rel] = {"bytes": os.path.getsize(p), "md5": md5.get(str(p)) or file_digest(p, "md5")}
+            rel = Path(os.path.relpath(p, self.root)).as_posix()
+            recorded[rel] = {"bytes": os.path.getsize(p), "md5": md5.get(str(p)) or _local_digest(p)}
         rec = {"config_sha256": config_hash(self.config), "inputs": _as_stored(self.inputs), "outputs": recorded,
                "info": _as_stored(dict(info or {})), "silverlabel_version": __version__}
-        write_json_atomic(self.path, rec)
+        if self.url_root is None:
+            write_json_atomic(self.path, rec)
+            return rec
+        for rel, out in recorded.items():  # every output is in the store, whole, before its record
+            if file_size(self.url_root + "/" + rel) != out["bytes"]:
+                raise OSError(f"{display(self.url_root + '/' + rel)}: the store holds another size than was written")
+        put_bytes(self.path, json.dumps(rec, indent=2, default=str).encode() + b"\n")
+        for p in outputs:
+            with contextlib.suppress(OSError):
+                p.unlink()
         return rec
+
+
+def _local_digest(path: Path) -> str:
+    """The md5 of a file just written on this machine (a staged output: never the store's)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Unit(Protocol):
@@ -230,7 +280,7 @@ def run_stage(stage: Stage, progress: Report | None = None) -> Any:
                           needs_gpu=stage.needs_gpu, device=getattr(cfg, "device", "auto"))  # bad --device: no file yet
     out = stage.output
     try:
-        out.root.mkdir(parents=True, exist_ok=True)
+        out.root.mkdir(parents=True, exist_ok=True)  # an output at a URL: this process's staging mirror
         with output_lock(out.root):
             return _run_locked(stage, engine, progress)
     except OSError as e:
@@ -270,13 +320,13 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
                     unit = again
                 yield unit
 
-        log.info("%s: running on %s (%s, %d worker%s)", out.root, type(engine).__name__, engine.device,
+        log.info("%s: running on %s (%s, %d worker%s)", out.location, type(engine).__name__, engine.device,
                  getattr(engine, "workers", 0), "" if getattr(engine, "workers", 0) == 1 else "s")
         t0 = time.monotonic()
         results = list(engine.map(stage.unit_fn, todo(), cfg, progress))
         seconds = time.monotonic() - t0
         if skipped:
-            log.info("%s: resumed: %d unit%s found done, %d run now", out.root, len(skipped),
+            log.info("%s: resumed: %d unit%s found done, %d run now", out.location, len(skipped),
                      "" if len(skipped) == 1 else "s", len(results))
     except BaseException:
         with contextlib.suppress(OSError):  # what the failed units left (the lock says no other run writes here)

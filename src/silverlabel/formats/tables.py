@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from silverlabel.dataset import atomic_write
+from silverlabel.dataset import atomic_write, display, parquet_source
 from silverlabel.errors import UserError
 
 SAMPLES_SCHEMA = pa.schema(
@@ -64,7 +64,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
 
 def read_parquet_metadata(path: Path) -> dict[str, str]:
     """The key/value metadata of a parquet file's schema, decoded."""
-    md = pq.read_schema(path).metadata or {}
+    md = pq.read_schema(parquet_source(path)).metadata or {}
     return {k.decode(): v.decode() for k, v in md.items()}
 
 
@@ -72,8 +72,8 @@ def check_parquet(path: str | Path) -> None:
     """A UserError naming ``path`` when it is missing or its parquet footer is not readable
     (a truncated or overwritten file)."""
     try:
-        pq.read_metadata(path)
+        pq.read_metadata(parquet_source(path))  # at a URL: the footer, by ranged reads
     except FileNotFoundError:
-        raise UserError(f"{path}: parquet file not found") from None
+        raise UserError(f"{display(path)}: parquet file not found") from None
     except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{display(path)}: not a readable parquet file ({str(e).splitlines()[0]})") from None

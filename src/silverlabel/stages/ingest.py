@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import pyarrow.parquet as pq
 
 from silverlabel import __version__, fs
-from silverlabel.dataset import Pool, atomic_write, input_name, make_identity, records_digest
+from silverlabel.dataset import Pool, atomic_write, input_name, make_identity, open_read, parquet_source, records_digest
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import samples_table, write_parquet_atomic
@@ -214,11 +214,10 @@ def _previous_results(ds: Pool, cfg: IngestConfig, shard: int) -> tuple[dict[str
     """Rows and stored members of a finished shard (for --retry-failed)."""
     from silverlabel.formats.wds import iter_tar_samples, read_member
 
-    rows = {r["key"]: r for r in pq.ParquetFile(ds.samples_path(cfg.name, shard)).read().to_pylist()}
+    rows = {r["key"]: r for r in pq.ParquetFile(parquet_source(ds.samples_path(cfg.name, shard))).read().to_pylist()}
     members: dict[str, dict[str, bytes]] = {}
-    tar_path = ds.shard_path(cfg.name, shard)
-    with open(tar_path, "rb") as f:
-        for s in iter_tar_samples(str(tar_path)):
+    with open_read(ds.shard_path(cfg.name, shard)) as f:  # a pool at a URL: read from the store
+        for s in list(iter_tar_samples(f)):
             members[s.key] = {ext: read_member(f, *loc) for ext, loc in s.members.items()}
     return rows, members
 
@@ -440,7 +439,7 @@ class IngestStage(BaseStage):
         diffs = changed_settings(man.get("config", {}), cfg.output_config(), ignore=("sources",)) if man else []
         if diffs:
             raise UserError(
-                f"{pool.root}: was ingested with different settings ({', '.join(diffs)}); "
+                f"{pool.location}: was ingested with different settings ({', '.join(diffs)}); "
                 "resume with the same command or write to a new -o"
             )
 
@@ -464,7 +463,7 @@ class IngestStage(BaseStage):
             i = next((i for i, (b, n) in enumerate(zip(before, now)) if b != n), None)
             shown = (f"{before[i]} before, {_cfg_source(self.config, i)} = {now[i]} now" if i is not None
                      else f"{len(before)} sources before, {len(now)} now")
-            raise UserError(f"{self.output.root}: was ingested from other sources ({shown}); resume with the "
+            raise UserError(f"{self.output.location}: was ingested from other sources ({shown}); resume with the "
                             "same sources (the same bytes), or write to a new -o")
 
     def published_config(self) -> dict[str, Any]:
@@ -530,7 +529,7 @@ class IngestStage(BaseStage):
                                          "content": records_digest(pool.root)})
         pool.write_manifest({"id": pool_id, **manifest})
         items_now = sum(r.items for r in run.results)
-        return IngestSummary(str(pool.root), counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)
+        return IngestSummary(pool.location, counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)
 
 
 def run_ingest(cfg: IngestConfig, progress: Report | None = None) -> IngestSummary:

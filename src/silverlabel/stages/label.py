@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Dataset, Pool, dataset_identity, make_identity, named_teachers, records_digest
+from silverlabel.dataset import (Dataset, Pool, dataset_identity, display, fetch_local, local_target, make_identity,
+                                 named_teachers, parquet_source, records_digest, url_of)
 from silverlabel.devices import worker_device
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
@@ -233,7 +234,8 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     t0 = time.monotonic()
     report = report or (lambda d, s: None)
     labeler = get_labeler(cfg)
-    samples = pq.read_table(unit.samples, columns=["key", "id", "url", "imagehash", "width", "height", "status"])
+    samples = pq.ParquetFile(parquet_source(unit.samples)).read(
+        columns=["key", "id", "url", "imagehash", "width", "height", "status"])
     samples = samples.filter(pc.equal(samples["status"], "success"))
     meta = {r["key"]: r for r in samples.to_pylist()}
     expected = list(meta)[: unit.limit]  # in tar order: what a whole tar would give
@@ -242,11 +244,18 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     idx_parts: list[np.ndarray] = []
     val_parts: list[np.ndarray] = []
     errors: list[tuple[str, str]] = []
-    for keys, idx, vals, failed in labeler.run(_read_batches(unit.tar, meta, batch, unit.limit, report)):
-        keys_all.extend(keys)
-        idx_parts.append(idx)
-        val_parts.append(vals)
-        errors.extend(failed)
+    # a pool at a URL: the tar is read whole by the labeler anyway, so it is fetched once into
+    # this process's staging folder (a cache, dropped after the shard)
+    tar = fetch_local(unit.tar)
+    try:
+        for keys, idx, vals, failed in labeler.run(_read_batches(str(tar), meta, batch, unit.limit, report)):
+            keys_all.extend(keys)
+            idx_parts.append(idx)
+            val_parts.append(vals)
+            errors.extend(failed)
+    finally:
+        if url_of(unit.tar) is not None:
+            tar.unlink(missing_ok=True)
     k = cfg.topk
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, k), np.int32)
     vals = np.concatenate(val_parts) if val_parts else np.zeros((0, k), np.float32)
@@ -269,9 +278,10 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
         ],
         schema=LABELS_SCHEMA,
     )
+    output = local_target(unit.output)  # a pool at a URL: this process's staging path, uploaded on close
     write_parquet_atomic(
         table,
-        unit.output,
+        output,
         metadata={
             "silverlabel.decode_errors": str(len(errors)),
             "silverlabel.errors": json.dumps(errors[:100]),
@@ -283,7 +293,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
         },
     )
     if unit.commit is not None:
-        unit.commit.write([unit.output], info={"rows": len(rows), "decode_errors": len(errors),
+        unit.commit.write([output], info={"rows": len(rows), "decode_errors": len(errors),
                                                "missing": len(missing)})
     return LabelResult(unit.shard, len(rows), len(errors), time.monotonic() - t0, len(missing))
 
@@ -310,11 +320,11 @@ class LabelStage(BaseStage):
             validate_teacher_spec(spec)
         man = pool.read_manifest()
         if man.get("stage") != "ingest":
-            raise UserError(f"{pool.root}: label needs an ingest dataset, this one is {man.get('stage')!r}")
+            raise UserError(f"{pool.location}: label needs an ingest dataset, this one is {man.get('stage')!r}")
         self.name = man["name"]
         self.published = json.dumps(cfg.published_config())  # named once: a checkpoint is hashed once
         if not pool.samples_files():
-            raise UserError(f"{pool.root}: no finished shards to label (run ingest first)")
+            raise UserError(f"{pool.location}: no finished shards to label (run ingest first)")
 
     def folders(self) -> list[Path]:
         return [self.out_dir]
@@ -364,7 +374,7 @@ class LabelStage(BaseStage):
         }
         pool.write_manifest({k: v for k, v in man.items() if k not in ("format_version", "updated")})
         images_now = sum(r.rows + r.decode_errors for r in run.results)
-        return LabelSummary(str(self.out_dir), rows, decode_errors, len(files), run.done_now, images_now, run.seconds,
+        return LabelSummary(display(self.out_dir), rows, decode_errors, len(files), run.done_now, images_now, run.seconds,
                             run.device, missing)
 
 
@@ -391,7 +401,7 @@ def labels_counts(paths: list) -> tuple[int, int, int]:
     rows = decode_errors = missing = 0
     for p in paths:
         try:
-            md = pq.read_metadata(p)
+            md = pq.read_metadata(parquet_source(p))
         except (OSError, pa.ArrowException) as e:
             raise _unreadable(p, e) from None
         kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
@@ -404,7 +414,7 @@ def labels_counts(paths: list) -> tuple[int, int, int]:
 def _batches(path: Any) -> Iterator[pa.RecordBatch]:
     """The labels and probabilities of one labels file, streamed; a UserError naming it when unreadable."""
     try:
-        yield from pq.ParquetFile(path).iter_batches(columns=["labels", "label_probs"], batch_size=65536)
+        yield from pq.ParquetFile(parquet_source(path)).iter_batches(columns=["labels", "label_probs"], batch_size=65536)
     except (OSError, pa.ArrowException) as e:
         raise _unreadable(path, e) from None
 

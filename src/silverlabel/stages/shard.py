@@ -65,8 +65,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import (MANIFEST, Pool, Selection, TrainSet, atomic_write, file_digest, is_identity,
-                                 make_identity, parent_entry, records_digest, without_locations, write_json_atomic)
+from silverlabel.dataset import (MANIFEST, Pool, Selection, TrainSet, atomic_write, display, file_digest, file_size,
+                                 is_file, is_identity, make_identity, open_read, parent_entry, parquet_source,
+                                 read_bytes, records_digest, url_of, without_locations, write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
@@ -136,7 +137,9 @@ class ShardConfig:
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
             raise UserError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.name is None:
-            object.__setattr__(self, "name", Path(os.path.abspath(self.selection)).name)
+            sel = self.selection.rstrip("/")
+            object.__setattr__(self, "name", sel.rsplit("/", 1)[-1] if url_of(sel) is not None
+                               else Path(os.path.abspath(sel)).name)
             if not _NAME_RE.match(self.name):
                 raise UserError(f"the selection folder's name {self.name!r} cannot name shards; give --name")
         elif not _NAME_RE.match(self.name):
@@ -243,22 +246,24 @@ def index_source_shard(unit: IndexUnit, cfg: ShardConfig, report: Report | None 
     in the source tar, found by reading its headers only."""
     wanted = set(unit.keys)
     found: dict[str, tuple[str, int, int]] = {}
+    where = display(unit.path)
     try:
         if unit.md5 is not None and file_digest(unit.path, "md5") != unit.md5:
-            raise UserError(f"{unit.path}: corrupt source shard: its md5 differs from the one ingest recorded"
+            raise UserError(f"{where}: corrupt source shard: its md5 differs from the one ingest recorded"
                             f"{_REPAIR}")
-        for s in iter_tar_samples(unit.path):
-            if s.key in wanted:
-                ext = s.image_ext()
-                if ext is None:
-                    raise UserError(f"{unit.path}: sample {s.key!r} has no image member")
-                found[s.key] = (ext, *s.members[ext])
+        with open_read(unit.path) as f:  # a pool at a URL: headers by ranged reads, data skipped
+            for s in iter_tar_samples(f):
+                if s.key in wanted:
+                    ext = s.image_ext()
+                    if ext is None:
+                        raise UserError(f"{where}: sample {s.key!r} has no image member")
+                    found[s.key] = (ext, *s.members[ext])
     except FileNotFoundError:
-        raise FileNotFoundError(f"{unit.path}: source shard not found") from None
+        raise FileNotFoundError(f"{where}: source shard not found") from None
     missing = [k for k in unit.keys if k not in found]
     if missing:
-        raise UserError(f"{unit.path}: has no sample {missing[0]!r} (and {len(missing) - 1} more selected keys missing)"
-                         if len(missing) > 1 else f"{unit.path}: has no sample {missing[0]!r} named by the selection")
+        raise UserError(f"{where}: has no sample {missing[0]!r} (and {len(missing) - 1} more selected keys missing)"
+                         if len(missing) > 1 else f"{where}: has no sample {missing[0]!r} named by the selection")
     return unit.id, [found[k] for k in unit.keys]
 
 
@@ -299,7 +304,7 @@ def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None)
     """Write output shard ``unit`` atomically, then its commit record. Idempotent."""
     t0 = time.monotonic()
     report = report or (lambda d, s: None)
-    out = Path(cfg.output)
+    out = TrainSet(cfg.output).root  # a training set at a URL: this process's staging folder
     n = unit.meta.num_rows
     images: list[Any] = [None] * n
     spool = None
@@ -317,7 +322,7 @@ def write_shard(unit: ShardUnit, cfg: ShardConfig, report: Report | None = None)
                 if s != current:
                     if f is not None:
                         f.close()
-                    f = open(unit.paths[s], "rb")
+                    f = open_read(unit.paths[s])  # a pool at a URL: ranged reads, front to back
                     current = s
                 data = read_member(f, int(unit.offsets[pos]), int(unit.sizes[pos]))
                 if spool is not None:
@@ -371,9 +376,9 @@ def read_selection(files: list[Path]) -> pa.Table:
     tables = []
     for p in files:
         try:
-            pf = pq.ParquetFile(p)
+            pf = pq.ParquetFile(parquet_source(p))
         except Exception as e:
-            raise UserError(f"{p}: not a readable parquet file ({e})") from None
+            raise UserError(f"{display(p)}: not a readable parquet file ({e})") from None
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
@@ -394,7 +399,7 @@ def read_selection(files: list[Path]) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks()
 
 
-def _source_tar(selection: Path, dataset: str, shard: str, roots: dict[str, Path]) -> str:
+def _source_tar(selection: str, dataset: str, shard: str, roots: dict[str, Path]) -> str:
     """The tar ``shard`` of the dataset ``dataset`` names: an id the selection's manifest
     maps to a folder (``roots``, :meth:`Dataset.parent_roots`), or (a selection of an older
     version, or one written by hand) the dataset's path, relative to the selection or not."""
@@ -404,15 +409,15 @@ def _source_tar(selection: Path, dataset: str, shard: str, roots: dict[str, Path
         raise UserError(f"{selection}: source dataset {dataset} is not among the parents its "
                         f"{MANIFEST} names; select again")
     ds = Path(dataset)
-    if not ds.is_absolute() and not ds.exists() and (selection / ds).exists():
-        ds = selection / ds
+    if not ds.is_absolute() and not ds.exists() and (Path(selection) / ds).exists():
+        ds = Path(selection) / ds
     return str(Pool(ds).shards_dir / shard)
 
 
 def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     import pyarrow.compute as pc
 
-    sel = Path(cfg.selection)
+    sel = Selection(cfg.selection).location
     table = read_selection(files)
     n = table.num_rows
     if n == 0:
@@ -459,7 +464,7 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     loc_enc = locator.dictionary_encode().combine_chunks()
     loc = loc_enc.indices.to_numpy().astype(np.int64)
     locators = [tuple(s.split("\0", 1)) for s in loc_enc.dictionary.to_pylist()]
-    roots = Selection(sel).parent_roots("dataset") if Selection(sel).exists() else {}
+    roots = Selection(cfg.selection).parent_roots("dataset") if Selection(cfg.selection).exists() else {}
     paths = [_source_tar(sel, d, s, roots) for d, s in locators]
 
     splits: dict[str, list[tuple[int, str, np.ndarray]]] = {}
@@ -561,7 +566,7 @@ class ShardStage(BaseStage):
             if man.get("selection_sha256") != self.fingerprint:  # the folder may move; its content counts
                 diffs.append("the selection's content")
             if diffs:
-                raise UserError(f"{ts.root}: was sharded with different settings ({', '.join(diffs)}); "
+                raise UserError(f"{ts.location}: was sharded with different settings ({', '.join(diffs)}); "
                                  "resume with the same command and selection, or write to a new -o")
         self.plan_ = plan = make_plan(cfg, self.files)  # validates the selection before anything is written
         # which shards are left, and are their sources there
@@ -576,13 +581,13 @@ class ShardStage(BaseStage):
                 for u in used.tolist():
                     if u not in sources:
                         path = plan.paths[u]
-                        if not os.path.isfile(path):
+                        if not is_file(path):
                             raise FileNotFoundError(
-                                f"{path}: source shard of selected samples not found "
+                                f"{display(path)}: source shard of selected samples not found "
                                 f"(source_dataset {plan.locators[u][0]!r} moved or deleted?)")
-                        recorded, size = _recorded(path), os.path.getsize(path)
+                        recorded, size = _recorded(path), file_size(path)
                         if recorded is not None and recorded["bytes"] != size:
-                            raise UserError(f"{path}: corrupt source shard: {size} bytes, ingest recorded "
+                            raise UserError(f"{display(path)}: corrupt source shard: {size} bytes, ingest recorded "
                                             f"{recorded['bytes']}{_REPAIR}")
                         sources[u] = (recorded or file_identity(path))["md5"]
                         recorded_md5[u] = recorded and recorded["md5"]
@@ -644,9 +649,9 @@ class ShardStage(BaseStage):
         records = {filename: read_record(commit.path)["info"] for _s, _i, filename, _r, _p, _src, commit in self.units}
         # the index files, _info.json last
         sel = Selection(cfg.selection)
-        if sel.classes_path.is_file():
+        if is_file(sel.classes_path):
             with atomic_write(ts.classes_path) as f:
-                f.write(sel.classes_path.read_bytes())
+                f.write(read_bytes(sel.classes_path))
         splits: dict[str, dict[str, Any]] = {}
         for split, units in self.plan_.splits.items():
             filenames = [name for _i, name, _rows in units]
@@ -672,7 +677,7 @@ class ShardStage(BaseStage):
         })
         samples_now = sum(r.samples for r in run.results)
         bytes_now = sum(r.bytes for r in run.results)
-        return ShardSummary(str(ts.root), cfg.name, splits, run.done_now, len(run.skipped), samples_now, bytes_now,
+        return ShardSummary(ts.location, cfg.name, splits, run.done_now, len(run.skipped), samples_now, bytes_now,
                             run.seconds)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from silverlabel.dataset import Pool, atomic_write, dataset_identity
+from silverlabel.dataset import Pool, atomic_write, dataset_identity, display, is_file, parquet_source, url_of
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import check_parquet
 
@@ -61,7 +61,14 @@ class Input:
 
 def open_input(cfg: SelectConfig) -> Input:
     """The input of ``cfg`` as an :class:`Input`; a clear error for anything else, and a
-    UserError naming the first file that is not readable parquet (its footer is read)."""
+    UserError naming the first file that is not readable parquet (its footer is read). A
+    dataset at a URL (``s3://bucket/pool``) is read from the store (its parquet files are
+    fetched into this process's staging folder for DuckDB, which reads local files)."""
+    if url_of(cfg.source) is not None:
+        ds = Pool(cfg.source)
+        if not ds.exists():
+            raise UserError(f"{ds.location}: no silverlabel dataset there (a bare table is read from a local path)")
+        return _open_dataset(cfg, ds.root)
     src = Path(cfg.source).resolve()
     if not src.exists():
         raise FileNotFoundError(f"{cfg.source}: no such dataset, file or folder")
@@ -76,11 +83,11 @@ def unreadable_file(pool: Input) -> UserError | None:
     DuckDB's text), or None when they all read (the error is not the input's)."""
     for f in pool.whole().all_files():
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(parquet_source(f))
             for i in range(pf.num_row_groups):
                 pf.read_row_group(i)
         except (OSError, pa.ArrowException) as e:
-            return UserError(f"{f}: not a readable parquet file ({str(e).splitlines()[0]})")
+            return UserError(f"{display(f)}: not a readable parquet file ({str(e).splitlines()[0]})")
     return None
 
 
@@ -114,7 +121,7 @@ def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
             raise UserError(f"{where}: labels {name!r} have no config.label_space") from None
         if not isinstance(space, str):
             raise UserError(f"{where}: labels {name!r}: label_space must be a name, not {space!r}")
-        label_files = [(str(folder / p.name),) if (folder / p.name).is_file() else () for p in samples]
+        label_files = [(str(folder / p.name),) if is_file(folder / p.name) else () for p in samples]
         if not any(label_files):
             raise UserError(f"{folder}: no labels files for the samples (is `silverlabel label` finished?)")
         for lab in label_files:

@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import (Dataset, Selection, atomic_write, input_name, make_identity, named_config,
-                                 parent_entry, without_locations)
+from silverlabel.dataset import (Dataset, Selection, atomic_write, display, input_name, list_files, make_identity,
+                                 named_config, parent_entry, remove, url_of, without_locations)
 from silverlabel.engine import Report, create_engine
 from silverlabel.errors import UserError
 from silverlabel.formats.selection import CLASSES_FILE, REPORT_FILE, SELECTION_DIR, SELECTION_SCHEMA
@@ -60,6 +60,18 @@ TMP_DIR = ".select-tmp"
 
 def _check_output(out: Path) -> None:
     ours = {SELECTION_DIR, CLASSES_FILE, REPORT_FILE, DUPLICATES_FILE, "silverlabel.json", "README.md", "card"}
+    url = url_of(out)
+    if url is not None:  # a selection at a URL: what the store lists there
+        from silverlabel import fs
+
+        fs.forget(url)
+        try:
+            names = [n for n, _d in fs.listdir(url)]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        if any(n not in ours and not n.startswith(".") for n in names):
+            raise UserError(f"{display(url)}: exists and is not a selection; choose another -o")
+        return
     if out.exists() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
         raise UserError(f"{out}: exists and is not a selection; choose another -o")
 
@@ -90,8 +102,12 @@ def _label_rule(cfg: SelectConfig, pool: Input, con: Any) -> str:
 def _reset_output(out: Path) -> Path:
     """Empty the selection folder ``out`` for a new selection; returns its temporary folder.
     The old manifest goes first, so a run that dies half way leaves no manifest and
-    ``shard`` refuses the folder instead of reading a mix."""
-    (out / "silverlabel.json").unlink(missing_ok=True)
+    ``shard`` refuses the folder instead of reading a mix. At a URL, the objects go the same
+    way (the manifest first)."""
+    remove(out / "silverlabel.json")
+    if url_of(out) is not None:
+        for old in list_files(out / SELECTION_DIR, ".parquet"):
+            remove(old)
     tmp = out / TMP_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -185,7 +201,7 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     import duckdb
 
     t0 = time.monotonic()
-    out = Path(cfg.output).resolve()
+    out = Selection(cfg.output).root.resolve()  # at a URL: this process's staging mirror, uploaded file by file
     _check_output(out)
     pool = open_input(cfg)  # validate the input before touching the output
     with contextlib.ExitStack() as held:  # the output's lock, once _select first writes
@@ -324,7 +340,7 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     if cfg.dedupe or cfg.exclude_near:
         write_duplicates(out / DUPLICATES_FILE, dups)
     else:
-        (out / DUPLICATES_FILE).unlink(missing_ok=True)
+        remove(out / DUPLICATES_FILE)
     shutil.rmtree(tmp, ignore_errors=True)
     config, parents = published_config(cfg, pool, out)
     selection = Selection(out)
@@ -339,5 +355,5 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
         "counts": {"rows": rows, **{f"split_{k}": v for k, v in splits.items()}},
         "from_table": pool.source_dataset is None,
     })
-    return SelectSummary(str(Path(cfg.output)), rows, splits, len(class_ids), removed, time.monotonic() - t0,
+    return SelectSummary(display(cfg.output) if url_of(cfg.output) else str(Path(cfg.output)), rows, splits, len(class_ids), removed, time.monotonic() - t0,
                          pool.source_dataset is None)

@@ -43,7 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from silverlabel.dataset import atomic_write
+from silverlabel.dataset import atomic_write, fetch_local, local_target
 from silverlabel.engine import Report
 from silverlabel.formats.selection import SELECTION_DIR, SELECTION_SCHEMA
 
@@ -184,12 +184,15 @@ def connect(unit: Unit, plan: Plan) -> Any:
                                  "preserve_insertion_order": False, "temp_directory": str(spill)})
     if plan.min_prob is not None:
         con.execute("SET VARIABLE min_prob = ?", [plan.min_prob])
+    # a pool at a URL: its files fetched once per process into the staging folder (DuckDB reads local files)
+    files = [str(fetch_local(f)) for f in unit.files]
+    labels = [str(fetch_local(f)) for f in unit.labels]
     if plan.kind == "dataset":
-        con.read_parquet(list(unit.files)).create_view("samples")
-        if unit.labels:
-            con.read_parquet(list(unit.labels)).create_view("labels")
+        con.read_parquet(files).create_view("samples")
+        if labels:
+            con.read_parquet(labels).create_view("labels")
     else:
-        con.read_parquet(list(unit.files)).create_view("src")
+        con.read_parquet(files).create_view("src")
     for name, path in plan.files.items():
         con.read_parquet(path).create_view(name)
     for name, table in plan.tables.items():
@@ -303,7 +306,7 @@ def write_unit(unit: Unit, plan: Plan, report: Report | None = None) -> dict[str
             res["wanted_hits"] = [r[0] for r in con.execute(_WANTED_HITS).fetchall()]
         res["per"] = {(c, s): n for c, s, n in con.execute("SELECT cls, split, count(*) FROM final_t "
                                                            "GROUP BY 1, 2").fetchall()}
-        parts = _Parts(Path(plan.output) / SELECTION_DIR, unit.index)
+        parts = _Parts(local_target(plan.output) / SELECTION_DIR, unit.index)  # at a URL: staged, uploaded on close
         try:
             for batch in con.sql(_ROWS, params={"source_dataset": plan.source_dataset}).to_arrow_reader(1 << 16):
                 parts.add(batch)

@@ -1,0 +1,263 @@
+"""Every stage writes to a bucket as it writes to disk (issue 16, the output side).
+
+Real parts: moto's S3 server on loopback (as tests/test_remote_inputs.py runs it), reached by
+s3fs through botocore's ``AWS_ENDPOINT_URL`` with made-up credentials from the standard
+environment variables; a loopback HTTP server serving real JPEGs; the real default teacher
+on the CPU; real tars and parquet. The pipeline ingest -> label -> select -> shard runs once
+on local disk and once with every output in ``s3://BUCKET/...``: every file must be the same,
+byte for byte (the manifests less ``updated``), no credential may reach any output, the
+training set in the bucket must read back with webdataset (a ``pipe:`` URL) and timm's wds
+reader, and ``verify`` must pass on the bucket. A unit killed after uploading part of its
+files but before its commit record leaves nothing a rerun trusts: the rerun gives the same
+bucket, object for object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from httpserver import MisbehavingServer
+
+from silverlabel import fs as sfs
+from silverlabel.demodata import photo_like_images
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.moto_server.werkzeug_app")
+from test_remote_inputs import CountingS3  # noqa: E402  (the same loopback S3 server)
+
+KEY_ID = "AKIASILVERLABELOUT01"
+SECRET = "s3cr3t-Out-Kx81-never-written"
+BUCKET = "silver-outputs"
+IMAGES = 10
+
+
+@pytest.fixture(scope="module")
+def s3():
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    server = CountingS3()
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = s3fs.S3FileSystem()
+    client.mkdir(BUCKET)
+    server.fs = client
+    yield server
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def table_url(s3, tmp_path_factory):
+    """A URL table in the bucket whose images a loopback HTTP server serves."""
+    with MisbehavingServer() as server:
+        urls = [server.add(f"/img/{name}", data) for name, data in photo_like_images(IMAGES, size=(160, 120), seed=3)]
+        urls.append(server.url("/status/404"))  # a failed download: a row, no image
+        base = tmp_path_factory.mktemp("table")
+        pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(len(urls))]}),
+                       base / "urls.parquet")
+        s3.fs.put_file(str(base / "urls.parquet"), f"{BUCKET}/in/urls.parquet")
+        s3.fs.invalidate_cache()
+        yield f"s3://{BUCKET}/in/urls.parquet"
+
+
+def _ingest_cfg(source: str, out: str, **kw):
+    from silverlabel.sources.http import FetchConfig
+    from silverlabel.stages.ingest import IngestConfig
+
+    return IngestConfig(sources=(source,), output=out, samples_per_shard=4, workers=1, threads=4,
+                        fetch=FetchConfig(allow_private_network=True, retries=0), **kw)
+
+
+def _pipeline(table: str, base: str) -> dict[str, str]:
+    """ingest -> label -> select -> shard with outputs under ``base`` (a folder or a URL)."""
+    from silverlabel.stages.ingest import run_ingest
+    from silverlabel.stages.label import LabelConfig, run_label
+    from silverlabel.stages.select import SelectConfig, run_select
+    from silverlabel.stages.shard import ShardConfig, run_shard
+
+    out = {k: f"{base}/{k}" for k in ("pool", "sel", "trainset")}
+    run_ingest(_ingest_cfg(table, out["pool"]))
+    run_label(LabelConfig(dataset=out["pool"], device="cpu", decode_threads=2, topk=5, label_space="in1k",
+                          workers=1))
+    run_select(SelectConfig(out["pool"], out["sel"], val_per_class=0))
+    run_shard(ShardConfig(selection=out["sel"], output=out["trainset"], shards=2, workers=1))
+    return out
+
+
+def _local_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _bucket_files(s3, url: str) -> dict[str, bytes]:
+    s3.fs.invalidate_cache()
+    prefix = url[len("s3://"):]
+    return {k[len(prefix) + 1:]: s3.fs.cat_file(k) for k in sorted(s3.fs.find(prefix))}
+
+
+def _comparable(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Manifests less their ``updated`` time; every other file as it is."""
+    out = {}
+    for name, data in files.items():
+        if name.endswith("silverlabel.json"):
+            doc = json.loads(data)
+            doc.pop("updated", None)
+            data = json.dumps(doc, sort_keys=True).encode()
+        out[name] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def both(s3, table_url, tmp_path_factory):
+    """The pipeline on local disk and in the bucket, from the same URL table."""
+    local = tmp_path_factory.mktemp("local")
+    _pipeline(table_url, str(local))
+    remote = _pipeline(table_url, f"s3://{BUCKET}/run")
+    return local, remote
+
+
+def test_bucket_outputs_are_the_local_outputs_byte_for_byte(s3, both):
+    local, remote = both
+    for name in ("pool", "sel", "trainset"):
+        here = _comparable(_local_files(local / name))
+        there = _comparable(_bucket_files(s3, remote[name]))
+        assert sorted(there) == sorted(here), name
+        for rel in here:
+            assert there[rel] == here[rel], f"{name}/{rel} differs"
+    # what each holds, so the comparison is not of two empty folders
+    pool = _bucket_files(s3, remote["pool"])
+    assert sum(n.startswith("shards/") for n in pool) == 3 and sum(n.startswith("samples/") for n in pool) == 3
+    assert sum(n.startswith("labels/efficientnet_lite0/") and n.endswith(".parquet") for n in pool) == 3
+    man = json.loads(pool["silverlabel.json"])
+    assert man["state"] == "complete" and man["counts"]["success"] == IMAGES
+    assert "efficientnet_lite0" in man["labels"]
+    ts = _bucket_files(s3, remote["trainset"])
+    assert {"_info.json", "classes.json", "silverlabel.json"} <= set(ts)
+    assert sum(n.endswith(".tar") and "/" not in n for n in ts) == 2
+
+
+def test_nothing_records_where_or_with_what_credentials(s3, both):
+    local, remote = both
+    for name in ("pool", "sel", "trainset"):
+        for rel, data in _bucket_files(s3, remote[name]).items():
+            for secret in (KEY_ID, SECRET, "silverlabel-staging", str(local), "127.0.0.1:" + s3.endpoint.rsplit(":", 1)[1]):
+                assert secret.encode() not in data, f"{secret} in {name}/{rel}"
+    sel = json.loads(_bucket_files(s3, remote["sel"])["silverlabel.json"])
+    assert sel["parents"][0]["location"] == "../pool"  # relative, as on disk
+
+
+def test_webdataset_and_timm_read_the_bucket(s3, both, tmp_path):
+    wds = pytest.importorskip("webdataset")
+    _local, remote = both
+    info = json.loads(s3.fs.cat_file(remote["trainset"][len("s3://"):] + "/_info.json"))
+    names = info["splits"]["train"]["filenames"]
+    # webdataset straight from the bucket, through pipe: URLs (the credentials from the environment)
+    cat = "import s3fs, sys; sys.stdout.buffer.write(s3fs.S3FileSystem().cat_file(sys.argv[1]))"
+    urls = [f"pipe:{shlex.quote(sys.executable)} -c {shlex.quote(cat)} "
+            f"{shlex.quote(remote['trainset'][len('s3://'):] + '/' + n)}" for n in names]
+    got = list(wds.WebDataset(urls, shardshuffle=False).to_tuple("__key__", "jpg", "cls"))
+    assert len(got) == info["splits"]["train"]["num_samples"] == IMAGES
+    assert all(jpg[:2] == b"\xff\xd8" and int(cls) >= 0 for _k, jpg, cls in got)
+    # timm's wds reader, on the objects copied down
+    timm_data = pytest.importorskip("timm.data")
+    down = tmp_path / "trainset"
+    down.mkdir()
+    for rel, data in _bucket_files(s3, remote["trainset"]).items():
+        if "/" not in rel:
+            (down / rel).write_bytes(data)
+    ds = timm_data.create_dataset(f"wds/{info['name']}", root=str(down), split="train")
+    assert len(ds) == IMAGES
+    assert sorted(t for _img, t in ds) == sorted(int(cls) for _k, _j, cls in got)
+
+
+def test_verify_reads_the_bucket(s3, both):
+    from silverlabel.verify import VerifyConfig, verify
+
+    _local, remote = both
+    for name in ("pool", "sel", "trainset"):
+        report = verify(VerifyConfig(remote[name]))
+        assert report.ok, (name, report.problems)
+    # a damaged object is found
+    key = remote["trainset"][len("s3://"):] + "/" + json.loads(
+        s3.fs.cat_file(remote["trainset"][len("s3://"):] + "/_info.json"))["splits"]["train"]["filenames"][0]
+    good = s3.fs.cat_file(key)
+    try:
+        s3.fs.pipe_file(key, good[:-1024])
+        s3.fs.invalidate_cache()
+        sfs.forget()
+        report = verify(VerifyConfig(remote["trainset"]))
+        assert not report.ok and any(p.kind == "corrupt" for p in report.problems)
+    finally:
+        s3.fs.pipe_file(key, good)
+        s3.fs.invalidate_cache()
+
+
+def test_a_unit_killed_before_its_record_is_redone(s3, both, table_url, monkeypatch):
+    """A unit dies after uploading its tar (and, in one case, its samples table) but before
+    its commit record: nothing of it is trusted, the rerun redoes it and the bucket ends as
+    a clean run leaves it, with no stray or duplicate object."""
+    import silverlabel.stage as stage_mod
+    from silverlabel.stages.ingest import run_ingest
+
+    url = f"s3://{BUCKET}/killed/pool"
+    real_write = stage_mod.Commit.write
+    calls = {"n": 0}
+
+    def dying_write(self, outputs, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard: both files are in the bucket, its record never is
+            raise KeyboardInterrupt("killed before the record")
+        return real_write(self, outputs, *a, **kw)
+
+    monkeypatch.setattr(stage_mod.Commit, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(_ingest_cfg(table_url, url))
+    monkeypatch.setattr(stage_mod.Commit, "write", real_write)
+    partial = _bucket_files(s3, url)
+    assert "shards/data-000001.tar" in partial and ".done/data-000001.json" not in partial
+    assert ".done/data-000000.json" in partial
+    s = run_ingest(_ingest_cfg(table_url, url))
+    assert s.shards_skipped == 1 and s.shards_done_now == 2
+    _local, remote = both
+    clean = {k: v for k, v in _comparable(_bucket_files(s3, remote["pool"])).items() if not k.startswith("labels/")}
+    clean.pop("silverlabel.json")
+    again = _comparable(_bucket_files(s3, url))
+    man = json.loads(again.pop("silverlabel.json"))
+    assert again == clean
+    assert man["counts"]["success"] == IMAGES
+
+
+def test_resume_needs_only_the_bucket(s3, both, table_url):
+    """A rerun in a fresh process (another machine: no staging folder) finds every unit done
+    from the bucket alone and rewrites nothing but the manifest."""
+    import subprocess
+
+    _local, remote = both
+    before = _bucket_files(s3, remote["pool"])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_remote_outputs as t; "
+            "from silverlabel.stages.ingest import run_ingest; "
+            "s = run_ingest(t._ingest_cfg(sys.argv[2], sys.argv[3])); print(s.shards_done_now, s.shards_skipped)")
+    p = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), "s3://" + BUCKET + "/in/urls.parquet",
+                        remote["pool"]], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["0", "3"]
+    after = _bucket_files(s3, remote["pool"])
+    assert sorted(after) == sorted(before)
+    assert all(after[k] == before[k] for k in before if k != "silverlabel.json")
