@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     ts = _write_trainset(root / "trainset")
     cfg = TrainConfig(str(ts), str(root / "run"), model="test_vit", img_size=32, batch_size=8, steps=3, lr=2e-3,
                       log_every=1, ckpt_every=1000, ema_decay=0.9)
-    run_train(cfg, progress=False, log=lambda *a: None)
+    run_train(cfg, progress=False)
     return str(ts), str(root / "run")
 
 

@@ -29,7 +29,7 @@ from silverlabel.errors import UserError
 from silverlabel.stage import output_lock
 from silverlabel.stages.train import TrainConfig, run_train
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = dict(progress=False)
 
 
 # ---------------------------------------------------------------------------------------

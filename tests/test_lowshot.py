@@ -63,7 +63,7 @@ def pretrained(tmp_path_factory):
     ts = _write(base / "trainset")
     run = base / "pre"
     run_train(TrainConfig(str(ts), str(run), model="test_vit", img_size=32, batch_size=16, steps=3, lr=1e-3,
-                          log_every=1), progress=False, log=lambda *a: None)
+                          log_every=1), progress=False)
     return str(ts), str(run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 
 import pytest
@@ -55,7 +56,7 @@ def test_lr_schedule():
 
 def test_loss_goes_down(trainset, tmp_path):
     # a fixed small set: one epoch of 6 batches, repeated; 36 steps
-    s = run_train(_cfg(trainset, tmp_path / "run", steps=36, lr=3e-3), progress=False, log=lambda *a: None)
+    s = run_train(_cfg(trainset, tmp_path / "run", steps=36, lr=3e-3), progress=False)
     losses = [loss for _, loss in s.losses]
     assert len(losses) == 36 and s.steps == 36
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -70,7 +71,7 @@ def test_loss_goes_down(trainset, tmp_path):
                                         ("soft-topk", {"label_smoothing": 0.1})])
 def test_each_loss_runs(trainset, tmp_path, loss, extra):
     s = run_train(_cfg(trainset, tmp_path / loss, steps=2, loss=loss, optimizer="sgd", **extra),
-                  progress=False, log=lambda *a: None)
+                  progress=False)
     assert s.steps == 2 and s.final_loss is not None and s.final_loss == s.final_loss
     assert s.num_classes == (NUM_CLASSES if loss == "ce" else SPACE)
     if loss == "bce-multihot":
@@ -98,10 +99,10 @@ def test_loss_targets():
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_resume_is_exact(trainset, tmp_path, accum):
+def test_resume_is_exact(trainset, tmp_path, accum, caplog):
     # 48 samples / 8 = 6 loader batches per epoch -> 6 // accum steps per epoch: 20 steps cross epochs
     kw = dict(steps=20 // accum, accum_steps=accum, ckpt_every=4, ema_decay=0.9, loss="soft-topk")
-    quiet = dict(progress=False, log=lambda *a: None)
+    quiet = dict(progress=False)
     run_train(_cfg(trainset, tmp_path / "full", **kw), **quiet)
     part = run_train(_cfg(trainset, tmp_path / "part", **kw), stop_after=10 // accum, **quiet)
     assert part.steps == 10 // accum and not (tmp_path / "part" / "checkpoint-final.pt").exists()
@@ -116,8 +117,11 @@ def test_resume_is_exact(trainset, tmp_path, accum):
     with SummaryWriter(str(tmp_path / "part" / "tb")) as w:
         w.add_scalar("train/loss", 999.0, 10 // accum + 1)
     time.sleep(1.05)
-    rest = run_train(_cfg(trainset, tmp_path / "part", **kw), resume=True, **quiet)
+    with caplog.at_level(logging.INFO, logger="silverlabel.stages.train"):
+        rest = run_train(_cfg(trainset, tmp_path / "part", **kw), resume=True, **quiet)
     assert rest.start_step == 10 // accum and rest.steps == 20 // accum
+    assert [r.getMessage() for r in caplog.records if r.name == "silverlabel.stages.train"] == [
+        f"resumed from {tmp_path / 'part' / 'checkpoint.pt'} at step {10 // accum}"]
     a, b = _metric_losses(tmp_path / "full"), _metric_losses(tmp_path / "part")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 20 // accum + 1))
     assert [x for _, x in a] == [x for _, x in b]  # bit-exact on CPU
@@ -136,7 +140,7 @@ def test_resume_is_exact(trainset, tmp_path, accum):
 def test_restart_before_first_checkpoint_keeps_no_stale_rows(trainset, tmp_path):
     # a run killed before its first checkpoint, started again: metrics and TensorBoard hold one
     # copy of each step, not the dead run's rows followed by the new ones
-    quiet = dict(progress=False, log=lambda *a: None)
+    quiet = dict(progress=False)
     run_train(_cfg(trainset, tmp_path / "r", steps=4, loss="ce"), **quiet)
     for f in ("checkpoint.pt", "checkpoint-final.pt"):
         (tmp_path / "r" / f).unlink()
@@ -161,14 +165,16 @@ def _tb_losses(run):
     return [(e.step, e.value) for e in acc.Scalars("train/loss")]
 
 
-def test_init_finetune_new_classes_and_img_size(trainset, tmp_path):
-    quiet = dict(progress=False, log=lambda *a: None)
+def test_init_finetune_new_classes_and_img_size(trainset, tmp_path, caplog):
+    quiet = dict(progress=False)
     run_train(_cfg(trainset, tmp_path / "pre", steps=3, loss="bce-multihot"), **quiet)
     ck = torch.load(tmp_path / "pre" / "checkpoint-final.pt", weights_only=True)
     assert ck["step"] == 3 and ck["config"]["model"] == "test_vit" and ck["model"]["head.weight"].shape[0] == SPACE
-    msgs = []
-    s = run_train(_cfg(trainset, tmp_path / "ft", steps=2, img_size=48, init=str(tmp_path / "pre" / "checkpoint-final.pt")),
-                  progress=False, log=msgs.append)
+    with caplog.at_level(logging.INFO, logger="silverlabel.stages.train"):
+        s = run_train(_cfg(trainset, tmp_path / "ft", steps=2, img_size=48,
+                           init=str(tmp_path / "pre" / "checkpoint-final.pt")), progress=False)
+    # where the weights came from: an info record of train's logger, never a print
+    msgs = [r.getMessage() for r in caplog.records if r.name == "silverlabel.stages.train" and r.levelno == logging.INFO]
     assert s.steps == 2 and s.num_classes == NUM_CLASSES
     ft = torch.load(tmp_path / "ft" / "checkpoint-final.pt", weights_only=True)
     assert ft["model"]["head.weight"].shape[0] == NUM_CLASSES
@@ -276,20 +282,24 @@ def test_loader_workers_scale_with_the_ranks_cores(monkeypatch):
         TrainConfig("ts", "run", num_workers=-2)
 
 
-def test_sync_batchnorm_under_ddp_keeps_the_parameters():
+def test_sync_batchnorm_under_ddp_keeps_the_parameters(caplog):
     import timm
 
     from silverlabel.stages.train import _sync_batchnorm
 
-    notes = []
+    def notes():
+        return [r.getMessage() for r in caplog.records if r.name == "silverlabel.stages.train"
+                and r.levelno == logging.WARNING]
+
     vit = timm.create_model("test_vit", num_classes=4)
-    assert _sync_batchnorm(vit, torch.device("cuda"), notes.append) is vit and not notes  # no BatchNorm: as is
+    assert _sync_batchnorm(vit, torch.device("cuda")) is vit and not notes()  # no BatchNorm: as is
     cnn = timm.create_model("test_efficientnet", num_classes=4)
     keys, params = list(cnn.state_dict()), [id(p) for p in cnn.parameters()]
-    assert _sync_batchnorm(cnn, torch.device("cpu"), notes.append) is cnn
-    assert len(notes) == 1 and "per rank" in notes[0]  # no SyncBatchNorm on the CPU: said
+    assert _sync_batchnorm(cnn, torch.device("cpu"), master=False) is cnn and not notes()  # said by rank 0 only
+    assert _sync_batchnorm(cnn, torch.device("cpu")) is cnn
+    assert len(notes()) == 1 and "per rank" in notes()[0]  # no SyncBatchNorm on the CPU: a warning
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in cnn.modules())
-    synced = _sync_batchnorm(cnn, torch.device("cuda"), notes.append)  # conversion only: no GPU needed
+    synced = _sync_batchnorm(cnn, torch.device("cuda"))  # conversion only: no GPU needed
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) > 0
     bn = torch.nn.modules.batchnorm._BatchNorm
     assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules() if isinstance(m, bn))

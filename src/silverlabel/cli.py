@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 import time
@@ -401,21 +400,10 @@ def _train_extras(p: argparse.ArgumentParser) -> None:
     _progress_flag(p)
 
 
-def _train_log(message: str) -> None:
-    """What ``run_train`` says while it works, as log records: its notes are warnings, the rest
-    (where the weights came from, the step it resumed at) info (``-v``)."""
-    logger = logging.getLogger("silverlabel.stages.train")
-    if message.startswith("note: "):
-        logger.warning("%s", message[len("note: "):])
-    else:
-        logger.info("%s", message)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from silverlabel.stages.train import TrainConfig, run_train
 
-    s = run_train(config_from_args(TrainConfig, args), resume=args.resume, progress=_want_progress(args),
-                  log=_train_log)
+    s = run_train(config_from_args(TrainConfig, args), resume=args.resume, progress=_want_progress(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "n/a"

@@ -409,7 +409,7 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
             rdir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(rdir / STAMP_FILE, stamp)
             log(f"low-shot fine-tune {tag}: {len(sub)} images, {cfg.ft_steps} steps of {bs}")
-            s = run_train(tcfg, resume=Run(rdir).checkpoint_path.exists(), progress=False, log=lambda *a: None)
+            s = run_train(tcfg, resume=Run(rdir).checkpoint_path.exists(), progress=False)
             ev = run_eval(EvalConfig(str(rdir), cfg.trainset, split=cfg.val_split, batch_size=cfg.batch_size,
                                      device=cfg.device, num_workers=cfg.num_workers,
                                      out=str(rdir / f"eval-{cfg.val_split}.json")))

@@ -68,6 +68,7 @@ import copy
 import csv
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -86,6 +87,10 @@ from silverlabel.losses import LOSSES as _LOSS_REGISTRY
 from silverlabel.losses import Batch, get_loss, kd_loss, kd_target, loss_names  # noqa: F401  (kd_*: re-exported)
 from silverlabel.options import device_field, float_or_off, opt, positive_int
 from silverlabel.teachers.labelspace import SPACES, space_size
+
+#: what a run says while it works: ``info`` where its weights came from and the step it resumed at,
+#: ``warning`` what the user should know (rank 0 only)
+log = logging.getLogger(__name__)
 
 LOSSES = _LOSS_REGISTRY.keys()  # a live view of the loss registry
 CKPT_FORMAT = 1
@@ -434,15 +439,16 @@ def loader_workers(requested: int, device_type: str) -> int:
     return max(1, min(32, cores // local - 1))
 
 
-def _sync_batchnorm(model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
+def _sync_batchnorm(model: torch.nn.Module, device: torch.device, master: bool = True) -> torch.nn.Module:
     """Under DDP: BatchNorm layers (timm's BatchNormAct2d included) become SyncBatchNorm on
     CUDA, so batch statistics are those of the global batch as in a 1-process run; PyTorch
-    has no CPU SyncBatchNorm, so on the CPU they stay per rank (said once)."""
+    has no CPU SyncBatchNorm, so on the CPU they stay per rank (said once, by ``master``)."""
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     if device.type != "cuda":
-        log("note: BatchNorm statistics are per rank under DDP on the CPU (no SyncBatchNorm there); "
-            "losses differ from a 1-process run")
+        if master:
+            log.warning("BatchNorm statistics are per rank under DDP on the CPU (no SyncBatchNorm there); "
+                        "losses differ from a 1-process run")
         return model
     from timm.layers import convert_sync_batchnorm
 
@@ -459,22 +465,23 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-              progress: bool = True, log=print) -> TrainSummary:
+              progress: bool = True) -> TrainSummary:
     """Train (see the module docstring). ``resume``: continue from ``RUN/checkpoint.pt``
     (a fresh start when there is none). ``stop_after``: stop (with a checkpoint) once this
     global step is reached, as if interrupted; the schedule still runs to the full length.
-    One run at a time per RUN folder: rank 0 holds ``RUN/.lock`` (:func:`~silverlabel.stage.output_lock`)."""
+    One run at a time per RUN folder: rank 0 holds ``RUN/.lock`` (:func:`~silverlabel.stage.output_lock`).
+    It speaks through the ``silverlabel.stages.train`` logger (rank 0 only)."""
     from silverlabel.stage import output_lock
 
     if _dist_env()[0] != 0:
-        return _train(cfg, resume, stop_after, progress, log)
+        return _train(cfg, resume, stop_after, progress)
     check_target(cfg.output, "-o", folder=True)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     with output_lock(cfg.output):
-        return _train(cfg, resume, stop_after, progress, log)
+        return _train(cfg, resume, stop_after, progress)
 
 
-def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool, log) -> TrainSummary:
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: bool) -> TrainSummary:
     # -- setup: distributed, device, determinism
     rank, world, local_rank = _dist_env()
     ddp = world > 1
@@ -523,8 +530,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     if cfg.init is not None:
         info = load_init(model, cfg.init)
         if master:
-            log(f"init from {cfg.init}: new {', '.join(info['missing']) or 'nothing'}; "
-                f"resampled {', '.join(info['resampled']) or 'nothing'}")
+            log.info("init from %s: new %s; resampled %s", cfg.init, ", ".join(info["missing"]) or "nothing",
+                     ", ".join(info["resampled"]) or "nothing")
     model.to(device)
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
@@ -541,11 +548,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         torch.set_rng_state(ck["torch_rng"])
         step = int(ck["step"])
         if master:
-            log(f"resumed from {ckpt_path} at step {step}")
+            log.info("resumed from %s at step %d", ckpt_path, step)
     start_step = step
     train_model = model
     if ddp:
-        model = _sync_batchnorm(model, device, log if master else lambda *_: None)
+        model = _sync_batchnorm(model, device, master)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
