@@ -232,6 +232,48 @@ def bench_train(args, root: Path, n_gpus: int) -> dict:
     return r
 
 
+def rnf_diff(a: Path, b: Path) -> dict:
+    """Where two reinforced outputs differ: members by extension, and for ``.rnf`` the views
+    whose top-1 differs and the largest probability difference."""
+    import numpy as np
+
+    import tarfile
+
+    from silverlabel.augment import unpack
+
+    def samples(path: Path):
+        by_key: dict = {}
+        with tarfile.open(path) as t:
+            for m in t.getmembers():
+                key, _, ext = m.name.partition(".")
+                by_key.setdefault(key, {})[ext] = t.extractfile(m).read()
+        return sorted(by_key.items())
+
+    d: dict = {"samples": 0, "differing_members": {}, "views": 0, "top1_differs": 0, "labels_differ": 0,
+               "max_prob_diff": 0.0, "examples": []}
+    for ta in sorted(a.glob("*.tar")):
+        tb = b / ta.name
+        for (ka, ma), (kb, mb) in zip(samples(ta), samples(tb)):
+            d["samples"] += 1
+            for ext in sorted(set(ma) | set(mb)):
+                if ka == kb and ma.get(ext) == mb.get(ext):
+                    continue
+                d["differing_members"][ext] = d["differing_members"].get(ext, 0) + 1
+                if ext == "rnf" and ext in ma and ext in mb:
+                    ra, rb = unpack(ma[ext]), unpack(mb[ext])
+                    d["views"] += ra.k
+                    d["top1_differs"] += int((ra.labels[:, 0] != rb.labels[:, 0]).sum())
+                    d["labels_differ"] += int((ra.labels != rb.labels).any(axis=1).sum())
+                    diff = float(np.abs(ra.probs.astype(np.float32) - rb.probs.astype(np.float32)).max())
+                    d["max_prob_diff"] = max(d["max_prob_diff"], diff)
+                    if len(d["examples"]) < 5:
+                        d["examples"].append({"key": ka, "tar": ta.name, "max_prob_diff": diff,
+                                              "a_top": ra.labels[:, :3].tolist(), "b_top": rb.labels[:, :3].tolist()})
+                elif len(d["examples"]) < 5:
+                    d["examples"].append({"key": ka, "other_key": kb, "tar": ta.name, "ext": ext})
+    return d
+
+
 def bench_reinforce(args, root: Path, n_gpus: int) -> dict:
     from silverlabel.stages.reinforce import ReinforceConfig, run_reinforce
     from silverlabel.teachers import TeacherSpec
@@ -249,6 +291,15 @@ def bench_reinforce(args, root: Path, n_gpus: int) -> dict:
         log(f"reinforce workers={workers}: {r[f'w{workers}_seconds']:.1f} s")
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))})
     r["identical_tars"] = digests[0] == digests[1] and len(digests[0]) > 0
+    if not r["identical_tars"]:
+        r["diff_1_vs_n"] = rnf_diff(root / "rnf-1", root / f"rnf-{n_gpus}")
+        log(f"reinforce 1 vs {n_gpus}: {r['diff_1_vs_n']}")
+        out = root / "rnf-1b"  # is one worker alone deterministic run to run?
+        shutil.rmtree(out, ignore_errors=True)
+        run_reinforce(ReinforceConfig(trainset=str(ts), output=str(out), teachers=(TeacherSpec("efficientnet_lite0"),),
+                                      augs=4, topk=10, device=args.device, workers=1))
+        r["diff_1_vs_1"] = rnf_diff(root / "rnf-1", out)
+        log(f"reinforce 1 vs 1 again: {r['diff_1_vs_1']}")
     r["scaling"] = r["w1_seconds"] / r[f"w{n_gpus}_seconds"]
     r["tars"] = len(digests[0])
     log(f"reinforce: {r}")

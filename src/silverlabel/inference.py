@@ -373,12 +373,19 @@ class GpuDecoder:
     threads; ``decode`` returns :func:`resize_crop_batch` references.
 
     ``use_hw`` can be switched off (the benchmark does, to compare). The hardware path is
-    dropped for good if it decodes none of the first 64 JPEGs offered to it. With ``reuse``
-    the engines decode into the buffers of the batch decoded ``SLOTS`` batches earlier on
-    this decoder (after an event says this stream's work on them is done) instead of new
-    allocations each batch."""
+    dropped for good if it decodes none of the first 64 JPEGs offered to it.
 
-    SLOTS = 8
+    The engines' work is not ordered after what the stream already holds: each hardware
+    decode after the first waits (on the host) for the current stream to finish the work
+    queued on it, which covers everything queued on the earlier batches' images. Without
+    that wait a caller that queues work on a batch and decodes the next one at once (reinforce's
+    replay thread) saw about 1% of its images change from run to run (bench/reinforce_determinism.py:
+    deterministic with the wait, with new buffers for every batch, or on nvJPEG; not without).
+    With ``reuse`` the engines decode into the buffers of the batch decoded ``SLOTS`` batches
+    earlier instead of new allocations each batch, so a batch's references stay valid until
+    the caller has decoded one more batch."""
+
+    SLOTS = 2
 
     def __init__(self, device: Any, use_hw: bool = True, pool: ThreadPoolExecutor | None = None):
         import torch
@@ -392,7 +399,6 @@ class GpuDecoder:
         self._hw_tried = 0
         self.reuse = True
         self._slots: list[list[Any]] = [[] for _ in range(self.SLOTS)]
-        self._slot_done: list[Any] = [None] * self.SLOTS
         self._batch = 0
 
     def decode(self, blobs: Sequence[bytes]) -> tuple[list[Any], list[str | None], list[Any]]:
@@ -431,14 +437,10 @@ class GpuDecoder:
         torch = self.torch
         stream = torch.cuda.current_stream(self.device)
         k = self._batch % self.SLOTS
-        if self._batch:  # everything that reads the previous batch's images is on this stream by now
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            self._slot_done[(self._batch - 1) % self.SLOTS] = ev
+        if self._batch:  # everything that reads the earlier batches' images is on this stream by now
+            stream.synchronize()
         self._batch += 1
         reuse = self._slots[k][:len(idx)] if self.reuse and len(self._slots[k]) >= len(idx) else None
-        if reuse is not None and self._slot_done[k] is not None:
-            self._slot_done[k].synchronize()
         streams = [nvimgcodec.CodeStream(blobs[j]) for j in idx]
         try:
             images = dec.decode(streams, images=reuse, params=params, cuda_stream=stream.cuda_stream)
