@@ -23,6 +23,9 @@ checks what the stages recorded against what is on disk:
 
 A problem is a row (kind, path, detail); the exit code is 0 when there are none, 1 otherwise.
 
+A dataset at a URL (``silverlabel verify s3://bucket/pool``) is checked the same way against
+the store: records read by name, sizes asked of the store, md5s and tars read by range.
+
     >>> report = verify(VerifyConfig("data/pool"))  # doctest: +SKIP
     >>> report.ok, [p.kind for p in report.problems]  # doctest: +SKIP
     (True, [])
@@ -37,8 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import (DONE_DIR, ID_KINDS, Dataset, Pool, Run, Selection, TrainSet, file_digest, is_identity,
-                                 parent_location)
+from silverlabel.dataset import (DONE_DIR, ID_KINDS, Dataset, Pool, Run, Selection, TrainSet, display, file_digest,
+                                 file_size, is_file, is_identity, list_files, open_read, parent_location,
+                                 parquet_source)
 from silverlabel.errors import UserError
 from silverlabel.formats.labels import CLASSES_FILE, CLASSES_UNIT
 from silverlabel.options import opt
@@ -75,7 +79,7 @@ class VerifyReport:
         return not self.problems
 
     def add(self, kind: str, path: str | os.PathLike, detail: str) -> None:
-        self.problems.append(Problem(kind, str(path), detail))
+        self.problems.append(Problem(kind, display(path), detail))  # at a URL: the public URL
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "kind": self.kind, "ok": self.ok, "checked": dict(self.checked),
@@ -90,10 +94,8 @@ def check_records(done: Path, report: VerifyReport, hashes: bool = True) -> dict
     """Check every commit record in the ``done`` folder against its outputs; returns the
     readable records by unit name."""
     records: dict[str, dict[str, Any]] = {}
-    if not done.is_dir():
-        return records
     root = done.parent
-    for path in sorted(done.glob("*.json")):
+    for path in list_files(done, ".json"):
         report.checked["records"] += 1
         rec = read_record(path)
         outputs = rec.get("outputs") if rec is not None else None
@@ -104,10 +106,14 @@ def check_records(done: Path, report: VerifyReport, hashes: bool = True) -> dict
         for rel, want in outputs.items():
             report.checked["files"] += 1
             f = root / rel
-            if not f.is_file():
+            try:
+                size = file_size(f)
+            except (FileNotFoundError, NotADirectoryError):
+                size = None
+            if size is None:
                 report.add("missing", f, f"recorded {want.get('bytes')} bytes, not there")
-            elif f.stat().st_size != want.get("bytes"):
-                report.add("corrupt", f, f"{f.stat().st_size} bytes, recorded {want.get('bytes')}")
+            elif size != want.get("bytes"):
+                report.add("corrupt", f, f"{size} bytes, recorded {want.get('bytes')}")
             elif hashes and want.get("md5") and file_digest(f, "md5") != want["md5"]:
                 report.add("corrupt", f, f"md5 differs from the recorded {want['md5']}")
     return records
@@ -123,7 +129,8 @@ def _tar_keys(path: Path, report: VerifyReport) -> list[str] | None:
     from silverlabel.formats.wds import iter_tar_samples
 
     try:
-        return [s.key for s in iter_tar_samples(str(path))]
+        with open_read(path) as f:  # at a URL: the headers by ranged reads
+            return [s.key for s in iter_tar_samples(f)]
     except Exception as e:  # tarfile raises several types for a damaged archive
         report.add("corrupt", path, f"not a readable tar ({type(e).__name__}: {e})")
         return None
@@ -133,7 +140,7 @@ def _parquet(path: Path, report: VerifyReport, columns: list[str]) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path).read(columns=columns)
+        return pq.ParquetFile(parquet_source(path)).read(columns=columns)
     except Exception as e:  # pyarrow raises several types for a damaged file
         report.add("corrupt", path, f"not a readable parquet file ({type(e).__name__}: {str(e)[:200]})")
         return None
@@ -161,7 +168,7 @@ def verify_pool(pool: Pool, man: dict[str, Any], report: VerifyReport, hashes: b
         statuses = t.column("status").to_pylist()
         counts.update(statuses)
         success[stem] = [k for k, s in zip(t.column("key").to_pylist(), statuses) if s == "success"]
-        if tar.is_file():
+        if is_file(tar):
             keys = _tar_keys(tar, report)
             if keys is not None and sorted(keys) != sorted(success[stem]):
                 report.add("count", tar, f"{len(keys)} samples, its samples table has {len(success[stem])} "
@@ -183,12 +190,12 @@ def verify_labels(pool: Pool, name: str, labels: str, ingested: dict[str, dict[s
     folder = pool.labels_dir(labels)
     records = check_records(folder / DONE_DIR, report, hashes)  # the class map's record too (.done/classes.json)
     classes = folder / CLASSES_FILE
-    if classes.is_file() and CLASSES_UNIT not in records:
+    if is_file(classes) and CLASSES_UNIT not in records:
         report.add("unrecorded", classes, "class map without a commit record; run silverlabel label again")
     for stem, keys in success.items():
         shard = Pool.shard_index(stem)
         path = pool.labels_path(labels, name, shard)
-        if not path.is_file():
+        if not is_file(path):
             if keys:
                 report.add("coverage", path, f"no labels file: {len(keys)} success rows unlabeled by {labels}")
             continue
@@ -232,7 +239,7 @@ def verify_selection(sel: Selection, man: dict[str, Any], report: VerifyReport) 
     have = {"rows": rows, **{f"split_{k}": v for k, v in splits.items()}}
     if want and dict(want) != have:
         report.add("count", sel.manifest_path, f"counts {want} differ from the selection's {have}")
-    if not sel.classes_path.is_file():
+    if not is_file(sel.classes_path):
         report.add("missing", sel.classes_path, "the class map of the selection")
     roots = sel.parent_roots("dataset")  # source_dataset holds an id; the manifest says where it is
     for dataset, shard in sorted(s for s in sources if s[0] and s[1]):
@@ -240,7 +247,7 @@ def verify_selection(sel: Selection, man: dict[str, Any], report: VerifyReport) 
             report.add("missing", sel.manifest_path, f"source dataset {dataset} of selected samples is not a parent")
             continue
         tar = Pool(roots.get(dataset, dataset)).shards_dir / shard
-        if not tar.is_file():
+        if not is_file(tar):
             report.add("missing", tar, "source shard of selected samples (moved or deleted?)")
 
 
@@ -257,7 +264,7 @@ def verify_trainset(ts: TrainSet, man: dict[str, Any], report: VerifyReport, has
             rec = records.get(filename)
             if rec is None:
                 report.add("unrecorded", tar, f"tar of split {split} without a commit record")
-            if not tar.is_file():
+            if not is_file(tar):
                 if rec is None:
                     report.add("missing", tar, f"tar of split {split}")
                 continue
@@ -275,13 +282,13 @@ def verify_trainset(ts: TrainSet, man: dict[str, Any], report: VerifyReport, has
                 report.add("stale", sel.root, f"the selection it was cut from is damaged ({e})")
             else:
                 if now != man["selection_sha256"]:
-                    report.add("stale", ts.root, f"its selection {sel.root} changed since it was sharded")
+                    report.add("stale", ts.root, f"its selection {sel.location} changed since it was sharded")
     if man.get("stage") == "reinforce" and where is not None:
         src = TrainSet(where)
         for filename, rec in records.items():
             made_from = rec.get("inputs", {}).get("source")
             tar = src.tar_path(filename)
-            if isinstance(made_from, dict) and tar.is_file():
+            if isinstance(made_from, dict) and is_file(tar):
                 if file_identity(tar, src.commit_path(filename)) != made_from:
                     report.add("stale", ts.tar_path(filename), f"made from another version of {tar}")
 
@@ -315,11 +322,14 @@ def verify_run(run: Run, report: VerifyReport) -> None:
 
 
 def verify(cfg: VerifyConfig) -> VerifyReport:
-    """Check ``cfg.dataset`` (see the module docstring); reads only."""
-    root = Path(cfg.dataset)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such dataset or run folder")
-    ds = Dataset(root)
+    """Check ``cfg.dataset`` (see the module docstring); reads only. A URL is read from its store."""
+    ds = Dataset(cfg.dataset)
+    if ds.url is not None:
+        if not ds.exists():
+            raise FileNotFoundError(f"{ds.location}: no silverlabel dataset there (no {ds.manifest_path.name})")
+    elif not ds.root.is_dir():
+        raise FileNotFoundError(f"{ds.root}: no such dataset or run folder")
+    root = ds.root
     if not ds.exists():
         run = Run(root)
         if run.checkpoint_path.is_file() or run.final_checkpoint_path.is_file():
@@ -331,9 +341,9 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     stage = man.get("stage")
     kind = ID_KINDS.get(stage) if stage != "train" else None
     if kind is None:
-        raise UserError(f"{ds.manifest_path}: stage {stage!r} is not one verify knows (ingest, select, shard, "
+        raise UserError(f"{display(ds.manifest_path)}: stage {stage!r} is not one verify knows (ingest, select, shard, "
                         "reinforce)")
-    report = VerifyReport(str(root), kind)
+    report = VerifyReport(ds.location, kind)
     if man.get("state") not in (None, "complete"):
         report.add("unrecorded", ds.manifest_path, f"state is {man['state']!r}: the last {stage} did not finish; "
                    "run it again to complete the dataset")
