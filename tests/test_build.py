@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 
 import pytest
 
@@ -154,6 +155,19 @@ def test_cli_dry_run_prints_the_plan_and_runs_nothing(recipe, tmp_path, no_stage
         assert f"{step}" in text
     assert text.count("run   new") == 3
     assert not out.exists()
+
+
+def test_build_draws_the_stages_progress_with_totals(recipe, capsys):
+    from silverlabel.cli import main
+
+    assert main(["build", str(recipe), "--progress"]) == 0
+    err = capsys.readouterr().err
+    # each stage's own bar (silverlabel.log.Progress): ingest's 12 photos, shard's 12 samples, with totals
+    assert re.search(r"ingest: 100%.* 12/12 .*img/s", err) and re.search(r"shard: 100%.* 12/12 .*sample/s", err), err
+    assert main(["build", str(recipe), "--progress", "--force", "-q"]) == 0
+    assert "%|" not in capsys.readouterr().err  # -q: no bars
+    assert main(["build", str(recipe), "--progress", "--force", "--only", "pool", "--no-progress"]) == 0
+    assert "%|" not in capsys.readouterr().err
 
 
 def test_recipe_errors_name_the_step_and_key(recipe, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from toy_trainset import write_toy_trainset
 
 from silverlabel.cli import main
+from silverlabel.log import Progress
 from silverlabel.stages.evaluate import EvalConfig, map_scores, real_accuracy, run_eval, topk_accuracy
 from silverlabel.stages.train import TrainConfig, run_train
 
@@ -82,7 +83,9 @@ def test_label_space_mapping_in21k_to_in1k():
 def test_run_eval_end_to_end(trained, tmp_path):
     ts, run = trained
     n_val = sum(SPLITS["validation"])
-    r = run_eval(EvalConfig(run, ts, split="validation", batch_size=4, device="cpu"))
+    progress = Progress(bar=False, desc="eval")
+    r = run_eval(EvalConfig(run, ts, split="validation", batch_size=4, device="cpu"), progress=progress)
+    assert (progress.total, progress.done, progress.ok) == (n_val, n_val, n_val)  # told the split's size up front
     with open(f"{run}/eval-validation.json") as f:
         out = json.load(f)
     assert out["counts"]["samples"] == n_val
@@ -131,6 +134,13 @@ def test_cli(trained, tmp_path, capsys):
     assert rc == 0
     assert "top-1 accuracy" in text and "top-5 accuracy" in text and "class-3" in text
     assert json.loads((tmp_path / "t.json").read_text())["counts"]["samples"] == sum(SPLITS["train"])
+    # the bar of every stage (silverlabel.log.Progress): the split's total and a rate; none with -q
+    argv = ["eval", run, "--data", ts, "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "v.json")]
+    n_val = sum(SPLITS["validation"])
+    assert main([*argv, "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{n_val}/{n_val}" in err and "100%" in err and "img/s" in err, err
+    assert main(["-q", *argv, "--progress"]) == 0 and capsys.readouterr().err == ""
     rc = main(["eval", str(tmp_path / "missing"), "--data", ts])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "error" in err

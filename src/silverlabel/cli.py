@@ -33,7 +33,7 @@ from typing import Any
 
 from silverlabel import __version__
 from silverlabel.errors import UserError
-from silverlabel.log import LEVELS, Progress, configure, level_from_flags, progress_wanted
+from silverlabel.log import LEVELS, configure, level_from_flags, progress_wanted, stage_progress
 from silverlabel.options import LazyChoices, cli_meta, engine_field, is_nested, opt, positive_int, ray_address_field
 
 # ---------------------------------------------------------------------------------------
@@ -232,10 +232,9 @@ def _footer(args: argparse.Namespace, s: Any, now: int, done: str, rate: float, 
     _more(args, f"  {what}: {os.path.abspath(s.output)}{hint}")
 
 
-def _with_progress(args: argparse.Namespace, desc: str, run: Callable[..., Any], cfg: Any, unit: str = "img",
-                   success: bool = True, **kw: Any) -> Any:
-    """``run(cfg, progress=...)`` with a bar (:class:`silverlabel.log.Progress`) to stderr."""
-    bar = Progress(bar=_want_progress(args), desc=desc, unit=unit, success=success)
+def _with_progress(args: argparse.Namespace, stage: str, run: Callable[..., Any], cfg: Any, **kw: Any) -> Any:
+    """``run(cfg, progress=...)`` with a bar (:func:`silverlabel.log.stage_progress`) to stderr."""
+    bar = stage_progress(stage, _want_progress(args))
     try:
         return run(cfg, progress=bar, **kw)
     finally:
@@ -265,7 +264,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     if args.stats:
         return print_label_stats(args.dataset, getattr(args, "name", None))
-    s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args), success=False)
+    s = _with_progress(args, "label", run_label, config_from_args(LabelConfig, args))
     _head(args, f"silverlabel label: {s.rows} images labeled in {s.shards} files "
           f"({s.shards_done_now} written now), {s.decode_errors} decode errors{_missing_note(s.missing)}")
     _footer(args, s, s.images_now, f"{s.images_now} images", s.images_per_second, "images", "labels", where=f" on {s.device}")
@@ -342,8 +341,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from silverlabel.stages.select import SelectConfig, run_select
 
     run = config_from_args(SelectRun, args)
-    s = _with_progress(args, "select", run_select, config_from_args(SelectConfig, args), unit="row", success=False,
-                       **dataclasses.asdict(run))
+    s = _with_progress(args, "select", run_select, config_from_args(SelectConfig, args), **dataclasses.asdict(run))
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items()) or "nothing"
     print(f"silverlabel select: {s.rows} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
     for why, n in s.removed.items():
@@ -357,7 +355,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from silverlabel.stages.shard import ShardConfig, run_shard
 
-    s = _with_progress(args, "shard", run_shard, config_from_args(ShardConfig, args), unit="sample", success=False)
+    s = _with_progress(args, "shard", run_shard, config_from_args(ShardConfig, args))
     _head(args, f"silverlabel shard: {s.samples} samples {_shards_done(s)}")
     width = max((len(k) for k in s.splits), default=5)
     for split, info in s.splits.items():
@@ -385,7 +383,7 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
     if not hasattr(args, "output"):
         raise UserError("reinforce needs -o OUT (or --inspect)")
     cfg = config_from_args(ReinforceConfig, args)
-    s = _with_progress(args, "reinforce", run_reinforce, cfg, unit="sample", success=False)
+    s = _with_progress(args, "reinforce", run_reinforce, cfg)
     _head(args, f"silverlabel reinforce: {s.samples} samples x {s.augs_per_sample} augmentations {_shards_done(s)}, "
           f"top-{cfg.topk} in {s.label_space}")
     _more(args, f"  storage: {s.bytes_per_sample:.1f} bytes per sample, {s.bytes_per_aug:.1f} bytes per augmentation "
@@ -424,22 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
         print(format_lowshot(run_lowshot(lcfg, log=say)))
         return 0
-    cfg = config_from_args(EvalConfig, args)
-    bar = None
-    log = None
-    if _want_progress(args):
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", desc="eval", dynamic_ncols=True, file=sys.stderr)
-
-        def log(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-    try:
-        report = run_eval(cfg, log=log)
-    finally:
-        if bar is not None:
-            bar.close()
+    report = _with_progress(args, "eval", run_eval, config_from_args(EvalConfig, args))
     print(format_report(report))
     return 0
 
@@ -447,7 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from silverlabel.stages.card import CardConfig, run_card
 
-    s = _with_progress(args, "card", run_card, config_from_args(CardConfig, args), unit="step", success=False)
+    s = _with_progress(args, "card", run_card, config_from_args(CardConfig, args))
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
     print(f"silverlabel card: {s.kind}, {s.samples} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
     _more(args, f"  card:   {os.path.abspath(s.readme)}")

@@ -288,6 +288,25 @@ class Progress:
             self.bar = None
 
 
+#: what each stage's progress counts, and whether its bar shows the share of items that
+#: succeeded: one table for the stage commands and ``silverlabel build``
+STAGE_UNITS: dict[str, tuple[str, bool]] = {
+    "ingest": ("img", True), "label": ("img", False), "select": ("row", False), "shard": ("sample", False),
+    "reinforce": ("sample", False), "card": ("step", False), "eval": ("img", False),
+}
+
+
+def stage_progress(stage: str, bar: bool) -> Progress:
+    """The :class:`Progress` of a stage, in its unit (:data:`STAGE_UNITS`).
+
+        >>> p = stage_progress("shard", bar=False)
+        >>> p.desc, p.unit, p.success
+        ('shard', 'sample', False)
+    """
+    unit, success = STAGE_UNITS.get(stage, ("item", False))
+    return Progress(bar=bar, desc=stage, unit=unit, success=success)
+
+
 def _sized(desc: str, total: int | None, unit: str) -> str:
     """``select: count pass (3 parts)``."""
     return desc if total is None else f"{desc} ({total} {unit}{'' if total == 1 else 's'})"

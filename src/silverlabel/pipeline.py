@@ -66,6 +66,7 @@ from typing import Any
 
 from silverlabel.dataset import Pool, file_digest, is_url, public_url, write_json_atomic
 from silverlabel.errors import UserError
+from silverlabel.log import progress_wanted, stage_progress
 
 STATE_PREFIX = ".build-"  # .build-STEP.json: the step's key, written last
 _HASH_WHOLE = 64 << 20  # files up to this size are hashed, larger ones keyed by size + mtime
@@ -183,19 +184,22 @@ def _run_options(run: Callable) -> set[str]:
     return set(list(inspect.signature(run).parameters)[1:]) - _RUNNER_ARGS
 
 
-def _call_stage(step: Step) -> Any:
-    """Run one step's stage through its public ``run_*`` function and print its report."""
+def _call_stage(step: Step, progress: bool = False) -> Any:
+    """Run one step's stage through its public ``run_*`` function and print its report;
+    ``progress``: a bar of the stage's work, with its total and ETA where the stage knows them
+    (:func:`silverlabel.log.stage_progress`, as the stage's own command draws it)."""
     stage, cfg = step.stage, step.config
     _, run = _stage_api(step.kind)
     if stage == "train":  # an interrupted build left a checkpoint: continue it
         return run(cfg, resume=(Path(cfg.output) / "checkpoint.pt").exists(), progress=False)
     if "progress" not in inspect.signature(run).parameters:
         result = run(cfg, **step.run_args)
-    else:  # a per-shard stage: a bar of items done on a terminal
-        from tqdm import tqdm
-
-        with tqdm(unit="img", desc=stage, dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
-            result = run(cfg, progress=lambda done, ok: bar.update(done), **step.run_args)
+    else:
+        bar = stage_progress(stage, progress)
+        try:
+            result = run(cfg, progress=bar, **step.run_args)
+        finally:
+            bar.close()
     if stage == "eval":
         from silverlabel.stages.evaluate import format_report
 
@@ -672,8 +676,9 @@ def format_plan(plans: Sequence[StepPlan]) -> str:
 
 
 def build(recipe: Recipe, only: Sequence[str] = (), from_step: str | None = None, force: bool = False,
-          log: Callable[[str], None] = print) -> BuildSummary:
+          log: Callable[[str], None] = print, progress: bool = False) -> BuildSummary:
     """Run the steps that are new or whose config or inputs changed, in order; skip the rest.
+    ``progress``: draw each step's progress bar on stderr (see :func:`_call_stage`).
 
     A step that ran records its key in ``.build-STEP.json`` (atomically, after its outputs).
     """
@@ -690,7 +695,7 @@ def build(recipe: Recipe, only: Sequence[str] = (), from_step: str | None = None
         _clear(step, recipe)
         log(f"build: {step.name} ({step.stage}): running ({p.reason})")
         t1 = time.monotonic()
-        _call_stage(step)
+        _call_stage(step, progress)
         records = step.kind.records(step.config)
         missing = [str(r) for r in records if not r.exists()]
         if missing:
@@ -761,6 +766,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--only", action="append", default=[], metavar="STEP", help="run only this step (repeatable)")
     p.add_argument("--from", dest="from_step", metavar="STEP", help="start at this step")
     p.add_argument("--force", action="store_true", help="rerun the chosen steps even when up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
     return p
 
@@ -775,7 +781,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(format_plan(plans))
     if args.dry_run:
         return 0
-    s = build(recipe, only=args.only, from_step=args.from_step, force=args.force)
+    bars = progress_wanted(args.no_progress, getattr(args, "quiet", False), getattr(args, "progress", False))
+    s = build(recipe, only=args.only, from_step=args.from_step, force=args.force, progress=bars)
     print(f"silverlabel build: {len(s.ran)} step(s) ran, {len(s.skipped)} up to date, {s.seconds:.1f} s; "
           f"outputs in {recipe.out}")
     return 0

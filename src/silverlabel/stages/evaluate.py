@@ -34,9 +34,11 @@ import torch
 
 from silverlabel.dataset import Run, TrainSet, check_target, dataset_identity, input_name, write_json_atomic
 from silverlabel.devices import torch_device
+from silverlabel.engine import Report
 from silverlabel.errors import UserError
 from silverlabel.options import device_field, opt, positive_int
 from silverlabel.loader import LoaderConfig, create_loader, normalize_on
+from silverlabel.log import set_total
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,10 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 # the run
 
 
-def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
-    """Evaluate (see the module docstring); writes the JSON report and returns it."""
+def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
+    """Evaluate (see the module docstring); writes the JSON report and returns it.
+    ``progress``: told the split's size (:func:`silverlabel.log.set_total`), then
+    ``progress(images, images)`` per batch (a :class:`silverlabel.log.Progress` draws a bar)."""
     t0 = time.monotonic()
     check_target(cfg.out, "--out", folder=False)
     ckpt = Run(cfg.run).find_checkpoint()
@@ -225,6 +229,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
     keys: list[str] = []
     tops: list[torch.Tensor] = []
     num_out = None
+    set_total(progress, num_samples)
     with torch.inference_mode():
         for x, cls, _labels, _probs, bkeys in create_loader(lcfg, pin_memory=device.type == "cuda"):
             logits = model(normalize_on(x.to(device, non_blocking=True), lcfg)).float()
@@ -250,8 +255,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict[str, Any]:
                     per_right[ci] = per_right.get(ci, 0) + int(h)
             keys.extend(bkeys)
             seen += len(bkeys)
-            if log is not None:
-                log(seen, num_samples)
+            if progress is not None:
+                progress(len(bkeys), len(bkeys))
     if seen != num_samples:
         raise UserError(f"{cfg.trainset}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
 
