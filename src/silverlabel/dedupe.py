@@ -76,7 +76,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +85,7 @@ import numpy as np
 import pyarrow as pa
 
 from silverlabel.errors import UserError
+from silverlabel.options import cpu_count
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -265,10 +265,7 @@ def _as_u64(x: Any, name: str) -> np.ndarray:
 
 def _workers(workers: int | None) -> int:
     if workers is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
+        return cpu_count()
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise UserError(f"workers must be a positive integer or None, got {workers!r}")
     return int(workers)

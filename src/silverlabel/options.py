@@ -197,7 +197,17 @@ def precision_field(help: str = "GPU autocast precision") -> Any:
 
 
 def cpu_count() -> int:
-    return os.cpu_count() or 1
+    """The CPUs this process may run on: its affinity mask where the platform has one (the
+    share ``taskset``, a container or a batch scheduler gave it, not the whole host's), else
+    :func:`os.cpu_count`; at least 1. The default of every ``--workers``/``--threads``.
+
+        >>> 1 <= cpu_count() <= (os.cpu_count() or 1)
+        True
+    """
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; not macOS or Windows
+    if affinity is not None:
+        return max(1, len(affinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def gpu_count() -> int:

@@ -319,7 +319,7 @@ def resolve_replay_procs(cfg: ReinforceConfig, device_type: str) -> int:
         return cfg.replay_procs
     if device_type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_count()
     n = min(16, cores // max(1, cfg.workers) - 1)
     return n if n >= 2 else 0
 

@@ -85,7 +85,7 @@ from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
 from silverlabel.losses import LOSSES as _LOSS_REGISTRY
 from silverlabel.losses import Batch, get_loss, kd_loss, kd_target, loss_names  # noqa: F401  (kd_*: re-exported)
-from silverlabel.options import device_field, float_or_off, opt, positive_int
+from silverlabel.options import cpu_count, device_field, float_or_off, opt, positive_int
 from silverlabel.teachers.labelspace import SPACES, space_size
 
 #: what a run says while it works: ``info`` where its weights came from and the step it resumed at,
@@ -429,12 +429,12 @@ def loader_workers(requested: int, device_type: str) -> int:
     """Loader worker processes for this rank: ``requested`` when >= 0; auto (-1): 0 on the
     CPU (the model wants the cores), on a GPU this rank's share of the usable cores less one
     for the training process itself: ``cores // LOCAL_WORLD_SIZE - 1``, between 1 and 32
-    (cores from ``os.sched_getaffinity``; LOCAL_WORLD_SIZE is torchrun's ranks on this host)."""
+    (cores: :func:`silverlabel.options.cpu_count`; LOCAL_WORLD_SIZE is torchrun's ranks on this host)."""
     if requested >= 0:
         return requested
     if device_type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_count()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(32, cores // local - 1))
 
