@@ -261,3 +261,85 @@ def test_resume_needs_only_the_bucket(s3, both, table_url):
     after = _bucket_files(s3, remote["pool"])
     assert sorted(after) == sorted(before)
     assert all(after[k] == before[k] for k in before if k != "silverlabel.json")
+
+
+_KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import silverlabel.stage as stage_mod
+import test_remote_outputs as t
+
+real = stage_mod.Commit.write
+calls = [0]
+
+def write(self, outputs, *a, **kw):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):  # this unit's files are in the bucket; SIGKILL before its record
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, outputs, *a, **kw)
+
+stage_mod.Commit.write = write
+stage, src, out = sys.argv[3:6]
+if stage == "ingest":
+    from silverlabel.stages.ingest import run_ingest
+    run_ingest(t._ingest_cfg(src, out))
+else:
+    from silverlabel.stages.shard import ShardConfig, run_shard
+    run_shard(ShardConfig(selection=src, output=out, shards=2, workers=1))
+"""
+
+
+def _killed(stage: str, src: str, out: str, at: int) -> None:
+    import signal
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", _KILLER, str(Path(__file__).parent), str(at), stage, src, out],
+                       capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+
+
+def _without_manifest(files: dict[str, bytes]) -> tuple[dict[str, bytes], dict]:
+    files = dict(files)
+    man = json.loads(files.pop("silverlabel.json"))
+    for k in ("updated",):
+        man.pop(k, None)
+    for p in man.get("parents") or []:
+        p.pop("location", None)
+    return files, man
+
+
+def test_sigkill_mid_shard_then_rerun_is_identical(s3, both):
+    """shard SIGKILLed after the second tar is uploaded, before its record: the rerun (a new
+    process) redoes exactly that tar and the training set equals the clean one."""
+    from silverlabel.stages.shard import ShardConfig, run_shard
+
+    _local, remote = both
+    out = f"s3://{BUCKET}/killed/trainset"
+    _killed("shard", remote["sel"], out, at=2)
+    partial = _bucket_files(s3, out)
+    assert ".done/sel-train-0000.tar.json" in partial and ".done/sel-train-0001.tar.json" not in partial
+    assert "sel-train-0001.tar" in partial and "_info.json" not in partial  # uploaded, not trusted
+    s = run_shard(ShardConfig(selection=remote["sel"], output=out, shards=2, workers=1))
+    assert (s.shards_done_now, s.shards_skipped) == (1, 1)
+    got, man = _without_manifest(_bucket_files(s3, out))
+    want, want_man = _without_manifest(_bucket_files(s3, remote["trainset"]))
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert man == want_man
+
+
+def test_sigkill_mid_ingest_then_rerun_is_identical(s3, both, table_url):
+    from silverlabel.stages.ingest import run_ingest
+
+    _local, remote = both
+    out = f"s3://{BUCKET}/killed-ingest/pool"
+    _killed("ingest", table_url, out, at=3)
+    partial = _bucket_files(s3, out)
+    assert "shards/data-000002.tar" in partial and ".done/data-000002.json" not in partial
+    s = run_ingest(_ingest_cfg(table_url, out))
+    assert (s.shards_done_now, s.shards_skipped) == (1, 2)
+    got, man = _without_manifest(_bucket_files(s3, out))
+    want, want_man = _without_manifest(_bucket_files(s3, remote["pool"]))
+    want = {k: v for k, v in want.items() if not k.startswith("labels/")}
+    want_man.pop("labels")
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert man == want_man

@@ -263,7 +263,7 @@ def list_files(folder: str | os.PathLike, suffix: str = "") -> list[Path]:
         folder = Path(folder)
         return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")
                       and p.is_file()) if folder.is_dir() else []
-    fs.forget(u)
+    fs.forget_one(u)
     try:
         entries = fs.listdir(u)
     except (FileNotFoundError, NotADirectoryError):
@@ -551,7 +551,7 @@ class Dataset:
             if self.url is not None:
                 from silverlabel import fs
 
-                fs.forget(self.url)
+                fs.forget_one(self.url)
                 try:
                     entries = fs.listdir(self.url)
                 except (FileNotFoundError, NotADirectoryError):

@@ -64,7 +64,7 @@ def _check_output(out: Path) -> None:
     if url is not None:  # a selection at a URL: what the store lists there
         from silverlabel import fs
 
-        fs.forget(url)
+        fs.forget_one(url)
         try:
             names = [n for n, _d in fs.listdir(url)]
         except (FileNotFoundError, NotADirectoryError):
