@@ -301,6 +301,23 @@ def test_draft_decoding_close_to_full_decode():
     assert im.size[0] < 640
 
 
+def test_info_without_shard_lengths_is_a_clear_error(tmp_path):
+    # the loader's order, eval's count, reinforce and verify all need each file's samples: never assumed 0
+    from silverlabel.dataset import TrainSet
+
+    root = _write_trainset(tmp_path / "nolengths", lengths=[3, 2])
+    info = json.loads((root / "_info.json").read_text())
+    del info["splits"]["train"]["shard_lengths"]
+    (root / "_info.json").write_text(json.dumps(info))
+    message = r"_info\.json: split 'train' has no 'shard_lengths' \(the samples in each file"
+    with pytest.raises(ValueError, match=message):
+        steps_per_epoch(LoaderConfig(str(root), batch_size=1, img_size=8))
+    with pytest.raises(ValueError, match=message):
+        _run(create_loader(LoaderConfig(str(root), batch_size=1, img_size=8, train=False)))
+    with pytest.raises(ValueError, match=message):
+        TrainSet(root).read_info()
+
+
 def test_bad_split_and_mismatched_lengths(trainset, tmp_path):
     with pytest.raises(ValueError, match="no split"):
         ShardStream(_cfg(trainset, split="validation"))

@@ -923,7 +923,7 @@ class TrainSet(Dataset):
     def read_info(self) -> dict[str, Any]:
         """``_info.json``: the shard list per split (file names relative to the folder); a
         UserError naming the file when it is not one (each split: ``filenames``, plain tar
-        names, and as many ``shard_lengths``).
+        names, and as many ``shard_lengths``, which are never assumed).
 
             >>> import tempfile
             >>> ts = TrainSet(tempfile.mkdtemp())
@@ -948,7 +948,10 @@ class TrainSet(Dataset):
                     check_name(fn)
                 except UserError:
                     raise UserError(f"{path}: split {name!r}: shard {fn!r} is not a plain file name") from None
-            lengths = s.get("shard_lengths", [0] * len(files))
+            lengths = s.get("shard_lengths")
+            if lengths is None:  # every reader needs them: the loader's order, reinforce, verify, timm
+                raise UserError(f"{path}: split {name!r} has no 'shard_lengths' (the samples in each file, which "
+                                "silverlabel shard writes); add them, or shard again")
             if (not isinstance(lengths, list) or len(lengths) != len(files)
                     or not all(type(n) is int and n >= 0 for n in lengths)):
                 raise UserError(f"{path}: split {name!r}: 'shard_lengths' must be {len(files)} counts, one per file")

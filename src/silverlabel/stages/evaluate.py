@@ -206,7 +206,7 @@ def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
     check_target(cfg.out, "--out", folder=False)
     ckpt = Run(cfg.run).find_checkpoint()
     split = TrainSet(cfg.trainset).split(cfg.split)
-    num_samples = int(split.get("num_samples", sum(split.get("shard_lengths", []))))
+    num_samples = int(split.get("num_samples", sum(split["shard_lengths"])))  # read_info: never missing
     if cfg.head_space is not None:
         from silverlabel.teachers.labelspace import get_label_space
 
