@@ -309,3 +309,38 @@ def test_corrupt_jpegs_are_kept_or_failed_as_pillow_decides(chelsea):
         kept += pillow_ok
         failed += not pillow_ok
     assert kept > 10  # the case that matters: decodable by Pillow, refused by strict libjpeg-turbo
+
+
+@pytest.mark.parametrize("cap", [300, 301, 512])
+def test_gray_jpeg_kept_one_channel_gives_the_rgb_paths_bytes(cap):
+    """A gray JPEG is decoded, resized and hashed as one channel, and stored as RGB: the
+    same bytes as decoding it to R = G = B and running the three-channel path (even and
+    odd output sides: the encoder's flat-chroma shortcut is taken only where it is exact)."""
+    import cv2
+    import simplejpeg
+
+    raw = _encode(Image.fromarray(skimage.data.camera()), "JPEG", quality=90)  # 512x512, mode L
+    r = process_image(raw, ImageConfig(max_shortest_edge=cap))
+    assert r.status == "success" and r.reencoded and (r.width, r.height) == (cap, cap)
+    rgb = simplejpeg.decode_jpeg(raw, colorspace="RGB")
+    if cap != 512:
+        rgb = cv2.resize(rgb, (cap, cap), interpolation=cv2.INTER_LINEAR)  # "fast" below 2x
+    assert r.data == simplejpeg.encode_jpeg(rgb, quality=90, colorspace="RGB", colorsubsampling="420")
+    out = _decode(r.data)
+    assert out.mode == "RGB"
+    assert r.imagehash == process_image(raw, ImageConfig(max_shortest_edge=cap, phash="fast")).imagehash
+
+
+def test_webp_through_opencv_matches_pillows_pixels(chelsea):
+    """An RGB WebP is decoded by OpenCV (libwebp); a lossless one gives exactly what the same
+    pixels as a PNG give through Pillow. An RGBA WebP still goes through Pillow (composited
+    on white)."""
+    for cap in (200, 600):
+        cfg = ImageConfig(max_shortest_edge=cap)
+        webp = process_image(_encode(chelsea, "WEBP", lossless=True), cfg)
+        png = process_image(_encode(chelsea, "PNG"), cfg)
+        assert webp.status == "success" and webp.data == png.data and webp.imagehash == png.imagehash
+    rgba = chelsea.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: white once composited
+    r = process_image(_encode(rgba, "WEBP", lossless=True))
+    assert r.status == "success" and np.asarray(_decode(r.data)).min() >= 250
