@@ -174,7 +174,8 @@ def test_init_finetune_new_classes_and_img_size(trainset, tmp_path, caplog):
         s = run_train(_cfg(trainset, tmp_path / "ft", steps=2, img_size=48,
                            init=str(tmp_path / "pre" / "checkpoint-final.pt")), progress=False)
     # where the weights came from: an info record of train's logger, never a print
-    msgs = [r.getMessage() for r in caplog.records if r.name == "silverlabel.stages.train" and r.levelno == logging.INFO]
+    msgs = [r.getMessage() for r in caplog.records
+            if r.name == "silverlabel.stages.train" and r.levelno == logging.INFO]
     assert s.steps == 2 and s.num_classes == NUM_CLASSES
     ft = torch.load(tmp_path / "ft" / "checkpoint-final.pt", weights_only=True)
     assert ft["model"]["head.weight"].shape[0] == NUM_CLASSES
