@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,7 +95,7 @@ def _pipeline(table: str, base: str) -> dict[str, str]:
 
     out = {k: f"{base}/{k}" for k in ("pool", "sel", "trainset")}
     run_ingest(_ingest_cfg(table, out["pool"]))
-    run_label(LabelConfig(dataset=out["pool"], device="cpu", decode_threads=2, topk=5, label_space="in1k",
+    run_label(LabelConfig(dataset=out["pool"], device="cpu", decode_threads=1, batch_size=4, topk=5, label_space="in1k",
                           workers=1))
     run_select(SelectConfig(out["pool"], out["sel"], val_per_class=0))
     run_shard(ShardConfig(selection=out["sel"], output=out["trainset"], shards=2, workers=1))
@@ -343,3 +344,73 @@ def test_sigkill_mid_ingest_then_rerun_is_identical(s3, both, table_url):
     want_man.pop("labels")
     assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
     assert man == want_man
+
+
+@pytest.mark.slow
+def test_ray_two_nodes_write_the_bucket_directly(s3, both, table_url, tmp_path_factory):
+    """ingest, label (actors) and shard on a two-node Ray cluster with every output in the
+    bucket: each task stages in its own node's temporary folder (the nodes get another
+    TMPDIR than the driver) and publishes its unit itself; the result equals the local
+    engine's, object for object."""
+    ray = pytest.importorskip("ray")
+    from test_engine_ray import LocalCluster
+
+    from silverlabel.stages.ingest import run_ingest
+    from silverlabel.stages.label import LabelConfig, run_label
+    from silverlabel.stages.select import SelectConfig, run_select
+    from silverlabel.stages.shard import ShardConfig, run_shard
+
+    node_tmp = tmp_path_factory.mktemp("node-tmp")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(node_tmp)  # the nodes' temporary folder (this driver's is fixed already)
+    try:
+        cluster = LocalCluster(tmp_path_factory.mktemp("raycluster"))
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved
+    try:
+        base = f"s3://{BUCKET}/ray"
+        run_ingest(replace(_ingest_cfg(table_url, f"{base}/pool"), workers=2, engine="ray",
+                           ray_address=cluster.address))
+        run_label(LabelConfig(dataset=f"{base}/pool", device="cpu", decode_threads=1, batch_size=4, topk=5, label_space="in1k",
+                              workers=2, engine="ray", ray_address=cluster.address))
+        run_select(SelectConfig(f"{base}/pool", f"{base}/sel", val_per_class=0))
+        run_shard(ShardConfig(selection=f"{base}/sel", output=f"{base}/trainset", shards=2, workers=2, engine="ray",
+                              ray_address=cluster.address))
+    finally:
+        cluster.stop()
+    # the teacher's probabilities differ in the last float bits between a Ray actor (one
+    # thread) and this process (the local engine's threads): labels are compared with a
+    # tolerance, every other byte exactly
+    import io
+    import tarfile
+
+    import numpy as np
+
+    _local, remote = both
+    for name in ("pool", "sel", "trainset"):
+        got, _man = _without_manifest(_bucket_files(s3, f"{base}/{name}"))
+        want, _want_man = _without_manifest(_bucket_files(s3, remote[name]))
+        assert sorted(got) == sorted(want), name
+        for k in want:
+            if got[k] == want[k]:
+                continue
+            assert name != "pool" or k.startswith("labels/"), k  # ingest's files: byte for byte
+            if k.endswith(".parquet"):
+                a, b = pq.read_table(io.BytesIO(got[k])), pq.read_table(io.BytesIO(want[k]))
+                assert a.drop(["label_probs"]).equals(b.drop(["label_probs"])), k
+                assert np.allclose(np.array(a.column("label_probs").to_pylist(), float),
+                                   np.array(b.column("label_probs").to_pylist(), float), atol=1e-5), k
+            elif k.endswith(".tar"):
+                ta, tb = (tarfile.open(fileobj=io.BytesIO(x)) for x in (got[k], want[k]))
+                ma, mb = ta.getmembers(), tb.getmembers()
+                assert [m.name for m in ma] == [m.name for m in mb], k
+                for x, y in zip(ma, mb):
+                    if not x.name.endswith(".json"):
+                        assert ta.extractfile(x).read() == tb.extractfile(y).read(), (k, x.name)
+            else:
+                # records and wids indexes of those files: their md5s
+                assert k.startswith(".done/") or "/.done/" in k or k.endswith(".wids.json"), k
+    assert any(p.name.startswith("silverlabel-staging-") for p in node_tmp.iterdir())  # the nodes staged there
