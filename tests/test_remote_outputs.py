@@ -414,3 +414,39 @@ def test_ray_two_nodes_write_the_bucket_directly(s3, both, table_url, tmp_path_f
                 # records and wids indexes of those files: their md5s
                 assert k.startswith(".done/") or "/.done/" in k or k.endswith(".wids.json"), k
     assert any(p.name.startswith("silverlabel-staging-") for p in node_tmp.iterdir())  # the nodes staged there
+
+
+def test_retry_failed_on_a_bucket_pool(s3, tmp_path):
+    """``--retry-failed`` re-fetches a failed download of a pool in the bucket: the shard's
+    earlier rows and images are read back from the store, and the shard is republished."""
+    from silverlabel.stages.ingest import run_ingest
+
+    with MisbehavingServer() as server:
+        (name, data), = photo_like_images(1, size=(160, 120), seed=9)
+        urls = [server.add(f"/img/{name}", data), server.url("/flaky/b.jpg")]  # 500 first, then a JPEG
+        pq.write_table(pa.table({"url": urls}), tmp_path / "urls.parquet")
+        out = f"s3://{BUCKET}/retry/pool"
+        first = run_ingest(_ingest_cfg(str(tmp_path / "urls.parquet"), out))
+        assert first.counts == {"success": 1, "failed_download": 1}
+        again = run_ingest(replace(_ingest_cfg(str(tmp_path / "urls.parquet"), out), retry_failed=True))
+        assert again.counts == {"success": 2} and again.shards_done_now == 1
+        assert server.hits[f"/img/{name}"] == 1  # the image that was there is not fetched again
+    files = _bucket_files(s3, out)
+    keys = [k for k, _ in _tar_members(files["shards/data-000000.tar"])]
+    assert keys == ["000000000.jpg", "000000000.json", "000000001.jpg", "000000001.json"]
+
+
+def _tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def test_file_urls_and_plain_paths_stay_local(s3, table_url, tmp_path):
+    from silverlabel.stages.ingest import run_ingest
+
+    run_ingest(_ingest_cfg(table_url, f"file://{tmp_path}/pool"))
+    assert (tmp_path / "pool" / "silverlabel.json").is_file() and (tmp_path / "pool" / ".done").is_dir()
+    assert not Path("file:").exists()

@@ -146,7 +146,13 @@ def local_target(path: str | os.PathLike) -> Path:
     """Where this process writes the output ``path`` names: its own staging path for a URL or
     another process's staging path, the path itself otherwise."""
     u = url_of(path)
-    return stage_path(u) if u is not None else Path(path)
+    return stage_path(u) if u is not None else Path(_file_url_path(path))
+
+
+def _file_url_path(path: str | os.PathLike) -> str | os.PathLike:
+    """``file:///data/pool`` -> ``/data/pool``; any other path as it is."""
+    s = str(path)
+    return s[len("file://"):] if s.lower().startswith("file://") else path
 
 
 def display(path: str | os.PathLike) -> str:
@@ -469,7 +475,7 @@ class Dataset:
     def __init__(self, root: str | os.PathLike):
         #: the URL of an output in an object store (None: a local folder)
         self.url = url_of(root)
-        self.root = stage_path(self.url) if self.url is not None else Path(root)
+        self.root = stage_path(self.url) if self.url is not None else Path(_file_url_path(root))
 
     @property
     def location(self) -> str:
