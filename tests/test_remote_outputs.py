@@ -450,3 +450,19 @@ def test_file_urls_and_plain_paths_stay_local(s3, table_url, tmp_path):
     run_ingest(_ingest_cfg(table_url, f"file://{tmp_path}/pool"))
     assert (tmp_path / "pool" / "silverlabel.json").is_file() and (tmp_path / "pool" / ".done").is_dir()
     assert not Path("file:").exists()
+
+
+def test_cli_shard_and_verify_take_bucket_urls(s3, both, capsys):
+    from silverlabel.cli import main as cli_main
+
+    _local, remote = both
+    out = f"s3://{BUCKET}/cli/trainset"
+    assert cli_main(["shard", remote["sel"], "-o", out, "--shards", "2", "--workers", "1", "--no-progress"]) == 0
+    got, man = _without_manifest(_bucket_files(s3, out))
+    want, want_man = _without_manifest(_bucket_files(s3, remote["trainset"]))
+    assert got == want and man == want_man
+    capsys.readouterr()
+    assert cli_main(["verify", out]) == 0
+    text = capsys.readouterr().out
+    assert "all good" in text and out in text and "silverlabel-staging" not in text
+    assert not Path("s3:").exists()
