@@ -19,6 +19,7 @@ from silverlabel.formats.wds import iter_tar_samples, read_member
 from silverlabel.loader import LoaderConfig, ShardStream, to_tensor
 from silverlabel.stages.reinforce import ReinforceConfig, get_teacher_runner, run_reinforce
 from silverlabel.stages.train import TrainConfig, compute_loss, create_model, kd_target, run_train
+from silverlabel.errors import UserError
 from silverlabel.teachers import TeacherSpec
 
 K, TOPK = 3, 10
@@ -204,8 +205,11 @@ def test_replay_process_error_is_a_clear_error(trainset, tmp_path):
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".tar" or ".tmp-" in p.name]
     # the torch replay's decode fails the same way
     with pytest.raises(ValueError, match=r"toy-train-0000.tar: cannot replay an image \(OSError: .*truncated"):
-        run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "out-torch"), replay="torch"))
+        run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "out-torch"), replay="torch", replay_procs=-1))
     assert not [p.name for p in (tmp_path / "out-torch").iterdir() if p.suffix == ".tar" or ".tmp-" in p.name]
+    # replay processes are Pillow's: asking for them with the torch replay is an error, not ignored
+    with pytest.raises(UserError, match="--replay-procs is for --replay pil"):
+        dataclasses.replace(cfg, replay="torch")
 
 
 def test_torch_replay_writes_byte_identical_shards(reinforced, tmp_path):

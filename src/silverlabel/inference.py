@@ -373,19 +373,15 @@ class GpuDecoder:
     threads; ``decode`` returns :func:`resize_crop_batch` references.
 
     ``use_hw`` can be switched off (the benchmark does, to compare). The hardware path is
-    dropped for good if it decodes none of the first 64 JPEGs offered to it.
+    dropped for good if it decodes none of the first 64 JPEGs offered to it. With ``reuse``
+    the engines decode into the buffers of the batch decoded ``SLOTS`` batches earlier on
+    this decoder (after an event says this stream's work on them is done) instead of new
+    allocations each batch, each image into a buffer of its own height, width and channel
+    count, or the whole batch into new buffers. (Buffers of other shapes are not safe:
+    reinforce on bench/multigpu.py's toy set, whose photos vary in size and colour, changed
+    about 1% of its samples from one run to the next, by the images decoded before them.)"""
 
-    The engines' work is not ordered after what the stream already holds: each hardware
-    decode after the first waits (on the host) for the current stream to finish the work
-    queued on it, which covers everything queued on the earlier batches' images. Without
-    that wait a caller that queues work on a batch and decodes the next one at once (reinforce's
-    replay thread) saw about 1% of its images change from run to run (bench/reinforce_determinism.py:
-    deterministic with the wait, with new buffers for every batch, or on nvJPEG; not without).
-    With ``reuse`` the engines decode into the buffers of the batch decoded ``SLOTS`` batches
-    earlier instead of new allocations each batch, so a batch's references stay valid until
-    the caller has decoded one more batch."""
-
-    SLOTS = 2
+    SLOTS = 8
 
     def __init__(self, device: Any, use_hw: bool = True, pool: ThreadPoolExecutor | None = None):
         import torch
@@ -398,7 +394,8 @@ class GpuDecoder:
         self.counts: Counter = Counter()
         self._hw_tried = 0
         self.reuse = True
-        self._slots: list[list[Any]] = [[] for _ in range(self.SLOTS)]
+        self._slots: list[dict[tuple[int, int, int], list[Any]]] = [{} for _ in range(self.SLOTS)]
+        self._slot_done: list[Any] = [None] * self.SLOTS
         self._batch = 0
 
     def decode(self, blobs: Sequence[bytes]) -> tuple[list[Any], list[str | None], list[Any]]:
@@ -432,16 +429,33 @@ class GpuDecoder:
             self.counts["pillow"] += 1
         return refs, errors, keep
 
+    def _buffers(self, k: int, shapes: list[tuple[int, int, int]]) -> list[Any] | None:
+        """Slot ``k``'s buffers, one per image of the same (height, width, channels), or None
+        when the slot lacks one for any image (the batch then gets new buffers)."""
+        free = {shape: list(ims) for shape, ims in self._slots[k].items()}
+        out = []
+        for shape in shapes:
+            ims = free.get(shape)
+            if not ims:
+                return None
+            out.append(ims.pop())
+        return out
+
     def _decode_hw(self, blobs: Sequence[bytes], idx: list[int], refs: list[Any], keep: list[Any]) -> None:
         nvimgcodec, dec, params = self.hw
         torch = self.torch
         stream = torch.cuda.current_stream(self.device)
         k = self._batch % self.SLOTS
-        if self._batch:  # everything that reads the earlier batches' images is on this stream by now
-            stream.synchronize()
+        if self._batch:  # everything that reads the previous batch's images is on this stream by now
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._slot_done[(self._batch - 1) % self.SLOTS] = ev
         self._batch += 1
-        reuse = self._slots[k][:len(idx)] if self.reuse and len(self._slots[k]) >= len(idx) else None
         streams = [nvimgcodec.CodeStream(blobs[j]) for j in idx]
+        shapes = [(s.height, s.width, s.num_channels) for s in streams]
+        reuse = self._buffers(k, shapes) if self.reuse else None
+        if reuse is not None and self._slot_done[k] is not None:
+            self._slot_done[k].synchronize()
         try:
             images = dec.decode(streams, images=reuse, params=params, cuda_stream=stream.cuda_stream)
         except Exception as e:
@@ -454,8 +468,11 @@ class GpuDecoder:
                 log.warning("hardware JPEG decode failed for a batch (%s: %s); falling back", type(e).__name__, e)
                 images = [None] * len(idx)
         if self.reuse:
-            fresh = [im if im is not None else (reuse[i] if reuse is not None else None) for i, im in enumerate(images)]
-            self._slots[k] = [im for im in fresh if im is not None] + self._slots[k][len(idx):]
+            slot: dict[tuple[int, int, int], list[Any]] = {}
+            for shape, im in zip(shapes, images):
+                if im is not None:
+                    slot.setdefault(shape, []).append(im)
+            self._slots[k] = slot
         got = 0
         for j, im in zip(idx, images):
             if im is None:
@@ -815,7 +832,7 @@ class Labeler:
                 return self.forward
         return self._graphs[batch]
 
-    def _model_stream(self) -> Any:
+    def teacher_stream(self) -> Any:
         """The model's stream for :meth:`_run_gpu` (made once): on a green context that leaves
         ``reserve_sms`` SMs to the decode when asked."""
         if self._stream is None:
@@ -823,6 +840,13 @@ class Labeler:
         return self._stream
 
     # -- prepared images (reinforce) -----------------------------------------------------
+    def prepare_classify(self, batch: int, embeddings: bool = False) -> None:
+        """Capture :meth:`classify`'s CUDA graph for batches of up to ``batch`` images now,
+        before other threads queue work on the GPU (no-op on the CPU, with embeddings, or
+        when captured already)."""
+        if self.cuda_graphs and not embeddings and not any(b >= batch for b in self._graphs):
+            self._runner(batch)
+
     def classify(self, images: Sequence[Any], embeddings: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Teacher outputs for already-augmented images: ``images[i]`` is a uint8
@@ -832,14 +856,26 @@ class Labeler:
         Returns numpy ``(top indices [N,k] int32, top probs [N,k] float32, embeddings)``;
         ``embeddings`` (with ``embeddings=True``) is float16 ``[N, sum D_i]``: each teacher's
         pre-logits (timm ``forward_head(pre_logits=True)``), concatenated in teacher order.
-        Probabilities of an ensemble are averaged in the target space, as in :meth:`run`."""
+        Probabilities of an ensemble are averaged in the target space, as in :meth:`run`.
+
+        On a GPU without ``embeddings`` the model runs as :meth:`run`'s does: a CUDA graph of
+        the smallest batch captured that holds the images (:meth:`prepare_classify` captures
+        one ahead of other threads), smaller batches padded. Eager, the host's kernel launches
+        were the bound of reinforce with efficientnet_lite0 (py-spy on the H200: 60% of the
+        stage's main thread in the convolutions' launches)."""
         torch = self.torch
         per_teacher, embs = [], []
         with torch.inference_mode():
-            for i, (model, tf) in enumerate(zip(self.models, self.transforms)):
+            xs = []
+            for i, tf in enumerate(self.transforms):
                 x = images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images[i]))
                 x = x.to(self.device)
-                x = normalize_batch(x.permute(0, 3, 1, 2), tf).to(self.dtype)
+                xs.append(normalize_batch(x.permute(0, 3, 1, 2), tf).to(self.dtype))
+            if not embeddings and self.cuda_graphs:
+                n = xs[0].shape[0]
+                idx, vals = self._runner(min((b for b in self._graphs if b >= n), default=n))(xs)
+                return idx.cpu().numpy(), vals.cpu().numpy(), None
+            for i, (model, x) in enumerate(zip(self.models, xs)):
                 if embeddings:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
                     logits = model.get_classifier()(pre)
@@ -953,7 +989,7 @@ class Labeler:
         runner = self._runner(len(first[0]))  # captured before any other thread touches the GPU
         # The model runs on a stream of its own, not the legacy default stream: that one waits
         # implicitly for every blocking stream (nvImageCodec's internal ones among them).
-        current = self._model_stream()
+        current = self.teacher_stream()
         batches = itertools.chain([first], it)
         abort = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=3)

@@ -152,6 +152,9 @@ class ReinforceConfig:
             raise UserError(f"--reserve-sms must be >= 0, got {self.reserve_sms}")
         if self.replay not in REPLAY_MODES:
             raise UserError(f"--replay must be one of {', '.join(REPLAY_MODES)}, not {self.replay!r}")
+        if self.replay == "torch" and self.replay_procs > 0:
+            raise UserError("--replay-procs is for --replay pil (the torch replay runs on the teacher's device, "
+                            "in one thread)")
         if os.path.abspath(self.output) == os.path.abspath(self.trainset):
             raise UserError("-o must not be the input training set")
 
@@ -233,7 +236,7 @@ def get_teacher_runner(cfg: ReinforceConfig):
     from silverlabel.teachers import create_teacher
 
     device = worker_device(cfg.device)
-    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision)
+    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision, cfg.reserve_sms)
     if key not in _RUNNER_CACHE:
         for old in _RUNNER_CACHE.values():
             old.close()
@@ -242,7 +245,8 @@ def get_teacher_runner(cfg: ReinforceConfig):
         space = cfg.label_space or teachers[0].label_space
         overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None}
         _RUNNER_CACHE[key] = Labeler(teachers, space, cfg.topk, device=device, decode_threads=1,
-                                     overrides=overrides, precision=cfg.precision, decode_procs=0)
+                                     overrides=overrides, precision=cfg.precision, decode_procs=0,
+                                     reserve_sms=cfg.reserve_sms)
     return _RUNNER_CACHE[key]
 
 
@@ -422,8 +426,7 @@ class _TorchReplay:
     runs on a stream of its own (not the legacy default stream, which would wait for the
     decoder's streams) after an event of the replay's."""
 
-    def __init__(self, runner: Any, reader: _Reader, index: list, augs: list[list[Aug]], sizes: list[int],
-                 reserve_sms: int = 0):
+    def __init__(self, runner: Any, reader: _Reader, index: list, augs: list[list[Aug]], sizes: list[int]):
         import torch
 
         self.torch, self.device = torch, runner.device
@@ -432,12 +435,13 @@ class _TorchReplay:
         self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
         self.pool = ThreadPoolExecutor(1)
         if self.cuda:
-            from silverlabel.inference import model_stream, producer_stream
+            from silverlabel.inference import producer_stream
 
             self.stream = producer_stream(self.device)  # highest priority: its small kernels go first
-            # the teacher's stream: on a green context of all SMs but reserve_sms when asked (the
-            # teacher's long kernels otherwise hold every SM while the replay's wait)
-            self.model_stream, self._green, _sms = model_stream(self.device, reserve_sms)
+            # the teacher's stream, made once per worker: on a green context of all SMs but
+            # --reserve-sms when asked (the teacher's long kernels otherwise hold every SM while
+            # the replay's wait)
+            self.model_stream = runner.teacher_stream()
         else:
             self.stream = self.model_stream = None
 
@@ -546,8 +550,9 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         out_path = Path(unit.dst)
         torch_replay = None
         procs = 0
+        runner.prepare_classify(per_batch * k, cfg.embeddings)
         if resolve_replay(cfg, runner.device.type) == "torch":
-            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.reserve_sms)
+            torch_replay = _TorchReplay(runner, reader, index, augs, distinct)
             stack.callback(torch_replay.close)
         else:
             procs = resolve_replay_procs(cfg, runner.device.type)
@@ -582,9 +587,37 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     window.append((b, slot, futs))
                     next_batch += 1
 
+            def write_batch(b: list[int], idx: np.ndarray, vals: np.ndarray, emb: np.ndarray | None) -> tuple[int, int]:
+                """Pack and write one batch's samples, in order (on the writer thread, so the
+                teacher's next batch is queued meanwhile); (rnf bytes, embedding width)."""
+                nbytes, dim = 0, 0
+                for j, i in enumerate(b):
+                    s = index[i]
+                    rows = slice(j * k, (j + 1) * k)
+                    e = emb[rows] if emb is not None else None
+                    dim = 0 if e is None else e.shape[1]
+                    rnf = pack(augs[i], idx[rows], vals[rows].astype(np.float16), e, n_ops=n_ops)
+                    nbytes += len(rnf)
+                    members = {ext: reader.read(loc) for ext, loc in s.members.items() if ext != RNF_EXT}
+                    members[RNF_EXT] = rnf
+                    writer.write(s.key, members)
+                return nbytes, dim
+
+            def written() -> None:
+                nonlocal rnf_bytes, emb_dim
+                count, fut = writes.popleft()
+                nbytes, emb_dim = fut.result()
+                rnf_bytes += nbytes
+                report(count, count)
+
+            writes: deque = deque()
+            write_pool = ThreadPoolExecutor(1)
             submit()
             submit()
-            with ShardWriter(hf) as writer:
+            with ShardWriter(hf) as writer, contextlib.ExitStack() as writing:
+                # left before the writer closes; on an error the batches queued for writing are
+                # dropped (the temporary tar goes too)
+                writing.callback(write_pool.shutdown, wait=True, cancel_futures=True)
                 while window:
                     b, slot, futs = window.popleft()
                     try:
@@ -605,17 +638,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                         idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
                     del images, per_sample
                     xs = None
-                    for j, i in enumerate(b):
-                        s = index[i]
-                        rows = slice(j * k, (j + 1) * k)
-                        e = emb[rows] if emb is not None else None
-                        emb_dim = 0 if e is None else e.shape[1]
-                        rnf = pack(augs[i], idx[rows], vals[rows].astype(np.float16), e, n_ops=n_ops)
-                        rnf_bytes += len(rnf)
-                        members = {ext: reader.read(loc) for ext, loc in s.members.items() if ext != RNF_EXT}
-                        members[RNF_EXT] = rnf
-                        writer.write(s.key, members)
-                    report(len(b), len(b))
+                    writes.append((len(b), write_pool.submit(write_batch, b, idx, vals, emb)))
+                    while writes and writes[0][1].done():
+                        written()
+                while writes:
+                    written()
             f.flush()
             size = f.tell()
     except BaseException:
