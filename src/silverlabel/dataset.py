@@ -506,7 +506,12 @@ class Dataset:
         return self.samples_dir / f"{name}-{index:06d}.parquet"
 
     def samples_files(self) -> list[Path]:
-        """Completed samples tables, in shard order."""
+        """Completed samples tables, in shard order. A finished pool at a URL names them from
+        its manifest (``name``, ``shards``), since a listing may lag."""
+        if self.url is not None and self.exists():
+            man = self.read_manifest()
+            if man.get("state") == "complete" and type(man.get("shards")) is int and isinstance(man.get("name"), str):
+                return [self.samples_path(check_name(man["name"], "pool name"), i) for i in range(man["shards"])]
         return list_files(self.samples_dir, ".parquet")
 
     @staticmethod
@@ -731,13 +736,15 @@ def named_teachers(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(t, checkpoint=input_name(t["checkpoint"])) if t.get("checkpoint") else dict(t) for t in teachers]
 
 
-def records_digest(root: str | os.PathLike) -> str:
+def records_digest(root: str | os.PathLike, units: Iterable[str] | None = None) -> str:
     """sha256 over the outputs (relative names, sizes, md5s) the commit records in
-    ``root/.done`` hold: the content of a stage's output, without reading it again (the same
-    for an output at a URL: the records are read from the store)."""
+    ``root/.done`` hold: the content of a stage's output, without reading it again. ``units``:
+    the records' names (an output at a URL: read by name from the store, as a listing may
+    lag), else every record the folder lists."""
     h = hashlib.sha256()
     done = Dataset(root).done_dir
-    for p in list_files(done, ".json"):
+    names = sorted(f"{u}.json" for u in units) if units is not None else None
+    for p in list_files(done, ".json") if names is None else [done / n for n in names]:
         try:
             outputs = json.loads(read_bytes(p)).get("outputs") or {}
         except (OSError, ValueError, AttributeError):

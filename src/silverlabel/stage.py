@@ -263,6 +263,9 @@ class StageRun:
     seconds: float
     device: str  # where the units computed ("cpu", "cuda", "ray (auto)")
     engine: Engine
+    #: every unit's name (its commit record's, :func:`silverlabel.engine.unit_name`), in plan
+    #: order: what an output at a URL indexes by name, never by a listing (which may lag)
+    planned: list[str] = field(default_factory=list)
 
     @property
     def done_now(self) -> int:
@@ -306,8 +309,11 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
         skipped: list[tuple[Any, dict[str, Any]]] = []
         set_total(progress, stage.total())
 
+        planned: list[str] = []
+
         def todo() -> Iterator[Any]:
             for unit in stage.plan(engine):
+                planned.append(unit_name(unit))
                 rec = unit.commit.check()
                 if rec is not None:
                     again = stage.redo(unit, rec)
@@ -333,7 +339,7 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
             clean()
         raise
     clean()  # what units that died and were retried (cluster engines) left behind
-    summary = stage.finish(StageRun(results, skipped, seconds, engine.device, engine))
+    summary = stage.finish(StageRun(results, skipped, seconds, engine.device, engine, planned))
     with contextlib.suppress(OSError):
         out.tmp_dir.rmdir()
     return summary

@@ -390,10 +390,11 @@ def _published(source: Any) -> dict[str, Any]:
     return {**d, "name": name or input_name(where, getattr(source, "files", None))}
 
 
-def dataset_counts(pool: Pool) -> tuple[dict[str, int], int]:
-    """Counts by status over all completed samples tables, and the number of shards."""
+def dataset_counts(pool: Pool, units: list[str] | None = None) -> tuple[dict[str, int], int]:
+    """Counts by status over all completed samples tables (``units``: those of these units,
+    by name), and the number of shards."""
     counts: Counter[str] = Counter()
-    files = pool.samples_files()
+    files = pool.samples_files() if units is None else [pool.samples_dir / f"{u}.parquet" for u in units]
     for p in files:
         counts.update(pool.statuses(p))
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), len(files)
@@ -519,14 +520,15 @@ class IngestStage(BaseStage):
 
     def finish(self, run: StageRun) -> IngestSummary:
         pool = self.output
-        counts, shards = dataset_counts(pool)
+        by_name = run.planned if pool.url is not None else None  # a bucket: by name, never a listing
+        counts, shards = dataset_counts(pool, by_name)
         manifest = self.manifest()
         labels = pool.read_manifest().get("labels")
         if labels:  # the labels written for this pool stay registered
             manifest["labels"] = labels
         manifest.update(state="complete", counts=counts, shards=shards, samples=sum(counts.values()))
         pool_id = make_identity("pool", {"config": manifest["config"], "parents": manifest["parents"],
-                                         "content": records_digest(pool.root)})
+                                         "content": records_digest(pool.root, by_name)})
         pool.write_manifest({"id": pool_id, **manifest})
         items_now = sum(r.items for r in run.results)
         return IngestSummary(pool.location, counts, shards, run.done_now, len(run.skipped), items_now, run.seconds)

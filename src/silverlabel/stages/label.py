@@ -41,7 +41,7 @@ from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, opt, positive_int, precision_field,
                                  ray_address_field)
 from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, run_stage
-from silverlabel.formats.labels import write_classes
+from silverlabel.formats.labels import CLASSES_UNIT, write_classes
 from silverlabel.formats.tables import write_parquet_atomic
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
@@ -357,13 +357,14 @@ class LabelStage(BaseStage):
     def finish(self, run: StageRun) -> LabelSummary:
         cfg, pool = self.config, self.output
         write_classes(self.out_dir, cfg.label_space)  # _classes.json: the tables' class ids as wnids and names
-        files = pool.labels_files(cfg.name)
+        by_name = None if pool.url is None else [*run.planned, CLASSES_UNIT]  # a bucket: by name, never a listing
+        files = pool.labels_files(cfg.name) if by_name is None else [self.out_dir / f"{n}.parquet" for n in run.planned]
         rows, decode_errors, missing = labels_counts(files)
         man = pool.read_manifest()
         config = json.loads(self.published)
         man.setdefault("labels", {})[cfg.name] = {
             "id": make_identity("labels", {"pool": dataset_identity(pool.root), "config": config,
-                                           "content": records_digest(self.out_dir)}),
+                                           "content": records_digest(self.out_dir, by_name)}),
             "config": config,
             "rows": rows,
             "decode_errors": decode_errors,

@@ -668,7 +668,8 @@ class ShardStage(BaseStage):
         )
         ident = make_identity("trainset", {"config": manifest["config"],
                                            "parents": without_locations(manifest["parents"]),
-                                           "content": records_digest(ts.root)})
+                                           "content": records_digest(ts.root, None if ts.url is None else [
+                                               f for _s, _i, f, _r, _p, _src, _c in self.units])})
         ts.write_manifest({"id": ident, **manifest})
         write_json_atomic(ts.info_path, {
             "name": cfg.name,
