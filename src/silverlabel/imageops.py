@@ -143,10 +143,15 @@ def phash(img: Image.Image) -> str:
     >>> phash(Image.new("RGB", (64, 64), "white"))
     '8000000000000000'
     """
-    gray = img.convert("L")
+    return _phash_gray(np.asarray(img.convert("L")))
+
+
+def _phash_gray(gray: np.ndarray) -> str:
+    """:func:`phash` of a 2-D uint8 array (an "L" image's pixels), without a Pillow image
+    unless its Lanczos has to do the 32x32 step."""
     pixels = _resize32(gray)
     if pixels is None:
-        pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS))
+        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(gray), "L").resize((32, 32), Image.Resampling.LANCZOS))
     low = _DCT8 @ pixels.astype(np.float64) @ _DCT8.T  # == fftpack dct(dct(x,0),1)[:8,:8] up to rounding
     flat = np.sort(low, axis=None)
     med = (flat[31] + flat[32]) / 2
@@ -298,9 +303,9 @@ def _blas_single_thread() -> None:
 _BLAS_SET_LOCAL = None
 
 
-def _resize32(gray: Image.Image) -> np.ndarray | None:
-    """``gray.resize((32, 32), LANCZOS)`` as a uint8 array, exactly; None: use Pillow."""
-    size = gray.size
+def _resize32(gray: np.ndarray) -> np.ndarray | None:
+    """Pillow's ``resize((32, 32), LANCZOS)`` of the 2-D uint8 array ``gray``, exactly; None: use Pillow."""
+    size = (gray.shape[1], gray.shape[0])
     plan = _PLANS.get(size)
     if plan is None:
         if not all(_PLAN_SIDE[0] <= s <= _PLAN_SIDE[1] for s in size):
@@ -326,8 +331,7 @@ def _resize32(gray: Image.Image) -> np.ndarray | None:
     if not getattr(_THREAD, "blas_one", False):
         _THREAD.blas_one = True
         _blas_single_thread()
-    a = np.asarray(gray, dtype=np.float64)
-    return plan.run(a, plan.vertical_first).astype(np.uint8)
+    return plan.run(gray.astype(np.float64), plan.vertical_first).astype(np.uint8)
 
 
 def strip_jpeg_metadata(data: bytes) -> bytes:
@@ -704,7 +708,7 @@ def phash_pixels(arr: np.ndarray) -> str:
     gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
     if min(gray.shape) > 128:
         gray = cv2.resize(gray, (128, 128), interpolation=cv2.INTER_AREA)
-    return phash(Image.fromarray(np.ascontiguousarray(gray)))
+    return _phash_gray(gray)
 
 
 _PASS_HASH_SIDE = 120  # DCT-scaled decode for the fast hash of a kept JPEG: >= 120 px short side (BENCHMARKS.md)
