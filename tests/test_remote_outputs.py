@@ -466,3 +466,24 @@ def test_cli_shard_and_verify_take_bucket_urls(s3, both, capsys):
     text = capsys.readouterr().out
     assert "all good" in text and out in text and "silverlabel-staging" not in text
     assert not Path("s3:").exists()
+
+
+def test_select_per_shard_units_read_key_tables_from_the_bucket(s3, both, tmp_path):
+    """select with pool-wide rules (``--dedupe``, ``--keys-file``) and one unit per shard in
+    worker processes: the key tables go through the bucket (a unit on any node reads them),
+    the selection equals the same run on disk, and no temporary object is left."""
+    from silverlabel.stages.select import SelectConfig, run_select
+
+    local, remote = both
+    keys = pq.read_table(local / "pool" / "samples").column("key").to_pylist()[:7]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    opts = dict(dedupe="exact", keys_file=str(tmp_path / "keys.txt"), val_per_class=0)
+    run_select(SelectConfig(str(local / "pool"), str(tmp_path / "sel"), **opts), workers=2, per_shard=True)
+    out = f"s3://{BUCKET}/keyed/sel"
+    s = run_select(SelectConfig(remote["pool"], out, **opts), workers=2, per_shard=True)
+    assert s.rows == 7 and s.removed["not_in_keys_file"] == IMAGES - 7
+    here, man_here = _without_manifest(_local_files(tmp_path / "sel"))  # the pool lies elsewhere relative to it
+    there, man_there = _without_manifest(_bucket_files(s3, out))
+    assert sorted(there) == sorted(here) and [k for k in here if there[k] != here[k]] == []
+    assert man_there == man_here
+    assert not any(".select-tmp" in k for k in there)

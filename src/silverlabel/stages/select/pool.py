@@ -207,17 +207,20 @@ def has_source_labels(con: Any, pool: Input) -> bool:
 
 def write_keys(path: Path, column: str, values: Iterable[str], positions: bool = False) -> str:
     """A one-column string table (sorted, distinct) for the units, with ``positions``
-    a ``pos`` column too (the row number); returns its path."""
+    a ``pos`` column too (the row number); returns its path (a selection at a URL: uploaded
+    too, so a unit on any node reads it)."""
     arr = pa.array(sorted(set(values)), pa.string())
     cols = {column: arr, **({"pos": pa.array(np.arange(len(arr), dtype=np.int64))} if positions else {})}
-    pq.write_table(pa.table(cols), path)
+    with atomic_write(path) as f:
+        pq.write_table(pa.table(cols), f)
     return str(path)
 
 
 def write_uid_list(uids: pa.Table, path: Path) -> str:
     """The ``--uids`` table (:func:`.rules.load_uids`) as (uid, copies, pos) for the units,
     pos its row in the sorted list; returns the path."""
-    pq.write_table(uids.append_column("pos", pa.array(np.arange(uids.num_rows, dtype=np.int64))), path)
+    with atomic_write(path) as f:
+        pq.write_table(uids.append_column("pos", pa.array(np.arange(uids.num_rows, dtype=np.int64))), f)
     return str(path)
 
 

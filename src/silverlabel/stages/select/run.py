@@ -109,13 +109,21 @@ def _reset_output(out: Path) -> Path:
         for old in list_files(out / SELECTION_DIR, ".parquet"):
             remove(old)
     tmp = out / TMP_DIR
-    shutil.rmtree(tmp, ignore_errors=True)
+    _drop_tmp(out)
     tmp.mkdir(parents=True)
     sel_dir = out / SELECTION_DIR
     sel_dir.mkdir(parents=True, exist_ok=True)
     for old in sel_dir.glob("*.parquet"):
         old.unlink()
     return tmp
+
+
+def _drop_tmp(out: Path) -> None:
+    """Remove the key tables and spill files (at a URL: their objects too)."""
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    if url_of(out) is not None:
+        for f in list_files(out / TMP_DIR):
+            remove(f)
 
 
 def _with(plan: Plan, files: dict[str, str] | None = None, tables: dict[str, pa.Table] | None = None) -> Plan:
@@ -213,7 +221,7 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
                 raise
             raise bad from None
         finally:
-            shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # key tables, spill files
+            _drop_tmp(out)  # key tables, spill files
 
 
 def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, workers: int,
@@ -313,9 +321,11 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     by_cls: dict[int, dict[str, int]] = {}
     splits: dict[str, int] = {}
     found = np.zeros(len(wanted or ()), bool)
+    parts: list[str] = []  # the part files, by name (written by workers, maybe on other machines)
     phase(progress, "select: write pass", len(units), "part")
     for res in _ticked(eng.map(write_unit, units, plan), progress):
         found[np.asarray(res["wanted_hits"], np.int64)] = True
+        parts += res["parts"]
         rows += res["rows"]
         before_keys += res["before_keys"]
         for (c, sp), k in res["per"].items():
@@ -333,6 +343,7 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
     if rows == 0:
         with atomic_write(out / SELECTION_DIR / "part-00000-00000.parquet") as f:
             pq.write_table(SELECTION_SCHEMA.empty_table(), f)
+        parts = ["part-00000-00000.parquet"]
     splits = dict(sorted(splits.items()))
     write_classes_and_report(out, class_ids, cls_of, names, mode, output_label_space(cfg, mode, pool.label_space),
                              by_cls, {"input_rows": n.rows, "selected_rows": rows, "splits": splits,
@@ -341,10 +352,10 @@ def _select(cfg: SelectConfig, pool: Input, out: Path, t0: float, engine: str, w
         write_duplicates(out / DUPLICATES_FILE, dups)
     else:
         remove(out / DUPLICATES_FILE)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _drop_tmp(out)
     config, parents = published_config(cfg, pool, out)
     selection = Selection(out)
-    content = selection.fingerprint(sorted((out / SELECTION_DIR).glob("*.parquet")))
+    content = selection.fingerprint(sorted(out / SELECTION_DIR / p for p in set(parts)))
     Dataset(out).write_manifest({
         "id": make_identity("selection", {"config": config, "parents": without_locations(parents),
                                           "content": content}),

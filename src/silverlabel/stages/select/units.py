@@ -179,7 +179,7 @@ def connect(unit: Unit, plan: Plan) -> Any:
     """A DuckDB connection with ``unit``'s files and ``plan``'s tables as views."""
     import duckdb
 
-    spill = Path(plan.tmp) / f"duckdb-{unit.index}-{os.getpid()}"  # one per attempt: a retried unit may overlap
+    spill = local_target(plan.tmp) / f"duckdb-{unit.index}-{os.getpid()}"  # one per attempt: a retried unit may overlap
     con = duckdb.connect(config={"memory_limit": plan.memory_limit, "threads": max(1, plan.threads),
                                  "preserve_insertion_order": False, "temp_directory": str(spill)})
     if plan.min_prob is not None:
@@ -193,8 +193,8 @@ def connect(unit: Unit, plan: Plan) -> Any:
             con.read_parquet(labels).create_view("labels")
     else:
         con.read_parquet(files).create_view("src")
-    for name, path in plan.files.items():
-        con.read_parquet(path).create_view(name)
+    for name, path in plan.files.items():  # a selection at a URL: the key tables fetched from the store
+        con.read_parquet(str(fetch_local(path))).create_view(name)
     for name, table in plan.tables.items():
         con.register(name, table)
     for name, sql in views(plan):
@@ -256,6 +256,7 @@ class _Parts:
 
     def __init__(self, folder: Path, index: int):
         self.folder, self.index = folder, index
+        self.names: list[str] = []  # the part files written, in order
         self.part = self.in_part = 0
         self.stack: contextlib.ExitStack | None = None
         self.writer: pq.ParquetWriter | None = None
@@ -264,7 +265,9 @@ class _Parts:
         while batch.num_rows:
             if self.writer is None:
                 self.stack = contextlib.ExitStack()
-                f = self.stack.enter_context(atomic_write(self.folder / f"part-{self.index:05d}-{self.part:05d}.parquet"))
+                name = f"part-{self.index:05d}-{self.part:05d}.parquet"
+                f = self.stack.enter_context(atomic_write(self.folder / name))
+                self.names.append(name)
                 self.writer = pq.ParquetWriter(f, SELECTION_SCHEMA, compression="zstd")
             take = min(batch.num_rows, ROWS_PER_PART - self.in_part)
             self.writer.write_table(pa.Table.from_batches([batch.slice(0, take)]).cast(SELECTION_SCHEMA))
@@ -291,9 +294,10 @@ class _Parts:
 
 def write_unit(unit: Unit, plan: Plan, report: Report | None = None) -> dict[str, Any]:
     """Pass 3: the unit's selected rows in (split, key) order as part files; the rows
-    before ``--keys-file``, the ``--keys-file`` names found (their ``pos``) and the count
-    per (cls, split)."""
-    res: dict[str, Any] = {"index": unit.index, "rows": 0, "before_keys": 0, "per": {}, "wanted_hits": []}
+    before ``--keys-file``, the ``--keys-file`` names found (their ``pos``), the count
+    per (cls, split) and the part files' names (``parts``)."""
+    res: dict[str, Any] = {"index": unit.index, "rows": 0, "before_keys": 0, "per": {}, "wanted_hits": [],
+                           "parts": []}
     if _empty(unit, plan):
         return res
     with contextlib.closing(connect(unit, plan)) as con:
@@ -315,6 +319,7 @@ def write_unit(unit: Unit, plan: Plan, report: Report | None = None) -> dict[str
             parts.abort()
             raise
         parts.close()
+        res["parts"] = parts.names
     if report:
         report(res["before_keys"], res["rows"])
     return res
