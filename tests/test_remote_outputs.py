@@ -487,3 +487,23 @@ def test_select_per_shard_units_read_key_tables_from_the_bucket(s3, both, tmp_pa
     assert sorted(there) == sorted(here) and [k for k in here if there[k] != here[k]] == []
     assert man_there == man_here
     assert not any(".select-tmp" in k for k in there)
+
+
+def test_worker_processes_publish_their_own_units(s3, both, table_url):
+    """ingest and shard with two worker processes: each stages in its own folder and
+    publishes its units; the bucket ends as the in-process run left it."""
+    from silverlabel.stages.ingest import run_ingest
+    from silverlabel.stages.shard import ShardConfig, run_shard
+
+    _local, remote = both
+    pool, ts = f"s3://{BUCKET}/w2/pool", f"s3://{BUCKET}/w2/trainset"
+    run_ingest(replace(_ingest_cfg(table_url, pool), workers=2))
+    run_shard(ShardConfig(selection=remote["sel"], output=ts, shards=2, workers=2))
+    got, man = _without_manifest(_bucket_files(s3, pool))
+    want, want_man = _without_manifest(_bucket_files(s3, remote["pool"]))
+    want = {k: v for k, v in want.items() if not k.startswith("labels/")}
+    want_man.pop("labels")
+    assert got == want and man == want_man
+    got, man = _without_manifest(_bucket_files(s3, ts))
+    want, want_man = _without_manifest(_bucket_files(s3, remote["trainset"]))
+    assert got == want and man == want_man
