@@ -18,7 +18,8 @@ A figure, not a test. Everything runs on this machine over loopback:
    nothing else) and silverlabel's own ``process_image`` (orientation, colour, pHash,
    sha256 included), whose CPU time is split by stage;
 5. measure where silverlabel's CPU goes per image (read, sha256, header, decode,
-   resize, encode, hash, tar, parquet), one step after the other in one process;
+   resize, encode, hash, tar, parquet), one step after the other in one process, and the
+   kernel's share per kind of input (format, mode, resize factor);
 6. print markdown tables (and append them, with the command and a machine
    description, to ``--markdown FILE``).
 
@@ -498,8 +499,18 @@ def stage_breakdown(urls: list[str], max_edge: int, quality: int, limit: int = 4
     fetcher.close()
     results = []
     timings: dict[str, float] = {}
+    by_kind: dict[str, list] = {}  # kind -> [images, {stage: CPU s}]
     for raw in raws:
-        results.append(process_image(raw, cfg, timings) if raw is not None else None)
+        if raw is None:
+            results.append(None)
+            continue
+        mine: dict[str, float] = {}
+        results.append(process_image(raw, cfg, mine))
+        entry = by_kind.setdefault(image_kind(raw, max_edge), [0, {}])
+        entry[0] += 1
+        for k, v in mine.items():
+            timings[k] = timings.get(k, 0.0) + v
+            entry[1][k] = entry[1].get(k, 0.0) + v
     out.update(timings)
     t = time.process_time()
     buf = io.BytesIO()
@@ -519,7 +530,24 @@ def stage_breakdown(urls: list[str], max_edge: int, quality: int, limit: int = 4
              "source": None, "label": None} for i, (u, r) in enumerate(zip(urls, results))]
     pq.write_table(samples_table(rows), io.BytesIO())
     out["parquet"] = time.process_time() - t
-    return {k: v * 1000 / max(1, len(urls)) for k, v in out.items()}
+    per_image = {k: v * 1000 / max(1, len(urls)) for k, v in out.items()}
+    per_image["_kinds"] = {kind: (n, {k: v * 1000 / n for k, v in st.items()}, sum(st.values()) * 1000 / max(1, len(urls)))
+                           for kind, (n, st) in by_kind.items()}
+    return per_image
+
+
+def image_kind(raw: bytes, max_edge: int) -> str:
+    """What path an input takes through the kernel: format, mode, and the shortest-edge
+    factor (kept = no resize, <2x, >=2x), from Pillow's header read."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(raw))
+        f = min(im.size) / max_edge
+    except Exception:  # noqa: BLE001 - not an image
+        return "unreadable"
+    size = "no resize" if f <= 1 else ("resize <2x" if f < 2 else "resize >=2x")
+    return f"{im.format} {im.mode}, {size}"
 
 
 # ---------------------------------------------------------------------------
@@ -610,8 +638,21 @@ def fmt_table(rows: list[dict[str, Any]], n: int) -> str:
     return "\n".join(lines)
 
 
+def fmt_kinds(stages: dict[str, Any]) -> str:
+    """The kernel's CPU per kind of input (ms per image of that kind, and its share of the
+    pool's ms per image), largest share first."""
+    kinds = stages.get("_kinds") or {}
+    lines = ["| input kind | images | " + " | ".join(STAGES) + " | ms each | share of ms/img |",
+             "|---|---:|" + "---:|" * (len(STAGES) + 2)]
+    for kind, (n, st, share) in sorted(kinds.items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"| {kind} | {n} | " + " | ".join(f"{st.get(k, 0.0):.2f}" for k in STAGES)
+                     + f" | {sum(st.values()):.2f} | {share:.2f} |")
+    return "\n".join(lines)
+
+
 def fmt_stages(stages: dict[str, float]) -> str:
     """The per-step CPU table (ms per image)."""
+    stages = {k: v for k, v in stages.items() if not k.startswith("_")}
     order = ["read", *STAGES, "tar", "parquet"]
     keys = [k for k in order if k in stages] + sorted(k for k in stages if k not in order)
     total = sum(stages.values())
@@ -787,6 +828,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     if stages:
         print("\nwhere silverlabel's CPU goes (one process, first 400 images):\n" + fmt_stages(stages))
+        print("\nthe kernel by kind of input (CPU ms per image of the kind):\n" + fmt_kinds(stages))
 
     for p_ in problems:
         print(f"\nNOTE: {p_}")
@@ -813,7 +855,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if stages:
             md += ["CPU per step of silverlabel's ingest (ms per image; one process, first 400 images, measured "
                    "one step after the other; read = HTTP fetch through silverlabel's client):", "",
-                   fmt_stages(stages), ""]
+                   fmt_stages(stages), "", "The kernel by kind of input (CPU ms per image of that kind):", "",
+                   fmt_kinds(stages), ""]
         for r in rows:
             if r.get("cmd"):
                 md.append(f"- silverlabel: `{r['cmd']}`")
