@@ -947,8 +947,8 @@ class TrainSet(Dataset):
             ...     print(str(e).split(": ", 1)[1])
             split 'train': shard '../x.tar' is not a plain file name
         """
-        path = self.info_path
-        info = read_json(path, f"{self.root}: no {INFO_FILE} (not a finished silverlabel shard output)")
+        path = display(self.info_path)
+        info = read_json(self.info_path, f"{self.location}: no {INFO_FILE} (not a finished silverlabel shard output)")
         splits = info.get("splits") if isinstance(info, dict) else None
         if not isinstance(splits, dict):
             raise UserError(f"{path}: not a shard list (a JSON object with a 'splits' mapping)")

@@ -392,7 +392,7 @@ def run_label(cfg: LabelConfig, progress: Report | None = None) -> LabelSummary:
 def _unreadable(path: str | Path, e: Exception) -> UserError:
     """The one-line error for a labels file that is not readable parquet (truncated, damaged):
     its commit record no longer matches it, so ``label`` writes it again."""
-    return UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+    return UserError(f"{display(path)}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                      "run silverlabel label again to rewrite it")
 
 

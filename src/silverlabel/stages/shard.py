@@ -382,7 +382,7 @@ def read_selection(files: list[Path]) -> pa.Table:
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise UserError(f"{p}: missing column(s) {', '.join(missing)} of the selection format")
+            raise UserError(f"{display(p)}: missing column(s) {', '.join(missing)} of the selection format")
         cols = [c for c in (*_META_COLUMNS, "split") if c in names]
         t = pf.read(columns=cols)
         arrays = []
@@ -392,7 +392,7 @@ def read_selection(files: list[Path]) -> pa.Table:
                 try:
                     arrays.append(t.column(c).cast(typ))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                    raise UserError(f"{p}: column {c!r} is not {typ} ({e})") from None
+                    raise UserError(f"{display(p)}: column {c!r} is not {typ} ({e})") from None
             else:
                 arrays.append(pa.nulls(t.num_rows, typ))
         tables.append(pa.Table.from_arrays(arrays, names=[*_META_COLUMNS, "split"]))

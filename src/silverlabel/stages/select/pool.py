@@ -94,7 +94,7 @@ def unreadable_file(pool: Input) -> UserError | None:
 def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
     ds = Pool(src)
     man = ds.read_manifest()
-    where = str(ds.manifest_path)
+    where = display(ds.manifest_path)
     if man.get("stage") != "ingest":
         raise UserError(f"{cfg.source}: select reads an ingest dataset, this one is {man.get('stage')!r}")
     labels = man.get("labels") or {}
@@ -123,7 +123,7 @@ def _open_dataset(cfg: SelectConfig, src: Path) -> Input:
             raise UserError(f"{where}: labels {name!r}: label_space must be a name, not {space!r}")
         label_files = [(str(folder / p.name),) if is_file(folder / p.name) else () for p in samples]
         if not any(label_files):
-            raise UserError(f"{folder}: no labels files for the samples (is `silverlabel label` finished?)")
+            raise UserError(f"{display(folder)}: no labels files for the samples (is `silverlabel label` finished?)")
         for lab in label_files:
             for p in lab:
                 check_parquet(p)
@@ -149,7 +149,7 @@ def _missing_labels(cfg: SelectConfig, block: Any, folder: Path, samples: list[P
     what = (f"no labels file for {len(absent)} of {len(samples)} shards ({absent[0].stem}"
             f"{', ...' if len(absent) > 1 else ''})" if absent else "labels made with --limit (partial)")
     if not cfg.allow_partial:
-        raise UserError(f"{folder}: {what}; run silverlabel label {cfg.source} to finish them, or pass "
+        raise UserError(f"{display(folder)}: {what}; run silverlabel label {cfg.source} to finish them, or pass "
                         "--allow-partial to select without the unlabeled samples")
     return {"labels": folder.name, "labels_files_missing": [f"{p.stem}.parquet" for p in absent],
             "labels_partial": partial,
