@@ -290,12 +290,13 @@ else:
 """
 
 
-def _killed(stage: str, src: str, out: str, at: int) -> None:
+def _killed(stage: str, src: str, out: str, at: int, tmp: Path) -> None:
     import signal
     import subprocess
 
+    env = {**os.environ, "TMPDIR": str(tmp)}  # the killed process's staging folder stays there
     p = subprocess.run([sys.executable, "-c", _KILLER, str(Path(__file__).parent), str(at), stage, src, out],
-                       capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+                       capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
 
 
@@ -309,14 +310,14 @@ def _without_manifest(files: dict[str, bytes]) -> tuple[dict[str, bytes], dict]:
     return files, man
 
 
-def test_sigkill_mid_shard_then_rerun_is_identical(s3, both):
+def test_sigkill_mid_shard_then_rerun_is_identical(s3, both, tmp_path):
     """shard SIGKILLed after the second tar is uploaded, before its record: the rerun (a new
     process) redoes exactly that tar and the training set equals the clean one."""
     from silverlabel.stages.shard import ShardConfig, run_shard
 
     _local, remote = both
     out = f"s3://{BUCKET}/killed/trainset"
-    _killed("shard", remote["sel"], out, at=2)
+    _killed("shard", remote["sel"], out, at=2, tmp=tmp_path)
     partial = _bucket_files(s3, out)
     assert ".done/sel-train-0000.tar.json" in partial and ".done/sel-train-0001.tar.json" not in partial
     assert "sel-train-0001.tar" in partial and "_info.json" not in partial  # uploaded, not trusted
@@ -328,12 +329,12 @@ def test_sigkill_mid_shard_then_rerun_is_identical(s3, both):
     assert man == want_man
 
 
-def test_sigkill_mid_ingest_then_rerun_is_identical(s3, both, table_url):
+def test_sigkill_mid_ingest_then_rerun_is_identical(s3, both, table_url, tmp_path):
     from silverlabel.stages.ingest import run_ingest
 
     _local, remote = both
     out = f"s3://{BUCKET}/killed-ingest/pool"
-    _killed("ingest", table_url, out, at=3)
+    _killed("ingest", table_url, out, at=3, tmp=tmp_path)
     partial = _bucket_files(s3, out)
     assert "shards/data-000002.tar" in partial and ".done/data-000002.json" not in partial
     s = run_ingest(_ingest_cfg(table_url, out))
