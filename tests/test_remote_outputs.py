@@ -508,3 +508,18 @@ def test_worker_processes_publish_their_own_units(s3, both, table_url):
     got, man = _without_manifest(_bucket_files(s3, ts))
     want, want_man = _without_manifest(_bucket_files(s3, remote["trainset"]))
     assert got == want and man == want_man
+
+
+def test_logs_name_public_urls_only(s3, table_url, caplog):
+    """At debug level, what a run on the bucket logs names the public URL, never a
+    credential or a staging folder."""
+    import logging
+
+    from silverlabel.stages.ingest import run_ingest
+
+    with caplog.at_level(logging.DEBUG, logger="silverlabel"):
+        s = run_ingest(_ingest_cfg(table_url, f"s3://{BUCKET}/logged/pool"))
+    assert s.output == f"s3://{BUCKET}/logged/pool"
+    assert f"s3://{BUCKET}/logged/pool: running on" in caplog.text
+    for secret in (KEY_ID, SECRET, "silverlabel-staging"):
+        assert secret not in caplog.text
