@@ -484,7 +484,7 @@ class GpuDecoder:
             strides = cai.get("strides") or ((w * c, c, 1) if len(shape) == 3 else (w, 1))
             refs[j] = (cai["data"][0], h, w, strides[0], strides[1], strides[2] if c == 3 else 0)
             got += 1
-        keep.append(images)
+        keep.append((streams, images))  # the code streams too: the engines read them asynchronously
         self.counts["hw"] += got
         self._hw_tried += len(idx)
         if self.counts["hw"] == 0 and self._hw_tried >= 64:
