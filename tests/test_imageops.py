@@ -311,24 +311,26 @@ def test_corrupt_jpegs_are_kept_or_failed_as_pillow_decides(chelsea):
     assert kept > 10  # the case that matters: decodable by Pillow, refused by strict libjpeg-turbo
 
 
-@pytest.mark.parametrize("cap", [300, 301, 512])
-def test_gray_jpeg_kept_one_channel_gives_the_rgb_paths_bytes(cap):
-    """A gray JPEG is decoded, resized and hashed as one channel, and stored as RGB: the
-    same bytes as decoding it to R = G = B and running the three-channel path (even and
-    odd output sides: the encoder's flat-chroma shortcut is taken only where it is exact)."""
+@pytest.mark.parametrize("cap", [200, 201, 300, 301, 512])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_gray_image_kept_one_channel_gives_the_rgb_paths_bytes(cap, fmt):
+    """A gray JPEG or PNG is decoded, resized and hashed as one channel, and stored as RGB:
+    the same bytes as decoding it to R = G = B and running the three-channel path (area
+    and bilinear steps; even and odd output sides: the encoder's flat-chroma shortcut is
+    taken only where it is exact)."""
     import cv2
     import simplejpeg
 
-    raw = _encode(Image.fromarray(skimage.data.camera()), "JPEG", quality=90)  # 512x512, mode L
+    gray = Image.fromarray(skimage.data.camera())  # 512x512, mode L
+    raw = _encode(gray, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     r = process_image(raw, ImageConfig(max_shortest_edge=cap))
     assert r.status == "success" and r.reencoded and (r.width, r.height) == (cap, cap)
-    rgb = simplejpeg.decode_jpeg(raw, colorspace="RGB")
-    if cap != 512:
-        rgb = cv2.resize(rgb, (cap, cap), interpolation=cv2.INTER_LINEAR)  # "fast" below 2x
-    assert r.data == simplejpeg.encode_jpeg(rgb, quality=90, colorspace="RGB", colorsubsampling="420")
-    out = _decode(r.data)
-    assert out.mode == "RGB"
-    assert r.imagehash == process_image(raw, ImageConfig(max_shortest_edge=cap, phash="fast")).imagehash
+    rgb = simplejpeg.decode_jpeg(raw, colorspace="RGB") if fmt == "JPEG" else np.asarray(gray.convert("RGB"))
+    if cap != 512:  # "fast": bilinear below 2x, area above
+        rgb = cv2.resize(rgb, (cap, cap), interpolation=cv2.INTER_LINEAR if 512 / cap < 2 else cv2.INTER_AREA)
+    assert r.data == simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=90, colorspace="RGB",
+                                            colorsubsampling="420")
+    assert _decode(r.data).mode == "RGB"
 
 
 def test_webp_through_opencv_matches_pillows_pixels(chelsea):

@@ -566,7 +566,10 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
         if orient != 1:
             for op in _ORIENT_OPS[orient]:
                 img = img.transpose(op)
-        img, icc_out = _to_rgb(img, icc)
+        if img.mode == "L":  # gray stays one channel (R = G = B once encoded), as on the JPEG path
+            icc_out = icc if _profile_space(icc) == "RGB " else None
+        else:
+            img, icc_out = _to_rgb(img, icc)
         arr = _resize_array(np.asarray(img), (tw, th), cfg.resize_filter)
         clock.lap("resize")
     data = _encode_jpeg(arr, cfg.quality, icc_out)
