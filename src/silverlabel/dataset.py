@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -74,7 +75,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +222,10 @@ def file_size(path: str | os.PathLike) -> int:
 
     u = url_of(path)
     if u is None:
-        return os.path.getsize(path)
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        return st.st_size
     i = fs.info(u)
     if i["type"] != "file":
         raise FileNotFoundError(f"{fs.public(u)}: not a file")
@@ -234,7 +237,7 @@ def is_file(path: str | os.PathLike) -> bool:
     try:
         file_size(path)
         return True
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return False
 
 
@@ -670,8 +673,6 @@ def tree_digest(files: Iterable[str | os.PathLike], base: str | os.PathLike) -> 
 def _regular_files(folder: Path) -> Iterator[Path]:
     """The regular files under ``folder`` (links followed), hidden names left out as the
     sources leave them out; a FIFO or a device is never opened."""
-    import stat
-
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:

@@ -108,7 +108,7 @@ def check_records(done: Path, report: VerifyReport, hashes: bool = True) -> dict
             f = root / rel
             try:
                 size = file_size(f)
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 size = None
             if size is None:
                 report.add("missing", f, f"recorded {want.get('bytes')} bytes, not there")
