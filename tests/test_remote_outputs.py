@@ -523,3 +523,16 @@ def test_logs_name_public_urls_only(s3, table_url, caplog):
     assert f"s3://{BUCKET}/logged/pool: running on" in caplog.text
     for secret in (KEY_ID, SECRET, "silverlabel-staging"):
         assert secret not in caplog.text
+
+
+def test_unwritable_urls_are_one_line_errors(table_url, tmp_path):
+    from silverlabel.errors import UserError
+    from silverlabel.stages.ingest import run_ingest
+    from silverlabel.stages.select import SelectConfig, run_select
+
+    for out in ("https://u:pw@host.example/pool", "pipe:cat > x.tar"):
+        with pytest.raises(UserError, match="cannot be written") as e:
+            run_ingest(_ingest_cfg(table_url, out))
+        assert "pw@" not in str(e.value)
+    with pytest.raises(UserError, match="cannot be written"):
+        run_select(SelectConfig(str(tmp_path), "https://host.example/sel"))

@@ -155,6 +155,25 @@ def _file_url_path(path: str | os.PathLike) -> str | os.PathLike:
     return s[len("file://"):] if s.lower().startswith("file://") else path
 
 
+def check_writable(path: str | os.PathLike, flag: str = "-o") -> None:
+    """A UserError naming ``flag`` when ``path`` is a URL no stage can write to: an
+    http(s) URL (read-only in fsspec) or a ``pipe:`` command; checked before any work.
+
+        >>> check_writable("https://host/pool")
+        Traceback (most recent call last):
+        ...
+        silverlabel.errors.UserError: -o https://host/pool: an http(s) URL cannot be written; write to a folder or an object store (s3://, gs://, ...)
+    """
+    from silverlabel import fs
+
+    s = str(path)
+    if fs.is_pipe(s):
+        raise UserError(f"{flag} {fs.public(s)}: a pipe: command cannot be written to; give a folder or a URL")
+    if fs.scheme(s) in ("http", "https"):
+        raise UserError(f"{flag} {fs.public(s)}: an http(s) URL cannot be written; write to a folder or an "
+                        "object store (s3://, gs://, ...)")
+
+
 def display(path: str | os.PathLike) -> str:
     """``path`` as messages show it: the public URL it stands for, else the path."""
     from silverlabel import fs

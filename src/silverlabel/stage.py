@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silverlabel import __version__
-from silverlabel.dataset import (Dataset, clean_temporaries, display, file_digest, file_size, put_bytes, read_bytes,
+from silverlabel.dataset import (Dataset, check_writable, clean_temporaries, display, file_digest, file_size, put_bytes, read_bytes,
                                  stage_path, storage_error, url_of, write_json_atomic)
 from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine, unit_name
@@ -277,6 +277,8 @@ def run_stage(stage: Stage, progress: Report | None = None) -> Any:
 
     One run at a time per output (:func:`output_lock`). A full disk or a read-only output
     ends in a UserError naming the path, after the temporaries are removed."""
+    if stage.output.url is not None:
+        check_writable(stage.output.url)
     stage.prepare()
     cfg = stage.config  # as prepare completed it
     engine = stage_engine(cfg.engine, cfg.workers, address=getattr(cfg, "ray_address", None),

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import (Dataset, Selection, atomic_write, display, input_name, list_files, make_identity,
+from silverlabel.dataset import (Dataset, Selection, atomic_write, check_writable, display, input_name, list_files, make_identity,
                                  named_config, parent_entry, remove, url_of, without_locations)
 from silverlabel.engine import Report, create_engine
 from silverlabel.errors import UserError
@@ -209,6 +209,7 @@ def run_select(cfg: SelectConfig, engine: str = "local", workers: int = 1, ray_a
     import duckdb
 
     t0 = time.monotonic()
+    check_writable(cfg.output)
     out = Selection(cfg.output).root.resolve()  # at a URL: this process's staging mirror, uploaded file by file
     _check_output(out)
     pool = open_input(cfg)  # validate the input before touching the output
