@@ -47,6 +47,7 @@ A rerun after a crash redoes only the shards without a matching ``.done`` record
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -535,6 +536,19 @@ def _index_units(plan: _Plan, rows: np.ndarray, md5: dict[int, str | None]
         yield l, group, IndexUnit(l, plan.paths[l], list(dict.fromkeys(keys)), md5[l])
 
 
+@contextlib.contextmanager
+def _pool(remote: bool, threads: int = 32) -> Iterator[Any]:
+    """``run(fn, items) -> list`` in order: on threads for files in a store (each call is a
+    few requests), in this thread for local files. The first failing item's error is raised."""
+    if not remote:
+        yield lambda fn, items: [fn(x) for x in items]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="silverlabel-shard") as ex:
+        yield lambda fn, items: list(ex.map(fn, items))
+
+
 def _source_record(path: str) -> Path:
     """The commit record of the ingest unit that wrote source tar ``path``."""
     tar = Path(path)
@@ -569,37 +583,45 @@ class ShardStage(BaseStage):
                 raise UserError(f"{ts.location}: was sharded with different settings ({', '.join(diffs)}); "
                                  "resume with the same command and selection, or write to a new -o")
         self.plan_ = plan = make_plan(cfg, self.files)  # validates the selection before anything is written
-        # which shards are left, and are their sources there
-        sources: dict[int, str] = {}  # per locator: the source tar's md5
-        recorded_md5: dict[int, str | None] = {}  # ... as ingest recorded it, to check it against
-        self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
-        todo: list[np.ndarray] = []
-        config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
+        # which shards are left, and are their sources there (in a bucket: many requests at once)
+        first_use: dict[int, None] = {}
+        used_by: list[tuple[str, int, str, np.ndarray, np.ndarray, np.ndarray]] = []
         for split, units in plan.splits.items():
             for i, filename, rows in units:
                 used, src = np.unique(plan.loc[rows], return_inverse=True)
-                for u in used.tolist():
-                    if u not in sources:
-                        path = plan.paths[u]
-                        if not is_file(path):
-                            raise FileNotFoundError(
-                                f"{display(path)}: source shard of selected samples not found "
-                                f"(source_dataset {plan.locators[u][0]!r} moved or deleted?)")
-                        recorded, size = _recorded(path), file_size(path)
-                        if recorded is not None and recorded["bytes"] != size:
-                            raise UserError(f"{display(path)}: corrupt source shard: {size} bytes, ingest recorded "
-                                            f"{recorded['bytes']}{_REPAIR}")
-                        sources[u] = (recorded or file_identity(path))["md5"]
-                        recorded_md5[u] = recorded and recorded["md5"]
+                first_use.update(dict.fromkeys(used.tolist()))
+                used_by.append((split, i, filename, rows, used, src))
+        remote = any(url_of(plan.paths[u]) is not None for u in first_use) or ts.url is not None
+        with _pool(remote) as run:
+            found = dict(zip(first_use, run(self._source, list(first_use))))  # the first bad source raises
+            sources = {u: md5 for u, (md5, _rec) in found.items()}  # per locator: the source tar's md5
+            recorded_md5 = {u: rec for u, (_md5, rec) in found.items()}  # ... as ingest recorded it
+            config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
+            self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
+            for split, i, filename, rows, used, src in used_by:
                 identity = hashlib.sha256(" ".join(sources[u] for u in used.tolist()).encode()).hexdigest()
                 commit = Commit(str(ts.commit_path(filename)), {**config, "split": split, "index": i},
                                 {"selection": self.fingerprint, "sources": identity})
                 self.units.append((split, i, filename, rows, [plan.paths[u] for u in used], src.astype(np.int32),
                                    commit))
-                if commit.check() is None:
-                    todo.append(rows)
+            done = run(lambda unit: unit[6].check() is not None, self.units)
+        todo = [unit[3] for unit, is_done in zip(self.units, done) if not is_done]
         needed = np.concatenate(todo) if todo else np.zeros(0, dtype=np.int64)
         self.index_plan = list(_index_units(plan, needed, recorded_md5))
+
+    def _source(self, u: int) -> tuple[str, str | None]:
+        """(md5, md5 as ingest recorded it or None) of source tar ``u``; an error when it is
+        missing or not the size ingest recorded."""
+        plan = self.plan_
+        path = plan.paths[u]
+        if not is_file(path):
+            raise FileNotFoundError(f"{display(path)}: source shard of selected samples not found "
+                                    f"(source_dataset {plan.locators[u][0]!r} moved or deleted?)")
+        recorded, size = _recorded(path), file_size(path)
+        if recorded is not None and recorded["bytes"] != size:
+            raise UserError(f"{display(path)}: corrupt source shard: {size} bytes, ingest recorded "
+                            f"{recorded['bytes']}{_REPAIR}")
+        return (recorded or file_identity(path))["md5"], recorded and recorded["md5"]
 
     def manifest(self) -> dict[str, Any]:
         cfg = self.config
