@@ -536,3 +536,22 @@ def test_unwritable_urls_are_one_line_errors(table_url, tmp_path):
         assert "pw@" not in str(e.value)
     with pytest.raises(UserError, match="cannot be written"):
         run_select(SelectConfig(str(tmp_path), "https://host.example/sel"))
+
+
+def test_a_killed_process_staging_folder_is_removed_by_the_next(tmp_path):
+    """A SIGKILLed run cannot remove its staging folder; the next process that stages in
+    the same temporary folder removes the folders of processes that are gone."""
+    import subprocess
+
+    code = ("import os, signal; from silverlabel.dataset import stage_path; "
+            "p = stage_path('s3://bucket/pool/x.tar'); p.parent.mkdir(parents=True); p.write_bytes(b'x' * 1000); "
+            "print(p, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    left = Path(p.stdout.strip())
+    assert left.is_file()
+    code = "from silverlabel.dataset import stage_path; print(stage_path('s3://bucket/pool'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert not left.exists()
+    assert [d.name.startswith("silverlabel-staging-") for d in tmp_path.iterdir()] == []  # its own: gone at exit

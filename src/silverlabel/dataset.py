@@ -82,23 +82,46 @@ def _fsync_dir(path: Path) -> None:
 
 #: the prefix of each process's staging folder (:func:`stage_path`)
 STAGING_PREFIX = "silverlabel-staging-"
-_STAGING_RE = re.compile(r"^silverlabel-staging-[A-Za-z0-9_]+$")
+_STAGING_RE = re.compile(r"^silverlabel-staging-[A-Za-z0-9_-]+$")
+_STAGING_PID_RE = re.compile(r"^silverlabel-staging-(\d+)-[A-Za-z0-9_]+$")
 _staging_base: Path | None = None
 #: mirror path -> (size, version) of the store's object a :func:`fetch_local` copy was made from
 _fetched: dict[str, tuple[int, str]] = {}
 
 
 def _staging() -> Path:
-    """This process's staging folder, made on first use and removed when the process exits."""
+    """This process's staging folder (``silverlabel-staging-PID-XXXX`` in the temporary
+    folder), made on first use and removed when the process exits; the folders of this
+    user's processes that are gone (SIGKILLed) are removed then too."""
     global _staging_base
     if _staging_base is None or not _staging_base.is_dir():
         import atexit
         import shutil
         import tempfile
 
-        _staging_base = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
+        _staging_base = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, str(_staging_base), True)
+        _remove_dead_staging(_staging_base.parent)
     return _staging_base
+
+
+def _remove_dead_staging(tmp: Path) -> None:
+    """Remove the staging folders in ``tmp`` that are this user's and whose process is gone."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for d in tmp.iterdir():
+            m = _STAGING_PID_RE.match(d.name)
+            if m is None or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                if d.stat().st_uid != os.getuid():
+                    continue
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:  # its process is gone
+                shutil.rmtree(d, ignore_errors=True)
+            except OSError:  # alive (another user's process with that id: EPERM) or unreadable
+                continue
 
 
 def stage_path(url: str) -> Path:
