@@ -714,11 +714,17 @@ def phash_pixels(arr: np.ndarray) -> str:
     return _phash_gray(gray)
 
 
-_PASS_HASH_SIDE = 120  # DCT-scaled decode for the fast hash of a kept JPEG: >= 120 px short side (BENCHMARKS.md)
+# DCT-scaled decode for the fast hash of a kept JPEG: >= 240 px short side. A 120 px stop
+# (and the 128 px area step of phash_pixels) gave 95-97% within 2 bits on crops of the real
+# photos at q75-95; 240 px with the Lanczos straight from the decode gives >= 99% (BENCHMARKS.md).
+_PASS_HASH_SIDE = 240
 
 
 def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _Clock) -> str:
-    """pHash of a JPEG kept byte for byte; decoding it also proves the stream is whole."""
+    """pHash of a JPEG kept byte for byte; decoding it also proves the stream is whole.
+
+    Fast mode: libjpeg-turbo's gray (Y) decode, reduced in the DCT domain while the short
+    side stays >= ``_PASS_HASH_SIDE``, then imagehash's own 32x32 Lanczos and DCT on it."""
     if cfg.phash == "exact":
         img.load()
         clock.lap("decode")
@@ -734,7 +740,7 @@ def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _C
             clock.lap("decode")
             return phash(img)
         clock.lap("decode")
-        h = phash_pixels(gray[..., 0])
+        h = _phash_gray(gray[..., 0])
     clock.lap("hash")
     return h
 
