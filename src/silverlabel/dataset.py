@@ -323,6 +323,22 @@ def list_files(folder: str | os.PathLike, suffix: str = "") -> list[Path]:
     return [base / n for n, is_dir in entries if not is_dir and n.endswith(suffix) and not n.startswith(".")]
 
 
+def map_ordered(fn: Any, items: Iterable[Any], threads: int = 1) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order; with ``threads > 1`` on that many threads (for
+    calls that are a few requests to a store each, which then overlap).
+
+        >>> list(map_ordered(len, ["a", "bb"], threads=4))
+        [1, 2]
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="silverlabel-store") as ex:
+        yield from ex.map(fn, items)
+
+
 def fetch_local(path: str | os.PathLike) -> Path:
     """A local file with the bytes of ``path``: the path itself when local, else this
     process's staged copy of the object, downloaded when absent or when the object changed

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from silverlabel import __version__
 from silverlabel.dataset import (Dataset, Pool, dataset_identity, display, fetch_local, local_target, make_identity,
-                                 named_teachers, parquet_source, records_digest, url_of)
+                                 map_ordered, named_teachers, parquet_source, records_digest, url_of)
 from silverlabel.devices import worker_device
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
@@ -340,15 +340,26 @@ class LabelStage(BaseStage):
     def plan(self, engine: Engine) -> Iterator[LabelUnit]:
         cfg, pool = self.config, self.output
         remaining = cfg.limit
-        for samples in pool.samples_files():
+
+        def inputs(samples: Path) -> dict[str, Any]:  # bound to what ingest recorded of the shard
+            ingested = pool.commit_path(samples.stem)
+            return {"tar": file_identity(pool.shard_path(self.name, pool.shard_index(samples)), ingested),
+                    "samples": file_identity(samples, ingested)}
+
+        files = pool.samples_files()
+        # a pool in a bucket: each shard's identities are a few requests, made 32 at a time (all
+        # shards are planned, unless --limit stops early)
+        threads = 32 if pool.url is not None and cfg.limit is None else 1
+        bound_to = map_ordered(inputs, files, threads)
+        for samples in files:
             shard = pool.shard_index(samples)
             if remaining is not None and remaining <= 0:
                 break
+            bound = next(bound_to)
             tar = pool.shard_path(self.name, shard)
             out = pool.labels_path(cfg.name, self.name, shard)
-            ingested = pool.commit_path(samples.stem)
             commit = Commit(str(Dataset(self.out_dir).commit_path(out.stem)), {**cfg.output_config(), "limit": remaining},
-                            {"tar": file_identity(tar, ingested), "samples": file_identity(samples, ingested)})
+                            bound)
             yield LabelUnit(shard, str(tar), str(samples), str(out), limit=remaining, commit=commit,
                             published=self.published)
             if remaining is not None:
