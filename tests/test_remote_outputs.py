@@ -459,6 +459,8 @@ def test_cli_shard_and_verify_take_bucket_urls(s3, both, capsys):
     _local, remote = both
     out = f"s3://{BUCKET}/cli/trainset"
     assert cli_main(["shard", remote["sel"], "-o", out, "--shards", "2", "--workers", "1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"training set: {out}" in text and "s3:/" + BUCKET not in text  # the URL, not a ./s3: path
     got, man = _without_manifest(_bucket_files(s3, out))
     want, want_man = _without_manifest(_bucket_files(s3, remote["trainset"]))
     assert got == want and man == want_man
@@ -467,6 +469,12 @@ def test_cli_shard_and_verify_take_bucket_urls(s3, both, capsys):
     text = capsys.readouterr().out
     assert "all good" in text and out in text and "silverlabel-staging" not in text
     assert not Path("s3:").exists()
+    # the label stats of a pool in the bucket read its labels files there: the local pool's table
+    assert cli_main(["label", str(_local / "pool"), "--stats"]) == 0
+    here = capsys.readouterr().out
+    assert cli_main(["label", remote["pool"], "--stats"]) == 0
+    there = capsys.readouterr().out
+    assert there == here and " 0 images" not in there, there
 
 
 def test_select_per_shard_units_read_key_tables_from_the_bucket(s3, both, tmp_path):

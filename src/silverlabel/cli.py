@@ -229,7 +229,14 @@ def _footer(args: argparse.Namespace, s: Any, now: int, done: str, rate: float, 
     where the output is."""
     if now:
         _more(args, f"  throughput: {done} in {s.seconds:.1f} s = {rate:.1f} {unit}/s{where}")
-    _more(args, f"  {what}: {os.path.abspath(s.output)}{hint}")
+    _more(args, f"  {what}: {_where(s.output)}{hint}")
+
+
+def _where(path: str | os.PathLike) -> str:
+    """Where an output lies, for a message: a URL as its public form, a path made absolute."""
+    from silverlabel import fs
+
+    return fs.public(str(path)) if fs.is_remote(path) else os.path.abspath(path)
 
 
 def _with_progress(args: argparse.Namespace, stage: str, run: Callable[..., Any], cfg: Any, **kw: Any) -> Any:
@@ -278,11 +285,11 @@ def _missing_note(missing: int) -> str:
 
 
 def print_label_stats(dataset: str, name: str | None) -> int:
-    from silverlabel.dataset import Dataset
+    from silverlabel.dataset import Pool
     from silverlabel.stages.label import labels_counts, threshold_stats
     from silverlabel.teachers.labelspace import space_size
 
-    ds = Dataset(dataset)
+    ds = Pool(dataset)
     man = ds.read_manifest()
     done = sorted(man.get("labels", {}))
     if not done:
@@ -291,7 +298,7 @@ def print_label_stats(dataset: str, name: str | None) -> int:
     if name not in done:
         raise UserError(f"{dataset}: no labels named {name!r} (have: {', '.join(done)})")
     n_classes = space_size(man["labels"][name]["config"]["label_space"])
-    files = sorted((ds.root / "labels" / name).glob("*.parquet"))
+    files = ds.labels_files(name)  # a pool in a bucket too
     _rows, decode_errors, missing = labels_counts(files)
     rows = threshold_stats(files, num_classes=n_classes)
     print(f"labels/{name}: {rows[0]['images'] if rows else 0} images, {decode_errors} decode errors"
@@ -346,7 +353,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(f"silverlabel select: {s.rows} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
     for why, n in s.removed.items():
         _more(args, f"  removed {n:>10}  {why.replace('_', ' ')}")
-    _more(args, f"  selection: {os.path.abspath(s.output)}")
+    _more(args, f"  selection: {_where(s.output)}")
     if s.from_table:
         _more(args, f"  (no images yet: fetch them with  silverlabel ingest {s.output} -o DATASET)")
     return 0
@@ -408,7 +415,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _head(args, f"silverlabel train: {s.steps} steps ({s.steps - s.start_step} now, {s.epochs:.2f} epochs), "
           f"final loss {loss}")
     _more(args, f"  throughput: {s.samples_per_second:.1f} samples/s over {s.seconds:.1f} s")
-    _more(args, f"  checkpoint: {os.path.abspath(s.checkpoint)}")
+    _more(args, f"  checkpoint: {_where(s.checkpoint)}")
     return 0
 
 
@@ -433,11 +440,11 @@ def cmd_card(args: argparse.Namespace) -> int:
     s = _with_progress(args, "card", run_card, config_from_args(CardConfig, args))
     splits = ", ".join(f"{k} {v}" for k, v in s.splits.items())
     print(f"silverlabel card: {s.kind}, {s.samples} samples ({splits}) in {s.classes} classes, {s.seconds:.1f} s")
-    _more(args, f"  card:   {os.path.abspath(s.readme)}")
+    _more(args, f"  card:   {_where(s.readme)}")
     if s.plots:
-        _more(args, f"  plots:  {os.path.dirname(os.path.abspath(s.plots[0]))} ({len(s.plots)})")
+        _more(args, f"  plots:  {os.path.dirname(_where(s.plots[0]))} ({len(s.plots)})")
     if s.report:
-        _more(args, f"  report: {os.path.abspath(s.report)} ({s.thumbnails} thumbnails)")
+        _more(args, f"  report: {_where(s.report)} ({s.thumbnails} thumbnails)")
     for note in s.notes:
         _more(args, f"  note: {note}")
     return 0
