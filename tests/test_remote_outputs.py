@@ -563,3 +563,17 @@ def test_a_killed_process_staging_folder_is_removed_by_the_next(tmp_path):
     assert p.returncode == 0, p.stderr
     assert not left.exists()
     assert [d.name.startswith("silverlabel-staging-") for d in tmp_path.iterdir()] == []  # its own: gone at exit
+
+
+def test_reinforce_reads_and_writes_the_bucket(s3, both):
+    """reinforce from a training set in the bucket to the bucket: the same bytes as on disk."""
+    from silverlabel.stages.reinforce import ReinforceConfig, run_reinforce
+    from silverlabel.teachers import TeacherSpec
+
+    local, remote = both
+    kw = dict(teachers=(TeacherSpec("efficientnet_lite0"),), augs=2, topk=5, device="cpu", workers=1)
+    run_reinforce(ReinforceConfig(trainset=str(local / "trainset"), output=str(local / "rnf"), **kw))
+    out = f"s3://{BUCKET}/run/rnf"
+    run_reinforce(ReinforceConfig(trainset=remote["trainset"], output=out, **kw))
+    assert _comparable(_bucket_files(s3, out)) == _comparable(_local_files(local / "rnf"))
+    assert not Path("s3:").exists()

@@ -73,8 +73,9 @@ from silverlabel.augment import (
     sample_augs,
     unpack,
 )
-from silverlabel.dataset import (INFO_FILE, TrainSet, atomic_write, make_identity, named_teachers, parent_entry,
-                                 records_digest, without_locations, write_json_atomic)
+from silverlabel.dataset import (INFO_FILE, TrainSet, atomic_write, display, fetch_local, is_file, make_identity,
+                                 named_teachers, open_read, parent_entry, read_bytes, records_digest, url_of,
+                                 without_locations, write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
@@ -525,9 +526,13 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
     runner = get_teacher_runner(cfg)
     sizes = [tf.size for tf in runner.transforms]
     distinct = sorted(set(sizes))
-    index = list(iter_tar_samples(unit.src))
+    # a training set at a URL: the tar is read whole anyway, so it is fetched once into this
+    # process's staging folder (dropped after the shard)
+    src = str(fetch_local(unit.src))
+    where = display(unit.src)
+    index = list(iter_tar_samples(src))
     n = len(index)
-    reader = _Reader(unit.src)
+    reader = _Reader(src)
     k = cfg.augs
     ring: _Ring | None = None
     stack = contextlib.ExitStack()
@@ -536,11 +541,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         for i, s in enumerate(index):
             ext = s.image_ext()
             if ext is None:
-                raise UserError(f"{unit.src}: sample {s.key!r} has no image member")
+                raise UserError(f"{where}: sample {s.key!r} has no image member")
             try:
                 w, h = _image_size(reader.read(s.members[ext]))
             except Exception as e:
-                raise UserError(f"{unit.src}: sample {s.key!r}: cannot read the image ({e})") from None
+                raise UserError(f"{where}: sample {s.key!r}: cannot read the image ({e})") from None
             augs.append(sample_augs(cfg.policy, cfg.seed, s.key, w, h, k, n, i))
         per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // k)
         batches = [list(range(b, min(n, b + per_batch))) for b in range(0, n, per_batch)]
@@ -582,7 +587,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                         futs = [pool.submit(_replay_job, reader.read, _sample_job(index, augs, i), distinct) for i in b]
                     else:
                         shm = ring.shm.name if ring else None
-                        futs = [pool.submit(_proc_replay, token, unit.src, _sample_job(index, augs, i), distinct, shm,
+                        futs = [pool.submit(_proc_replay, token, src, _sample_job(index, augs, i), distinct, shm,
                                             ring.offsets(slot, row) if ring else None) for row, i in enumerate(b)]
                     window.append((b, slot, futs))
                     next_batch += 1
@@ -623,7 +628,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     try:
                         per_sample = [fut.result() for fut in futs]
                     except Exception as e:
-                        raise UserError(f"{unit.src}: cannot replay an image ({type(e).__name__}: {e})") from e
+                        raise UserError(f"{where}: cannot replay an image ({type(e).__name__}: {e})") from e
                     submit()  # keep the pool busy while the teacher runs (the ring slot of this batch is not reused)
                     teacher_ctx = contextlib.nullcontext()
                     if torch_replay is not None:  # one batch of device tensors, one per distinct size
@@ -651,6 +656,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
     finally:
         stack.close()
         reader.close()
+        if url_of(unit.src) is not None:
+            Path(src).unlink(missing_ok=True)
     md5 = hf.md5.hexdigest()
     label_space = runner.target.name
     unit.commit.write([unit.dst], md5={unit.dst: md5}, info={
@@ -666,11 +673,12 @@ def _copy_shard(unit: ReinforceUnit) -> ReinforceResult:
     """A shard of a split not reinforced: copied byte for byte, then committed."""
     t0 = time.monotonic()
     md5 = hashlib.md5()
-    with open(unit.src, "rb") as fi, atomic_write(unit.dst) as fo:
+    size = 0
+    with open_read(unit.src) as fi, atomic_write(unit.dst) as fo:
         while chunk := fi.read(1 << 20):
             md5.update(chunk)
             fo.write(chunk)
-    size = os.path.getsize(unit.dst)
+            size += len(chunk)
     unit.commit.write([unit.dst], info={"samples": unit.samples, "bytes": size, "md5": md5.hexdigest()},
                       md5={unit.dst: md5.hexdigest()})
     return ReinforceResult(unit.filename, unit.samples, 0, size, md5.hexdigest(), 0, "", 0, time.monotonic() - t0,
@@ -700,8 +708,9 @@ class ReinforceStage(BaseStage):
         self.output.previous_run("reinforce")
         for s in self.info.get("splits", {}).values():
             for filename in s["filenames"]:
-                if not self.source.tar_path(filename).is_file():
-                    raise FileNotFoundError(f"{self.source.tar_path(filename)}: shard listed in {INFO_FILE} not found")
+                if not is_file(self.source.tar_path(filename)):
+                    raise FileNotFoundError(f"{display(self.source.tar_path(filename))}: shard listed in {INFO_FILE} "
+                                            "not found")
 
     def manifest(self) -> dict[str, Any]:
         config = self.config.output_config()  # as published: teachers' checkpoints by name, the input by its id
@@ -734,9 +743,9 @@ class ReinforceStage(BaseStage):
         cfg, out, info = self.config, self.output, self.info
         splits = info.get("splits", {})
         records = {fn: read_record(out.commit_path(fn))["info"] for s in splits.values() for fn in s["filenames"]}
-        if self.source.classes_path.is_file():
+        if is_file(self.source.classes_path):
             with atomic_write(out.classes_path) as f:
-                f.write(self.source.classes_path.read_bytes())
+                f.write(read_bytes(self.source.classes_path))
         name = info.get("name") or out.root.name
         out.write_wids_indexes(name, {split: s["filenames"] for split, s in splits.items()}, records)
         reinforced = [records[fn] for sp in cfg.splits for fn in splits[sp]["filenames"]]
