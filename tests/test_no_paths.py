@@ -296,3 +296,55 @@ def test_a_large_input_is_named_by_its_size_head_and_tail(tmp_path, monkeypatch)
     assert dataset.input_name(f) != name
     f.write_bytes(bytes(range(200)) + b"x")  # the size
     assert dataset.input_name(f) != name
+
+
+def test_a_folder_is_named_by_its_files_names_and_sizes_without_reading_them(tmp_path, monkeypatch):
+    """Naming a local folder of images lists it and stats each file, reading no byte of any
+    (an ingest of a million images does not read them once more to name them); the name
+    changes when a file is added, removed, renamed or resized, and stays for a copy made
+    elsewhere with new modification times (it is published). The price, as documented: a
+    same-size rewrite keeps the name."""
+    from silverlabel import dataset
+
+    photos = tmp_path / "a" / "photos"
+    _write_photos(photos)
+    name = dataset.input_name(photos)
+    assert name.startswith("photos@sha256:")
+
+    def no_reads(*a, **k):
+        raise AssertionError("a folder's name read a file's bytes")
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "name_digest", no_reads)
+        m.setattr(dataset, "file_digest", no_reads)
+        m.setattr(dataset, "open_read", no_reads)
+        assert dataset.input_name(photos) == name
+
+    copy = tmp_path / "b" / "photos"
+    shutil.copytree(photos, copy, copy_function=shutil.copy)  # new modification times
+    one = next(iter(sorted(copy.rglob("*.jpg"))))
+    os.utime(one, (1, 1))
+    assert one.stat().st_mtime_ns != (photos / one.relative_to(copy)).stat().st_mtime_ns
+    assert dataset.input_name(copy) == name
+
+    data = one.read_bytes()
+    one.write_bytes(bytes(b ^ 0xFF for b in data))  # other bytes, the same size: the name stays
+    assert dataset.input_name(copy) == name
+    one.write_bytes(data + b"\0")  # resized
+    assert dataset.input_name(copy) != name
+    one.write_bytes(data)
+    (copy / "cat" / "extra.jpg").write_bytes(b"x")  # added
+    assert dataset.input_name(copy) != name
+    (copy / "cat" / "extra.jpg").unlink()
+    assert dataset.input_name(copy) == name
+    one.rename(one.with_name("renamed.jpg"))  # renamed
+    assert dataset.input_name(copy) != name
+    one.with_name("renamed.jpg").rename(one)
+    one.unlink()  # removed
+    assert dataset.input_name(copy) != name
+    # a file is still named by its bytes
+    f = tmp_path / "keys.txt"
+    f.write_text("a\n")
+    first = dataset.input_name(f)
+    f.write_text("b\n")
+    assert dataset.input_name(f) != first

@@ -14,8 +14,9 @@
 
 Nothing written records where it lies: a dataset is named by :func:`dataset_identity` (its
 manifest's ``id``: ``KIND@sha256:HEX``, a hash of its stage, its settings, its inputs' names
-and its content), a user-given input by :func:`input_name` (a URL as given, a local file or
-folder as its base name and content digest), and a parent by :func:`parent_entry` (its id
+and its content), a user-given input by :func:`input_name` (a URL as given, a local file as its
+base name and content digest, a local folder as its base name and a digest of its files'
+names and sizes), and a parent by :func:`parent_entry` (its id
 and its location relative to the child, the one thing a later stage needs to find it).
 
 Nothing appears under a final name before it is complete: :func:`atomic_write` writes to
@@ -718,26 +719,36 @@ def make_identity(kind: str, doc: Any) -> str:
     return f"{kind}@sha256:{hashlib.sha256(_canonical(doc)).hexdigest()}"
 
 
-def tree_digest(files: Iterable[str | os.PathLike], base: str | os.PathLike) -> str:
-    """sha256 over ``files`` (their paths relative to ``base``, sorted, and their bytes)."""
+def tree_digest(files: Iterable[str | os.PathLike | tuple[str | os.PathLike, int]], base: str | os.PathLike) -> str:
+    """sha256 over ``files`` (a path, or a ``(path, size)`` pair when its size is known):
+    their paths relative to ``base``, sorted, and their sizes (one ``os.stat`` each, no byte
+    read). What names a folder or a pattern of files (:func:`input_name`).
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.jpg").write_bytes(b"xy")
+        >>> tree_digest([d / "a.jpg"], d) == tree_digest([(d / "a.jpg", 2)], d)
+        True
+    """
     h = hashlib.sha256()
-    for rel, p in sorted((os.path.relpath(f, base), f) for f in files):
+    entries = [(f, None) if not isinstance(f, tuple) else f for f in files]
+    for rel, p, size in sorted(((os.path.relpath(f, base), f, size) for f, size in entries), key=lambda e: e[0]):
         h.update(Path(rel).as_posix().encode("utf-8", "surrogateescape") + b"\0")
-        name_digest(p, h)
-        h.update(b"\0")
+        h.update(b"%d\0" % (os.stat(p).st_size if size is None else size))
     return h.hexdigest()
 
 
-def _regular_files(folder: Path) -> Iterator[Path]:
-    """The regular files under ``folder`` (links followed), hidden names left out as the
-    sources leave them out; a FIFO or a device is never opened."""
+def _regular_files(folder: Path) -> Iterator[tuple[Path, int]]:
+    """The regular files under ``folder`` (links followed) with their sizes, hidden names
+    left out as the sources leave them out; a FIFO or a device is never opened."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             p = Path(dirpath) / fn
             try:
-                if not fn.startswith(".") and stat.S_ISREG(p.stat().st_mode):
-                    yield p
+                st = p.stat()
+                if not fn.startswith(".") and stat.S_ISREG(st.st_mode):
+                    yield p, st.st_size
             except OSError:  # a dangling link: nothing to name
                 continue
 
@@ -745,9 +756,21 @@ def _regular_files(folder: Path) -> Iterator[Path]:
 def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None) -> str:
     """How a published file names an input the user gave, wherever it lies: a URL as given
     (less credentials); a silverlabel dataset or run by :func:`dataset_identity`; a local
-    file as ``BASENAME@sha256:DIGEST`` of its bytes; a local folder, or a pattern whose
-    ``files`` are given, as its base name and a digest of its files' relative names and bytes.
-    Files up to 256 MiB are read whole for it; larger ones by size, head and tail (:func:`name_digest`).
+    file as ``BASENAME@sha256:DIGEST`` of its bytes (up to 256 MiB read whole; a larger one
+    by its size, head and tail: :func:`name_digest`); a local folder, or a pattern whose
+    ``files`` are given, as its base name and a digest of its files' relative names and
+    sizes (:func:`tree_digest`), read from a listing and one ``os.stat`` per file.
+
+    Why a folder is not named by its bytes, nor by its files' times: its name is a lookup,
+    taken on every run and resume, and reading a million images once more just to name
+    them doubled an ingest's reads. Modification times (rsync's and make's test of
+    staleness) are left out because a name is published and must be the same for the same
+    files anywhere: a copy (``cp -r``, a download, a checkout) gives them new times, and
+    two runs on such copies write identical manifests. The price: a file rewritten with
+    other bytes of exactly the same size keeps the folder's name (a resume then goes on
+    rather than being refused). What is made from the folder is still told apart: an
+    output's id holds the digests of the files it wrote (:func:`records_digest`), and a
+    build decides staleness locally by sizes and times (``pipeline.path_identity``).
 
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
