@@ -383,7 +383,8 @@ def _cfg_source(cfg: IngestConfig, i: int) -> str:
 
 def _published(source: Any) -> dict[str, Any]:
     """A source's ``parents`` entry: its ``describe()`` with the path replaced by its name
-    (:func:`silverlabel.dataset.input_name`: a URL as given, a local file by its bytes)."""
+    (:func:`silverlabel.dataset.input_name`: a URL as given, a local file by its bytes, a local
+    folder or pattern by its files' names and sizes)."""
     d = source.describe()
     where = d.pop("path", None) or getattr(source, "path", None)
     name = d.pop("name", None)  # a remote source names itself (its public URL; see sources.describe_location)
@@ -446,8 +447,10 @@ class IngestStage(BaseStage):
 
     def _check_same_sources(self, man: dict[str, Any]) -> None:
         """A resume reads the same sources: compared by name (the manifest's ``parents``: a
-        URL, or a file's base name and content digest), so moved sources with the same bytes
-        resume, and other bytes are refused. (A manifest of an older version: by path.)"""
+        URL, a file's base name and content digest, a folder's base name and its files' names
+        and sizes), so moved sources with the same bytes resume, and other files are refused
+        (a file rewritten at the same size in a folder is not seen: see ``input_name``). (A
+        manifest of an older version: by path.)"""
         def where(parent: Any, now: Any = None) -> str:
             if not isinstance(parent, dict):
                 return repr(parent)
