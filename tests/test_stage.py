@@ -9,7 +9,7 @@ import pytest
 
 from silverlabel.dataset import Dataset, atomic_write
 from silverlabel.errors import UserError
-from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, run_stage
+from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, read_record, recorded_output, run_stage
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,36 @@ def test_temporaries_are_removed_and_other_outputs_refused(tmp_path):
     Dataset(out).write_manifest({"stage": "other"})
     with pytest.raises(UserError, match="not an output of upper"):
         _run(cfg)
+
+
+def test_a_units_output_is_found_in_its_record_by_one_reader(tmp_path):
+    """``recorded_output`` is what a commit record says a unit wrote (the one reader shard,
+    verify and ``file_identity`` share): a size and an md5, or None; ``file_identity`` takes
+    the record's md5 while the file has the recorded size, and reads the file otherwise."""
+    import hashlib
+    import json
+
+    out = Dataset(tmp_path / "out")
+    f = out.root / "shards" / "a.tar"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"abc")
+    commit = Commit(str(out.commit_path("a")), {"x": 1})
+    commit.write([f])
+    rec = read_record(commit.path)
+    md5 = hashlib.md5(b"abc").hexdigest()
+    assert recorded_output(rec, "shards/a.tar") == recorded_output(rec, Path("shards") / "a.tar") == {
+        "bytes": 3, "md5": md5}
+    assert recorded_output(rec, "shards/b.tar") is None and recorded_output(None, "shards/a.tar") is None
+    assert file_identity(f, commit.path) == {"bytes": 3, "md5": md5}
+
+    # the record's md5 is taken while the size matches (the bytes are not read again) ...
+    rec["outputs"]["shards/a.tar"]["md5"] = "0" * 32
+    Path(commit.path).write_text(json.dumps(rec))
+    assert file_identity(f, commit.path) == {"bytes": 3, "md5": "0" * 32}
+    # ... and the file is read when its size is not the recorded one
+    f.write_bytes(b"abcd")
+    assert file_identity(f, commit.path) == {"bytes": 4, "md5": hashlib.md5(b"abcd").hexdigest()}
+    # an entry without an integer size and an md5 is no record of the file
+    for bad in ({"bytes": "3", "md5": md5}, {"bytes": 3}, {"bytes": 3, "md5": ""}, [3, md5]):
+        assert recorded_output({"outputs": {"shards/a.tar": bad}}, "shards/a.tar") is None
+    assert recorded_output({"outputs": ["shards/a.tar"]}, "shards/a.tar") is None

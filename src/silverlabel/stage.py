@@ -98,6 +98,26 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
+def recorded_output(record: Mapping[str, Any] | None, rel: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"bytes", "md5"}`` a commit record (as read: :func:`read_record`) lists for its
+    output ``rel`` (relative to the folder above ``.done``); None when there is no record or
+    it lists no such output with an integer size and an md5. The one reader of a record's
+    outputs for whoever asks what a unit wrote: an input's identity (:func:`file_identity`),
+    shard's source tars, verify's staleness checks.
+
+        >>> recorded_output({"outputs": {"shards/a.tar": {"bytes": 3, "md5": "ab"}}}, Path("shards") / "a.tar")
+        {'bytes': 3, 'md5': 'ab'}
+        >>> recorded_output({"outputs": {"shards/a.tar": {"bytes": 3}}}, "shards/a.tar") is None
+        True
+    """
+    outputs = (record or {}).get("outputs")
+    out = outputs.get(Path(rel).as_posix()) if isinstance(outputs, dict) else None
+    if not isinstance(out, dict) or type(out.get("bytes")) is not int or not isinstance(out.get("md5"), str) \
+            or not out["md5"]:
+        return None
+    return {"bytes": out["bytes"], "md5": out["md5"]}
+
+
 def file_identity(path: str | os.PathLike, record: str | os.PathLike | None = None) -> dict[str, Any]:
     """``{"bytes", "md5"}`` of an input file: from ``record`` (the commit record of the unit
     that wrote it) when that lists the file at its current size, else by reading the file.
@@ -105,13 +125,11 @@ def file_identity(path: str | os.PathLike, record: str | os.PathLike | None = No
     A FileNotFoundError when the file is missing. A URL or staging path is asked of the store."""
     path = Path(path) if url_of(path) is None else path
     size = file_size(path)
-    rec = read_record(record) if record is not None else None
-    if rec is not None:
-        root = Path(record).parent.parent
-        with contextlib.suppress(ValueError):
-            out = rec.get("outputs", {}).get(os.path.relpath(path, root))
-            if isinstance(out, dict) and out.get("bytes") == size and out.get("md5"):
-                return {"bytes": size, "md5": out["md5"]}
+    if record is not None:
+        with contextlib.suppress(ValueError):  # relpath: no relative path (another drive)
+            out = recorded_output(read_record(record), os.path.relpath(path, Path(record).parent.parent))
+            if out is not None and out["bytes"] == size:
+                return out
     return {"bytes": size, "md5": file_digest(path, "md5")}
 
 

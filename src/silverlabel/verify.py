@@ -46,7 +46,7 @@ from silverlabel.dataset import (DONE_DIR, ID_KINDS, Dataset, Pool, Run, Selecti
 from silverlabel.errors import UserError
 from silverlabel.formats.labels import CLASSES_FILE, CLASSES_UNIT
 from silverlabel.options import opt
-from silverlabel.stage import file_identity, read_record
+from silverlabel.stage import file_identity, read_record, recorded_output
 
 #: the kinds of problem, in the order a report lists them
 KINDS = ("missing", "corrupt", "stale", "unrecorded", "count", "coverage")
@@ -117,11 +117,6 @@ def check_records(done: Path, report: VerifyReport, hashes: bool = True) -> dict
             elif hashes and want.get("md5") and file_digest(f, "md5") != want["md5"]:
                 report.add("corrupt", f, f"md5 differs from the recorded {want['md5']}")
     return records
-
-
-def _output(rec: dict[str, Any] | None, rel: str) -> dict[str, Any] | None:
-    out = (rec or {}).get("outputs", {}).get(rel)
-    return {"bytes": out.get("bytes"), "md5": out.get("md5")} if isinstance(out, dict) else None
 
 
 def _tar_keys(path: Path, report: VerifyReport) -> list[str] | None:
@@ -204,8 +199,8 @@ def verify_labels(pool: Pool, name: str, labels: str, ingested: dict[str, dict[s
             report.add("unrecorded", path, "labels file without a commit record")
         else:
             made_from = rec.get("inputs", {})
-            tar_now = _output(ingested.get(stem), f"shards/{pool.shard_path(name, shard).name}")
-            samples_now = _output(ingested.get(stem), f"samples/{stem}.parquet")
+            tar_now = recorded_output(ingested.get(stem), f"shards/{pool.shard_path(name, shard).name}")
+            samples_now = recorded_output(ingested.get(stem), f"samples/{stem}.parquet")
             if (tar_now is not None and made_from.get("tar") != tar_now) or (
                     samples_now is not None and made_from.get("samples") != samples_now):
                 report.add("stale", path, "made from another version of its shard; run silverlabel label again")

@@ -74,7 +74,8 @@ from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
 from silverlabel.formats.selection import SELECTION_SCHEMA
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
-from silverlabel.stage import BaseStage, Commit, StageRun, changed_settings, file_identity, read_record, run_stage
+from silverlabel.stage import (BaseStage, Commit, StageRun, changed_settings, file_identity, read_record,
+                              recorded_output, run_stage)
 
 log = logging.getLogger(__name__)
 
@@ -557,9 +558,7 @@ def _source_record(path: str) -> Path:
 
 def _recorded(path: str) -> dict[str, Any] | None:
     """``{"bytes", "md5"}`` that ingest recorded for source tar ``path`` (None: no record)."""
-    rec = read_record(_source_record(path))
-    out = (rec or {}).get("outputs", {}).get(os.path.relpath(path, Path(path).parent.parent))
-    return out if isinstance(out, dict) and isinstance(out.get("bytes"), int) and out.get("md5") else None
+    return recorded_output(read_record(_source_record(path)), os.path.relpath(path, Path(path).parent.parent))
 
 
 class ShardStage(BaseStage):
