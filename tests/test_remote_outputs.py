@@ -577,3 +577,104 @@ def test_reinforce_reads_and_writes_the_bucket(s3, both):
     run_reinforce(ReinforceConfig(trainset=remote["trainset"], output=out, **kw))
     assert _comparable(_bucket_files(s3, out)) == _comparable(_local_files(local / "rnf"))
     assert not Path("s3:").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# train, eval, card on the bucket (issue 16: the remaining stages)
+
+
+@pytest.fixture(scope="module")
+def toy(s3, tmp_path_factory):
+    """The tiny training set of tests/test_train.py on disk and, the same files, in the bucket."""
+    from test_train import _write_trainset
+
+    local = _write_trainset(tmp_path_factory.mktemp("toy") / "trainset")
+    url = f"s3://{BUCKET}/toy/trainset"
+    for p in sorted(local.iterdir()):
+        s3.fs.put_file(str(p), f"{url[len('s3://'):]}/{p.name}")
+    s3.fs.invalidate_cache()
+    return local, url
+
+
+def _train_cfg(trainset, out, **kw):
+    from test_train import _cfg
+
+    return _cfg(trainset, out, steps=6, ckpt_every=2, ema_decay=0.9, loss="soft-topk", **kw)
+
+
+def _jsonl_losses(data: bytes) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, data.decode().splitlines())]
+
+
+def _no_secrets(s3, files: dict[str, bytes], tmp_path) -> None:
+    for name, data in files.items():
+        for secret in (KEY_ID, SECRET, s3.endpoint, "silverlabel-staging", str(tmp_path), "127.0.0.1"):
+            assert secret.encode() not in data, (name, secret)
+
+
+def test_train_reads_and_writes_the_bucket(s3, toy, tmp_path):
+    """train from the training set in the bucket to a run in the bucket: the losses, the
+    stored config and the final weights are those of the same run on disk; the run holds
+    checkpoints, both metrics files and the TensorBoard events, and no endpoint, credential
+    or staging path."""
+    import torch
+
+    from silverlabel.stages.train import run_train
+
+    local_ts, url_ts = toy
+    here = run_train(_train_cfg(str(local_ts), tmp_path / "run"), progress=False)
+    out = f"s3://{BUCKET}/toy/runs/full"
+    there = run_train(_train_cfg(url_ts, out), progress=False)
+    assert there.output == out and there.checkpoint == f"{out}/checkpoint-final.pt"
+    assert there.losses == here.losses and len(here.losses) == 6
+    files = _bucket_files(s3, out)
+    assert {"checkpoint.pt", "checkpoint-final.pt", "metrics.jsonl", "metrics.csv"} <= set(files)
+    assert any(n.startswith("tb/events.out.tfevents.") for n in files) and ".lock" not in files
+    assert _jsonl_losses(files["metrics.jsonl"]) == here.losses
+    assert files["metrics.csv"].count(b"\n") == 7
+    import io
+
+    for name in ("checkpoint.pt", "checkpoint-final.pt"):
+        a = torch.load(tmp_path / "run" / name, weights_only=True)
+        b = torch.load(io.BytesIO(files[name]), weights_only=True)
+        assert a["config"] == b["config"] and a["id"] == b["id"] and a["step"] == b["step"]
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+            assert torch.equal(a["ema"][k], b["ema"][k]), k
+    _no_secrets(s3, files, tmp_path)
+    assert not Path("s3:").exists()
+
+
+def test_train_resumes_from_the_bucket_alone(s3, toy, tmp_path):
+    """A run in the bucket stopped at step 3 is resumed by a fresh process with an empty
+    staging folder (another TMPDIR): it ends with the uninterrupted run's losses and weights."""
+    import io
+    import subprocess
+
+    import torch
+
+    from silverlabel.stages.train import run_train
+
+    _local_ts, url_ts = toy
+    full, part = f"s3://{BUCKET}/toy/runs/r-full", f"s3://{BUCKET}/toy/runs/r-part"
+    want = run_train(_train_cfg(url_ts, full), progress=False)
+    run_train(_train_cfg(url_ts, part), stop_after=3, progress=False)
+    assert "checkpoint-final.pt" not in _bucket_files(s3, part)
+    code = ("import sys; sys.path.insert(0, 'tests'); import json, test_remote_outputs as t; "
+            "from silverlabel.stages.train import run_train; "
+            f"s = run_train(t._train_cfg({url_ts!r}, {part!r}), resume=True, progress=False); "
+            "print(json.dumps([s.start_step, s.steps]))")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=Path(__file__).parent.parent)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [3, 6]
+    a, b = _bucket_files(s3, full), _bucket_files(s3, part)
+    assert _jsonl_losses(b["metrics.jsonl"]) == _jsonl_losses(a["metrics.jsonl"]) == want.losses
+    ca = torch.load(io.BytesIO(a["checkpoint-final.pt"]), weights_only=True)
+    cb = torch.load(io.BytesIO(b["checkpoint-final.pt"]), weights_only=True)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert list(tmp.iterdir()) == []  # the resuming process's staging folder: gone with it

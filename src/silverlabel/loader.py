@@ -64,9 +64,14 @@ with probability ``p_reinforced``, one of its stored augmentations replayed exac
 which augmentation) is drawn from ``(seed, epoch, key)``, or ``epoch % K`` with
 ``kd_aug="sequential"``. Plain samples get the usual crop/flip and their ``.json`` top-k.
 
-Shards are read through one open file at a time per worker, member by member at offsets
-from the tar headers (:func:`silverlabel.formats.wds.iter_tar_samples`); no more than one
-sample's bytes are held at a time. Every rank reads the headers of the shards its slices
+Shards are read through one open file at a time per worker, a sample's members in one read
+of their byte range at offsets from the tar headers
+(:func:`silverlabel.formats.wds.iter_tar_samples`); no more than one sample's bytes are held
+at a time. A training set at a URL (``s3://bucket/trainset``, any fsspec store) is read the
+same way, streaming, nothing downloaded whole: ``_info.json`` and ``classes.json`` by one
+GET each, a shard's headers through a file reading ahead ``INDEX_READ_AHEAD`` bytes per
+request, and each sample by one ranged request (:func:`silverlabel.dataset.open_read`); the
+batches are those of the same set on disk. Every rank reads the headers of the shards its slices
 fall in (all ranks read the same shards at about the same time), but only its own
 samples' members.
 """
@@ -77,7 +82,6 @@ import functools
 import io
 import json
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,9 +94,12 @@ from PIL import Image
 from silverlabel.augment import RNF_EXT, key_seed, read_header, replay, unpack
 from silverlabel.errors import UserError
 from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
-from silverlabel.dataset import TrainSet
+from silverlabel.dataset import TrainSet, display, open_read
 
 EVAL_CROP_PCT = 0.875
+#: bytes a remote shard's header pass reads per request (several samples' headers of a typical
+#: set; the members themselves are then read by range, one request per sample)
+INDEX_READ_AHEAD = 1 << 20
 _BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -359,6 +366,34 @@ def _identity(x):
 # the dataset
 
 
+def _open_shard(path: str, read_ahead: int):
+    """A shard's file: local, or the object a staging path names (ranged reads, ``read_ahead``
+    bytes per request); a missing one is a UserError naming its public URL or path."""
+    try:
+        return open_read(path, read_ahead)
+    except FileNotFoundError:
+        raise UserError(f"{display(path)}: shard listed in _info.json is missing") from None
+
+
+def _sample_members(f, s: TarSample, skip: tuple[str, ...] = ()) -> Any:
+    """``ext -> bytes`` for sample ``s``'s members, read with one read of the byte range
+    that holds them (one request on a remote shard), less the members in ``skip``; a member
+    outside it is read on its own."""
+    spans = [(o, n) for e, (o, n) in s.members.items() if e not in skip]
+    if not spans:
+        return lambda ext: read_member(f, *s.members[ext])
+    start = min(o for o, _ in spans)
+    buf = read_member(f, start, max(o + n for o, n in spans) - start)
+
+    def member(ext: str) -> bytes:
+        o, n = s.members[ext]
+        if o < start or o + n > start + len(buf):
+            return read_member(f, o, n)
+        return buf[o - start:o - start + n]
+
+    return member
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch, from ``start_step`` on (see the module docstring).
 
@@ -376,6 +411,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.per_rank = samples_per_rank(cfg, self.num_samples)
         self.steps = (self.per_rank // cfg.batch_size if cfg.drop_last
                       else -(-self.per_rank // cfg.batch_size))
+        self._root = TrainSet(cfg.trainset).root  # a URL's: the staging path that names it (any process)
         self.k = cfg.topk if cfg.topk is not None else self._first_k()
         self._index: OrderedDict[int, list[TarSample]] = OrderedDict()
 
@@ -384,25 +420,28 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _first_k(self) -> int:
         first = next(i for i, n in enumerate(self.lengths) if n > 0)
-        path = os.path.join(self.cfg.trainset, self.files[first])
-        sample = next(iter_tar_samples(path), None)
-        if self.cfg.kd and sample is not None and RNF_EXT in sample.members:
-            with open(path, "rb") as f:
+        with _open_shard(self._path(first), INDEX_READ_AHEAD) as f:
+            sample = next(iter_tar_samples(f), None)
+            if self.cfg.kd and sample is not None and RNF_EXT in sample.members:
                 return read_header(read_member(f, *sample.members[RNF_EXT]))["topk"]
-        if sample is None or "json" not in sample.members:
-            return 1
-        with open(path, "rb") as f:
+            if sample is None or "json" not in sample.members:
+                return 1
             meta = json.loads(read_member(f, *sample.members["json"]))
         labels = meta.get("labels")
         return max(1, len(labels)) if labels else 1
 
+    def _path(self, shard: int) -> str:
+        """Shard ``shard``'s file: a local path, or the staging path naming its object."""
+        return str(self._root / self.files[shard])
+
     def _shard_index(self, shard: int) -> list[TarSample]:
         idx = self._index.get(shard)
         if idx is None:
-            path = os.path.join(self.cfg.trainset, self.files[shard])
-            idx = list(iter_tar_samples(path))
+            path = self._path(shard)
+            with _open_shard(path, INDEX_READ_AHEAD) as f:
+                idx = list(iter_tar_samples(f))
             if len(idx) != self.lengths[shard]:
-                raise UserError(f"{path}: holds {len(idx)} samples, _info.json says {self.lengths[shard]}")
+                raise UserError(f"{display(path)}: holds {len(idx)} samples, _info.json says {self.lengths[shard]}")
             self._index[shard] = idx
             while len(self._index) > 2:
                 self._index.popitem(last=False)
@@ -431,20 +470,21 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if shard != open_shard:
                     if f is not None:
                         f.close()
-                    f = open(os.path.join(cfg.trainset, self.files[shard]), "rb")
+                    f = _open_shard(self._path(shard), 0)  # each sample: one ranged read
                     open_shard = shard
                 ext = s.image_ext()
                 if ext is None:
                     raise UserError(f"{self.files[shard]}: sample {s.key!r} has no image member")
-                data = read_member(f, *s.members[ext])
-                meta = json.loads(read_member(f, *s.members["json"])) if "json" in s.members else {}
+                member = _sample_members(f, s, skip=() if cfg.kd and cfg.train else (RNF_EXT,))
+                data = member(ext)
+                meta = json.loads(member("json")) if "json" in s.members else {}
                 if "cls" in s.members:
-                    cls = int(read_member(f, *s.members["cls"]).decode().strip())
+                    cls = int(member("cls").decode().strip())
                 else:
                     cls = int(meta.get("label", -1))
                 rng = np.random.default_rng((cfg.seed, self.epoch, 2, 0, pos)) if cfg.train else None
                 if cfg.kd and cfg.train:
-                    kd = self._kd_sample(f, shard, s, data, mean, std)
+                    kd = self._kd_sample(f, shard, s, data, mean, std, member)
                     if kd is not None:  # (image, teacher top-k labels, probs) of a stored augmentation
                         item = (kd[0], cls, kd[1], kd[2])
                         yield (*item, s.key) if cfg.return_keys else item
@@ -460,8 +500,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if f is not None:
                 f.close()
 
-    def _kd_sample(self, f, shard: int, s: TarSample, data: bytes, mean: torch.Tensor, std: torch.Tensor
-                   ) -> tuple[torch.Tensor, list[int], list[float]] | None:
+    def _kd_sample(self, f, shard: int, s: TarSample, data: bytes, mean: torch.Tensor, std: torch.Tensor,
+                   member: Any = None) -> tuple[torch.Tensor, list[int], list[float]] | None:
         """``--loss kd``: replay one of the sample's stored augmentations exactly (the pixels
         the teacher saw, at ``img_size``) and return its teacher top-k; None when this sample
         is drawn as a plain one (probability ``1 - p_reinforced``). The choice is a function of
@@ -473,7 +513,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = key_seed(cfg.seed, s.key, self.epoch, 3)
         if cfg.p_reinforced < 1.0 and rng.random() >= cfg.p_reinforced:
             return None
-        raw = read_member(f, *s.members[RNF_EXT])
+        raw = member(RNF_EXT) if member is not None else read_member(f, *s.members[RNF_EXT])
         k = read_header(raw)["k"]
         j = self.epoch % k if cfg.kd_aug == "sequential" else int(rng.integers(k))
         r = unpack(raw, only=j)

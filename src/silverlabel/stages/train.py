@@ -44,6 +44,15 @@ One plain loop that reads top to bottom (nanoGPT-style)::
   the rows after the checkpoint's step are dropped first. The same scalars go to TensorBoard
   event files in ``RUN/tb`` (``tensorboard --logdir RUN``; resumed runs purge the steps after
   the checkpoint).
+- **At a URL** (issue 16): the training set may be a URL of any fsspec store
+  (``s3://bucket/trainset``; read streaming, :mod:`silverlabel.loader`), and so may the run
+  folder ``-o``: it is written in this process's staging folder
+  (:func:`silverlabel.dataset.stage_path`) and uploaded as it goes: each checkpoint by
+  :func:`~silverlabel.dataset.atomic_write` as it closes (one PUT), ``metrics.jsonl`` and
+  ``metrics.csv`` whole at each checkpoint and at the end (an object cannot be appended to),
+  the TensorBoard event files at the end. ``resume`` needs only the store: the checkpoint and
+  the metrics files are fetched from it. The checkpoints are the same bytes wherever the run
+  and its training set are (the set is stored by id).
 - **DDP**: when ``WORLD_SIZE > 1`` (torchrun), a gloo (CPU) or nccl (CUDA) process group,
   ``DistributedDataParallel``, and the loader's ``rank``/``world_size``; only rank 0 writes.
   ``batch_size`` is per rank; the global batch ``N * batch_size`` is read in one global
@@ -78,8 +87,9 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, dataset_identity, input_name, is_identity,
-                                 make_identity)
+from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, check_writable, dataset_identity, display,
+                                 fetch_local, input_name, is_file, is_identity, local_target, make_identity, publish,
+                                 url_of)
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.loader import EpochBatches, LoaderConfig, normalize_on, steps_per_epoch
@@ -249,10 +259,11 @@ def load_weights(path: str | os.PathLike, flag: str = "checkpoint") -> Any:
     or is not a PyTorch file at all."""
     import pickle
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}: no such file: {path}")
+    if not is_file(path):
+        raise FileNotFoundError(f"{flag}: no such file: {display(path)}")
+    local, path = fetch_local(path), display(path)  # an object in a store: read from its staged copy
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(local, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's text suggests weights_only=False, which would run the file's code: never say that
         text = str(e)
@@ -294,7 +305,7 @@ def run_identity(config: dict[str, Any]) -> str:
     return make_identity("run", {k: v for k, v in config.items() if k not in RUNTIME_FIELDS})
 
 
-def check_resume(ckpt_path: Path, stored: Any, cfg: TrainConfig) -> None:
+def check_resume(ckpt_path: str | os.PathLike, stored: Any, cfg: TrainConfig) -> None:
     """A UserError naming every setting of ``cfg`` that differs from the checkpoint's config."""
     from silverlabel.stage import changed_settings
 
@@ -382,7 +393,8 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _metrics_truncate(out: Path, step: int) -> None:
-    """On resume: drop metric rows after ``step`` (written after the checkpoint)."""
+    """On resume: drop metric rows after ``step`` (written after the checkpoint); rewritten
+    through :func:`~silverlabel.dataset.atomic_write` (an output at a URL: uploaded)."""
     jl = Run(out).metrics_jsonl
     if jl.exists():
         lines = [ln for ln in jl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
@@ -413,6 +425,13 @@ def _neutral_event_names(tb_dir: Path) -> None:
         while (target := p.with_name(f"{_EVENTS}{parts[0]}.silverlabel.{k}")).exists():
             k += 1
         p.rename(target)
+
+
+def _upload_tree(folder: Path) -> None:
+    """Upload each file under the staging folder ``folder`` to the object its path names."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            publish(p, url_of(p))
 
 
 def _tensorboard_writer(path: Path, step: int):
@@ -475,9 +494,12 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None 
 
     if _dist_env()[0] != 0:
         return _train(cfg, resume, stop_after, progress)
-    check_target(cfg.output, "-o", folder=True)
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    with output_lock(cfg.output):
+    check_writable(cfg.output)
+    if url_of(cfg.output) is None:
+        check_target(cfg.output, "-o", folder=True)
+    root = local_target(cfg.output)  # a URL's: this process's staging folder (its lock keeps runs on this machine apart)
+    root.mkdir(parents=True, exist_ok=True)
+    with output_lock(root):
         return _train(cfg, resume, stop_after, progress)
 
 
@@ -493,18 +515,20 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     master = rank == 0
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    run = Run(cfg.output)
+    run = Run(local_target(cfg.output))  # a URL's: staging paths that name its objects (dataset.url_of)
     out, ckpt_path, final_path = run.root, run.checkpoint_path, run.final_checkpoint_path
-    if ckpt_path.exists() and not resume:
-        raise UserError(f"{ckpt_path} exists: pass --resume to continue, or choose another --output")
-    if cfg.init is not None and not os.path.isfile(cfg.init):
-        raise FileNotFoundError(f"--init: no such file: {cfg.init}")
+    remote = url_of(out) is not None
+    ckpt_exists = is_file(ckpt_path)  # an output at a URL: the store's answer
+    if ckpt_exists and not resume:
+        raise UserError(f"{display(ckpt_path)} exists: pass --resume to continue, or choose another --output")
+    if cfg.init is not None and not is_file(cfg.init):
+        raise FileNotFoundError(f"--init: no such file: {display(cfg.init)}")
     ck = None
-    if resume and ckpt_path.exists():  # before anything is built: a run resumed with other settings is refused
+    if resume and ckpt_exists:  # before anything is built: a run resumed with other settings is refused
         ck = load_weights(ckpt_path)
-        check_resume(ckpt_path, ck.get("config") if isinstance(ck, dict) else None, cfg)
+        check_resume(display(ckpt_path), ck.get("config") if isinstance(ck, dict) else None, cfg)
         if int(ck.get("world_size", world)) != world:  # the global batch and the data order depend on it
-            raise UserError(f"{ckpt_path}: the run was started with {ck['world_size']} processes, this one has "
+            raise UserError(f"{display(ckpt_path)}: the run was started with {ck['world_size']} processes, this one has "
                             f"{world}; resume with the same number")
     stored_config = published_config(cfg)  # what the checkpoints say of the run: ids, not paths
 
@@ -548,7 +572,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         torch.set_rng_state(ck["torch_rng"])
         step = int(ck["step"])
         if master:
-            log.info("resumed from %s at step %d", ckpt_path, step)
+            log.info("resumed from %s at step %d", display(ckpt_path), step)
     start_step = step
     train_model = model
     if ddp:
@@ -558,8 +582,15 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
+    def upload_metrics() -> None:
+        """An output at a URL: put the metrics files whole (an object cannot be appended to)."""
+        if master and remote:
+            for p in (run.metrics_jsonl, run.metrics_csv):
+                publish(p, url_of(p))
+
     def checkpoint(path: Path) -> None:
         if master:
+            upload_metrics()
             save_checkpoint(path, {
                 "format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "step": step,
@@ -572,6 +603,12 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
     jl = csv_f = csv_w = tb = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if remote:  # a fresh process resumes from the store alone: its metrics files, as they are there
+            for p in (run.metrics_jsonl, run.metrics_csv):
+                if is_file(p):
+                    fetch_local(p)
+                else:
+                    p.unlink(missing_ok=True)
         _metrics_truncate(out, step)  # rows a killed run logged after its checkpoint (or before its first)
         jl = open(run.metrics_jsonl, "a")
         new_csv = not run.metrics_csv.exists() or run.metrics_csv.stat().st_size == 0
@@ -656,9 +693,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
                 if step % cfg.ckpt_every == 0 and step < end:
                     checkpoint(ckpt_path)
         del batches
-        if step > start_step or not ckpt_path.exists():  # a resumed, finished run is left as it was
+        if step > start_step or not is_file(ckpt_path):  # a resumed, finished run is left as it was
             checkpoint(ckpt_path)
-        if step >= total and (step > start_step or not final_path.exists()):
+        if step >= total and (step > start_step or not is_file(final_path)):
             checkpoint(final_path)
     finally:
         if bar is not None:
@@ -666,15 +703,18 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, progress: boo
         if jl is not None:
             jl.close()
             csv_f.close()
+            upload_metrics()
         if tb is not None:
             tb.close()
             _neutral_event_names(out / "tb")
+            if remote:
+                _upload_tree(out / "tb")
         if ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     seconds = time.monotonic() - t0
     done = step - start_step
     return TrainSummary(
-        output=str(out), steps=step, start_step=start_step, epochs=step / per_epoch, final_loss=last_loss,
+        output=display(out), steps=step, start_step=start_step, epochs=step / per_epoch, final_loss=last_loss,
         seconds=seconds, samples_per_second=done * samples_per_step / max(seconds, 1e-9),
-        num_classes=num_classes, checkpoint=str(ckpt_path if step < total else final_path),
+        num_classes=num_classes, checkpoint=display(ckpt_path if step < total else final_path),
         losses=losses)
