@@ -161,6 +161,26 @@ def _phash_gray(gray: np.ndarray) -> str:
     return f"{int.from_bytes(np.packbits(bits).tobytes(), 'big'):016x}"
 
 
+def _phash_lowpass(gray: np.ndarray) -> str:
+    """The pHash of a 2-D uint8 array with Pillow's Lanczos weights for the 32x32 step and
+    imagehash's DCT folded into two small matrices per side length (cached), in floating
+    point: no per-pass rounding, so within rounding of :func:`_phash_gray`, at a fraction of
+    its cost on sizes seen once (Pillow's own Lanczos there). For the fast mode only."""
+    h, w = gray.shape
+    if not all(_PLAN_SIDE[0] <= s <= _PLAN_SIDE[1] for s in (h, w)):
+        return _phash_gray(gray)
+    low = _lowpass(h) @ gray.astype(np.float64) @ _lowpass(w).T
+    flat = np.sort(low, axis=None)
+    med = (flat[31] + flat[32]) / 2
+    return f"{int.from_bytes(np.packbits((low > med).ravel()).tobytes(), 'big'):016x}"
+
+
+@functools.lru_cache(maxsize=512)
+def _lowpass(n: int) -> np.ndarray:
+    """(8, n): the 8 lowest DCT rows of imagehash's 32-point DCT after Pillow's n -> 32 Lanczos."""
+    return np.ascontiguousarray(_DCT8 @ (_weights(n).T * _INV))
+
+
 def _phash_reference(pixels: np.ndarray) -> str:
     import scipy.fftpack  # the DCT imagehash uses: same routine, same rounding
 
@@ -740,7 +760,7 @@ def _passthrough_hash(data: bytes, img: Image.Image, cfg: ImageConfig, clock: _C
             clock.lap("decode")
             return phash(img)
         clock.lap("decode")
-        h = _phash_gray(gray[..., 0])
+        h = _phash_lowpass(gray[..., 0])
     clock.lap("hash")
     return h
 
