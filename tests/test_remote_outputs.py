@@ -612,19 +612,27 @@ def _no_secrets(s3, files: dict[str, bytes], tmp_path) -> None:
             assert secret.encode() not in data, (name, secret)
 
 
-def test_train_reads_and_writes_the_bucket(s3, toy, tmp_path):
+@pytest.fixture(scope="module")
+def trained(s3, toy, tmp_path_factory):
+    """The same run on disk (from the set on disk) and in the bucket (from the set there)."""
+    from silverlabel.stages.train import run_train
+
+    local_ts, url_ts = toy
+    local = tmp_path_factory.mktemp("runs") / "run"
+    here = run_train(_train_cfg(str(local_ts), local), progress=False)
+    out = f"s3://{BUCKET}/toy/runs/full"
+    there = run_train(_train_cfg(url_ts, out), progress=False)
+    return local, out, here, there
+
+
+def test_train_reads_and_writes_the_bucket(s3, trained, tmp_path):
     """train from the training set in the bucket to a run in the bucket: the losses, the
     stored config and the final weights are those of the same run on disk; the run holds
     checkpoints, both metrics files and the TensorBoard events, and no endpoint, credential
     or staging path."""
     import torch
 
-    from silverlabel.stages.train import run_train
-
-    local_ts, url_ts = toy
-    here = run_train(_train_cfg(str(local_ts), tmp_path / "run"), progress=False)
-    out = f"s3://{BUCKET}/toy/runs/full"
-    there = run_train(_train_cfg(url_ts, out), progress=False)
+    local, out, here, there = trained
     assert there.output == out and there.checkpoint == f"{out}/checkpoint-final.pt"
     assert there.losses == here.losses and len(here.losses) == 6
     files = _bucket_files(s3, out)
@@ -635,13 +643,13 @@ def test_train_reads_and_writes_the_bucket(s3, toy, tmp_path):
     import io
 
     for name in ("checkpoint.pt", "checkpoint-final.pt"):
-        a = torch.load(tmp_path / "run" / name, weights_only=True)
+        a = torch.load(local / name, weights_only=True)
         b = torch.load(io.BytesIO(files[name]), weights_only=True)
         assert a["config"] == b["config"] and a["id"] == b["id"] and a["step"] == b["step"]
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), k
             assert torch.equal(a["ema"][k], b["ema"][k]), k
-    _no_secrets(s3, files, tmp_path)
+    _no_secrets(s3, files, local.parent)
     assert not Path("s3:").exists()
 
 
@@ -678,3 +686,31 @@ def test_train_resumes_from_the_bucket_alone(s3, toy, tmp_path):
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     assert list(tmp.iterdir()) == []  # the resuming process's staging folder: gone with it
+
+
+def test_eval_of_the_bucket_run_is_eval_of_the_local_run(s3, toy, trained, tmp_path):
+    """eval of the run in the bucket on the set in the bucket writes its report into the run
+    (or to --out at a URL): the report of the local run on the local set, less the time."""
+    from silverlabel.stages.evaluate import EvalConfig, run_eval
+
+    local_ts, url_ts = toy
+    local, out, _here, _there = trained
+    kw = dict(split="train", batch_size=8, device="cpu", ema=True)
+    a = run_eval(EvalConfig(str(local), trainset=str(local_ts), **kw))
+    b = run_eval(EvalConfig(out, trainset=url_ts, **kw))
+    c = run_eval(EvalConfig(f"{out}/checkpoint.pt", trainset=url_ts, out=f"s3://{BUCKET}/toy/reports/e.json", **kw))
+    assert b["output"] == f"{out}/eval-train.json" and c["output"] == f"s3://{BUCKET}/toy/reports/e.json"
+    assert b["paths"] == {"run": out, "checkpoint": f"{out}/checkpoint-final.pt", "trainset": url_ts}
+    assert a["run"].startswith("run@sha256:") and a["weights"] == "ema" and a["counts"]["samples"] == 48
+
+    def timeless(doc):
+        return {k: v for k, v in doc.items() if k not in ("seconds", "output", "paths", "checkpoint")}
+
+    assert timeless(b) == timeless(a) and a["checkpoint"] == b["checkpoint"]
+    assert timeless(c) == timeless(a) and c["checkpoint"].startswith("checkpoint.pt@sha256:")
+    files = _bucket_files(s3, out)
+    stored = json.loads(files["eval-train.json"])
+    want = json.loads((local / "eval-train.json").read_text())
+    assert {k: v for k, v in stored.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    _no_secrets(s3, {**files, "e.json": _bucket_files(s3, f"s3://{BUCKET}/toy/reports")["e.json"]}, local.parent)
+    assert not Path("s3:").exists()

@@ -18,12 +18,19 @@ mode (center crop, file order, no sample dropped). Reports:
 (softmax; sigmoid for a ``bce-multihot`` run) are scatter-added into the target space with
 ``index_map(head, target, policy="drop")`` (head classes absent from the target are
 dropped) before the top-k is taken; ``cls`` and label sets are then target indices.
+
+RUN, TRAINSET, ``--real-labels`` and ``--out`` may be URLs of any fsspec store (issue 16):
+the checkpoint is read from its staged copy (:func:`silverlabel.dataset.fetch_local`), the
+training set streams through the loader, and the report is uploaded as it closes
+(:func:`silverlabel.dataset.atomic_write`); it names the run, checkpoint and training set by
+the same ids as on disk.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +39,8 @@ from typing import Any
 
 import torch
 
-from silverlabel.dataset import Run, TrainSet, check_target, dataset_identity, input_name, write_json_atomic
+from silverlabel.dataset import (Run, TrainSet, check_target, check_writable, dataset_identity, display, fetch_local,
+                                 input_name, is_file, local_target, read_bytes, url_of, write_json_atomic)
 from silverlabel.devices import torch_device
 from silverlabel.engine import Report
 from silverlabel.errors import UserError
@@ -140,12 +148,12 @@ def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str
 
     ck = load_weights(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
-        raise UserError(f"{path}: not a silverlabel train checkpoint (needs model, config)")
+        raise UserError(f"{display(path)}: not a silverlabel train checkpoint (needs model, config)")
     conf = dict(ck["config"])
     fields = set(TrainConfig.__dataclass_fields__)
     tcfg = TrainConfig(**{"output": "-", **{k: v for k, v in conf.items() if k in fields}})  # stored without one
     if not ck.get("num_classes"):
-        raise UserError(f"{path}: checkpoint has no num_classes")
+        raise UserError(f"{display(path)}: checkpoint has no num_classes")
     num_classes = int(ck["num_classes"])
     model = create_model(tcfg, num_classes)
     which = "model"
@@ -160,10 +168,10 @@ def load_model(path: Path, ema: bool = False) -> tuple[torch.nn.Module, dict[str
 def load_label_sets(path: str, keys: list[str]) -> list[list[int]]:
     """One label set per sample of the split, in split order (``[]``: none)."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"--real-labels: no such file: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--real-labels {path}: not valid JSON ({e})") from e
     if isinstance(doc, list):
         if len(doc) != len(keys):
@@ -198,13 +206,57 @@ def class_names(trainset: str, n: int, target_space: str | None) -> list[str]:
 # the run
 
 
+def find_checkpoint(run: str | os.PathLike) -> Path:
+    """The checkpoint a run names (:meth:`silverlabel.dataset.Run.find_checkpoint`: the final
+    one, else the latest; ``run`` may be a ``.pt`` file). A run at a URL: the staging path
+    naming the object (asked of the store; read it with :func:`~silverlabel.dataset.fetch_local`)."""
+    u = url_of(run)
+    if u is None:
+        return Run(run).find_checkpoint()
+    root = local_target(u)
+    if root.suffix == ".pt" and is_file(root):
+        return root
+    r = Run(root)
+    for p in (r.final_checkpoint_path, r.checkpoint_path):
+        if is_file(p):
+            return p
+    raise FileNotFoundError(f"{display(u)}: no {r.final_checkpoint_path.name} or {r.checkpoint_path.name} there")
+
+
+def run_folder(run: str | os.PathLike, ckpt: Path) -> Path:
+    """Where a run's reports go: the run folder (a staging path for a URL), or the folder of
+    the ``.pt`` file given."""
+    if url_of(run) is None:
+        return Run(run).folder
+    return ckpt.parent if ckpt == local_target(run) else local_target(run)
+
+
+def run_name(run: str | os.PathLike, ckpt: Path) -> str:
+    """A run's id (``run@sha256:...``) as its checkpoint records it, the same on disk and at a
+    URL (:func:`silverlabel.dataset.dataset_identity`); a checkpoint without one is named by
+    its file name and bytes."""
+    if url_of(run) is None:
+        return dataset_identity(run)
+    local = fetch_local(ckpt)  # already staged by load_model: not read again
+    try:
+        ck = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file, or one with objects: named by its bytes
+        ck = None
+    if isinstance(ck, dict) and isinstance(ck.get("id"), str) and ck["id"].startswith("run@"):
+        return ck["id"]
+    return input_name(local)
+
+
 def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
     """Evaluate (see the module docstring); writes the JSON report and returns it.
     ``progress``: told the split's size (:func:`silverlabel.log.set_total`), then
     ``progress(images, images)`` per batch (a :class:`silverlabel.log.Progress` draws a bar)."""
     t0 = time.monotonic()
-    check_target(cfg.out, "--out", folder=False)
-    ckpt = Run(cfg.run).find_checkpoint()
+    if cfg.out is not None:
+        check_writable(cfg.out, "--out")
+        if url_of(cfg.out) is None:
+            check_target(cfg.out, "--out", folder=False)
+    ckpt = find_checkpoint(cfg.run)
     split = TrainSet(cfg.trainset).split(cfg.split)
     num_samples = int(split.get("num_samples", sum(split["shard_lengths"])))  # read_info: never missing
     if cfg.head_space is not None:
@@ -258,7 +310,7 @@ def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
             if progress is not None:
                 progress(len(bkeys), len(bkeys))
     if seen != num_samples:
-        raise UserError(f"{cfg.trainset}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
+        raise UserError(f"{display(cfg.trainset)}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
 
     real = None
     if cfg.real_labels is not None:
@@ -275,7 +327,7 @@ def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
                   "top1": per_right[c] / per_count[c]} for c in sorted(per_count)]
     acc = {k: (correct[k] / labeled if labeled else None) for k in ks}
     report: dict[str, Any] = {
-        "run": dataset_identity(cfg.run), "checkpoint": input_name(ckpt), "weights": which, "step": step,
+        "run": run_name(cfg.run, ckpt), "checkpoint": input_name(fetch_local(ckpt)), "weights": which, "step": step,
         "model": tconf.get("model"), "trainset": dataset_identity(cfg.trainset), "split": cfg.split, "img_size": img_size,
         "head_space": cfg.head_space, "target_space": cfg.target_space,
         "counts": {"samples": seen, "labeled": labeled, "real": real["count"] if real else None},
@@ -284,10 +336,10 @@ def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
         "per_class": per_class,
         "seconds": round(time.monotonic() - t0, 3),
     }
-    out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / f"eval-{cfg.split}.json"
+    out = local_target(cfg.out) if cfg.out else run_folder(cfg.run, ckpt) / f"eval-{cfg.split}.json"
     write_json_atomic(out, report)  # inputs by their ids; where they are on this machine only in what is returned
-    report["output"] = str(out)
-    report["paths"] = {"run": str(cfg.run), "checkpoint": str(ckpt), "trainset": str(cfg.trainset)}
+    report["output"] = display(out)
+    report["paths"] = {"run": display(cfg.run), "checkpoint": display(ckpt), "trainset": display(cfg.trainset)}
     return report
 
 
