@@ -316,3 +316,30 @@ def test_cli_help_and_run(tmp_path, selection):
              "--no-progress")
     assert "41 samples in 3 shards" in p.stdout and "wds/mysel" in p.stdout
     assert json.loads((out / "_info.json").read_text())["splits"]["train"]["shard_lengths"] == [17, 16]
+
+
+def _count_reads(monkeypatch, path: Path) -> Counter:
+    """Count the reads of ``path`` through silverlabel.dataset's reader (the real reader runs)."""
+    from silverlabel import dataset as ds_mod
+
+    reads: Counter = Counter()
+    real = ds_mod.read_bytes
+
+    def counting(p):
+        reads[Path(p).resolve() == path.resolve()] += 1
+        return real(p)
+
+    monkeypatch.setattr(ds_mod, "read_bytes", counting)
+    return reads
+
+
+def test_the_selections_manifest_is_read_once(tmp_path, selection, trainset, monkeypatch):
+    """shard reads the selection's manifest once and takes its files, its parents and its id
+    from that one read (an output in a bucket: one request, not four)."""
+    reads = _count_reads(monkeypatch, selection / "silverlabel.json")
+    out = tmp_path / "once"
+    run_shard(ShardConfig(selection=str(selection), output=str(out), shards=3, workers=1))
+    assert reads[True] == 1
+    assert _digest(out) == _digest(trainset)
+    man, before = (json.loads((d / "silverlabel.json").read_text()) for d in (out, trainset))
+    assert man["parents"] == before["parents"] and man["id"] == before["id"]

@@ -127,3 +127,23 @@ def test_a_run_with_a_damaged_checkpoint(chain, tmp_path, capsys):
 def test_not_a_dataset(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "not a silverlabel dataset or run" in capsys.readouterr().err
+
+
+def test_a_selection_is_verified_from_one_read_of_its_manifest(chain, monkeypatch):
+    """verify reads the selection's manifest once: its files and parents come from that read."""
+    from pathlib import Path
+
+    from silverlabel import dataset as ds_mod
+
+    manifest = (chain / "sel" / "silverlabel.json").resolve()
+    reads = []
+    real = ds_mod.read_bytes
+
+    def counting(p):
+        reads.append(Path(p).resolve() == manifest)
+        return real(p)
+
+    monkeypatch.setattr(ds_mod, "read_bytes", counting)
+    report = verify(VerifyConfig(str(chain / "sel")))
+    assert report.ok and report.checked["files"] >= 1
+    assert reads.count(True) == 1

@@ -567,11 +567,12 @@ class Dataset:
     def samples_path(self, name: str, index: int) -> Path:
         return self.samples_dir / f"{name}-{index:06d}.parquet"
 
-    def samples_files(self) -> list[Path]:
+    def samples_files(self, manifest: Mapping[str, Any] | None = None) -> list[Path]:
         """Completed samples tables, in shard order. A finished pool at a URL names them from
-        its manifest (``name``, ``shards``), since a listing may lag."""
-        if self.url is not None and self.exists():
-            man = self.read_manifest()
+        its manifest (``name``, ``shards``; ``manifest``: when the caller holds it, not read
+        again), since a listing may lag."""
+        if self.url is not None and (manifest is not None or self.exists()):
+            man = self.read_manifest() if manifest is None else manifest
             if man.get("state") == "complete" and type(man.get("shards")) is int and isinstance(man.get("name"), str):
                 return [self.samples_path(check_name(man["name"], "pool name"), i) for i in range(man["shards"])]
         return list_files(self.samples_dir, ".parquet")
@@ -643,12 +644,12 @@ class Dataset:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.manifest_path, manifest)
 
-    def parent_roots(self, kind: str | None = None) -> dict[str, Path]:
+    def parent_roots(self, kind: str | None = None, manifest: Mapping[str, Any] | None = None) -> dict[str, Path]:
         """The parents of this dataset its manifest names (``kind``: those of that kind only),
         id -> where they are now (:func:`parent_location`); a parent with no id or no location
-        is left out."""
+        is left out. ``manifest``: the manifest when the caller holds it (not read again)."""
         roots = {}
-        for p in self.read_manifest().get("parents") or []:
+        for p in (self.read_manifest() if manifest is None else manifest).get("parents") or []:
             if isinstance(p, dict) and (kind is None or p.get("kind") == kind):
                 where = parent_location(self.root, p)
                 ident = p.get("id") or (str(where) if where is not None else None)
@@ -838,12 +839,13 @@ def records_digest(root: str | os.PathLike, units: Iterable[str] | None = None) 
     return h.hexdigest()
 
 
-def dataset_identity(root: str | os.PathLike) -> str:
+def dataset_identity(root: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> str:
     """The location-independent identity of a silverlabel output (``KIND@sha256:HEX``): the
     ``id`` of its manifest (pool, selection, training set, reinforced set), of its checkpoint
     (a run folder or a ``.pt`` file); for an output without one (made by an older version, or a
     training set of ``_info.json`` only), a hash of its manifest or ``_info.json`` (less the
-    ``updated`` time). The same output written anywhere has the same identity.
+    ``updated`` time). The same output written anywhere has the same identity. ``manifest``:
+    its manifest when the caller has read it already (not read again).
 
         >>> import tempfile
         >>> d = Dataset(tempfile.mkdtemp())
@@ -853,8 +855,8 @@ def dataset_identity(root: str | os.PathLike) -> str:
     """
     ds = Dataset(root)
     root = ds.root
-    if ds.exists():
-        man = ds.read_manifest()
+    if manifest is not None or ds.exists():
+        man = ds.read_manifest() if manifest is None else manifest
         if is_identity(man.get("id")):
             return man["id"]
         kind = ID_KINDS.get(str(man.get("stage")), "dataset")
@@ -873,11 +875,13 @@ def dataset_identity(root: str | os.PathLike) -> str:
     raise UserError(f"{root}: not a silverlabel output (no {MANIFEST}, {INFO_FILE} or checkpoint)")
 
 
-def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, *,
+                 manifest: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A manifest's ``parents`` entry for the dataset at ``root`` read by the output ``child``:
-    ``kind``, ``id`` (:func:`dataset_identity`) and ``location``, the parent's path relative
-    to the child's folder (``../pool``), which holds wherever the two are moved together, or
-    the URL given; plus ``extra``.
+    ``kind``, ``id`` (:func:`dataset_identity`; ``manifest``: the parent's manifest when the
+    caller holds it) and ``location``, the parent's path relative to the child's folder
+    (``../pool``), which holds wherever the two are moved together, or the URL given; plus
+    ``extra``.
 
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
@@ -889,16 +893,17 @@ def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, *
     import posixpath
     from urllib.parse import urlsplit
 
+    ident = dataset_identity(root, manifest)
     ru, cu = url_of(root), url_of(child)
     if ru is not None:
         r, c = urlsplit(ru), urlsplit(cu or "")
         if cu is not None and (r.scheme, r.netloc) == (c.scheme, c.netloc):  # the same bucket: relative, as on disk
             rel = posixpath.relpath("/" + r.path.strip("/"), "/" + c.path.strip("/"))
-            return {"kind": kind, "id": dataset_identity(root), "location": rel, **extra}
-        return {"kind": kind, "id": dataset_identity(root), "location": public_url(ru), **extra}
+            return {"kind": kind, "id": ident, "location": rel, **extra}
+        return {"kind": kind, "id": ident, "location": public_url(ru), **extra}
     # a local parent of an output in a bucket: relative to the working folder (a reader elsewhere needs -o paths)
     rel = os.path.relpath(os.path.abspath(root), os.path.abspath(child) if cu is None else os.getcwd())
-    return {"kind": kind, "id": dataset_identity(root), "location": Path(rel).as_posix(), **extra}
+    return {"kind": kind, "id": ident, "location": Path(rel).as_posix(), **extra}
 
 
 def without_locations(parents: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -952,17 +957,24 @@ class Pool(Dataset):
 class Selection(Dataset):
     """A select output: ``selection/*.parquet`` and ``classes.json``."""
 
-    def files(self) -> list[Path]:
-        """The selection's parquet files; a UserError when the folder is not a selection."""
-        from silverlabel.formats.selection import SELECTION_DIR
-
+    def checked_manifest(self) -> dict[str, Any]:
+        """The selection's manifest; a FileNotFoundError or UserError when the folder is not a
+        selection."""
         if self.url is None and not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such selection folder")
         if not self.exists():
             if self.url is not None:
                 raise FileNotFoundError(f"{self.location}: no selection there (no {MANIFEST})")
             raise UserError(f"{self.root}: not a selection (no {MANIFEST}; make one with silverlabel select)")
-        man = self.read_manifest()
+        return self.read_manifest()
+
+    def files(self, manifest: Mapping[str, Any] | None = None) -> list[Path]:
+        """The selection's parquet files; a UserError when the folder is not a selection.
+        ``manifest``: its manifest when the caller holds it (:meth:`checked_manifest`; not
+        read again)."""
+        from silverlabel.formats.selection import SELECTION_DIR
+
+        man = self.checked_manifest() if manifest is None else manifest
         if man.get("stage") != "select":
             raise UserError(f"{self.location}: holds a {man.get('stage')!r} output, not a selection (silverlabel select)")
         files = list_files(self.root / SELECTION_DIR, ".parquet")

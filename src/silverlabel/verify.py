@@ -150,7 +150,7 @@ def verify_pool(pool: Pool, man: dict[str, Any], report: VerifyReport, hashes: b
     name = man.get("name", "data")
     counts: Counter = Counter()
     success: dict[str, list[str]] = {}
-    samples = pool.samples_files()
+    samples = pool.samples_files(man)  # the manifest verify read: not read again
     for table in samples:
         stem = table.stem
         tar = pool.shard_path(name, pool.shard_index(table))
@@ -221,7 +221,7 @@ def verify_selection(sel: Selection, man: dict[str, Any], report: VerifyReport) 
     rows = 0
     splits: Counter = Counter()
     sources: set[tuple[str, str]] = set()
-    for path in sel.files():
+    for path in sel.files(man):  # the manifest verify read: not read again
         report.checked["files"] += 1
         t = _parquet(path, report, ["split", "source_dataset", "source_shard"])
         if t is None:
@@ -236,7 +236,7 @@ def verify_selection(sel: Selection, man: dict[str, Any], report: VerifyReport) 
         report.add("count", sel.manifest_path, f"counts {want} differ from the selection's {have}")
     if not is_file(sel.classes_path):
         report.add("missing", sel.classes_path, "the class map of the selection")
-    roots = sel.parent_roots("dataset")  # source_dataset holds an id; the manifest says where it is
+    roots = sel.parent_roots("dataset", man)  # source_dataset holds an id; the manifest says where it is
     for dataset, shard in sorted(s for s in sources if s[0] and s[1]):
         if dataset not in roots and is_identity(dataset):
             report.add("missing", sel.manifest_path, f"source dataset {dataset} of selected samples is not a parent")

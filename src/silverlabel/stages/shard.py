@@ -416,7 +416,10 @@ def _source_tar(selection: str, dataset: str, shard: str, roots: dict[str, Path]
     return str(Pool(ds).shards_dir / shard)
 
 
-def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
+def make_plan(cfg: ShardConfig, files: list[Path], roots: dict[str, Path]) -> _Plan:
+    """The shards to write from the selection's parquet ``files``: the rows shuffled and cut
+    per split, and the source tar of each; ``roots``: the selection's parent datasets, id ->
+    folder (:meth:`Dataset.parent_roots` of the manifest the caller read)."""
     import pyarrow.compute as pc
 
     sel = Selection(cfg.selection).location
@@ -466,7 +469,6 @@ def make_plan(cfg: ShardConfig, files: list[Path]) -> _Plan:
     loc_enc = locator.dictionary_encode().combine_chunks()
     loc = loc_enc.indices.to_numpy().astype(np.int64)
     locators = [tuple(s.split("\0", 1)) for s in loc_enc.dictionary.to_pylist()]
-    roots = Selection(cfg.selection).parent_roots("dataset") if Selection(cfg.selection).exists() else {}
     paths = [_source_tar(sel, d, s, roots) for d, s in locators]
 
     splits: dict[str, list[tuple[int, str, np.ndarray]]] = {}
@@ -571,7 +573,8 @@ class ShardStage(BaseStage):
     def prepare(self) -> None:
         cfg, ts = self.config, self.output
         sel = Selection(cfg.selection)
-        self.files = sel.files()
+        self.selection_manifest = sel.checked_manifest()  # read once: files, parents and id come from it
+        self.files = sel.files(self.selection_manifest)
         self.fingerprint = sel.fingerprint(self.files)
         man = ts.previous_run("shard")
         if man is not None:
@@ -581,7 +584,8 @@ class ShardStage(BaseStage):
             if diffs:
                 raise UserError(f"{ts.location}: was sharded with different settings ({', '.join(diffs)}); "
                                  "resume with the same command and selection, or write to a new -o")
-        self.plan_ = plan = make_plan(cfg, self.files)  # validates the selection before anything is written
+        roots = sel.parent_roots("dataset", self.selection_manifest)
+        self.plan_ = plan = make_plan(cfg, self.files, roots)  # validates the selection before anything is written
         # which shards are left, and are their sources there (in a bucket: many requests at once)
         first_use: dict[int, None] = {}
         used_by: list[tuple[str, int, str, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -625,7 +629,8 @@ class ShardStage(BaseStage):
     def manifest(self) -> dict[str, Any]:
         cfg = self.config
         source_datasets = sorted({d for d, _shard in self.plan_.locators})  # their ids, as the selection has them
-        parent = parent_entry("selection", cfg.selection, self.output.root, source_datasets=source_datasets)
+        parent = parent_entry("selection", cfg.selection, self.output.root, manifest=self.selection_manifest,
+                              source_datasets=source_datasets)
         return {
             "stage": "shard",
             "state": "running",
