@@ -22,6 +22,12 @@ Outputs::
     HTML_DIR/thumbs/*.jpg        one sprite of small thumbnails per class / group
     HTML_DIR/plots/*.png         copies of the plots
 
+DATASET and ``-o`` may be URLs of any fsspec store (issue 16): the dataset's manifests and
+tables (and its parents') are mirrored into this process's staging folder
+(:func:`~silverlabel.stages.card.lineage.mirror_tables`; its tars are read by range), and the
+README, plots and ``card.json`` are uploaded as each closes; they are the same bytes as for
+the dataset on disk. ``--html`` is a local folder.
+
 One module per job: ``lineage`` (what the directory is and what is above it), ``facts`` (DuckDB
 views over the tables and every number), ``plots``, ``markdown`` (the README), ``hub`` (what
 the Hugging Face Hub reads: ``configs``/``dataset_info``, and the merge that keeps a user's
@@ -39,7 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from silverlabel.dataset import Pool, atomic_write, check_target, write_json_atomic
+from silverlabel.dataset import (Pool, atomic_write, check_target, check_writable, display, local_target, url_of,
+                                 write_json_atomic)
 from silverlabel.engine import Report
 from silverlabel.errors import UserError
 from silverlabel.log import phase
@@ -139,9 +146,13 @@ def run_card(cfg: CardConfig, progress: Report | None = None) -> CardSummary:
         log.info("card: %s (%.1f s)", done, time.monotonic() - t0)
         if progress is not None:
             progress(1, 1)
+    if cfg.html is not None and url_of(cfg.html) is not None:
+        raise UserError(f"--html {display(cfg.html)}: the HTML report is written to a local folder; give one")
     check_target(cfg.html, "--html", folder=True)
+    if cfg.output is not None:
+        check_writable(cfg.output)
     lin = resolve_lineage(cfg.dataset)
-    readme = Path(cfg.output) if cfg.output else lin.root / README
+    readme = local_target(cfg.output) if cfg.output else lin.root / README  # a URL's: its staging path, uploaded
     if readme.is_dir():
         readme = readme / README
     card_dir = readme.parent / CARD_DIR
@@ -169,6 +180,6 @@ def run_card(cfg: CardConfig, progress: Report | None = None) -> CardSummary:
                 n_thumbs = write_report(facts, Path(cfg.html), plots)
                 report = str(Path(cfg.html) / "index.html")
                 step(f"report written ({n_thumbs} thumbnails)")
-    return CardSummary(str(readme), lin.kind, d["samples"], d["num_classes"],
-                       {s["name"]: s["samples"] for s in d["splits"]}, [str(p) for p in plots], report, n_thumbs,
+    return CardSummary(display(readme), lin.kind, d["samples"], d["num_classes"],
+                       {s["name"]: s["samples"] for s in d["splits"]}, [display(p) for p in plots], report, n_thumbs,
                        time.monotonic() - t0, d["notes"])

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import Selection, dataset_identity
+from silverlabel.dataset import Selection, dataset_identity, list_files, open_read
 from silverlabel.errors import UserError
 from silverlabel.formats.tables import check_parquet
 from silverlabel.sql import literal, read_parquet
@@ -102,8 +102,8 @@ def _trainset_rows(root: Path, info: dict[str, Any], tmp: Path) -> Path:
     for split, s in info["splits"].items():
         for name in s["filenames"]:
             tar = root / name
-            with open(tar, "rb") as f:
-                for sample in iter_tar_samples(str(tar)):
+            with open_read(tar) as f:  # a training set at a URL: read from the store
+                for sample in iter_tar_samples(f):
                     meta = json.loads(read_member(f, *sample.members["json"])) if "json" in sample.members else {}
                     rows["key"].append(sample.key)
                     rows["split"].append(split)
@@ -269,7 +269,7 @@ class Facts:
         if lin.kind == "selection":
             return [{"name": s, "samples": int(n), "shards": None, "pattern": None}
                     for s, n in self.rows("SELECT split, count(*) FROM items GROUP BY 1 ORDER BY 1")]
-        shards = sorted(p.name for p in (lin.pool / "shards").glob("*.tar"))
+        shards = sorted(p.name for p in list_files(lin.pool / "shards", ".tar"))  # a URL's: the store's listing
         return [{"name": "all", "samples": int(self.scalar("SELECT count(*) FROM items")),
                  "shards": len(shards), "pattern": "shards/" + brace_pattern(shards)}]
 
@@ -397,11 +397,11 @@ class Facts:
             if split is None:
                 return None
             tar = lin.root / split["filenames"][0]
-            sample = next(iter_tar_samples(str(tar)), None)
-            if sample is None:
-                return None
-            out: dict[str, Any] = {"__key__": sample.key, "__url__": split["filenames"][0]}
-            with open(tar, "rb") as f:
+            with open_read(tar) as f:  # a training set at a URL: its first sample by range
+                sample = next(iter_tar_samples(f), None)
+                if sample is None:
+                    return None
+                out: dict[str, Any] = {"__key__": sample.key, "__url__": split["filenames"][0]}
                 for ext, loc in sample.members.items():
                     data = read_member(f, *loc)
                     if ext == "json":

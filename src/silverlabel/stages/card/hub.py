@@ -38,6 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from silverlabel.dataset import list_files, open_read
 from silverlabel.errors import UserError
 
 BEGIN = "<!-- silverlabel:begin {} -->"
@@ -144,7 +145,7 @@ def trainset_features(root: Path, info: dict[str, Any], class_names: list[str] |
         if not split.get("filenames"):
             continue
         path = root / split["filenames"][0]
-        with open(path, "rb") as f:
+        with open_read(path) as f:  # a training set at a URL: its first samples by range
             for i, s in enumerate(iter_tar_samples(f)):
                 if i >= INFER_SAMPLES:
                     break
@@ -196,7 +197,7 @@ def hub_metadata(kind: str, root: Path, *, info: dict[str, Any] | None = None,
     notes = [] if notes is None else notes
     if kind == "trainset":
         info = info or {}
-        folder = sorted(p.name for p in root.iterdir() if p.is_file())
+        folder = sorted(p.name for p in list_files(root))  # at a URL: the store's listing (tars are not mirrored)
         data_files = [{"split": name, "path": shard_glob(list(s["filenames"]), folder)}
                       for name, s in info.get("splits", {}).items() if s.get("filenames")]
         configs = [{"config_name": "default", "data_files": data_files}] if data_files else []

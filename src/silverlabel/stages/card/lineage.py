@@ -7,6 +7,12 @@ parent that is gone, or there but another dataset than the one recorded, becomes
 card instead of an error. Notes name parents by id and relative location, never by a path of
 this machine.
 
+A dataset at a URL (issue 16) and the parents found in its store are mirrored into this
+process's staging folder (:func:`mirror_tables`: manifests, JSON and parquet tables, the
+card's own files; never a tar, whose few samples the card reads by range), so the card's
+DuckDB views and file checks work on local files; what the card writes there is uploaded
+(:func:`silverlabel.dataset.atomic_write`).
+
 A labels name read from a manifest is checked with :func:`silverlabel.dataset.check_name`
 before it becomes a path component.
 """
@@ -18,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import MANIFEST, Dataset, Pool, Selection, check_name, dataset_identity, parent_location
+from silverlabel.dataset import (MANIFEST, Dataset, Pool, Selection, check_name, dataset_identity, display, fetch_local,
+                                 map_ordered, parent_location, url_of)
 from silverlabel.errors import UserError
 
 
@@ -69,9 +76,9 @@ def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
     >>> resolve_lineage("data/pool").kind  # doctest: +SKIP
     'pool'
     """
-    root = Path(dataset)
+    root = mirror_tables(dataset)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such dataset directory")
+        raise FileNotFoundError(f"{display(dataset)}: no such dataset directory")
     man = _manifest(root)
     has_info = (root / "_info.json").is_file()
     if man is None and not has_info:
@@ -91,12 +98,42 @@ def resolve_lineage(dataset: str | os.PathLike) -> Lineage:
         raise UserError(f"{root}: card reads an ingest, select or shard output, this one is {stage!r}")
     if lin.selection_manifest is not None and lin.pool is None:
         _find_pool(lin)
+    for parent in (lin.selection, lin.pool):
+        if parent is not None and parent != root:
+            mirror_tables(parent)
     if lin.pool_manifest is not None:
         labels = lin.pool_manifest.get("labels") or {}
         want = (lin.selection_manifest or {}).get("config", {}).get("labels_name")
         name = want if want in labels else (sorted(labels)[0] if labels else None)
         lin.labels_name = None if name is None else check_name(name, "labels name read from a manifest")
     return lin
+
+
+#: what :func:`mirror_tables` leaves in the store: image tars (read by range where needed)
+_NOT_MIRRORED = (".tar",)
+
+
+def mirror_tables(dataset: str | os.PathLike) -> Path:
+    """The local folder to read ``dataset`` from: the folder itself, or for a URL (or a
+    staging path naming one) its staging mirror, into which every file under the prefix but
+    the tars and hidden files (commit records, temporaries) is fetched
+    (:func:`silverlabel.dataset.fetch_local`: again only when the object changed), 16 at a
+    time. A prefix with nothing in it leaves no folder (no such dataset)."""
+    from silverlabel import fs
+    from silverlabel.dataset import stage_path
+
+    u = url_of(dataset)
+    if u is None:
+        return Path(dataset)
+    fs.forget_one(u)
+    try:
+        rels = fs.walk_files(u)
+    except (FileNotFoundError, NotADirectoryError):
+        rels = []
+    wanted = [r for r in rels if not r.endswith(_NOT_MIRRORED) and not any(p.startswith(".") for p in r.split("/"))]
+    for _ in map_ordered(fetch_local, [f"{u}/{r}" for r in wanted], threads=16):
+        pass
+    return stage_path(u)
 
 
 def _find_selection(lin: Lineage) -> None:

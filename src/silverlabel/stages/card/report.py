@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import atomic_write
+from silverlabel.dataset import atomic_write, is_file, open_read
 from silverlabel.stages.card.facts import Facts
 from silverlabel.stages.card.plots import PLOT_TITLES
 
@@ -55,11 +55,11 @@ def _read_images(wanted: set[Ref], threads: int) -> dict[Ref, bytes]:
 
     def one(tar: str) -> dict[Ref, bytes]:
         got = {}
-        if not os.path.isfile(tar):
+        if not is_file(tar):  # a staging path (a dataset at a URL): the store's object
             return got
         keys = by_tar[tar]
-        with open(tar, "rb") as f:
-            for s in iter_tar_samples(tar):
+        with open_read(tar) as f:
+            for s in iter_tar_samples(f):
                 if s.key in keys:
                     ext = s.image_ext()
                     if ext:
