@@ -677,14 +677,6 @@ ID_KINDS = {"ingest": "pool", "select": "selection", "shard": "trainset", "reinf
 _ID_RE = re.compile(r"^[\w.+-]+@sha256:[0-9a-f]{64}$")
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """True for an input not on a local disk (``s3://b/x``, ``https://h/x``, ``pipe:CMD``;
-    :func:`silverlabel.fs.is_remote`), False for a local path or ``file://``."""
-    from silverlabel import fs
-
-    return fs.is_remote(path)
-
-
 def is_identity(value: Any) -> bool:
     """True for a name :func:`make_identity` or :func:`input_name` made (``NAME@sha256:HEX``).
 
@@ -692,18 +684,6 @@ def is_identity(value: Any) -> bool:
     (True, False)
     """
     return isinstance(value, str) and bool(_ID_RE.match(value))
-
-
-def public_url(url: str) -> str:
-    """``url`` as the user gave it, less any ``user:password@`` and signing parameters
-    (:func:`silverlabel.fs.public`: a secret is never written anywhere).
-
-    >>> public_url("https://me:secret@host/a.parquet?x=1&X-Amz-Signature=abc")
-    'https://host/a.parquet?x=1'
-    """
-    from silverlabel import fs
-
-    return fs.public(url)
 
 
 def _canonical(doc: Any) -> bytes:
@@ -781,9 +761,11 @@ def input_name(path: str | os.PathLike, files: Iterable[str | os.PathLike] | Non
         >>> input_name("s3://bucket/meta.parquet")
         's3://bucket/meta.parquet'
     """
+    from silverlabel import fs
+
     s = str(path)
-    if is_url(s):
-        return public_url(s)
+    if fs.is_remote(s):
+        return fs.public(s)
     s = s[len("file://"):] if s.lower().startswith("file://") else s
     p = Path(s)
     name = p.name or os.path.basename(os.path.abspath(s))
@@ -893,6 +875,8 @@ def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, *
     import posixpath
     from urllib.parse import urlsplit
 
+    from silverlabel import fs
+
     ident = dataset_identity(root, manifest)
     ru, cu = url_of(root), url_of(child)
     if ru is not None:
@@ -900,7 +884,7 @@ def parent_entry(kind: str, root: str | os.PathLike, child: str | os.PathLike, *
         if cu is not None and (r.scheme, r.netloc) == (c.scheme, c.netloc):  # the same bucket: relative, as on disk
             rel = posixpath.relpath("/" + r.path.strip("/"), "/" + c.path.strip("/"))
             return {"kind": kind, "id": ident, "location": rel, **extra}
-        return {"kind": kind, "id": ident, "location": public_url(ru), **extra}
+        return {"kind": kind, "id": ident, "location": fs.public(ru), **extra}
     # a local parent of an output in a bucket: relative to the working folder (a reader elsewhere needs -o paths)
     rel = os.path.relpath(os.path.abspath(root), os.path.abspath(child) if cu is None else os.getcwd())
     return {"kind": kind, "id": ident, "location": Path(rel).as_posix(), **extra}
@@ -917,7 +901,9 @@ def parent_location(child: str | os.PathLike, entry: Mapping[str, Any]) -> Path 
     where = entry.get("location") if isinstance(entry.get("location"), str) else entry.get("path")
     if not isinstance(where, str) or not where:
         return None
-    if is_url(where):
+    from silverlabel import fs
+
+    if fs.is_remote(where):
         return stage_path(where)  # read from the store through its staging path (url_of)
     if os.path.isabs(where):
         return Path(where)

@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silverlabel.dataset import Pool, file_digest, is_url, public_url, write_json_atomic
+from silverlabel import fs
+from silverlabel.dataset import Pool, file_digest, write_json_atomic
 from silverlabel.errors import UserError
 from silverlabel.log import progress_wanted, stage_progress
 
@@ -384,7 +385,7 @@ def _build_step(name: str, body: Any, variables: Mapping, earlier: Mapping[str, 
 def _relative_to(value: Any, base: Path) -> Any:
     if isinstance(value, list):
         return [_relative_to(v, base) for v in value]
-    if not isinstance(value, str) or is_url(value) or os.path.isabs(value):
+    if not isinstance(value, str) or fs.is_remote(value) or os.path.isabs(value):
         return value
     return str(base / value)
 
@@ -490,8 +491,8 @@ def path_identity(path: str | os.PathLike) -> str:
     """What a path's content is, cheaply: a manifest's or small file's sha256, a big file's size
     and mtime, a folder's file sizes and mtimes; a URL or a pattern is its own identity."""
     p = Path(path)
-    if is_url(path):
-        return public_url(str(path))
+    if fs.is_remote(path):
+        return fs.public(str(path))
     if p.is_file():
         st = p.stat()
         if st.st_size <= _HASH_WHOLE:
@@ -526,8 +527,8 @@ def shown_path(path: str, recipe: Recipe) -> str:
     """How the build state names an input path: ``${out}/...`` under the output root, relative
     to the recipe's folder under it, a URL as given; else its base name. Never where the
     output root or the recipe lie, so a moved build keeps its state."""
-    if is_url(path):
-        return public_url(path)
+    if fs.is_remote(path):
+        return fs.public(path)
     p = os.path.abspath(path)
     return _shown(p, str(recipe.out), str(recipe.path.resolve().parent)) or os.path.basename(p) or p
 
