@@ -753,3 +753,30 @@ def test_card_on_a_bucket_dataset_writes_what_it_writes_on_disk(s3, both, tmp_pa
         assert _timeless(written) == _timeless({k: want[k] for k in written}), name  # PNGs included
         _no_secrets(s3, written, tmp_path)
     assert not Path("s3:").exists()
+
+
+def test_lowshot_reads_and_writes_the_bucket(s3, toy, trained):
+    """eval --lowshot of the bucket run on the bucket set into the bucket (probe and a short
+    fine-tune): the report of the local run on the local set, less the time; the subset,
+    backbone and fine-tuning run lie in the bucket."""
+    from silverlabel.stages.lowshot import LowShotConfig, run_lowshot
+
+    local_ts, url_ts = toy
+    local, out, _here, _there = trained
+    kw = dict(fractions=(0.5,), val_split="train", ft_steps=2, ft_lr=1e-3, batch_size=16, probe_iters=20, device="cpu")
+    a = run_lowshot(LowShotConfig(str(local), str(local_ts), out=str(local.parent / "ls"), **kw), log=lambda *x: None)
+    there = f"s3://{BUCKET}/toy/ls"
+    b = run_lowshot(LowShotConfig(out, url_ts, out=there, **kw), log=lambda *x: None)
+    assert b["output"] == f"{there}/lowshot.json" and b["paths"]["trainset"] == url_ts
+
+    def timeless(doc):
+        return {k: v for k, v in doc.items() if k not in ("seconds", "output", "paths")}
+
+    assert timeless(b) == timeless(a) and a["results"]["50pct"]["finetune"]["top1"] is not None
+    files = _bucket_files(s3, there)
+    assert {"lowshot.json", "init.pt", "subset-50pct/_info.json", "finetune-50pct/checkpoint-final.pt",
+            "finetune-50pct/eval-train.json", "finetune-50pct/lowshot-run.json"} <= set(files)
+    assert timeless(json.loads(files["lowshot.json"])) == timeless(json.loads((local.parent / "ls" / "lowshot.json")
+                                                                            .read_bytes()))
+    _no_secrets(s3, files, local.parent)
+    assert not Path("s3:").exists()

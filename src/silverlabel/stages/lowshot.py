@@ -29,6 +29,11 @@ Outputs under ``RUN/lowshot`` (or ``out``): ``lowshot.json``, ``subset-F/`` (the
 training sets), ``finetune-F/`` (their runs, with ``eval-SPLIT.json``). Rerunning reuses the
 subsets, and resumes a fine-tuning run only when its weights, subset and settings are the
 same (``finetune-F/lowshot-run.json``); otherwise it starts it again.
+
+RUN, TRAINSET and ``out`` may be URLs of any fsspec store (issue 16): samples are read by
+range (:func:`silverlabel.dataset.open_read`), and everything under ``out`` is written in this
+process's staging folder and uploaded as it closes (the fine-tuning runs as ``train`` uploads
+a run); a stale fine-tune there is deleted object by object.
 """
 
 from __future__ import annotations
@@ -49,14 +54,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, dataset_identity, input_name,
+from silverlabel.dataset import (Run, TrainSet, atomic_write, check_target, check_writable, dataset_identity, display,
+                                 fetch_local, input_name, is_file, local_target, open_read, read_bytes, remove, url_of,
                                  write_json_atomic)
 from silverlabel.devices import torch_device
 from silverlabel.errors import UserError
 from silverlabel.options import opt, positive_int
 from silverlabel.formats.wds import ShardWriter, iter_tar_samples, read_member
 from silverlabel.loader import LoaderConfig, decode_image, to_tensor
-from silverlabel.stages.evaluate import load_model
+from silverlabel.loader import INDEX_READ_AHEAD
+from silverlabel.stages.evaluate import find_checkpoint, load_model, run_folder, run_name
 from silverlabel.stages.select import balanced_quotas
 
 MODES = ("probe", "finetune")
@@ -138,14 +145,14 @@ def index_split(trainset: str, split: str) -> list[Record]:
     ts = TrainSet(trainset)
     out: list[Record] = []
     for name in ts.split(split).get("filenames", []):
-        path = str(ts.tar_path(name))
-        with open(path, "rb") as f:
-            for s in iter_tar_samples(path):
+        path = str(ts.tar_path(name))  # a set at a URL: the staging path naming the object, read by range
+        with open_read(path, INDEX_READ_AHEAD) as f:
+            for s in iter_tar_samples(f):
                 ext = s.image_ext()
                 if ext is None:
-                    raise UserError(f"{path}: sample {s.key} has no image member")
+                    raise UserError(f"{display(path)}: sample {s.key} has no image member")
                 if "cls" not in s.members:
-                    raise UserError(f"{path}: sample {s.key} has no .cls member (low-shot needs class labels)")
+                    raise UserError(f"{display(path)}: sample {s.key} has no .cls member (low-shot needs class labels)")
                 cls = int(read_member(f, *s.members["cls"]).decode().strip())
                 mem = tuple((e, o, n) for e, (o, n) in s.members.items())
                 out.append(Record(s.key, cls, path, mem, s.members[ext]))
@@ -195,7 +202,7 @@ class _Images(torch.utils.data.Dataset):
         r = self.records[i]
         f = self.files.get(r.shard)
         if f is None:
-            f = self.files[r.shard] = open(r.shard, "rb")
+            f = self.files[r.shard] = open_read(r.shard, 0)  # one ranged read per image
         img = decode_image(read_member(f, *r.image), self.lcfg, None)
         return to_tensor(img, self.mean, self.std)
 
@@ -292,14 +299,14 @@ def write_subset_trainset(src: str, records: Sequence[Record], out: Path, split:
     An existing complete copy of the same keys is reused."""
     keys_doc = hashlib.sha256("\n".join(r.key for r in records).encode()).hexdigest()
     info_path = TrainSet(out).info_path
-    if info_path.exists():
+    if is_file(info_path):  # at a URL: the store's object
         try:
-            old = json.loads(info_path.read_text())
+            old = json.loads(read_bytes(info_path))
             if old.get("silverlabel", {}).get("keys_sha256") == keys_doc:
                 return out
         except json.JSONDecodeError:
             pass
-        info_path.unlink()
+        remove(info_path)
     out.mkdir(parents=True, exist_ok=True)
     names, lengths, files = [], [], {}
     try:
@@ -310,15 +317,16 @@ def write_subset_trainset(src: str, records: Sequence[Record], out: Path, split:
                 for r in chunk:
                     fh = files.get(r.shard)
                     if fh is None:
-                        fh = files[r.shard] = open(r.shard, "rb")
+                        fh = files[r.shard] = open_read(r.shard, 0)
                     w.write(r.key, {e: read_member(fh, o, n) for e, o, n in r.members})
             names.append(name)
             lengths.append(len(chunk))
     finally:
         for fh in files.values():
             fh.close()
-    if TrainSet(src).classes_path.exists():
-        shutil.copyfile(TrainSet(src).classes_path, TrainSet(out).classes_path)
+    if is_file(TrainSet(src).classes_path):
+        with atomic_write(TrainSet(out).classes_path) as f:
+            f.write(read_bytes(TrainSet(src).classes_path))
     write_json_atomic(info_path, {
         "name": "subset", "splits": {split: {"name": split, "num_samples": len(records), "filenames": names,
                                              "shard_lengths": lengths}},
@@ -336,9 +344,12 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
     from silverlabel.stages.train import TrainConfig, run_train
 
     t0 = time.monotonic()
-    check_target(cfg.out, "--out", folder=True)
-    ckpt = Run(cfg.run).find_checkpoint()
-    out = Path(cfg.out) if cfg.out else Run(cfg.run).folder / "lowshot"
+    if cfg.out is not None:
+        check_writable(cfg.out, "--out")
+        if url_of(cfg.out) is None:
+            check_target(cfg.out, "--out", folder=True)
+    ckpt = find_checkpoint(cfg.run)
+    out = local_target(cfg.out) if cfg.out else run_folder(cfg.run, ckpt) / "lowshot"  # a URL's: its staging path
     train = index_split(cfg.trainset, cfg.train_split)
     val = index_split(cfg.trainset, cfg.val_split)
     classes = sorted({r.cls for r in train if r.cls >= 0})
@@ -401,15 +412,15 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
                                ckpt_every=max(1, cfg.ft_steps // 4))
             # an earlier fine-tune is resumed (or reused) only if it started from the same
             # weights, subset and settings; otherwise it is started again
-            stamp = {"init_sha256": init_sha, "subset": json.loads((sdir / "_info.json").read_text())
+            stamp = {"init_sha256": init_sha, "subset": json.loads(read_bytes(sdir / "_info.json"))
                      ["silverlabel"]["keys_sha256"],  # the settings, less where (init: by its sha256)
                      "train": {k: v for k, v in asdict(tcfg).items() if k not in ("trainset", "output", "init")}}
-            if rdir.exists() and _read_json(rdir / STAMP_FILE) != stamp:
-                shutil.rmtree(rdir)
+            if _read_json(rdir / STAMP_FILE) != stamp:
+                _remove_tree(rdir)
             rdir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(rdir / STAMP_FILE, stamp)
             log(f"low-shot fine-tune {tag}: {len(sub)} images, {cfg.ft_steps} steps of {bs}")
-            s = run_train(tcfg, resume=Run(rdir).checkpoint_path.exists(), progress=False)
+            s = run_train(tcfg, resume=is_file(Run(rdir).checkpoint_path), progress=False)
             ev = run_eval(EvalConfig(str(rdir), cfg.trainset, split=cfg.val_split, batch_size=cfg.batch_size,
                                      device=cfg.device, num_workers=cfg.num_workers,
                                      out=str(rdir / f"eval-{cfg.val_split}.json")))
@@ -419,19 +430,19 @@ def run_lowshot(cfg: LowShotConfig, log: Callable[[str], None] = print) -> dict[
             log(f"  fine-tune {tag}: top-1 {_pct(ev['top1'])}")
 
     report = {
-        "run": dataset_identity(cfg.run), "checkpoint": input_name(ckpt), "weights": which, "step": step,
+        "run": run_name(cfg.run, ckpt), "checkpoint": input_name(fetch_local(ckpt)), "weights": which, "step": step,
         "model": tconf.get("model"), "trainset": dataset_identity(cfg.trainset), "train_split": cfg.train_split,
         "val_split": cfg.val_split,
         "img_size": img_size, "num_classes": num_classes, "train_samples": len(train), "val_samples": len(val),
         "subsets": {fraction_tag(f): {"fraction": f, "samples": len(s),
                                       "per_class": _quota_range(s)} for f, s in subsets.items()},
         "results": results, "seconds": round(time.monotonic() - t0, 3),
-        "config": {**asdict(cfg), "run": dataset_identity(cfg.run), "trainset": dataset_identity(cfg.trainset),
+        "config": {**asdict(cfg), "run": run_name(cfg.run, ckpt), "trainset": dataset_identity(cfg.trainset),
                    "out": None},  # inputs by their ids: nothing says where the run was
     }
     write_json_atomic(out / "lowshot.json", report)
-    report["output"] = str(out / "lowshot.json")
-    report["paths"] = {"run": str(cfg.run), "checkpoint": str(ckpt), "trainset": str(cfg.trainset)}
+    report["output"] = display(out / "lowshot.json")
+    report["paths"] = {"run": display(cfg.run), "checkpoint": display(ckpt), "trainset": display(cfg.trainset)}
     return report
 
 
@@ -453,15 +464,32 @@ def save_backbone(model: torch.nn.Module, path: Path) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(read_bytes(path))  # at a URL: the store's object
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a folder: for a staging path, every object under the prefix it names (and the
+    staged copy); nothing when there is none."""
+    u = url_of(folder)
+    if u is not None:
+        from silverlabel import fs
+
+        fs.forget_one(u)
+        try:
+            rels = fs.walk_files(u)
+        except (FileNotFoundError, NotADirectoryError):
+            rels = []
+        for rel in rels:
+            remove(f"{u}/{rel}")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _last_loss(run: Path) -> float | None:
     """The last logged loss of a run (also when a rerun found it finished)."""
     path = Run(run).metrics_jsonl
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    rows = [json.loads(ln) for ln in read_bytes(path).decode().splitlines() if ln.strip()] if is_file(path) else []
     return rows[-1]["loss"] if rows else None
 
 
