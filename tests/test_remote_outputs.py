@@ -780,3 +780,26 @@ def test_lowshot_reads_and_writes_the_bucket(s3, toy, trained):
                                                                             .read_bytes()))
     _no_secrets(s3, files, local.parent)
     assert not Path("s3:").exists()
+
+
+def test_the_loader_streams_the_bucket_set_in_worker_processes(s3, toy):
+    """The loader over the set in the bucket with two worker processes yields the batches
+    (pixels, targets, keys) it yields over the set on disk; the shards are read by ranged
+    GETs (streamed: none is fetched whole into a file)."""
+    import torch
+
+    from silverlabel.loader import LoaderConfig, create_loader
+
+    local_ts, url_ts = toy
+    kw = dict(batch_size=8, img_size=32, seed=1, return_keys=True)
+    want = list(create_loader(LoaderConfig(str(local_ts), **kw), epoch=1, start_step=2))
+    s3.fs.invalidate_cache()
+    seen = len(s3.requests)
+    got = list(create_loader(LoaderConfig(url_ts, num_workers=2, **kw), epoch=1, start_step=2))
+    assert len(got) == len(want) == 4
+    tars = [r for r in s3.requests[seen:] if r[0] == "GET" and r[1].endswith(".tar")]
+    assert tars and all(r[2] is not None and r[2].startswith("bytes=") for r in tars)
+    for a, b in zip(want, got):
+        assert a[4] == b[4]
+        for x, y in zip(a[:4], b[:4]):
+            assert torch.equal(x, y)
