@@ -685,6 +685,17 @@ def test_train_resumes_from_the_bucket_alone(s3, toy, tmp_path):
     cb = torch.load(io.BytesIO(b["checkpoint-final.pt"]), weights_only=True)
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
+    # TensorBoard: the two processes' event files in the bucket read as the full run's
+    from test_train import _tb_losses
+
+    for name, files in (("full", a), ("part", b)):
+        for k, v in files.items():
+            if k.startswith("tb/"):
+                (tmp_path / name / k).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / name / k).write_bytes(v)
+    assert sum(k.startswith("tb/") for k in b) == 2
+    assert _tb_losses(tmp_path / "part") == _tb_losses(tmp_path / "full")
+    assert [s for s, _ in _tb_losses(tmp_path / "full")] == [s for s, _ in want.losses]
     assert list(tmp.iterdir()) == []  # the resuming process's staging folder: gone with it
 
 

@@ -310,7 +310,8 @@ def run_eval(cfg: EvalConfig, progress: Report | None = None) -> dict[str, Any]:
             if progress is not None:
                 progress(len(bkeys), len(bkeys))
     if seen != num_samples:
-        raise UserError(f"{display(cfg.trainset)}: split {cfg.split!r} yielded {seen} samples, _info.json says {num_samples}")
+        raise UserError(f"{display(cfg.trainset)}: split {cfg.split!r} yielded {seen} samples, "
+                         f"_info.json says {num_samples}")
 
     real = None
     if cfg.real_labels is not None:

@@ -416,13 +416,16 @@ def _neutral_event_names(tb_dir: Path) -> None:
     """Rename TensorBoard's event files so their names hold no host name or process id
     (``events.out.tfevents.TIME.HOST.PID.N`` -> ``events.out.tfevents.TIME.silverlabel.K``):
     a published run says nothing about the machine it ran on. TensorBoard reads any
-    ``*tfevents*`` file in name order; the time stays first, so the order is kept."""
+    ``*tfevents*`` file in name order; the time stays first, so the order is kept. A run at a
+    URL: a name its store already holds (an earlier process's events) is not taken."""
+    remote = url_of(tb_dir) is not None
     for p in sorted(tb_dir.glob(_EVENTS + "*")):
         parts = p.name[len(_EVENTS):].split(".")
         if len(parts) < 4 or parts[1] == "silverlabel" or not parts[0].isdigit():
             continue  # already neutral, or not a writer's name
         k = 0
-        while (target := p.with_name(f"{_EVENTS}{parts[0]}.silverlabel.{k}")).exists():
+        while ((target := p.with_name(f"{_EVENTS}{parts[0]}.silverlabel.{k}")).exists()
+               or (remote and is_file(target))):
             k += 1
         p.rename(target)
 
