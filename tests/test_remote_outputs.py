@@ -599,7 +599,7 @@ def toy(s3, tmp_path_factory):
 def _train_cfg(trainset, out, **kw):
     from test_train import _cfg
 
-    return _cfg(trainset, out, steps=6, ckpt_every=2, ema_decay=0.9, loss="soft-topk", **kw)
+    return _cfg(trainset, out, **{"steps": 6, "ckpt_every": 2, "ema_decay": 0.9, "loss": "soft-topk", **kw})
 
 
 def _jsonl_losses(data: bytes) -> list[tuple[int, float]]:
@@ -814,3 +814,27 @@ def test_the_loader_streams_the_bucket_set_in_worker_processes(s3, toy):
         assert a[4] == b[4]
         for x, y in zip(a[:4], b[:4]):
             assert torch.equal(x, y)
+
+
+def test_train_init_from_the_bucket_is_named_as_on_disk(s3, toy, trained, tmp_path):
+    """--init from a checkpoint in the bucket: the weights and the run's id are those of
+    --init from the same file on disk (the file is named by its bytes, not by where it is)."""
+    import io
+
+    import torch
+
+    from silverlabel.stages.train import run_train
+
+    local_ts, url_ts = toy
+    local, out, _here, _there = trained
+    a = run_train(_train_cfg(str(local_ts), tmp_path / "ft", init=str(local / "checkpoint-final.pt"), steps=1),
+                  progress=False)
+    b = run_train(_train_cfg(url_ts, f"s3://{BUCKET}/toy/runs/ft", init=f"{out}/checkpoint-final.pt", steps=1),
+                  progress=False)
+    assert a.losses == b.losses
+    ca = torch.load(tmp_path / "ft" / "checkpoint-final.pt", weights_only=True)
+    cb = torch.load(io.BytesIO(_bucket_files(s3, f"s3://{BUCKET}/toy/runs/ft")["checkpoint-final.pt"]),
+                    weights_only=True)
+    assert ca["config"]["init"] == cb["config"]["init"]
+    assert ca["config"]["init"].startswith("checkpoint-final.pt@sha256:")
+    assert ca["id"] == cb["id"]

@@ -295,8 +295,8 @@ def published_config(cfg: TrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("output")
     d["trainset"] = dataset_identity(cfg.trainset)
-    if cfg.init is not None:
-        d["init"] = input_name(cfg.init)
+    if cfg.init is not None:  # at a URL: named by its bytes too (staged once; load_weights reads that copy)
+        d["init"] = input_name(fetch_local(cfg.init) if url_of(cfg.init) is not None else cfg.init)
     return d
 
 
