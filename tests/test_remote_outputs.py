@@ -753,8 +753,10 @@ def test_card_on_a_bucket_dataset_writes_what_it_writes_on_disk(s3, both, tmp_pa
     for name in ("trainset", "sel", "pool"):
         url = f"s3://{BUCKET}/card/{name}"
         before = set(_bucket_files(s3, url))
-        a = run_card(CardConfig(str(tmp_path / name), threads=1))
-        b = run_card(CardConfig(url, threads=1))
+        a = run_card(CardConfig(str(tmp_path / name), threads=1, html=str(tmp_path / "html" / f"{name}-disk")))
+        b = run_card(CardConfig(url, threads=1, html=str(tmp_path / "html" / name)))
+        assert b.thumbnails == a.thumbnails > 0  # the report's thumbnails: read from the bucket's tars by range
+        assert _local_files(tmp_path / "html" / name) == _local_files(tmp_path / "html" / f"{name}-disk")
         assert b.readme == f"{url}/README.md" and a.kind == b.kind and a.samples == b.samples > 0
         assert all(p.startswith(f"{url}/card/") for p in b.plots) and len(b.plots) == len(a.plots) > 0
         files = _bucket_files(s3, url)
