@@ -209,7 +209,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 def num_classes_for(cfg: TrainConfig) -> int:
     """The head size (see the module docstring)."""
-    path = TrainSet(cfg.trainset).classes_path
+    path = display(TrainSet(cfg.trainset).classes_path)  # at a URL: its public URL, never a staging path
     doc = TrainSet(cfg.trainset).read_classes()
     targets = get_loss(cfg.loss).targets
     if targets == "class":
