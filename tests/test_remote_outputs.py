@@ -840,3 +840,24 @@ def test_train_init_from_the_bucket_is_named_as_on_disk(s3, toy, trained, tmp_pa
     assert ca["config"]["init"] == cb["config"]["init"]
     assert ca["config"]["init"].startswith("checkpoint-final.pt@sha256:")
     assert ca["id"] == cb["id"]
+
+
+def test_train_eval_card_errors_at_urls_name_the_public_url(s3, toy, tmp_path):
+    """A training set, run or dataset that is not in the bucket, and an HTML report asked
+    into one: one-line errors naming the public URL, never a staging folder."""
+    from silverlabel.errors import UserError
+    from silverlabel.stages.card import CardConfig, run_card
+    from silverlabel.stages.evaluate import EvalConfig, run_eval
+    from silverlabel.stages.train import run_train
+
+    _local_ts, url_ts = toy
+    missing = f"s3://{BUCKET}/toy/nothing-here"
+    cases = [(lambda: run_train(_train_cfg(missing, str(tmp_path / "r")), progress=False), FileNotFoundError),
+             (lambda: run_eval(EvalConfig(missing, trainset=url_ts, device="cpu")), FileNotFoundError),
+             (lambda: run_card(CardConfig(missing)), FileNotFoundError),
+             (lambda: run_card(CardConfig(url_ts, html=f"s3://{BUCKET}/toy/html")), UserError)]
+    for call, kind in cases:
+        with pytest.raises(kind) as e:
+            call()
+        text = str(e.value)
+        assert f"s3://{BUCKET}/toy/" in text and "silverlabel-staging" not in text and "\n" not in text, text
