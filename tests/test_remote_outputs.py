@@ -861,3 +861,33 @@ def test_train_eval_card_errors_at_urls_name_the_public_url(s3, toy, tmp_path):
             call()
         text = str(e.value)
         assert f"s3://{BUCKET}/toy/" in text and "silverlabel-staging" not in text and "\n" not in text, text
+
+
+def test_the_loader_replays_a_reinforced_set_in_the_bucket(s3, tmp_path):
+    """--loss kd's loader over a reinforced set in the bucket (the files reinforce wrote on
+    disk, uploaded): the samples, stored augmentations replayed with their mix partners, and
+    teacher top-k of the set on disk."""
+    import torch
+    from test_reinforce import _cfg as _rnf_cfg
+    from test_reinforce import _plain
+    from toy_trainset import write_toy_trainset
+
+    from silverlabel.loader import LoaderConfig, ShardStream
+    from silverlabel.stages.reinforce import run_reinforce
+
+    ts = write_toy_trainset(tmp_path / "ts", {"train": [6, 6]}, _plain, size=(96, 72), seed=5,
+                            classes={"num_classes": 4, "label_space": "top1"})
+    run_reinforce(_rnf_cfg(ts, tmp_path / "rnf", augs=2, embeddings=False))
+    url = f"s3://{BUCKET}/toy/rnf"
+    for p in sorted((tmp_path / "rnf").iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            s3.fs.put_file(str(p), f"{url[len('s3://'):]}/{p.name}")
+    s3.fs.invalidate_cache()
+    for kw in (dict(kd_aug="sequential"), dict(p_reinforced=0.5)):
+        for epoch in (0, 1):
+            cfgs = [LoaderConfig(root, batch_size=4, img_size=40, kd=True, return_keys=True, **kw)
+                    for root in (str(tmp_path / "rnf"), url)]
+            want, got = (list(ShardStream(c, epoch).samples()) for c in cfgs)
+            assert len(want) == len(got) == 12
+            for a, b in zip(want, got):
+                assert torch.equal(a[0], b[0]) and a[1:] == b[1:]

@@ -70,8 +70,9 @@ of their byte range at offsets from the tar headers
 at a time. A training set at a URL (``s3://bucket/trainset``, any fsspec store) is read the
 same way, streaming, nothing downloaded whole: ``_info.json`` and ``classes.json`` by one
 GET each, a shard's headers through a file reading ahead ``INDEX_READ_AHEAD`` bytes per
-request, and each sample by one ranged request (:func:`silverlabel.dataset.open_read`); the
-batches are those of the same set on disk. Every rank reads the headers of the shards its slices
+request, and each sample by one ranged request, ``REMOTE_READS`` of them in flight per reader
+(worker) so a request's latency does not bound the rate; the batches are those of the same
+set on disk. Every rank reads the headers of the shards its slices
 fall in (all ranks read the same shards at about the same time), but only its own
 samples' members.
 """
@@ -80,10 +81,12 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,12 +97,14 @@ from PIL import Image
 from silverlabel.augment import RNF_EXT, key_seed, read_header, replay, unpack
 from silverlabel.errors import UserError
 from silverlabel.formats.wds import TarSample, iter_tar_samples, read_member
-from silverlabel.dataset import TrainSet, display, open_read
+from silverlabel.dataset import TrainSet, display, open_read, url_of
 
 EVAL_CROP_PCT = 0.875
 #: bytes a remote shard's header pass reads per request (several samples' headers of a typical
 #: set; the members themselves are then read by range, one request per sample)
 INDEX_READ_AHEAD = 1 << 20
+#: ranged requests a reader of a remote shard keeps in flight (samples read ahead: twice that)
+REMOTE_READS = 16
 _BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -375,6 +380,26 @@ def _open_shard(path: str, read_ahead: int):
         raise UserError(f"{display(path)}: shard listed in _info.json is missing") from None
 
 
+def _remote_members(url: str, s: TarSample, skip: tuple[str, ...]) -> Any:
+    """:func:`_sample_members` of a shard in a store: one ranged request (of any thread)."""
+    from silverlabel import fs
+
+    spans = [(o, n) for e, (o, n) in s.members.items() if e not in skip] or list(s.members.values())
+    start = min(o for o, _ in spans)
+    try:
+        buf = fs.read_range(url, start, max(o + n for o, n in spans) - start)
+    except FileNotFoundError:
+        raise UserError(f"{fs.public(url)}: shard listed in _info.json is missing") from None
+
+    def member(ext: str) -> bytes:
+        o, n = s.members[ext]
+        if o < start or o + n > start + len(buf):
+            return fs.read_range(url, o, n)
+        return buf[o - start:o - start + n]
+
+    return member
+
+
 def _sample_members(f, s: TarSample, skip: tuple[str, ...] = ()) -> Any:
     """``ext -> bytes`` for sample ``s``'s members, read with one read of the byte range
     that holds them (one request on a remote shard), less the members in ``skip``; a member
@@ -463,10 +488,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1) if cfg.normalize else None
         std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1) if cfg.normalize else None
         f, open_shard = None, -1
+        skip = () if cfg.kd and cfg.train else (RNF_EXT,)
+        remote = url_of(self._root) is not None
+        pool = ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="silverlabel-loader") if remote else None
         try:
-            for pos in positions:
-                shard, i = stream.locate(pos)
-                s = self._shard_index(shard)[i]
+            for pos, shard, s, fetched in self._located(stream, positions, pool, skip):
                 if shard != open_shard:
                     if f is not None:
                         f.close()
@@ -475,7 +501,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 ext = s.image_ext()
                 if ext is None:
                     raise UserError(f"{self.files[shard]}: sample {s.key!r} has no image member")
-                member = _sample_members(f, s, skip=() if cfg.kd and cfg.train else (RNF_EXT,))
+                member = fetched if fetched is not None else _sample_members(f, s, skip=skip)
                 data = member(ext)
                 meta = json.loads(member("json")) if "json" in s.members else {}
                 if "cls" in s.members:
@@ -499,6 +525,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         finally:
             if f is not None:
                 f.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _located(self, stream: _Stream, positions: Iterator[int], pool: ThreadPoolExecutor | None, skip: tuple[str, ...]
+                 ) -> Iterator[tuple[int, int, TarSample, Any]]:
+        """``(position, shard, sample, members)`` for each position, in order. On a remote
+        shard (``pool``) the members of the next ``2 * REMOTE_READS`` samples are read ahead,
+        ``REMOTE_READS`` ranged requests at a time (a request's latency, not the bytes, bounds
+        one reader), ``members`` then ``ext -> bytes``; locally None (read from the open file)."""
+        positions = iter(positions)
+        while chunk := list(itertools.islice(positions, 2 * REMOTE_READS if pool is not None else 1)):
+            located = []
+            for pos in chunk:
+                shard, i = stream.locate(pos)
+                located.append((pos, shard, self._shard_index(shard)[i]))
+            if pool is None:
+                yield from ((pos, shard, s, None) for pos, shard, s in located)
+                continue
+            urls = [url_of(self._path(shard)) for _pos, shard, _s in located]
+            fetched = pool.map(lambda a: _remote_members(a[0], a[1], skip), zip(urls, (s for _p, _sh, s in located)))
+            yield from ((pos, shard, s, m) for (pos, shard, s), m in zip(located, fetched))
 
     def _kd_sample(self, f, shard: int, s: TarSample, data: bytes, mean: torch.Tensor, std: torch.Tensor,
                    member: Any = None) -> tuple[torch.Tensor, list[int], list[float]] | None:
