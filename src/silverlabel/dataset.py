@@ -633,7 +633,8 @@ class Dataset:
                 if any(not name.startswith(".") for name, _d in entries):
                     raise UserError(f"{self.location}: exists and is not a silverlabel output; choose another -o")
             elif self.root.exists() and any(not p.name.startswith(".") for p in self.root.iterdir()):
-                raise UserError(f"{self.root}: output folder exists and is not a silverlabel output; choose another -o")
+                raise UserError(f"{self.location}: output folder exists and is not a silverlabel output; "
+                                "choose another -o")
             return None
         man = self.read_manifest()
         if man.get("stage") != stage:
@@ -947,11 +948,11 @@ class Selection(Dataset):
         """The selection's manifest; a FileNotFoundError or UserError when the folder is not a
         selection."""
         if self.url is None and not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: no such selection folder")
+            raise FileNotFoundError(f"{self.location}: no such selection folder")
         if not self.exists():
             if self.url is not None:
                 raise FileNotFoundError(f"{self.location}: no selection there (no {MANIFEST})")
-            raise UserError(f"{self.root}: not a selection (no {MANIFEST}; make one with silverlabel select)")
+            raise UserError(f"{self.location}: not a selection (no {MANIFEST}; make one with silverlabel select)")
         return self.read_manifest()
 
     def files(self, manifest: Mapping[str, Any] | None = None) -> list[Path]:
@@ -1055,7 +1056,7 @@ class TrainSet(Dataset):
         UserError naming the splits there are when it has no such split."""
         splits = (self.read_info() if info is None else info).get("splits", {})
         if split not in splits:
-            raise UserError(f"{self.root}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
+            raise UserError(f"{self.location}: no split {split!r} (has {', '.join(sorted(splits)) or 'none'})")
         return splits[split]
 
     def reinforce_info(self) -> dict[str, Any] | None:
@@ -1108,8 +1109,8 @@ class Run:
         if self.root.is_file():
             return self.root
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: no such run folder or checkpoint file")
+            raise FileNotFoundError(f"{self.location}: no such run folder or checkpoint file")
         for p in (self.final_checkpoint_path, self.checkpoint_path):
             if p.is_file():
                 return p
-        raise FileNotFoundError(f"{self.root}: no {self.final_checkpoint_path.name} or {self.checkpoint_path.name}")
+        raise FileNotFoundError(f"{self.location}: no {self.final_checkpoint_path.name} or {self.checkpoint_path.name}")
