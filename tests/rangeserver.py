@@ -1,9 +1,9 @@
 """Files over loopback HTTP/1.1 with HEAD, ``Range`` (206) and ETags, for the remote-input
 tests of the sources: every request is logged, and ranged GETs can be held until released.
 
-    >>> server = RangeServer({"/a.tar": b"..."})           # doctest: +SKIP
-    >>> server.url("/a.tar")                                # http://127.0.0.1:PORT/a.tar
-    >>> server.gets("/a.tar")                               # the Range headers of its GETs
+    server = RangeServer({"/a.tar": b"..."})
+    server.url("/a.tar")                                # http://127.0.0.1:PORT/a.tar
+    server.gets("/a.tar")                               # the Range headers of its GETs
 """
 
 from __future__ import annotations

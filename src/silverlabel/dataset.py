@@ -1109,8 +1109,8 @@ class Run:
         if self.root.is_file():
             return self.root
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.location}: no such run folder or checkpoint file")
+            raise FileNotFoundError(f"{display(self.root)}: no such run folder or checkpoint file")
         for p in (self.final_checkpoint_path, self.checkpoint_path):
             if p.is_file():
                 return p
-        raise FileNotFoundError(f"{self.location}: no {self.final_checkpoint_path.name} or {self.checkpoint_path.name}")
+        raise FileNotFoundError(f"{display(self.root)}: no {self.final_checkpoint_path.name} or {self.checkpoint_path.name}")
