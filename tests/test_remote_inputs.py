@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +27,9 @@ from silverlabel.formats.wds import ShardWriter, iter_tar_samples
 from silverlabel.sources import SourceOptions, kind_of, load_bytes, open_source
 
 pytest.importorskip("s3fs")
-moto_app = pytest.importorskip("moto.moto_server.werkzeug_app")
+pytest.importorskip("moto.moto_server.werkzeug_app")
+from rangeserver import RangeServer  # noqa: E402
+from s3server import s3_bucket  # noqa: E402
 
 KEY_ID = "AKIASILVERLABELTEST1"
 SECRET = "s3cr3t-Zq9xWv7-never-written"
@@ -38,108 +37,10 @@ BUCKET = "silver-inputs"
 IMAGES = 6
 
 
-class CountingS3:
-    """moto's S3 on a loopback port; ``requests`` holds (method, path, Range header) of each."""
-
-    def __init__(self):
-        from werkzeug.serving import make_server
-
-        app = moto_app.DomainDispatcherApplication(moto_app.create_backend_app)
-        self.requests: list[tuple[str, str, str | None]] = []
-        self.lock = threading.Lock()
-
-        def counted(environ, start_response):
-            with self.lock:
-                self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("HTTP_RANGE")))
-            return app(environ, start_response)
-
-        self.server = make_server("127.0.0.1", 0, counted, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
-class RangeServer:
-    """Files over loopback HTTP/1.1 with HEAD, ``Range`` (206) and ETags; counts requests."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str, str | None]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body: bool) -> None:
-                path = self.path.split("?", 1)[0]
-                outer.requests.append((self.command, path, self.headers.get("Range")))
-                data = outer.files.get(path)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                status, start, end = 200, 0, len(data)
-                m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
-                if m:
-                    start = int(m.group(1))
-                    end = min(len(data), int(m.group(2)) + 1 if m.group(2) else len(data))
-                    status = 206
-                self.send_response(status)
-                self.send_header("Content-Length", str(max(0, end - start)))
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", f'"{len(data):x}-{sum(data[:64]):x}"')
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data[start:end])
-
-            def do_HEAD(self):
-                self._send(False)
-
-            def do_GET(self):
-                self._send(True)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def s3():
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
-    server = CountingS3()
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                      AWS_DEFAULT_REGION="us-east-1")
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = s3fs.S3FileSystem()
-    client.mkdir(BUCKET)
-    server.fs = client
-    yield server
-    server.stop()
-    s3fs.S3FileSystem.clear_instance_cache()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_bucket(BUCKET, KEY_ID, SECRET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

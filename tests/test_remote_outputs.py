@@ -31,7 +31,7 @@ from silverlabel.demodata import photo_like_images
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.moto_server.werkzeug_app")
-from test_remote_inputs import CountingS3  # noqa: E402  (the same loopback S3 server)
+from s3server import s3_bucket  # noqa: E402  (the same loopback S3 server)
 
 KEY_ID = "AKIASILVERLABELOUT01"
 SECRET = "s3cr3t-Out-Kx81-never-written"
@@ -41,27 +41,8 @@ IMAGES = 10
 
 @pytest.fixture(scope="module")
 def s3():
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
-    server = CountingS3()
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                      AWS_DEFAULT_REGION="us-east-1")
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = s3fs.S3FileSystem()
-    client.mkdir(BUCKET)
-    server.fs = client
-    yield server
-    server.stop()
-    s3fs.S3FileSystem.clear_instance_cache()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_bucket(BUCKET, KEY_ID, SECRET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
