@@ -206,18 +206,12 @@ def display(path: str | os.PathLike) -> str:
     return fs.public(u) if u is not None else str(path)
 
 
-def _store(url: str) -> tuple[Any, str]:
-    from silverlabel import fs
-
-    return fs.filesystem(url)
-
-
 def publish(local: str | os.PathLike, url: str) -> None:
     """Upload the local file ``local`` to ``url`` (one PUT: the object appears whole or not
     at all); an OSError naming the public URL when the store refuses it."""
     from silverlabel import fs
 
-    store, p = _store(url)
+    store, p = fs.filesystem(url)
     fs._remote_call(url, store.put_file, str(local), p)
     fs.forget_one(url)
 
@@ -226,7 +220,7 @@ def put_bytes(url: str, data: bytes) -> None:
     """Write ``data`` as the object ``url`` (one PUT)."""
     from silverlabel import fs
 
-    store, p = _store(url)
+    store, p = fs.filesystem(url)
     fs._remote_call(url, store.pipe_file, p, data)
     fs.forget_one(url)
 
@@ -241,7 +235,7 @@ def remove(path: str | os.PathLike) -> None:
         Path(path).unlink(missing_ok=True)
         return
     stage_path(u).unlink(missing_ok=True)
-    store, p = _store(u)
+    store, p = fs.filesystem(u)
     with contextlib.suppress(FileNotFoundError):
         fs._remote_call(u, store.rm_file, p)
     fs.forget_one(u)
@@ -254,7 +248,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     u = url_of(path)
     if u is None:
         return Path(path).read_bytes()
-    store, p = _store(u)
+    store, p = fs.filesystem(u)
     return fs._remote_call(u, store.cat_file, p)
 
 
@@ -325,8 +319,9 @@ def list_files(folder: str | os.PathLike, suffix: str = "") -> list[Path]:
 
 
 def map_ordered(fn: Any, items: Iterable[Any], threads: int = 1) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order; with ``threads > 1`` on that many threads (for
-    calls that are a few requests to a store each, which then overlap).
+    """``fn(item)`` for each item, in order; with ``threads > 1`` up to that many calls at once
+    on threads (calls that are a few requests to a store each, which then overlap), the items
+    still pulled lazily: at most ``threads`` ahead of what the caller has taken.
 
         >>> list(map_ordered(len, ["a", "bb"], threads=4))
         [1, 2]
@@ -334,10 +329,26 @@ def map_ordered(fn: Any, items: Iterable[Any], threads: int = 1) -> Iterator[Any
     if threads <= 1:
         yield from map(fn, items)
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads, thread_name_prefix="silverlabel-store") as ex:
-        yield from ex.map(fn, items)
+        window: deque = deque()
+        for item in items:
+            window.append(ex.submit(fn, item))
+            if len(window) >= threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def drop_local(path: str | os.PathLike) -> None:
+    """Remove this process's staged copy of a URL's object (:func:`fetch_local`), a cache no
+    longer needed; nothing for a local path."""
+    u = url_of(path)
+    if u is not None:
+        stage_path(u).unlink(missing_ok=True)
+        _fetched.pop(str(stage_path(u)), None)
 
 
 def fetch_local(path: str | os.PathLike) -> Path:
@@ -356,7 +367,7 @@ def fetch_local(path: str | os.PathLike) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    store, p = _store(u)
+    store, p = fs.filesystem(u)
     try:
         fs._remote_call(u, store.get_file, p, str(tmp))
         os.replace(tmp, dest)

@@ -66,8 +66,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from silverlabel import __version__
-from silverlabel.dataset import (Dataset, check_writable, clean_temporaries, display, file_digest, file_size, put_bytes, read_bytes,
-                                 stage_path, storage_error, url_of, write_json_atomic)
+from silverlabel.dataset import (Dataset, check_writable, clean_temporaries, display, file_digest, file_size,
+                                 map_ordered, put_bytes, read_bytes, stage_path, storage_error, url_of,
+                                 write_json_atomic)
 from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine, unit_name
 from silverlabel.log import set_total, skip
@@ -215,12 +216,10 @@ class Commit:
 
 
 def _local_digest(path: Path) -> str:
-    """The md5 of a file just written on this machine (a staged output: never the store's)."""
-    h = hashlib.md5()
+    """The md5 of a file just written on this machine (a staged output: never the store's,
+    which :func:`silverlabel.dataset.file_digest` would read for a staging path)."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class Unit(Protocol):
@@ -372,24 +371,8 @@ CHECK_AHEAD = 32
 
 def _checked(units: Iterable[Any], ahead: int) -> Iterator[tuple[Any, dict[str, Any] | None]]:
     """``(unit, unit.commit.check())`` in plan order; with ``ahead > 1`` up to ``ahead`` checks
-    run at once on threads, units still pulled from the plan lazily."""
-    if ahead <= 1:
-        for unit in units:
-            yield unit, unit.commit.check()
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(ahead, thread_name_prefix="silverlabel-check") as pool:
-        window: deque = deque()
-        for unit in units:
-            window.append((unit, pool.submit(unit.commit.check)))
-            if len(window) >= ahead:
-                u, fut = window.popleft()
-                yield u, fut.result()
-        while window:
-            u, fut = window.popleft()
-            yield u, fut.result()
+    at once (:func:`silverlabel.dataset.map_ordered`), units still pulled from the plan lazily."""
+    return map_ordered(lambda unit: (unit, unit.commit.check()), units, ahead)
 
 
 @contextlib.contextmanager

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from silverlabel import __version__
-from silverlabel.dataset import (Dataset, Pool, dataset_identity, display, fetch_local, local_target, make_identity,
-                                 map_ordered, named_teachers, parquet_source, records_digest, url_of)
+from silverlabel.dataset import (Dataset, Pool, dataset_identity, display, drop_local, fetch_local, local_target,
+                                 make_identity, map_ordered, named_teachers, parquet_source, records_digest)
 from silverlabel.devices import worker_device
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
@@ -254,8 +254,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
             val_parts.append(vals)
             errors.extend(failed)
     finally:
-        if url_of(unit.tar) is not None:
-            tar.unlink(missing_ok=True)
+        drop_local(unit.tar)
     k = cfg.topk
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros((0, k), np.int32)
     vals = np.concatenate(val_parts) if val_parts else np.zeros((0, k), np.float32)

@@ -73,8 +73,8 @@ from silverlabel.augment import (
     sample_augs,
     unpack,
 )
-from silverlabel.dataset import (INFO_FILE, TrainSet, atomic_write, display, fetch_local, is_file, make_identity,
-                                 named_teachers, open_read, parent_entry, read_bytes, records_digest, url_of,
+from silverlabel.dataset import (INFO_FILE, TrainSet, atomic_write, display, drop_local, fetch_local, is_file,
+                                 make_identity, named_teachers, open_read, parent_entry, read_bytes, records_digest,
                                  without_locations, write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
@@ -656,8 +656,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
     finally:
         stack.close()
         reader.close()
-        if url_of(unit.src) is not None:
-            Path(src).unlink(missing_ok=True)
+        drop_local(unit.src)
     md5 = hf.md5.hexdigest()
     label_space = runner.target.name
     unit.commit.write([unit.dst], md5={unit.dst: md5}, info={
