@@ -384,36 +384,34 @@ def _remote_members(url: str, s: TarSample, skip: tuple[str, ...]) -> Any:
     """:func:`_sample_members` of a shard in a store: one ranged request (of any thread)."""
     from silverlabel import fs
 
-    spans = [(o, n) for e, (o, n) in s.members.items() if e not in skip] or list(s.members.values())
-    start = min(o for o, _ in spans)
-    try:
-        buf = fs.read_range(url, start, max(o + n for o, n in spans) - start)
-    except FileNotFoundError:
-        raise UserError(f"{fs.public(url)}: shard listed in _info.json is missing") from None
+    def read(offset: int, size: int) -> bytes:
+        try:
+            return fs.read_range(url, offset, size)
+        except FileNotFoundError:
+            raise UserError(f"{fs.public(url)}: shard listed in _info.json is missing") from None
 
-    def member(ext: str) -> bytes:
-        o, n = s.members[ext]
-        if o < start or o + n > start + len(buf):
-            return fs.read_range(url, o, n)
-        return buf[o - start:o - start + n]
-
-    return member
+    return _members(read, s, skip)
 
 
 def _sample_members(f, s: TarSample, skip: tuple[str, ...] = ()) -> Any:
-    """``ext -> bytes`` for sample ``s``'s members, read with one read of the byte range
-    that holds them (one request on a remote shard), less the members in ``skip``; a member
-    outside it is read on its own."""
+    """``ext -> bytes`` for sample ``s``'s members of the open shard ``f``: :func:`_members`."""
+    return _members(lambda offset, size: read_member(f, offset, size), s, skip)
+
+
+def _members(read: Any, s: TarSample, skip: tuple[str, ...]) -> Any:
+    """``ext -> bytes`` for sample ``s``'s members, read (``read(offset, size)``) with one
+    read of the byte range that holds them (one request on a remote shard), less the
+    members in ``skip``; a member outside it is read on its own."""
     spans = [(o, n) for e, (o, n) in s.members.items() if e not in skip]
     if not spans:
-        return lambda ext: read_member(f, *s.members[ext])
+        return lambda ext: read(*s.members[ext])
     start = min(o for o, _ in spans)
-    buf = read_member(f, start, max(o + n for o, n in spans) - start)
+    buf = read(start, max(o + n for o, n in spans) - start)
 
     def member(ext: str) -> bytes:
         o, n = s.members[ext]
         if o < start or o + n > start + len(buf):
-            return read_member(f, o, n)
+            return read(o, n)
         return buf[o - start:o - start + n]
 
     return member
