@@ -47,7 +47,6 @@ A rerun after a crash redoes only the shards without a matching ``.done`` record
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -67,8 +66,9 @@ import pyarrow.parquet as pq
 
 from silverlabel import __version__
 from silverlabel.dataset import (MANIFEST, Pool, Selection, TrainSet, atomic_write, display, file_digest, file_size,
-                                 is_file, is_identity, make_identity, open_read, parent_entry, parquet_source,
-                                 read_bytes, records_digest, url_of, without_locations, write_json_atomic)
+                                 is_file, is_identity, make_identity, map_ordered, open_read, parent_entry,
+                                 parquet_source, read_bytes, records_digest, url_of, without_locations,
+                                 write_json_atomic)
 from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import cpu_count, engine_field, opt, positive_int, ray_address_field, split_counts
@@ -539,19 +539,6 @@ def _index_units(plan: _Plan, rows: np.ndarray, md5: dict[int, str | None]
         yield l, group, IndexUnit(l, plan.paths[l], list(dict.fromkeys(keys)), md5[l])
 
 
-@contextlib.contextmanager
-def _pool(remote: bool, threads: int = 32) -> Iterator[Any]:
-    """``run(fn, items) -> list`` in order: on threads for files in a store (each call is a
-    few requests), in this thread for local files. The first failing item's error is raised."""
-    if not remote:
-        yield lambda fn, items: [fn(x) for x in items]
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="silverlabel-shard") as ex:
-        yield lambda fn, items: list(ex.map(fn, items))
-
-
 def _source_record(path: str) -> Path:
     """The commit record of the ingest unit that wrote source tar ``path``."""
     tar = Path(path)
@@ -595,19 +582,20 @@ class ShardStage(BaseStage):
                 first_use.update(dict.fromkeys(used.tolist()))
                 used_by.append((split, i, filename, rows, used, src))
         remote = any(url_of(plan.paths[u]) is not None for u in first_use) or ts.url is not None
-        with _pool(remote) as run:
-            found = dict(zip(first_use, run(self._source, list(first_use))))  # the first bad source raises
-            sources = {u: md5 for u, (md5, _rec) in found.items()}  # per locator: the source tar's md5
-            recorded_md5 = {u: rec for u, (_md5, rec) in found.items()}  # ... as ingest recorded it
-            config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
-            self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
-            for split, i, filename, rows, used, src in used_by:
-                identity = hashlib.sha256(" ".join(sources[u] for u in used.tolist()).encode()).hexdigest()
-                commit = Commit(str(ts.commit_path(filename)), {**config, "split": split, "index": i},
-                                {"selection": self.fingerprint, "sources": identity})
-                self.units.append((split, i, filename, rows, [plan.paths[u] for u in used], src.astype(np.int32),
-                                   commit))
-            done = run(lambda unit: unit[6].check() is not None, self.units)
+        threads = 32 if remote else 1  # a store: each call is a few requests, which then overlap
+        # the first bad source raises
+        found = dict(zip(first_use, map_ordered(self._source, list(first_use), threads)))
+        sources = {u: md5 for u, (md5, _rec) in found.items()}  # per locator: the source tar's md5
+        recorded_md5 = {u: rec for u, (_md5, rec) in found.items()}  # ... as ingest recorded it
+        config = {k: v for k, v in cfg.output_config().items() if k != "selection"}
+        self.units: list[tuple[str, int, str, np.ndarray, list[str], np.ndarray, Commit]] = []
+        for split, i, filename, rows, used, src in used_by:
+            identity = hashlib.sha256(" ".join(sources[u] for u in used.tolist()).encode()).hexdigest()
+            commit = Commit(str(ts.commit_path(filename)), {**config, "split": split, "index": i},
+                            {"selection": self.fingerprint, "sources": identity})
+            self.units.append((split, i, filename, rows, [plan.paths[u] for u in used], src.astype(np.int32),
+                               commit))
+        done = list(map_ordered(lambda unit: unit[6].check() is not None, self.units, threads))
         todo = [unit[3] for unit, is_done in zip(self.units, done) if not is_done]
         needed = np.concatenate(todo) if todo else np.zeros(0, dtype=np.int64)
         self.index_plan = list(_index_units(plan, needed, recorded_md5))
