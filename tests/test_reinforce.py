@@ -414,8 +414,8 @@ def test_kd_student_agrees_with_teacher_more_than_hard_label_student(tmp_path):
 def test_gpu_reinforce_is_deterministic_run_to_run(tmp_path):
     """On a CUDA device (torch replay, hardware JPEG engines where present): two runs of the
     same reinforce in one process write byte-identical tars (photos of varied sizes, some gray;
-    the 225- and 213-row ones are those whose last, partial MCU row the GPU decoders left to
-    uninitialised memory before ``inference.whole_mcu_rows``)."""
+    before ``inference.padded_stream`` the hardware engines decoded the last blocks of a few of
+    them from memory past the code stream's end, differently in a process's first shard)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     ts = write_toy_trainset(tmp_path / "ts", {"train": [600, 600]}, lambda i, s, w, h: (i % 10, {"label": i % 10}),

@@ -406,11 +406,8 @@ class GpuDecoder:
         errors: list[str | None] = [None] * n
         keep: list[Any] = []
         kinds = [jpeg_kind(b) for b in blobs]
-        # The GPU paths decode whole MCU rows (see whole_mcu_rows); refs keep the true height.
-        gpu_blobs, heights = list(blobs), [0] * n
-        for j in range(n):
-            if kinds[j] == "baseline":
-                gpu_blobs[j], heights[j] = whole_mcu_rows(blobs[j])
+        # the GPU paths get each JPEG with zeros after its end (see padded_stream)
+        gpu_blobs = [padded_stream(b) if kind == "baseline" else b for b, kind in zip(blobs, kinds)]
         keep.append(gpu_blobs)  # the engines read the code streams asynchronously
         # Progressive JPEGs (nvJPEG runs their Huffman stage on this thread, one image after
         # another), CMYK/YCCK (Pillow's conversion is the CPU path's) and other formats:
@@ -423,8 +420,6 @@ class GpuDecoder:
         for j in baseline:
             if refs[j] is None:
                 on_host[j] = self.pool.submit(_rgb_array, blobs[j])
-            elif heights[j] and refs[j][1] > heights[j]:
-                refs[j] = (refs[j][0], heights[j], *refs[j][2:])
         for j, fut in sorted(on_host.items()):
             try:
                 t = self.torch.from_numpy(fut.result()).to(self.device)
@@ -525,14 +520,20 @@ class GpuDecoder:
 _SOF = {0xC0: "baseline", 0xC1: "baseline", 0xC2: "progressive"}  # others (lossless, arithmetic): Pillow
 
 
-def _frame(data: bytes) -> tuple[str, int]:
-    """(``jpeg_kind``, offset of the start-of-frame marker or -1), from the headers alone."""
+def jpeg_kind(data: bytes) -> str:
+    """``baseline`` (what the engines decode: Huffman, 8-bit, 1 or 3 components),
+    ``progressive``, or ``other`` (CMYK/YCCK, 12-bit, arithmetic coding, not a JPEG), read
+    from the frame header without decoding.
+
+    >>> jpeg_kind(b"PNG")
+    'other'
+    """
     if data[:2] != b"\xff\xd8":
-        return "other", -1
+        return "other"
     pos, n = 2, len(data)
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return "other", -1
+            return "other"
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -543,55 +544,32 @@ def _frame(data: bytes) -> tuple[str, int]:
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if pos + 10 > n:
-                return "other", -1
+                return "other"
             ok = data[pos + 4] == 8 and data[pos + 9] in (1, 3)
-            return (_SOF.get(marker, "other") if ok else "other"), pos
+            return _SOF.get(marker, "other") if ok else "other"
         pos += 2 + length
-    return "other", -1
+    return "other"
 
 
-def jpeg_kind(data: bytes) -> str:
-    """``baseline`` (what the engines decode: Huffman, 8-bit, 1 or 3 components),
-    ``progressive``, or ``other`` (CMYK/YCCK, 12-bit, arithmetic coding, not a JPEG), read
-    from the frame header without decoding.
+#: zero bytes after the end of a JPEG handed to a GPU decoder (see :func:`padded_stream`)
+STREAM_PADDING = 4096
 
-    >>> jpeg_kind(b"PNG")
-    'other'
+
+def padded_stream(data: bytes) -> bytes:
+    """``data`` followed by :data:`STREAM_PADDING` zero bytes, for the GPU decoders.
+
+    Why: on the H200, nvImageCodec's hardware engines (and, once, nvJPEG) decoded the last
+    MCUs of an image differently from one run to the next: up to 255 grey levels, in the last
+    few blocks of the bottom MCU row (the end of the scan) of ~4% of bench/multigpu.py's toy
+    photos, only in the first shard a process reinforced (``bench/reinforce_determinism.py
+    --trace``). The result depended on what lay in memory past the end of the code stream,
+    which the decoders read ahead into; past the end of a padded stream there are zeros.
+    Bytes after a JPEG's end-of-image marker are not part of the image (Pillow ignores them).
+
+    >>> len(padded_stream(b"\\xff\\xd8\\xff\\xd9"))
+    4100
     """
-    return _frame(data)[0]
-
-
-def whole_mcu_rows(data: bytes) -> tuple[bytes, int]:
-    """``(jpeg, height)``: a baseline JPEG whose frame header declares its height rounded up to
-    whole MCU rows (the rows the scan codes anyway), and the true height; other data as it is.
-
-    Why: the GPU decoders leave the last, partial MCU row of an image to memory of their own
-    that nothing initialises. On the H200, nvImageCodec's hardware engines and nvJPEG gave
-    different pixels there from one run to the next (up to 255 grey levels, in the bottom 1-5
-    rows of the 225- and 213-row photos of bench/multigpu.py's toy set, nowhere else:
-    ``bench/reinforce_determinism.py --trace``), so ``reinforce`` and ``label`` were not
-    reproducible. Declared whole, every row the decoders write is coded in the scan; the
-    rows past the true height are then cut off (:class:`GpuDecoder` keeps the true height).
-    The bottom rows of a 4:2:0 image then see the encoder's padding below them in the
-    chroma upsampling where libjpeg repeats the last row: a difference of the kind GPU and
-    CPU decoders already have.
-
-    >>> whole_mcu_rows(b"PNG")
-    (b'PNG', 0)
-    """
-    kind, pos = _frame(data)
-    if kind != "baseline":
-        return data, 0
-    height = int.from_bytes(data[pos + 5:pos + 7], "big")
-    comps = data[pos + 9]
-    if height == 0 or pos + 10 + 3 * comps > len(data):  # height 0: defined by a DNL marker later
-        return data, height
-    vmax = 1 if comps == 1 else max(data[pos + 11 + 3 * c] & 0x0F for c in range(comps))  # one component: 8x8 blocks
-    mcu = 8 * max(vmax, 1)
-    whole = -(-height // mcu) * mcu
-    if whole == height or whole > 0xFFFF:
-        return data, height
-    return b"".join((data[:pos + 5], whole.to_bytes(2, "big"), data[pos + 7:])), height
+    return b"".join((data, bytes(STREAM_PADDING)))
 
 
 def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
