@@ -18,9 +18,11 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
 2. samples are decoded once each and their K augmentations replayed at each teacher's input
    size (a mixed augmentation replays its partner too), in batches of about ``batch_size``
    augmented images, the next two batches prepared while the teacher runs the current one.
-   With ``replay="torch"`` (the default on a GPU) a batch is decoded on the teacher's device
-   (on a GPU: the label stage's decoder, hardware JPEG engines first) and all its views are
-   replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
+   With ``replay="torch"`` (the default on a GPU) a batch's images are decoded by Pillow on
+   host threads into pinned memory and copied to the teacher's device (``decode="host"``, the
+   default: the CPU replay's pixels, reproducible), or there by the label stage's decoder
+   (``decode="gpu"``: hardware JPEG engines first; not reproducible on the H200, see
+   ``_pinned_decode``), and all its views are replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
    arithmetic in torch: on the CPU the same bytes as the Pillow replay), on a thread and CUDA
    stream of their own, straight into the teacher. With ``replay="pil"`` (the default on the
    CPU) :func:`silverlabel.augment.replay` replays each view with Pillow: on a thread
@@ -88,6 +90,7 @@ from silverlabel.teachers.labelspace import space_names
 
 
 REPLAY_MODES = ("auto", "torch", "pil")
+DECODE_MODES = ("host", "gpu")  # where the torch replay decodes the stored images on a GPU
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,20 @@ class ReinforceConfig:
     reserve_sms: int = opt(0, "with --replay torch on a GPU: SMs kept from the teacher for the decode and replay "
                            "(a CUDA green context, as label's --reserve-sms); 0 = the teacher shares every SM",
                            type=int, metavar="N")
+    # with the torch replay on a GPU, where the stored images are decoded: host = Pillow on
+    # threads (the CPU replay's pixels; reproducible), gpu = the label stage's GPU decoder
+    decode: str = opt("host", "with --replay torch on a GPU: where images are decoded: host (Pillow threads, the "
+                      "pixels the CPU replay and train --loss kd see; reproducible) or gpu (the label stage's "
+                      "decoder: hardware JPEG engines, nvJPEG; its last blocks of some images differed run to run "
+                      "on the H200)", choices=DECODE_MODES)
     engine: str = engine_field()  # local | ray (a pool of actors that keep the teacher loaded)
     ray_address: str | None = ray_address_field()
 
     def __post_init__(self) -> None:
         if not self.teachers:
             raise UserError("reinforce needs at least one --teacher")
+        if self.decode not in DECODE_MODES:
+            raise UserError(f"--decode must be one of {', '.join(DECODE_MODES)}, not {self.decode!r}")
         if not 1 <= self.augs <= 0xFFFF:
             raise UserError(f"--augs must be in 1..65535, got {self.augs}")
         if not 1 <= self.topk <= 255:
@@ -427,14 +438,19 @@ class _TorchReplay:
     runs on a stream of its own (not the legacy default stream, which would wait for the
     decoder's streams) after an event of the replay's."""
 
-    def __init__(self, runner: Any, reader: _Reader, index: list, augs: list[list[Aug]], sizes: list[int]):
+    def __init__(self, runner: Any, reader: _Reader, index: list, augs: list[list[Aug]], sizes: list[int],
+                 decode: str = "host", threads: int = 4):
         import torch
 
         self.torch, self.device = torch, runner.device
         self.cuda = self.device.type == "cuda"
-        self.decoder = runner.decoders[0] if self.cuda and runner.decoders else None
+        self.decoder = runner.decoders[0] if self.cuda and runner.decoders and decode == "gpu" else None
         self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
         self.pool = ThreadPoolExecutor(1)
+        # Pillow decodes on these threads (it releases the GIL) into pinned memory, copied to the
+        # device on the replay's stream: one decode per image feeds K views, so a few cores keep
+        # up with the teacher
+        self.decode_pool = ThreadPoolExecutor(max(1, threads)) if self.cuda and self.decoder is None else None
         if self.cuda:
             from silverlabel.inference import producer_stream
 
@@ -453,6 +469,9 @@ class _TorchReplay:
         from silverlabel.replay_torch import decode_cpu, ref_tensor
 
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
+        if self.decode_pool is not None:  # Pillow on host threads, then one async copy each
+            pinned = list(self.decode_pool.map(_pinned_decode, blobs))
+            return [p.to(self.device, non_blocking=True) for p in pinned], pinned
         if self.decoder is None:
             return [decode_cpu(b).to(self.device) for b in blobs], None
         refs, errors, keep = self.decoder.decode(blobs)
@@ -495,6 +514,24 @@ class _TorchReplay:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pinned_decode(data: bytes) -> Any:
+    """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) into page-locked host memory, so
+    that the copy to the GPU is asynchronous. (The GPU decoders were not reproducible on the
+    H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
+    blocks of a few toy photos differently in a process's first shard than later,
+    ``bench/reinforce_determinism.py --trace``; 4 KiB of zeros after the stream did not change it.)"""
+    import torch
+
+    from silverlabel.replay_torch import decode_cpu
+
+    a = decode_cpu(data)
+    p = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)
+    p.copy_(a)
+    return p
 
 
 _REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
@@ -557,7 +594,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         procs = 0
         runner.prepare_classify(per_batch * k, cfg.embeddings)
         if resolve_replay(cfg, runner.device.type) == "torch":
-            torch_replay = _TorchReplay(runner, reader, index, augs, distinct)
+            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.decode, min(cfg.threads, 16))
             stack.callback(torch_replay.close)
         else:
             procs = resolve_replay_procs(cfg, runner.device.type)
