@@ -22,7 +22,7 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
    host threads into pinned memory and copied to the teacher's device (``decode="host"``, the
    default: the CPU replay's pixels, reproducible), or there by the label stage's decoder
    (``decode="gpu"``: hardware JPEG engines first; not reproducible on the H200, see
-   ``_pinned_decode``), and all its views are replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
+   ``_host_decode``), and all its views are replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
    arithmetic in torch: on the CPU the same bytes as the Pillow replay), on a thread and CUDA
    stream of their own, straight into the teacher. With ``replay="pil"`` (the default on the
    CPU) :func:`silverlabel.augment.replay` replays each view with Pillow: on a thread
@@ -45,6 +45,7 @@ overrides); there is no extra eval crop (the augmentation is the crop).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -450,7 +451,7 @@ class _TorchReplay:
         # Pillow decodes on these threads (it releases the GIL) into pinned memory, copied to the
         # device on the replay's stream: one decode per image feeds K views, so a few cores keep
         # up with the teacher
-        self.decode_pool = ThreadPoolExecutor(max(1, threads)) if self.cuda and self.decoder is None else None
+        self.decode_pool = ThreadPoolExecutor(max(1, threads)) if self.decoder is None else None
         if self.cuda:
             from silverlabel.inference import producer_stream
 
@@ -466,14 +467,12 @@ class _TorchReplay:
         return self.pool.submit(self._prepare, batch)
 
     def _decode(self, need: list[int]) -> tuple[list[Any], Any]:
-        from silverlabel.replay_torch import decode_cpu, ref_tensor
+        from silverlabel.replay_torch import ref_tensor
 
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
-        if self.decode_pool is not None:  # Pillow on host threads, then one async copy each
-            pinned = list(self.decode_pool.map(_pinned_decode, blobs))
-            return [p.to(self.device, non_blocking=True) for p in pinned], pinned
-        if self.decoder is None:
-            return [decode_cpu(b).to(self.device) for b in blobs], None
+        if self.decoder is None:  # Pillow on host threads, then (on a GPU) one async copy each
+            host = list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
+            return [t.to(self.device, non_blocking=True) for t in host], host
         refs, errors, keep = self.decoder.decode(blobs)
         for i, err in zip(need, errors):
             if err is not None:
@@ -518,9 +517,9 @@ class _TorchReplay:
             self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pinned_decode(data: bytes) -> Any:
-    """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) into page-locked host memory, so
-    that the copy to the GPU is asynchronous. (The GPU decoders were not reproducible on the
+def _host_decode(data: bytes, pin: bool) -> Any:
+    """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) as a uint8 [H, W, 3] tensor; with
+    ``pin``, in page-locked memory, so that the copy to the GPU is asynchronous. (The GPU decoders were not reproducible on the
     H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
     blocks of a few toy photos differently in a process's first shard than later,
     ``bench/reinforce_determinism.py --trace``; 4 KiB of zeros after the stream did not change it.)"""
@@ -529,6 +528,8 @@ def _pinned_decode(data: bytes) -> Any:
     from silverlabel.replay_torch import decode_cpu
 
     a = decode_cpu(data)
+    if not pin:
+        return a
     p = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)
     p.copy_(a)
     return p
