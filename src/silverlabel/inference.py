@@ -406,17 +406,14 @@ class GpuDecoder:
         errors: list[str | None] = [None] * n
         keep: list[Any] = []
         kinds = [jpeg_kind(b) for b in blobs]
-        # the GPU paths get each JPEG with zeros after its end (see padded_stream)
-        gpu_blobs = [padded_stream(b) if kind == "baseline" else b for b, kind in zip(blobs, kinds)]
-        keep.append(gpu_blobs)  # the engines read the code streams asynchronously
         # Progressive JPEGs (nvJPEG runs their Huffman stage on this thread, one image after
         # another), CMYK/YCCK (Pillow's conversion is the CPU path's) and other formats:
         # Pillow on host threads, in parallel with the GPU decoding the rest.
         on_host = {j: self.pool.submit(_rgb_array, blobs[j]) for j in range(n) if kinds[j] != "baseline"}
         baseline = [j for j in range(n) if kinds[j] == "baseline"]
         if baseline and self.use_hw:
-            self._decode_hw(gpu_blobs, baseline, refs, keep)
-        self._decode_nvjpeg(gpu_blobs, [j for j in baseline if refs[j] is None], refs, keep)
+            self._decode_hw(blobs, baseline, refs, keep)
+        self._decode_nvjpeg(blobs, [j for j in baseline if refs[j] is None], refs, keep)
         for j in baseline:
             if refs[j] is None:
                 on_host[j] = self.pool.submit(_rgb_array, blobs[j])
@@ -549,27 +546,6 @@ def jpeg_kind(data: bytes) -> str:
             return _SOF.get(marker, "other") if ok else "other"
         pos += 2 + length
     return "other"
-
-
-#: zero bytes after the end of a JPEG handed to a GPU decoder (see :func:`padded_stream`)
-STREAM_PADDING = 4096
-
-
-def padded_stream(data: bytes) -> bytes:
-    """``data`` followed by :data:`STREAM_PADDING` zero bytes, for the GPU decoders.
-
-    Why: on the H200, nvImageCodec's hardware engines (and, once, nvJPEG) decoded the last
-    MCUs of an image differently from one run to the next: up to 255 grey levels, in the last
-    few blocks of the bottom MCU row (the end of the scan) of ~4% of bench/multigpu.py's toy
-    photos, only in the first shard a process reinforced (``bench/reinforce_determinism.py
-    --trace``). The result depended on what lay in memory past the end of the code stream,
-    which the decoders read ahead into; past the end of a padded stream there are zeros.
-    Bytes after a JPEG's end-of-image marker are not part of the image (Pillow ignores them).
-
-    >>> len(padded_stream(b"\\xff\\xd8\\xff\\xd9"))
-    4100
-    """
-    return b"".join((data, bytes(STREAM_PADDING)))
 
 
 def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
