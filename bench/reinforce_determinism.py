@@ -14,12 +14,14 @@ prints the GPU decoder's paths. Variants switch one suspect off at a time:
 - ``dense``: the float64 matrix-product resize instead of the Triton kernels;
 - ``nocache``: ``base`` with PyTorch's CUDA caching allocator off (every allocation fresh).
 
-What it showed on the H200 (2026-11-29), all runs in one process: the first run differed
-from the later ones on ~4% of the first shard's samples (the same samples, the same
-probabilities, every time; the later runs identical to each other); reinforce with two
-workers differed in each worker's first shard. So a process's first shard differs, not a
-race: something reads memory that a fresh allocation and a reused one fill differently,
-or warms up. One fresh process per variant separates the suspects.
+What it showed on the H200 (BENCHMARKS.md, "reinforce determinism, diagnosed"): a process's
+first shard differs from later runs (the later runs identical to each other) in every
+variant but ``pil``, with nvJPEG in 1 sample; ``--trace`` shows the decoded images already
+differ, in the last MCUs of the scan, and everything after follows from them. Untested
+suspect: the consumer reads before the engines have written those last blocks (stale
+memory is the previous run's image in a reused buffer, garbage in a fresh one), which
+``--decode-check``'s pass-to-pass comparison and the decoded images' CUDA array interface
+(a stream to wait for?) can show.
 
     python bench/reinforce_determinism.py --json out.json
 """
@@ -237,7 +239,10 @@ def trace(root: Path, device: str, use_hw: bool) -> dict:
 def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: int = 80) -> dict:
     """In this (fresh) process: the GPU decoder alone over the first shard's JPEGs, in batches,
     ``passes`` times; each image against Pillow's decode (a JPEG decoder may differ by a grey
-    level or two; more is a wrong decode)."""
+    level or two; more is a wrong decode) and against its own first pass; and the CUDA array
+    interface of a decoded image (a ``stream`` there is one the consumer must wait for)."""
+    import hashlib
+
     import numpy as np
     import torch
     from PIL import Image
@@ -257,22 +262,32 @@ def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: 
     ref = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
     dec = GpuDecoder(device, use_hw=use_hw)
     stream = torch.cuda.Stream(device)
-    out: dict = {"counts": None, "passes": []}
+    out: dict = {"counts": None, "passes": [], "cuda_array_interface": None}
+    first: dict = {}
     with torch.cuda.stream(stream):
-        for _ in range(passes):
-            bad = []
+        for p in range(passes):
+            bad, changed = [], []
             for b0 in range(0, len(blobs), batch):
                 refs, errors, keep = dec.decode(blobs[b0:b0 + batch])
                 stream.synchronize()
+                if out["cuda_array_interface"] is None and keep:  # does the decoder name a stream to wait for?
+                    ims = [im for item in keep if isinstance(item, tuple) for im in item[1] if im is not None]
+                    if ims:
+                        cai = dict(ims[0].__cuda_array_interface__)
+                        out["cuda_array_interface"] = {k: str(v) for k, v in cai.items()}
                 for j, r in enumerate(refs):
                     x = ref_tensor(r, device).cpu().numpy()
+                    digest = hashlib.sha1(x.tobytes()).hexdigest()
+                    if first.setdefault(keys[b0 + j], digest) != digest:
+                        changed.append(keys[b0 + j])
                     d = np.abs(x.astype(int) - ref[b0 + j].astype(int))
                     if d.max() > 8:
                         ys, xs_ = np.nonzero(d.max(-1))
                         bad.append({"key": keys[b0 + j], "shape": list(x.shape), "max": int(d.max()),
                                     "bbox_yx": [int(ys.min()), int(ys.max()), int(xs_.min()), int(xs_.max())]})
                 del keep
-            out["passes"].append({"bad": len(bad), "examples": bad[:6]})
+            out["passes"].append({"pass": p, "bad": len(bad), "examples": bad[:6], "changed_vs_pass0": len(changed),
+                                  "changed_examples": changed[:6]})
     out["counts"] = dict(dec.counts)
     return out
 
