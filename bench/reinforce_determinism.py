@@ -6,7 +6,8 @@ each variant starts a fresh process that reinforces it ``--runs`` times with one
 compares every run with the first, member by member (bench/multigpu.py's ``rnf_diff``), and
 prints the GPU decoder's paths. Variants switch one suspect off at a time:
 
-- ``base``: the stage as it is (``--replay auto``: torch replay on the GPU);
+- ``host``: the stage's default (torch replay on the GPU of images Pillow decoded on the host);
+- ``base``: the torch replay of images the GPU decoded (``--decode gpu``: hardware engines);
 - ``sync``: the replay thread waits for its stream at the end of each batch;
 - ``noreuse``: the decoder allocates new output buffers for every batch;
 - ``nohw``: nvJPEG on the SMs instead of the hardware JPEG engines;
@@ -80,7 +81,8 @@ def one_variant(variant: str, root: Path, runs: int, device: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         run_reinforce(ReinforceConfig(trainset=str(root / "ts"), output=str(out),
                                       teachers=(TeacherSpec("efficientnet_lite0"),), augs=4, topk=10,
-                                      device=device, workers=1, replay="pil" if variant == "pil" else "auto"))
+                                      device=device, workers=1, replay="pil" if variant == "pil" else "auto",
+                                      decode="host" if variant == "host" else "gpu"))
         runner = next(iter(reinforce._RUNNER_CACHE.values()), None)
         counts.append(dict(runner.decoders[0].counts) if runner is not None and runner.decoders else {})
         outs.append(out)
@@ -176,7 +178,7 @@ def trace(root: Path, device: str, use_hw: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         run_reinforce(ReinforceConfig(trainset=str(root / "ts"), output=str(out),
                                       teachers=(TeacherSpec("efficientnet_lite0"),), augs=4, topk=10,
-                                      device=device, workers=1, replay="torch"))
+                                      device=device, workers=1, replay="torch", decode="gpu"))
         outs.append(out)
     import multigpu
 
@@ -296,7 +298,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=3, help="runs per variant, in one process")
-    ap.add_argument("--variants", default="base,nocache,nohw,noreuse,sync,pil")
+    ap.add_argument("--variants", default="host,base,nocache,nohw,noreuse,sync,pil")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
