@@ -316,8 +316,11 @@ def tar_member_bytes(n: int) -> int:
 
 
 def parse_config(conf: str) -> dict:
-    """``torch`` | ``torch-rN`` | ``WxT`` | ``WpP`` -> ReinforceConfig runtime fields."""
+    """``torch`` | ``torch-gpu`` | ``torch-rN`` | ``WxT`` | ``WpP`` -> ReinforceConfig runtime fields
+    (``torch``: images decoded on the host, the stage's default; ``torch-gpu``: on the GPU)."""
     c = conf.lower()
+    if c == "torch-gpu":
+        return {"replay": "torch", "workers": 1, "decode": "gpu"}
     if c == "torch" or c.startswith("torch-r"):
         return {"replay": "torch", "workers": 1, "reserve_sms": int(c[7:]) if c != "torch" else 0}
     procs = "p" in c
@@ -336,7 +339,8 @@ def main() -> int:
     ap.add_argument("--teachers", default="efficientnet_lite0,vit_base_patch16_224",
                     help="comma separated: efficientnet_lite0 (real weights) or timm names (random weights)")
     ap.add_argument("--configs", default="torch,1p15",
-                    help="torch (GPU replay), torch-rN (GPU replay, N SMs kept from the teacher: --reserve-sms N), "
+                    help="torch (GPU replay of host-decoded images), torch-gpu (GPU decode + replay), torch-rN (GPU "
+                         "replay, N SMs kept from the teacher: --reserve-sms N), "
                          "WORKERSxTHREADS (Pillow replay threads) or WORKERSpPROCS (Pillow replay processes), "
                          "comma separated")
     ap.add_argument("--bound-procs", type=int, default=0, help="replay processes for the replay bound (0: cores)")
