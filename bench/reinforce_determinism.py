@@ -73,7 +73,10 @@ def one_variant(variant: str, root: Path, runs: int, device: str) -> dict:
         from silverlabel import replay_torch
 
         orig_resize = replay_torch.resized_crops
-        replay_torch.resized_crops = lambda images, crops, size, method="auto": orig_resize(images, crops, size, "dense")
+        def dense(images, crops, size, method="auto"):
+            return orig_resize(images, crops, size, "dense")
+
+        replay_torch.resized_crops = dense
     inference.GpuDecoder.__init__ = init
     outs, counts = [], []
     for rep in range(runs):

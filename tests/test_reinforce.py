@@ -412,10 +412,10 @@ def test_kd_student_agrees_with_teacher_more_than_hard_label_student(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_reinforce_is_deterministic_run_to_run(tmp_path):
-    """On a CUDA device (torch replay, hardware JPEG engines where present): two runs of the
-    same reinforce in one process write byte-identical tars (photos of varied sizes, some gray;
-    before ``inference.padded_stream`` the hardware engines decoded the last blocks of a few of
-    them from memory past the code stream's end, differently in a process's first shard)."""
+    """On a CUDA device (torch replay of images decoded on the host, the default): two runs
+    of the same reinforce in one process write byte-identical tars (photos of varied sizes,
+    some gray; with ``--decode gpu`` the H200's hardware engines decoded the last blocks of a
+    few of them differently in a process's first shard, BENCHMARKS.md)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     ts = write_toy_trainset(tmp_path / "ts", {"train": [600, 600]}, lambda i, s, w, h: (i % 10, {"label": i % 10}),

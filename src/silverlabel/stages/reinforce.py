@@ -22,7 +22,8 @@ How one shard is done (``reinforce_shard``, a pure function of (shard, config)):
    host threads into pinned memory and copied to the teacher's device (``decode="host"``, the
    default: the CPU replay's pixels, reproducible), or there by the label stage's decoder
    (``decode="gpu"``: hardware JPEG engines first; not reproducible on the H200, see
-   ``_host_decode``), and all its views are replayed there at once by :func:`silverlabel.replay_torch.replay_views` (Pillow's
+   ``_host_decode``), and all its views are replayed there at once by
+   :func:`silverlabel.replay_torch.replay_views` (Pillow's
    arithmetic in torch: on the CPU the same bytes as the Pillow replay), on a thread and CUDA
    stream of their own, straight into the teacher. With ``replay="pil"`` (the default on the
    CPU) :func:`silverlabel.augment.replay` replays each view with Pillow: on a thread
@@ -519,10 +520,12 @@ class _TorchReplay:
 
 def _host_decode(data: bytes, pin: bool) -> Any:
     """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) as a uint8 [H, W, 3] tensor; with
-    ``pin``, in page-locked memory, so that the copy to the GPU is asynchronous. (The GPU decoders were not reproducible on the
-    H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
-    blocks of a few toy photos differently in a process's first shard than later,
-    ``bench/reinforce_determinism.py --trace``; 4 KiB of zeros after the stream did not change it.)"""
+    ``pin``, in page-locked memory, so that the copy to the GPU is asynchronous.
+
+    The default decode of the torch replay because the GPU decoders were not reproducible on
+    the H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
+    blocks of a few toy photos differently in a process's first shard than later
+    (``bench/reinforce_determinism.py --trace``; BENCHMARKS.md)."""
     import torch
 
     from silverlabel.replay_torch import decode_cpu
