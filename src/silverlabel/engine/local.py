@@ -6,10 +6,21 @@ from the workers flows through a queue to the driver's progress bar; so do the w
 records (at the driver's level: :func:`silverlabel.log.worker_logging`), shown by the
 driver's handlers. ``workers=1`` runs in-process, which keeps tracebacks simple when
 debugging.
+
+Workers are forked from a fork server (``multiprocessing``'s ``forkserver`` start method)
+that has imported numpy, pyarrow, pandas, OpenCV (:mod:`silverlabel.engine.preload`) and the
+unit function's module once, so a worker starts in milliseconds instead of importing them
+again (~0.35 s of CPU each). Never a plain fork of the driver: it may run threads
+(progress, servers). The server starts with the first pool and lives as long as the driver,
+with the environment it started with: each worker takes the driver's environment of the
+moment its pool starts (tests and users change proxies, endpoints, credentials). Where there
+is no fork server, or with ``SILVERLABEL_START_METHOD=spawn`` (debugging), workers are
+spawned: fresh interpreters that import everything themselves.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -17,8 +28,9 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import util as mp_util
 from typing import Any
 
 from silverlabel.engine import Report, ShardFn, unit_name
@@ -29,17 +41,122 @@ log = logging.getLogger(__name__)
 _progress_queue: Any = None
 
 
-def _init_worker(q: Any, level: int = logging.WARNING) -> None:
+#: ``forkserver`` (the default where the platform has it) or ``spawn``; never ``fork``.
+START_METHOD_ENV = "SILVERLABEL_START_METHOD"
+START_METHODS = ("forkserver", "spawn")
+
+#: The fork server's own imports (see its docstring), before the unit function's module.
+PRELOAD_MODULE = "silverlabel.engine.preload"
+
+
+def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str] | None = None) -> None:
     global _progress_queue
     _progress_queue = q
+    if environ is not None:  # forked from the fork server, which has the environment it started with
+        _take_environment(environ)
+        # a fork server's child ends with os._exit, after multiprocessing's finalizers but
+        # without the interpreter's exit: run the atexit handlers (staging folders, pipe
+        # copies, HTTP connections) as a spawned worker's exit does, last
+        mp_util.Finalize(None, atexit._run_exitfuncs, exitpriority=-100)
     # the driver's log level; records go through the queue to the driver's handlers
     worker_logging(level, q)
     # Parallelism comes from the worker processes: numpy's OpenBLAS must not start a
     # thread per core in each of them (idle BLAS threads busy-wait and eat the CPU the other
     # workers need). Runs before the unit function's module imports numpy; the user's own
-    # setting wins.
-    if "numpy" not in sys.modules:
+    # setting wins. (A fork server loaded numpy with the same default: engine.preload.)
+    if "numpy" not in sys.modules or environ is not None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _take_environment(environ: Mapping[str, str]) -> None:
+    """Make this process's environment ``environ`` (the driver's), as a spawned worker's is."""
+    for name in [n for n in os.environ if n not in environ]:
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    if "tempfile" in sys.modules:  # tempfile caches the folder it found ($TMPDIR) on first use
+        sys.modules["tempfile"].tempdir = None
+
+
+def resolve_start_method(method: str | None = None) -> str:
+    """The start method the local engine's pools use: ``method``, else ``$SILVERLABEL_START_METHOD``,
+    else ``forkserver``; ``spawn`` where the platform has no fork server.
+
+        >>> resolve_start_method("spawn")
+        'spawn'
+    """
+    chosen = (method or os.environ.get(START_METHOD_ENV, "") or "forkserver").strip().lower()
+    if chosen not in START_METHODS:
+        source = "start_method" if method else START_METHOD_ENV
+        raise UserError(f"{source}={chosen!r}: the local engine starts its workers with "
+                        f"{' or '.join(START_METHODS)}")
+    if chosen == "forkserver" and "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    return chosen
+
+
+def preload_modules(fn_module: str | None = None) -> list[str]:
+    """What the fork server imports before forking workers: :mod:`silverlabel.engine.preload`,
+    the CLI (a worker runs the driver's main script again, and the ``silverlabel`` script is
+    ``from silverlabel.cli import main``) when the driver runs it, and ``fn_module`` when it is
+    one of silverlabel's own: those are known to import neither torch nor anything that starts
+    a thread or reads credentials when imported (tests/test_engine_local.py checks the
+    stages'); a user's module might, and is imported by each worker instead.
+
+        >>> preload_modules("silverlabel.stages.ingest")[-1]
+        'silverlabel.stages.ingest'
+        >>> preload_modules("my_plugin") == preload_modules()
+        True
+    """
+    mods = [PRELOAD_MODULE]
+    if "silverlabel.cli" in sys.modules:
+        mods.append("silverlabel.cli")
+    if fn_module and fn_module.split(".")[0] == "silverlabel" and fn_module not in mods:
+        mods.append(fn_module)
+    return mods
+
+
+def start_forkserver(fn_module: str | None = None, method: str | None = None) -> bool:
+    """Start the fork server now (if it is not running) with :func:`preload_modules`, so that
+    its imports overlap the caller's own work; False where workers are spawned instead
+    (:func:`resolve_start_method`). The first pool does this itself; a driver that knows early that
+    it will run a pool (the CLI, once it has parsed ``--workers``) can call it sooner. A
+    server already running keeps what it preloaded."""
+    if resolve_start_method(method) != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(preload_modules(fn_module))
+    forkserver.ensure_running()
+    global _stop_registered
+    if not _stop_registered:
+        _stop_registered = True
+        atexit.register(_stop_forkserver)
+    return True
+
+
+_stop_registered = False
+
+
+def _stop_forkserver() -> None:
+    """At the driver's exit: end the fork server and reap it. Left alone, it would notice
+    the driver's exit, tear down its interpreter as an orphan (~0.1 s, its CPU time then
+    counted nowhere: ``time silverlabel ...`` and benchmarks would miss it) and hold the
+    driver's stdout/stderr open meanwhile. Its workers are gone by now (each pool joins
+    them), so nothing is lost by a SIGTERM; multiprocessing's own stop then reaps it."""
+    import signal
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        server._stop()  # closes the "alive" pipe, waits for the pid, removes the socket
+    except (AttributeError, OSError):  # another Python's internals, or already gone
+        pass
 
 
 class _BatchedReport:
@@ -77,14 +194,17 @@ def _run_unit(fn: ShardFn, unit: Any, config: Any) -> Any:
 
 
 class LocalEngine:
-    """Map a shard function over units with ``workers`` processes."""
+    """Map a shard function over units with ``workers`` processes.
+
+    ``start_method``: ``forkserver`` or ``spawn`` (default: :func:`resolve_start_method`)."""
 
     device = "cpu"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, start_method: str | None = None):
         if workers < 1:
             raise UserError(f"--workers must be >= 1, got {workers}")
         self.workers = workers
+        self.start_method = resolve_start_method(start_method)  # a bad value fails here, before any work
 
     def describe_device(self, device: str) -> str:
         from silverlabel.devices import resolve_device
@@ -97,17 +217,24 @@ class LocalEngine:
             for unit in units:
                 yield fn(unit, config, report)
             return
-        ctx = mp.get_context("spawn")  # no fork: the driver may run threads (progress, servers)
+        forked = self.start_method == "forkserver"
+        if forked:  # now, so that the server's imports overlap the plan's first unit
+            start_forkserver(getattr(fn, "__module__", None), self.start_method)
+        ctx = mp.get_context(self.start_method)
         q = ctx.Queue()
         stop = threading.Event()
 
         def drain() -> None:
-            while not stop.is_set() or not q.empty():
+            while True:
                 try:
-                    msg = q.get(timeout=0.1)
+                    msg = q.get(timeout=0.5)
                 except queue.Empty:
+                    if stop.is_set():
+                        return
                     continue
                 except (EOFError, OSError):
+                    return
+                if msg is None:  # the driver's own, after the workers' last
                     return
                 if isinstance(msg, logging.LogRecord):  # a worker's log record
                     forward_records(msg)
@@ -119,9 +246,11 @@ class LocalEngine:
         pending: set[Future] = set()
         it = iter(units)
         exhausted = False
+        # a fork server's child would otherwise have the server's environment, not the driver's
+        initargs = (q, current_level(), dict(os.environ) if forked else None)
         try:
             with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(q, current_level())) as pool:
+                                     initargs=initargs) as pool:
                 while True:
                     while not exhausted and len(pending) < 2 * self.workers:
                         try:
@@ -138,6 +267,11 @@ class LocalEngine:
         finally:
             for fut in pending:
                 fut.cancel()
-            time.sleep(0.05)
-            stop.set()
+            # The pool has joined its workers, whose queue writes were flushed as they
+            # exited: this marker comes after their last message. (Should it never arrive,
+            # a dead worker holding the queue's lock, the join gives up and stop ends the
+            # drain; the driver's exit does not wait on the marker's write.)
+            q.cancel_join_thread()
+            q.put(None)
             drainer.join(timeout=2)
+            stop.set()
