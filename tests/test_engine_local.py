@@ -75,6 +75,13 @@ def _chatty(unit, n, report):
     return unit
 
 
+def _write_std(unit, _config, report):
+    """A unit function that writes to file descriptors 1 and 2 directly (as C libraries do)."""
+    os.write(1, f"out {unit}\n".encode())
+    os.write(2, f"err {unit}\n".encode())
+    return unit
+
+
 def _server_pid() -> int | None:
     return forkserver._forkserver._forkserver_pid
 
@@ -171,6 +178,18 @@ def test_ingest_with_two_workers_follows_the_proxy_environment(monkeypatch, tmp_
         monkeypatch.setenv("HTTP_PROXY", proxy.url())
         assert ingest(table(named, "named.parquet"), "proxied") == ["success"] * n
         assert sorted(proxy.targets("GET")) == sorted(named)
+
+
+@needs_forkserver
+def test_workers_write_to_the_drivers_stdout_and_stderr_of_now(monkeypatch, capfd):
+    """The server started under other descriptors (here: pytest's own, capture off); the
+    workers' writes land where the driver's go now (this test's capture)."""
+    with capfd.disabled():
+        _fresh_server(monkeypatch)
+    assert sorted(LocalEngine(2).map(_write_std, range(3), None)) == [0, 1, 2]
+    out, err = capfd.readouterr()
+    assert sorted(out.splitlines()) == ["out 0", "out 1", "out 2"]
+    assert sorted(err.splitlines()) == ["err 0", "err 1", "err 2"]
 
 
 # --- the spawn fallback ------------------------------------------------------------------

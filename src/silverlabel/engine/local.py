@@ -49,9 +49,12 @@ START_METHODS = ("forkserver", "spawn")
 PRELOAD_MODULE = "silverlabel.engine.preload"
 
 
-def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str] | None = None) -> None:
+def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str] | None = None,
+                 stdio: _DriverStdio | None = None) -> None:
     global _progress_queue
     _progress_queue = q
+    if stdio is not None:
+        stdio.install()
     if environ is not None:  # forked from the fork server, which has the environment it started with
         _take_environment(environ)
         # a fork server's child ends with os._exit, after multiprocessing's finalizers but
@@ -66,6 +69,43 @@ def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str
     # setting wins. (A fork server loaded numpy with the same default: engine.preload.)
     if "numpy" not in sys.modules or environ is not None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+class _DriverStdio:
+    """The driver's stdout and stderr (file descriptors 1 and 2), for a fork server's child:
+    it would otherwise write to the server's, those the driver had when the server started
+    (another test's capture under pytest, say), where a spawned worker inherits the driver's
+    of the moment. Passed with the process (``multiprocessing.reduction.DupFd``), so only
+    pickled while a fork server's child is being started."""
+
+    def __init__(self, fds: list[Any] | None = None):
+        self.fds = fds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        fds: list[Any] = []
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:  # closed in the driver: the child keeps the server's
+                fds.append(None)
+                continue
+            fds.append(reduction.DupFd(fd))
+        return (_DriverStdio, (fds,))
+
+    def install(self) -> None:
+        """In the child: make the driver's descriptors this process's 1 and 2."""
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        for target, dup in zip((1, 2), self.fds or ()):
+            if dup is None:
+                continue
+            fd = dup.detach()
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
 
 
 def _take_environment(environ: Mapping[str, str]) -> None:
@@ -246,8 +286,8 @@ class LocalEngine:
         pending: set[Future] = set()
         it = iter(units)
         exhausted = False
-        # a fork server's child would otherwise have the server's environment, not the driver's
-        initargs = (q, current_level(), dict(os.environ) if forked else None)
+        # a fork server's child would otherwise have the server's environment and stdio, not the driver's
+        initargs = (q, current_level(), dict(os.environ), _DriverStdio()) if forked else (q, current_level())
         try:
             with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=initargs) as pool:
