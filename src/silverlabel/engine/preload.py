@@ -37,8 +37,11 @@ SERVER_ENVIRONMENT = {
     "JE_ARROW_MALLOC_CONF": "background_thread:false",
 }
 
-#: Imported in order; a module that is not installed is skipped.
-MODULES = ("numpy", "pyarrow", "pyarrow.parquet", "cv2", "simplejpeg", "PIL.Image")
+#: Imported in order; a module that is not installed is skipped. The last ones are what a
+#: worker imports as it starts (the pool's machinery, its log handler, hostnames' codec).
+MODULES = ("numpy", "pyarrow", "pyarrow.parquet", "cv2", "simplejpeg", "PIL.Image",
+           "concurrent.futures.process", "multiprocessing.synchronize", "logging.handlers", "encodings.idna",
+           "silverlabel.engine.local")
 
 #: What was imported (for tests and debugging).
 loaded: list[str] = []
