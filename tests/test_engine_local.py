@@ -192,6 +192,63 @@ def test_workers_write_to_the_drivers_stdout_and_stderr_of_now(monkeypatch, capf
     assert sorted(err.splitlines()) == ["err 0", "err 1", "err 2"]
 
 
+DRIVER = textwrap.dedent("""
+    import os, sys, time
+    from silverlabel.engine.local import LocalEngine
+
+    def sleepy(unit, folder, report):
+        with open(os.path.join(folder, f"{unit}-{os.getpid()}-{os.getppid()}"), "w"):
+            pass
+        time.sleep(60)
+
+    if __name__ == "__main__":
+        list(LocalEngine(2, start_method=sys.argv[2]).map(sleepy, range(2), sys.argv[1]))
+""")
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_and_the_server_end_when_the_driver_is_killed(tmp_path, method):
+    """A driver killed mid-unit (SIGKILL: no cleanup of its own) leaves no process behind."""
+    if method not in mp.get_all_start_methods() or not os.path.isdir("/proc"):
+        pytest.skip("no fork server or no /proc on this platform")
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    (tmp_path / "marks").mkdir()
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path / "marks"), method])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((tmp_path / "marks").iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        marks = [p.name.split("-") for p in (tmp_path / "marks").iterdir()]
+        assert len(marks) == 2, "the workers did not start"
+    finally:
+        driver.kill()
+        driver.wait()
+    workers, parents = {int(pid) for _u, pid, _p in marks}, {int(parent) for _u, _pid, parent in marks}
+    if method == "spawn":
+        assert parents == {driver.pid}
+    else:  # one fork server, which would outlive the driver while a worker holds its "alive" pipe
+        assert len(parents) == 1 and driver.pid not in parents
+    left = (workers | parents) - {driver.pid}
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for this purpose
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stuck = [p for p in left if alive(p)]
+    for pid in stuck:  # leave nothing behind when failing
+        os.kill(pid, 9)
+    assert not stuck
+
+
 # --- the spawn fallback ------------------------------------------------------------------
 
 

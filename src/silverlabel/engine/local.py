@@ -53,6 +53,7 @@ def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str
                  stdio: _DriverStdio | None = None) -> None:
     global _progress_queue
     _progress_queue = q
+    _exit_with_driver()
     if stdio is not None:
         stdio.install()
     if environ is not None:  # forked from the fork server, which has the environment it started with
@@ -69,6 +70,24 @@ def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str
     # setting wins. (A fork server loaded numpy with the same default: engine.preload.)
     if "numpy" not in sys.modules or environ is not None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _exit_with_driver() -> None:
+    """End this worker when the driver is gone (killed, say): a pool worker waits for work
+    forever otherwise, and a fork server lives as long as any of its workers. A daemon
+    thread waits on the parent's sentinel (the driver's, also for a fork server's child)."""
+    parent = mp.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is None:
+        return
+
+    def watch() -> None:
+        from multiprocessing.connection import wait as wait_for
+
+        wait_for([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="silverlabel-driver-watch", daemon=True).start()
 
 
 class _DriverStdio:
