@@ -350,3 +350,15 @@ def test_the_preload_starts_no_thread_imports_no_torch_and_reads_no_settings():
 def test_only_silverlabel_modules_are_preloaded():
     assert local.preload_modules("some_plugin.stage")[-1] != "some_plugin.stage"
     assert local.preload_modules("silverlabel.stages.ingest")[0] == local.PRELOAD_MODULE
+
+
+def test_cli_starts_the_fork_server_only_for_a_local_pool():
+    """The CLI starts the fork server before parsing when the command runs a local pool of
+    more than one worker, and not for one worker, another engine or a command without one."""
+    from silverlabel.cli import _early_pool
+
+    assert _early_pool("shard", ["shard", "sel", "-o", "ts", "--workers", "3"]) == "silverlabel.stages.shard"
+    assert _early_pool("ingest", ["-v", "ingest", "u.parquet", "--workers", "2", "--engine", "ray"]) is None
+    assert _early_pool("ingest", ["ingest", "u.parquet", "--workers", "1"]) is None
+    assert _early_pool("ingest", ["ingest", "u.parquet", "--workers", "two"]) is None  # the parser's to report
+    assert _early_pool("label", ["label", "pool", "--workers", "2"]) is None

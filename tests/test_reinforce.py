@@ -183,6 +183,14 @@ def test_replay_processes_write_byte_identical_shards(reinforced, tmp_path, monk
             json.loads((Path(cfg.output) / ".done" / f"{name}.json").read_text())
 
 
+def test_two_workers_with_replay_processes_finish(reinforced, tmp_path):
+    """Two engine workers, each with its own replay process: the run ends (a worker's exit
+    used to wait on its replay processes forever) and writes the one-worker tars."""
+    cfg, _ = reinforced
+    out = run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "w2"), workers=2, replay_procs=1))
+    assert out.shards_done_now == 2 and _md5s(tmp_path / "w2") == _md5s(Path(cfg.output))
+
+
 def test_replay_process_error_is_a_clear_error(trainset, tmp_path):
     """A sample whose JPEG header reads but whose data is cut short fails in a replay process;
     the stage raises its ValueError, stops the processes and leaves no partial tar."""

@@ -34,7 +34,8 @@ from typing import Any
 from silverlabel import __version__
 from silverlabel.errors import UserError
 from silverlabel.log import LEVELS, configure, level_from_flags, progress_wanted, stage_progress
-from silverlabel.options import LazyChoices, cli_meta, engine_field, is_nested, opt, positive_int, ray_address_field
+from silverlabel.options import (LazyChoices, cli_meta, cpu_count, engine_field, is_nested, opt, positive_int,
+                                 ray_address_field)
 
 # ---------------------------------------------------------------------------------------
 # flags from config fields
@@ -684,8 +685,53 @@ def _command_of(argv: Sequence[str]) -> str:
     return ""
 
 
+#: commands whose local engine runs a pool of CPU workers, and the module their workers run
+_POOL_COMMANDS = {"ingest": "silverlabel.stages.ingest", "shard": "silverlabel.stages.shard"}
+
+
+def _early_pool(command: str, argv: Sequence[str]) -> str | None:
+    """The module the local engine's workers will run when ``command`` will start a pool of
+    them (:data:`_POOL_COMMANDS`, ``--engine local``, more than one ``--workers``), else None.
+    Only those two flags are looked at; anything wrong with them or the rest is the real
+    parser's to report.
+
+        >>> _early_pool("ingest", ["ingest", "urls.parquet", "-o", "pool", "--workers", "2"])
+        'silverlabel.stages.ingest'
+        >>> _early_pool("ingest", ["ingest", "urls.parquet", "--workers=1"]) is None
+        True
+    """
+    module = _POOL_COMMANDS.get(command)
+    if module is None:
+        return None
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--engine", default="local")
+    pre.add_argument("--workers", default=None)
+    try:
+        known, _ = pre.parse_known_args(argv)
+        workers = int(known.workers) if known.workers is not None else cpu_count()
+    except (argparse.ArgumentError, ValueError):
+        return None
+    return module if known.engine == "local" and workers > 1 else None
+
+
+def _start_pool_early(command: str, argv: Sequence[str]) -> None:
+    """Start the local engine's fork server now, before the command's own imports and
+    planning, when it will run a pool (:func:`_early_pool`): the server's imports then
+    overlap them (~0.14 s of a 2,000-image ingest on 2 cores)."""
+    module = _early_pool(command, argv)
+    if module is None:
+        return
+    from silverlabel.engine.local import start_forkserver
+
+    try:
+        start_forkserver(module)
+    except UserError:  # a bad $SILVERLABEL_START_METHOD: the engine says so, in the command's words
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _start_pool_early(_command_of(argv), argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:

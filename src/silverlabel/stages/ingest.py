@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -367,8 +367,11 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
 def _items_identity(items: list[Item]) -> str:
     """sha256 over a unit's input items: a shard is redone when its items changed."""
     h = hashlib.sha256()
+    names = [f.name for f in fields(Item)]
     for it in items:  # where a local input lies is no part of it (its source locator is)
-        h.update(json.dumps(astuple(replace(it, path=None)), default=str).encode() + b"\n")
+        # the fields in order, as dataclasses.astuple gives them (the same JSON), without its deep copies
+        row = [None if name == "path" else getattr(it, name) for name in names]
+        h.update(json.dumps(row, default=str).encode() + b"\n")
     return h.hexdigest()
 
 

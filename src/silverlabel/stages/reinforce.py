@@ -58,6 +58,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
+from multiprocessing import util as mp_util
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +574,11 @@ def _replay_pool(procs: int) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_proc_init,
                                    initargs=(os.getpid(),))  # spawn: the driver may hold CUDA
         _REPLAY_POOL.append((procs, pool))
+        # An engine worker (a pool process itself) never returns to the interpreter's exit,
+        # where the pool would be shut down: without this, its exit waited on the replay
+        # processes forever (--workers 2 with --replay-procs). Before multiprocessing's own
+        # closers (priority 10), which would leave the pool's queue half shut.
+        mp_util.Finalize(None, close_replay_pool, exitpriority=20)
     return _REPLAY_POOL[0][1]
 
 
