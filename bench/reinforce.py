@@ -191,8 +191,9 @@ def teacher_rate(cfg, batch: int, steps: int = 20) -> float:
 
 
 def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
-    """The stage's torch replay alone (GPU decode + ``replay_views`` of every view of a batch, on
-    its own thread and stream, two batches ahead), no teacher: augmentations/s."""
+    """The stage's torch replay alone (the decode ``cfg.decode`` names, host or GPU, +
+    ``replay_views`` of every view of a batch, on its own thread and stream, two batches
+    ahead), no teacher: augmentations/s."""
     from silverlabel.augment import sample_augs
     from silverlabel.formats.wds import iter_tar_samples
     from silverlabel.stages import reinforce as rs
@@ -207,7 +208,8 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
                 for i, (s, (w, h)) in enumerate(zip(index, sizes))]
         per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
         batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
-        tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}))
+        tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), cfg.decode,
+                             min(cfg.threads, 16))
 
         def run(bs) -> None:
             futs = [tr.submit(b) for b in bs[:2]]
@@ -246,7 +248,7 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
     index = list(iter_tar_samples(str(tar)))[:limit]
     reader = rs._Reader(str(tar))
     per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
-    tr = rs._TorchReplay(runner, reader, index, [], [size])
+    tr = rs._TorchReplay(runner, reader, index, [], [size], cfg.decode, min(cfg.threads, 16))
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"decode": [], "views": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
     try:
