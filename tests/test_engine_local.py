@@ -362,3 +362,4 @@ def test_cli_starts_the_fork_server_only_for_a_local_pool():
     assert _early_pool("ingest", ["ingest", "u.parquet", "--workers", "1"]) is None
     assert _early_pool("ingest", ["ingest", "u.parquet", "--workers", "two"]) is None  # the parser's to report
     assert _early_pool("label", ["label", "pool", "--workers", "2"]) is None
+    assert _early_pool("ingest", ["ingest", "--workers", "2", "--help"]) is None

@@ -701,7 +701,7 @@ def _early_pool(command: str, argv: Sequence[str]) -> str | None:
         True
     """
     module = _POOL_COMMANDS.get(command)
-    if module is None:
+    if module is None or "-h" in argv or "--help" in argv:
         return None
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--engine", default="local")
