@@ -180,7 +180,7 @@ def start_forkserver(fn_module: str | None = None, method: str | None = None) ->
     """Start the fork server now (if it is not running) with :func:`preload_modules`, so that
     its imports overlap the caller's own work; False where workers are spawned instead
     (:func:`resolve_start_method`). The first pool does this itself; a driver that knows early that
-    it will run a pool (the CLI, once it has parsed ``--workers``) can call it sooner. A
+    it will run a pool (the CLI, from ``--engine`` and ``--workers`` before it parses the rest) can call it sooner. A
     server already running keeps what it preloaded."""
     if resolve_start_method(method) != "forkserver":
         return False

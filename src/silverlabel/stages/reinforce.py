@@ -251,7 +251,7 @@ def get_teacher_runner(cfg: ReinforceConfig):
     from silverlabel.teachers import create_teacher
 
     device = worker_device(cfg.device)
-    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision, cfg.reserve_sms)
+    key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision, cfg.reserve_sms, cfg.decode)
     if key not in _RUNNER_CACHE:
         for old in _RUNNER_CACHE.values():
             old.close()
@@ -259,9 +259,12 @@ def get_teacher_runner(cfg: ReinforceConfig):
         teachers = [create_teacher(t) for t in cfg.teachers]
         space = cfg.label_space or teachers[0].label_space
         overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None}
+        # one GPU decoder (the torch replay's), on the hardware engines only with --decode gpu:
+        # the host decode leaves it unused
         _RUNNER_CACHE[key] = Labeler(teachers, space, cfg.topk, device=device, decode_threads=1,
                                      overrides=overrides, precision=cfg.precision, decode_procs=0,
-                                     reserve_sms=cfg.reserve_sms)
+                                     reserve_sms=cfg.reserve_sms, gpu_decode_threads=1,
+                                     hw_decode=cfg.decode == "gpu")
     return _RUNNER_CACHE[key]
 
 
