@@ -241,11 +241,16 @@ def trace(root: Path, device: str, use_hw: bool) -> dict:
     return res
 
 
-def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: int = 80) -> dict:
+def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: int = 80,
+                 devsync: bool = False, reuse: bool = True) -> dict:
     """In this (fresh) process: the GPU decoder alone over the first shard's JPEGs, in batches,
     ``passes`` times; each image against Pillow's decode (a JPEG decoder may differ by a grey
     level or two; more is a wrong decode) and against its own first pass; and the CUDA array
-    interface of a decoded image (a ``stream`` there is one the consumer must wait for)."""
+    interface of a decoded image (a ``stream`` there is one the consumer must wait for).
+    ``devsync`` waits for the whole device after each batch (not just the decode stream);
+    ``reuse=False`` decodes into new buffers every batch. For each image whose bytes change
+    between passes, ``tail`` gives each pass's largest difference from Pillow in the last
+    16 rows (the bottom MCU row), to tell which pass decoded it right."""
     import hashlib
 
     import numpy as np
@@ -266,15 +271,19 @@ def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: 
             keys.append(smp.key)
     ref = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
     dec = GpuDecoder(device, use_hw=use_hw)
+    dec.reuse = reuse
     stream = torch.cuda.Stream(device)
     out: dict = {"counts": None, "passes": [], "cuda_array_interface": None}
     first: dict = {}
+    tails: dict = {}
     with torch.cuda.stream(stream):
         for p in range(passes):
             bad, changed = [], []
             for b0 in range(0, len(blobs), batch):
                 refs, errors, keep = dec.decode(blobs[b0:b0 + batch])
                 stream.synchronize()
+                if devsync:
+                    torch.cuda.synchronize(device)
                 if out["cuda_array_interface"] is None and keep:  # does the decoder name a stream to wait for?
                     ims = [im for item in keep if isinstance(item, tuple) for im in item[1] if im is not None]
                     if ims:
@@ -286,6 +295,7 @@ def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: 
                     if first.setdefault(keys[b0 + j], digest) != digest:
                         changed.append(keys[b0 + j])
                     d = np.abs(x.astype(int) - ref[b0 + j].astype(int))
+                    tails.setdefault(keys[b0 + j], []).append(int(d[-16:].max()))
                     if d.max() > 8:
                         ys, xs_ = np.nonzero(d.max(-1))
                         bad.append({"key": keys[b0 + j], "shape": list(x.shape), "max": int(d.max()),
@@ -294,6 +304,10 @@ def decode_check(root: Path, device: str, use_hw: bool, passes: int = 3, batch: 
             out["passes"].append({"pass": p, "bad": len(bad), "examples": bad[:6], "changed_vs_pass0": len(changed),
                                   "changed_examples": changed[:6]})
     out["counts"] = dict(dec.counts)
+    changed_keys = [k for k, v in tails.items() if len(set(v)) > 1]
+    out["tail_max_vs_pillow_of_changed"] = {k: tails[k] for k in changed_keys[:12]}
+    out["changed_any_pass"] = len(changed_keys)
+    out["devsync"], out["reuse"] = devsync, reuse
     return out
 
 
@@ -308,6 +322,8 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     ap.add_argument("--trace", choices=("hw", "nohw"), help="record where run 0 and run 1 part, in this process")
     ap.add_argument("--decode-check", choices=("hw", "nohw"), help="the GPU decoder alone vs Pillow, in this process")
+    ap.add_argument("--devsync", action="store_true", help="--decode-check: wait for the whole device after each batch")
+    ap.add_argument("--no-reuse", action="store_true", help="--decode-check: new decode buffers every batch")
     args = ap.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="silverlabel-rnf-det-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -319,7 +335,8 @@ def main() -> int:
     if not (root / "ts" / "_info.json").exists():
         multigpu.toy_trainset(root, args.images, (320, 240))
     if args.decode_check:
-        res = decode_check(root, args.device, args.decode_check == "hw")
+        res = decode_check(root, args.device, args.decode_check == "hw", devsync=args.devsync,
+                           reuse=not args.no_reuse)
         print("DECODE " + json.dumps(res), flush=True)
         return 0
     if args.trace:

@@ -132,3 +132,62 @@ def test_a_units_output_is_found_in_its_record_by_one_reader(tmp_path):
     for bad in ({"bytes": "3", "md5": md5}, {"bytes": 3}, {"bytes": 3, "md5": ""}, [3, md5]):
         assert recorded_output({"outputs": {"shards/a.tar": bad}}, "shards/a.tar") is None
     assert recorded_output({"outputs": ["shards/a.tar"]}, "shards/a.tar") is None
+
+
+def test_prefetch_runs_ahead_keeps_order_and_raises_in_place():
+    import threading
+
+    from silverlabel.dataset import prefetch
+
+    second = threading.Event()
+
+    def items():
+        yield 0
+        second.set()  # pulled while the caller still holds item 0
+        yield 1
+        yield 2
+        raise ValueError("bad plan")
+
+    got = []
+    it = prefetch(items(), ahead=2)
+    got.append(next(it))
+    assert second.wait(10), "the next item was not pulled ahead of the caller"
+    with pytest.raises(ValueError, match="bad plan"):
+        for x in it:
+            got.append(x)
+    assert got == [0, 1, 2]  # every item before the error, in order
+
+
+def test_prefetch_stops_its_thread_when_the_caller_stops():
+    import threading
+
+    from silverlabel.dataset import prefetch
+
+    pulled = []
+
+    def items():
+        for i in range(1000):
+            pulled.append(i)
+            yield i
+
+    it = prefetch(items(), ahead=2)
+    assert next(it) == 0
+    it.close()
+    assert not any(t.name == "silverlabel-plan" and t.is_alive() for t in threading.enumerate())
+    assert len(pulled) <= 5  # stopped a few items ahead, not run to the end
+
+
+class AheadStage(UpperStage):
+    plan_ahead = 2
+
+
+def test_a_stage_planned_ahead_resumes_and_redoes_like_one_planned_inline(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}.txt").write_text(f"text {i}")
+    cfg = UpperConfig(str(src), str(tmp_path / "out"))
+    assert run_stage(AheadStage(cfg, Dataset(cfg.output))) == (5, 0)
+    (src / "f3.txt").write_text("changed")
+    assert run_stage(AheadStage(cfg, Dataset(cfg.output))) == (1, 4)
+    assert (tmp_path / "out" / "f3.txt").read_text() == "CHANGED!"

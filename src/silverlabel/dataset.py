@@ -342,6 +342,56 @@ def map_ordered(fn: Any, items: Iterable[Any], threads: int = 1) -> Iterator[Any
             yield window.popleft().result()
 
 
+def prefetch(items: Iterable[Any], ahead: int = 2) -> Iterator[Any]:
+    """``items`` in order, pulled on a thread of their own up to ``ahead`` ahead of the
+    caller: a plan whose next item costs a file's read (an md5 of an input shard) overlaps
+    the work on the item before. An exception in ``items`` is raised here, in order; a
+    caller that stops early stops the thread (after the item it is on).
+
+        >>> list(prefetch(iter(range(5)), ahead=2))
+        [0, 1, 2, 3, 4]
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(max(1, ahead))
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # raised in the caller's thread, after the items before it
+            put((end, e))
+            return
+        put((end, None))
+
+    t = threading.Thread(target=run, name="silverlabel-plan", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def drop_local(path: str | os.PathLike) -> None:
     """Remove this process's staged copy of a URL's object (:func:`fetch_local`), a cache no
     longer needed; nothing for a local path."""

@@ -67,7 +67,7 @@ from typing import Any, Protocol
 
 from silverlabel import __version__
 from silverlabel.dataset import (Dataset, check_writable, clean_temporaries, display, file_digest, file_size,
-                                 map_ordered, put_bytes, read_bytes, stage_path, storage_error, url_of,
+                                 map_ordered, prefetch, put_bytes, read_bytes, stage_path, storage_error, url_of,
                                  write_json_atomic)
 from silverlabel.errors import UserError
 from silverlabel.engine import Engine, Report, stage_engine, unit_name
@@ -332,7 +332,10 @@ def _run_locked(stage: Stage, engine: Engine, progress: Report | None) -> Any:
 
         def todo() -> Iterator[Any]:
             ahead = CHECK_AHEAD if out.url is not None else 1  # a store: its requests overlap
-            for unit, rec in _checked(stage.plan(engine), ahead):
+            plan = stage.plan(engine)
+            if getattr(stage, "plan_ahead", 0):
+                plan = prefetch(plan, stage.plan_ahead)
+            for unit, rec in _checked(plan, ahead):
                 planned.append(unit_name(unit))
                 if rec is not None:
                     again = stage.redo(unit, rec)
@@ -426,6 +429,10 @@ class BaseStage:
     """Defaults for the optional parts of :class:`Stage`."""
 
     needs_gpu = False
+    #: units planned ahead on a thread of their own while the engine runs the one before
+    #: (0: in the caller's thread). For plans whose units cost a read of their input (its
+    #: md5) and run nothing on the engine themselves.
+    plan_ahead = 0
 
     def __init__(self, config: Any, output: Dataset):
         self.config = config

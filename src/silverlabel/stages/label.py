@@ -306,6 +306,9 @@ class LabelStage(BaseStage):
     the shard's tar and samples table (relabeled when either changed)."""
 
     needs_gpu = True
+    # the shards' identities (an md5 read where ingest left no record), computed while the
+    # unit before runs
+    plan_ahead = 2
     unit_fn = staticmethod(label_shard)
 
     def prepare(self) -> None:

@@ -463,11 +463,14 @@ def resolve_replay(cfg: ReinforceConfig, device_type: str) -> str:
 
 class _TorchReplay:
     """Whole batches decoded and replayed on the teacher's device (:mod:`silverlabel.replay_torch`),
-    on a thread of its own ahead of the teacher. On a GPU the images are decoded by the label
-    stage's decoder (hardware JPEG engines, nvJPEG, Pillow per image) and replayed on a CUDA
-    stream of this thread at the highest priority (``inference.producer_stream``); the teacher
-    runs on a stream of its own (not the legacy default stream, which would wait for the
-    decoder's streams) after an event of the replay's."""
+    in two steps ahead of the teacher: a batch's host work (its augmentations drawn, its bytes
+    read and, with the default ``--decode host``, Pillow's decode on threads into pinned
+    memory) on a load thread, then its replay on a replay thread, so the next batch loads
+    while this one replays. With ``--decode gpu`` the label stage's decoder (hardware JPEG
+    engines, nvJPEG, Pillow per image) decodes on the replay thread instead. On a GPU the
+    replay runs on a CUDA stream at the highest priority (``inference.producer_stream``); the
+    teacher runs on a stream of its own (not the legacy default stream, which would wait for
+    the decoder's streams) after an event of the replay's."""
 
     def __init__(self, runner: Any, reader: _Reader, index: list, augs: _ShardAugs, sizes: list[int],
                  decode: str = "host", threads: int = 4):
@@ -477,7 +480,8 @@ class _TorchReplay:
         self.cuda = self.device.type == "cuda"
         self.decoder = runner.decoders[0] if self.cuda and runner.decoders and decode == "gpu" else None
         self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
-        self.pool = ThreadPoolExecutor(1)
+        self.pool = ThreadPoolExecutor(1)  # the replay (device work, in batch order)
+        self.load_pool = ThreadPoolExecutor(1)  # each batch's host work, ahead of its replay
         # Pillow decodes on these threads (it releases the GIL) into pinned memory, copied to the
         # device on the replay's stream: one decode per image feeds K views, so a few cores keep
         # up with the teacher
@@ -494,30 +498,50 @@ class _TorchReplay:
             self.stream = self.model_stream = None
 
     def submit(self, batch: list[int]):
-        return self.pool.submit(self._prepare, batch)
+        """Start preparing ``batch``: its load (augmentations drawn, bytes read, Pillow decode)
+        on the load thread, then its replay on the replay thread. Batches submitted ahead
+        load while earlier ones replay, so the replay never waits for a whole batch's decode."""
+        load = self.load_pool.submit(self._load, batch)
+        return self.pool.submit(self._prepare, batch, load)
 
-    def _decode(self, need: list[int]) -> tuple[list[Any], Any]:
+    def _load(self, batch: list[int]) -> tuple[list[int], list[Any] | None]:
+        """The images ``batch`` needs (its samples and their mixing partners, sorted) and, with
+        the host decode, their pixels in (pinned) host memory; host work only."""
+        partners = {a.mix.partner for i in batch for a in self.augs[i] if a.mix is not None}
+        need = sorted(set(batch) | partners)
+        if self.decoder is not None:
+            return need, None
+        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
+        return need, list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
+
+    def _to_device(self, need: list[int], host: list[Any] | None) -> tuple[list[Any], Any]:
+        """The images as device tensors (on the current stream) and what must outlive their use."""
         from silverlabel.replay_torch import ref_tensor
 
-        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
-        if self.decoder is None:  # Pillow on host threads, then (on a GPU) one async copy each
-            host = list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
+        if host is not None:  # Pillow's pixels: one async copy each
             return [t.to(self.device, non_blocking=True) for t in host], host
+        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
         refs, errors, keep = self.decoder.decode(blobs)
         for i, err in zip(need, errors):
             if err is not None:
                 raise OSError(f"sample {self.index[i].key!r}: {err}")
         return [ref_tensor(r, self.device) for r in refs], keep
 
-    def _prepare(self, batch: list[int]) -> tuple[list[Any], Any, Any]:
+    def _decode(self, need: list[int]) -> tuple[list[Any], Any]:
+        """``need``'s images decoded as the stage does, on the current stream (the benchmark's phases)."""
+        if self.decoder is not None:
+            return self._to_device(need, None)
+        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
+        return self._to_device(need, list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs)))
+
+    def _prepare(self, batch: list[int], load: Any) -> tuple[list[Any], Any, Any]:
         from silverlabel.replay_torch import View, replay_views
 
         torch = self.torch
+        need, host = load.result()
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext(), torch.inference_mode():
-            partners = {a.mix.partner for i in batch for a in self.augs[i] if a.mix is not None}
-            need = sorted(set(batch) | partners)
             pos = {i: j for j, i in enumerate(need)}
-            images, keep = self._decode(need)
+            images, keep = self._to_device(need, host)
             views = [View(pos[i], a, None if a.mix is None else
                           (pos[a.mix.partner], self.augs[a.mix.partner][a.mix.partner_aug]))
                      for i in batch for a in self.augs[i]]
@@ -543,6 +567,7 @@ class _TorchReplay:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.load_pool.shutdown(wait=True, cancel_futures=True)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -764,6 +789,9 @@ class ReinforceStage(BaseStage):
     training set (reinforced, or copied for the other splits), bound to that shard's bytes."""
 
     needs_gpu = True
+    # the input tars' md5s (a training set not written by `shard` has no record of them),
+    # computed while the unit before runs
+    plan_ahead = 2
     unit_fn = staticmethod(reinforce_shard)
 
     def prepare(self) -> None:
