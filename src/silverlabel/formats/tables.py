@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,6 +38,71 @@ SAMPLES_SCHEMA = pa.schema(
 )
 
 
+#: integer columns :func:`column_array` builds itself: arrow type -> (numpy dtype, min, max)
+_INT_TYPES = {pa.int32(): ("<i4", -(1 << 31), (1 << 31) - 1), pa.int64(): ("<i8", -(1 << 63), (1 << 63) - 1)}
+
+#: the most bytes a ``string`` column (32-bit offsets) holds; more: pyarrow's own converter
+_STRING_MAX_BYTES = (1 << 31) - 1
+
+
+def _validity(present: list[bool], nulls: int) -> pa.Buffer | None:
+    """Arrow's validity bitmap (bit i set: value i is there), None when nothing is null."""
+    if not nulls:
+        return None
+    return pa.py_buffer(np.packbits(np.array(present, dtype=bool), bitorder="little").tobytes())
+
+
+def _string_array(values: list[Any]) -> pa.Array | None:
+    if any(v is not None and type(v) is not str for v in values):
+        return None
+    try:
+        encoded = [b"" if v is None else v.encode() for v in values]
+    except UnicodeEncodeError:  # a lone surrogate: pyarrow's converter says why
+        return None
+    offsets = np.zeros(len(values) + 1, dtype="<i8")
+    offsets[1:] = np.cumsum(np.array([len(b) for b in encoded], dtype="<i8"))
+    if offsets[-1] > _STRING_MAX_BYTES:
+        return None
+    present = [v is not None for v in values]
+    nulls = len(values) - sum(present)
+    return pa.Array.from_buffers(pa.string(), len(values), [_validity(present, nulls), pa.py_buffer(
+        offsets.astype("<i4").tobytes()), pa.py_buffer(b"".join(encoded))], null_count=nulls)
+
+
+def _int_array(values: list[Any], arrow_type: pa.DataType) -> pa.Array | None:
+    dtype, low, high = _INT_TYPES[arrow_type]
+    if any(v is not None and (type(v) is not int or not low <= v <= high) for v in values):
+        return None
+    present = [v is not None for v in values]
+    nulls = len(values) - sum(present)
+    data = np.array([0 if v is None else v for v in values], dtype=dtype)
+    return pa.Array.from_buffers(arrow_type, len(values), [_validity(present, nulls), pa.py_buffer(data.tobytes())],
+                                 null_count=nulls)
+
+
+def column_array(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
+    """``pa.array(values, type=arrow_type)``, the same array, without pyarrow's converter from
+    Python objects where it can: that converter imports pandas the first time it runs (to
+    ask whether ``values`` is a pandas object; ~0.2 s, in every worker process otherwise).
+    Built directly from Arrow buffers for ``string``, ``int32`` and ``int64`` columns whose
+    values are exactly ``str``/``int`` or None (the samples table's own); anything else
+    (another type, a ``bool`` or ``float`` in an integer column, an integer out of range, a
+    string that is not UTF-8) goes through ``pa.array``, which converts it or raises as
+    before.
+
+        >>> column_array(["a", None, "ü"], pa.string()).equals(pa.array(["a", None, "ü"], type=pa.string()))
+        True
+        >>> column_array([3, None], pa.int32()).to_pylist()
+        [3, None]
+    """
+    built: pa.Array | None = None
+    if arrow_type == pa.string():
+        built = _string_array(values)
+    elif arrow_type in _INT_TYPES:
+        built = _int_array(values, arrow_type)
+    return built if built is not None else pa.array(values, type=arrow_type)
+
+
 def samples_table(rows: list[dict[str, Any]], extra_fields: list[pa.Field] | None = None) -> pa.Table:
     """Build a samples table with the fixed schema plus carried-through columns."""
     schema = SAMPLES_SCHEMA
@@ -46,7 +112,7 @@ def samples_table(rows: list[dict[str, Any]], extra_fields: list[pa.Field] | Non
     arrays = []
     for f in schema:
         try:
-            arrays.append(pa.array(columns[f.name], type=f.type))
+            arrays.append(column_array(columns[f.name], f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise UserError(f"column {f.name!r} cannot be stored as {f.type}: {e}") from e
     return pa.Table.from_arrays(arrays, schema=schema)
