@@ -1,5 +1,5 @@
 """The local engine's worker processes (issue 14): forked from a fork server that preloaded
-numpy, pyarrow, pandas, OpenCV and the unit function's module, yet each worker with the
+numpy, pyarrow, OpenCV, pandas (not for ingest) and the unit function's module, yet each worker with the
 driver's environment and working directory of the moment its pool starts (the server keeps
 the environment it started with); spawned instead with ``SILVERLABEL_START_METHOD=spawn``
 or where there is no fork server; progress and log records all in before ``map`` returns.
@@ -344,12 +344,23 @@ def test_the_preload_starts_no_thread_imports_no_torch_and_reads_no_settings():
     got = json.loads(p.stdout)
     assert got["threads"] == 1, got
     assert got["unwanted"] == [] and got["tempdir"] is None, got
-    assert {"numpy", "pyarrow", "pandas", "cv2", "PIL.Image"} <= set(got["loaded"]), got
+    assert {"numpy", "pyarrow", "cv2", "PIL.Image"} <= set(got["loaded"]), got
 
 
 def test_only_silverlabel_modules_are_preloaded():
     assert local.preload_modules("some_plugin.stage")[-1] != "some_plugin.stage"
     assert local.preload_modules("silverlabel.stages.ingest")[0] == local.PRELOAD_MODULE
+
+
+def test_pandas_is_preloaded_only_for_stages_that_need_it():
+    """pyarrow imports pandas (~0.2 s) the first time it converts Python objects: the server
+    preloads it for every stage but those whose workers never do (ingest: tests/test_ingest_pandas_free.py),
+    and for a user's module (unknown)."""
+    for module, _ in UNIT_FUNCTIONS:
+        wanted = module not in local.PANDAS_FREE
+        assert ("pandas" in local.preload_modules(module)) == wanted, module
+    assert "pandas" in local.preload_modules("some_plugin.stage") and "pandas" in local.preload_modules()
+    assert "pandas" not in local.preload_modules("silverlabel.stages.ingest")
 
 
 def test_cli_starts_the_fork_server_only_for_a_local_pool():

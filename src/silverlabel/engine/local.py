@@ -8,8 +8,8 @@ driver's handlers. ``workers=1`` runs in-process, which keeps tracebacks simple 
 debugging.
 
 Workers are forked from a fork server (``multiprocessing``'s ``forkserver`` start method)
-that has imported numpy, pyarrow, pandas, OpenCV (:mod:`silverlabel.engine.preload`) and the
-unit function's module once, so a worker starts in milliseconds instead of importing them
+that has imported numpy, pyarrow, OpenCV (:mod:`silverlabel.engine.preload`), pandas where
+the stage's workers need it (:func:`preload_modules`) and the unit function's module once, so a worker starts in milliseconds instead of importing them
 again (~0.35 s of CPU each). Never a plain fork of the driver: it may run threads
 (progress, servers). The server starts with the first pool and lives as long as the driver,
 with the environment it started with: each worker takes the driver's environment of the
@@ -47,6 +47,15 @@ START_METHODS = ("forkserver", "spawn")
 
 #: The fork server's own imports (see its docstring), before the unit function's module.
 PRELOAD_MODULE = "silverlabel.engine.preload"
+
+#: What pyarrow imports the first time it converts Python objects to an array or table (it asks
+#: whether they are pandas objects): ~0.2 s, preloaded unless the stage's workers never do that.
+PANDAS_MODULES = ("pandas", "pyarrow.pandas_compat")
+
+#: Unit modules whose workers build their tables from Arrow buffers
+#: (:func:`silverlabel.formats.tables.column_array`), so never import pandas
+#: (tests/test_ingest_pandas_free.py): their fork server does not preload it either.
+PANDAS_FREE = ("silverlabel.stages.ingest",)
 
 
 def _init_worker(q: Any, level: int = logging.WARNING, environ: Mapping[str, str] | None = None,
@@ -157,18 +166,24 @@ def resolve_start_method(method: str | None = None) -> str:
 
 def preload_modules(fn_module: str | None = None) -> list[str]:
     """What the fork server imports before forking workers: :mod:`silverlabel.engine.preload`,
-    the CLI (a worker runs the driver's main script again, and the ``silverlabel`` script is
+    pandas (:data:`PANDAS_MODULES`) unless ``fn_module`` is one of :data:`PANDAS_FREE`, the
+    CLI (a worker runs the driver's main script again, and the ``silverlabel`` script is
     ``from silverlabel.cli import main``) when the driver runs it, and ``fn_module`` when it is
     one of silverlabel's own: those are known to import neither torch nor anything that starts
     a thread or reads credentials when imported (tests/test_engine_local.py checks the
-    stages'); a user's module might, and is imported by each worker instead.
+    stages'); a user's module might, and is imported by each worker instead. (A module that
+    is not installed is skipped by the server: pandas is optional.)
 
         >>> preload_modules("silverlabel.stages.ingest")[-1]
         'silverlabel.stages.ingest'
+        >>> "pandas" in preload_modules("silverlabel.stages.ingest"), "pandas" in preload_modules("silverlabel.stages.label")
+        (False, True)
         >>> preload_modules("my_plugin") == preload_modules()
         True
     """
     mods = [PRELOAD_MODULE]
+    if fn_module not in PANDAS_FREE:
+        mods.extend(PANDAS_MODULES)
     if "silverlabel.cli" in sys.modules:
         mods.append("silverlabel.cli")
     if fn_module and fn_module.split(".")[0] == "silverlabel" and fn_module not in mods:

@@ -3,8 +3,11 @@
 :class:`silverlabel.engine.local.LocalEngine` starts its worker processes from a
 ``multiprocessing`` fork server: a fresh interpreter that imports this module (and the
 unit function's module), then forks one child per worker. The children start with these
-imports done, instead of each paying them again (numpy, pyarrow, the pandas that pyarrow
-imports on its first table, OpenCV, Pillow's format plugins: about 0.3 s of CPU per worker).
+imports done, instead of each paying them again (numpy, pyarrow, OpenCV, Pillow's format
+plugins: about 0.2 s of CPU per worker). pandas is not imported here: pyarrow imports it
+(~0.2 s) the first time it converts Python objects to an array, which ``ingest``'s workers
+never do (:func:`silverlabel.formats.tables.column_array`); for the other stages the server
+imports it too (:func:`silverlabel.engine.local.preload_modules`).
 
 What this module may do, because every worker of every stage is forked from the result:
 
@@ -56,16 +59,6 @@ def _preload() -> None:
         except ImportError:
             continue
         loaded.append(name)
-    if "pyarrow" in loaded:
-        import pyarrow
-
-        # pyarrow imports pandas (~0.15 s) the first time it builds a table or array: once
-        # here rather than in every worker (a private attribute: without it, no preload)
-        try:
-            if pyarrow.lib._pandas_api.have_pandas:
-                loaded.append("pandas")
-        except (AttributeError, ImportError):
-            pass
     if "PIL.Image" in loaded:
         from PIL import Image
 
