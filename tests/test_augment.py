@@ -133,3 +133,44 @@ def test_replay_survives_reencoding_at_another_resolution(photo):
         assert np.mean(unrelated) > 5 * np.mean(fractional)
     # same bytes, same resolution: bit for bit
     assert all(np.array_equal(replay(orig, a, 64), replay(orig, a, 64)) for a in augs)
+
+
+def _encoded(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket", "camera"])
+def test_decode_rgb_array_is_rule_one_byte_for_byte(name):
+    """The libjpeg-turbo path (simplejpeg) gives Pillow's bytes: 4:2:0 / 4:2:2 / 4:4:4,
+    sizes that end mid-MCU, grayscale, progressive; CMYK, PNG and WebP go through Pillow."""
+    from silverlabel.augment import decode, decode_rgb_array
+
+    photo = Image.fromarray(getattr(skimage.data, name)())
+    blobs = []
+    for size in (None, (301, 227), (213, 320)):
+        img = photo if size is None else photo.resize(size)
+        for mode in ("RGB", "L"):
+            for sub in (0, 1, 2):
+                blobs.append(_encoded(img.convert(mode), quality=87, subsampling=sub))
+        blobs.append(_encoded(img.convert("RGB"), quality=80, progressive=True))
+    blobs += [_encoded(photo.convert("CMYK")), _encoded(photo, "PNG"), _encoded(photo, "WEBP")]
+    for data in blobs:
+        want = np.asarray(decode(data))
+        got = decode_rgb_array(data)
+        assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want)
+        held = []
+        into = decode_rgb_array(data, lambda shape: held.append(np.zeros(shape, np.uint8)) or held[-1])
+        assert into is held[0] or np.shares_memory(into, held[0])  # written where alloc said
+        assert np.array_equal(held[0], want)
+
+
+def test_decode_rgb_array_rejects_what_pillow_rejects(photo):
+    from silverlabel.augment import decode_rgb_array
+
+    data = _encoded(photo.convert("RGB"), quality=90)
+    with pytest.raises(OSError):
+        decode_rgb_array(data[: len(data) // 2])  # truncated: Pillow's error, not half an image
+    with pytest.raises(OSError):
+        decode_rgb_array(b"not an image")

@@ -574,7 +574,9 @@ class _TorchReplay:
 
 def _host_decode(data: bytes, pin: bool) -> Any:
     """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) as a uint8 [H, W, 3] tensor; with
-    ``pin``, in page-locked memory, so that the copy to the GPU is asynchronous.
+    ``pin``, decoded straight into page-locked memory, so that the copy to the GPU is
+    asynchronous (:func:`silverlabel.augment.decode_rgb_array`: libjpeg-turbo without the
+    GIL for JPEGs, the same bytes as Pillow's).
 
     The default decode of the torch replay because the GPU decoders were not reproducible on
     the H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
@@ -582,14 +584,18 @@ def _host_decode(data: bytes, pin: bool) -> Any:
     (``bench/reinforce_determinism.py --trace``; BENCHMARKS.md)."""
     import torch
 
-    from silverlabel.replay_torch import decode_cpu
+    from silverlabel.augment import decode_rgb_array
 
-    a = decode_cpu(data)
     if not pin:
-        return a
-    p = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)
-    p.copy_(a)
-    return p
+        return torch.from_numpy(decode_rgb_array(data))
+    held: list[Any] = []
+
+    def alloc(shape: tuple[int, int, int]) -> np.ndarray:
+        held.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+        return held[-1].numpy()
+
+    decode_rgb_array(data, alloc)
+    return held[-1]
 
 
 _REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
