@@ -723,8 +723,10 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
 
             writes: deque = deque()
             write_pool = ThreadPoolExecutor(1)
-            submit()
-            submit()
+            # batches in flight: the torch replay loads one, replays one and the teacher takes
+            # a third; the Pillow paths fill two of the ring's slots ahead
+            for _ in range(3 if torch_replay is not None else 2):
+                submit()
             with ShardWriter(hf) as writer, contextlib.ExitStack() as writing:
                 # left before the writer closes; on an error the batches queued for writing are
                 # dropped (the temporary tar goes too)
