@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import re
 import tarfile
@@ -43,11 +42,17 @@ class ShardWriter:
     """
 
     def __init__(self, fileobj: BinaryIO):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self._f = fileobj
+        self._offset = fileobj.tell()  # where the archive starts, as tarfile counts it
+        self._closed = False
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        """Add one sample: ``members`` maps extension (no dot) to bytes, written in order."""
+        """Add one sample: ``members`` maps extension (no dot) to bytes, written in order.
+
+        The bytes ``tarfile.TarFile.addfile`` writes (its header, the data, NULs to the next
+        512-byte block; tests/test_ingest_shardwriter.py compares them), each member's data in
+        one write rather than copied through a buffer 16 KiB at a time."""
         if not _KEY_RE.match(key):
             raise UserError(f"invalid sample key {key!r}: use letters, digits, '_' or '-'")
         for ext, data in members.items():
@@ -58,11 +63,26 @@ class ShardWriter:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             info.type = tarfile.REGTYPE
-            self._tar.addfile(info, io.BytesIO(data))
+            header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self._f.write(header)
+            self._f.write(data)
+            if pad:
+                self._f.write(tarfile.NUL * pad)
+            self._offset += len(header) + len(data) + pad
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        """End the archive as ``tarfile`` does: two zero blocks, then zeros to a multiple of
+        its record size (10 KiB). The file itself stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        self._f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self._offset += 2 * tarfile.BLOCKSIZE
+        rest = self._offset % tarfile.RECORDSIZE
+        if rest:
+            self._f.write(tarfile.NUL * (tarfile.RECORDSIZE - rest))
 
     def __enter__(self) -> ShardWriter:
         return self
