@@ -342,6 +342,20 @@ def map_ordered(fn: Any, items: Iterable[Any], threads: int = 1) -> Iterator[Any
             yield window.popleft().result()
 
 
+def put_unless(q: Any, item: Any, stop: Any) -> bool:
+    """``q.put(item)`` on a bounded queue, given up (False) once the event ``stop`` is set: a
+    producer thread whose consumer has gone does not block for ever."""
+    import queue
+
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def prefetch(items: Iterable[Any], ahead: int = 2) -> Iterator[Any]:
     """``items`` in order, pulled on a thread of their own up to ``ahead`` ahead of the
     caller: a plan whose next item costs a file's read (an md5 of an input shard) overlaps
@@ -359,13 +373,7 @@ def prefetch(items: Iterable[Any], ahead: int = 2) -> Iterator[Any]:
     end = object()
 
     def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless(q, item, stop)
 
     def run() -> None:
         try:

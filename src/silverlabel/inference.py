@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from silverlabel.dataset import put_unless
 from silverlabel.errors import UserError
 from silverlabel.teachers import Teacher
 
@@ -643,15 +644,7 @@ def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: 
 # teachers -> probabilities in the target space
 
 
-def _put(q: queue.Queue, item: Any, abort: threading.Event) -> bool:
-    """``q.put`` that gives up when the consumer has gone (False)."""
-    while not abort.is_set():
-        try:
-            q.put(item, timeout=0.2)
-            return True
-        except queue.Full:
-            continue
-    return False
+_put = put_unless  # q.put that gives up (False) when the consumer has gone
 
 
 def _get(q: queue.Queue, abort: threading.Event) -> Any:
