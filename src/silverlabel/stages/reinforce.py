@@ -509,16 +509,21 @@ class _TorchReplay:
         the host decode, their pixels in (pinned) host memory; host work only."""
         partners = {a.mix.partner for i in batch for a in self.augs[i] if a.mix is not None}
         need = sorted(set(batch) | partners)
+        return need, self._host_pixels(need)
+
+    def _host_pixels(self, need: list[int]) -> list[Any] | None:
+        """With the host decode, ``need``'s images decoded on the decode threads (pinned on a
+        GPU); None when the GPU decoder decodes them (on the replay thread)."""
         if self.decoder is not None:
-            return need, None
+            return None
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
-        return need, list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
+        return list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
 
     def _to_device(self, need: list[int], host: list[Any] | None) -> tuple[list[Any], Any]:
         """The images as device tensors (on the current stream) and what must outlive their use."""
         from silverlabel.replay_torch import ref_tensor
 
-        if host is not None:  # Pillow's pixels: one async copy each
+        if host is not None:  # the host decode's pixels: one async copy each
             return [t.to(self.device, non_blocking=True) for t in host], host
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
         refs, errors, keep = self.decoder.decode(blobs)
@@ -529,10 +534,7 @@ class _TorchReplay:
 
     def _decode(self, need: list[int]) -> tuple[list[Any], Any]:
         """``need``'s images decoded as the stage does, on the current stream (the benchmark's phases)."""
-        if self.decoder is not None:
-            return self._to_device(need, None)
-        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
-        return self._to_device(need, list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs)))
+        return self._to_device(need, self._host_pixels(need))
 
     def _prepare(self, batch: list[int], load: Any) -> tuple[list[Any], Any, Any]:
         from silverlabel.replay_torch import View, replay_views
