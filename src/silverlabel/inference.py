@@ -41,7 +41,6 @@ target label space out. Two paths share one contract:
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
@@ -104,13 +103,18 @@ class EvalTransform:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Pillow decode to RGB (raises on bad data)."""
-    im = Image.open(io.BytesIO(data))
-    return im.convert("RGB")
+    """Pillow decode to RGB (raises on bad data): :func:`silverlabel.augment.decode`."""
+    from silverlabel.augment import decode
+
+    return decode(data)
 
 
 def _rgb_array(data: bytes) -> np.ndarray:
-    return np.array(decode_rgb(data))  # a writable copy: torch.from_numpy wants one
+    """:func:`decode_rgb`'s pixels as a writable array (libjpeg-turbo without the GIL for
+    JPEGs: :func:`silverlabel.augment.decode_rgb_array`)."""
+    from silverlabel.augment import decode_rgb_array
+
+    return decode_rgb_array(data)
 
 
 # ---------------------------------------------------------------------------------------

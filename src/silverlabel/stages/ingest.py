@@ -22,11 +22,12 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -317,20 +318,24 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
     try:
         with ThreadPoolExecutor(max_workers=min(cfg.threads, max(1, len(todo)))) as ex:
             window = max(2 * cfg.threads, 8)
-            pending = {}
+            pending: dict[Future, int] = {}
+            # each finished future lands here: O(1) per item, where concurrent.futures.wait
+            # locks and unlocks every pending future (up to the window, 128) on each call
+            finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
             it = iter(todo)
             while True:
                 for pos in it:
-                    pending[ex.submit(work, unit.items[pos])] = pos
+                    fut = ex.submit(work, unit.items[pos])
+                    pending[fut] = pos
+                    fut.add_done_callback(finished.put)
                     if len(pending) >= window:
                         break
                 if not pending:
                     break
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    pos = pending.pop(fut)
-                    rows[pos], stored[pos] = fut.result()
-                    report(1, int(rows[pos]["status"] == "success"))
+                fut = finished.get()
+                pos = pending.pop(fut)
+                rows[pos], stored[pos] = fut.result()
+                report(1, int(rows[pos]["status"] == "success"))
 
         tar_path = ds.shard_path(cfg.name, unit.shard)
         with atomic_write(tar_path) as f:
