@@ -174,3 +174,11 @@ def test_decode_rgb_array_rejects_what_pillow_rejects(photo):
         decode_rgb_array(data[: len(data) // 2])  # truncated: Pillow's error, not half an image
     with pytest.raises(OSError):
         decode_rgb_array(b"not an image")
+
+
+def test_uniform_is_numpys_uniform_draw_for_draw():
+    from silverlabel.augment import _uniform
+
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for lo, hi in [(0.08, 1.0), (np.log(3 / 4), np.log(4 / 3)), (0, 0.37), (0, 1e-9), (0, 1)] * 2000:
+        assert _uniform(a, lo, hi) == b.uniform(lo, hi)
