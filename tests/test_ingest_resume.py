@@ -214,7 +214,8 @@ def test_folder_and_tar_sources(tmp_path, pool, reference):
 
 def test_spool_keeps_small_shards_in_memory_and_spills_the_rest(tmp_path):
     """A shard's finished images: in memory up to the budget, then in a temp file that
-    close() removes; every piece comes back byte for byte, in any order."""
+    close() removes; every piece comes back byte for byte, in any order; one taken from
+    memory no longer counts against the budget."""
     from silverlabel.stages.ingest import _Spool
 
     spool = _Spool(tmp_path / "tmp", "t", budget=10)
@@ -223,6 +224,8 @@ def test_spool_keeps_small_shards_in_memory_and_spills_the_rest(tmp_path):
     assert [loc[0] < 0 for loc in locs] == [True, True, False, True, False]
     spilled = list((tmp_path / "tmp").glob("spool-*"))
     assert len(spilled) == 1
-    assert [spool.get(loc) for loc in reversed(locs)] == list(reversed(pieces))
+    assert [spool.take(loc) for loc in reversed(locs)] == list(reversed(pieces))
+    assert spool.held == 0
+    assert spool.put(b"0123456789")[0] < 0  # the budget is free again
     spool.close()
     assert not spilled[0].exists()

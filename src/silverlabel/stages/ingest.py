@@ -167,7 +167,8 @@ def _json_member(row: dict[str, Any], extra_names: list[str]) -> bytes:
 
 
 class _Spool:
-    """Finished JPEGs of a shard, kept until the tar is written in input order.
+    """Finished JPEGs of a shard, kept until the tar is written in input order (each as soon
+    as every sample before it is written: those that finished out of order wait here).
 
     Held in memory up to ``budget`` bytes (a shard of a few hundred web images is tens of
     MB), then appended to a temp file, so a shard of any size never holds its images in
@@ -196,12 +197,18 @@ class _Spool:
             self.f.write(data)
             return off, len(data)
 
-    def get(self, loc: tuple[int, int]) -> bytes:
-        if loc[0] < 0:
-            return self.memory[loc[1]]
-        assert self.f is not None
-        self.f.seek(loc[0])
-        return self.f.read(loc[1])
+    def take(self, loc: tuple[int, int]) -> bytes:
+        """The data kept at ``loc``, once: held in memory, it is let go (its bytes no longer
+        count against the budget)."""
+        with self.lock:
+            if loc[0] < 0:
+                data = self.memory[loc[1]]
+                self.memory[loc[1]] = b""
+                self.held -= len(data)
+                return data
+            assert self.f is not None
+            self.f.seek(loc[0])
+            return self.f.read(loc[1])
 
     def close(self) -> None:
         self.memory.clear()
@@ -315,42 +322,55 @@ def ingest_shard(unit: IngestUnit, cfg: IngestConfig, report: Report | None = No
         else:
             todo.append(pos)
 
+    tar_path = ds.shard_path(cfg.name, unit.shard)
     try:
-        with ThreadPoolExecutor(max_workers=min(cfg.threads, max(1, len(todo)))) as ex:
-            window = max(2 * cfg.threads, 8)
-            pending: dict[Future, int] = {}
-            # each finished future lands here: O(1) per item, where concurrent.futures.wait
-            # locks and unlocks every pending future (up to the window, 128) on each call
-            finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-            it = iter(todo)
-            while True:
-                for pos in it:
-                    fut = ex.submit(work, unit.items[pos])
-                    pending[fut] = pos
-                    fut.add_done_callback(finished.put)
-                    if len(pending) >= window:
-                        break
-                if not pending:
-                    break
-                fut = finished.get()
-                pos = pending.pop(fut)
-                rows[pos], stored[pos] = fut.result()
-                report(1, int(rows[pos]["status"] == "success"))
-
-        tar_path = ds.shard_path(cfg.name, unit.shard)
+        # The tar is written in input order while the shard is still being fetched: each
+        # sample as soon as it and every one before it is done (the same bytes as writing
+        # them all at the end, without a serial write after the last fetch).
         with atomic_write(tar_path) as f:
             hf = HashingFile(f)
             with ShardWriter(hf) as writer:
-                for row, st in zip(rows, stored):
-                    if st is None:
-                        continue
-                    if "prev" in st:
-                        members = st["prev"]
-                    else:
-                        members = {"jpg": spool.get(st["jpg"]), "json": _json_member(row, extra_names)}
-                        if row.get("caption") is not None:
-                            members["txt"] = str(row["caption"]).encode()
-                    writer.write(row["key"], members)
+                written = 0  # rows[:written] are in the tar
+
+                def write_ready() -> None:
+                    nonlocal written
+                    while written < len(rows) and rows[written] is not None:
+                        row, st = rows[written], stored[written]
+                        if st is not None:
+                            if "prev" in st:
+                                members = st["prev"]
+                            else:
+                                members = {"jpg": spool.take(st["jpg"]), "json": _json_member(row, extra_names)}
+                                if row.get("caption") is not None:
+                                    members["txt"] = str(row["caption"]).encode()
+                            writer.write(row["key"], members)
+                            stored[written] = None
+                        written += 1
+
+                write_ready()  # the rows a --retry-failed keeps
+                with ThreadPoolExecutor(max_workers=min(cfg.threads, max(1, len(todo)))) as ex:
+                    window = max(2 * cfg.threads, 8)
+                    pending: dict[Future, int] = {}
+                    # each finished future lands here: O(1) per item, where concurrent.futures.wait
+                    # locks and unlocks every pending future (up to the window, 128) on each call
+                    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+                    it = iter(todo)
+                    while True:
+                        for pos in it:
+                            fut = ex.submit(work, unit.items[pos])
+                            pending[fut] = pos
+                            fut.add_done_callback(finished.put)
+                            if len(pending) >= window:
+                                break
+                        if not pending:
+                            break
+                        fut = finished.get()
+                        pos = pending.pop(fut)
+                        rows[pos], stored[pos] = fut.result()
+                        report(1, int(rows[pos]["status"] == "success"))
+                        if pos == written:
+                            write_ready()
+                write_ready()
             f.flush()
             tar_bytes = f.tell()
     finally:
