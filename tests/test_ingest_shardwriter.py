@@ -89,3 +89,19 @@ def test_md5_through_hashing_file_is_the_files(tmp_path):
     assert hf.md5.hexdigest() == hashlib.md5(path.read_bytes()).hexdigest()
     assert path.read_bytes() == _tarfile_bytes([("000000001", {"jpg": read_member(open(path, "rb"), 512, 70_000),
                                                                 "json": b"{}"})])
+
+
+@pytest.mark.parametrize("key_len", [1, 9, 95, 96, 97, 120])
+@pytest.mark.parametrize("ext", ["jpg", "json", "seg.png", "ü"])
+def test_member_names_of_every_length_give_tarfiles_headers(key_len, ext):
+    """Up to 100 bytes a header is filled in from a template of tarfile's; beyond, or not
+    ASCII, tarfile's own (which refuses a USTAR name it cannot split)."""
+    key = ("k" * key_len)[:key_len]
+    samples = [(key, {ext: b"x" * key_len})]
+    try:
+        want = _tarfile_bytes(samples)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=str(e)):
+            _writer_bytes(samples)
+        return
+    assert _writer_bytes(samples) == want

@@ -17,6 +17,7 @@ imagenet-12k-wds) without ever turning a member name into a filesystem path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -56,14 +57,7 @@ class ShardWriter:
         if not _KEY_RE.match(key):
             raise UserError(f"invalid sample key {key!r}: use letters, digits, '_' or '-'")
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = FIXED_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
-            header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+            header = _member_header(f"{key}.{ext}", len(data))
             pad = -len(data) % tarfile.BLOCKSIZE
             self._f.write(header)
             self._f.write(data)
@@ -89,6 +83,45 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _fixed_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = FIXED_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+@functools.cache
+def _header_template() -> tuple[bytes, int]:
+    """tarfile's USTAR header of a member with the fixed fields, its name, size and checksum
+    fields blanked (the checksum's as 8 spaces, as it is summed), and the sum of its bytes."""
+    blank = bytearray(_fixed_info("x", 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    blank[0:100] = bytes(100)
+    blank[124:136] = bytes(12)
+    blank[148:156] = b" " * 8
+    return bytes(blank), sum(blank)
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """``TarInfo.tobuf`` of a member with the fixed fields: the template of this Python's
+    tarfile with the name, the size and the checksum filled in (an ASCII name of up to 100
+    bytes and a size below 8 GiB, as every sample member); ``tobuf`` itself otherwise."""
+    try:
+        raw = name.encode("ascii")
+    except UnicodeEncodeError:
+        raw = b""
+    if not raw or len(raw) > 100 or size >= 8**11:
+        return _fixed_info(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    template, base = _header_template()
+    size_field = b"%011o\0" % size
+    checksum = base + sum(raw) + sum(size_field)
+    return b"".join((raw, bytes(100 - len(raw)), template[100:124], size_field, template[136:148],
+                     b"%06o\0" % checksum, template[155:]))
 
 
 @dataclass
