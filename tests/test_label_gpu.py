@@ -66,6 +66,45 @@ def test_deterministic_and_resumable(dataset):
     assert _digest(out) == first  # same bytes for the same device and batch size
 
 
+def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
+    """``--decode host``: every image decoded on host threads (none on the engines), labels the
+    same bytes run to run (a fresh labeler each time), top-1 as the CPU path's."""
+    from silverlabel.stages.label import _LABELER_CACHE
+
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="host", batch_size=8, decode="host")
+    out = Path(run_label(cfg).output)
+    counts = get_labeler(cfg).decode_counts
+    assert counts["hw"] == counts["nvjpeg"] == 0 and counts["pillow"] > 0, counts
+    first = _digest(out)
+    _LABELER_CACHE.clear()  # a new labeler, as a new process would have
+    for p in out.glob("*.parquet"):
+        p.unlink()
+    assert run_label(cfg).shards_done_now == len(first)
+    assert _digest(out) == first
+    cpu = run_label(LabelConfig(dataset=str(dataset), device="cpu", output_name="cpu-h"))
+    g = pq.read_table(out).to_pylist()
+    c = pq.read_table(Path(cpu.output)).to_pylist()
+    assert np.mean([a["labels"][0] == b["labels"][0] for a, b in zip(g, c)]) >= 0.95
+
+
+def test_gpu_decoder_host_mode_gives_pillows_pixels():
+    import torch
+
+    from silverlabel.inference import GpuDecoder, decode_rgb
+    from silverlabel.replay_torch import ref_tensor
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize((301, 213))
+    blobs = [_encoded(photo, format="JPEG", quality=90), _encoded(photo.convert("L"), format="JPEG"),
+             _encoded(photo, format="JPEG", progressive=True), _encoded(photo, format="PNG")]
+    dec = GpuDecoder("cuda", host=True)
+    refs, errors, keep = dec.decode(blobs)
+    assert errors == [None] * 4 and dec.counts["pillow"] == 4 and not dec.use_hw
+    torch.cuda.synchronize()
+    for r, b in zip(refs, blobs):
+        got = ref_tensor(r, "cuda").cpu().numpy()
+        assert np.array_equal(got, np.asarray(decode_rgb(b)))
+
+
 def _encoded(img: Image.Image, **kw) -> bytes:
     b = io.BytesIO()
     img.save(b, **kw)

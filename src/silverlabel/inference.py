@@ -117,6 +117,25 @@ def _rgb_array(data: bytes) -> np.ndarray:
     return decode_rgb_array(data)
 
 
+def _rgb_tensor(data: bytes, pin: bool) -> Any:
+    """:func:`_rgb_array` as a uint8 [H, W, 3] CPU tensor; with ``pin``, decoded straight into
+    page-locked memory (its copy to a GPU is then asynchronous)."""
+    import torch
+
+    from silverlabel.augment import decode_rgb_array
+
+    if not pin:
+        return torch.from_numpy(decode_rgb_array(data))
+    held: list[Any] = []
+
+    def alloc(shape: tuple[int, int, int]) -> np.ndarray:
+        held.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+        return held[-1].numpy()
+
+    decode_rgb_array(data, alloc)
+    return held[-1]
+
+
 # ---------------------------------------------------------------------------------------
 # batched resize + center crop + normalize on the GPU (Pillow's arithmetic, any sizes)
 
@@ -377,6 +396,10 @@ class GpuDecoder:
     -> nvJPEG -> Pillow, everything else (progressive, CMYK, other formats) on Pillow
     threads; ``decode`` returns :func:`resize_crop_batch` references.
 
+    With ``host`` every image is decoded on the host threads instead (Pillow's pixels, JPEGs
+    by libjpeg-turbo without the GIL, into page-locked memory, then one asynchronous copy
+    each): the CPU path's pixels, reproducible, and no decode work on the GPU at all.
+
     ``use_hw`` can be switched off (the benchmark does, to compare). The hardware path is
     dropped for good if it decodes none of the first 64 JPEGs offered to it. With ``reuse``
     the engines decode into the buffers of the batch decoded ``SLOTS`` batches earlier on
@@ -388,13 +411,15 @@ class GpuDecoder:
 
     SLOTS = 8
 
-    def __init__(self, device: Any, use_hw: bool = True, pool: ThreadPoolExecutor | None = None):
+    def __init__(self, device: Any, use_hw: bool = True, pool: ThreadPoolExecutor | None = None, host: bool = False):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         self.pool = pool or ThreadPoolExecutor(4)
-        self.hw = hardware_jpeg_decoder(self.device.index or 0) if use_hw else None
+        self.host = host
+        self._pin = self.device.type == "cuda"
+        self.hw = hardware_jpeg_decoder(self.device.index or 0) if use_hw and not host else None
         self.use_hw = self.hw is not None
         self.counts: Counter = Counter()
         self._hw_tried = 0
@@ -414,23 +439,25 @@ class GpuDecoder:
         # Progressive JPEGs (nvJPEG runs their Huffman stage on this thread, one image after
         # another), CMYK/YCCK (Pillow's conversion is the CPU path's) and other formats:
         # Pillow on host threads, in parallel with the GPU decoding the rest.
-        on_host = {j: self.pool.submit(_rgb_array, blobs[j]) for j in range(n) if kinds[j] != "baseline"}
-        baseline = [j for j in range(n) if kinds[j] == "baseline"]
+        on_host = {j: self.pool.submit(_rgb_tensor, blobs[j], self._pin) for j in range(n)
+                   if self.host or kinds[j] != "baseline"}
+        baseline = [] if self.host else [j for j in range(n) if kinds[j] == "baseline"]
         if baseline and self.use_hw:
             self._decode_hw(blobs, baseline, refs, keep)
         self._decode_nvjpeg(blobs, [j for j in baseline if refs[j] is None], refs, keep)
         for j in baseline:
             if refs[j] is None:
-                on_host[j] = self.pool.submit(_rgb_array, blobs[j])
+                on_host[j] = self.pool.submit(_rgb_tensor, blobs[j], self._pin)
         for j, fut in sorted(on_host.items()):
             try:
-                t = self.torch.from_numpy(fut.result()).to(self.device)
+                h = fut.result()
             except Exception as e:
                 errors[j] = f"{type(e).__name__}: {e}"
                 self.counts["failed"] += 1
                 continue
+            t = h.to(self.device, non_blocking=True)  # from page-locked memory: queued on this stream
             refs[j] = tensor_ref(t)
-            keep.append(t)
+            keep += [t, h]  # the host pixels too, until the copy has run
             self.counts["pillow"] += 1
         return refs, errors, keep
 
@@ -708,12 +735,15 @@ class Labeler:
     other's is on the engines; more only contend for the GIL). ``cuda_graphs=False`` runs
     the model eagerly. ``reserve_sms`` SMs are kept from the model for the decode (a CUDA
     green context, see :func:`model_stream`; off by default: it measured no gain end to end).
+    ``host_decode`` decodes every image on the ``decode_threads`` host threads instead of the
+    GPU's decoders (:class:`GpuDecoder` ``host``): the CPU path's pixels, reproducible run to
+    run (the H200's JPEG engines were not, on the bottom blocks of some images).
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
-                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0):
+                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0, host_decode: bool = False):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -741,10 +771,10 @@ class Labeler:
         self.models = [self._prepare(t.model, compile and cuda) for t in self.teachers]
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
         self.gpu_decode_threads = max(1, min(2, gpu_decode_threads))
-        self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool)
+        self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool, host=host_decode)
                          for _ in range(self.gpu_decode_threads)] if cuda else []
         hw = bool(self.decoders) and self.decoders[0].use_hw
-        self.decode_procs = decode_procs if cuda and not hw else 0
+        self.decode_procs = decode_procs if cuda and not hw and not host_decode else 0
         self.cuda_graphs = cuda_graphs and cuda
         self._graphs: dict[int, Any] = {}
         self._workers: list = []

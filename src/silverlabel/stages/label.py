@@ -80,6 +80,11 @@ class LabelConfig:
     device: str = device_field()
     batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
     precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
+    decode: str = opt("gpu", "on a GPU, where images are decoded: gpu (hardware JPEG engines, then nvJPEG, then "
+                      "Pillow) or host (Pillow's pixels on a host thread per core, JPEGs by libjpeg-turbo: "
+                      "the CPU path's pixels, reproducible run to run; the engines decoded the bottom blocks of "
+                      "some images differently between runs on the H200, see BENCHMARKS.md)",
+                      choices=("gpu", "host"))
     gpu_decode_threads: int = 4
     decode_procs: int = opt(-1, "nvJPEG decode processes per GPU worker, used only on GPUs without hardware "
                             "JPEG engines (with engines, decoding stays in the labeling process)", type=int,
@@ -100,6 +105,8 @@ class LabelConfig:
             raise UserError(f"--topk must be >= 1, got {self.topk}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
+        if self.decode not in ("gpu", "host"):
+            raise UserError(f"--decode must be gpu or host, not {self.decode!r}")
 
     @property
     def name(self) -> str:
@@ -176,7 +183,7 @@ def get_labeler(cfg: LabelConfig):
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode)
     if key not in _LABELER_CACHE:
         for old in _LABELER_CACHE.values():
             old.close()
@@ -189,7 +196,7 @@ def get_labeler(cfg: LabelConfig):
                                       decode_threads=cfg.decode_threads, overrides=overrides,
                                       precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads,
                                       decode_procs=procs,
-                                      reserve_sms=cfg.reserve_sms)
+                                      reserve_sms=cfg.reserve_sms, host_decode=cfg.decode == "host")
     return _LABELER_CACHE[key]
 
 
