@@ -396,6 +396,7 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=1, help="also time fresh decode buffers and 3 decode processes")
     ap.add_argument("--agree-variants", type=int, default=1, help="also agreement with nvJPEG and with fp32")
     ap.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--host-decode", action="store_true", help="also time label --decode host on every pool")
     ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
                     "e.g. 0,16,32,66")
     ap.add_argument("--markdown", help="append the results here")
@@ -467,6 +468,11 @@ def main() -> int:
                 labeler.decode_procs = 0
                 print(name, p, "fresh buffers", r[f"{p}_img_s_fresh_buffers"], "3 decode processes",
                       r[f"{p}_img_s_decode_procs3"], flush=True)
+            if args.host_decode:  # label --decode host: every image on the host threads, none on the GPU
+                hcfg = replace(cfg, decode="host")
+                r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
+                print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)
+                get_labeler(hcfg).close()  # last: the cache's labeler was cfg's until here
         first = next(iter(pools.values()))
         labeler = get_labeler(LabelConfig(dataset=str(first), teachers=(spec,), device="cuda", batch_size=args.batch,
                                           compile=args.compile, output_name=f"bench-{spec.slug}",
