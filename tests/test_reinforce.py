@@ -435,3 +435,21 @@ def test_gpu_reinforce_is_deterministic_run_to_run(tmp_path):
                                       augs=4, topk=10, device="cuda", workers=1))
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))})
     assert len(digests[0]) == 2 and digests[0] == digests[1]
+
+
+def test_image_size_from_headers_is_pillows():
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from silverlabel.stages.reinforce import _image_size
+
+    photo = Image.fromarray(skimage.data.chelsea()).resize((301, 213))
+    for mode, fmt, kw in [("RGB", "JPEG", {}), ("L", "JPEG", {}), ("RGB", "JPEG", {"progressive": True}),
+                          ("CMYK", "JPEG", {}), ("RGB", "PNG", {}), ("RGB", "WEBP", {})]:
+        b = io.BytesIO()
+        photo.convert(mode).save(b, fmt, **kw)
+        assert _image_size(b.getvalue()) == (301, 213), (mode, fmt, kw)
+    with pytest.raises(OSError):
+        _image_size(b"\xff\xd8\xff\xe0 not a jpeg")
