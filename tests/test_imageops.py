@@ -372,3 +372,89 @@ def test_fast_phash_of_kept_jpegs_within_two_bits_on_real_photos():
     assert len(dists) >= 150
     assert np.mean(dists <= 2) >= 0.99, np.bincount(dists)
     assert dists.max() <= 6
+
+
+def _png_chunk(name: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + name + data + struct.pack(">I", zlib.crc32(name + data))
+
+
+def _png_insert(png: bytes, chunk: bytes, after_idat: bool) -> bytes:
+    """``png`` with ``chunk`` added right after IHDR, or between the last IDAT and IEND."""
+    if after_idat:
+        return png[:-12] + chunk + png[-12:]  # IEND is the last 12 bytes
+    return png[:33] + chunk + png[33:]  # signature (8) + IHDR (25)
+
+
+def test_png_through_opencv_gives_pillows_pixels_on_real_photos():
+    """An 8-bit RGB or gray PNG is decoded by OpenCV (libpng): the same pixels as Pillow's,
+    so the same stored bytes and hash as the same file sent through Pillow (a text chunk
+    after the pixels keeps a PNG on Pillow's path, which must load it to find EXIF there),
+    with colour chunks that a decoder could act on (gAMA, sRGB, cHRM) and interlaced."""
+    from silverlabel.imageops import _cv2_decode, _png_layout
+
+    colour = (_png_chunk(b"gAMA", (45455).to_bytes(4, "big")) + _png_chunk(b"sRGB", b"\0")
+              + _png_chunk(b"cHRM", bytes(32)))
+    late_text = _png_chunk(b"tEXt", b"Comment\0after the pixels")
+    photos = _real_photos()[:6]
+    for i, a in enumerate(photos):
+        for img in (Image.fromarray(a), Image.fromarray(a).convert("L")):
+            png = _encode(img, "PNG", compress_level=1)
+            variants = [png, _png_insert(png, colour, after_idat=False)]
+            if i == 0:  # written by libpng (OpenCV's encoder) rather than Pillow
+                import cv2
+                bgr = np.asarray(img)[..., ::-1] if img.mode == "RGB" else np.asarray(img)
+                ok, adam = cv2.imencode(".png", np.ascontiguousarray(bgr))
+                assert ok
+                variants.append(adam.tobytes())
+            for raw in variants:
+                layout = _png_layout(raw)
+                assert layout is not None and layout[:2] == ((8, 2) if img.mode == "RGB" else (8, 0)) and not layout[2]
+                pixels = _cv2_decode(raw, img.size, gray=img.mode == "L")
+                assert np.array_equal(pixels, np.asarray(_decode(raw))), (i, img.mode)
+                slow = _png_insert(raw, late_text, after_idat=True)
+                assert _png_layout(slow)[2]
+                for cap in (None, 200, min(img.size) - 1):
+                    cfg = ImageConfig(max_shortest_edge=cap, min_side=min(48, cap or 48))
+                    fast, ref = process_image(raw, cfg), process_image(slow, cfg)
+                    assert fast.status == ref.status == "success", (i, img.mode, cap)
+                    assert (fast.data, fast.imagehash, fast.width, fast.height) == \
+                        (ref.data, ref.imagehash, ref.width, ref.height), (i, img.mode, cap)
+
+
+@pytest.mark.parametrize("orient", [2, 3, 6])
+def test_png_exif_orientation_before_or_after_the_pixels(chelsea, orient):
+    """EXIF in a PNG is honoured where it sits before the pixels (read from the header, the
+    OpenCV path) and after them (Pillow's path, which loads the image to find it)."""
+    inverse = {2: 2, 3: 3, 6: 8}[orient]
+    stored = chelsea
+    for op in _ORIENT_OPS[inverse]:
+        stored = stored.transpose(op)
+    exif = Image.Exif()
+    exif[0x0112] = orient
+    head = _encode(stored, "PNG", exif=exif.tobytes())
+    assert b"eXIf" in head[: head.index(b"IDAT")]
+    plain = _encode(stored, "PNG")
+    tail = _png_insert(plain, _png_chunk(b"eXIf", exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes()),
+                       after_idat=True)
+    cfg = ImageConfig(max_shortest_edge=150)
+    a, b = process_image(head, cfg), process_image(tail, cfg)
+    assert a.status == b.status == "success" and (a.data, a.imagehash) == (b.data, b.imagehash)
+    assert (a.width, a.height) == (226, 150)
+    upright = np.asarray(chelsea.resize((226, 150), Image.Resampling.LANCZOS), np.int16)
+    assert np.abs(np.asarray(_decode(a.data), np.int16) - upright).mean() < 6
+
+
+@pytest.mark.parametrize("orient", [2, 3, 4, 6])
+def test_webp_exif_orientation_applied_once(chelsea, orient):
+    """OpenCV's decoder applies EXIF orientation itself unless told not to; the kernel applies
+    it once: a lossless WebP with EXIF orientation stores what the same PNG stores."""
+    exif = Image.Exif()
+    exif[0x0112] = orient
+    cfg = ImageConfig(max_shortest_edge=200)
+    webp = process_image(_encode(chelsea, "WEBP", lossless=True, exif=exif.tobytes()), cfg)
+    png = process_image(_encode(chelsea, "PNG", exif=exif.tobytes()), cfg)
+    assert webp.status == png.status == "success"
+    assert (webp.data, webp.imagehash, webp.width) == (png.data, png.imagehash, png.width)
