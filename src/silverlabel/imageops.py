@@ -169,6 +169,7 @@ def _phash_lowpass(gray: np.ndarray) -> str:
     h, w = gray.shape
     if not all(_PLAN_SIDE[0] <= s <= _PLAN_SIDE[1] for s in (h, w)):
         return _phash_gray(gray)
+    _one_blas_thread()  # else OpenBLAS's threads split (and spin after) this product: ~2x the CPU
     low = _lowpass(h) @ gray.astype(np.float64) @ _lowpass(w).T
     flat = np.sort(low, axis=None)
     med = (flat[31] + flat[32]) / 2
@@ -348,6 +349,14 @@ def _blas_single_thread() -> None:
 _BLAS_SET_LOCAL = None
 
 
+def _one_blas_thread() -> None:
+    """:func:`_blas_single_thread`, once per thread: before any product here large enough
+    for OpenBLAS to split it (a kept JPEG's hash multiplies (8, h) by (h, w))."""
+    if not getattr(_THREAD, "blas_one", False):
+        _THREAD.blas_one = True
+        _blas_single_thread()
+
+
 def _resize32(gray: np.ndarray) -> np.ndarray | None:
     """Pillow's ``resize((32, 32), LANCZOS)`` of the 2-D uint8 array ``gray``, exactly; None: use Pillow."""
     size = (gray.shape[1], gray.shape[0])
@@ -373,9 +382,7 @@ def _resize32(gray: np.ndarray) -> np.ndarray | None:
                 _PLANS[size] = plan
     if plan is False:
         return None
-    if not getattr(_THREAD, "blas_one", False):
-        _THREAD.blas_one = True
-        _blas_single_thread()
+    _one_blas_thread()
     return plan.run(gray.astype(np.float64), plan.vertical_first).astype(np.uint8)
 
 
