@@ -458,3 +458,36 @@ def test_webp_exif_orientation_applied_once(chelsea, orient):
     png = process_image(_encode(chelsea, "PNG", exif=exif.tobytes()), cfg)
     assert webp.status == png.status == "success"
     assert (webp.data, webp.imagehash, webp.width) == (png.data, png.imagehash, png.width)
+
+
+def test_malformed_png_pixels_are_kept_or_failed_as_pillow_decides(chelsea):
+    """A well-formed chunk layout around a bad zlib stream (short, cut, too long, a bad row
+    filter): the OpenCV path stores or fails exactly what Pillow's path does."""
+    import struct
+    import zlib
+
+    png = _encode(chelsea, "PNG")
+    pos, idat = 8, b""
+    while pos < len(png):
+        length, name = struct.unpack_from(">I4s", png, pos)
+        if name == b"IDAT":
+            idat += png[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    rows = zlib.decompress(idat)
+    head = png[:33]  # signature + IHDR
+    streams = [zlib.compress(rows[: len(rows) // 2]), zlib.compress(rows)[:-200], zlib.compress(rows + rows[:1000]),
+               zlib.compress(bytes([7]) + rows[1:])]
+    outcomes = set()
+    for stream in streams:
+        raw = head + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
+        r = process_image(raw)
+        try:
+            pixels = _decode(raw)  # what Pillow makes of it
+        except OSError as e:
+            assert (r.status, r.error) == ("failed_decode", f"OSError: {e}")
+            outcomes.add("failed")
+            continue
+        clean = process_image(_encode(pixels, "PNG"))  # the same pixels, well formed
+        assert r.status == "success" and (r.data, r.imagehash) == (clean.data, clean.imagehash)
+        outcomes.add("kept")
+    assert outcomes == {"failed", "kept"}
