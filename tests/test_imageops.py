@@ -461,8 +461,10 @@ def test_webp_exif_orientation_applied_once(chelsea, orient):
 
 
 def test_malformed_png_pixels_are_kept_or_failed_as_pillow_decides(chelsea):
-    """A well-formed chunk layout around a bad zlib stream (short, cut, too long, a bad row
-    filter): the OpenCV path stores or fails exactly what Pillow's path does."""
+    """A bad zlib stream (short, cut, too long, a bad row filter) in a well-formed chunk
+    layout (the OpenCV path), with text after the pixels or without IEND (Pillow's path):
+    stored or failed exactly as one Pillow load decides. A corrupt PNG is never stored as
+    the blank image Pillow leaves behind (its decode error used to pass for bad EXIF)."""
     import struct
     import zlib
 
@@ -477,17 +479,23 @@ def test_malformed_png_pixels_are_kept_or_failed_as_pillow_decides(chelsea):
     head = png[:33]  # signature + IHDR
     streams = [zlib.compress(rows[: len(rows) // 2]), zlib.compress(rows)[:-200], zlib.compress(rows + rows[:1000]),
                zlib.compress(bytes([7]) + rows[1:])]
-    outcomes = set()
+    late_text = _png_chunk(b"tEXt", b"Comment\0after the pixels")
+    outcomes = []
     for stream in streams:
-        raw = head + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
-        r = process_image(raw)
-        try:
-            pixels = _decode(raw)  # what Pillow makes of it
-        except OSError as e:
-            assert (r.status, r.error) == ("failed_decode", f"OSError: {e}")
-            outcomes.add("failed")
-            continue
-        clean = process_image(_encode(pixels, "PNG"))  # the same pixels, well formed
-        assert r.status == "success" and (r.data, r.imagehash) == (clean.data, clean.imagehash)
-        outcomes.add("kept")
-    assert outcomes == {"failed", "kept"}
+        whole = head + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
+        for raw in (whole, _png_insert(whole, late_text, after_idat=True), whole[:-12]):
+            r = process_image(raw)
+            try:
+                pixels = _decode(raw)  # what one Pillow load makes of it
+            except OSError as e:
+                assert (r.status, r.error) == ("failed_decode", f"OSError: {e}")
+                outcomes.append("failed")
+                continue
+            clean = process_image(_encode(pixels, "PNG"))  # the same pixels, well formed
+            assert r.status == "success" and (r.data, r.imagehash) == (clean.data, clean.imagehash)
+            outcomes.append("kept")
+    assert outcomes[-3:] == ["failed"] * 3  # the bad row filter, on every path
+    assert "kept" in outcomes
+    # a corrupt PNG too small to keep is decided from its header, as before
+    tiny = _encode(chelsea.resize((40, 30)), "PNG")
+    assert process_image(tiny[:-40]).status == "too_small"

@@ -564,10 +564,17 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
     # a PNG whose metadata all precedes its pixels is read without decoding it (Pillow's
     # getexif() would decode the whole image to look for EXIF after the pixels)
     png = _png_layout(raw) if fmt == "PNG" else None
+    broken: Exception | None = None
     if png is not None and not png[2]:
         orient = _orientation(img, header_only=True)
     else:
-        orient = _orientation(img) if fmt in ("JPEG", "TIFF", "WEBP", "PNG", "MPO") else 1
+        if fmt == "PNG":  # getexif() decodes a PNG, and its decode error would pass for bad EXIF
+            try:
+                img.load()
+            except Exception as e:  # noqa: BLE001 - raised below, unless the header decides first
+                broken = e
+        orient = 1 if broken is not None else (
+            _orientation(img) if fmt in ("JPEG", "TIFF", "WEBP", "PNG", "MPO") else 1)
     swapped = orient in (5, 6, 7, 8)
     ow, oh = (h0, w0) if swapped else (w0, h0)
     if min(ow, oh) < cfg.min_side:
@@ -578,6 +585,8 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
             original_height=oh,
             sha256=sha,
         )
+    if broken is not None:  # a PNG Pillow could not decode: not stored as whatever it left
+        raise broken
     tw, th = _target_size(ow, oh, cfg.max_shortest_edge)
     icc = img.info.get("icc_profile")
     needs_resize = (tw, th) != (ow, oh)
