@@ -117,7 +117,7 @@ def _rgb_array(data: bytes) -> np.ndarray:
     return decode_rgb_array(data)
 
 
-def _rgb_tensor(data: bytes, pin: bool) -> Any:
+def rgb_tensor(data: bytes, pin: bool) -> Any:
     """:func:`_rgb_array` as a uint8 [H, W, 3] CPU tensor; with ``pin``, decoded straight into
     page-locked memory (its copy to a GPU is then asynchronous)."""
     import torch
@@ -439,7 +439,7 @@ class GpuDecoder:
         # Progressive JPEGs (nvJPEG runs their Huffman stage on this thread, one image after
         # another), CMYK/YCCK (Pillow's conversion is the CPU path's) and other formats:
         # Pillow on host threads, in parallel with the GPU decoding the rest.
-        on_host = {j: self.pool.submit(_rgb_tensor, blobs[j], self._pin) for j in range(n)
+        on_host = {j: self.pool.submit(rgb_tensor, blobs[j], self._pin) for j in range(n)
                    if self.host or kinds[j] != "baseline"}
         baseline = [] if self.host else [j for j in range(n) if kinds[j] == "baseline"]
         if baseline and self.use_hw:
@@ -447,7 +447,7 @@ class GpuDecoder:
         self._decode_nvjpeg(blobs, [j for j in baseline if refs[j] is None], refs, keep)
         for j in baseline:
             if refs[j] is None:
-                on_host[j] = self.pool.submit(_rgb_tensor, blobs[j], self._pin)
+                on_host[j] = self.pool.submit(rgb_tensor, blobs[j], self._pin)
         for j, fut in sorted(on_host.items()):
             try:
                 h = fut.result()

@@ -596,20 +596,9 @@ def _host_decode(data: bytes, pin: bool) -> Any:
     the H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
     blocks of a few toy photos differently in a process's first shard than later
     (``bench/reinforce_determinism.py --trace``; BENCHMARKS.md)."""
-    import torch
+    from silverlabel.inference import rgb_tensor
 
-    from silverlabel.augment import decode_rgb_array
-
-    if not pin:
-        return torch.from_numpy(decode_rgb_array(data))
-    held: list[Any] = []
-
-    def alloc(shape: tuple[int, int, int]) -> np.ndarray:
-        held.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
-        return held[-1].numpy()
-
-    decode_rgb_array(data, alloc)
-    return held[-1]
+    return rgb_tensor(data, pin)
 
 
 _REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
