@@ -142,8 +142,9 @@ class ReinforceConfig:
                            type=int, metavar="N")
     # with the torch replay on a GPU, where the stored images are decoded: host = Pillow on
     # threads (the CPU replay's pixels; reproducible), gpu = the label stage's GPU decoder
-    decode: str = opt("host", "with --replay torch on a GPU: where images are decoded: host (Pillow threads, the "
-                      "pixels the CPU replay and train --loss kd see; reproducible) or gpu (the label stage's "
+    decode: str = opt("host", "with --replay torch on a GPU: where images are decoded: host (Pillow's pixels on "
+                      "host threads, JPEGs by libjpeg-turbo: the pixels the CPU replay and train --loss kd see; "
+                      "reproducible) or gpu (the label stage's "
                       "decoder: hardware JPEG engines, nvJPEG; its last blocks of some images differed run to run "
                       "on the H200)", choices=DECODE_MODES)
     engine: str = engine_field()  # local | ray (a pool of actors that keep the teacher loaded)
@@ -476,7 +477,7 @@ def resolve_replay(cfg: ReinforceConfig, device_type: str) -> str:
 class _TorchReplay:
     """Whole batches decoded and replayed on the teacher's device (:mod:`silverlabel.replay_torch`),
     in two steps ahead of the teacher: a batch's host work (its augmentations drawn, its bytes
-    read and, with the default ``--decode host``, Pillow's decode on threads into pinned
+    read and, with the default ``--decode host``, Pillow's pixels decoded on threads into pinned
     memory) on a load thread, then its replay on a replay thread, so the next batch loads
     while this one replays. With ``--decode gpu`` the label stage's decoder (hardware JPEG
     engines, nvJPEG, Pillow per image) decodes on the replay thread instead. On a GPU the
@@ -494,7 +495,8 @@ class _TorchReplay:
         self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
         self.pool = ThreadPoolExecutor(1)  # the replay (device work, in batch order)
         self.load_pool = ThreadPoolExecutor(1)  # each batch's host work, ahead of its replay
-        # Pillow decodes on these threads (it releases the GIL) into pinned memory, copied to the
+        # the host decode runs on these threads (libjpeg-turbo for JPEGs, Pillow for the rest;
+        # neither holds the GIL while decoding) into pinned memory, copied to the
         # device on the replay's stream: one decode per image feeds K views, so a few cores keep
         # up with the teacher
         self.decode_pool = ThreadPoolExecutor(max(1, threads)) if self.decoder is None else None
@@ -510,7 +512,7 @@ class _TorchReplay:
             self.stream = self.model_stream = None
 
     def submit(self, batch: list[int]):
-        """Start preparing ``batch``: its load (augmentations drawn, bytes read, Pillow decode)
+        """Start preparing ``batch``: its load (augmentations drawn, bytes read, host decode)
         on the load thread, then its replay on the replay thread. Batches submitted ahead
         load while earlier ones replay, so the replay never waits for a whole batch's decode."""
         load = self.load_pool.submit(self._load, batch)
