@@ -619,11 +619,12 @@ def _process(raw: bytes, cfg: ImageConfig, sha: str, clock: _Clock) -> ImageResu
         # Pillow's, which turns it before resizing, as for PNG)
         arr = _cv2_decode(raw, (w0, h0))
         clock.lap("decode")
-    elif (png is not None and png[:2] in ((8, 2), (8, 0)) and img.mode in ("RGB", "L") and orient == 1
-          and "transparency" not in img.info and not getattr(img, "is_animated", False)):
+    elif (png is not None and not png[2] and png[:2] in ((8, 2), (8, 0)) and img.mode in ("RGB", "L")
+          and orient == 1 and "transparency" not in img.info and not getattr(img, "is_animated", False)):
         # 8-bit RGB or gray, no alpha, one frame: OpenCV's libpng, ~15% less CPU than
         # Pillow's decoder and no copy out of a Pillow image; lossless, so the same pixels.
-        # (A rotated PNG stays on Pillow's path, which turns it before resizing.)
+        # (A rotated PNG stays on Pillow's path, which turns it before resizing; one with
+        # metadata after its pixels was decoded by Pillow above, whose pixels are used.)
         arr = _cv2_decode(raw, (w0, h0), gray=img.mode == "L")
         clock.lap("decode")
     if arr is not None:

@@ -9,13 +9,14 @@ debugging.
 
 Workers are forked from a fork server (``multiprocessing``'s ``forkserver`` start method)
 that has imported numpy, pyarrow, OpenCV (:mod:`silverlabel.engine.preload`), pandas where
-the stage's workers need it (:func:`preload_modules`) and the unit function's module once, so a worker starts in milliseconds instead of importing them
-again (~0.35 s of CPU each). Never a plain fork of the driver: it may run threads
-(progress, servers). The server starts with the first pool and lives as long as the driver,
-with the environment it started with: each worker takes the driver's environment of the
-moment its pool starts (tests and users change proxies, endpoints, credentials). Where there
-is no fork server, or with ``SILVERLABEL_START_METHOD=spawn`` (debugging), workers are
-spawned: fresh interpreters that import everything themselves.
+the stage's workers need it (:func:`preload_modules`) and the unit function's module once,
+so a worker starts in milliseconds instead of importing them again (~0.35 s of CPU each).
+Never a plain fork of the driver: it may run threads (progress, servers). The server starts
+with the first pool and lives as long as the driver, with the environment it started with:
+each worker takes the driver's environment of the moment its pool starts (tests and users
+change proxies, endpoints, credentials). Where there is no fork server, or with
+``SILVERLABEL_START_METHOD=spawn`` (debugging), workers are spawned: fresh interpreters that
+import everything themselves.
 """
 
 from __future__ import annotations
@@ -176,8 +177,10 @@ def preload_modules(fn_module: str | None = None) -> list[str]:
 
         >>> preload_modules("silverlabel.stages.ingest")[-1]
         'silverlabel.stages.ingest'
-        >>> "pandas" in preload_modules("silverlabel.stages.ingest"), "pandas" in preload_modules("silverlabel.stages.label")
-        (False, True)
+        >>> "pandas" in preload_modules("silverlabel.stages.ingest")
+        False
+        >>> "pandas" in preload_modules("silverlabel.stages.label")
+        True
         >>> preload_modules("my_plugin") == preload_modules()
         True
     """
@@ -195,8 +198,8 @@ def start_forkserver(fn_module: str | None = None, method: str | None = None) ->
     """Start the fork server now (if it is not running) with :func:`preload_modules`, so that
     its imports overlap the caller's own work; False where workers are spawned instead
     (:func:`resolve_start_method`). The first pool does this itself; a driver that knows early that
-    it will run a pool (the CLI, from ``--engine`` and ``--workers`` before it parses the rest) can call it sooner. A
-    server already running keeps what it preloaded."""
+    it will run a pool (the CLI, from ``--engine`` and ``--workers`` before it parses the
+    rest) can call it sooner. A server already running keeps what it preloaded."""
     if resolve_start_method(method) != "forkserver":
         return False
     from multiprocessing import forkserver
