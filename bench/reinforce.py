@@ -206,7 +206,7 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
         sizes = [rs._image_size(reader.read(s.members["jpg"])) for s in index]
         augs = [sample_augs(cfg.policy, cfg.seed, s.key, w, h, cfg.augs, len(index), i)
                 for i, (s, (w, h)) in enumerate(zip(index, sizes))]
-        per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
+        per_batch = rs.samples_per_batch(cfg, runner.device.type)
         batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
         tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), cfg.decode,
                              min(cfg.threads, 16))
@@ -247,7 +247,7 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
     tar = sorted(trainset.glob("*.tar"))[0]
     index = list(iter_tar_samples(str(tar)))[:limit]
     reader = rs._Reader(str(tar))
-    per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // cfg.augs)
+    per_batch = rs.samples_per_batch(cfg, runner.device.type)
     tr = rs._TorchReplay(runner, reader, index, [], [size], cfg.decode, min(cfg.threads, 16))
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"decode": [], "views": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
@@ -358,6 +358,7 @@ def main() -> int:
     import torch
 
     from silverlabel.augment import bytes_per_aug
+    from silverlabel.stages import reinforce as rs
     from silverlabel.stages.reinforce import ReinforceConfig, get_teacher_runner, run_reinforce
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -385,7 +386,7 @@ def main() -> int:
         spec = teacher_spec(name, root)
         base = ReinforceConfig(str(ts), str(root / "out-warm"), teachers=(spec,), augs=args.augs, topk=args.topk,
                                embeddings=args.embeddings, device=args.device, batch_size=args.batch, threads=cores)
-        batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+        batch = rs.samples_per_batch(base, "cuda" if args.device.startswith("cuda") else "cpu") * args.augs  # the stage's
         tr = {"teacher": name, "teacher_bound": max(teacher_rate(base, batch) for _ in range(args.runs)),
               "torch_replay_bound": max(torch_replay_rate(ts, base, limit) for _ in range(args.runs))}
         if not teachers:  # the replay's phases do not depend on the teacher

@@ -453,3 +453,29 @@ def test_image_size_from_headers_is_pillows():
         assert _image_size(b.getvalue()) == (301, 213), (mode, fmt, kw)
     with pytest.raises(OSError):
         _image_size(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+def test_augmentations_drawn_in_processes_are_the_stages(trainset):
+    """The torch replay on a GPU draws a shard's augmentations in spawned processes
+    (``_ShardAugs`` with a pool): every sample gets the list the stage draws in its own
+    process, whether its chunk came back (asked for in any order) or was drawn here because it
+    had not yet; mixing partners included."""
+    from silverlabel.stages import reinforce as rs
+
+    cfg = _cfg(trainset, trainset / "unused", augs=4)
+    base = list(iter_tar_samples(str(trainset / "toy-train-0000.tar")))
+    index = [dataclasses.replace(base[j % len(base)], key=f"k{j}") for j in range(80)]  # 3 chunks of 32
+    sizes = [(128 + j % 5, 96 - j % 3) for j in range(len(index))]
+    want = rs._ShardAugs(cfg, index, sizes)
+    pool = rs._replay_pool(2)
+    try:
+        got = rs._ShardAugs(cfg, index, sizes, pool)
+        early = got[len(index) - 1]  # the last chunk: most likely not back yet, drawn here
+        for fut in list(got._chunks.values()):
+            fut.result()
+        order = np.random.default_rng(0).permutation(len(index))
+        assert [got[int(i)] for i in order] == [want[int(i)] for i in order]
+        assert early == want[len(index) - 1] and not got._chunks
+        assert any(a.mix is not None for i in range(len(index)) for a in got[i])
+    finally:
+        rs.close_replay_pool()

@@ -278,11 +278,12 @@ def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np
     k_t[:, 0, :yk.shape[2]] = yk[vidx].permute(0, 2, 1).to(torch.int32)
     k_t[:, 1, :xk.shape[2]] = xk[vidx].permute(0, 2, 1).to(torch.int32)
     row0, row1 = rows[0][views], rows[1][views]
-    meta = np.zeros((n, 10), np.int64)  # pointer, then the kernels' 9 fields per image
-    for j, v in enumerate(views):
-        t = images[int(img_of[v])]
-        meta[j] = (t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1), t.stride(2), row0[j],
-                   row1[j] - row0[j], 0, 0)
+    # per image: pointer, height, width, 3 strides; then per view the kernels' 9 fields after the pointer
+    per_img = np.array([(t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1), t.stride(2))
+                        for t in images], np.int64).reshape(len(images), 6)
+    meta = np.zeros((n, 10), np.int64)
+    meta[:, :6] = per_img[img_of[views]]
+    meta[:, 6], meta[:, 7] = row0, row1 - row0
     host = _dev(np.concatenate([meta[:, 0], meta[:, 1:].reshape(-1)]), dev)
     ptrs, imeta = host[:n], host[n:]
     R = int((row1 - row0).max())
@@ -571,7 +572,7 @@ def _affine(x: torch.Tensor, mats: np.ndarray) -> torch.Tensor:
 def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
     """Rule 4 on uint8 [n, S, S, 3]: view ``i``'s ops ``op_lists[i]`` in order, the views grouped
     by op family at each step (lookup tables, blends, affine warps)."""
-    n, S = x.shape[0], x.shape[1]
+    S = x.shape[1]
     steps = max((len(o) for o in op_lists), default=0)
     dev = x.device
     for j in range(steps):

@@ -121,7 +121,7 @@ class ReinforceConfig:
     img_size: int | None = opt(None, "teacher input size", type=positive_int, default_help="default: the teacher's")
     # runtime
     device: str = device_field()
-    batch_size: int = opt(0, "augmented images per teacher forward", type=int, default_help="256 GPU, 32 CPU")
+    batch_size: int = opt(0, "augmented images per teacher forward", type=int, default_help="1024 GPU, 32 CPU")
     precision: str = precision_field()
     workers: int = opt(default_factory=gpu_count, help="processes", type=positive_int, auto_workers="gpu",
                        default_help="default: one per GPU, 1 on CPU; with --engine ray: one actor per cluster GPU")
@@ -306,29 +306,67 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
+DRAW_CHUNK = 32  # samples per augmentation-drawing task (a draw process's share of a shard)
+
+
+def _draw_chunk(policy: AugPolicy, seed: int, keys: list[str], sizes: list[tuple[int, int]], k: int, n: int,
+                start: int) -> list[list[Aug]]:
+    """In a draw process: ``sample_augs`` of the samples at positions ``start, start + 1, ...``
+    of a shard of ``n`` (the same call as in the stage's own process, hence the same lists)."""
+    return [sample_augs(policy, seed, key, w, h, k, n, start + j) for j, (key, (w, h)) in enumerate(zip(keys, sizes))]
+
+
 class _ShardAugs:
     """``augs[i]``: sample ``i``'s K augmentations (``augment.sample_augs``, a pure function of
     (policy, seed, key, size, K, shard length, position)), drawn on first use and kept.
 
-    Drawn lazily so that drawing a shard's (about 0.2-0.3 ms of Python per sample at K=10)
+    Drawn lazily so that drawing a shard's (about 0.2 ms of Python per sample at K=10)
     overlaps its replay and teacher instead of preceding them while the GPU idles: the
-    torch replay draws a batch's on its own thread, ahead of the teacher; the Pillow paths as
-    each batch is submitted. Two threads drawing the same sample get equal lists."""
+    Pillow paths draw each batch's as it is submitted. With ``pool`` (the torch replay on a
+    GPU, where the stage's threads share one GIL and this Python was a fifth of it) the whole
+    shard is drawn in those processes, ``DRAW_CHUNK`` samples per task in shard order, and
+    only unpickled here; a sample whose chunk is not back yet (the first batches, while the
+    processes start, or a far mixing partner) is drawn here instead. Either way the lists are
+    equal, and two threads drawing the same sample get equal lists."""
 
-    def __init__(self, cfg: ReinforceConfig, index: list, sizes: list[tuple[int, int]]):
+    def __init__(self, cfg: ReinforceConfig, index: list, sizes: list[tuple[int, int]],
+                 pool: ProcessPoolExecutor | None = None):
         self.cfg, self.index, self.sizes = cfg, index, sizes
-        self._drawn: list[list[Aug] | None] = [None] * len(index)
+        n = len(index)
+        self._drawn: list[list[Aug] | None] = [None] * n
+        self._chunks: dict[int, Any] = {}
+        if pool is not None:
+            for c in range(0, n, DRAW_CHUNK):
+                keys = [s.key for s in index[c:c + DRAW_CHUNK]]
+                self._chunks[c // DRAW_CHUNK] = pool.submit(_draw_chunk, cfg.policy, cfg.seed, keys,
+                                                            sizes[c:c + DRAW_CHUNK], cfg.augs, n, c)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> list[Aug]:
         got = self._drawn[i]
-        if got is None:
-            cfg, (w, h) = self.cfg, self.sizes[i]
-            got = sample_augs(cfg.policy, cfg.seed, self.index[i].key, w, h, cfg.augs, len(self.index), i)
-            self._drawn[i] = got
+        if got is not None:
+            return got
+        fut = self._chunks.get(i // DRAW_CHUNK)
+        if fut is not None and fut.done():
+            c = i // DRAW_CHUNK * DRAW_CHUNK
+            drawn = fut.result()  # a broken pool raises here: the shard fails, as a replay process's would
+            for j, a in enumerate(drawn):
+                if self._drawn[c + j] is None:
+                    self._drawn[c + j] = a
+            self._chunks.pop(i // DRAW_CHUNK, None)
+            return self._drawn[i]
+        cfg, (w, h) = self.cfg, self.sizes[i]
+        got = sample_augs(cfg.policy, cfg.seed, self.index[i].key, w, h, cfg.augs, len(self.index), i)
+        self._drawn[i] = got
         return got
+
+    def cancel(self) -> None:
+        """Drop the draws not yet started (the shard ended early, on an error)."""
+        for fut in self._chunks.values():
+            fut.cancel()
+        self._chunks.clear()
 
 
 def _sample_job(index: list, augs: _ShardAugs, i: int) -> tuple:
@@ -369,6 +407,15 @@ def _replay_job(read, job: tuple, sizes: list[int], out: list[np.ndarray] | None
 # -- replay processes ----------------------------------------------------------------------
 
 SLOTS = 3  # batches alive at once: the one the teacher runs + the two being replayed
+DRAW_PROCS = 2  # processes drawing a shard's augmentations for the torch replay on a GPU (~5k samples/s each)
+
+
+def samples_per_batch(cfg: ReinforceConfig, device_type: str) -> int:
+    """Samples per batch: ``cfg.batch_size`` augmented images (default 1024 on a GPU, 32 on the
+    CPU) over K, at least 1. On a GPU the torch replay's cost is mostly its kernel launches,
+    about a thousand per batch whatever its size (``replay_torch``), so a batch of 1024 views
+    costs it little more than one of 256 (issue 18, BENCHMARKS.md)."""
+    return max(1, (cfg.batch_size or (1024 if device_type == "cuda" else 32)) // cfg.augs)
 
 
 def resolve_replay_procs(cfg: ReinforceConfig, device_type: str) -> int:
@@ -657,8 +704,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                 sizes_wh.append(_image_size(reader.read(s.members[ext])))
             except Exception as e:
                 raise UserError(f"{where}: sample {s.key!r}: cannot read the image ({e})") from None
-        augs = _ShardAugs(cfg, index, sizes_wh)
-        per_batch = max(1, (cfg.batch_size or (256 if runner.device.type == "cuda" else 32)) // k)
+        torch_on = resolve_replay(cfg, runner.device.type) == "torch"
+        draw_pool = _replay_pool(DRAW_PROCS) if torch_on and runner.device.type == "cuda" else None
+        augs = _ShardAugs(cfg, index, sizes_wh, draw_pool)
+        stack.callback(augs.cancel)
+        per_batch = samples_per_batch(cfg, runner.device.type)
         batches = [list(range(b, min(n, b + per_batch))) for b in range(0, n, per_batch)]
         n_ops = cfg.policy.ra_ops
         rnf_bytes = 0
@@ -667,7 +717,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         torch_replay = None
         procs = 0
         runner.prepare_classify(per_batch * k, cfg.embeddings)
-        if resolve_replay(cfg, runner.device.type) == "torch":
+        if torch_on:
             torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.decode, min(cfg.threads, 16))
             stack.callback(torch_replay.close)
         else:
