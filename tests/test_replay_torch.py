@@ -171,7 +171,7 @@ def test_gpu_replay_matches_cpu_replay(photos):
             views.append(View(i, a, partner))
             refs.append(replay(imgs[i], a, 224, None if partner is None else (imgs[partner[0]], partner[1])))
     from silverlabel import replay_torch
-    from silverlabel.replay_torch import resized_crops
+    from silverlabel.replay_torch import apply_ops, resized_crops
 
     cpu_decoded = [decode_cpu(d).to(dev) for d in photos]
     exact = replay_views(cpu_decoded, views, 224)
@@ -179,6 +179,9 @@ def test_gpu_replay_matches_cpu_replay(photos):
     assert np.array_equal(exact.cpu().numpy(), np.stack(refs))
     crops = [(v.image, v.aug.crop) for v in views]
     assert torch.equal(resized_crops(cpu_decoded, crops, 224, "triton"), resized_crops(cpu_decoded, crops, 224, "dense"))
+    base, op_lists = resized_crops(cpu_decoded, crops, 224), [v.aug.ops for v in views]  # the ops kernels
+    assert torch.equal(apply_ops(base.clone(), op_lists, "triton"), apply_ops(base.clone(), op_lists, "torch"))
+    assert not replay_torch._TRITON_FAILED
     decoder = GpuDecoder(dev)
     refs_gpu, errors, keep = decoder.decode(photos)
     assert errors == [None] * len(photos)
@@ -223,10 +226,35 @@ def _triton_check() -> None:
             ref = pil[i].resize((size, size), Image.Resampling.BICUBIC, box=crop_box(Aug(crop, False), *pil[i].size))
             assert np.array_equal(got.numpy(), np.asarray(ref)), (i, crop, size)
     print("triton resize ok")
+    _triton_ops_check()
+
+
+def _triton_ops_check() -> None:
+    """Under TRITON_INTERPRET=1: the RandAugment kernels (replay_kernels) give the torch path's
+    bytes (which are Pillow's, test_every_op_matches_pillow): every op at levels 0, 77 and 255,
+    both signs, each followed by a random second op, and a flat view."""
+    from silverlabel.augment import OPS
+    from silverlabel.replay_torch import apply_ops
+
+    rng = np.random.default_rng(0)
+    S = 24
+    ops = [[(o, sg, lv), (int(rng.integers(1, 16)), 1 if rng.random() < .5 else -1, int(rng.integers(256)))]
+           for o in range(1, 16) for lv in (0, 77, 255) for sg in ((-1, 1) if OPS[o][2] else (1,))]
+    n = len(ops)
+    yy, xx = np.mgrid[0:S, 0:S]
+    x = np.stack([128 + 100 * np.sin(xx / 3 + c + k) * np.cos(yy / 4 - c) for k in range(n) for c in range(3)], -1)
+    x = np.clip(x.reshape(S, S, n, 3).transpose(2, 0, 1, 3) + rng.normal(0, 20, (n, S, S, 3)), 0, 255)
+    x = torch.from_numpy(x.astype(np.uint8))
+    x[0] = 7
+    want = apply_ops(x.clone(), ops, "torch")
+    got = apply_ops(x.clone(), ops, "triton")
+    bad = [ops[i] for i in range(n) if not torch.equal(want[i], got[i])]
+    assert not bad, bad[:5]
+    print("triton ops ok")
 
 
 @pytest.mark.timeout(600)
-def test_triton_resize_matches_dense_and_pillow_under_interpreter():
+def test_triton_resize_and_ops_match_torch_and_pillow_under_interpreter():
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -234,7 +262,8 @@ def test_triton_resize_matches_dense_and_pillow_under_interpreter():
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=560)
-    assert p.returncode == 0 and "triton resize ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.returncode == 0 and "triton resize ok" in p.stdout and "triton ops ok" in p.stdout, \
+        p.stdout[-2000:] + p.stderr[-4000:]
 
 
 if __name__ == "__main__":

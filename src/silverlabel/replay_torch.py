@@ -256,7 +256,29 @@ def _vertical_then_horizontal(src: torch.Tensor, geo: _Group, xs: tuple, ys: tup
     return res.view(n, S, 3, S).permute(0, 1, 3, 2).to(torch.uint8)
 
 
-_TRITON_FAILED: list[str] = []  # why the Triton resize was given up in this process, if it was
+_TRITON_FAILED: list[str] = []  # why the Triton kernels were given up in this process, if they were
+
+
+def _give_up_triton(e: Exception, device: Any) -> None:
+    """A Triton kernel failed to compile or launch on a GPU: warn once and use the torch path
+    (the same bytes) from now on in this process. On the CPU (the interpreter, in tests) raise."""
+    if device.type != "cuda":
+        raise e
+    import logging
+
+    logging.getLogger(__name__).warning("Triton replay kernel failed (%s: %s): the torch path from now on",
+                                        type(e).__name__, e)
+    _TRITON_FAILED.append(f"{type(e).__name__}: {e}")
+
+
+def _kernel_or_torch(kernel: Any, fallback: Any, device: Any) -> torch.Tensor:
+    """``kernel()`` (Triton), or ``fallback()`` (torch, the same bytes) where it is not given or fails."""
+    if kernel and not _TRITON_FAILED:
+        try:
+            return kernel()
+        except Exception as e:  # noqa: BLE001 - a compile or launch failure
+            _give_up_triton(e, device)
+    return fallback()
 
 
 def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np.ndarray, xs: tuple, ys: tuple,
@@ -333,13 +355,7 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
                                                           size)
                 used = sorted({int(img_of[v]) for v in np.nonzero(~wide)[0]})
             except Exception as e:  # noqa: BLE001 - a compile or launch failure: the dense path gives the same bytes
-                if device.type != "cuda":
-                    raise
-                import logging
-
-                logging.getLogger(__name__).warning("Triton resize failed (%s: %s): float64 matrix products from now on",
-                                                    type(e).__name__, e)
-                _TRITON_FAILED.append(f"{type(e).__name__}: {e}")
+                _give_up_triton(e, device)
     elif method != "dense":
         raise UserError(f"resize method must be auto, dense or triton, not {method!r}")
     for vfirst in (False, True):
@@ -448,9 +464,7 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     """``ImageFilter.SMOOTH`` (3x3, 1 1 1 / 1 5 1 / 1 1 1, divisor 13) as Pillow's
     ``ImagingFilter3x3`` computes it for RGB: float32 taps, rows y+1, y, y-1 in that order,
     +0.5 then truncation; the border rows and columns copied."""
-    k1 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
-    k5 = torch.tensor(5.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
-    k1, k5 = _dev(k1, x.device), _dev(k5, x.device)
+    k1, k5 = (_dev(k, x.device) for k in _smooth_taps())
     f = x.to(torch.float32)
 
     def row(r: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
@@ -478,8 +492,7 @@ def _blend_op(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
     """Color / Contrast / Brightness / Sharpness for views ``x`` with ops ``ops[i]``."""
     dev = x.device
     op_ids = np.array([o for o, _s, _l in ops])
-    # the factor 1 + sign * 0.9 * m as Python computes it, then float32 as ImagingBlend takes it
-    alpha = _dev(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32), dev)
+    alpha = _blend_alpha(ops, dev)
     degenerate = torch.empty_like(x)
     for op in (COLOR, CONTRAST, BRIGHTNESS, SHARPNESS):
         r = np.nonzero(op_ids == op)[0]
@@ -490,10 +503,7 @@ def _blend_op(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
         if op == COLOR:
             d = _luma(xs).to(torch.uint8)[..., None].expand_as(xs)
         elif op == CONTRAST:  # int(mean of the luma histogram + 0.5)
-            lum = _luma(xs).reshape(len(r), -1).to(torch.int64)
-            total = lum.sum(1).to(torch.float64)
-            mean = total / torch.full_like(total, lum.shape[1])
-            d = torch.trunc(mean + 0.5).to(torch.uint8)[:, None, None, None].expand_as(xs)
+            d = _contrast_greys(xs)[:, None, None, None].expand_as(xs)
         elif op == BRIGHTNESS:
             d = torch.zeros_like(xs)
         else:
@@ -569,12 +579,69 @@ def _affine(x: torch.Tensor, mats: np.ndarray) -> torch.Tensor:
     return torch.where(inside[..., None], out, torch.full_like(out, 128))
 
 
-def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
+def _ops_method(x: torch.Tensor, method: str) -> str:
+    if method == "auto":
+        from silverlabel.replay_kernels import triton
+
+        return "triton" if x.device.type == "cuda" and triton is not None and not _TRITON_FAILED else "torch"
+    if method not in ("torch", "triton"):
+        raise UserError(f"ops method must be auto, torch or triton, not {method!r}")
+    return method
+
+
+def _contrast_greys(xs: torch.Tensor) -> torch.Tensor:
+    """Contrast's degenerate grey per view: ``int(mean of the luma histogram + 0.5)``."""
+    lum = _luma(xs).reshape(xs.shape[0], -1).to(torch.int64)
+    total = lum.sum(1).to(torch.float64)
+    mean = total / torch.full_like(total, lum.shape[1])
+    return torch.trunc(mean + 0.5).to(torch.uint8)
+
+
+def _smooth_taps() -> tuple[torch.Tensor, torch.Tensor]:
+    """SMOOTH's taps 1/13 and 5/13 as float32 division gives them (Pillow's ``float`` kernel)."""
+    k1 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
+    k5 = torch.tensor(5.0, dtype=torch.float32) / torch.tensor(13.0, dtype=torch.float32)
+    return k1, k5
+
+
+def _blend_alpha(ops: list[tuple[int, int, int]], dev: Any) -> torch.Tensor:
+    """The factor ``1 + sign * 0.9 * m`` as Python computes it, then float32 as ImagingBlend takes it."""
+    return _dev(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32), dev)
+
+
+def _blend_kernel(x: torch.Tensor, r: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
+    """:func:`_blend_op` of views ``x[r]`` in one Triton pass (the degenerate made in the kernel)."""
+    from silverlabel import replay_kernels as rk
+
+    dev = x.device
+    op_ids = np.array([o for o, _s, _l in ops])
+    modes = np.searchsorted(np.array([COLOR, CONTRAST, BRIGHTNESS, SHARPNESS]), op_ids).astype(np.int32)
+    greys = torch.zeros(len(ops), dtype=torch.int32, device=dev)
+    cr = np.nonzero(op_ids == CONTRAST)[0]
+    if len(cr):
+        crt = _dev(cr, dev)
+        greys[crt] = _contrast_greys(x[r[crt]]).to(torch.int32)
+    k1, k5 = _smooth_taps()
+    return rk.blend(x, r, _dev(modes, dev), greys, _blend_alpha(ops, dev), k1.item(), k5.item())
+
+
+def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]], method: str = "auto"
+              ) -> torch.Tensor:
     """Rule 4 on uint8 [n, S, S, 3]: view ``i``'s ops ``op_lists[i]`` in order, the views grouped
-    by op family at each step (lookup tables, blends, affine warps)."""
+    by op family at each step (lookup tables, blends, affine warps).
+
+    ``method``: ``torch`` (elementwise torch, any device), ``triton`` (one pass per op family,
+    :mod:`silverlabel.replay_kernels`; a CUDA device, or the CPU under ``TRITON_INTERPRET=1``),
+    ``auto`` (triton on a CUDA device where Triton is present and has not failed in this
+    process). The two give the same bytes."""
     S = x.shape[1]
     steps = max((len(o) for o in op_lists), default=0)
     dev = x.device
+    tri = steps > 0 and _ops_method(x, method) == "triton"
+    if tri:
+        from silverlabel import replay_kernels as rk
+
+        x = x.contiguous()
     for j in range(steps):
         here = [(i, tuple(o[j])) for i, o in enumerate(op_lists) if len(o) > j and o[j][0] != IDENTITY]
         for o, _s, _l in (op for _i, op in here):
@@ -584,16 +651,21 @@ def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]
         if lut_v:
             r = _dev([i for i, _ in lut_v], dev)
             xs = x[r]
-            x[r] = _apply_lut(xs, _lut_tables(xs, [op for _, op in lut_v]))
+            lut = _lut_tables(xs, [op for _, op in lut_v])
+            x[r] = _kernel_or_torch(tri and (lambda: rk.lookup(x, r, lut.to(torch.uint8))),
+                                    lambda: _apply_lut(xs, lut), dev)
         blend_v = [(i, op) for i, op in here if op[0] in BLEND_OPS]
         if blend_v:
             r = _dev([i for i, _ in blend_v], dev)
-            x[r] = _blend_op(x[r], [op for _, op in blend_v])
+            ops = [op for _, op in blend_v]
+            x[r] = _kernel_or_torch(tri and (lambda: _blend_kernel(x, r, ops)), lambda: _blend_op(x[r], ops), dev)
         aff = [(i, _affine_matrix(op[0], op[1], op[2], S)) for i, op in here if op[0] in AFFINE_OPS]
         aff = [(i, m) for i, m in aff if m is not None]
         if aff:
             r = _dev([i for i, _ in aff], dev)
-            x[r] = _affine(x[r], np.array([m for _, m in aff], np.float64))
+            mats = np.array([m for _, m in aff], np.float64)
+            x[r] = _kernel_or_torch(tri and (lambda: rk.affine(x, r, _dev(mats, dev))), lambda: _affine(x[r], mats),
+                                    dev)
     return x
 
 
