@@ -209,7 +209,7 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
         per_batch = rs.samples_per_batch(cfg, runner.device.type)
         batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
         tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), cfg.decode,
-                             min(cfg.threads, 16))
+                             min(cfg.threads, 16), sizes)
 
         def run(bs) -> None:
             futs = [tr.submit(b) for b in bs[:2]]
@@ -248,7 +248,8 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
     index = list(iter_tar_samples(str(tar)))[:limit]
     reader = rs._Reader(str(tar))
     per_batch = rs.samples_per_batch(cfg, runner.device.type)
-    tr = rs._TorchReplay(runner, reader, index, [], [size], cfg.decode, min(cfg.threads, 16))
+    sizes = [rs._image_size(reader.read(s.members["jpg"])) for s in index]
+    tr = rs._TorchReplay(runner, reader, index, [], [size], cfg.decode, min(cfg.threads, 16), sizes)
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"decode": [], "views": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
     try:

@@ -479,3 +479,32 @@ def test_augmentations_drawn_in_processes_are_the_stages(trainset):
         assert any(a.mix is not None for i in range(len(index)) for a in got[i])
     finally:
         rs.close_replay_pool()
+
+
+def test_decode_into_a_slab_is_the_host_decode():
+    """The torch replay on a GPU decodes a batch into one page-locked slab, each image into the
+    slice its header's size gives (``_decode_into``): the host decode's pixels, in that slice;
+    an image whose decoded size is not the slice's gets an array of its own, never a partial
+    or overflowing write."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from silverlabel.augment import decode_rgb_array
+    from silverlabel.stages.reinforce import _decode_into
+
+    blobs = []
+    for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")]:
+        b = io.BytesIO()
+        Image.fromarray(skimage.data.chelsea()).resize((97, 61)).convert(mode).save(b, fmt)
+        blobs.append(b.getvalue())
+    slab = np.zeros(len(blobs) * 61 * 97 * 3 + 7, np.uint8)
+    for j, data in enumerate(blobs):
+        view = slab[j * 61 * 97 * 3:(j + 1) * 61 * 97 * 3].reshape(61, 97, 3)
+        got = _decode_into(data, view)
+        assert got.data_ptr() == view.ctypes.data and np.array_equal(view, decode_rgb_array(data))
+    assert not slab[-7:].any()
+    wrong = np.zeros((60, 97, 3), np.uint8)
+    got = _decode_into(blobs[0], wrong)
+    assert tuple(got.shape) == (61, 97, 3) and not wrong.any() and np.array_equal(got.numpy(), decode_rgb_array(blobs[0]))

@@ -147,6 +147,61 @@ if triton is not None:
             tl.store(obase + c, out.to(tl.uint8), mask=live)
 
 
+    @triton.jit
+    def _bicubic(x):
+        """Pillow's ``bicubic_filter`` (a = -0.5), as ``replay_torch._bicubic``."""
+        x = tl.abs(x)
+        near = ((1.5 * x - 2.5) * x) * x + 1.0
+        far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+        return tl.where(x < 1.0, near, tl.where(x < 2.0, far, 0.0))
+
+    @triton.jit
+    def _box_coeffs_kernel(fmeta, imeta, lo_out, k_out, T, S, BS: tl.constexpr):
+        """``replay_torch.resample_coeffs`` for view ``v`` along axis ``d`` (0: rows, 1:
+        columns): ``fmeta[v, d]`` = (box start, scale, support, 1 / filter scale) float64,
+        ``imeta[v, d]`` = source length. Writes the first source index ``lo[v, d, o]`` and the
+        fixed-point taps ``k[v, d, t, o]`` (int32)."""
+        v = tl.program_id(0)
+        d = tl.program_id(1)
+        row = (v * 2 + d).to(tl.int64)
+        o = tl.arange(0, BS)
+        live = o < S
+        in0 = tl.load(fmeta + row * 4)
+        scale = tl.load(fmeta + row * 4 + 1)
+        support = tl.load(fmeta + row * 4 + 2)
+        inv = tl.load(fmeta + row * 4 + 3)
+        size = tl.load(imeta + row)
+        center = in0 + (o.to(tl.float64) + 0.5) * scale
+        lo = tl.maximum((center - support + 0.5).to(tl.int64), 0)  # C's (int): toward zero
+        hi = tl.minimum((center + support + 0.5).to(tl.int64), size)
+        n = hi - lo
+        ww = tl.zeros((BS,), tl.float64)
+        for t in range(0, T):  # summed tap by tap, as the C loop does
+            w = _bicubic((((lo + t).to(tl.float64) - center) + 0.5) * inv)
+            ww = ww + tl.where(t < n, w, 0.0)
+        tl.store(lo_out + row * S + o, lo.to(tl.int32), mask=live)
+        for t in range(0, T):
+            w = _bicubic((((lo + t).to(tl.float64) - center) + 0.5) * inv)
+            w = tl.where(t < n, w, 0.0)
+            k = tl.where(ww != 0.0, w / tl.where(ww == 0.0, 1.0, ww), w)
+            kf = k * 4194304.0  # 1 << 22
+            fixed = tl.where(k < 0.0, kf - 0.5, kf + 0.5).to(tl.int32)  # trunc, toward zero
+            tl.store(k_out + (row * T + t) * S + o, fixed, mask=live)
+
+
+def box_coeffs(fmeta: torch.Tensor, imeta: torch.Tensor, taps: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both axes' resampling taps for every view in one launch: ``fmeta`` float64 [V, 2, 4]
+    (box start, scale, support, 1 / filter scale; axis 0 rows, 1 columns), ``imeta`` int64
+    [V, 2] (source length) on the device. Returns (first source index int32 [V, 2, size],
+    fixed-point taps int32 [V, 2, taps, size]): the label stage's resize kernels' layout."""
+    V = fmeta.shape[0]
+    lo = torch.empty((V, 2, size), dtype=torch.int32, device=fmeta.device)
+    k = torch.empty((V, 2, taps, size), dtype=torch.int32, device=fmeta.device)
+    if V:
+        _box_coeffs_kernel[(V, 2)](fmeta, imeta, lo, k, taps, size, BS=triton.next_power_of_2(size), **_NO_FMA)
+    return lo, k
+
+
 def _grid(m: int, n: int) -> tuple[int, int]:
     return (m, triton.cdiv(n, BLOCK))
 

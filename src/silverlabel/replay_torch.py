@@ -101,27 +101,37 @@ def _dev(a: Any, device: Any) -> torch.Tensor:
     return torch.as_tensor(a).to(device, non_blocking=True)
 
 
+def _axis_params(in_size: np.ndarray, in0: np.ndarray, in1: np.ndarray, out_size: int) -> dict[str, np.ndarray]:
+    """The host half of :func:`resample_coeffs`: per view the box start, scale, support and
+    1 / filter scale (float64, as Pillow's C computes them), the source length, and the first
+    and one-past-last source index the taps read."""
+    in0_h = np.asarray(in0, np.float32).astype(np.float64)
+    scale_h = (np.asarray(in1, np.float32) - np.asarray(in0, np.float32)).astype(np.float64) / out_size
+    fs_h = np.maximum(scale_h, 1.0)  # (double)(in1 - in0) / outSize above: the difference taken in float32
+    support_h = 2.0 * fs_h
+    size_h = np.asarray(in_size, np.int64)
+    first = np.maximum(np.trunc((in0_h + 0.5 * scale_h) - support_h + 0.5).astype(np.int64), 0)
+    last = np.minimum(np.trunc((in0_h + (out_size - 1 + 0.5) * scale_h) + support_h + 0.5).astype(np.int64), size_h)
+    taps = int(np.ceil(support_h).max()) * 2 + 1 if len(scale_h) else 1
+    return {"in0": in0_h, "scale": scale_h, "support": support_h, "inv": 1.0 / fs_h, "size": size_h, "taps": taps,
+            "first": first, "last": last}
+
+
 def resample_coeffs(in_size: np.ndarray, in0: np.ndarray, in1: np.ndarray, out_size: int, device: Any
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for a batch of boxes along one
     axis: ``in_size`` int [V] (source length), ``in0``/``in1`` float32 [V] (the box edge as C
     receives it). Returns, on ``device``, (first source index [V, S] int64, taps used [V, S]
     int64, fixed-point coefficients [V, S, T] float64 holding integers), and on the host each
-    view's first and one-past-last source index (the same float64 arithmetic in numpy)."""
-    in0_h = np.asarray(in0, np.float32).astype(np.float64)
-    scale_h = (np.asarray(in1, np.float32) - np.asarray(in0, np.float32)).astype(np.float64) / out_size
-    fs_h = np.maximum(scale_h, 1.0)  # (double)(in1 - in0) / outSize above: the difference taken in float32
-    support_h = 2.0 * fs_h
-    inv_h = 1.0 / fs_h
-    size_h = np.asarray(in_size, np.int64)
-    T = int(np.ceil(support_h).max()) * 2 + 1 if len(scale_h) else 1
-    first = np.maximum(np.trunc((in0_h + 0.5 * scale_h) - support_h + 0.5).astype(np.int64), 0)
-    last = np.minimum(np.trunc((in0_h + (out_size - 1 + 0.5) * scale_h) + support_h + 0.5).astype(np.int64), size_h)
-    in0_t, scale, support, inv = (_dev(v, device) for v in (in0_h, scale_h, support_h, inv_h))
+    view's first and one-past-last source index (the same float64 arithmetic in numpy).
+    (``replay_kernels.box_coeffs`` is the same arithmetic in one Triton launch.)"""
+    a = _axis_params(in_size, in0, in1, out_size)
+    T = a["taps"]
+    in0_t, scale, support, inv = (_dev(a[k], device) for k in ("in0", "scale", "support", "inv"))
     xx = torch.arange(out_size, dtype=torch.float64, device=device)
     center = in0_t[:, None] + (xx + 0.5)[None, :] * scale[:, None]
     lo = torch.trunc(center - support[:, None] + 0.5).to(torch.int64).clamp(min=0)
-    hi = torch.minimum(torch.trunc(center + support[:, None] + 0.5).to(torch.int64), _dev(size_h, device)[:, None])
+    hi = torch.minimum(torch.trunc(center + support[:, None] + 0.5).to(torch.int64), _dev(a["size"], device)[:, None])
     n = hi - lo
     taps = torch.arange(T, device=device)
     pos = (lo[..., None] + taps).to(torch.float64)
@@ -133,7 +143,7 @@ def resample_coeffs(in_size: np.ndarray, in0: np.ndarray, in1: np.ndarray, out_s
     k = torch.where(ww[..., None] != 0, w / torch.where(ww == 0, torch.ones_like(ww), ww)[..., None], w)
     kf = k * _ONE
     fixed = torch.where(k < 0, torch.trunc(-0.5 + kf), torch.trunc(0.5 + kf))
-    return lo, n, fixed, first, last
+    return lo, n, fixed, a["first"], a["last"]
 
 
 def _boxes(crops: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -281,33 +291,38 @@ def _kernel_or_torch(kernel: Any, fallback: Any, device: Any) -> torch.Tensor:
     return fallback()
 
 
-def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np.ndarray, xs: tuple, ys: tuple,
-                   rows: tuple[np.ndarray, np.ndarray], size: int) -> torch.Tensor:
+def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np.ndarray, ax: tuple[dict, dict],
+                   size: int) -> torch.Tensor:
     """Width-first views through the label stage's two resize kernels
     (:func:`silverlabel.inference.resize_crop_batch`'s ``_rows_pass`` and ``_cols_pass``: the
     same fixed-point arithmetic as Pillow, banded, reading the uint8 sources in place), each
-    view its own "image" with this module's box coefficients in place of the kernels' own
+    view its own "image" with this module's box coefficients (``replay_kernels.box_coeffs``,
+    from ``ax`` = (rows', columns' :func:`_axis_params`)) in place of the kernels' own
     centre-crop ones. Returns uint8 [len(views), S, S, 3]."""
     from silverlabel.inference import _cols_pass, _rows_pass, triton
+    from silverlabel.replay_kernels import box_coeffs
 
     dev = images[0].device
     n, S = len(views), size
-    vidx = _dev(views, dev)
-    (xlo, xk), (ylo, yk) = xs, ys
-    T = max(xk.shape[2], yk.shape[2])
-    lo_t = torch.stack([ylo[vidx], xlo[vidx]], 1).to(torch.int32).contiguous()  # [n, 2 (rows, cols), S]
-    k_t = torch.zeros((n, 2, T, S), dtype=torch.int32, device=dev)
-    k_t[:, 0, :yk.shape[2]] = yk[vidx].permute(0, 2, 1).to(torch.int32)
-    k_t[:, 1, :xk.shape[2]] = xk[vidx].permute(0, 2, 1).to(torch.int32)
-    row0, row1 = rows[0][views], rows[1][views]
+    ys, xs = ax
+    T = max(ys["taps"], xs["taps"])
+    fmeta = np.empty((n, 2, 4), np.float64)
+    for d, a in enumerate(ax):
+        fmeta[:, d] = np.stack([a["in0"][views], a["scale"][views], a["support"][views], a["inv"][views]], 1)
+    imeta2 = np.stack([ys["size"][views], xs["size"][views]], 1)
+    row0, row1 = ys["first"][views], ys["last"][views]
     # per image: pointer, height, width, 3 strides; then per view the kernels' 9 fields after the pointer
     per_img = np.array([(t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), t.stride(1), t.stride(2))
                         for t in images], np.int64).reshape(len(images), 6)
     meta = np.zeros((n, 10), np.int64)
     meta[:, :6] = per_img[img_of[views]]
     meta[:, 6], meta[:, 7] = row0, row1 - row0
-    host = _dev(np.concatenate([meta[:, 0], meta[:, 1:].reshape(-1)]), dev)
-    ptrs, imeta = host[:n], host[n:]
+    # one host-to-device copy: the kernels' pointers and fields, and the coefficient inputs
+    host = _dev(np.concatenate([meta[:, 0], meta[:, 1:].reshape(-1), imeta2.reshape(-1),
+                                fmeta.reshape(-1).view(np.int64)]), dev)
+    ptrs, imeta, sizes_t = host[:n], host[n:10 * n], host[10 * n:12 * n]
+    fm = host[12 * n:].view(torch.float64)
+    lo_t, k_t = box_coeffs(fm, sizes_t, T, S)
     R = int((row1 - row0).max())
     bx = triton.next_power_of_2(S)
     tmp = torch.empty((n, R, S, 3), dtype=torch.uint8, device=dev)
@@ -338,26 +353,34 @@ def resized_crops(images: Sequence[torch.Tensor], crops: Sequence[tuple[int, int
     shapes = [(int(t.shape[0]), int(t.shape[1])) for t in images]
     wh = np.array([(shapes[i][1], shapes[i][0]) for i in img_of], np.int64).reshape(V, 2)
     bx0, by0, bx1, by1 = _boxes(boxes, wh)
-    # per view, the source columns [col0, col1) and rows [row0, row1) its taps read
-    xlo, xn, xk, col0, col1 = resample_coeffs(wh[:, 0], bx0, bx1, size, device)
-    ylo, yn, yk, row0, row1 = resample_coeffs(wh[:, 1], by0, by1, size, device)
+    xa = _axis_params(wh[:, 0], bx0, bx1, size)
+    ya = _axis_params(wh[:, 1], by0, by1, size)
     used = sorted(set(img_of.tolist()))
     if method == "auto":
         from silverlabel.inference import triton
 
         method = "triton" if device.type == "cuda" and triton is not None and not _TRITON_FAILED else "dense"
     if method == "triton":
-        wide = np.array([not vertical_first(*shapes[i], size) for i in img_of])
+        wide = ~np.array([vertical_first(*sh, size) for sh in shapes], bool)[img_of]
         views = np.nonzero(wide)[0]
         if len(views):
             try:
-                out[_dev(views, device)] = _resize_triton(images, img_of, views, (xlo, xk), (ylo, yk), (row0, row1),
-                                                          size)
+                got = _resize_triton(images, img_of, views, (ya, xa), size)
+                if len(views) == V:
+                    out = got
+                else:
+                    out[_dev(views, device)] = got
                 used = sorted({int(img_of[v]) for v in np.nonzero(~wide)[0]})
             except Exception as e:  # noqa: BLE001 - a compile or launch failure: the dense path gives the same bytes
                 _give_up_triton(e, device)
     elif method != "dense":
         raise UserError(f"resize method must be auto, dense or triton, not {method!r}")
+    if not used:
+        return out
+    # the dense path: the taps as float64 tensors; per view, the source columns [col0, col1)
+    # and rows [row0, row1) its taps read
+    xlo, xn, xk, col0, col1 = resample_coeffs(wh[:, 0], bx0, bx1, size, device)
+    ylo, yn, yk, row0, row1 = resample_coeffs(wh[:, 1], by0, by1, size, device)
     for vfirst in (False, True):
         some = [i for i in used if vertical_first(*shapes[i], size) == vfirst]
         for group in _groups([shapes[i] for i in some]):

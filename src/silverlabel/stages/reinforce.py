@@ -533,8 +533,10 @@ class _TorchReplay:
     the decoder's streams) after an event of the replay's."""
 
     def __init__(self, runner: Any, reader: _Reader, index: list, augs: _ShardAugs, sizes: list[int],
-                 decode: str = "host", threads: int = 4):
+                 decode: str = "host", threads: int = 4, image_sizes: list[tuple[int, int]] | None = None):
         import torch
+
+        self.image_sizes = image_sizes  # (W, H) per sample from the headers: the host decode's slab layout
 
         self.torch, self.device = torch, runner.device
         self.cuda = self.device.type == "cuda"
@@ -572,20 +574,43 @@ class _TorchReplay:
         need = sorted(set(batch) | partners)
         return need, self._host_pixels(need)
 
-    def _host_pixels(self, need: list[int]) -> list[Any] | None:
-        """With the host decode, ``need``'s images decoded on the decode threads (pinned on a
-        GPU); None when the GPU decoder decodes them (on the replay thread)."""
+    def _host_pixels(self, need: list[int]) -> Any:
+        """With the host decode, ``need``'s images decoded on the decode threads; None when
+        the GPU decoder decodes them (on the replay thread). On a GPU they are decoded into
+        one page-locked slab per batch (the sizes come from the headers read at shard start):
+        one allocation and one copy to the device per batch, not one per image. Returns
+        (slab or None, per image a uint8 [H, W, 3] tensor)."""
         if self.decoder is not None:
             return None
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
-        return list(self.decode_pool.map(functools.partial(_host_decode, pin=self.cuda), blobs))
+        if not self.cuda:
+            return None, list(self.decode_pool.map(functools.partial(_host_decode, pin=False), blobs))
+        if self.image_sizes is None:
+            return None, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs))
+        shapes = [(h, w) for w, h in (self.image_sizes[i] for i in need)]
+        ends = np.cumsum([h * w * 3 for h, w in shapes])
+        starts = [int(e) - h * w * 3 for e, (h, w) in zip(ends, shapes)]
+        slab = self.torch.empty(int(ends[-1]) if len(ends) else 0, dtype=self.torch.uint8, pin_memory=True)
+        flat = slab.numpy()
+        views = [flat[a:a + h * w * 3].reshape(h, w, 3) for a, (h, w) in zip(starts, shapes)]
+        return slab, list(self.decode_pool.map(_decode_into, blobs, views)), starts
 
-    def _to_device(self, need: list[int], host: list[Any] | None) -> tuple[list[Any], Any]:
+    def _to_device(self, need: list[int], host: Any) -> tuple[list[Any], Any]:
         """The images as device tensors (on the current stream) and what must outlive their use."""
         from silverlabel.replay_torch import ref_tensor
 
-        if host is not None:  # the host decode's pixels: one async copy each
-            return [t.to(self.device, non_blocking=True) for t in host], host
+        if host is not None:  # the host decode's pixels: one async copy per batch (or per image)
+            slab, imgs = host[0], host[1]
+            if slab is None:
+                return [t.to(self.device, non_blocking=True) for t in imgs], host
+            dev = slab.to(self.device, non_blocking=True)
+            out = []
+            for t, start in zip(imgs, host[2]):
+                if t.data_ptr() == slab.data_ptr() + start:  # in the slab: a view of its device copy
+                    out.append(dev[start:start + t.numel()].view(t.shape))
+                else:  # decoded elsewhere (a size the header did not give): its own copy
+                    out.append(t.to(self.device, non_blocking=True))
+            return out, host
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
         refs, errors, keep = self.decoder.decode(blobs)
         for i, err in zip(need, errors):
@@ -633,6 +658,18 @@ class _TorchReplay:
         self.load_pool.shutdown(wait=True, cancel_futures=True)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_into(data: bytes, out: np.ndarray) -> Any:
+    """:func:`_host_decode` into ``out`` (a uint8 [H, W, 3] slice of the batch's page-locked
+    slab, sized from the image's header) as a tensor sharing its memory; into an array of its
+    own if the decoded size differs from the header's."""
+    import torch
+
+    from silverlabel.augment import decode_rgb_array
+
+    return torch.from_numpy(decode_rgb_array(data, lambda shape: out if tuple(shape) == out.shape
+                                             else np.empty(shape, np.uint8)))
 
 
 def _host_decode(data: bytes, pin: bool) -> Any:
@@ -718,7 +755,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         procs = 0
         runner.prepare_classify(per_batch * k, cfg.embeddings)
         if torch_on:
-            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.decode, min(cfg.threads, 16))
+            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.decode, min(cfg.threads, 16),
+                                        sizes_wh)
             stack.callback(torch_replay.close)
         else:
             procs = resolve_replay_procs(cfg, runner.device.type)
