@@ -20,7 +20,10 @@ twice, and one ulp can move a truncation.
 
 All take the batch ``x`` (uint8 [n, S, S, 3], contiguous), the rows of the views they
 change (int64 [m] on the device) and per-view parameters, and return the changed views
-(uint8 [m, S, S, 3]); the caller writes them back (``x[rows] = ...``)."""
+(uint8 [m, S, S, 3]), or write them into ``out`` (shaped like ``x``) at their own rows:
+:func:`silverlabel.replay_torch.apply_ops` gives each step a copy of the batch that the step's
+kernels write into, instead of scattering their results back (an indexed write cost more
+than the kernels)."""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ _NO_FMA = {"enable_fp_fusion": False}
 if triton is not None:
 
     @triton.jit
-    def _affine_kernel(x_ptr, rows_ptr, mat_ptr, out_ptr, S, BLOCK: tl.constexpr):
+    def _affine_kernel(x_ptr, rows_ptr, orows_ptr, mat_ptr, out_ptr, S, BLOCK: tl.constexpr):
         v = tl.program_id(0)
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = p < S * S
@@ -72,7 +75,7 @@ if triton is not None:
         y0 = tl.minimum(tl.maximum(fyi, 0), S - 1)
         y1 = tl.minimum(tl.maximum(fyi + 1, 0), S - 1)
         base = x_ptr + src * S * S * 3
-        obase = out_ptr + v.to(tl.int64) * S * S * 3 + p * 3
+        obase = out_ptr + tl.load(orows_ptr + v).to(tl.int64) * S * S * 3 + p * 3
         for c in tl.static_range(3):
             p00 = tl.load(base + (y0 * S + x0) * 3 + c, mask=live, other=0).to(tl.float64)
             p01 = tl.load(base + (y0 * S + x1) * 3 + c, mask=live, other=0).to(tl.float64)
@@ -86,14 +89,14 @@ if triton is not None:
             tl.store(obase + c, out.to(tl.uint8), mask=live)
 
     @triton.jit
-    def _lookup_kernel(x_ptr, rows_ptr, lut_ptr, out_ptr, N3, BLOCK: tl.constexpr):
+    def _lookup_kernel(x_ptr, rows_ptr, orows_ptr, lut_ptr, out_ptr, N3, BLOCK: tl.constexpr):
         v = tl.program_id(0)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = i < N3
         src = tl.load(rows_ptr + v).to(tl.int64)
         val = tl.load(x_ptr + src * N3 + i, mask=live, other=0).to(tl.int32)
         out = tl.load(lut_ptr + (v * 3 + i % 3) * 256 + val, mask=live, other=0)
-        tl.store(out_ptr + v.to(tl.int64) * N3 + i, out, mask=live)
+        tl.store(out_ptr + tl.load(orows_ptr + v).to(tl.int64) * N3 + i, out, mask=live)
 
     @triton.jit
     def _row3(base, y, xx, S, c, k1, mid, live):
@@ -104,7 +107,8 @@ if triton is not None:
         return (a * k1 + b * mid) + d * k1
 
     @triton.jit
-    def _blend_kernel(x_ptr, rows_ptr, mode_ptr, grey_ptr, alpha_ptr, out_ptr, S, k1, k5, BLOCK: tl.constexpr):
+    def _blend_kernel(x_ptr, rows_ptr, orows_ptr, mode_ptr, grey_ptr, alpha_ptr, out_ptr, S, k1, k5,
+                      BLOCK: tl.constexpr):
         v = tl.program_id(0)
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = p < S * S
@@ -112,7 +116,7 @@ if triton is not None:
         mode = tl.load(mode_ptr + v)
         alpha = tl.load(alpha_ptr + v)
         base = x_ptr + src * S * S * 3
-        obase = out_ptr + v.to(tl.int64) * S * S * 3 + p * 3
+        obase = out_ptr + tl.load(orows_ptr + v).to(tl.int64) * S * S * 3 + p * 3
         r = tl.load(base + p * 3, mask=live, other=0).to(tl.int32)
         g = tl.load(base + p * 3 + 1, mask=live, other=0).to(tl.int32)
         b = tl.load(base + p * 3 + 2, mask=live, other=0).to(tl.int32)
@@ -206,31 +210,40 @@ def _grid(m: int, n: int) -> tuple[int, int]:
     return (m, triton.cdiv(n, BLOCK))
 
 
-def affine(x: torch.Tensor, rows: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+def _target(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a kernel writes view ``v``: row ``v`` of a new [m, S, S, 3] tensor, or with ``out``
+    (a tensor shaped like ``x``) its row ``rows[v]``, in place."""
+    if out is not None:
+        return out, rows
+    m, S = len(rows), x.shape[1]
+    return torch.empty((m, S, S, 3), dtype=torch.uint8, device=x.device), torch.arange(m, device=x.device)
+
+
+def affine(x: torch.Tensor, rows: torch.Tensor, mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Views ``x[rows]`` warped by ``mats`` (float64 [m, 6], output to input, on the device)."""
-    m, S = len(rows), x.shape[1]
-    out = torch.empty((m, S, S, 3), dtype=torch.uint8, device=x.device)
-    if m:
-        _affine_kernel[_grid(m, S * S)](x, rows, mats, out, S, BLOCK=BLOCK, **_NO_FMA)
-    return out
+    dst, orows = _target(x, rows, out)
+    if len(rows):
+        _affine_kernel[_grid(len(rows), x.shape[1] ** 2)](x, rows, orows, mats, dst, x.shape[1], BLOCK=BLOCK, **_NO_FMA)
+    return dst
 
 
-def lookup(x: torch.Tensor, rows: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+def lookup(x: torch.Tensor, rows: torch.Tensor, lut: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Views ``x[rows]`` through per-view, per-channel tables ``lut`` (uint8 [m, 3, 256])."""
-    m, S = len(rows), x.shape[1]
-    out = torch.empty((m, S, S, 3), dtype=torch.uint8, device=x.device)
-    if m:
-        _lookup_kernel[_grid(m, S * S * 3)](x, rows, lut.contiguous(), out, S * S * 3, BLOCK=BLOCK, **_NO_FMA)
-    return out
+    dst, orows = _target(x, rows, out)
+    n3 = x.shape[1] ** 2 * 3
+    if len(rows):
+        _lookup_kernel[_grid(len(rows), n3)](x, rows, orows, lut.contiguous(), dst, n3, BLOCK=BLOCK, **_NO_FMA)
+    return dst
 
 
 def blend(x: torch.Tensor, rows: torch.Tensor, modes: torch.Tensor, greys: torch.Tensor, alpha: torch.Tensor,
-          k1: float, k5: float) -> torch.Tensor:
+          k1: float, k5: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Views ``x[rows]`` blended with their degenerate images: ``modes`` int32 [m] (COLOR,
     CONTRAST, BRIGHTNESS, SHARPNESS), ``greys`` int32 [m] (Contrast's grey), ``alpha`` float32
     [m]; ``k1``, ``k5`` the SMOOTH taps 1/13 and 5/13 as float32 computes them."""
-    m, S = len(rows), x.shape[1]
-    out = torch.empty((m, S, S, 3), dtype=torch.uint8, device=x.device)
-    if m:
-        _blend_kernel[_grid(m, S * S)](x, rows, modes, greys, alpha, out, S, k1, k5, BLOCK=BLOCK, **_NO_FMA)
-    return out
+    dst, orows = _target(x, rows, out)
+    S = x.shape[1]
+    if len(rows):
+        _blend_kernel[_grid(len(rows), S * S)](x, rows, orows, modes, greys, alpha, dst, S, k1, k5, BLOCK=BLOCK,
+                                               **_NO_FMA)
+    return dst

@@ -632,8 +632,10 @@ def _blend_alpha(ops: list[tuple[int, int, int]], dev: Any) -> torch.Tensor:
     return _dev(np.array([1.0 + s * 0.9 * (lv / 255) for _o, s, lv in ops], np.float64).astype(np.float32), dev)
 
 
-def _blend_kernel(x: torch.Tensor, r: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
-    """:func:`_blend_op` of views ``x[r]`` in one Triton pass (the degenerate made in the kernel)."""
+def _blend_kernel(x: torch.Tensor, r: torch.Tensor, ops: list[tuple[int, int, int]], out: torch.Tensor
+                  ) -> torch.Tensor:
+    """:func:`_blend_op` of views ``x[r]`` in one Triton pass (the degenerate made in the
+    kernel), written into ``out`` at the same rows (returned)."""
     from silverlabel import replay_kernels as rk
 
     dev = x.device
@@ -645,7 +647,7 @@ def _blend_kernel(x: torch.Tensor, r: torch.Tensor, ops: list[tuple[int, int, in
         crt = _dev(cr, dev)
         greys[crt] = _contrast_greys(x[r[crt]]).to(torch.int32)
     k1, k5 = _smooth_taps()
-    return rk.blend(x, r, _dev(modes, dev), greys, _blend_alpha(ops, dev), k1.item(), k5.item())
+    return rk.blend(x, r, _dev(modes, dev), greys, _blend_alpha(ops, dev), k1.item(), k5.item(), out=out)
 
 
 def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]], method: str = "auto"
@@ -670,26 +672,40 @@ def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]
         for o, _s, _l in (op for _i, op in here):
             if not 0 <= o < len(OPS):
                 raise UserError(f"unknown RandAugment op id {o}")
+        if not here:
+            continue
+        # the kernels read this step's input and write a copy of it (each view has one op
+        # per step, so the families' rows are disjoint); the torch path writes in place
+        dst = x.clone() if tri and not _TRITON_FAILED else x
         lut_v = [(i, op) for i, op in here if op[0] in LUT_OPS]
         if lut_v:
             r = _dev([i for i, _ in lut_v], dev)
             xs = x[r]
             lut = _lut_tables(xs, [op for _, op in lut_v])
-            x[r] = _kernel_or_torch(tri and (lambda: rk.lookup(x, r, lut.to(torch.uint8))),
-                                    lambda: _apply_lut(xs, lut), dev)
+            _write(dst, r, _kernel_or_torch(tri and (lambda: rk.lookup(x, r, lut.to(torch.uint8), out=dst)),
+                                            lambda: _apply_lut(xs, lut), dev))
         blend_v = [(i, op) for i, op in here if op[0] in BLEND_OPS]
         if blend_v:
             r = _dev([i for i, _ in blend_v], dev)
             ops = [op for _, op in blend_v]
-            x[r] = _kernel_or_torch(tri and (lambda: _blend_kernel(x, r, ops)), lambda: _blend_op(x[r], ops), dev)
+            _write(dst, r, _kernel_or_torch(tri and (lambda: _blend_kernel(x, r, ops, dst)),
+                                            lambda: _blend_op(x[r], ops), dev))
         aff = [(i, _affine_matrix(op[0], op[1], op[2], S)) for i, op in here if op[0] in AFFINE_OPS]
         aff = [(i, m) for i, m in aff if m is not None]
         if aff:
             r = _dev([i for i, _ in aff], dev)
             mats = np.array([m for _, m in aff], np.float64)
-            x[r] = _kernel_or_torch(tri and (lambda: rk.affine(x, r, _dev(mats, dev))), lambda: _affine(x[r], mats),
-                                    dev)
+            _write(dst, r, _kernel_or_torch(tri and (lambda: rk.affine(x, r, _dev(mats, dev), out=dst)),
+                                            lambda: _affine(x[r], mats), dev))
+        x = dst
     return x
+
+
+def _write(dst: torch.Tensor, rows: torch.Tensor, got: torch.Tensor) -> None:
+    """The torch path's result for ``rows`` written into ``dst``; nothing when a kernel wrote
+    there itself (it returns ``dst``)."""
+    if got is not dst:
+        dst[rows] = got
 
 
 # ---------------------------------------------------------------------------------------
