@@ -722,6 +722,30 @@ class _Graph:
         return self.idx[:n], self.vals[:n]
 
 
+class Outputs:
+    """:meth:`Labeler.classify_async`'s outputs: copies to the host queued on the current stream
+    (page-locked, so the copies do not wait; a CUDA graph's output buffers are copied before
+    its next replay, in stream order), and an event after them. ``result()`` waits for the
+    event (without the GIL) and gives (top indices int32, top probs float32, embeddings
+    float16 or None) as numpy arrays."""
+
+    def __init__(self, device: Any, *tensors: Any):
+        import torch
+
+        cuda = device.type == "cuda"
+        self._host = [None if t is None else t.to("cpu", non_blocking=cuda) for t in tensors]
+        self._event = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self._event is not None:
+            self._event.synchronize()
+        idx, vals, *emb = self._host
+        return idx.numpy(), vals.numpy(), (emb[0].numpy() if emb and emb[0] is not None else None)
+
+
 class Labeler:
     """One or more teachers (an ensemble averages probabilities) mapped to ``target_space``.
 
@@ -876,6 +900,10 @@ class Labeler:
 
     def classify(self, images: Sequence[Any], embeddings: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`classify_async`'s result, waited for."""
+        return self.classify_async(images, embeddings).result()
+
+    def classify_async(self, images: Sequence[Any], embeddings: bool = False) -> Outputs:
         """Teacher outputs for already-augmented images: ``images[i]`` is a uint8
         ``(N, S_i, S_i, 3)`` array (or tensor, on any device) at teacher ``i``'s input size (``self.transforms[i].size``),
         normalized here with the teacher's mean/std (no resize, no crop).
@@ -889,7 +917,11 @@ class Labeler:
         the smallest batch captured that holds the images (:meth:`prepare_classify` captures
         one ahead of other threads), smaller batches padded. Eager, the host's kernel launches
         were the bound of reinforce with efficientnet_lite0 (py-spy on the H200: 60% of the
-        stage's main thread in the convolutions' launches)."""
+        stage's main thread in the convolutions' launches).
+
+        Returns at once with the outputs on their way to the host (:class:`Outputs`; its
+        ``result()`` waits), so that the caller can queue the next batch while this one runs:
+        reinforce's main thread had spent a third of its time waiting here."""
         torch = self.torch
         per_teacher, embs = [], []
         with torch.inference_mode():
@@ -901,7 +933,7 @@ class Labeler:
             if not embeddings and self.cuda_graphs:
                 n = xs[0].shape[0]
                 idx, vals = self._runner(min((b for b in self._graphs if b >= n), default=n))(xs)
-                return idx.cpu().numpy(), vals.cpu().numpy(), None
+                return Outputs(self.device, idx, vals)
             for i, (model, x) in enumerate(zip(self.models, xs)):
                 if embeddings:
                     pre = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -911,8 +943,8 @@ class Labeler:
                     logits = model(x)
                 per_teacher.append(self._probs(i, logits))
             idx, vals = self._topk(per_teacher)
-            emb = torch.cat(embs, 1).to(torch.float16).cpu().numpy() if embeddings else None
-        return idx.cpu().numpy(), vals.cpu().numpy(), emb
+            emb = torch.cat(embs, 1).to(torch.float16) if embeddings else None
+        return Outputs(self.device, idx, vals, emb)
 
     # -- CPU path -----------------------------------------------------------------------
     def _prep_cpu(self, data: bytes):

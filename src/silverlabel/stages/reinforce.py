@@ -791,9 +791,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     window.append((b, slot, futs))
                     next_batch += 1
 
-            def write_batch(b: list[int], idx: np.ndarray, vals: np.ndarray, emb: np.ndarray | None) -> tuple[int, int]:
-                """Pack and write one batch's samples, in order (on the writer thread, so the
-                teacher's next batch is queued meanwhile); (rnf bytes, embedding width)."""
+            def write_batch(b: list[int], outputs: Any) -> tuple[int, int]:
+                """Wait for one batch's teacher outputs, then pack and write its samples, in
+                order (on the writer thread, so the main thread queues the teacher's next batch
+                meanwhile); (rnf bytes, embedding width)."""
+                idx, vals, emb = outputs.result()
                 nbytes, dim = 0, 0
                 for j, i in enumerate(b):
                     s = index[i]
@@ -841,10 +843,10 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     else:
                         images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
                     with teacher_ctx:
-                        idx, vals, emb = runner.classify(images, embeddings=cfg.embeddings)
+                        outputs = runner.classify_async(images, embeddings=cfg.embeddings)
                     del images, per_sample
                     xs = None
-                    writes.append((len(b), write_pool.submit(write_batch, b, idx, vals, emb)))
+                    writes.append((len(b), write_pool.submit(write_batch, b, outputs)))
                     while writes and writes[0][1].done():
                         written()
                 while writes:
