@@ -323,7 +323,10 @@ def _resize_triton(images: Sequence[torch.Tensor], img_of: np.ndarray, views: np
     ptrs, imeta, sizes_t = host[:n], host[n:10 * n], host[10 * n:12 * n]
     fm = host[12 * n:].view(torch.float64)
     lo_t, k_t = box_coeffs(fm, sizes_t, T, S)
-    R = int((row1 - row0).max())
+    # rows per view in the intermediate, rounded up so that its size (hundreds of MB per
+    # batch) repeats from batch to batch and the caching allocator reuses its block: a new
+    # size each batch made it free and allocate device memory, which waits for the GPU
+    R = -(-int((row1 - row0).max()) // 64) * 64
     bx = triton.next_power_of_2(S)
     tmp = torch.empty((n, R, S, 3), dtype=torch.uint8, device=dev)
     _rows_pass[(n, triton.cdiv(R, 8))](ptrs, imeta, lo_t, k_t, tmp, R, T, S=S, BR=8, BX=bx, num_warps=8)
