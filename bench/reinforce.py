@@ -424,7 +424,8 @@ def main() -> int:
     lines = [
         f"### reinforce — {time.strftime('%Y-%m-%d')} — {dev}, {cores} CPU cores, torch {torch.__version__}",
         "",
-        f"Command: `python bench/reinforce.py --images {args.images} --augs {k} --topk {args.topk}"
+        f"Command: `python bench/reinforce.py --images {args.images} --shards {args.shards} --augs {k} "
+        f"--topk {args.topk}"
         f"{' --embeddings' if args.embeddings else ''} --teachers {args.teachers} --configs {args.configs} "
         f"--device {args.device}`. Input: {args.images} photo-like 640x480 JPEGs in {args.shards} shards; "
         f"RandAugment 2 ops m9, no mixing; teachers at 224 px ({args.teachers.replace(',', ', ')}; all but "
