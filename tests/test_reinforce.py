@@ -508,3 +508,24 @@ def test_decode_into_a_slab_is_the_host_decode():
     wrong = np.zeros((60, 97, 3), np.uint8)
     got = _decode_into(blobs[0], wrong)
     assert tuple(got.shape) == (61, 97, 3) and not wrong.any() and np.array_equal(got.numpy(), decode_rgb_array(blobs[0]))
+
+
+def test_augmentations_drawn_here_when_the_draw_processes_fail(trainset):
+    """A draw pool that cannot draw (here: tasks failing as a process that cannot start would)
+    is not fatal: the draws are pure, so the stage's process draws them, the same lists."""
+    from concurrent.futures import Future
+
+    from silverlabel.stages import reinforce as rs
+
+    class Broken:
+        def submit(self, *a, **k):
+            f = Future()
+            f.set_exception(RuntimeError("cannot start a process"))
+            return f
+
+    cfg = _cfg(trainset, trainset / "unused", augs=4)
+    index = list(iter_tar_samples(str(trainset / "toy-train-0000.tar")))
+    sizes = [(128, 96)] * len(index)
+    got = rs._ShardAugs(cfg, index, sizes, Broken())
+    want = rs._ShardAugs(cfg, index, sizes)
+    assert [got[i] for i in range(len(index))] == [want[i] for i in range(len(index))] and not got._chunks

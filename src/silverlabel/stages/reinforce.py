@@ -49,6 +49,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import threading
@@ -92,6 +93,8 @@ from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
 
 
+
+log = logging.getLogger(__name__)
 
 REPLAY_MODES = ("auto", "torch", "pil")
 DECODE_MODES = ("host", "gpu")  # where the torch replay decodes the stored images on a GPU
@@ -351,12 +354,20 @@ class _ShardAugs:
         fut = self._chunks.get(i // DRAW_CHUNK)
         if fut is not None and fut.done():
             c = i // DRAW_CHUNK * DRAW_CHUNK
-            drawn = fut.result()  # a broken pool raises here: the shard fails, as a replay process's would
-            for j, a in enumerate(drawn):
-                if self._drawn[c + j] is None:
-                    self._drawn[c + j] = a
-            self._chunks.pop(i // DRAW_CHUNK, None)
-            return self._drawn[i]
+            try:
+                drawn = fut.result()
+            except Exception as e:  # noqa: BLE001 - e.g. a process that could not start (a script
+                # without a main guard): the draws are pure, so this process draws them instead
+                if self._chunks:
+                    log.warning("augmentation-drawing processes failed (%s: %s): drawing in the stage's process",
+                                type(e).__name__, e)
+                self._chunks.clear()
+            else:
+                for j, a in enumerate(drawn):
+                    if self._drawn[c + j] is None:
+                        self._drawn[c + j] = a
+                self._chunks.pop(i // DRAW_CHUNK, None)
+                return self._drawn[i]
         cfg, (w, h) = self.cfg, self.sizes[i]
         got = sample_augs(cfg.policy, cfg.seed, self.index[i].key, w, h, cfg.augs, len(self.index), i)
         self._drawn[i] = got
