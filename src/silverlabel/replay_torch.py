@@ -35,6 +35,10 @@ Cost: the resize is dense, ``2 * 3 * H * W * S`` multiply-adds per view for the 
 per output pixel: on a GPU's float64 tensor cores that is a few ms per batch of 256 views of
 640x480 photos; on the CPU it is the slow part (the stage replays with Pillow there by
 default). Every launch is per batch or per op family, never per view, except cutmix's paste.
+On a GPU the resize (the label stage's banded kernels with taps from
+``replay_kernels.box_coeffs``) and the RandAugment ops (``replay_kernels``) run as Triton
+kernels with the same arithmetic and bytes; the torch code here is their reference and their
+fallback.
 
     >>> import torch
     >>> from silverlabel.augment import Aug, Q

@@ -423,9 +423,9 @@ DRAW_PROCS = 2  # processes drawing a shard's augmentations for the torch replay
 
 def samples_per_batch(cfg: ReinforceConfig, device_type: str) -> int:
     """Samples per batch: ``cfg.batch_size`` augmented images (default 1024 on a GPU, 32 on the
-    CPU) over K, at least 1. On a GPU the torch replay's cost is mostly its kernel launches,
-    about a thousand per batch whatever its size (``replay_torch``), so a batch of 1024 views
-    costs it little more than one of 256 (issue 18, BENCHMARKS.md)."""
+    CPU) over K, at least 1. On a GPU the torch replay launches the same kernels whatever a
+    batch's size, and that host work was its bound, so bigger batches spread it (256 before;
+    issue 18, BENCHMARKS.md)."""
     return max(1, (cfg.batch_size or (1024 if device_type == "cuda" else 32)) // cfg.augs)
 
 
@@ -547,9 +547,8 @@ class _TorchReplay:
                  decode: str = "host", threads: int = 4, image_sizes: list[tuple[int, int]] | None = None):
         import torch
 
-        self.image_sizes = image_sizes  # (W, H) per sample from the headers: the host decode's slab layout
-
         self.torch, self.device = torch, runner.device
+        self.image_sizes = image_sizes  # (W, H) per sample from the headers: the host decode's slab layout
         self.cuda = self.device.type == "cuda"
         self.decoder = runner.decoders[0] if self.cuda and runner.decoders and decode == "gpu" else None
         self.reader, self.index, self.augs, self.sizes = reader, index, augs, sizes
@@ -590,7 +589,7 @@ class _TorchReplay:
         the GPU decoder decodes them (on the replay thread). On a GPU they are decoded into
         one page-locked slab per batch (the sizes come from the headers read at shard start):
         one allocation and one copy to the device per batch, not one per image. Returns
-        (slab or None, per image a uint8 [H, W, 3] tensor)."""
+        (slab or None, per image a uint8 [H, W, 3] tensor[, per image its offset in the slab])."""
         if self.decoder is not None:
             return None
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
