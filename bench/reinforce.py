@@ -51,6 +51,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -331,6 +332,65 @@ def parse_config(conf: str) -> dict:
     return {"replay": "pil", "workers": w, "threads": None if procs else t, "replay_procs": t if procs else 0}
 
 
+class StepStats:
+    """Wall and CPU seconds (``time.thread_time``) of the stage's steps while installed: wraps
+    the torch replay's load and replay, the replay kernels' launching, the per-image host decode
+    and the teacher's launch and output wait (bench-only instrumentation; with one worker the
+    stage runs in this process). A step whose CPU seconds fall well below its wall seconds
+    waited: for the GIL, a lock, or the GPU."""
+
+    STEPS = [("silverlabel.stages.reinforce", "_TorchReplay._load", "load thread: draw, read, wait for decodes"),
+             ("silverlabel.stages.reinforce", "_decode_into", "decode threads: one image"),
+             ("silverlabel.stages.reinforce", "_TorchReplay._to_device", "replay thread: copy to the device"),
+             ("silverlabel.replay_torch", "replay_views", "replay thread: replay_views (launches)"),
+             ("silverlabel.stages.reinforce", "_TorchReplay._prepare", "replay thread: whole batch (waits for load)"),
+             ("silverlabel.inference", "Labeler.classify_async", "main thread: teacher launch"),
+             ("silverlabel.inference", "Outputs.result", "writer thread: wait for teacher outputs")]
+
+    def __init__(self) -> None:
+        import threading
+        from collections import defaultdict
+
+        self.acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+        self.lock = threading.Lock()
+        self.undo: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> "StepStats":
+        import importlib
+
+        for module, path, label in self.STEPS:
+            owner = importlib.import_module(module)
+            *parents, name = path.split(".")
+            for p in parents:
+                owner = getattr(owner, p)
+            self._wrap(owner, name, label)
+        return self
+
+    def _wrap(self, owner: Any, name: str, label: str) -> None:
+        fn = owner.__dict__[name]
+
+        def timed(*a, **k):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                dw, dc = time.perf_counter() - w0, time.thread_time() - c0
+                with self.lock:
+                    e = self.acc[label]
+                    e[0] += 1
+                    e[1] += dw
+                    e[2] += dc
+
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, fn))
+
+    def remove(self) -> dict[str, dict[str, float]]:
+        for owner, name, fn in reversed(self.undo):
+            setattr(owner, name, fn)
+        self.undo.clear()
+        return {k: {"calls": v[0], "wall_s": v[1], "cpu_s": v[2]} for k, v in self.acc.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=16000)
@@ -352,6 +412,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="repeat the bounds and the configs (noisy shared machines)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=0, help="augmented images per forward (0: stage default)")
+    ap.add_argument("--step-stats", action="store_true",
+                    help="also time the stage's steps (wall and thread CPU seconds) in each torch config")
     ap.add_argument("--markdown", help="append the results here")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
@@ -410,12 +472,21 @@ def main() -> int:
                 # starts, as for every config: a config whose runner differs (--decode) would
                 # otherwise time a reload the others do not
                 get_teacher_runner(cfg)
-                s = run_reinforce(cfg)
+                stats = StepStats().install() if args.step_stats and conf.startswith("torch") else None
+                try:
+                    s = run_reinforce(cfg)
+                finally:
+                    steps = stats.remove() if stats is not None else None
                 r = {"teacher": name, "config": conf, **fields, "augs": s.augs_now, "seconds": s.seconds,
                      "augs_per_s": s.augs_per_second, "images_per_s": s.samples_now / s.seconds,
                      "share_of_teacher_bound": s.augs_per_second / tr["teacher_bound"],
                      "bytes_per_sample": s.bytes_per_sample, "bytes_per_aug": s.bytes_per_aug}
                 print(json.dumps(r), flush=True)
+                if steps:
+                    r["steps"] = steps
+                    print(f"steps of {name} {conf} ({s.seconds:.1f} s in all): calls, wall s, thread CPU s", flush=True)
+                    for label, v in steps.items():
+                        print(f"  {label:48s} {v['calls']:6d} {v['wall_s']:8.2f} {v['cpu_s']:8.2f}", flush=True)
                 runs.append(r)
     bps = runs[-1]["bytes_per_sample"]
     k = args.augs
