@@ -85,6 +85,25 @@ def test_every_op_matches_pillow(small_photos):
     assert (d == 0).all(), [OP_NAMES[o] for o in op_of[d > 0]]  # Pillow's arithmetic, step by step
 
 
+def test_point_op_tables_are_pillows_at_every_level():
+    """The host-made tables of the point ops without a histogram (Invert, Posterize,
+    Solarize, SolarizeAdd) equal ``augment``'s Pillow op on a ramp of all 256 values, at
+    every one of the 256 stored levels and both signs; other ops' rows are the identity."""
+    from silverlabel.augment import OPS
+    from silverlabel.replay_torch import INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, _point_tables
+
+    tables = _point_tables()
+    ramp = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, 2))
+    for op in (INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD):
+        fn = OPS[op][1]
+        for level in range(256):
+            for sign in (1, -1):
+                got = np.asarray(fn(ramp, level / 255, sign))[0]
+                assert (got == tables[op, level][:, None]).all(), (OPS[op][0], level, sign)
+    others = [o for o in range(len(OPS)) if o not in (INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD)]
+    assert (tables[others] == np.arange(256, dtype=np.uint8)).all()
+
+
 def test_random_chains_with_mixes_and_sizes(photos, small_photos):
     """Random chains of 3 ops with mixup and cutmix partners, views of photos of many sizes in
     one batch: 1411 px down to 40 (a 141-tap filter), 320 px to 160 and up to 400."""

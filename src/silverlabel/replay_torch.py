@@ -50,6 +50,7 @@ fallback.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -430,36 +431,32 @@ def _histograms(x: torch.Tensor) -> torch.Tensor:
     return h.index_add_(0, idx, torch.ones_like(idx)).view(n, 3, 256)
 
 
+@functools.cache
+def _point_tables() -> np.ndarray:
+    """uint8 [16 ops, 256 levels, 256]: the lookup table of every point op that needs no
+    histogram (Invert, Posterize, Solarize, SolarizeAdd) at every stored level, as ``augment``'s
+    ImageOps calls compute it (tests/test_replay_torch.py compares them all with Pillow); the
+    identity for every other op. Made once, on the host: a batch's tables are then one copy."""
+    ar = np.arange(256, dtype=np.int64)
+    t = np.tile(ar, (len(OPS), 256, 1))
+    for lv in range(256):
+        m = lv / 255
+        t[INVERT, lv] = 255 - ar
+        t[POSTERIZE, lv] = ar & ~(2 ** (8 - (8 - int(round(4 * m)))) - 1)  # ImageOps.posterize(img, 8 - round(4 m))
+        t[SOLARIZE, lv] = np.where(ar < 256 - int(round(256 * m)), ar, 255 - ar)  # solarize(img, 256 - round(256 m))
+        t[SOLARIZE_ADD, lv] = np.where(ar < 128, np.minimum(ar + int(round(110 * m)), 255), ar)  # _solarize_add
+    return t.astype(np.uint8)
+
+
 def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
     """Per view, per channel lookup tables [n, 3, 256] (int64) of the point ops ``ops[i]``."""
     dev = x.device
-    n = len(ops)
-    ar = torch.arange(256, device=dev, dtype=torch.int64)
-    lut = ar.repeat(n, 3, 1)
     op_ids = np.array([o for o, _s, _l in ops])
-
-    def rows(op: int) -> np.ndarray:
-        return np.nonzero(op_ids == op)[0]
-
-    for op in (INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD):
-        r = rows(op)
-        if not len(r):
-            continue
-        ms = [ops[i][2] / 255 for i in r]
-        if op == INVERT:
-            t = (255 - ar).expand(len(r), 256)
-        elif op == POSTERIZE:  # ImageOps.posterize(img, 8 - round(4 m))
-            masks = _dev([~(2 ** (8 - (8 - int(round(4 * m)))) - 1) for m in ms], dev)
-            t = ar[None, :] & masks[:, None]
-        elif op == SOLARIZE:  # ImageOps.solarize(img, 256 - round(256 m))
-            thr = _dev([256 - int(round(256 * m)) for m in ms], dev)
-            t = torch.where(ar[None, :] < thr[:, None], ar[None, :], 255 - ar[None, :])
-        else:  # augment._solarize_add
-            add = _dev([int(round(110 * m)) for m in ms], dev)
-            t = torch.where(ar[None, :] < 128, (ar[None, :] + add[:, None]).clamp(max=255), ar[None, :])
-        lut[_dev(r, dev)] = t[:, None, :].expand(len(r), 3, 256)
+    levels = np.array([lv for _o, _s, lv in ops])
+    lut = _dev(_point_tables()[op_ids, levels], dev).to(torch.int64)[:, None, :].repeat(1, 3, 1)
     hist_rows = np.nonzero(np.isin(op_ids, (AUTOCONTRAST, EQUALIZE)))[0]
     if len(hist_rows):
+        ar = torch.arange(256, device=dev, dtype=torch.int64)
         hr = _dev(hist_rows, dev)
         h = _histograms(x[hr])  # [m, 3, 256]
         nz = h > 0
