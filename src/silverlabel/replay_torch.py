@@ -448,8 +448,10 @@ def _point_tables() -> np.ndarray:
     return t.astype(np.uint8)
 
 
-def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Per view, per channel lookup tables [n, 3, 256] (int64) of the point ops ``ops[i]``."""
+def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]], rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Per view, per channel lookup tables [n, 3, 256] (int64) of the point ops ``ops[i]``, for
+    views ``x`` (or ``x[rows]``: only the views that need a histogram are gathered)."""
     dev = x.device
     op_ids = np.array([o for o, _s, _l in ops])
     levels = np.array([lv for _o, _s, lv in ops])
@@ -458,7 +460,7 @@ def _lut_tables(x: torch.Tensor, ops: list[tuple[int, int, int]]) -> torch.Tenso
     if len(hist_rows):
         ar = torch.arange(256, device=dev, dtype=torch.int64)
         hr = _dev(hist_rows, dev)
-        h = _histograms(x[hr])  # [m, 3, 256]
+        h = _histograms(x[hr if rows is None else rows[hr]])  # [m, 3, 256]
         nz = h > 0
         ident = ar.expand_as(h)
         # AutoContrast: lo/hi = first/last non-empty bin; lut = int(ix * 255/(hi-lo) - lo * scale), clamped
@@ -684,10 +686,9 @@ def apply_ops(x: torch.Tensor, op_lists: Sequence[Sequence[tuple[int, int, int]]
         lut_v = [(i, op) for i, op in here if op[0] in LUT_OPS]
         if lut_v:
             r = _dev([i for i, _ in lut_v], dev)
-            xs = x[r]
-            lut = _lut_tables(xs, [op for _, op in lut_v])
+            lut = _lut_tables(x, [op for _, op in lut_v], r)
             _write(dst, r, _kernel_or_torch(tri and (lambda: rk.lookup(x, r, lut.to(torch.uint8), out=dst)),
-                                            lambda: _apply_lut(xs, lut), dev))
+                                            lambda: _apply_lut(x[r], lut), dev))
         blend_v = [(i, op) for i, op in here if op[0] in BLEND_OPS]
         if blend_v:
             r = _dev([i for i, _ in blend_v], dev)
