@@ -209,8 +209,8 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
                 for i, (s, (w, h)) in enumerate(zip(index, sizes))]
         per_batch = rs.samples_per_batch(cfg, runner.device.type)
         batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
-        tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), cfg.decode,
-                             min(cfg.threads, 16), sizes)
+        tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), sizes,
+                             cfg.decode, min(cfg.threads, 16))
 
         def run(bs) -> None:
             futs = [tr.submit(b) for b in bs[:2]]
@@ -250,7 +250,7 @@ def replay_phases(trainset: Path, cfg, limit: int, repeats: int = 5) -> dict[str
     reader = rs._Reader(str(tar))
     per_batch = rs.samples_per_batch(cfg, runner.device.type)
     sizes = [rs._image_size(reader.read(s.members["jpg"])) for s in index]
-    tr = rs._TorchReplay(runner, reader, index, [], [size], cfg.decode, min(cfg.threads, 16), sizes)
+    tr = rs._TorchReplay(runner, reader, index, [], [size], sizes, cfg.decode, min(cfg.threads, 16))
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"decode": [], "views": [], "crop_resize": [], "crop_resize_dense": [], "ops": []}
     try:
@@ -340,7 +340,7 @@ class StepStats:
     waited: for the GIL, a lock, or the GPU."""
 
     STEPS = [("silverlabel.stages.reinforce", "_TorchReplay._load", "load thread: draw, read, wait for decodes"),
-             ("silverlabel.stages.reinforce", "_decode_into", "decode threads: one image"),
+             ("silverlabel.stages.reinforce", "_host_decode", "decode threads: one image"),
              ("silverlabel.stages.reinforce", "_TorchReplay._to_device", "replay thread: copy to the device"),
              ("silverlabel.replay_torch", "replay_views", "replay thread: replay_views (launches)"),
              ("silverlabel.stages.reinforce", "_TorchReplay._prepare", "replay thread: whole batch (waits for load)"),

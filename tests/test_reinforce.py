@@ -483,7 +483,7 @@ def test_augmentations_drawn_in_processes_are_the_stages(trainset):
 
 def test_decode_into_a_slab_is_the_host_decode():
     """The torch replay on a GPU decodes a batch into one page-locked slab, each image into the
-    slice its header's size gives (``_decode_into``): the host decode's pixels, in that slice;
+    slice its header's size gives (``_host_decode`` into it): the host decode's pixels, in that slice;
     an image whose decoded size is not the slice's gets an array of its own, never a partial
     or overflowing write."""
     import io
@@ -492,7 +492,7 @@ def test_decode_into_a_slab_is_the_host_decode():
     from PIL import Image
 
     from silverlabel.augment import decode_rgb_array
-    from silverlabel.stages.reinforce import _decode_into
+    from silverlabel.stages.reinforce import _host_decode
 
     blobs = []
     for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")]:
@@ -502,11 +502,11 @@ def test_decode_into_a_slab_is_the_host_decode():
     slab = np.zeros(len(blobs) * 61 * 97 * 3 + 7, np.uint8)
     for j, data in enumerate(blobs):
         view = slab[j * 61 * 97 * 3:(j + 1) * 61 * 97 * 3].reshape(61, 97, 3)
-        got = _decode_into(data, view)
+        got = _host_decode(data, view)
         assert got.data_ptr() == view.ctypes.data and np.array_equal(view, decode_rgb_array(data))
     assert not slab[-7:].any()
     wrong = np.zeros((60, 97, 3), np.uint8)
-    got = _decode_into(blobs[0], wrong)
+    got = _host_decode(blobs[0], wrong)
     assert tuple(got.shape) == (61, 97, 3) and not wrong.any() and np.array_equal(got.numpy(), decode_rgb_array(blobs[0]))
 
 

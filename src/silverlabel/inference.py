@@ -109,31 +109,27 @@ def decode_rgb(data: bytes) -> Image.Image:
     return decode(data)
 
 
-def _rgb_array(data: bytes) -> np.ndarray:
-    """:func:`decode_rgb`'s pixels as a writable array (libjpeg-turbo without the GIL for
-    JPEGs: :func:`silverlabel.augment.decode_rgb_array`)."""
-    from silverlabel.augment import decode_rgb_array
-
-    return decode_rgb_array(data)
-
-
-def rgb_tensor(data: bytes, pin: bool) -> Any:
-    """:func:`_rgb_array` as a uint8 [H, W, 3] CPU tensor; with ``pin``, decoded straight into
-    page-locked memory (its copy to a GPU is then asynchronous)."""
+def rgb_tensor(data: bytes, pin: bool = False, into: np.ndarray | None = None) -> Any:
+    """Pillow's RGB pixels (:func:`silverlabel.augment.decode_rgb_array`: libjpeg-turbo without
+    the GIL for JPEGs) as a uint8 [H, W, 3] CPU tensor: decoded into ``into`` (e.g. a slice of
+    a batch's page-locked slab) when its shape is the image's, else, with ``pin``, into
+    page-locked memory of its own (its copy to a GPU is then asynchronous)."""
     import torch
 
     from silverlabel.augment import decode_rgb_array
 
-    if not pin:
-        return torch.from_numpy(decode_rgb_array(data))
     held: list[Any] = []
 
     def alloc(shape: tuple[int, int, int]) -> np.ndarray:
-        held.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
-        return held[-1].numpy()
+        if into is not None and tuple(shape) == into.shape:
+            return into
+        if pin:
+            held.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+            return held[-1].numpy()
+        return np.empty(shape, np.uint8)
 
-    decode_rgb_array(data, alloc)
-    return held[-1]
+    arr = decode_rgb_array(data, alloc)
+    return held[-1] if held else torch.from_numpy(arr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -675,9 +671,6 @@ def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: 
 # teachers -> probabilities in the target space
 
 
-_put = put_unless  # q.put that gives up (False) when the consumer has gone
-
-
 def _get(q: queue.Queue, abort: threading.Event) -> Any:
     """``q.get`` that gives up (None) when the consumer has gone."""
     while not abort.is_set():
@@ -1059,9 +1052,9 @@ class Labeler:
                 try:
                     fn(*args)
                 except BaseException as e:  # surfaces in the consumer
-                    _put(ready, e, abort)
+                    put_unless(ready, e, abort)
                     return
-                _put(ready, stop, abort)
+                put_unless(ready, stop, abort)
             return body
 
         threads = []
@@ -1071,7 +1064,7 @@ class Labeler:
             def emit(keys, xs, failed, keep):
                 ev = torch.cuda.Event()
                 ev.record(stream)
-                _put(ready, (keys, xs, failed, ev, keep), abort)
+                put_unless(ready, (keys, xs, failed, ev, keep), abort)
 
             def produce_procs():
                 with torch.cuda.stream(stream):
@@ -1084,11 +1077,11 @@ class Labeler:
             def reader():  # host I/O off the decode threads
                 try:
                     for keys, path, locs in batches:
-                        if not _put(read_q, (keys, read_blobs(path, locs)), abort):
+                        if not put_unless(read_q, (keys, read_blobs(path, locs)), abort):
                             return
                 finally:
                     for _ in self.decoders:
-                        _put(read_q, stop, abort)
+                        put_unless(read_q, stop, abort)
 
             def produce(decoder: GpuDecoder):
                 stream = producer_stream(self.device)
@@ -1097,7 +1090,7 @@ class Labeler:
                         keys, xs, failed, keep = self._prepare_batch(decoder, *item)
                         ev = torch.cuda.Event()
                         ev.record(stream)
-                        if not _put(ready, (keys, xs, failed, ev, keep), abort):
+                        if not put_unless(ready, (keys, xs, failed, ev, keep), abort):
                             return
 
             threads.append(threading.Thread(target=guarded(reader), daemon=True))

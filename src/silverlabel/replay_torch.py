@@ -767,10 +767,10 @@ def replay_views(images: Sequence[torch.Tensor], views: Sequence[View], size: in
 
 def decode_cpu(data: bytes) -> torch.Tensor:
     """Rule 1 on the CPU: Pillow's RGB decode as a uint8 [H, W, 3] tensor
-    (:func:`silverlabel.augment.decode_rgb_array`: the same bytes, faster for JPEGs)."""
-    from silverlabel.augment import decode_rgb_array
+    (:func:`silverlabel.inference.rgb_tensor`: the same bytes, faster for JPEGs)."""
+    from silverlabel.inference import rgb_tensor
 
-    return torch.from_numpy(decode_rgb_array(data))
+    return rgb_tensor(data)
 
 
 class _DeviceArray:

@@ -544,7 +544,7 @@ class _TorchReplay:
     the decoder's streams) after an event of the replay's."""
 
     def __init__(self, runner: Any, reader: _Reader, index: list, augs: _ShardAugs, sizes: list[int],
-                 decode: str = "host", threads: int = 4, image_sizes: list[tuple[int, int]] | None = None):
+                 image_sizes: list[tuple[int, int]], decode: str = "host", threads: int = 4):
         import torch
 
         self.torch, self.device = torch, runner.device
@@ -584,39 +584,38 @@ class _TorchReplay:
         need = sorted(set(batch) | partners)
         return need, self._host_pixels(need)
 
-    def _host_pixels(self, need: list[int]) -> Any:
+    def _host_pixels(self, need: list[int]) -> tuple[Any, list[Any]] | None:
         """With the host decode, ``need``'s images decoded on the decode threads; None when
         the GPU decoder decodes them (on the replay thread). On a GPU they are decoded into
-        one page-locked slab per batch (the sizes come from the headers read at shard start):
-        one allocation and one copy to the device per batch, not one per image. Returns
-        (slab or None, per image a uint8 [H, W, 3] tensor[, per image its offset in the slab])."""
+        one page-locked slab per batch, laid out from the sizes in the headers read at shard
+        start: one allocation and one copy to the device per batch, not one per image.
+        Returns (slab or None, per image a uint8 [H, W, 3] tensor: a view of the slab, or of
+        its own memory for an image whose size is not its header's)."""
         if self.decoder is not None:
             return None
         blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
         if not self.cuda:
-            return None, list(self.decode_pool.map(functools.partial(_host_decode, pin=False), blobs))
-        if self.image_sizes is None:
-            return None, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs))
-        shapes = [(h, w) for w, h in (self.image_sizes[i] for i in need)]
-        ends = np.cumsum([h * w * 3 for h, w in shapes])
-        starts = [int(e) - h * w * 3 for e, (h, w) in zip(ends, shapes)]
-        slab = self.torch.empty(int(ends[-1]) if len(ends) else 0, dtype=self.torch.uint8, pin_memory=True)
+            return None, list(self.decode_pool.map(_host_decode, blobs))
+        shapes = [(h, w, 3) for w, h in (self.image_sizes[i] for i in need)]
+        ends = np.cumsum([h * w * 3 for h, w, _ in shapes]).tolist()
+        slab = self.torch.empty(ends[-1] if ends else 0, dtype=self.torch.uint8, pin_memory=True)
         flat = slab.numpy()
-        views = [flat[a:a + h * w * 3].reshape(h, w, 3) for a, (h, w) in zip(starts, shapes)]
-        return slab, list(self.decode_pool.map(_decode_into, blobs, views)), starts
+        views = [flat[e - h * w * 3:e].reshape(h, w, 3) for e, (h, w, _) in zip(ends, shapes)]
+        return slab, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs, views))
 
-    def _to_device(self, need: list[int], host: Any) -> tuple[list[Any], Any]:
+    def _to_device(self, need: list[int], host: tuple[Any, list[Any]] | None) -> tuple[list[Any], Any]:
         """The images as device tensors (on the current stream) and what must outlive their use."""
         from silverlabel.replay_torch import ref_tensor
 
         if host is not None:  # the host decode's pixels: one async copy per batch (or per image)
-            slab, imgs = host[0], host[1]
+            slab, imgs = host
             if slab is None:
                 return [t.to(self.device, non_blocking=True) for t in imgs], host
             dev = slab.to(self.device, non_blocking=True)
             out = []
-            for t, start in zip(imgs, host[2]):
-                if t.data_ptr() == slab.data_ptr() + start:  # in the slab: a view of its device copy
+            for t in imgs:
+                start = t.data_ptr() - slab.data_ptr()
+                if 0 <= start < slab.numel():  # in the slab: a view of its device copy
                     out.append(dev[start:start + t.numel()].view(t.shape))
                 else:  # decoded elsewhere (a size the header did not give): its own copy
                     out.append(t.to(self.device, non_blocking=True))
@@ -670,23 +669,12 @@ class _TorchReplay:
             self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decode_into(data: bytes, out: np.ndarray) -> Any:
-    """:func:`_host_decode` into ``out`` (a uint8 [H, W, 3] slice of the batch's page-locked
-    slab, sized from the image's header) as a tensor sharing its memory; into an array of its
-    own if the decoded size differs from the header's."""
-    import torch
-
-    from silverlabel.augment import decode_rgb_array
-
-    return torch.from_numpy(decode_rgb_array(data, lambda shape: out if tuple(shape) == out.shape
-                                             else np.empty(shape, np.uint8)))
-
-
-def _host_decode(data: bytes, pin: bool) -> Any:
-    """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) as a uint8 [H, W, 3] tensor; with
-    ``pin``, decoded straight into page-locked memory, so that the copy to the GPU is
-    asynchronous (:func:`silverlabel.augment.decode_rgb_array`: libjpeg-turbo without the
-    GIL for JPEGs, the same bytes as Pillow's).
+def _host_decode(data: bytes, into: np.ndarray | None = None, pin: bool = False) -> Any:
+    """Rule 1 (Pillow's RGB decode, the CPU replay's pixels) as a uint8 [H, W, 3] tensor,
+    decoded into ``into`` (a slice of the batch's page-locked slab, sized from the header)
+    when the image has that size, else with ``pin`` into page-locked memory of its own, so that
+    the copy to the GPU is asynchronous (:func:`silverlabel.inference.rgb_tensor`:
+    libjpeg-turbo without the GIL for JPEGs, the same bytes as Pillow's).
 
     The default decode of the torch replay because the GPU decoders were not reproducible on
     the H200: nvImageCodec's hardware engines, and torchvision's nvJPEG once, decoded the last
@@ -694,7 +682,7 @@ def _host_decode(data: bytes, pin: bool) -> Any:
     (``bench/reinforce_determinism.py --trace``; BENCHMARKS.md)."""
     from silverlabel.inference import rgb_tensor
 
-    return rgb_tensor(data, pin)
+    return rgb_tensor(data, pin, into)
 
 
 _REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
@@ -765,8 +753,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         procs = 0
         runner.prepare_classify(per_batch * k, cfg.embeddings)
         if torch_on:
-            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, cfg.decode, min(cfg.threads, 16),
-                                        sizes_wh)
+            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, sizes_wh, cfg.decode,
+                                        min(cfg.threads, 16))
             stack.callback(torch_replay.close)
         else:
             procs = resolve_replay_procs(cfg, runner.device.type)
