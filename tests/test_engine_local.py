@@ -374,3 +374,45 @@ def test_cli_starts_the_fork_server_only_for_a_local_pool():
     assert _early_pool("ingest", ["ingest", "u.parquet", "--workers", "two"]) is None  # the parser's to report
     assert _early_pool("label", ["label", "pool", "--workers", "2"]) is None
     assert _early_pool("ingest", ["ingest", "--workers", "2", "--help"]) is None
+
+
+def test_in_process_units_overlap_in_order_and_a_failure_stops_the_other():
+    """``workers=1`` with a function whose ``overlap_units`` is 2 (reinforce): two units run at
+    once on threads, results come back in unit order; when one fails, the unit beside it
+    stops at its next progress report (``UnitStopped``) and no later unit starts."""
+    import threading
+
+    started, both, four, ticks = [], threading.Barrier(2, timeout=10), threading.Event(), []
+
+    def fn(unit, config, report):
+        started.append(unit)
+        if unit < 2:
+            both.wait()  # units 0 and 1 run at the same time, or this times out
+        if unit == 3:
+            assert four.wait(10)
+            raise ValueError("unit 3 is broken")
+        if unit == 4:
+            four.set()
+            try:
+                for _ in range(1000):
+                    report(1, 0)
+                    ticks.append(1)
+                    threading.Event().wait(0.01)
+            except local.UnitStopped:
+                ticks.append("stopped")
+                raise
+        return unit * 10
+
+    fn.overlap_units = 2
+    got = []
+    with pytest.raises(ValueError, match="unit 3"):
+        for r in LocalEngine(1).map(fn, range(8), None):
+            got.append(r)
+    assert got == [0, 10, 20]
+    assert sorted(started) == [0, 1, 2, 3, 4]  # 4 ran beside 3, stopped; 5.. never started
+    assert ticks[-1] == "stopped" and len(ticks) < 1000  # unit 4 stopped at a report, not after its 1,000
+
+    def plain(unit, config, report):
+        return threading.current_thread() is threading.main_thread()
+
+    assert list(LocalEngine(1).map(plain, range(3), None)) == [True] * 3  # no overlap_units: this thread

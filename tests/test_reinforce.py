@@ -143,6 +143,19 @@ def test_resume_and_reproducible(trainset, reinforced, tmp_path):
     assert [x.crop for x in a] != [x.crop for x in b]
 
 
+def test_shards_run_one_at_a_time_write_the_same_bytes(reinforced, tmp_path, monkeypatch):
+    """In-process, reinforce overlaps two shards (``overlap_units``: the next one reads and
+    draws while this one runs); run strictly one after the other, the shards are the same
+    bytes."""
+    from silverlabel.stages import reinforce as rs
+
+    cfg, _ = reinforced
+    assert rs.reinforce_shard.overlap_units == 2 and cfg.workers == 1
+    monkeypatch.setattr(rs.reinforce_shard, "overlap_units", 1)
+    run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "one")))
+    assert _md5s(tmp_path / "one") == _md5s(Path(cfg.output))
+
+
 def test_changed_input_shard_is_redone(trainset, tmp_path):
     """A shard's commit record binds to its input's bytes (issue 13 item 3): an input rewritten
     with the same bytes is not redone, one with other bytes is, and only that one."""
@@ -529,3 +542,98 @@ def test_augmentations_drawn_here_when_the_draw_processes_fail(trainset):
     got = rs._ShardAugs(cfg, index, sizes, Broken())
     want = rs._ShardAugs(cfg, index, sizes)
     assert [got[i] for i in range(len(index))] == [want[i] for i in range(len(index))] and not got._chunks
+
+
+def test_decode_processes_write_the_host_decode_into_shared_memory(tmp_path):
+    """The torch replay's decode processes on a GPU host (``_decode_chunk``, in a real spawned
+    pool) read each image from the tar file and write rule 1's pixels into shared memory at
+    the offset given, the host decode's bytes exactly; an image whose header lies about its
+    size is reported ("size", nothing written), a broken one gives its error's text."""
+    import io
+    from multiprocessing import shared_memory
+
+    import skimage.data
+    from PIL import Image
+
+    from silverlabel.augment import decode_rgb_array
+    from silverlabel.stages import reinforce as rs
+
+    photo = Image.fromarray(skimage.data.chelsea())
+    blobs, shapes = [], []
+    for j, (mode, fmt) in enumerate([("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP")]):
+        b = io.BytesIO()
+        photo.resize((97 + j, 61 + 2 * j)).convert(mode).save(b, fmt)
+        blobs.append(b.getvalue())
+        shapes.append((61 + 2 * j, 97 + j))
+    blobs.append(blobs[0][:40] + b"\x00" * 200)  # broken
+    shapes.append((61, 97))
+    shapes[1] = (60, 97)  # a header that lies: the decode has 61 rows
+    path = tmp_path / "blobs.bin"
+    path.write_bytes(b"pad" + b"".join(blobs))
+    locs = np.cumsum([3] + [len(b) for b in blobs]).tolist()
+    sizes = [h * w * 3 for h, w in shapes]
+    at = np.cumsum([5] + sizes).tolist()  # odd offsets: nothing assumes alignment
+    shm = shared_memory.SharedMemory(create=True, size=at[-1] + 11)
+    try:
+        shm.buf[:] = b"\x07" * shm.size
+        jobs = [(locs[j], len(blobs[j]), at[j], h, w) for j, (h, w) in enumerate(shapes)]
+        pool = rs._replay_pool(2, "decode")
+        status = pool.submit(rs._decode_chunk, shm.name, str(path), jobs).result()
+        flat = np.ndarray((shm.size,), np.uint8, buffer=shm.buf)
+        assert status[0] is None and status[1] == "size" and all(st is None for st in status[2:5])
+        assert status[5] is not None and "Error" in status[5]
+        for j in (0, 2, 3, 4):
+            h, w = shapes[j]
+            assert np.array_equal(flat[at[j]:at[j + 1]].reshape(h, w, 3), decode_rgb_array(blobs[j])), j
+        assert (flat[at[1]:at[2]] == 7).all() and (flat[:5] == 7).all() and (flat[at[-1]:] == 7).all()
+        assert rs._pool_started("decode")
+        del flat
+    finally:
+        rs.close_replay_pool()
+        shm.close()
+        shm.unlink()
+    assert not rs._REPLAY_POOL and not rs._pool_started("decode")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_processes_give_the_threads_pixels(tmp_path):
+    """On a GPU host the torch replay decodes in processes into the page-locked decode ring:
+    on the device, every image equals the decode threads' (photos of varied sizes, some
+    gray), batch after batch, more batches than the ring has slots (each slot reused once
+    its copy has run)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from silverlabel.stages import reinforce as rs
+
+    ts = write_toy_trainset(tmp_path / "ts", {"train": [96]}, lambda i, s, w, h: (i % 10, {"label": i % 10}),
+                            size=(320, 240), seed=3)
+    tar = str(sorted(ts.glob("**/*.tar"))[0])
+    index = list(iter_tar_samples(tar))
+    reader = rs._Reader(tar)
+    cfg = ReinforceConfig(trainset=str(ts), output=str(tmp_path / "out"), teachers=(TeacherSpec("efficientnet_lite0"),),
+                          augs=4, device="cuda", workers=1, threads=4)
+    try:
+        sizes = [rs._image_size(reader.read(s.members[s.image_ext()])) for s in index]
+        assert len(set(sizes)) > 1
+        procs = rs._decode_procs(cfg, True, sizes, 16)
+        assert procs is not None
+        for f in rs._WARMING["decode"]:
+            f.result()
+        tr = rs._TorchReplay(get_teacher_runner(cfg), reader, index, [], [224], sizes, "host", 4, procs)
+        batches = [list(range(b, b + 16)) for b in range(0, len(index), 16)]
+        assert len(batches) > rs.DECODE_SLOTS
+        with torch.cuda.stream(tr.stream):
+            got = []
+            for b in batches:
+                host = tr._host_pixels(b)
+                assert host[2] is not None  # the ring's slot, not the threads' slab
+                got.append(tr._to_device(b, host)[0])
+            tr.procs = None
+            want = [tr._to_device(b, tr._host_pixels(b))[0] for b in batches]
+        torch.cuda.synchronize()
+        for g, w in zip(got, want):
+            assert all(torch.equal(x, y) for x, y in zip(g, w))
+        tr.close()
+    finally:
+        reader.close()
+        rs.close_replay_pool()

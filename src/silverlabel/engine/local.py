@@ -270,6 +270,48 @@ def _run_unit(fn: ShardFn, unit: Any, config: Any) -> Any:
     return result
 
 
+def _in_process(fn: ShardFn, units: Iterable[Any], config: Any, report: Report) -> Iterator[Any]:
+    """``workers=1``: the units in this process, in order. A function with an
+    ``overlap_units`` attribute of N > 1 runs up to N units at once on threads (results still
+    in unit order): reinforce on a GPU starts the next shard's reading and first batches while
+    this one's last batches are at the teacher, which otherwise idled between shards; the
+    function itself keeps its units from contending where that matters."""
+    overlap = int(getattr(fn, "overlap_units", 1))
+    if overlap <= 1:
+        for unit in units:
+            yield fn(unit, config, report)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = threading.Event()
+
+    def reported(done: int, size: int) -> None:
+        if stop.is_set():  # the run failed or was interrupted: a unit still running stops at its next report
+            raise UnitStopped("stopped: another unit failed or the run was interrupted")
+        report(done, size)
+
+    pending: list[Future] = []
+    pool = ThreadPoolExecutor(overlap, thread_name_prefix="silverlabel-unit")
+    try:
+        for unit in units:
+            pending.append(pool.submit(fn, unit, config, reported))
+            if len(pending) >= overlap:
+                yield pending.pop(0).result()
+        while pending:
+            yield pending.pop(0).result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:  # units not started are dropped; started ones end (or stop at their next report)
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class UnitStopped(Exception):
+    """Raised in a unit running beside one that failed (or when the run was interrupted), at
+    its next progress report: it unwinds as on any error, leaving no output under a final name."""
+
+
 class LocalEngine:
     """Map a shard function over units with ``workers`` processes.
 
@@ -291,8 +333,7 @@ class LocalEngine:
     def map(self, fn: ShardFn, units: Iterable[Any], config: Any, progress: Report | None = None) -> Iterator[Any]:
         report: Report = progress or (lambda d, s: None)
         if self.workers == 1:
-            for unit in units:
-                yield fn(unit, config, report)
+            yield from _in_process(fn, units, config, report)
             return
         forked = self.start_method == "forkserver"
         if forked:  # now, so that the server's imports overlap the plan's first unit

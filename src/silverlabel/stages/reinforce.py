@@ -74,6 +74,7 @@ from silverlabel.augment import (
     AugPolicy,
     bytes_per_aug,
     decode,
+    decode_rgb_array,
     pack,
     replay,
     replay_decoded,
@@ -252,11 +253,22 @@ def get_teacher_runner(cfg: ReinforceConfig):
     """The process's Labeler for ``cfg`` (loaded once per worker; the label stage's device,
     precision and ensemble handling)."""
     from silverlabel.devices import worker_device
-    from silverlabel.inference import Labeler
-    from silverlabel.teachers import create_teacher
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.img_size, cfg.precision, cfg.reserve_sms, cfg.decode)
+    with _RUNNER_LOCK:  # overlapping shards (threads) ask at once: one load
+        return _teacher_runner(cfg, key)
+
+
+_RUNNER_LOCK = threading.Lock()
+
+
+def _teacher_runner(cfg: ReinforceConfig, key: tuple) -> Any:
+    """get_teacher_runner's load, under its lock."""
+    from silverlabel.inference import Labeler
+    from silverlabel.teachers import create_teacher
+
+    device = key[3]
     if key not in _RUNNER_CACHE:
         for old in _RUNNER_CACHE.values():
             old.close()
@@ -418,6 +430,9 @@ def _replay_job(read, job: tuple, sizes: list[int], out: list[np.ndarray] | None
 # -- replay processes ----------------------------------------------------------------------
 
 SLOTS = 3  # batches alive at once: the one the teacher runs + the two being replayed
+HOST_DECODE_PROCS = 8  # processes decoding the torch replay's images on a GPU host (0: threads in the stage)
+DECODE_SLOTS = 4  # batches of decoded pixels alive at once in the decode ring (TORCH_IN_FLIGHT + 1)
+TORCH_IN_FLIGHT = 3  # torch replay batches submitted ahead: one loading, one replaying, one at the teacher
 DRAW_PROCS = 2  # processes drawing a shard's augmentations for the torch replay on a GPU (~5k samples/s each)
 
 
@@ -544,7 +559,8 @@ class _TorchReplay:
     the decoder's streams) after an event of the replay's."""
 
     def __init__(self, runner: Any, reader: _Reader, index: list, augs: _ShardAugs, sizes: list[int],
-                 image_sizes: list[tuple[int, int]], decode: str = "host", threads: int = 4):
+                 image_sizes: list[tuple[int, int]], decode: str = "host", threads: int = 4,
+                 procs: tuple[ProcessPoolExecutor, int, _DecodeRing] | None = None):
         import torch
 
         self.torch, self.device = torch, runner.device
@@ -559,6 +575,12 @@ class _TorchReplay:
         # device on the replay's stream: one decode per image feeds K views, so a few cores keep
         # up with the teacher
         self.decode_pool = ThreadPoolExecutor(max(1, threads)) if self.decoder is None else None
+        # on a GPU host, the decode runs in processes instead (pool, processes, ring): threads
+        # here contended for the GIL with the replay's launches, stretching them 3x (the
+        # replay thread's ~20 ms of CPU per batch took 60-77 ms while a batch decoded)
+        self.procs = procs if self.cuda and self.decoder is None else None
+        self.ring = procs[2] if procs is not None else None  # given back (_ring_done) by close()
+        self.held: set[int] = set()  # ring slots this shard's loads took and no copy has freed yet
         if self.cuda:
             from silverlabel.inference import producer_stream
 
@@ -584,34 +606,80 @@ class _TorchReplay:
         need = sorted(set(batch) | partners)
         return need, self._host_pixels(need)
 
-    def _host_pixels(self, need: list[int]) -> tuple[Any, list[Any]] | None:
-        """With the host decode, ``need``'s images decoded on the decode threads; None when
+    def _host_pixels(self, need: list[int]) -> tuple[Any, list[Any], int | None] | None:
+        """With the host decode, ``need``'s images decoded off the replay thread; None when
         the GPU decoder decodes them (on the replay thread). On a GPU they are decoded into
-        one page-locked slab per batch, laid out from the sizes in the headers read at shard
-        start: one allocation and one copy to the device per batch, not one per image.
-        Returns (slab or None, per image a uint8 [H, W, 3] tensor: a view of the slab, or of
-        its own memory for an image whose size is not its header's)."""
+        one page-locked block per batch, laid out from the sizes in the headers read at shard
+        start: one copy to the device per batch, not one per image. The block is a slot of the
+        decode ring, written by the decode processes, once they have started and where the
+        batch fits; else a page-locked slab written by the decode threads.
+        Returns (block or None, per image a uint8 [H, W, 3] tensor: a view of the block, or of
+        its own memory for an image whose size is not its header's, ring slot or None)."""
         if self.decoder is not None:
             return None
-        blobs = [self.reader.read(self.index[i].members[self.index[i].image_ext()]) for i in need]
+        locs = [self.index[i].members[self.index[i].image_ext()] for i in need]
         if not self.cuda:
-            return None, list(self.decode_pool.map(_host_decode, blobs))
+            return None, list(self.decode_pool.map(_host_decode, map(self.reader.read, locs))), None
         shapes = [(h, w, 3) for w, h in (self.image_sizes[i] for i in need)]
         ends = np.cumsum([h * w * 3 for h, w, _ in shapes]).tolist()
-        slab = self.torch.empty(ends[-1] if ends else 0, dtype=self.torch.uint8, pin_memory=True)
+        total = ends[-1] if ends else 0
+        if self.procs is not None and 0 < total <= self.procs[2].slot_bytes and _pool_started("decode"):
+            got = self._ring_pixels(need, locs, shapes, ends)
+            if got is not None:
+                return got
+        slab = self.torch.empty(total, dtype=self.torch.uint8, pin_memory=True)
         flat = slab.numpy()
         views = [flat[e - h * w * 3:e].reshape(h, w, 3) for e, (h, w, _) in zip(ends, shapes)]
-        return slab, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs, views))
+        blobs = map(self.reader.read, locs)
+        return slab, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs, views)), None
 
-    def _to_device(self, need: list[int], host: tuple[Any, list[Any]] | None) -> tuple[list[Any], Any]:
+    def _ring_pixels(self, need: list[int], locs: list[tuple[int, int]], shapes: list[tuple[int, int, int]],
+                     ends: list[int]) -> tuple[Any, list[Any], int] | None:
+        """:meth:`_host_pixels` in the decode processes, into the next ring slot; None (and
+        threads from now on, with a warning) when the processes fail."""
+        pool, nprocs, ring = self.procs
+        slot = ring.acquire()
+        self.held.add(slot)
+        try:
+            base = slot * ring.slot_bytes
+            jobs = [(off, size, base + e - h * w * 3, h, w) for (off, size), e, (h, w, _) in zip(locs, ends, shapes)]
+            per = max(4, -(-len(jobs) // nprocs))  # one task per process and batch, a few images at least
+            try:
+                futs = [pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per])
+                        for c in range(0, len(jobs), per)]
+                status = [st for f in futs for st in f.result()]
+            except Exception as e:  # noqa: BLE001 - a broken pool: decode on threads instead
+                log.warning("decode processes failed (%s: %s): decoding on threads", type(e).__name__, e)
+                self.procs = None
+                raise
+            imgs = []
+            for i, loc, st, (h, w, _), e in zip(need, locs, status, shapes, ends):
+                if st is None:
+                    imgs.append(ring.host[base + e - h * w * 3:base + e].view(h, w, 3))
+                elif st == "size":  # a size the header did not give: decoded here, into memory of its own
+                    imgs.append(_host_decode(self.reader.read(loc), pin=True))
+                else:
+                    raise OSError(f"sample {self.index[i].key!r}: {st}")
+        except BaseException:
+            self.held.discard(slot)
+            ring.release(slot)
+            if self.procs is None:
+                return None
+            raise
+        return ring.host[base:base + ends[-1]], imgs, slot
+
+    def _to_device(self, need: list[int], host: tuple[Any, list[Any], int | None] | None) -> tuple[list[Any], Any]:
         """The images as device tensors (on the current stream) and what must outlive their use."""
         from silverlabel.replay_torch import ref_tensor
 
         if host is not None:  # the host decode's pixels: one async copy per batch (or per image)
-            slab, imgs = host
+            slab, imgs, slot = host
             if slab is None:
                 return [t.to(self.device, non_blocking=True) for t in imgs], host
             dev = slab.to(self.device, non_blocking=True)
+            if slot is not None:  # the ring slot is free again once this copy has run
+                self.held.discard(slot)
+                self.ring.release(slot, self.torch.cuda.current_stream(self.device))
             out = []
             for t in imgs:
                 start = t.data_ptr() - slab.data_ptr()
@@ -667,6 +735,12 @@ class _TorchReplay:
         self.load_pool.shutdown(wait=True, cancel_futures=True)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self.ring is not None:  # slots of batches loaded but never copied (an error) are free again
+            for slot in list(self.held):
+                self.ring.release(slot)
+            self.held.clear()
+            _ring_done(self.ring)
+            self.ring = None
 
 
 def _host_decode(data: bytes, into: np.ndarray | None = None, pin: bool = False) -> Any:
@@ -685,29 +759,246 @@ def _host_decode(data: bytes, into: np.ndarray | None = None, pin: bool = False)
     return rgb_tensor(data, pin, into)
 
 
-_REPLAY_POOL: list = []  # [(procs, ProcessPoolExecutor)]: kept across the shards of a worker
+class _DecodeRing:
+    """Page-locked shared memory that the decode processes write batches of pixels into:
+    ``slots`` slots of ``slot_bytes``. A slot is taken by a batch's load and free again once
+    its copy to the device has run (an event recorded after it on the replay's stream).
+
+    Registered with CUDA (``cudaHostRegister``) so that the copy is one asynchronous DMA from
+    where the processes wrote; should registration fail, the copies are staged by the driver
+    (slower, still correct). Kept across a worker's shards (two at once where shards
+    overlap); a shard whose batches need more makes a bigger one, and the old one goes when
+    its last shard ends."""
+
+    def __init__(self, slot_bytes: int, slots: int, torch: Any):
+        self.torch, self.slot_bytes, self.slots = torch, slot_bytes, slots
+        self.shm = shared_memory.SharedMemory(create=True, size=slot_bytes * slots)
+        self.host = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
+        try:  # flag 1: cudaHostRegisterPortable (page-locked for every CUDA context), as torch's own
+            self.registered = int(torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 1)) == 0
+        except Exception:  # noqa: BLE001 - no CUDA runtime binding: staged copies
+            self.registered = False
+        if not self.registered:
+            log.warning("could not page-lock the decode ring: copies to the GPU are staged")
+        self.events: list[Any] = [None] * slots
+        self.taken = [False] * slots
+        self.next = 0
+        self.users = 0  # shards using it (under _RING_LOCK)
+        self.retired = False
+        self.cond = threading.Condition()
+
+    @staticmethod
+    def fits(nbytes: int) -> bool:
+        """Whether ``/dev/shm`` has room for a ring of ``nbytes`` with margin (see :meth:`_Ring.fits`)."""
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return True
+        return nbytes <= st.f_bavail * st.f_frsize // 2
+
+    def acquire(self) -> int:
+        """A slot no batch holds (the load thread waits for one), once its last copy to the
+        device has run."""
+        with self.cond:
+            while all(self.taken):
+                self.cond.wait()
+            slot = next(s % self.slots for s in range(self.next, self.next + self.slots) if not self.taken[s % self.slots])
+            self.taken[slot], self.next = True, (slot + 1) % self.slots
+            ev = self.events[slot]
+        if ev is not None:
+            ev.synchronize()  # a blocking event: the thread sleeps
+        return slot
+
+    def release(self, slot: int, stream: Any = None) -> None:
+        """``slot``'s copy is queued on ``stream`` (free once it has run); without ``stream``
+        the slot was never copied from (a failed or dropped batch): free now."""
+        ev = None
+        if stream is not None:
+            ev = self.torch.cuda.Event(blocking=True)
+            ev.record(stream)
+        with self.cond:
+            self.events[slot] = ev if ev is not None else self.events[slot]
+            self.taken[slot] = False
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        for ev in self.events:
+            if ev is not None:
+                ev.synchronize()
+        if self.registered:
+            int(self.torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr()))
+        self.host = None
+        with contextlib.suppress(BufferError):
+            self.shm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
 
 
-def _replay_pool(procs: int) -> ProcessPoolExecutor:
-    if _REPLAY_POOL and _REPLAY_POOL[0][0] != procs:
-        close_replay_pool()
-    if not _REPLAY_POOL:
+_DECODE_RING: list[_DecodeRing] = []  # this worker's current ring (at most one)
+_RING_LOCK = threading.Lock()
+
+
+def _decode_ring(slot_bytes: int, torch: Any) -> _DecodeRing | None:
+    """This worker's decode ring with slots of at least ``slot_bytes``, for one more shard
+    (give it back with :func:`_ring_done`); made, or remade bigger, here. None when
+    ``/dev/shm`` cannot hold it."""
+    with _RING_LOCK:
+        if not _DECODE_RING or _DECODE_RING[0].slot_bytes < slot_bytes:
+            slot_bytes = -(-slot_bytes // (16 << 20)) * (16 << 20)  # whole 16 MiB: a slightly bigger shard reuses it
+            if not _DecodeRing.fits(slot_bytes * DECODE_SLOTS):
+                return None
+            while _DECODE_RING:
+                _retire(_DECODE_RING.pop())
+            _DECODE_RING.append(_DecodeRing(slot_bytes, DECODE_SLOTS, torch))
+        ring = _DECODE_RING[0]
+        ring.users += 1
+        return ring
+
+
+def _ring_done(ring: _DecodeRing) -> None:
+    """A shard's end: a replaced ring goes with its last shard."""
+    with _RING_LOCK:
+        ring.users -= 1
+        if ring.retired and ring.users <= 0:
+            ring.close()
+
+
+def _retire(ring: _DecodeRing) -> None:
+    ring.retired = True
+    if ring.users <= 0:
+        ring.close()
+
+
+_DEC: dict[str, Any] = {}  # in a decode process: the ring and the tar it reads
+
+
+def _decode_chunk(shm_name: str, src: str, jobs: list[tuple[int, int, int, int, int]]) -> list[str | None]:
+    """In a decode process: decode each job's image (``(offset, size)`` in tar ``src``) with
+    rule 1 into the ring at byte ``at`` as uint8 ``[h, w, 3]`` (h, w from its header). Per
+    job: None, ``"size"`` (the decoded size is not the header's: the stage decodes it), or
+    the error's text."""
+    if _DEC.get("shm_name") != shm_name:
+        if _DEC.get("shm") is not None:
+            _DEC.pop("buf", None)
+            with contextlib.suppress(BufferError):
+                _DEC["shm"].close()
+        # attaching adds nothing to the creator's resource tracker (see _proc_replay)
+        _DEC["shm"] = shared_memory.SharedMemory(name=shm_name)
+        _DEC["buf"] = np.ndarray((_DEC["shm"].size,), np.uint8, buffer=_DEC["shm"].buf)
+        _DEC["shm_name"] = shm_name
+    if _DEC.get("src") != src:
+        if _DEC.get("reader") is not None:
+            _DEC["reader"].close()
+        _DEC["reader"], _DEC["src"] = _Reader(src), src
+    buf, read, out = _DEC["buf"], _DEC["reader"].read, []
+    for off, size, at, h, w in jobs:
+        view, into = buf[at:at + h * w * 3].reshape(h, w, 3), []
+
+        def alloc(shape: tuple[int, int, int]) -> np.ndarray:
+            if tuple(shape) == view.shape:
+                into.append(view)
+                return view
+            return np.empty(shape, np.uint8)
+
+        try:
+            decode_rgb_array(read((off, size)), alloc)
+        except Exception as e:  # noqa: BLE001 - the stage raises it, naming the sample
+            out.append(f"{type(e).__name__}: {e}")
+            continue
+        out.append(None if into else "size")
+    return out
+
+
+def _warm(_: int) -> int:
+    """A no-op task: a pool's processes start on the first tasks they are given."""
+    return os.getpid()
+
+
+_REPLAY_POOL: dict[str, tuple[int, ProcessPoolExecutor]] = {}  # role -> (procs, pool): kept across a worker's shards
+_WARMING: dict[str, list] = {}  # role -> its pool's start-up tasks
+_FINALIZER: list = []
+
+
+def _replay_pool(procs: int, role: str = "replay") -> ProcessPoolExecutor:
+    """This process's spawned pool for ``role`` (``replay``: the Pillow replay; ``draw``: the
+    torch replay's augmentation draws; ``decode``: its host decode), made on first use and
+    kept across shards; a different process count replaces it."""
+    if role in _REPLAY_POOL and _REPLAY_POOL[role][0] != procs:
+        _REPLAY_POOL.pop(role)[1].shutdown(wait=True, cancel_futures=True)
+        _WARMING.pop(role, None)
+    if role not in _REPLAY_POOL:
         pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_proc_init,
                                    initargs=(os.getpid(),))  # spawn: the driver may hold CUDA
-        _REPLAY_POOL.append((procs, pool))
-        # An engine worker (a pool process itself) never returns to the interpreter's exit,
-        # where the pool would be shut down: without this, its exit waited on the replay
-        # processes forever (--workers 2 with --replay-procs). Before multiprocessing's own
-        # closers (priority 10), which would leave the pool's queue half shut.
-        mp_util.Finalize(None, close_replay_pool, exitpriority=20)
-    return _REPLAY_POOL[0][1]
+        _REPLAY_POOL[role] = (procs, pool)
+        _WARMING[role] = [pool.submit(_warm, i) for i in range(procs)]  # every process starts now
+        if not _FINALIZER:
+            # An engine worker (a pool process itself) never returns to the interpreter's exit,
+            # where the pool would be shut down: without this, its exit waited on the replay
+            # processes forever (--workers 2 with --replay-procs). Before multiprocessing's own
+            # closers (priority 10), which would leave the pool's queue half shut.
+            _FINALIZER.append(mp_util.Finalize(None, close_replay_pool, exitpriority=20))
+    return _REPLAY_POOL[role][1]
+
+
+def _pool_started(role: str) -> bool:
+    """Whether every process of ``role``'s pool has started (run its first task)."""
+    futs = _WARMING.get(role)
+    return bool(futs) and all(f.done() and not f.cancelled() and f.exception() is None for f in futs)
 
 
 def close_replay_pool() -> None:
-    """Stop this process's replay processes (pending tasks cancelled, running ones awaited)."""
+    """Stop this process's replay, draw and decode processes (pending tasks cancelled, running
+    ones awaited) and free the decode ring."""
     while _REPLAY_POOL:
-        _procs, pool = _REPLAY_POOL.pop()
+        _procs, pool = _REPLAY_POOL.pop(next(iter(_REPLAY_POOL)))
         pool.shutdown(wait=True, cancel_futures=True)
+    _WARMING.clear()
+    with _RING_LOCK:
+        while _DECODE_RING:
+            _retire(_DECODE_RING.pop())
+    if _FINALIZER:
+        _FINALIZER.pop().cancel()
+
+
+class _Turn:
+    """A shard's turn to submit batches (to load, replay and classify them). Shards overlap
+    (``reinforce_shard.overlap_units``): the next one reads its headers and draws while this
+    one runs, then waits for its turn, which comes when this one has submitted its last
+    batch. So the teacher gets the next shard's first batch as this one's last batches
+    finish, and two shards never compete for the decode and replay."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def take(self) -> None:
+        self._lock.acquire()
+        self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self._lock.release()
+
+
+def _decode_procs(cfg: ReinforceConfig, gpu_torch: bool, sizes_wh: list[tuple[int, int]],
+                  per_batch: int) -> tuple[ProcessPoolExecutor, int, _DecodeRing] | None:
+    """The torch replay's decode processes and ring on a GPU host (``--decode host``), or None:
+    threads decode (on the CPU, with the GPU's decoders, ``HOST_DECODE_PROCS`` 0, or no room
+    in ``/dev/shm``). A ring slot holds the shard's largest batch of images (twice that with
+    mixing, whose partners come too; a batch that does not fit decodes on threads)."""
+    procs = min(HOST_DECODE_PROCS, cfg.threads)
+    if not gpu_torch or cfg.decode != "host" or procs < 1 or not sizes_wh:
+        return None
+    import torch
+
+    px = np.array([w * h * 3 for w, h in sizes_wh], np.int64)
+    largest = max(int(px[b:b + per_batch].sum()) for b in range(0, len(px), per_batch))
+    ring = _decode_ring(largest * (2 if cfg.policy.mixes else 1), torch)
+    if ring is None:
+        return None
+    return _replay_pool(procs, "decode"), procs, ring
 
 
 def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | None = None) -> ReinforceResult:
@@ -740,7 +1031,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
             except Exception as e:
                 raise UserError(f"{where}: sample {s.key!r}: cannot read the image ({e})") from None
         torch_on = resolve_replay(cfg, runner.device.type) == "torch"
-        draw_pool = _replay_pool(DRAW_PROCS) if torch_on and runner.device.type == "cuda" else None
+        gpu_torch = torch_on and runner.device.type == "cuda"
+        draw_pool = _replay_pool(DRAW_PROCS, "draw") if gpu_torch else None
         augs = _ShardAugs(cfg, index, sizes_wh, draw_pool)
         stack.callback(augs.cancel)
         per_batch = samples_per_batch(cfg, runner.device.type)
@@ -753,8 +1045,14 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
         procs = 0
         runner.prepare_classify(per_batch * k, cfg.embeddings)
         if torch_on:
-            torch_replay = _TorchReplay(runner, reader, index, augs, distinct, sizes_wh, cfg.decode,
-                                        min(cfg.threads, 16))
+            dprocs = _decode_procs(cfg, gpu_torch, sizes_wh, per_batch)
+            try:
+                torch_replay = _TorchReplay(runner, reader, index, augs, distinct, sizes_wh, cfg.decode,
+                                            min(cfg.threads, 16), dprocs)
+            except BaseException:
+                if dprocs is not None:
+                    _ring_done(dprocs[2])
+                raise
             stack.callback(torch_replay.close)
         else:
             procs = resolve_replay_procs(cfg, runner.device.type)
@@ -769,6 +1067,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
             token = uuid.uuid4().hex
         else:
             pool = stack.enter_context(ThreadPoolExecutor(cfg.threads))
+        turn = _Turn()
+        stack.callback(turn.give)
         with atomic_write(out_path) as f:
             hf = HashingFile(f)
             window: deque = deque()
@@ -788,6 +1088,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                                             ring.offsets(slot, row) if ring else None) for row, i in enumerate(b)]
                     window.append((b, slot, futs))
                     next_batch += 1
+                if next_batch == len(batches):
+                    turn.give()  # all submitted: the next shard may start loading
 
             def write_batch(b: list[int], outputs: Any) -> tuple[int, int]:
                 """Wait for one batch's teacher outputs, then pack and write its samples, in
@@ -818,7 +1120,8 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
             write_pool = ThreadPoolExecutor(1)
             # batches in flight: the torch replay loads one, replays one and the teacher takes
             # a third; the Pillow paths fill two of the ring's slots ahead
-            for _ in range(3 if torch_replay is not None else 2):
+            turn.take()
+            for _ in range(TORCH_IN_FLIGHT if torch_replay is not None else 2):
                 submit()
             with ShardWriter(hf) as writer, contextlib.ExitStack() as writing:
                 # left before the writer closes; on an error the batches queued for writing are
@@ -867,6 +1170,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
 
 # ---------------------------------------------------------------------------------------
 # the driver
+
+
+# in-process (--workers 1), the engine runs two shards at once: the next one's reading,
+# draws and first batches overlap this one's last (see _Turn)
+reinforce_shard.overlap_units = 2  # type: ignore[attr-defined]
 
 
 def _copy_shard(unit: ReinforceUnit) -> ReinforceResult:
