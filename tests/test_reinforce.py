@@ -144,13 +144,12 @@ def test_resume_and_reproducible(trainset, reinforced, tmp_path):
 
 
 def test_shards_run_one_at_a_time_write_the_same_bytes(reinforced, tmp_path, monkeypatch):
-    """In-process, reinforce overlaps two shards (``overlap_units``: the next one reads and
-    draws while this one runs); run strictly one after the other, the shards are the same
-    bytes."""
+    """In-process, reinforce overlaps shards (``overlap_units``: the next ones read and draw
+    while this one runs); run strictly one after the other, the shards are the same bytes."""
     from silverlabel.stages import reinforce as rs
 
     cfg, _ = reinforced
-    assert rs.reinforce_shard.overlap_units == 2 and cfg.workers == 1
+    assert rs.reinforce_shard.overlap_units > 1 and cfg.workers == 1
     monkeypatch.setattr(rs.reinforce_shard, "overlap_units", 1)
     run_reinforce(dataclasses.replace(cfg, output=str(tmp_path / "one")))
     assert _md5s(tmp_path / "one") == _md5s(Path(cfg.output))
@@ -636,4 +635,28 @@ def test_gpu_decode_processes_give_the_threads_pixels(tmp_path):
         tr.close()
     finally:
         reader.close()
+        rs.close_replay_pool()
+
+
+def test_shard_headers_read_in_a_process_are_the_stages(trainset, tmp_path):
+    """On a GPU host a shard's index and image sizes are read in a started pool's process
+    (``_read_shard``): the same as read here; a sample whose image cannot be read is the same
+    clear error, naming it, from either."""
+    from silverlabel.formats.wds import ShardWriter
+    from silverlabel.stages import reinforce as rs
+
+    tar = str(trainset / "toy-train-0000.tar")
+    bad = tmp_path / "bad.tar"
+    with open(tar, "rb") as f:
+        first = read_member(f, *next(iter_tar_samples(tar)).members["jpg"])
+    with open(bad, "wb") as f, ShardWriter(f) as w:
+        w.write("ok", {"jpg": first, "cls": b"1"})
+        w.write("broken", {"jpg": b"\xff\xd8 not a jpeg", "cls": b"2"})
+    pool = rs._replay_pool(1, "decode")
+    try:
+        assert rs._read_shard(tar, "here", pool) == rs._read_shard(tar, "here", None)
+        for p in (pool, None):
+            with pytest.raises(UserError, match="bad: sample 'broken': cannot read the image"):
+                rs._read_shard(str(bad), "bad", p)
+    finally:
         rs.close_replay_pool()

@@ -742,9 +742,13 @@ class Outputs:
             self._event = torch.cuda.Event(blocking=True)
             self._event.record()
 
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def wait(self) -> None:
+        """Until the outputs are on the host (the thread sleeps, without the GIL)."""
         if self._event is not None:
             self._event.synchronize()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        self.wait()
         idx, vals, *emb = self._host
         return idx.numpy(), vals.numpy(), (emb[0].numpy() if emb and emb[0] is not None else None)
 

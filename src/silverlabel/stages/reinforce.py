@@ -432,6 +432,11 @@ def _replay_job(read, job: tuple, sizes: list[int], out: list[np.ndarray] | None
 SLOTS = 3  # batches alive at once: the one the teacher runs + the two being replayed
 HOST_DECODE_PROCS = 8  # processes decoding the torch replay's images on a GPU host (0: threads in the stage)
 DECODE_SLOTS = 4  # batches of decoded pixels alive at once in the decode ring (TORCH_IN_FLIGHT + 1)
+# teacher batches queued on the device at once: the next waits (asleep, without the GIL) for
+# the oldest. Unbounded, a ViT-B/16 on the H200 fell behind the launches until the launch
+# queue was full, and a launch then spun, holding the GIL, until a slot freed (4-15 s of the
+# main thread's CPU per run, the replay and load threads stalled behind it)
+TEACHER_AHEAD = 2
 TORCH_IN_FLIGHT = 3  # torch replay batches submitted ahead: one loading, one replaying, one at the teacher
 DRAW_PROCS = 2  # processes drawing a shard's augmentations for the torch replay on a GPU (~5k samples/s each)
 
@@ -960,6 +965,49 @@ def close_replay_pool() -> None:
         _FINALIZER.pop().cancel()
 
 
+def _shard_headers(src: str, where: str) -> tuple[list, list[tuple[int, int]]]:
+    """Shard ``src``'s samples (their members' offsets) and every image's (width, height)
+    from its header; a UserError naming the sample for one without an image or with an
+    unreadable one."""
+    index = list(iter_tar_samples(src))
+    reader = _Reader(src)
+    try:
+        sizes: list[tuple[int, int]] = []
+        for s in index:
+            ext = s.image_ext()
+            if ext is None:
+                raise UserError(f"{where}: sample {s.key!r} has no image member")
+            try:
+                sizes.append(_image_size(reader.read(s.members[ext])))
+            except Exception as e:
+                raise UserError(f"{where}: sample {s.key!r}: cannot read the image ({e})") from None
+    finally:
+        reader.close()
+    return index, sizes
+
+
+def _read_shard(src: str, where: str, pool: ProcessPoolExecutor | None) -> tuple[list, list[tuple[int, int]]]:
+    """:func:`_shard_headers`, in one of ``pool``'s processes when given. Read here while
+    another shard runs, its thousands of small reads each gave up the GIL and waited up to
+    the switch interval to get it back from the running shard's threads: on the H200 the
+    next shard was often not ready when its turn came, and the teacher idled up to 0.9 s."""
+    if pool is None:
+        return _shard_headers(src, where)
+    return pool.submit(_shard_headers, src, where).result()
+
+
+def _reading_pool(cfg: ReinforceConfig, gpu_torch: bool) -> ProcessPoolExecutor | None:
+    """Where a shard's headers are read: on a GPU host, the decode (or else the draw)
+    processes once they have started; None (this thread) otherwise: on the CPU, and for a
+    worker's first shard, which nothing runs beside."""
+    if not gpu_torch:
+        return None
+    for role in ("decode", "draw"):
+        if role in _REPLAY_POOL and _pool_started(role):
+            return _REPLAY_POOL[role][1]
+    return None
+
+
 class _Turn:
     """A shard's turn to submit batches (to load, replay and classify them). Shards overlap
     (``reinforce_shard.overlap_units``): the next one reads its headers and draws while this
@@ -982,14 +1030,28 @@ class _Turn:
             self._lock.release()
 
 
+def _host_decode_procs(cfg: ReinforceConfig, gpu_torch: bool) -> int:
+    """How many processes decode the torch replay's images on a GPU host (0: none)."""
+    return min(HOST_DECODE_PROCS, cfg.threads) if gpu_torch and cfg.decode == "host" else 0
+
+
+def _start_pools(cfg: ReinforceConfig, gpu_torch: bool) -> None:
+    """On a GPU host, the draw and decode processes started (asynchronously) first thing in
+    a shard, so that a worker's first shard's header reads overlap their start."""
+    if gpu_torch:
+        _replay_pool(DRAW_PROCS, "draw")
+        if procs := _host_decode_procs(cfg, gpu_torch):
+            _replay_pool(procs, "decode")
+
+
 def _decode_procs(cfg: ReinforceConfig, gpu_torch: bool, sizes_wh: list[tuple[int, int]],
                   per_batch: int) -> tuple[ProcessPoolExecutor, int, _DecodeRing] | None:
     """The torch replay's decode processes and ring on a GPU host (``--decode host``), or None:
     threads decode (on the CPU, with the GPU's decoders, ``HOST_DECODE_PROCS`` 0, or no room
     in ``/dev/shm``). A ring slot holds the shard's largest batch of images (twice that with
     mixing, whose partners come too; a batch that does not fit decodes on threads)."""
-    procs = min(HOST_DECODE_PROCS, cfg.threads)
-    if not gpu_torch or cfg.decode != "host" or procs < 1 or not sizes_wh:
+    procs = _host_decode_procs(cfg, gpu_torch)
+    if not procs or not sizes_wh:
         return None
     import torch
 
@@ -1014,24 +1076,20 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
     # process's staging folder (dropped after the shard)
     src = str(fetch_local(unit.src))
     where = display(unit.src)
-    index = list(iter_tar_samples(src))
+    torch_on = resolve_replay(cfg, runner.device.type) == "torch"
+    gpu_torch = torch_on and runner.device.type == "cuda"
+    _start_pools(cfg, gpu_torch)
+    try:  # every image's header read before any work; on a GPU in a started pool's process
+        index, sizes_wh = _read_shard(src, where, _reading_pool(cfg, gpu_torch))
+    except BaseException:
+        drop_local(unit.src)
+        raise
     n = len(index)
     reader = _Reader(src)
     k = cfg.augs
     ring: _Ring | None = None
     stack = contextlib.ExitStack()
     try:
-        sizes_wh: list[tuple[int, int]] = []  # every image's header read before any work
-        for s in index:
-            ext = s.image_ext()
-            if ext is None:
-                raise UserError(f"{where}: sample {s.key!r} has no image member")
-            try:
-                sizes_wh.append(_image_size(reader.read(s.members[ext])))
-            except Exception as e:
-                raise UserError(f"{where}: sample {s.key!r}: cannot read the image ({e})") from None
-        torch_on = resolve_replay(cfg, runner.device.type) == "torch"
-        gpu_torch = torch_on and runner.device.type == "cuda"
         draw_pool = _replay_pool(DRAW_PROCS, "draw") if gpu_torch else None
         augs = _ShardAugs(cfg, index, sizes_wh, draw_pool)
         stack.callback(augs.cancel)
@@ -1117,6 +1175,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                 report(count, count)
 
             writes: deque = deque()
+            at_teacher: deque = deque()  # the teacher's batches queued on the device, oldest first
             write_pool = ThreadPoolExecutor(1)
             # batches in flight: the torch replay loads one, replays one and the teacher takes
             # a third; the Pillow paths fill two of the ring's slots ahead
@@ -1143,8 +1202,11 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                         images = [ring.batch(slot, distinct.index(size), len(b)) for size in sizes]
                     else:
                         images = [np.concatenate([ps[distinct.index(size)] for ps in per_sample]) for size in sizes]
+                    while len(at_teacher) >= TEACHER_AHEAD:  # see TEACHER_AHEAD
+                        at_teacher.popleft().wait()
                     with teacher_ctx:
                         outputs = runner.classify_async(images, embeddings=cfg.embeddings)
+                    at_teacher.append(outputs)
                     del images, per_sample
                     xs = None
                     writes.append((len(b), write_pool.submit(write_batch, b, outputs)))
@@ -1172,9 +1234,12 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
 # the driver
 
 
-# in-process (--workers 1), the engine runs two shards at once: the next one's reading,
-# draws and first batches overlap this one's last (see _Turn)
-reinforce_shard.overlap_units = 2  # type: ignore[attr-defined]
+# in-process (--workers 1), the engine runs three shards at once: the next two read their
+# headers and draw their augmentations while this one runs, and the next one's first batches
+# overlap this one's last (see _Turn). With two, the shard after next started reading only
+# when this one ended, and on short shards was still drawing when its turn came (the H200's
+# teacher then idled 100-300 ms between shards)
+reinforce_shard.overlap_units = 3  # type: ignore[attr-defined]
 
 
 def _copy_shard(unit: ReinforceUnit) -> ReinforceResult:
