@@ -105,3 +105,39 @@ def test_member_names_of_every_length_give_tarfiles_headers(key_len, ext):
             _writer_bytes(samples)
         return
     assert _writer_bytes(samples) == want
+
+
+def test_read_members_joins_neighbours_and_gives_each_members_bytes(tmp_path, monkeypatch):
+    """``read_members``: every location's bytes, as one read each would give, in the order
+    asked, whatever the order and spacing (neighbours joined into one read, far or backward
+    ones read alone, spans capped); a member past the end of the file is an OSError."""
+    from silverlabel.formats import wds
+
+    rng = random.Random(5)
+    path = tmp_path / "shard.tar"
+    with open(path, "wb") as f, ShardWriter(f) as w:
+        for i in range(60):
+            w.write(f"{i:04d}", {"jpg": rng.randbytes(rng.randrange(1, 40000)), "cls": str(i).encode(),
+                                 "json": b"{}" * rng.randrange(0, 50)})
+    samples = list(iter_tar_samples(str(path)))
+    locs = [loc for s in samples for loc in s.members.values()]
+    with open(path, "rb") as f:
+        want = {loc: read_member(f, *loc) for loc in locs}
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(wds.os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+    monkeypatch.setattr(wds, "READ_SPAN", 300_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for order in (locs, locs[::3], locs[::-1], [locs[5], locs[5], locs[2]] + rng.sample(locs, 40)):
+            reads.clear()
+            assert wds.read_members(fd, order) == [want[loc] for loc in order]
+            assert max(reads) <= 300_000 + 40000
+        reads.clear()
+        wds.read_members(fd, locs)
+        assert 1 < len(reads) < len(locs) // 10  # the shard's members in a few span reads
+        size = os.path.getsize(path)
+        with pytest.raises(OSError, match="truncated"):
+            wds.read_members(fd, [locs[0], (size - 10, 20)])
+    finally:
+        os.close(fd)

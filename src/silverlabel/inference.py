@@ -44,6 +44,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 from collections import Counter
@@ -577,13 +578,15 @@ def jpeg_kind(data: bytes) -> str:
 
 
 def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
-    """Member bytes at (offset, size) locations of one file, read in order."""
-    out = []
-    with open(path, "rb") as f:
-        for off, size in locs:
-            f.seek(off)
-            out.append(f.read(size))
-    return out
+    """Member bytes at (offset, size) locations of one file, in order: neighbours in one read
+    (:func:`silverlabel.formats.wds.read_members`; an OSError for a truncated file)."""
+    from silverlabel.formats.wds import read_members
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_members(fd, locs)
+    finally:
+        os.close(fd)
 
 
 _MEAN_STD: dict = {}  # (mean, std, device) -> the (1, 3, 1, 1) tensors on that device, made once

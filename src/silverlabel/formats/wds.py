@@ -22,7 +22,7 @@ import hashlib
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -234,6 +234,36 @@ def read_member(fileobj: BinaryIO, offset: int, size: int) -> bytes:
     if len(data) != size:
         raise OSError(f"tar member truncated: wanted {size} bytes at {offset}, got {len(data)}")
     return data
+
+
+#: read_members joins members at most this far apart, into reads of at most READ_SPAN bytes
+READ_GAP = 1 << 16
+READ_SPAN = 64 << 20
+
+
+def read_members(fd: int, locs: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes at each ``(offset, size)`` of the open file ``fd``, in order. Members in
+    file order with at most ``READ_GAP`` bytes between them (a sample's other members, tar
+    headers) are read with one ``os.pread`` and sliced: a batch of a shard's samples is then
+    one read, not one per member. Each read gives up the GIL, and in a busy process each one
+    waits to get it back (reinforce's and label's threads on a GPU host). An OSError for a
+    member past the end of the file."""
+    out: list[bytes] = []
+    i, n = 0, len(locs)
+    while i < n:
+        start, end = locs[i][0], locs[i][0] + locs[i][1]
+        j = i + 1
+        while (j < n and end <= locs[j][0] <= end + READ_GAP
+               and locs[j][0] + locs[j][1] - start <= READ_SPAN):
+            end = locs[j][0] + locs[j][1]
+            j += 1
+        data = os.pread(fd, end - start, start)
+        for off, size in locs[i:j]:
+            if off + size - start > len(data):
+                raise OSError(f"tar member truncated: wanted {size} bytes at {off}, the file ends first")
+            out.append(data[off - start:off - start + size] if j - i > 1 else data)
+        i = j
+    return out
 
 
 class HashingFile:

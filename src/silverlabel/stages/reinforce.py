@@ -88,7 +88,7 @@ from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
                                  precision_field, ray_address_field)
-from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member
+from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member, read_members
 from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, read_record, run_stage
 from silverlabel.teachers import TeacherSpec
 from silverlabel.teachers.labelspace import space_names
@@ -298,6 +298,13 @@ class _Reader:
         if len(data) != size:
             raise OSError(f"{self.path}: member truncated at {off}")
         return data
+
+    def read_many(self, locs: list[tuple[int, int]]) -> list[bytes]:
+        """Each location's bytes, neighbours in one read (``wds.read_members``)."""
+        try:
+            return read_members(self.fd, locs)
+        except OSError as e:
+            raise OSError(f"{self.path}: {e}") from None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1155,14 +1162,17 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                 meanwhile); (rnf bytes, embedding width)."""
                 idx, vals, emb = outputs.result()
                 nbytes, dim = 0, 0
-                for j, i in enumerate(b):
+                # the batch's members in one read (they follow each other in the tar)
+                exts = [[ext for ext in index[i].members if ext != RNF_EXT] for i in b]
+                blobs = iter(reader.read_many([index[i].members[ext] for i, es in zip(b, exts) for ext in es]))
+                for j, (i, es) in enumerate(zip(b, exts)):
                     s = index[i]
                     rows = slice(j * k, (j + 1) * k)
                     e = emb[rows] if emb is not None else None
                     dim = 0 if e is None else e.shape[1]
                     rnf = pack(augs[i], idx[rows], vals[rows].astype(np.float16), e, n_ops=n_ops)
                     nbytes += len(rnf)
-                    members = {ext: reader.read(loc) for ext, loc in s.members.items() if ext != RNF_EXT}
+                    members = {ext: next(blobs) for ext in es}
                     members[RNF_EXT] = rnf
                     writer.write(s.key, members)
                 return nbytes, dim
