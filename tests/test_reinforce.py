@@ -660,3 +660,38 @@ def test_shard_headers_read_in_a_process_are_the_stages(trainset, tmp_path):
                 rs._read_shard(str(bad), "bad", p)
     finally:
         rs.close_replay_pool()
+
+
+def test_decode_ring_slots_wait_and_a_replaced_ring_lives_until_its_last_shard(monkeypatch):
+    """The decode ring (page-locked on a GPU; here, without CUDA, plain shared memory): a
+    load waits while every slot is held and takes the one freed; a batch that fails frees
+    its slot without a copy. A shard needing bigger slots replaces the ring, and the old one
+    stays usable until the last shard using it is done."""
+    import threading
+
+    from silverlabel.stages import reinforce as rs
+
+    monkeypatch.setattr(rs, "DECODE_SLOTS", 2)
+    ring = rs._decode_ring(1000, torch)
+    try:
+        assert ring.slots == 2 and ring.slot_bytes >= 1000 and ring.users == 1
+        assert {ring.acquire(), ring.acquire()} == {0, 1}
+        got = []
+        t = threading.Thread(target=lambda: got.append(ring.acquire()))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not got  # both slots held: the third load waits
+        ring.release(1)  # a failed batch: freed without a copy
+        t.join(5)
+        assert got == [1]
+        assert rs._decode_ring(500, torch) is ring and ring.users == 2  # fits: the same ring
+        rs._ring_done(ring)
+        bigger = rs._decode_ring(ring.slot_bytes + 1, torch)
+        assert bigger is not ring and ring.retired and ring.host is not None  # still in use by a shard
+        ring.host[:4] = torch.arange(4, dtype=torch.uint8)
+        rs._ring_done(ring)
+        assert ring.host is None  # closed with its last shard
+        rs._ring_done(bigger)
+    finally:
+        rs.close_replay_pool()
+    assert not rs._DECODE_RING

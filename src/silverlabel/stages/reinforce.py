@@ -1190,6 +1190,7 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
             # batches in flight: the torch replay loads one, replays one and the teacher takes
             # a third; the Pillow paths fill two of the ring's slots ahead
             turn.take()
+            report(0, 0)  # overlapping units: raises if the run stopped while this one waited its turn
             for _ in range(TORCH_IN_FLIGHT if torch_replay is not None else 2):
                 submit()
             with ShardWriter(hf) as writer, contextlib.ExitStack() as writing:
