@@ -155,6 +155,44 @@ def test_shards_run_one_at_a_time_write_the_same_bytes(reinforced, tmp_path, mon
     assert _md5s(tmp_path / "one") == _md5s(Path(cfg.output))
 
 
+def test_a_shards_error_is_the_runs_error_beside_a_running_shard(trainset, tmp_path):
+    """Shards overlap in-process and share the replay processes: a bad image in the second
+    shard is the run's error, naming it, while the first shard, running beside it, finishes
+    and is committed (the shared pool is not shut under it)."""
+    from silverlabel.formats.wds import ShardWriter
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(trainset / "toy-train-0000.tar", bad / "toy-train-0000.tar")
+    with open(bad / "toy-train-0001.tar", "wb") as f, ShardWriter(f) as w:
+        for i, (key, m) in enumerate(_samples(trainset / "toy-train-0001.tar")):
+            w.write(key, dict(m, jpg=m["jpg"][: len(m["jpg"]) // 2]) if i == 0 else m)
+    (bad / "_info.json").write_text(json.dumps({"name": "toy", "splits": {"train": {
+        "name": "train", "num_samples": 20, "filenames": ["toy-train-0000.tar", "toy-train-0001.tar"],
+        "shard_lengths": [10, 10]}}}))
+    cfg = _cfg(bad, tmp_path / "out", replay_procs=2, embeddings=False, batch_size=2 * K)
+    with pytest.raises(ValueError, match=r"toy-train-0001.tar: cannot replay an image \(OSError: .*truncated"):
+        run_reinforce(cfg)
+    assert (tmp_path / "out" / "toy-train-0000.tar").exists() and (tmp_path / "out" / ".done").exists()
+    assert not (tmp_path / "out" / "toy-train-0001.tar").exists()
+    # what decides whether a shard's error shuts the shared pools: only a pool's breaking
+    from concurrent.futures.process import BrokenProcessPool
+
+    from silverlabel.stages.reinforce import _broke_a_pool
+
+    def raised(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise UserError("cannot replay an image") from e
+        except UserError as e:
+            return e
+
+    assert _broke_a_pool(raised(BrokenProcessPool("a process died")))
+    assert not _broke_a_pool(raised(OSError("image file is truncated"))) and not _broke_a_pool(KeyboardInterrupt())
+
+
 def test_changed_input_shard_is_redone(trainset, tmp_path):
     """A shard's commit record binds to its input's bytes (issue 13 item 3): an input rewritten
     with the same bytes is not redone, one with other bytes is, and only that one."""

@@ -585,6 +585,8 @@ def read_blobs(path: str, locs: Sequence[tuple[int, int]]) -> list[bytes]:
     fd = os.open(path, os.O_RDONLY)
     try:
         return read_members(fd, locs)
+    except OSError as e:
+        raise OSError(f"{path}: {e}") from None
     finally:
         os.close(fd)
 

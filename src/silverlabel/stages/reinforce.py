@@ -935,7 +935,16 @@ def _replay_pool(procs: int, role: str = "replay") -> ProcessPoolExecutor:
     """This process's spawned pool for ``role`` (``replay``: the Pillow replay; ``draw``: the
     torch replay's augmentation draws; ``decode``: its host decode), made on first use and
     kept across shards; a different process count replaces it."""
-    if role in _REPLAY_POOL and _REPLAY_POOL[role][0] != procs:
+    with _POOL_LOCK:  # overlapping shards (threads) ask at once: one pool
+        return _make_pool(procs, role)
+
+
+_POOL_LOCK = threading.RLock()
+
+
+def _make_pool(procs: int, role: str) -> ProcessPoolExecutor:
+    """:func:`_replay_pool` under its lock. A pool that broke (a process died) is replaced."""
+    if role in _REPLAY_POOL and (_REPLAY_POOL[role][0] != procs or getattr(_REPLAY_POOL[role][1], "_broken", False)):
         _REPLAY_POOL.pop(role)[1].shutdown(wait=True, cancel_futures=True)
         _WARMING.pop(role, None)
     if role not in _REPLAY_POOL:
@@ -952,6 +961,18 @@ def _replay_pool(procs: int, role: str = "replay") -> ProcessPoolExecutor:
     return _REPLAY_POOL[role][1]
 
 
+def _broke_a_pool(e: BaseException | None) -> bool:
+    """Whether ``e`` or an error it came from is a process pool's breaking."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, BrokenProcessPool):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _pool_started(role: str) -> bool:
     """Whether every process of ``role``'s pool has started (run its first task)."""
     futs = _WARMING.get(role)
@@ -961,10 +982,11 @@ def _pool_started(role: str) -> bool:
 def close_replay_pool() -> None:
     """Stop this process's replay, draw and decode processes (pending tasks cancelled, running
     ones awaited) and free the decode ring."""
-    while _REPLAY_POOL:
-        _procs, pool = _REPLAY_POOL.pop(next(iter(_REPLAY_POOL)))
-        pool.shutdown(wait=True, cancel_futures=True)
-    _WARMING.clear()
+    with _POOL_LOCK:
+        while _REPLAY_POOL:
+            _procs, pool = _REPLAY_POOL.pop(next(iter(_REPLAY_POOL)))
+            pool.shutdown(wait=True, cancel_futures=True)
+        _WARMING.clear()
     with _RING_LOCK:
         while _DECODE_RING:
             _retire(_DECODE_RING.pop())
@@ -1227,8 +1249,12 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
                     written()
             f.flush()
             size = f.tell()
-    except BaseException:
-        close_replay_pool()  # a failed or broken pool is not reused; tasks in flight are awaited
+    except BaseException as e:
+        # a broken pool is not reused (tasks in flight are awaited); healthy ones stay, for the
+        # shards running beside this one (closed, they failed with a cancelled task, and theirs
+        # was the error the run reported, not this one)
+        if _broke_a_pool(e):
+            close_replay_pool()
         raise
     finally:
         stack.close()
