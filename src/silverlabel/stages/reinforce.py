@@ -58,6 +58,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
 from multiprocessing import util as mp_util
@@ -656,11 +657,14 @@ class _TorchReplay:
             base = slot * ring.slot_bytes
             jobs = [(off, size, base + e - h * w * 3, h, w) for (off, size), e, (h, w, _) in zip(locs, ends, shapes)]
             per = max(4, -(-len(jobs) // nprocs))  # one task per process and batch, a few images at least
+            futs: list = []
             try:
-                futs = [pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per])
-                        for c in range(0, len(jobs), per)]
+                for c in range(0, len(jobs), per):
+                    futs.append(pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per]))
+                futures_wait(futs)
                 status = [st for f in futs for st in f.result()]
             except Exception as e:  # noqa: BLE001 - a broken pool: decode on threads instead
+                futures_wait(futs)  # no task still writing into the slot when it is given back
                 log.warning("decode processes failed (%s: %s): decoding on threads", type(e).__name__, e)
                 self.procs = None
                 raise
