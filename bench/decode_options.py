@@ -8,6 +8,7 @@ upsampling, resizes each to a 600 px short side as ``--resize-filter fast`` does
 rule allows a cheaper path only within 0.5 dB of that (BENCHMARKS.md, issue 14).
 
     python bench/decode_options.py
+    python bench/decode_options.py --reductions   # cheaper 2-4x reductions than OpenCV's area
 """
 
 from __future__ import annotations
@@ -67,5 +68,60 @@ def main() -> None:
         print(f"| {label} | {seconds / len(jpegs) * 1e3:.2f} | {scores.mean():.2f} | {(base - scores).max():.2f} |")
 
 
+def _half_box_then(inter: int):
+    """Exact 2x box reductions (an odd last row/column dropped) while >= 2x remains, then
+    OpenCV's ``inter`` for the rest."""
+    def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        while min(arr.shape[1] / size[0], arr.shape[0] / size[1]) >= 2:
+            h, w = arr.shape[:2]
+            arr = cv2.resize(arr[:h - h % 2, :w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        return cv2.resize(arr, size, interpolation=inter)
+    return resize
+
+
+def _pyramid_then_bilinear(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    while min(arr.shape[1] / size[0], arr.shape[0] / size[1]) >= 2:
+        arr = cv2.pyrDown(arr)
+    return cv2.resize(arr, size, interpolation=cv2.INTER_LINEAR)
+
+
+def reductions() -> None:
+    """Cheaper 2-4x reductions than OpenCV's area (``--resize-filter fast`` above 2x, slow at
+    non-integer factors): PSNR against Pillow's Lanczos of the same pixels, and the worst
+    photo's drop against area, over scikit-image photos scaled to 600 px x the factor."""
+    names = PHOTOS + ("camera", "brick", "grass", "gravel")
+    ways = {"area (today's)": lambda a, s: cv2.resize(a, s, interpolation=cv2.INTER_AREA),
+            "2x box, then bilinear": _half_box_then(cv2.INTER_LINEAR),
+            "2x box, then area": _half_box_then(cv2.INTER_AREA),
+            "pyrDown, then bilinear": _pyramid_then_bilinear,
+            "Pillow bilinear, reducing_gap 2": lambda a, s: np.asarray(
+                Image.fromarray(a).resize(s, Image.Resampling.BILINEAR, reducing_gap=2.0))}
+    print("| factor | " + " | ".join(ways) + " |\n|---:|" + "---:|" * len(ways))
+    for factor in (2.0, 2.5, 3.0, 3.5, 3.9):
+        got = {k: ([], []) for k in ways}
+        for name in names:
+            a = getattr(skimage.data, name)()
+            a = (np.stack([a] * 3, -1) if a.ndim == 2 else a)[..., :3]
+            h, w = a.shape[:2]
+            s = 600 * factor / min(h, w)
+            b = io.BytesIO()
+            Image.fromarray(a).resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC).save(b, "JPEG", quality=90)
+            arr = simplejpeg.decode_jpeg(b.getvalue(), colorspace="RGB")
+            h, w = arr.shape[:2]
+            size = (round(w * 600 / min(h, w)), round(h * 600 / min(h, w)))
+            ref = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.LANCZOS))
+            for k, fn in ways.items():
+                t0 = time.perf_counter()
+                out = fn(arr, size)
+                got[k][1].append(time.perf_counter() - t0)
+                got[k][0].append(psnr(out, ref))
+        area = np.array(got["area (today's)"][0])
+        cells = [f"{np.mean(v):.1f} dB, worst {np.min(np.array(v) - area):+.1f}, {np.mean(t) * 1e3:.1f} ms"
+                 for v, t in got.values()]
+        print(f"| {factor} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    reductions() if "--reductions" in sys.argv else main()
