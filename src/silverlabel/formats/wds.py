@@ -241,13 +241,14 @@ READ_GAP = 1 << 16
 READ_SPAN = 64 << 20
 
 
-def read_members(fd: int, locs: Sequence[tuple[int, int]]) -> list[bytes]:
+def read_members(fd: int, locs: Sequence[tuple[int, int]], strict: bool = True) -> list[bytes]:
     """The bytes at each ``(offset, size)`` of the open file ``fd``, in order. Members in
     file order with at most ``READ_GAP`` bytes between them (a sample's other members, tar
     headers) are read with one ``os.pread`` and sliced: a batch of a shard's samples is then
     one read, not one per member. Each read gives up the GIL, and in a busy process each one
-    waits to get it back (reinforce's and label's threads on a GPU host). An OSError for a
-    member past the end of the file."""
+    waits to get it back (reinforce's and label's threads on a GPU host). A member past the
+    end of the file is an OSError, or with ``strict=False`` the bytes there are (short or
+    empty: for a caller that counts each such member as failed)."""
     out: list[bytes] = []
     i, n = 0, len(locs)
     while i < n:
@@ -259,7 +260,7 @@ def read_members(fd: int, locs: Sequence[tuple[int, int]]) -> list[bytes]:
             j += 1
         data = os.pread(fd, end - start, start)
         for off, size in locs[i:j]:
-            if off + size - start > len(data):
+            if strict and off + size - start > len(data):
                 raise OSError(f"tar member truncated: wanted {size} bytes at {off}, the file ends first")
             out.append(data[off - start:off - start + size] if j - i > 1 else data)
         i = j
