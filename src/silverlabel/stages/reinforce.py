@@ -1277,9 +1277,9 @@ def reinforce_shard(unit: ReinforceUnit, cfg: ReinforceConfig, report: Report | 
 
 # in-process (--workers 1), the engine runs three shards at once: the next two read their
 # headers and draw their augmentations while this one runs, and the next one's first batches
-# overlap this one's last (see _Turn). With two, the shard after next started reading only
-# when this one ended, and on short shards was still drawing when its turn came (the H200's
-# teacher then idled 100-300 ms between shards)
+# overlap this one's last (see _Turn). With two, the shard after next starts reading only
+# when this one ends, and on the bench's short shards the H200's teacher idled 100-300 ms
+# at shard boundaries; three measured within the machine's noise of two (BENCHMARKS.md)
 reinforce_shard.overlap_units = 3  # type: ignore[attr-defined]
 
 
