@@ -440,6 +440,43 @@ def test_label_on_ray_actors_equals_local(cluster, label_dataset, label_referenc
 
 
 @needs_ray
+def test_reinforce_on_a_threaded_ray_actor_equals_local(cluster, tmp_path):
+    """Reinforce overlaps shards (``overlap_units``): on Ray its actor runs that many units at
+    once (a threaded actor, as the local engine's threads). One actor, three shards: the
+    same tars, commit records and index as the local engine's (torch on one thread in both,
+    as the actor has one CPU; the manifests differ: they record each run's settings, the engine
+    among them)."""
+    import torch
+    from toy_trainset import write_toy_trainset
+
+    from silverlabel.stages.reinforce import ReinforceConfig, reinforce_shard, run_reinforce
+    from silverlabel.teachers import TeacherSpec
+
+    assert reinforce_shard.overlap_units > 1
+    ts = write_toy_trainset(tmp_path / "ts", {"train": [6, 6, 6]}, lambda i, s, w, h: (i % 10, {"label": i % 10}),
+                            size=(128, 96), seed=5)
+
+    def cfg(out: Path, **kw) -> ReinforceConfig:
+        return ReinforceConfig(str(ts), str(out), teachers=(TeacherSpec("efficientnet_lite0"),), augs=2, topk=5,
+                               device="cpu", threads=1, workers=1, **kw)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_reinforce(cfg(tmp_path / "local"))
+    finally:
+        torch.set_num_threads(threads)
+    s = run_reinforce(cfg(tmp_path / "ray", engine="ray", ray_address=cluster.address))
+    assert s.shards_done_now == 3
+    local = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file()}
+    on_ray = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "ray").rglob("*"))
+              if p.is_file()}
+    manifests = local.pop("silverlabel.json"), on_ray.pop("silverlabel.json")  # the runs' settings
+    assert all(manifests) and len(local) >= 7 and on_ray == local
+
+
+@needs_ray
 def test_label_actor_killed_mid_run_still_identical(cluster, label_dataset, label_reference, tmp_path):
     from silverlabel.stages.label import run_label
 

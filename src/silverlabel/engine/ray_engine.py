@@ -273,12 +273,16 @@ class RayEngine:
         actors: list[Any] = []
         load: list[int] = []
         if self.actor:
+            # a function with overlap_units > 1 (reinforce) runs that many units at once in an
+            # actor (a threaded actor), as the local engine does in-process: the next shard's
+            # reading overlaps this one's last batches instead of idling the actor's GPU
+            overlap = max(1, int(getattr(fn, "overlap_units", 1)))
             cls = ray.remote(SilverlabelWorker).options(
                 num_cpus=self.cpus_per_worker, num_gpus=gpus, max_restarts=self.max_retries,
-                max_task_retries=self.max_retries)
+                max_task_retries=self.max_retries, max_concurrency=overlap)
             actors = [cls.remote() for _ in range(n)]
             load = [0] * n
-            window = 2 * n
+            window = max(2, overlap) * n
         else:
             task = ray.remote(silverlabel_unit).options(num_cpus=self.cpus_per_worker, max_retries=self.max_retries,
                                                         retry_exceptions=False)
