@@ -563,8 +563,9 @@ def resolve_replay(cfg: ReinforceConfig, device_type: str) -> str:
 class _TorchReplay:
     """Whole batches decoded and replayed on the teacher's device (:mod:`silverlabel.replay_torch`),
     in two steps ahead of the teacher: a batch's host work (its augmentations drawn, its bytes
-    read and, with the default ``--decode host``, Pillow's pixels decoded on threads into pinned
-    memory) on a load thread, then its replay on a replay thread, so the next batch loads
+    read and, with the default ``--decode host``, Pillow's pixels decoded into page-locked
+    memory: on a GPU host by the decode processes into a slot of the decode ring, else on
+    threads) on a load thread, then its replay on a replay thread, so the next batch loads
     while this one replays. With ``--decode gpu`` the label stage's decoder (hardware JPEG
     engines, nvJPEG, Pillow per image) decodes on the replay thread instead. On a GPU the
     replay runs on a CUDA stream at the highest priority (``inference.producer_stream``); the
