@@ -201,9 +201,9 @@ def teacher_rate(cfg, batch: int, steps: int = 20) -> float:
 
 
 def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
-    """The stage's torch replay alone (the decode ``cfg.decode`` names, host or GPU, +
-    ``replay_views`` of every view of a batch, on its own thread and stream, two batches
-    ahead), no teacher: augmentations/s."""
+    """The stage's torch replay alone (the decode ``cfg.decode`` names, host or GPU: on a GPU
+    host the stage's decode processes and ring, + ``replay_views`` of every view of a batch,
+    on its own thread and stream, two batches ahead), no teacher: augmentations/s."""
     from silverlabel.augment import sample_augs
     from silverlabel.formats.wds import iter_tar_samples
     from silverlabel.stages import reinforce as rs
@@ -218,8 +218,12 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
                 for i, (s, (w, h)) in enumerate(zip(index, sizes))]
         per_batch = rs.samples_per_batch(cfg, runner.device.type)
         batches = [list(range(b, min(len(index), b + per_batch))) for b in range(0, len(index), per_batch)]
+        gpu = runner.device.type == "cuda"
+        rs._start_pools(cfg, gpu)
+        for f in rs._WARMING.get("decode", []):  # started, as in a stage past its first batches
+            f.result()
         tr = rs._TorchReplay(runner, reader, index, augs, sorted({t.size for t in runner.transforms}), sizes,
-                             cfg.decode, min(cfg.threads, 16))
+                             cfg.decode, min(cfg.threads, 16), rs._decode_procs(cfg, gpu, sizes, per_batch))
 
         def run(bs) -> None:
             futs = [tr.submit(b) for b in bs[:2]]
@@ -238,6 +242,7 @@ def torch_replay_rate(trainset: Path, cfg, limit: int) -> float:
         tr.close()
     finally:
         reader.close()
+        rs.close_replay_pool()
     return len(index) * cfg.augs / dt
 
 

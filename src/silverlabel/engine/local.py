@@ -299,9 +299,6 @@ def _in_process(fn: ShardFn, units: Iterable[Any], config: Any, report: Report) 
                 yield pending.pop(0).result()
         while pending:
             yield pending.pop(0).result()
-    except BaseException:
-        stop.set()
-        raise
     finally:  # units not started are dropped; started ones end (or stop at their next report)
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)

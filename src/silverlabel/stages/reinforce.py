@@ -470,6 +470,16 @@ def resolve_replay_procs(cfg: ReinforceConfig, device_type: str) -> int:
     return n if n >= 2 else 0
 
 
+def _shm_has_room(nbytes: int) -> bool:
+    """Whether ``/dev/shm`` has room for ``nbytes`` of shared memory with margin (a full tmpfs
+    would SIGBUS the writers; containers often mount a 64 MB one)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return True  # no /dev/shm (macOS): POSIX shm lives elsewhere
+    return nbytes <= st.f_bavail * st.f_frsize // 2
+
+
 class _Ring:
     """``SLOTS`` batch slots of uint8 ``[per_batch, K, S, S, 3]`` per distinct size, in one
     shared-memory block that the replay processes write into by (slot, row)."""
@@ -482,14 +492,8 @@ class _Ring:
 
     @staticmethod
     def fits(per_batch: int, k: int, sizes: list[int]) -> bool:
-        """Whether ``/dev/shm`` has room for the ring with margin (a full tmpfs would SIGBUS
-        the writers; containers often mount a 64 MB one)."""
-        need = SLOTS * per_batch * sum(k * s * s * 3 for s in sizes)
-        try:
-            st = os.statvfs("/dev/shm")
-        except OSError:
-            return True  # no /dev/shm (macOS): POSIX shm lives elsewhere
-        return need <= st.f_bavail * st.f_frsize // 2
+        """Whether ``/dev/shm`` has room for the ring (:func:`_shm_has_room`)."""
+        return _shm_has_room(SLOTS * per_batch * sum(k * s * s * 3 for s in sizes))
 
     def offsets(self, slot: int, row: int) -> list[int]:
         base, out = slot * self.slot_bytes, []
@@ -526,22 +530,31 @@ def _proc_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _attach(state: dict[str, Any], key: str, src: str, shm_name: str | None) -> None:
+    """In a worker process: ``state``'s reader of tar ``src`` and attachment of shared memory
+    ``shm_name`` (``reader``, ``shm``, ``buf``: a uint8 array over it), reopened when ``key``
+    (a shard's token, or ``src``) or ``shm_name`` changes, the old ones closed."""
+    if state.get("key") != key:
+        if state.get("reader") is not None:
+            state["reader"].close()
+        state["reader"], state["key"] = _Reader(src), key
+    if state.get("shm_name", "") != shm_name:
+        state.pop("buf", None)
+        if state.get("shm") is not None:
+            with contextlib.suppress(BufferError):
+                state["shm"].close()
+        # spawned children share the creator's resource tracker (a set of names): attaching adds
+        # nothing to it, and the creator's unlink unregisters the name
+        state["shm"] = shared_memory.SharedMemory(name=shm_name) if shm_name else None
+        state["buf"] = np.ndarray((state["shm"].size,), np.uint8, buffer=state["shm"].buf) if shm_name else None
+        state["shm_name"] = shm_name
+
+
 def _proc_replay(token: str, src: str, job: tuple, sizes: list[int], shm_name: str | None,
                  offsets: list[int] | None) -> list[np.ndarray] | None:
     """In a replay process: replay one sample of shard ``src``, into the ring at ``offsets``
     (returns None) or, without a ring, returning the arrays (pickled back)."""
-    if _PROC.get("token") != token:  # a new shard: drop the previous one's file and ring
-        if _PROC.get("reader") is not None:
-            _PROC["reader"].close()
-        if _PROC.get("shm") is not None:
-            with contextlib.suppress(BufferError):
-                _PROC["shm"].close()
-        _PROC.clear()
-        _PROC["reader"] = _Reader(src)
-        # spawned children share the creator's resource tracker (a set of names): attaching adds
-        # nothing to it, and the creator's unlink unregisters the name
-        _PROC["shm"] = shared_memory.SharedMemory(name=shm_name) if shm_name else None
-        _PROC["token"] = token
+    _attach(_PROC, token, src, shm_name)  # a new shard: the previous one's file and ring dropped
     read = _PROC["reader"].read
     if shm_name is None:
         return _replay_job(read, job, sizes)
@@ -595,6 +608,7 @@ class _TorchReplay:
         self.procs = procs if self.cuda and self.decoder is None else None
         self.ring = procs[2] if procs is not None else None  # given back (_ring_done) by close()
         self.held: set[int] = set()  # ring slots this shard's loads took and no copy has freed yet
+        self.overflowed = False  # a batch was too big for a ring slot (logged once)
         if self.cuda:
             from silverlabel.inference import producer_stream
 
@@ -637,10 +651,15 @@ class _TorchReplay:
         shapes = [(h, w, 3) for w, h in (self.image_sizes[i] for i in need)]
         ends = np.cumsum([h * w * 3 for h, w, _ in shapes]).tolist()
         total = ends[-1] if ends else 0
-        if self.procs is not None and 0 < total <= self.procs[2].slot_bytes and _pool_started("decode"):
-            got = self._ring_pixels(need, locs, shapes, ends)
-            if got is not None:
-                return got
+        if self.procs is not None and _pool_started("decode"):
+            if 0 < total <= self.ring.slot_bytes:
+                got = self._ring_pixels(need, locs, shapes, ends)
+                if got is not None:
+                    return got
+            elif not self.overflowed:  # mixing partners beyond the slot's room: this batch on threads
+                self.overflowed = True
+                log.info("a batch's images (%d bytes) do not fit the decode ring's %d-byte slots: decoded on "
+                         "threads", total, self.ring.slot_bytes)
         slab = self.torch.empty(total, dtype=self.torch.uint8, pin_memory=True)
         flat = slab.numpy()
         views = [flat[e - h * w * 3:e].reshape(h, w, 3) for e, (h, w, _) in zip(ends, shapes)]
@@ -653,36 +672,31 @@ class _TorchReplay:
         threads from now on, with a warning) when the processes fail."""
         pool, nprocs, ring = self.procs
         slot = ring.acquire()
-        self.held.add(slot)
+        self.held.add(slot)  # freed when copied (_to_device), or with the shard's end (close)
+        base = slot * ring.slot_bytes
+        jobs = [(off, size, base + e - h * w * 3, h, w) for (off, size), e, (h, w, _) in zip(locs, ends, shapes)]
+        per = max(4, -(-len(jobs) // nprocs))  # one task per process and batch, a few images at least
+        futs: list = []
         try:
-            base = slot * ring.slot_bytes
-            jobs = [(off, size, base + e - h * w * 3, h, w) for (off, size), e, (h, w, _) in zip(locs, ends, shapes)]
-            per = max(4, -(-len(jobs) // nprocs))  # one task per process and batch, a few images at least
-            futs: list = []
-            try:
-                for c in range(0, len(jobs), per):
-                    futs.append(pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per]))
-                futures_wait(futs)
-                status = [st for f in futs for st in f.result()]
-            except Exception as e:  # noqa: BLE001 - a broken pool: decode on threads instead
-                futures_wait(futs)  # no task still writing into the slot when it is given back
-                log.warning("decode processes failed (%s: %s): decoding on threads", type(e).__name__, e)
-                self.procs = None
-                raise
-            imgs = []
-            for i, loc, st, (h, w, _), e in zip(need, locs, status, shapes, ends):
-                if st is None:
-                    imgs.append(ring.host[base + e - h * w * 3:base + e].view(h, w, 3))
-                elif st == "size":  # a size the header did not give: decoded here, into memory of its own
-                    imgs.append(_host_decode(self.reader.read(loc), pin=True))
-                else:
-                    raise OSError(f"sample {self.index[i].key!r}: {st}")
-        except BaseException:
+            for c in range(0, len(jobs), per):
+                futs.append(pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per]))
+            futures_wait(futs)
+            status = [st for f in futs for st in f.result()]  # raises only when a task or the pool failed
+        except Exception as e:  # noqa: BLE001 - a broken pool: decode on threads from now on
+            futures_wait(futs)  # no task still writing into the slot when it is given back
             self.held.discard(slot)
             ring.release(slot)
-            if self.procs is None:
-                return None
-            raise
+            log.warning("decode processes failed (%s: %s): decoding on threads", type(e).__name__, e)
+            self.procs = None
+            return None
+        imgs = []
+        for i, loc, st, (h, w, _), e in zip(need, locs, status, shapes, ends):
+            if st is None:
+                imgs.append(ring.host[base + e - h * w * 3:base + e].view(h, w, 3))
+            elif st == "size":  # a size the header did not give: decoded here, into memory of its own
+                imgs.append(_host_decode(self.reader.read(loc), pin=True))
+            else:  # the batch fails; its slot is freed with the shard's (close)
+                raise OSError(f"sample {self.index[i].key!r}: {st}")
         return ring.host[base:base + ends[-1]], imgs, slot
 
     def _to_device(self, need: list[int], host: tuple[Any, list[Any], int | None] | None) -> tuple[list[Any], Any]:
@@ -804,15 +818,6 @@ class _DecodeRing:
         self.retired = False
         self.cond = threading.Condition()
 
-    @staticmethod
-    def fits(nbytes: int) -> bool:
-        """Whether ``/dev/shm`` has room for a ring of ``nbytes`` with margin (see :meth:`_Ring.fits`)."""
-        try:
-            st = os.statvfs("/dev/shm")
-        except OSError:
-            return True
-        return nbytes <= st.f_bavail * st.f_frsize // 2
-
     def acquire(self) -> int:
         """A slot no batch holds (the load thread waits for one), once its last copy to the
         device has run."""
@@ -834,7 +839,8 @@ class _DecodeRing:
             ev = self.torch.cuda.Event(blocking=True)
             ev.record(stream)
         with self.cond:
-            self.events[slot] = ev if ev is not None else self.events[slot]
+            if ev is not None:
+                self.events[slot] = ev
             self.taken[slot] = False
             self.cond.notify_all()
 
@@ -862,7 +868,7 @@ def _decode_ring(slot_bytes: int, torch: Any) -> _DecodeRing | None:
     with _RING_LOCK:
         if not _DECODE_RING or _DECODE_RING[0].slot_bytes < slot_bytes:
             slot_bytes = -(-slot_bytes // (16 << 20)) * (16 << 20)  # whole 16 MiB: a slightly bigger shard reuses it
-            if not _DecodeRing.fits(slot_bytes * DECODE_SLOTS):
+            if not _shm_has_room(slot_bytes * DECODE_SLOTS):
                 return None
             while _DECODE_RING:
                 _retire(_DECODE_RING.pop())
@@ -894,19 +900,7 @@ def _decode_chunk(shm_name: str, src: str, jobs: list[tuple[int, int, int, int, 
     rule 1 into the ring at byte ``at`` as uint8 ``[h, w, 3]`` (h, w from its header). Per
     job: None, ``"size"`` (the decoded size is not the header's: the stage decodes it), or
     the error's text."""
-    if _DEC.get("shm_name") != shm_name:
-        if _DEC.get("shm") is not None:
-            _DEC.pop("buf", None)
-            with contextlib.suppress(BufferError):
-                _DEC["shm"].close()
-        # attaching adds nothing to the creator's resource tracker (see _proc_replay)
-        _DEC["shm"] = shared_memory.SharedMemory(name=shm_name)
-        _DEC["buf"] = np.ndarray((_DEC["shm"].size,), np.uint8, buffer=_DEC["shm"].buf)
-        _DEC["shm_name"] = shm_name
-    if _DEC.get("src") != src:
-        if _DEC.get("reader") is not None:
-            _DEC["reader"].close()
-        _DEC["reader"], _DEC["src"] = _Reader(src), src
+    _attach(_DEC, src, src, shm_name)
     buf, read, out = _DEC["buf"], _DEC["reader"].read, []
     for off, size, at, h, w in jobs:
         view, into = buf[at:at + h * w * 3].reshape(h, w, 3), []
