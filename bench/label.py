@@ -226,6 +226,34 @@ def raw_decode_rates(blobs: list[bytes], batch: int) -> dict[str, float]:
     return out
 
 
+def host_decode_rate(ds: Path, batch: int, limit: int = 4096) -> float:
+    """``label --decode host``'s decode processes alone (:class:`HostDecoder`: decode into
+    the ring, copy to the GPU), two batches in flight as in ``label``: images/s."""
+    from silverlabel.formats.wds import iter_tar_samples
+    from silverlabel.hostdecode import HostDecoder
+    from silverlabel.stages.label import LabelConfig, host_procs
+
+    tar = sorted((ds / "shards").glob("*.tar"))[0]
+    locs = [s.members[s.image_ext()] for s in iter_tar_samples(str(tar)) if s.image_ext()][:limit]
+    hd = HostDecoder(host_procs(LabelConfig(dataset=str(ds))), "cuda")
+    try:
+        hd.start(batch)
+
+        def run():
+            inflight = []
+            for i in range(0, len(locs), batch):
+                inflight.append(hd.submit(str(tar), locs[i:i + batch]))
+                if len(inflight) == hd.SLOTS - 1:
+                    hd.finish(inflight.pop(0))
+            while inflight:
+                hd.finish(inflight.pop(0))
+            torch.cuda.synchronize()
+
+        return len(locs) / timed(run, warmup=1, runs=3)
+    finally:
+        hd.close()
+
+
 def prep_rates(labeler, blobs: list[bytes], batch: int) -> dict[str, float]:
     """silverlabel's producer without the model, one thread: decode alone (the chain:
     engines, nvJPEG, Pillow), resize/crop/normalize alone (on batches decoded once), both."""
@@ -396,7 +424,7 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=1, help="also time fresh decode buffers and 3 decode processes")
     ap.add_argument("--agree-variants", type=int, default=1, help="also agreement with nvJPEG and with fp32")
     ap.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
-    ap.add_argument("--host-decode", action="store_true", help="also time label --decode host on every pool")
+    ap.add_argument("--host-decode", action="store_true", help="also time label --decode host (decode processes) on every pool, and those processes alone")
     ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
                     "e.g. 0,16,32,66")
     ap.add_argument("--markdown", help="append the results here")
@@ -423,6 +451,8 @@ def main() -> int:
     for p, ds in pools.items():
         blobs[p] = shard_jpegs(ds, 4096)
         res["pools"][p] = {"pixels_per_image": pixels_per_image(blobs[p]), **raw_decode_rates(blobs[p], args.batch)}
+        if args.host_decode:
+            res["pools"][p]["host_procs_img_s"] = host_decode_rate(ds, args.batch)
         print(p, json.dumps(res["pools"][p]), flush=True)
     for name in args.teachers.split(","):
         if name == "efficientnet_lite0":
@@ -468,7 +498,7 @@ def main() -> int:
                 labeler.decode_procs = 0
                 print(name, p, "fresh buffers", r[f"{p}_img_s_fresh_buffers"], "3 decode processes",
                       r[f"{p}_img_s_decode_procs3"], flush=True)
-            if args.host_decode:  # label --decode host: every image on the host threads, none on the GPU
+            if args.host_decode:  # label --decode host: every image on the host (decode processes), none on the GPU
                 hcfg = replace(cfg, decode="host")
                 r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
                 print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)

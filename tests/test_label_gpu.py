@@ -67,20 +67,28 @@ def test_deterministic_and_resumable(dataset):
 
 
 def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
-    """``--decode host``: every image decoded on host threads (none on the engines), labels the
-    same bytes run to run (a fresh labeler each time), top-1 as the CPU path's."""
+    """``--decode host``: every image decoded on the host (none on the engines), in decode
+    processes, labels the same bytes run to run (a fresh labeler each time) and the same as
+    with host threads (``--host-procs 0``), top-1 as the CPU path's."""
+    from dataclasses import replace
+
     from silverlabel.stages.label import _LABELER_CACHE
 
-    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="host", batch_size=8, decode="host")
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="host", batch_size=8, decode="host",
+                      host_procs=2)
     out = Path(run_label(cfg).output)
-    counts = get_labeler(cfg).decode_counts
-    assert counts["hw"] == counts["nvjpeg"] == 0 and counts["pillow"] > 0, counts
+    labeler = get_labeler(cfg)
+    counts = labeler.decode_counts
+    assert labeler.host_decoder is not None and labeler.host_decoder.counts["pillow"] == counts["pillow"]
+    assert counts["hw"] == counts["nvjpeg"] == 0 and counts["pillow"] > 0 and counts["failed"] == 0, counts
     first = _digest(out)
-    _LABELER_CACHE.clear()  # a new labeler, as a new process would have
-    for p in out.glob("*.parquet"):
-        p.unlink()
-    assert run_label(cfg).shards_done_now == len(first)
-    assert _digest(out) == first
+    for again in (cfg, replace(cfg, host_procs=0)):
+        _LABELER_CACHE.clear()  # a new labeler, as a new process would have
+        for p in out.glob("*.parquet"):
+            p.unlink()
+        assert run_label(again).shards_done_now == len(first)
+        assert _digest(out) == first
+    assert get_labeler(replace(cfg, host_procs=0)).host_decoder is None
     cpu = run_label(LabelConfig(dataset=str(dataset), device="cpu", output_name="cpu-h"))
     g = pq.read_table(out).to_pylist()
     c = pq.read_table(Path(cpu.output)).to_pylist()

@@ -48,7 +48,7 @@ import math
 import os
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +59,7 @@ from PIL import Image
 
 from silverlabel.dataset import put_unless
 from silverlabel.errors import UserError
+from silverlabel.hostdecode import HostDecoder
 from silverlabel.teachers import Teacher
 
 log = logging.getLogger(__name__)
@@ -780,7 +781,8 @@ class Labeler:
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
-                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0, host_decode: bool = False):
+                 cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0, host_decode: bool = False,
+                 host_procs: int = 0):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -823,6 +825,8 @@ class Labeler:
         self._worker_counts: Counter = Counter()
         self._cpu_tfms = [tf.cpu() for tf in self.transforms] if not cuda else None
         self.reserve_sms = reserve_sms
+        # --decode host on a GPU: decode processes (threads in this process without them)
+        self.host_decoder = HostDecoder(host_procs, self.device) if cuda and host_decode and host_procs > 0 else None
         self._stream = self._green = None
         self.model_sms = None
 
@@ -862,6 +866,8 @@ class Labeler:
         total = Counter(self._worker_counts)
         for d in self.decoders:
             total.update(d.counts)
+        if self.host_decoder is not None:
+            total.update(self.host_decoder.counts)
         return {k: total.get(k, 0) for k in DECODE_PATHS}
 
     # -- the shared tail: logits -> probs -> target space -> top-k ---------------------
@@ -1011,6 +1017,8 @@ class Labeler:
 
     def close(self) -> None:
         """Stop the decode worker processes."""
+        if self.host_decoder is not None:
+            self.host_decoder.close()
         for _ in self._workers:
             self._tasks.put(None)
         for w in self._workers:
@@ -1022,6 +1030,11 @@ class Labeler:
     def _prepare_batch(self, decoder: GpuDecoder, keys: list[str], blobs: list[bytes]):
         """Decode + resize/crop/normalize one batch on the current stream."""
         refs, errors, keep = decoder.decode(blobs)
+        return self._crops(keys, refs, errors, keep)
+
+    def _crops(self, keys: list[str], refs: list[Any], errors: list[str | None], keep: list[Any]):
+        """A decoded batch's resized, cropped, normalized teacher inputs, queued on the
+        current stream: (keys decoded, inputs per teacher, (key, error) of the failed, keep)."""
         ok = [j for j, e in enumerate(errors) if e is None]
         failed = [(keys[j], errors[j]) for j in range(len(keys)) if errors[j] is not None]
         xs = [resize_crop_batch([refs[j] for j in ok], tf, self.device, self.dtype) for tf in self.transforms] \
@@ -1087,7 +1100,13 @@ class Labeler:
             return body
 
         threads = []
-        if self.decode_procs:
+        if self.host_decoder is not None and not self.host_decoder.start(len(first[0])):
+            self.host_decoder.close()  # no room in /dev/shm: host threads (GpuDecoder host) from now on
+            self.host_decoder = None
+        if self.host_decoder is not None:
+            threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
+                                            args=(batches, ready, abort)))
+        elif self.decode_procs:
             stream = producer_stream(self.device)
 
             def emit(keys, xs, failed, keep):
@@ -1168,6 +1187,40 @@ class Labeler:
             abort.set()
             for th in threads:
                 th.join(timeout=10)
+
+    def _produce_host(self, batches, ready: queue.Queue, abort: threading.Event) -> None:
+        """Batches decoded by the host decode processes (:class:`HostDecoder`), two at a time,
+        copied to the device, resized and cropped on a producer stream, handed to ``ready``."""
+        torch, hd = self.torch, self.host_decoder
+        stream = producer_stream(self.device)
+        inflight: deque = deque()
+
+        def finish_one() -> bool:
+            keys, b = inflight.popleft()
+            images, errors, keep = hd.finish(b)
+            refs = [tensor_ref(t) if t is not None else None for t in images]
+            item = self._crops(keys, refs, errors, keep + images)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            return put_unless(ready, (*item[:3], ev, item[3]), abort)
+
+        try:
+            with torch.cuda.stream(stream):
+                for keys, path, locs in batches:
+                    if hd.want:  # a batch lacked room: a bigger ring, once the batches in it are done
+                        while inflight:
+                            if not finish_one():
+                                return
+                        hd.grow()
+                    inflight.append((keys, hd.submit(path, locs)))
+                    if len(inflight) >= hd.SLOTS - 1 and not finish_one():
+                        return
+                while inflight:
+                    if not finish_one():
+                        return
+        finally:
+            while inflight:
+                hd.drop(inflight.popleft()[1])
 
     @staticmethod
     def _collect(pending):

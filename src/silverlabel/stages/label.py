@@ -81,10 +81,12 @@ class LabelConfig:
     batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
     precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
     decode: str = opt("gpu", "on a GPU, where images are decoded: gpu (hardware JPEG engines, then nvJPEG, then "
-                      "Pillow) or host (Pillow's pixels on a host thread per core, JPEGs by libjpeg-turbo: "
+                      "Pillow) or host (Pillow's pixels in --host-procs processes, JPEGs by libjpeg-turbo: "
                       "the CPU path's pixels, reproducible run to run; the engines decoded the bottom blocks of "
                       "some images differently between runs on the H200, see BENCHMARKS.md)",
                       choices=("gpu", "host"))
+    host_procs: int = opt(-1, "processes decoding images with --decode host on a GPU (0: threads in the labeling "
+                          "process)", type=int, default_help="default: cores per worker minus 2")
     gpu_decode_threads: int = 4
     decode_procs: int = opt(-1, "nvJPEG decode processes per GPU worker, used only on GPUs without hardware "
                             "JPEG engines (with engines, decoding stays in the labeling process)", type=int,
@@ -183,7 +185,7 @@ def get_labeler(cfg: LabelConfig):
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode, cfg.host_procs)
     if key not in _LABELER_CACHE:
         for old in _LABELER_CACHE.values():
             old.close()
@@ -196,8 +198,18 @@ def get_labeler(cfg: LabelConfig):
                                       decode_threads=cfg.decode_threads, overrides=overrides,
                                       precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads,
                                       decode_procs=procs,
-                                      reserve_sms=cfg.reserve_sms, host_decode=cfg.decode == "host")
+                                      reserve_sms=cfg.reserve_sms, host_decode=cfg.decode == "host",
+                                      host_procs=host_procs(cfg))
     return _LABELER_CACHE[key]
+
+
+def host_procs(cfg: LabelConfig) -> int:
+    """``cfg.host_procs``, with -1 (auto) resolved: the cores of one worker but two (the
+    labeling process's own threads), or 0 (threads) where that leaves fewer than 2."""
+    if cfg.host_procs >= 0:
+        return cfg.host_procs
+    n = cpu_count() // max(1, cfg.workers) - 2
+    return n if n >= 2 else 0
 
 
 def _read_batches(tar_path: str, wanted: dict[str, Any], batch_size: int, limit: int | None,

@@ -89,6 +89,10 @@ from silverlabel.engine import Engine, Report
 from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
                                  precision_field, ray_address_field)
+from silverlabel.hostdecode import DecodeRing as _DecodeRing
+from silverlabel.hostdecode import attach_shm
+from silverlabel.hostdecode import shm_has_room as _shm_has_room
+from silverlabel.hostdecode import watch_parent as _proc_init
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member, read_members
 from silverlabel.stage import BaseStage, Commit, StageRun, file_identity, read_record, run_stage
 from silverlabel.teachers import TeacherSpec
@@ -470,16 +474,6 @@ def resolve_replay_procs(cfg: ReinforceConfig, device_type: str) -> int:
     return n if n >= 2 else 0
 
 
-def _shm_has_room(nbytes: int) -> bool:
-    """Whether ``/dev/shm`` has room for ``nbytes`` of shared memory with margin (a full tmpfs
-    would SIGBUS the writers; containers often mount a 64 MB one)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return True  # no /dev/shm (macOS): POSIX shm lives elsewhere
-    return nbytes <= st.f_bavail * st.f_frsize // 2
-
-
 class _Ring:
     """``SLOTS`` batch slots of uint8 ``[per_batch, K, S, S, 3]`` per distinct size, in one
     shared-memory block that the replay processes write into by (slot, row)."""
@@ -517,19 +511,6 @@ class _Ring:
 _PROC: dict[str, Any] = {}  # in a replay process: the current shard's token, reader and ring
 
 
-def _proc_init(parent: int) -> None:
-    """Replay-process start: exit if the parent goes (a killed worker or actor must not
-    leave replay processes behind)."""
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _attach(state: dict[str, Any], key: str, src: str, shm_name: str | None) -> None:
     """In a worker process: ``state``'s reader of tar ``src`` and attachment of shared memory
     ``shm_name`` (``reader``, ``shm``, ``buf``: a uint8 array over it), reopened when ``key``
@@ -538,16 +519,7 @@ def _attach(state: dict[str, Any], key: str, src: str, shm_name: str | None) -> 
         if state.get("reader") is not None:
             state["reader"].close()
         state["reader"], state["key"] = _Reader(src), key
-    if state.get("shm_name", "") != shm_name:
-        state.pop("buf", None)
-        if state.get("shm") is not None:
-            with contextlib.suppress(BufferError):
-                state["shm"].close()
-        # spawned children share the creator's resource tracker (a set of names): attaching adds
-        # nothing to it, and the creator's unlink unregisters the name
-        state["shm"] = shared_memory.SharedMemory(name=shm_name) if shm_name else None
-        state["buf"] = np.ndarray((state["shm"].size,), np.uint8, buffer=state["shm"].buf) if shm_name else None
-        state["shm_name"] = shm_name
+    attach_shm(state, shm_name)
 
 
 def _proc_replay(token: str, src: str, job: tuple, sizes: list[int], shm_name: str | None,
@@ -788,73 +760,6 @@ def _host_decode(data: bytes, into: np.ndarray | None = None, pin: bool = False)
     from silverlabel.inference import rgb_tensor
 
     return rgb_tensor(data, pin, into)
-
-
-class _DecodeRing:
-    """Page-locked shared memory that the decode processes write batches of pixels into:
-    ``slots`` slots of ``slot_bytes``. A slot is taken by a batch's load and free again once
-    its copy to the device has run (an event recorded after it on the replay's stream).
-
-    Registered with CUDA (``cudaHostRegister``) so that the copy is one asynchronous DMA from
-    where the processes wrote; should registration fail, the copies are staged by the driver
-    (slower, still correct). Kept across a worker's shards (two at once where shards
-    overlap); a shard whose batches need more makes a bigger one, and the old one goes when
-    its last shard ends."""
-
-    def __init__(self, slot_bytes: int, slots: int, torch: Any):
-        self.torch, self.slot_bytes, self.slots = torch, slot_bytes, slots
-        self.shm = shared_memory.SharedMemory(create=True, size=slot_bytes * slots)
-        self.host = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
-        try:  # flag 1: cudaHostRegisterPortable (page-locked for every CUDA context), as torch's own
-            self.registered = int(torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 1)) == 0
-        except Exception:  # noqa: BLE001 - no CUDA runtime binding: staged copies
-            self.registered = False
-        if not self.registered:
-            log.warning("could not page-lock the decode ring: copies to the GPU are staged")
-        self.events: list[Any] = [None] * slots
-        self.taken = [False] * slots
-        self.next = 0
-        self.users = 0  # shards using it (under _RING_LOCK)
-        self.retired = False
-        self.cond = threading.Condition()
-
-    def acquire(self) -> int:
-        """A slot no batch holds (the load thread waits for one), once its last copy to the
-        device has run."""
-        with self.cond:
-            while all(self.taken):
-                self.cond.wait()
-            slot = next(s % self.slots for s in range(self.next, self.next + self.slots) if not self.taken[s % self.slots])
-            self.taken[slot], self.next = True, (slot + 1) % self.slots
-            ev = self.events[slot]
-        if ev is not None:
-            ev.synchronize()  # a blocking event: the thread sleeps
-        return slot
-
-    def release(self, slot: int, stream: Any = None) -> None:
-        """``slot``'s copy is queued on ``stream`` (free once it has run); without ``stream``
-        the slot was never copied from (a failed or dropped batch): free now."""
-        ev = None
-        if stream is not None:
-            ev = self.torch.cuda.Event(blocking=True)
-            ev.record(stream)
-        with self.cond:
-            if ev is not None:
-                self.events[slot] = ev
-            self.taken[slot] = False
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        for ev in self.events:
-            if ev is not None:
-                ev.synchronize()
-        if self.registered:
-            int(self.torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr()))
-        self.host = None
-        with contextlib.suppress(BufferError):
-            self.shm.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.shm.unlink()
 
 
 _DECODE_RING: list[_DecodeRing] = []  # this worker's current ring (at most one)

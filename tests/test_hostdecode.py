@@ -1,0 +1,106 @@
+"""``silverlabel.hostdecode.HostDecoder``: label's ``--decode host`` processes, on the CPU
+(real spawned processes, real shared memory; the copy goes to CPU memory instead of a GPU)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from silverlabel.augment import decode_rgb_array
+from silverlabel.hostdecode import HostDecoder
+
+
+def _blobs() -> list[bytes]:
+    """Photos of varied sizes and kinds: RGB/gray/CMYK JPEGs, PNG, WebP, one broken."""
+    import skimage.data
+    from PIL import Image
+
+    photo = Image.fromarray(skimage.data.chelsea())
+    out = []
+    for j, (mode, fmt) in enumerate([("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("CMYK", "JPEG"),
+                                     ("RGB", "WEBP"), ("RGB", "JPEG"), ("RGB", "JPEG"), ("L", "PNG")] * 2):
+        b = io.BytesIO()
+        photo.resize((97 + 13 * j, 61 + 7 * j)).convert(mode).save(b, fmt)
+        out.append(b.getvalue())
+    out.insert(5, out[0][:40] + b"\x00" * 200)  # broken
+    return out
+
+
+@pytest.fixture()
+def pool_file(tmp_path):
+    blobs = _blobs()
+    path = tmp_path / "blobs.bin"
+    path.write_bytes(b"pad" + b"".join(blobs))
+    offs = np.cumsum([3] + [len(b) for b in blobs]).tolist()
+    return str(path), blobs, [(offs[j], len(b)) for j, b in enumerate(blobs)]
+
+
+def test_host_decoder_gives_the_cpu_paths_pixels(pool_file):
+    """Every image comes back as rule 1's pixels (decode_rgb_array), in order, batch after
+    batch (more batches than the ring has slots); the broken one gives its error's text and
+    is counted failed."""
+    path, blobs, locs = pool_file
+    hd = HostDecoder(2, "cpu")
+    try:
+        assert hd.start(len(locs))
+        inflight = []
+        for _ in range(HostDecoder.SLOTS + 2):
+            inflight.append(hd.submit(path, locs))
+            if len(inflight) == HostDecoder.SLOTS - 1:
+                images, errors, _keep = hd.finish(inflight.pop(0))
+                _check(images, errors, blobs)
+        while inflight:
+            images, errors, _keep = hd.finish(inflight.pop(0))
+            _check(images, errors, blobs)
+        assert hd.counts["failed"] == HostDecoder.SLOTS + 2
+        assert hd.counts["pillow"] == (len(blobs) - 1) * (HostDecoder.SLOTS + 2)
+        assert hd.spilled == 0 and hd.want == 0
+    finally:
+        hd.close()
+
+
+def _check(images, errors, blobs) -> None:
+    assert len(images) == len(errors) == len(blobs)
+    for j, (im, err, b) in enumerate(zip(images, errors, blobs)):
+        if j == 5:
+            assert im is None and err and "Error" in err
+            continue
+        assert err is None and np.array_equal(im.numpy(), decode_rgb_array(b)), j
+
+
+def test_host_decoder_spills_past_a_full_region_then_grows(pool_file):
+    """A ring too small for a batch: the images beyond a region's room come back pickled,
+    still right, and ``grow`` remakes the ring big enough that the next batch fits."""
+    path, blobs, locs = pool_file
+    hd = HostDecoder(2, "cpu", bytes_per_image=1024)  # 16 MiB slots (the least), then the batch is made bigger
+    try:
+        assert hd.start(len(locs))
+        big = locs * 40  # ~700 images, ~28 MB per chunk of 2
+        images, errors, _ = hd.finish(hd.submit(path, big))
+        _check(images[:len(blobs)], errors[:len(blobs)], blobs)
+        _check(images[-len(blobs):], errors[-len(blobs):], blobs)
+        assert hd.spilled > 0 and hd.want > hd.ring.slot_bytes
+        small = hd.ring.slot_bytes
+        hd.grow()
+        assert hd.ring.slot_bytes > small
+        spilled = hd.spilled
+        images, errors, _ = hd.finish(hd.submit(path, big))
+        _check(images[-len(blobs):], errors[-len(blobs):], blobs)
+        assert hd.spilled == spilled and hd.want == 0
+    finally:
+        hd.close()
+
+
+def test_host_decoder_drop_frees_the_slot(pool_file):
+    """A batch given up (the run stopped) frees its slot: every slot can be taken again."""
+    path, _blobs_, locs = pool_file
+    hd = HostDecoder(1, "cpu")
+    try:
+        assert hd.start(len(locs))
+        for _ in range(2 * HostDecoder.SLOTS):
+            hd.drop(hd.submit(path, locs))
+        assert not any(hd.ring.taken)
+    finally:
+        hd.close()
