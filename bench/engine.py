@@ -193,9 +193,7 @@ def bench_label(args, engines: list[str], out: Path) -> list[str]:
     spec = TeacherSpec.parse(args.teacher)
     results = {}
     for engine in engines:
-        for cached in list(label_stage._LABELER_CACHE.values()):  # the local run loads its teacher too
-            cached.close()
-        label_stage._LABELER_CACHE.clear()
+        label_stage.close_labelers()  # the local run loads its teacher too
         cfg = LabelConfig(dataset=str(ds), teachers=(spec,), device=args.label_device, workers=1, engine=engine,
                           ray_address=args.ray_address, output_name=f"bench-{engine}", batch_size=args.batch_size)
         t0 = time.perf_counter()

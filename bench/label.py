@@ -425,6 +425,8 @@ def main() -> int:
     ap.add_argument("--agree-variants", type=int, default=1, help="also agreement with nvJPEG and with fp32")
     ap.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--host-decode", action="store_true", help="also time label --decode host (decode processes) on every pool, and those processes alone")
+    ap.add_argument("--host-shares", default="0.5", help="with --host-decode, also time label --decode both at "
+                    "these --host-share values")
     ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
                     "e.g. 0,16,32,66")
     ap.add_argument("--markdown", help="append the results here")
@@ -502,7 +504,12 @@ def main() -> int:
                 hcfg = replace(cfg, decode="host")
                 r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
                 print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)
-                get_labeler(hcfg).close()  # last: the cache's labeler was cfg's until here
+                for share in (float(x) for x in args.host_shares.split(",") if x):
+                    bcfg = replace(cfg, decode="both", host_share=share)
+                    r[f"{p}_img_s_both{share:g}"], _rows, bcounts = end_to_end(bcfg, ds)
+                    print(name, p, f"--decode both --host-share {share:g}: {r[f'{p}_img_s_both{share:g}']:.0f} img/s",
+                          bcounts, flush=True)
+                label_mod.close_labelers()  # the decode processes and ring of the last one
         first = next(iter(pools.values()))
         labeler = get_labeler(LabelConfig(dataset=str(first), teachers=(spec,), device="cuda", batch_size=args.batch,
                                           compile=args.compile, output_name=f"bench-{spec.slug}",
@@ -518,9 +525,7 @@ def main() -> int:
         r["speedup_vs_naive"] = r[next(iter(pools)) + "_img_s"] / r["naive_img_s"]
         print(json.dumps(r), flush=True)
         res["teachers"].append(r)
-        for lab in label_mod._LABELER_CACHE.values():
-            lab.close()
-        label_mod._LABELER_CACHE.clear()
+        label_mod.close_labelers()
         torch.cuda.empty_cache()
     if args.agree:
         res["agreement"] = {p: agreement(ds, args.agree, args.precision) for p, ds in pools.items()}

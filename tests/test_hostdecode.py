@@ -104,3 +104,31 @@ def test_host_decoder_drop_frees_the_slot(pool_file):
         assert not any(hd.ring.taken)
     finally:
         hd.close()
+
+
+def test_a_dropped_ring_is_unlinked():
+    """A ring dropped without ``close()`` (its owner dropped from a cache) still frees its
+    shared memory: its finalizer unregisters it from CUDA where it was registered, unmaps and
+    unlinks it (a range unmapped while registered would stay pinned in the driver, and memory
+    later mapped there was copied from the stale pages)."""
+    import gc
+    import os
+
+    import torch
+
+    from silverlabel.hostdecode import DecodeRing
+
+    ring = DecodeRing(1 << 20, 2, torch, register=False)
+    name = ring.shm.name.lstrip("/")
+    assert os.path.exists(f"/dev/shm/{name}")
+    del ring
+    gc.collect()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_host_turn_spreads_the_share_evenly():
+    from silverlabel.inference import host_turn
+
+    assert [host_turn(i, 0.5) for i in range(6)] == [False, True] * 3
+    assert sum(host_turn(i, 0.3) for i in range(100)) == 30
+    assert not any(host_turn(i, 0.0) for i in range(10)) and all(host_turn(i, 1.0) for i in range(10))

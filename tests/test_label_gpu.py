@@ -72,7 +72,7 @@ def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
     with host threads (``--host-procs 0``), top-1 as the CPU path's."""
     from dataclasses import replace
 
-    from silverlabel.stages.label import _LABELER_CACHE
+    from silverlabel.stages.label import close_labelers
 
     cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="host", batch_size=8, decode="host",
                       host_procs=2)
@@ -83,7 +83,7 @@ def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
     assert counts["hw"] == counts["nvjpeg"] == 0 and counts["pillow"] > 0 and counts["failed"] == 0, counts
     first = _digest(out)
     for again in (cfg, replace(cfg, host_procs=0)):
-        _LABELER_CACHE.clear()  # a new labeler, as a new process would have
+        close_labelers()  # a new labeler, as a new process would have
         for p in out.glob("*.parquet"):
             p.unlink()
         assert run_label(again).shards_done_now == len(first)
@@ -93,6 +93,31 @@ def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
     g = pq.read_table(out).to_pylist()
     c = pq.read_table(Path(cpu.output)).to_pylist()
     assert np.mean([a["labels"][0] == b["labels"][0] for a, b in zip(g, c)]) >= 0.95
+
+
+def test_decode_both_splits_batches_between_host_and_gpu(dataset):
+    """``--decode both``: half the batches on the host processes, half on the GPU's decoders
+    (the same split run to run), every image labeled, top-1 as the CPU path's."""
+    from dataclasses import replace
+
+    from silverlabel.stages.label import close_labelers
+
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="both", batch_size=8, decode="both",
+                      host_procs=2, host_share=0.5)
+    out = Path(run_label(cfg).output)
+    counts = get_labeler(cfg).decode_counts
+    assert counts["pillow"] > 0 and counts["hw"] + counts["nvjpeg"] > 0 and counts["failed"] == 0, counts
+    rows = pq.read_table(out).to_pylist()
+    assert sum(counts.values()) == len(rows)
+    close_labelers()
+    for p in out.glob("*.parquet"):
+        p.unlink()
+    run_label(cfg)
+    assert get_labeler(cfg).decode_counts == counts  # the same batches on each side
+    cpu = run_label(replace(cfg, device="cpu", output_name="cpu-both"))
+    c = pq.read_table(Path(cpu.output)).to_pylist()
+    assert [r["key"] for r in rows] == [r["key"] for r in c]
+    assert np.mean([a["labels"][0] == b["labels"][0] for a, b in zip(rows, c)]) >= 0.95
 
 
 def test_gpu_decoder_host_mode_gives_pillows_pixels():

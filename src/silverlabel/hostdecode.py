@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -93,6 +94,12 @@ class DecodeRing:
         if register and not self.registered:
             log.warning("could not page-lock the decode ring: copies to the GPU are staged")
         self.events: list[Any] = [None] * slots
+        # unregistered before its memory is unmapped, however the ring goes (close, or dropped
+        # with its owner): a range unmapped while registered stays pinned in the driver, and
+        # later memory mapped at the same address was copied from the old pages (the GPU read
+        # stale pixels: reinforce's GPU test, run after label's, labeled garbage)
+        self._free = weakref.finalize(self, _free_ring, torch, self.shm,
+                                      self.host.data_ptr() if self.registered else None, self.events)
         self.taken = [False] * slots
         self.next = 0
         self.users = 0  # shards using it (under _RING_LOCK)
@@ -126,16 +133,25 @@ class DecodeRing:
             self.cond.notify_all()
 
     def close(self) -> None:
-        for ev in self.events:
+        """Wait for the copies queued from it, unregister it, unmap it (once nothing else
+        views it) and unlink it."""
+        self.host = None
+        self._free()
+
+
+def _free_ring(torch: Any, shm: shared_memory.SharedMemory, registered_at: int | None, events: list[Any]) -> None:
+    try:
+        for ev in events:
             if ev is not None:
                 ev.synchronize()
-        if self.registered:
-            int(self.torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr()))
-        self.host = None
-        with contextlib.suppress(BufferError):
-            self.shm.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.shm.unlink()
+        if registered_at is not None:
+            int(torch.cuda.cudart().cudaHostUnregister(registered_at))
+    except Exception as e:  # noqa: BLE001 - at exit CUDA may be gone already
+        log.debug("decode ring: %s: %s", type(e).__name__, e)
+    with contextlib.suppress(BufferError):
+        shm.close()
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()
 
 
 # -- label's host decode ----------------------------------------------------------------
@@ -221,6 +237,8 @@ class HostDecoder:
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.procs, mp_context=mp.get_context("spawn"),
                                             initializer=watch_parent, initargs=(os.getpid(),))
+            # stopped with its owner too (a Labeler dropped from a cache without close())
+            self._stop = weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
             futures_wait([self.pool.submit(os.getpid) for _ in range(self.procs)])  # every process up
         if self.ring is None:
             return self._make_ring(batch * self.bytes_per_image)
@@ -317,6 +335,7 @@ class HostDecoder:
 
     def close(self) -> None:
         if self.pool is not None:
+            self._stop.detach()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         if self.ring is not None:

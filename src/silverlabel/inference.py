@@ -688,6 +688,12 @@ def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: 
 # teachers -> probabilities in the target space
 
 
+def host_turn(i: int, share: float) -> bool:
+    """Whether batch ``i`` of a run goes to the host decode with ``--decode both``: a share
+    ``share`` of the batches, evenly spread (0.5: every other one)."""
+    return math.floor((i + 1) * share) > math.floor(i * share)
+
+
 def _get(q: queue.Queue, abort: threading.Event) -> Any:
     """``q.get`` that gives up (None) when the consumer has gone."""
     while not abort.is_set():
@@ -773,16 +779,19 @@ class Labeler:
     other's is on the engines; more only contend for the GIL). ``cuda_graphs=False`` runs
     the model eagerly. ``reserve_sms`` SMs are kept from the model for the decode (a CUDA
     green context, see :func:`model_stream`; off by default: it measured no gain end to end).
-    ``host_decode`` decodes every image on the ``decode_threads`` host threads instead of the
-    GPU's decoders (:class:`GpuDecoder` ``host``): the CPU path's pixels, reproducible run to
-    run (the H200's JPEG engines were not, on the bottom blocks of some images).
+    ``host_decode`` decodes every image on the host instead of the GPU's decoders: in
+    ``host_procs`` processes (:class:`HostDecoder`), or without them on the ``decode_threads``
+    host threads (:class:`GpuDecoder` ``host``): the CPU path's pixels, reproducible run to
+    run (the H200's JPEG engines were not, on the bottom blocks of some images). With
+    ``host_share`` (and ``host_procs``) those processes decode that share of the batches and
+    the GPU's decoders the rest, side by side (``--decode both``).
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
                  cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0, host_decode: bool = False,
-                 host_procs: int = 0):
+                 host_procs: int = 0, host_share: float = 0.0):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -825,8 +834,11 @@ class Labeler:
         self._worker_counts: Counter = Counter()
         self._cpu_tfms = [tf.cpu() for tf in self.transforms] if not cuda else None
         self.reserve_sms = reserve_sms
-        # --decode host on a GPU: decode processes (threads in this process without them)
-        self.host_decoder = HostDecoder(host_procs, self.device) if cuda and host_decode and host_procs > 0 else None
+        # --decode host on a GPU: decode processes (threads in this process without them);
+        # --decode both: those processes take host_share of the batches, the GPU's decoders the rest
+        self.host_share = 1.0 if host_decode else min(1.0, max(0.0, host_share))
+        self.host_decoder = HostDecoder(host_procs, self.device) \
+            if cuda and self.host_share > 0 and host_procs > 0 else None
         self._stream = self._green = None
         self.model_sms = None
 
@@ -1101,12 +1113,36 @@ class Labeler:
 
         threads = []
         if self.host_decoder is not None and not self.host_decoder.start(len(first[0])):
-            self.host_decoder.close()  # no room in /dev/shm: host threads (GpuDecoder host) from now on
-            self.host_decoder = None
-        if self.host_decoder is not None:
+            self.host_decoder.close()  # no room in /dev/shm: host threads (GpuDecoder host) or the GPU's
+            self.host_decoder = None  # decoders alone from now on
+        if self.host_decoder is not None and self.host_share < 1:
+            # --decode both: every batch to one side, by its index (the same images on the same
+            # side run to run), the host's share evenly spread
+            host_q: queue.Queue = queue.Queue(maxsize=4)
+            gpu_q: queue.Queue = queue.Queue(maxsize=4)
+
+            def route() -> None:
+                try:
+                    for i, b in enumerate(batches):
+                        if not put_unless(host_q if host_turn(i, self.host_share) else gpu_q, b, abort):
+                            return
+                finally:
+                    put_unless(host_q, stop, abort)
+                    put_unless(gpu_q, stop, abort)
+
+            def routed(q: queue.Queue):
+                while (item := _get(q, abort)) is not stop and item is not None:
+                    yield item
+
+            threads.append(threading.Thread(target=guarded(route), daemon=True))
+            threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
+                                            args=(routed(host_q), ready, abort)))
+            batches = routed(gpu_q)
+        elif self.host_decoder is not None:
             threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
                                             args=(batches, ready, abort)))
-        elif self.decode_procs:
+            batches = None  # none left for the GPU's decoders
+        if batches is not None and self.decode_procs:
             stream = producer_stream(self.device)
 
             def emit(keys, xs, failed, keep):
@@ -1119,7 +1155,7 @@ class Labeler:
                     self._produce_with_workers(batches, emit)
 
             threads.append(threading.Thread(target=guarded(produce_procs), daemon=True))
-        else:
+        elif batches is not None:
             read_q: queue.Queue = queue.Queue(maxsize=2 * len(self.decoders))
 
             def reader():  # host I/O off the decode threads

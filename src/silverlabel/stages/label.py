@@ -59,6 +59,7 @@ LABELS_SCHEMA = pa.schema(
     ]
 )
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DECODES = ("gpu", "host", "both")  # label --decode
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,15 @@ class LabelConfig:
     batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
     precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
     decode: str = opt("gpu", "on a GPU, where images are decoded: gpu (hardware JPEG engines, then nvJPEG, then "
-                      "Pillow) or host (Pillow's pixels in --host-procs processes, JPEGs by libjpeg-turbo: "
+                      "Pillow), host (Pillow's pixels in --host-procs processes, JPEGs by libjpeg-turbo: "
                       "the CPU path's pixels, reproducible run to run; the engines decoded the bottom blocks of "
-                      "some images differently between runs on the H200, see BENCHMARKS.md)",
-                      choices=("gpu", "host"))
-    host_procs: int = opt(-1, "processes decoding images with --decode host on a GPU (0: threads in the labeling "
-                          "process)", type=int, default_help="default: cores per worker minus 2")
+                      "some images differently between runs on the H200, see BENCHMARKS.md) or both "
+                      "(--host-share of the batches on the host, the rest on the GPU, side by side)",
+                      choices=DECODES)
+    host_procs: int = opt(-1, "processes decoding images with --decode host or both on a GPU (0: threads in the "
+                          "labeling process with host, the GPU alone with both)", type=int,
+                          default_help="default: cores per worker minus 2")
+    host_share: float = opt(0.5, "with --decode both, the share of batches decoded on the host", type=float)
     gpu_decode_threads: int = 4
     decode_procs: int = opt(-1, "nvJPEG decode processes per GPU worker, used only on GPUs without hardware "
                             "JPEG engines (with engines, decoding stays in the labeling process)", type=int,
@@ -107,8 +111,10 @@ class LabelConfig:
             raise UserError(f"--topk must be >= 1, got {self.topk}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
-        if self.decode not in ("gpu", "host"):
-            raise UserError(f"--decode must be gpu or host, not {self.decode!r}")
+        if self.decode not in DECODES:
+            raise UserError(f"--decode must be one of {', '.join(DECODES)}, not {self.decode!r}")
+        if not 0 <= self.host_share <= 1:
+            raise UserError(f"--host-share must be in 0..1, got {self.host_share}")
 
     @property
     def name(self) -> str:
@@ -185,11 +191,9 @@ def get_labeler(cfg: LabelConfig):
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode, cfg.host_procs)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode, cfg.host_procs, cfg.host_share)
     if key not in _LABELER_CACHE:
-        for old in _LABELER_CACHE.values():
-            old.close()
-        _LABELER_CACHE.clear()
+        close_labelers()
         procs = cfg.decode_procs if cfg.decode_procs >= 0 else (3 if device.startswith("cuda") else 0)
         teachers = [create_teacher(t) for t in cfg.teachers]
         overrides = {"input_size": (3, cfg.img_size, cfg.img_size) if cfg.img_size else None,
@@ -199,8 +203,16 @@ def get_labeler(cfg: LabelConfig):
                                       precision=cfg.precision, gpu_decode_threads=cfg.gpu_decode_threads,
                                       decode_procs=procs,
                                       reserve_sms=cfg.reserve_sms, host_decode=cfg.decode == "host",
-                                      host_procs=host_procs(cfg))
+                                      host_procs=host_procs(cfg),
+                                      host_share=cfg.host_share if cfg.decode == "both" else 0.0)
     return _LABELER_CACHE[key]
+
+
+def close_labelers() -> None:
+    """Close and forget this process's cached Labeler (its decode processes and ring)."""
+    for old in _LABELER_CACHE.values():
+        old.close()
+    _LABELER_CACHE.clear()
 
 
 def host_procs(cfg: LabelConfig) -> int:
