@@ -427,6 +427,7 @@ def main() -> int:
     ap.add_argument("--host-decode", action="store_true", help="also time label --decode host (decode processes) on every pool, and those processes alone")
     ap.add_argument("--host-shares", default="0.5", help="with --host-decode, also time label --decode both at "
                     "these --host-share values")
+    ap.add_argument("--skip-host-only", action="store_true", help="with --host-decode, time only --decode both")
     ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
                     "e.g. 0,16,32,66")
     ap.add_argument("--markdown", help="append the results here")
@@ -501,9 +502,10 @@ def main() -> int:
                 print(name, p, "fresh buffers", r[f"{p}_img_s_fresh_buffers"], "3 decode processes",
                       r[f"{p}_img_s_decode_procs3"], flush=True)
             if args.host_decode:  # label --decode host: every image on the host (decode processes), none on the GPU
-                hcfg = replace(cfg, decode="host")
-                r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
-                print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)
+                if not args.skip_host_only:
+                    hcfg = replace(cfg, decode="host")
+                    r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
+                    print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)
                 for share in (float(x) for x in args.host_shares.split(",") if x):
                     bcfg = replace(cfg, decode="both", host_share=share)
                     r[f"{p}_img_s_both{share:g}"], _rows, bcounts = end_to_end(bcfg, ds)

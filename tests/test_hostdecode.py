@@ -132,3 +132,33 @@ def test_host_turn_spreads_the_share_evenly():
     assert [host_turn(i, 0.5) for i in range(6)] == [False, True] * 3
     assert sum(host_turn(i, 0.3) for i in range(100)) == 30
     assert not any(host_turn(i, 0.0) for i in range(10)) and all(host_turn(i, 1.0) for i in range(10))
+
+
+def test_split_batches_deals_by_index_to_two_consuming_threads():
+    """``--decode both``'s routing: each batch to the host or the GPU side by its index,
+    consumed by a thread per side at once, every batch once; both sides end with the input,
+    and an abort ends them early."""
+    import threading
+
+    from silverlabel.inference import host_turn, split_batches
+
+    abort = threading.Event()
+    route, host, gpu = split_batches(iter(range(101)), 0.4, abort)
+    got: dict[str, list[int]] = {}
+    threads = [threading.Thread(target=route)] + [
+        threading.Thread(target=lambda n=n, it=it: got.__setitem__(n, list(it))) for n, it in (("host", host), ("gpu", gpu))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert got["host"] == [i for i in range(101) if host_turn(i, 0.4)]
+    assert got["gpu"] == [i for i in range(101) if not host_turn(i, 0.4)]
+
+    abort = threading.Event()
+    route, host, gpu = split_batches(iter(range(1000)), 0.5, abort)
+    t = threading.Thread(target=route)
+    t.start()
+    assert next(host) == 1 and next(gpu) == 0
+    abort.set()
+    t.join(timeout=20)
+    assert not t.is_alive() and len(list(host)) < 10 and len(list(gpu)) < 10

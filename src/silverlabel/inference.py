@@ -694,6 +694,30 @@ def host_turn(i: int, share: float) -> bool:
     return math.floor((i + 1) * share) > math.floor(i * share)
 
 
+def split_batches(batches: Iterable[Any], share: float, abort: threading.Event) -> tuple[Any, Iterator[Any], Iterator[Any]]:
+    """(route, host batches, GPU batches): ``route()``, run on a thread of its own, deals
+    ``batches`` out to the two iterators by index (:func:`host_turn`), each consumed by a
+    thread of its own; both end when ``batches`` does, or when ``abort`` is set."""
+    end = object()
+    host_q: queue.Queue = queue.Queue(maxsize=4)
+    gpu_q: queue.Queue = queue.Queue(maxsize=4)
+
+    def route() -> None:
+        try:
+            for i, b in enumerate(batches):
+                if not put_unless(host_q if host_turn(i, share) else gpu_q, b, abort):
+                    return
+        finally:
+            put_unless(host_q, end, abort)
+            put_unless(gpu_q, end, abort)
+
+    def dealt(q: queue.Queue) -> Iterator[Any]:
+        while (item := _get(q, abort)) is not end and item is not None:
+            yield item
+
+    return route, dealt(host_q), dealt(gpu_q)
+
+
 def _get(q: queue.Queue, abort: threading.Event) -> Any:
     """``q.get`` that gives up (None) when the consumer has gone."""
     while not abort.is_set():
@@ -1118,26 +1142,10 @@ class Labeler:
         if self.host_decoder is not None and self.host_share < 1:
             # --decode both: every batch to one side, by its index (the same images on the same
             # side run to run), the host's share evenly spread
-            host_q: queue.Queue = queue.Queue(maxsize=4)
-            gpu_q: queue.Queue = queue.Queue(maxsize=4)
-
-            def route() -> None:
-                try:
-                    for i, b in enumerate(batches):
-                        if not put_unless(host_q if host_turn(i, self.host_share) else gpu_q, b, abort):
-                            return
-                finally:
-                    put_unless(host_q, stop, abort)
-                    put_unless(gpu_q, stop, abort)
-
-            def routed(q: queue.Queue):
-                while (item := _get(q, abort)) is not stop and item is not None:
-                    yield item
-
+            route, host_batches, batches = split_batches(batches, self.host_share, abort)
             threads.append(threading.Thread(target=guarded(route), daemon=True))
             threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
-                                            args=(routed(host_q), ready, abort)))
-            batches = routed(gpu_q)
+                                            args=(host_batches, ready, abort)))
         elif self.host_decoder is not None:
             threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
                                             args=(batches, ready, abort)))
