@@ -242,6 +242,10 @@ def host_decode_rate(ds: Path, batch: int, limit: int = 4096) -> float:
         def run():
             inflight = []
             for i in range(0, len(locs), batch):
+                if hd.want:  # as label does: a bigger ring once a batch lacked room
+                    while inflight:
+                        hd.finish(inflight.pop(0))
+                    hd.grow()
                 inflight.append(hd.submit(str(tar), locs[i:i + batch]))
                 if len(inflight) == hd.SLOTS - 1:
                     hd.finish(inflight.pop(0))
@@ -363,20 +367,30 @@ def label_units(cfg, ds: Path) -> list:
 
 
 def end_to_end(cfg, ds: Path) -> tuple[float, int, dict]:
-    """``label_shard`` over every shard after a warm-up shard: images/s, rows, decode counts."""
+    """``label_shard`` over every shard after a warm-up: images/s, rows, decode counts.
+
+    The warm-up loads the teacher and captures its graph (4 batches); with the host decode
+    (``host``, ``both``) it labels the first 16 batches, so that the decode ring has grown to
+    the pool's batches (a one-time cost per process: in 8,000 images of the mixed pool it
+    was a good part of the timed run)."""
     from silverlabel.stages.label import get_labeler, label_shard
 
     units = label_units(cfg, ds)
-    label_shard(replace(units[0], limit=4 * (cfg.batch_size or 256)), cfg)  # warm-up: load, capture, compile
+    warm = 16 if cfg.decode != "gpu" else 4
+    label_shard(replace(units[0], limit=warm * (cfg.batch_size or 256)), cfg)  # warm-up: load, capture, compile
     labeler = get_labeler(cfg)
     before = labeler.decode_counts
+    grown = labeler.host_decoder.grown if labeler.host_decoder is not None else 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     rows = sum(label_shard(u, cfg).rows for u in units)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     after = labeler.decode_counts
-    return rows / dt, rows, {k: after[k] - before[k] for k in after}
+    counts = {k: after[k] - before[k] for k in after}
+    if labeler.host_decoder is not None:
+        counts["ring_grown"] = labeler.host_decoder.grown - grown  # in the timed part
+    return rows / dt, rows, counts
 
 
 def agreement(ds: Path, n: int, precision: str, hw: bool = True) -> dict:
@@ -427,6 +441,8 @@ def main() -> int:
     ap.add_argument("--host-decode", action="store_true", help="also time label --decode host (decode processes) on every pool, and those processes alone")
     ap.add_argument("--host-shares", default="0.5", help="with --host-decode, also time label --decode both at "
                     "these --host-share values")
+    ap.add_argument("--host-procs", default="-1", help="with --host-shares, time --decode both with each of these "
+                    "--host-procs values (-1: the default)")
     ap.add_argument("--skip-host-only", action="store_true", help="with --host-decode, time only --decode both")
     ap.add_argument("--reserve-sweep", default="", help="also time these --reserve-sms values on the first pool, "
                     "e.g. 0,16,32,66")
@@ -507,10 +523,12 @@ def main() -> int:
                     r[f"{p}_img_s_host_decode"], _rows, hcounts = end_to_end(hcfg, ds)
                     print(name, p, f"--decode host: {r[f'{p}_img_s_host_decode']:.0f} img/s", hcounts, flush=True)
                 for share in (float(x) for x in args.host_shares.split(",") if x):
-                    bcfg = replace(cfg, decode="both", host_share=share)
-                    r[f"{p}_img_s_both{share:g}"], _rows, bcounts = end_to_end(bcfg, ds)
-                    print(name, p, f"--decode both --host-share {share:g}: {r[f'{p}_img_s_both{share:g}']:.0f} img/s",
-                          bcounts, flush=True)
+                    for procs in (int(x) for x in args.host_procs.split(",")):
+                        tag = f"both{share:g}" + (f"_procs{procs}" if procs >= 0 else "")
+                        bcfg = replace(cfg, decode="both", host_share=share, host_procs=procs)
+                        r[f"{p}_img_s_{tag}"], _rows, bcounts = end_to_end(bcfg, ds)
+                        print(name, p, f"--decode both --host-share {share:g} --host-procs {procs}: "
+                              f"{r[f'{p}_img_s_{tag}']:.0f} img/s", bcounts, flush=True)
                 label_mod.close_labelers()  # the decode processes and ring of the last one
         first = next(iter(pools.values()))
         labeler = get_labeler(LabelConfig(dataset=str(first), teachers=(spec,), device="cuda", batch_size=args.batch,

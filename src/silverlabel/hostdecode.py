@@ -230,6 +230,7 @@ class HostDecoder:
         self.want = 0  # slot bytes a batch needed that the ring lacked (remade at the next grow)
         self.counts: Counter = Counter()
         self.spilled = 0  # images beyond their region's room (pickled back)
+        self.grown = 0  # times the ring was remade bigger
 
     def start(self, batch: int) -> bool:
         """Processes and ring for batches of ``batch`` images; False when ``/dev/shm`` lacks
@@ -257,10 +258,16 @@ class HostDecoder:
         """Remake the ring as big as the batches need, where one lacked room; call it with no
         batch in flight."""
         if self.ring is not None and self.want > self.ring.slot_bytes:
+            t0 = time.perf_counter()
             old, self.ring = self.ring, None
             old.close()
             if not self._make_ring(self.want):
                 self._make_ring(old.slot_bytes)
+            # a one-time cost per process (the new memory is faulted in and page-locked), paid
+            # again only by a batch bigger than any before; logged, since a short run feels it
+            log.info("decode ring: slots of %d MiB (were %d MiB) in %.2f s", self.ring.slot_bytes >> 20,
+                     old.slot_bytes >> 20, time.perf_counter() - t0)
+            self.grown += 1
         self.want = 0
 
     def submit(self, path: str, locs: list[tuple[int, int]]) -> _Batch:
