@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -25,7 +26,24 @@ def _blobs() -> list[bytes]:
         photo.resize((97 + 13 * j, 61 + 7 * j)).convert(mode).save(b, fmt)
         out.append(b.getvalue())
     out.insert(5, out[0][:40] + b"\x00" * 200)  # broken
+    out.append(_damaged(out[0]))
     return out
+
+
+def _damaged(jpeg: bytes) -> bytes:
+    """``jpeg`` with a restart marker in its entropy data: simplejpeg gives up on it after
+    taking its buffer, Pillow decodes it (into a second buffer)."""
+    calls: list = []
+    for p in range(len(jpeg) // 2, len(jpeg) - 10, 97):
+        bad = jpeg[:p] + b"\xff\xd0" + jpeg[p + 2:]
+        calls.clear()
+        try:
+            decode_rgb_array(bad, lambda shape: calls.append(shape) or np.empty(shape, np.uint8))
+        except Exception:  # noqa: BLE001 - not this one
+            continue
+        if len(calls) == 2:
+            return bad
+    raise AssertionError("no such damage found")
 
 
 @pytest.fixture()
@@ -112,7 +130,6 @@ def test_a_dropped_ring_is_unlinked():
     unlinks it (a range unmapped while registered would stay pinned in the driver, and memory
     later mapped there was copied from the stale pages)."""
     import gc
-    import os
 
     import torch
 
@@ -162,3 +179,36 @@ def test_split_batches_deals_by_index_to_two_consuming_threads():
     abort.set()
     t.join(timeout=20)
     assert not t.is_alive() and len(list(host)) < 10 and len(list(gpu)) < 10
+
+
+def test_decode_region_points_at_the_last_allocation(tmp_path, monkeypatch):
+    """A decode that allocates twice (simplejpeg gives up mid-stream, Pillow decodes again)
+    is read from its second allocation; one beyond the region's room comes back as an array."""
+    from multiprocessing import shared_memory
+
+    from silverlabel import hostdecode
+
+    def twice(data: bytes, alloc):
+        alloc((2, 3, 3))[...] = 1  # the abandoned partial decode
+        out = alloc((2, 3, 3))
+        out[...] = data[0]
+        return out
+
+    monkeypatch.setattr(hostdecode, "decode_rgb_array", twice)
+    path = tmp_path / "b.bin"
+    path.write_bytes(bytes([7, 9]))
+    shm = shared_memory.SharedMemory(create=True, size=1024)
+    try:
+        out, need = hostdecode.decode_region(shm.name, str(path), [(0, 1), (1, 1)], 100, 60)
+        flat = np.ndarray((shm.size,), np.uint8, buffer=shm.buf)
+        off, h, w = out[0]
+        assert (h, w) == (2, 3) and (flat[off:off + 18] == 7).all() and off == 118
+        assert isinstance(out[1], np.ndarray) and (out[1] == 9).all()  # 72 bytes asked of a 60-byte room
+        assert need == 72
+        del flat
+    finally:
+        hostdecode.attach_shm(hostdecode._STATE, None)
+        os.close(hostdecode._STATE.pop("fd"))
+        hostdecode._STATE.pop("path")
+        shm.close()
+        shm.unlink()

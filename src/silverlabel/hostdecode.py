@@ -176,24 +176,27 @@ def decode_region(shm_name: str, path: str, locs: list[tuple[int, int]], at: int
         _STATE["fd"], _STATE["path"] = os.open(path, os.O_RDONLY), path
     buf, used, need, out = _STATE["buf"], 0, 0, []
     for blob in read_members(_STATE["fd"], locs, strict=False):  # a short member fails its decode
-        spot: list[int] = []
+        # where the pixels went: the last allocation counts (a JPEG that simplejpeg gives up on
+        # mid-stream is decoded again by Pillow into a second one; the first holds the partial
+        # decode); None: beyond the region's room, in memory of its own
+        last: list[int | None] = [None]
 
         def alloc(shape: tuple[int, int, int]) -> np.ndarray:
             nonlocal used, need
             n = int(np.prod(shape))
             need += n
             if used + n > room:
+                last[0] = None
                 return np.empty(shape, np.uint8)
-            spot.append(at + used)
-            used += n
-            return buf[at + used - n:at + used].reshape(shape)
+            last[0], used = at + used, used + n
+            return buf[last[0]:last[0] + n].reshape(shape)
 
         try:
             arr = decode_rgb_array(blob, alloc)
         except Exception as e:  # noqa: BLE001 - the caller records it against the sample
             out.append(f"{type(e).__name__}: {e}")
             continue
-        out.append((spot[0], arr.shape[0], arr.shape[1]) if spot else arr)
+        out.append((last[0], arr.shape[0], arr.shape[1]) if last[0] is not None else arr)
     return out, need
 
 
@@ -260,9 +263,9 @@ class HostDecoder:
         if self.ring is not None and self.want > self.ring.slot_bytes:
             t0 = time.perf_counter()
             old, self.ring = self.ring, None
-            old.close()
-            if not self._make_ring(self.want):
-                self._make_ring(old.slot_bytes)
+            old.close()  # its room first
+            if not self._make_ring(self.want) and not self._make_ring(old.slot_bytes):
+                raise RuntimeError("the decode ring could not be made again: /dev/shm is full")
             # a one-time cost per process (the new memory is faulted in and page-locked), paid
             # again only by a batch bigger than any before; logged, since a short run feels it
             log.info("decode ring: slots of %d MiB (were %d MiB) in %.2f s", self.ring.slot_bytes >> 20,
