@@ -162,8 +162,9 @@ def test_split_batches_deals_by_index_to_two_consuming_threads():
     abort = threading.Event()
     route, host, gpu = split_batches(iter(range(101)), 0.4, abort)
     got: dict[str, list[int]] = {}
+    sides = (("host", host), ("gpu", gpu))
     threads = [threading.Thread(target=route)] + [
-        threading.Thread(target=lambda n=n, it=it: got.__setitem__(n, list(it))) for n, it in (("host", host), ("gpu", gpu))]
+        threading.Thread(target=lambda n=n, it=it: got.__setitem__(n, list(it))) for n, it in sides]
     for t in threads:
         t.start()
     for t in threads:

@@ -694,7 +694,8 @@ def host_turn(i: int, share: float) -> bool:
     return math.floor((i + 1) * share) > math.floor(i * share)
 
 
-def split_batches(batches: Iterable[Any], share: float, abort: threading.Event) -> tuple[Any, Iterator[Any], Iterator[Any]]:
+def split_batches(batches: Iterable[Any], share: float, abort: threading.Event
+                  ) -> tuple[Any, Iterator[Any], Iterator[Any]]:
     """(route, host batches, GPU batches): ``route()``, run on a thread of its own, deals
     ``batches`` out to the two iterators by index (:func:`host_turn`), each consumed by a
     thread of its own; both end when ``batches`` does, or when ``abort`` is set."""

@@ -191,7 +191,8 @@ def get_labeler(cfg: LabelConfig):
 
     device = worker_device(cfg.device)
     key = (cfg.teachers, cfg.label_space, cfg.topk, device, cfg.compile, cfg.img_size, cfg.crop_pct, cfg.interpolation,
-           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode, cfg.host_procs, cfg.host_share)
+           cfg.precision, cfg.gpu_decode_threads, cfg.decode_procs, cfg.reserve_sms, cfg.decode, cfg.host_procs,
+           cfg.host_share)
     if key not in _LABELER_CACHE:
         close_labelers()
         procs = cfg.decode_procs if cfg.decode_procs >= 0 else (3 if device.startswith("cuda") else 0)
