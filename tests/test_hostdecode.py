@@ -213,3 +213,29 @@ def test_decode_region_points_at_the_last_allocation(tmp_path, monkeypatch):
         hostdecode._STATE.pop("path")
         shm.close()
         shm.unlink()
+
+
+@pytest.mark.parametrize("prefault", [False, True])
+def test_attach_shm_prefault_maps_every_page(prefault):
+    """With ``prefault`` the attachment's pages are mapped at once (by reads), so the writes
+    that follow take no page faults; without it, each page faults on its first write."""
+    import mmap
+    import resource
+    from multiprocessing import shared_memory
+
+    from silverlabel.hostdecode import attach_shm
+
+    pages = 2048
+    shm = shared_memory.SharedMemory(create=True, size=pages * mmap.PAGESIZE)
+    state: dict = {}
+    try:
+        shm.buf[::mmap.PAGESIZE] = b"\x01" * pages  # the pages exist (another process wrote them)
+        attach_shm(state, shm.name, prefault=prefault)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        state["buf"][::mmap.PAGESIZE] = 2
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert (faults < pages // 10) if prefault else (faults >= pages // 2), faults
+    finally:
+        attach_shm(state, None)
+        shm.close()
+        shm.unlink()
