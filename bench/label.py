@@ -606,6 +606,19 @@ def markdown(res: dict) -> str:
                          "of its idle pace during the engines' batched decode (GIL released?)")
     for r in res["teachers"]:
         lines.append(f"- {r['teacher']} decode paths (end to end): " + "; ".join(f"{p} {r[f'{p}_decode_counts']}" for p in pools))
+    for p in pools:
+        if "host_procs_img_s" in res["pools"][p]:
+            lines.append(f"- {p}: the host decode processes alone (decode + copy, no model): "
+                         f"{res['pools'][p]['host_procs_img_s']:.0f} img/s")
+    for r in res["teachers"]:  # --host-decode: label --decode host / both, same pools
+        f = r["gflops_per_img"] * 1e9
+        for p in pools:
+            alts = [(k[len(f"{p}_img_s_"):], v) for k, v in r.items()
+                    if k.startswith(f"{p}_img_s_host_decode") or k.startswith(f"{p}_img_s_both")]
+            if alts:
+                lines.append(f"- {r['teacher']}, {p}: engines {r[f'{p}_img_s']:.0f} img/s; " + "; ".join(
+                    f"{name.replace('host_decode', '--decode host').replace('both', '--decode both, share ')} "
+                    f"{v:.0f} img/s ({100 * v * f / res['peak_flops']:.1f}% MFU)" for name, v in alts))
     if res.get("agreement"):
         lines.append("")
         for k, v in res["agreement"].items():
