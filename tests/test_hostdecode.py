@@ -184,7 +184,8 @@ def test_split_batches_deals_by_index_to_two_consuming_threads():
 
 def test_decode_region_points_at_the_last_allocation(tmp_path, monkeypatch):
     """A decode that allocates twice (simplejpeg gives up mid-stream, Pillow decodes again)
-    is read from its second allocation; one beyond the region's room comes back as an array."""
+    is read from its second allocation, made where the first was (no room lost); one beyond
+    the region's room comes back as an array."""
     from multiprocessing import shared_memory
 
     from silverlabel import hostdecode
@@ -203,9 +204,11 @@ def test_decode_region_points_at_the_last_allocation(tmp_path, monkeypatch):
         out, need = hostdecode.decode_region(shm.name, str(path), [(0, 1), (1, 1)], 100, 60)
         flat = np.ndarray((shm.size,), np.uint8, buffer=shm.buf)
         off, h, w = out[0]
-        assert (h, w) == (2, 3) and (flat[off:off + 18] == 7).all() and off == 118
-        assert isinstance(out[1], np.ndarray) and (out[1] == 9).all()  # 72 bytes asked of a 60-byte room
-        assert need == 72
+        assert (h, w) == (2, 3) and (flat[off:off + 18] == 7).all() and off == 100  # the first one's place
+        assert out[1] == (118, 2, 3) and (flat[118:136] == 9).all()
+        out, need = hostdecode.decode_region(shm.name, str(path), [(0, 1), (1, 1), (0, 1)], 200, 40)
+        assert isinstance(out[2], np.ndarray) and (out[2] == 7).all()  # 54 bytes asked of a 40-byte room
+        assert need == 54
         del flat
     finally:
         hostdecode.attach_shm(hostdecode._STATE, None)
@@ -239,3 +242,39 @@ def test_attach_shm_prefault_maps_every_page(prefault):
         attach_shm(state, None)
         shm.close()
         shm.unlink()
+
+
+def test_host_decoder_lays_out_a_batch_from_the_sizes_given(pool_file):
+    """With each image's size (the samples table's), the ring is sized for the largest batch
+    at start and each process writes exactly its images' bytes: nothing spills, nothing
+    grows, even where equal regions would overflow; an image whose size is not the one given
+    comes back pickled, still right."""
+    from silverlabel.inference import _largest_batch
+
+    path, blobs, locs = pool_file
+    shapes = []
+    for b in blobs:
+        try:
+            shapes.append(decode_rgb_array(b).shape[:2])
+        except Exception:  # noqa: BLE001 - the broken one: any size
+            shapes.append((10, 10))
+    big = locs * 40
+    sizes = {f"k{i}": shapes[i % len(shapes)] for i in range(len(big))}
+    slot = _largest_batch(sizes, len(big))
+    assert slot == sum(h * w * 3 for h, w in sizes.values()) + max(h * w * 3 for h, w in shapes)
+    hd = HostDecoder(2, "cpu", bytes_per_image=1024)
+    try:
+        assert hd.start(len(big), slot) and hd.ring.slot_bytes >= slot
+        images, errors, _ = hd.finish(hd.submit(path, big, list(sizes.values())))
+        _check(images[:len(blobs)], errors[:len(blobs)], blobs)
+        _check(images[-len(blobs):], errors[-len(blobs):], blobs)
+        assert hd.spilled == 0 and hd.want == 0
+        wrong = [(h - 1, w) for h, w in shapes]  # every size a row short: the last of each chunk spills
+        images, errors, _ = hd.finish(hd.submit(path, locs, wrong))
+        _check(images, errors, blobs)
+        assert hd.spilled > 0 and hd.want == 0  # sizes that lie spill, they do not grow the ring
+        ring = hd.ring
+        assert hd.start(len(locs), slot // 2) and hd.ring is ring  # big enough: kept
+        assert hd.start(len(locs), 2 * ring.slot_bytes) and hd.ring is not ring and hd.ring.slot_bytes > 2 * slot
+    finally:
+        hd.close()

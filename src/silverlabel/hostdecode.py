@@ -185,19 +185,20 @@ def decode_region(shm_name: str, path: str, locs: list[tuple[int, int]], at: int
         _STATE["fd"], _STATE["path"] = os.open(path, os.O_RDONLY), path
     buf, used, need, out = _STATE["buf"], 0, 0, []
     for blob in read_members(_STATE["fd"], locs, strict=False):  # a short member fails its decode
-        # where the pixels went: the last allocation counts (a JPEG that simplejpeg gives up on
-        # mid-stream is decoded again by Pillow into a second one; the first holds the partial
-        # decode); None: beyond the region's room, in memory of its own
+        # where the pixels went: the last allocation counts, in the same place as any before
+        # it (a JPEG that simplejpeg gives up on mid-stream is decoded again by Pillow, which
+        # asks again); None: beyond the region's room, in memory of its own
         last: list[int | None] = [None]
+        used0, need0 = used, need
 
         def alloc(shape: tuple[int, int, int]) -> np.ndarray:
             nonlocal used, need
             n = int(np.prod(shape))
-            need += n
-            if used + n > room:
-                last[0] = None
+            need = need0 + n
+            if used0 + n > room:
+                last[0], used = None, used0
                 return np.empty(shape, np.uint8)
-            last[0], used = at + used, used + n
+            last[0], used = at + used0, used0 + n
             return buf[last[0]:last[0] + n].reshape(shape)
 
         try:
@@ -215,6 +216,8 @@ class _Batch:
 
     slot: int
     chunks: list[tuple[int, int]]  # (first image, images) per task
+    regions: list[tuple[int, int]]  # (offset in the slot, bytes) per task
+    exact: bool  # regions from the images' sizes (else equal: a region too small grows the ring)
     futures: list[Any] = field(default_factory=list)
 
 
@@ -222,11 +225,14 @@ class HostDecoder:
     """``label --decode host`` on a GPU: each batch's images decoded by ``procs`` spawned
     processes into a slot of a :class:`DecodeRing`, then copied to the device.
 
-    A batch is cut into one chunk per process, and each chunk gets an equal region of the
-    slot, which its process fills image after image. An image beyond its region's room comes
-    back pickled (slower, still correct), and the ring is remade bigger before the next batch
-    (``grow``). The first slots hold ``bytes_per_image`` per image (1 MiB: a 640x480 RGB image
-    is 0.9 MiB). ``submit`` starts a batch; ``finish`` waits for it and queues its copy on the
+    A batch is cut into one chunk per process, and each chunk gets a region of the slot,
+    which its process fills image after image. Where the caller knows the images' sizes (label:
+    the samples table's width and height), the ring is sized for the largest batch at
+    ``start`` and each region is exactly its images' bytes. Otherwise the regions are equal,
+    the first slots hold ``bytes_per_image`` per image (1 MiB: a 640x480 RGB image is 0.9
+    MiB), and a batch that overflows a region has the ring remade bigger before the next one
+    (``grow``: a stall while the batches in flight finish and new memory is page-locked).
+    Either way an image beyond its region's room comes back pickled (slower, still right). ``submit`` starts a batch; ``finish`` waits for it and queues its copy on the
     current stream. ``counts``: ``pillow`` (decoded here) and ``failed``."""
 
     SLOTS = 3  # two batches decoding while the third's copy runs
@@ -244,22 +250,30 @@ class HostDecoder:
         self.spilled = 0  # images beyond their region's room (pickled back)
         self.grown = 0  # times the ring was remade bigger
 
-    def start(self, batch: int) -> bool:
-        """Processes and ring for batches of ``batch`` images; False when ``/dev/shm`` lacks
-        room for the ring (the caller decodes on threads)."""
+    def start(self, batch: int, slot_bytes: int | None = None) -> bool:
+        """Processes and ring for batches of ``batch`` images, or of ``slot_bytes`` where the
+        caller knows the images' sizes (a smaller ring is remade: call it with no batch in
+        flight); False when ``/dev/shm`` lacks room for the ring (the caller decodes on
+        threads)."""
+        if slot_bytes and self.ring is not None and self.ring.slot_bytes < slot_bytes:
+            self.ring.close()  # a quarter more than asked below: the next shards likely fit
+            self.ring = None
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.procs, mp_context=mp.get_context("spawn"),
                                             initializer=watch_parent, initargs=(os.getpid(),))
             # stopped with its owner too (a Labeler dropped from a cache without close())
             self._stop = weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
             futures_wait([self.pool.submit(os.getpid) for _ in range(self.procs)])  # every process up
-        if self.ring is None:
-            return self._make_ring(batch * self.bytes_per_image)
+        if self.ring is None:  # too big for /dev/shm: the default size (equal regions, growing)
+            return (bool(slot_bytes) and self._make_ring(slot_bytes * 5 // 4, quiet=True)) \
+                or self._make_ring(batch * self.bytes_per_image)
         return True
 
-    def _make_ring(self, slot_bytes: int) -> bool:
+    def _make_ring(self, slot_bytes: int, quiet: bool = False) -> bool:
         slot_bytes = -(-slot_bytes // (16 << 20)) * (16 << 20)  # whole 16 MiB
         if not shm_has_room(slot_bytes * self.SLOTS):
+            if quiet:
+                return False
             log.warning("/dev/shm lacks room for a %d MiB decode ring: decoding on threads",
                         slot_bytes * self.SLOTS >> 20)
             return False
@@ -282,19 +296,27 @@ class HostDecoder:
             self.grown += 1
         self.want = 0
 
-    def submit(self, path: str, locs: list[tuple[int, int]]) -> _Batch:
-        """Start decoding the members at ``locs`` of ``path`` (waits for a free slot)."""
+    def submit(self, path: str, locs: list[tuple[int, int]], shapes: list[tuple[int, int]] | None = None) -> _Batch:
+        """Start decoding the members at ``locs`` of ``path`` (waits for a free slot). With
+        ``shapes`` (each image's height and width, e.g. from the samples table), each chunk's
+        region is exactly its images' bytes; without, the slot is cut into equal regions."""
         ring = self.ring
         slot = ring.acquire()
         n = len(locs)
         per = max(4, -(-n // self.procs))
         chunks = [(c, min(per, n - c)) for c in range(0, n, per)]
-        room = ring.slot_bytes // len(chunks) // 64 * 64
-        b = _Batch(slot, chunks)
+        ends = np.cumsum([h * w * 3 for h, w in shapes]).tolist() if shapes is not None else []
+        exact = bool(ends) and ends[-1] <= ring.slot_bytes
+        if exact:  # the layout the sizes give: an image of another size spills, nothing grows
+            regions = [(ends[c - 1] if c else 0, ends[c + k - 1] - (ends[c - 1] if c else 0)) for c, k in chunks]
+        else:
+            room = ring.slot_bytes // len(chunks) // 64 * 64
+            regions = [(i * room, room) for i in range(len(chunks))]
+        b = _Batch(slot, chunks, regions, exact)
         try:
-            for i, (c, k) in enumerate(chunks):
+            for (c, k), (at, room) in zip(chunks, regions):
                 b.futures.append(self.pool.submit(decode_region, ring.shm.name, path, locs[c:c + k],
-                                                  slot * ring.slot_bytes + i * room, room))
+                                                  slot * ring.slot_bytes + at, room))
         except BaseException:
             futures_wait(b.futures)
             ring.release(slot)
@@ -312,11 +334,11 @@ class HostDecoder:
             results = [f.result() for f in b.futures]  # raises where a process died
             base = b.slot * ring.slot_bytes
             spans = []  # (start, end) of each chunk's bytes in the ring
-            for (_c, _k), (out, need) in zip(b.chunks, results):
+            for (_at, room), (out, need) in zip(b.regions, results):
                 spots = [o for o in out if isinstance(o, tuple)]
                 if spots:
                     spans.append((spots[0][0], spots[-1][0] + spots[-1][1] * spots[-1][2] * 3))
-                if need > ring.slot_bytes // len(b.chunks) // 64 * 64:
+                if need > room and not b.exact:
                     self.want = max(self.want, need * len(b.chunks) * 5 // 4)
             dev = torch.empty(ring.slot_bytes, dtype=torch.uint8, device=self.device)
             for lo, hi in spans:

@@ -688,6 +688,18 @@ def decode_worker(device: str, specs: list[EvalTransform], tasks: Any, results: 
 # teachers -> probabilities in the target space
 
 
+def _largest_batch(sizes: dict[str, tuple[int, int]] | None, batch: int) -> int | None:
+    """Bytes of RGB pixels the largest batch of ``batch`` images can need, from each key's
+    (height, width) in file order: the largest run of ``batch`` neighbours, plus the largest
+    image (a key the tar lacks shifts a batch by one); None without sizes."""
+    if not sizes:
+        return None
+    px = np.array([h * w * 3 for h, w in sizes.values()], np.int64)
+    runs = np.cumsum(np.concatenate([[0], px]))
+    n = min(batch, len(px))
+    return int((runs[n:] - runs[:-n]).max() + px.max())
+
+
 def host_turn(i: int, share: float) -> bool:
     """Whether batch ``i`` of a run goes to the host decode with ``--decode both``: a share
     ``share`` of the batches, evenly spread (0.5: every other one)."""
@@ -1111,7 +1123,8 @@ class Labeler:
             receive()
             in_flight -= 1
 
-    def _run_gpu(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]]):
+    def _run_gpu(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]],
+                 sizes: dict[str, tuple[int, int]] | None = None):
         torch = self.torch
         it = iter(batches)
         first = next(it, None)
@@ -1137,7 +1150,8 @@ class Labeler:
             return body
 
         threads = []
-        if self.host_decoder is not None and not self.host_decoder.start(len(first[0])):
+        if self.host_decoder is not None and not self.host_decoder.start(len(first[0]),
+                                                                         _largest_batch(sizes, len(first[0]))):
             self.host_decoder.close()  # no room in /dev/shm: host threads (GpuDecoder host) or the GPU's
             self.host_decoder = None  # decoders alone from now on
         if self.host_decoder is not None and self.host_share < 1:
@@ -1146,10 +1160,10 @@ class Labeler:
             route, host_batches, batches = split_batches(batches, self.host_share, abort)
             threads.append(threading.Thread(target=guarded(route), daemon=True))
             threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
-                                            args=(host_batches, ready, abort)))
+                                            args=(host_batches, ready, abort, sizes)))
         elif self.host_decoder is not None:
             threads.append(threading.Thread(target=guarded(self._produce_host), daemon=True,
-                                            args=(batches, ready, abort)))
+                                            args=(batches, ready, abort, sizes)))
             batches = None  # none left for the GPU's decoders
         if batches is not None and self.decode_procs:
             stream = producer_stream(self.device)
@@ -1233,7 +1247,8 @@ class Labeler:
             for th in threads:
                 th.join(timeout=10)
 
-    def _produce_host(self, batches, ready: queue.Queue, abort: threading.Event) -> None:
+    def _produce_host(self, batches, ready: queue.Queue, abort: threading.Event,
+                      sizes: dict[str, tuple[int, int]] | None = None) -> None:
         """Batches decoded by the host decode processes (:class:`HostDecoder`), two at a time,
         copied to the device, resized and cropped on a producer stream, handed to ``ready``."""
         torch, hd = self.torch, self.host_decoder
@@ -1257,7 +1272,10 @@ class Labeler:
                             if not finish_one():
                                 return
                         hd.grow()
-                    inflight.append((keys, hd.submit(path, locs)))
+                    shapes = [sizes.get(k) for k in keys] if sizes else None
+                    if shapes is not None and None in shapes:
+                        shapes = None
+                    inflight.append((keys, hd.submit(path, locs, shapes)))
                     if len(inflight) >= hd.SLOTS - 1 and not finish_one():
                         return
                 while inflight:
@@ -1274,13 +1292,15 @@ class Labeler:
         n = len(keys)
         return keys, idx_h[:n].numpy().copy(), val_h[:n].numpy().copy(), failed
 
-    def run(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]]
-            ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list]]:
+    def run(self, batches: Iterable[tuple[list[str], str, list[tuple[int, int]]]],
+            sizes: dict[str, tuple[int, int]] | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list]]:
         """Label batches ``(keys, file, [(offset, size), ...])`` of JPEG members.
 
+        ``sizes``: each key's (height, width), in file order, where known (the samples
+        table's); the host decode processes then lay a batch out exactly (:class:`HostDecoder`).
         On the GPU, batches can come back out of order: order rows by key."""
         if self.device.type == "cuda":
-            yield from self._run_gpu(batches)
+            yield from self._run_gpu(batches, sizes)
         else:
             yield from self._run_cpu(batches)
 
