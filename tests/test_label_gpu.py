@@ -80,6 +80,8 @@ def test_host_decode_is_the_cpu_paths_pixels_and_reproducible(dataset):
     labeler = get_labeler(cfg)
     counts = labeler.decode_counts
     assert labeler.host_decoder is not None and labeler.host_decoder.counts["pillow"] == counts["pillow"]
+    # laid out from the samples table's sizes: nothing spilled past its place, the ring never grew
+    assert labeler.host_decoder.spilled == 0 and labeler.host_decoder.grown == 0
     assert counts["hw"] == counts["nvjpeg"] == 0 and counts["pillow"] > 0 and counts["failed"] == 0, counts
     first = _digest(out)
     for again in (cfg, replace(cfg, host_procs=0)):
