@@ -1254,6 +1254,7 @@ class Labeler:
         torch, hd = self.torch, self.host_decoder
         stream = producer_stream(self.device)
         inflight: deque = deque()
+        spilled = hd.spilled
 
         def finish_one() -> bool:
             keys, b = inflight.popleft()
@@ -1284,6 +1285,9 @@ class Labeler:
         finally:
             while inflight:
                 hd.drop(inflight.popleft()[1])
+            if hd.spilled > spilled:  # right, but slower: say so
+                log.info("host decode: %d images did not fit their place in the decode ring (a size other than "
+                         "the samples table's, or no sizes) and came back through a pipe", hd.spilled - spilled)
 
     @staticmethod
     def _collect(pending):
