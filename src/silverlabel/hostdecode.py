@@ -340,7 +340,8 @@ class HostDecoder:
                     spans.append((spots[0][0], spots[-1][0] + spots[-1][1] * spots[-1][2] * 3))
                 if need > room and not b.exact:
                     self.want = max(self.want, need * len(b.chunks) * 5 // 4)
-            dev = torch.empty(ring.slot_bytes, dtype=torch.uint8, device=self.device)
+            used = max((hi for _lo, hi in spans), default=base) - base  # the slot's bytes written
+            dev = torch.empty(used, dtype=torch.uint8, device=self.device)
             for lo, hi in spans:
                 dev[lo - base:hi - base].copy_(ring.host[lo:hi], non_blocking=True)
         finally:
