@@ -104,9 +104,9 @@ class DecodeRing:
             log.warning("could not page-lock the decode ring: copies to the GPU are staged")
         self.events: list[Any] = [None] * slots
         # unregistered before its memory is unmapped, however the ring goes (close, or dropped
-        # with its owner): a range unmapped while registered stays pinned in the driver, and
-        # later memory mapped at the same address was copied from the old pages (the GPU read
-        # stale pixels: reinforce's GPU test, run after label's, labeled garbage)
+        # with its owner): a range unmapped while registered stays pinned in the driver. With
+        # rings dropped unregistered, reinforce's GPU test run after label's labeled garbage on
+        # the H200 (likely: later memory mapped at the same address copied from the old pages)
         self._free = weakref.finalize(self, _free_ring, torch, self.shm,
                                       self.host.data_ptr() if self.registered else None, self.events)
         self.taken = [False] * slots
