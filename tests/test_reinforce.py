@@ -582,10 +582,13 @@ def test_augmentations_drawn_here_when_the_draw_processes_fail(trainset):
 
 
 def test_decode_processes_write_the_host_decode_into_shared_memory(tmp_path):
-    """The torch replay's decode processes on a GPU host (``_decode_chunk``, in a real spawned
-    pool) read each image from the tar file and write rule 1's pixels into shared memory at
-    the offset given, the host decode's bytes exactly; an image whose header lies about its
-    size is reported ("size", nothing written), a broken one gives its error's text."""
+    """The torch replay's decode processes on a GPU host (``hostdecode.decode_region``, as
+    ``_TorchReplay._ring_pixels`` submits it, in a real spawned pool) read a run of images
+    from the tar file and write rule 1's pixels into shared memory laid out from their
+    headers, the host decode's bytes exactly. An image whose header lies about its size is
+    still right (those after it shift; what would no longer fit the run's bytes comes back as
+    an array: tests/test_hostdecode.py), a broken one gives its error's text, and nothing is
+    written outside the run."""
     import io
     from multiprocessing import shared_memory
 
@@ -593,6 +596,7 @@ def test_decode_processes_write_the_host_decode_into_shared_memory(tmp_path):
     from PIL import Image
 
     from silverlabel.augment import decode_rgb_array
+    from silverlabel.hostdecode import decode_region
     from silverlabel.stages import reinforce as rs
 
     photo = Image.fromarray(skimage.data.chelsea())
@@ -607,22 +611,25 @@ def test_decode_processes_write_the_host_decode_into_shared_memory(tmp_path):
     shapes[1] = (60, 97)  # a header that lies: the decode has 61 rows
     path = tmp_path / "blobs.bin"
     path.write_bytes(b"pad" + b"".join(blobs))
-    locs = np.cumsum([3] + [len(b) for b in blobs]).tolist()
+    offs = np.cumsum([3] + [len(b) for b in blobs]).tolist()
     sizes = [h * w * 3 for h, w in shapes]
     at = np.cumsum([5] + sizes).tolist()  # odd offsets: nothing assumes alignment
     shm = shared_memory.SharedMemory(create=True, size=at[-1] + 11)
     try:
         shm.buf[:] = b"\x07" * shm.size
-        jobs = [(locs[j], len(blobs[j]), at[j], h, w) for j, (h, w) in enumerate(shapes)]
+        locs = [(offs[j], len(blobs[j])) for j in range(len(blobs))]
         pool = rs._replay_pool(2, "decode")
-        status = pool.submit(rs._decode_chunk, shm.name, str(path), jobs).result()
+        out, _need = pool.submit(decode_region, shm.name, str(path), locs, at[0], at[-1] - at[0]).result()
         flat = np.ndarray((shm.size,), np.uint8, buffer=shm.buf)
-        assert status[0] is None and status[1] == "size" and all(st is None for st in status[2:5])
-        assert status[5] is not None and "Error" in status[5]
-        for j in (0, 2, 3, 4):
-            h, w = shapes[j]
-            assert np.array_equal(flat[at[j]:at[j + 1]].reshape(h, w, 3), decode_rgb_array(blobs[j])), j
-        assert (flat[at[1]:at[2]] == 7).all() and (flat[:5] == 7).all() and (flat[at[-1]:] == 7).all()
+        assert out[0] == (at[0], 61, 97) and out[1] == (at[1], 63, 98)  # the one that lied: its real size
+        assert isinstance(out[5], str) and "Error" in out[5]
+        for j in range(5):
+            got = flat[out[j][0]:out[j][0] + out[j][1] * out[j][2] * 3].reshape(out[j][1], out[j][2], 3) \
+                if isinstance(out[j], tuple) else out[j]
+            assert np.array_equal(got, decode_rgb_array(blobs[j])), j
+        extra = (63 * 98 - 60 * 97) * 3  # those after the one that lied shift by what it took beyond its header
+        assert [o[0] for o in out[2:5]] == [a + extra for a in at[2:5]]
+        assert (flat[:at[0]] == 7).all() and (flat[at[-1]:] == 7).all()
         assert rs._pool_started("decode")
         del flat
     finally:
@@ -630,6 +637,40 @@ def test_decode_processes_write_the_host_decode_into_shared_memory(tmp_path):
         shm.close()
         shm.unlink()
     assert not rs._REPLAY_POOL and not rs._pool_started("decode")
+
+
+def test_ring_pixels_reads_each_image_where_the_decode_processes_put_it(trainset):
+    """``_TorchReplay._ring_pixels`` on the CPU (its state stubbed; a real spawned pool and
+    ring): a batch's images, laid out from their headers, come back as views of the ring
+    slot holding rule 1's pixels, and the slot stays held until the copy frees it."""
+    from types import SimpleNamespace
+
+    from silverlabel.augment import decode_rgb_array
+    from silverlabel.hostdecode import DecodeRing
+    from silverlabel.stages import reinforce as rs
+
+    tar = str(trainset / "toy-train-0000.tar")
+    index = list(iter_tar_samples(tar))
+    reader = rs._Reader(tar)
+    locs = [s.members[s.image_ext()] for s in index]
+    blobs = [reader.read(loc) for loc in locs]
+    ends = np.cumsum([h * w * 3 for w, h in (rs._image_size(b) for b in blobs)]).tolist()
+    ring = DecodeRing(ends[-1], 2, torch, register=False)
+    block = imgs = None
+    try:
+        me = SimpleNamespace(procs=(rs._replay_pool(2, "decode"), 2, ring), held=set(), reader=reader, index=index,
+                             torch=torch)
+        need = list(range(len(index)))
+        block, imgs, slot = rs._TorchReplay._ring_pixels(me, need, locs, ends)
+        assert me.held == {slot} and ring.taken[slot] and block.numel() == ends[-1]
+        for t, b in zip(imgs, blobs):
+            start = t.data_ptr() - block.data_ptr()
+            assert 0 <= start < block.numel() and np.array_equal(t.numpy(), decode_rgb_array(b))
+    finally:
+        del block, imgs
+        ring.close()
+        reader.close()
+        rs.close_replay_pool()
 
 
 @pytest.mark.gpu

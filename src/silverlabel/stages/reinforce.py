@@ -75,7 +75,6 @@ from silverlabel.augment import (
     AugPolicy,
     bytes_per_aug,
     decode,
-    decode_rgb_array,
     pack,
     replay,
     replay_decoded,
@@ -90,7 +89,7 @@ from silverlabel.errors import UserError
 from silverlabel.options import (cpu_count, device_field, engine_field, gpu_count, nested, opt, positive_int,
                                  precision_field, ray_address_field)
 from silverlabel.hostdecode import DecodeRing as _DecodeRing
-from silverlabel.hostdecode import attach_shm
+from silverlabel.hostdecode import attach_shm, decode_region
 from silverlabel.hostdecode import shm_has_room as _shm_has_room
 from silverlabel.hostdecode import watch_parent as _proc_init
 from silverlabel.formats.wds import HashingFile, ShardWriter, iter_tar_samples, read_member, read_members
@@ -625,7 +624,7 @@ class _TorchReplay:
         total = ends[-1] if ends else 0
         if self.procs is not None and _pool_started("decode"):
             if 0 < total <= self.ring.slot_bytes:
-                got = self._ring_pixels(need, locs, shapes, ends)
+                got = self._ring_pixels(need, locs, ends)
                 if got is not None:
                     return got
             elif not self.overflowed:  # mixing partners beyond the slot's room: this batch on threads
@@ -638,22 +637,25 @@ class _TorchReplay:
         blobs = map(self.reader.read, locs)
         return slab, list(self.decode_pool.map(functools.partial(_host_decode, pin=True), blobs, views)), None
 
-    def _ring_pixels(self, need: list[int], locs: list[tuple[int, int]], shapes: list[tuple[int, int, int]],
-                     ends: list[int]) -> tuple[Any, list[Any], int] | None:
+    def _ring_pixels(self, need: list[int], locs: list[tuple[int, int]], ends: list[int]
+                     ) -> tuple[Any, list[Any], int] | None:
         """:meth:`_host_pixels` in the decode processes, into the next ring slot; None (and
         threads from now on, with a warning) when the processes fail."""
         pool, nprocs, ring = self.procs
         slot = ring.acquire()
         self.held.add(slot)  # freed when copied (_to_device), or with the shard's end (close)
         base = slot * ring.slot_bytes
-        jobs = [(off, size, base + e - h * w * 3, h, w) for (off, size), e, (h, w, _) in zip(locs, ends, shapes)]
-        per = max(4, -(-len(jobs) // nprocs))  # one task per process and batch, a few images at least
+        n = len(locs)
+        starts = [0, *ends[:-1]]  # each image's place, laid out from the headers
+        per = max(4, -(-n // nprocs))  # one task per process and batch, a few images at least
         futs: list = []
         try:
-            for c in range(0, len(jobs), per):
-                futs.append(pool.submit(_decode_chunk, ring.shm.name, self.reader.path, jobs[c:c + per]))
+            for c in range(0, n, per):  # a run of images per task, into exactly their bytes
+                last = min(c + per, n) - 1
+                futs.append(pool.submit(decode_region, ring.shm.name, self.reader.path, locs[c:last + 1],
+                                        base + starts[c], ends[last] - starts[c]))
             futures_wait(futs)
-            status = [st for f in futs for st in f.result()]  # raises only when a task or the pool failed
+            results = [r for f in futs for r in f.result()[0]]  # raises only when a task or the pool failed
         except Exception as e:  # noqa: BLE001 - a broken pool: decode on threads from now on
             futures_wait(futs)  # no task still writing into the slot when it is given back
             self.held.discard(slot)
@@ -662,13 +664,14 @@ class _TorchReplay:
             self.procs = None
             return None
         imgs = []
-        for i, loc, st, (h, w, _), e in zip(need, locs, status, shapes, ends):
-            if st is None:
-                imgs.append(ring.host[base + e - h * w * 3:base + e].view(h, w, 3))
-            elif st == "size":  # a size the header did not give: decoded here, into memory of its own
-                imgs.append(_host_decode(self.reader.read(loc), pin=True))
-            else:  # the batch fails; its slot is freed with the shard's (close)
-                raise OSError(f"sample {self.index[i].key!r}: {st}")
+        for i, r in zip(need, results):
+            if isinstance(r, tuple):  # in the slot (where the header said, or shifted by one that lied)
+                off, h, w = r
+                imgs.append(ring.host[off:off + h * w * 3].view(h, w, 3))
+            elif isinstance(r, str):  # the batch fails; its slot is freed with the shard's (close)
+                raise OSError(f"sample {self.index[i].key!r}: {r}")
+            else:  # bigger than its header said, past the run's room: its pixels, page-locked here
+                imgs.append(self.torch.from_numpy(r).pin_memory())
         return ring.host[base:base + ends[-1]], imgs, slot
 
     def _to_device(self, need: list[int], host: tuple[Any, list[Any], int | None] | None) -> tuple[list[Any], Any]:
@@ -795,34 +798,6 @@ def _retire(ring: _DecodeRing) -> None:
     ring.retired = True
     if ring.users <= 0:
         ring.close()
-
-
-_DEC: dict[str, Any] = {}  # in a decode process: the ring and the tar it reads
-
-
-def _decode_chunk(shm_name: str, src: str, jobs: list[tuple[int, int, int, int, int]]) -> list[str | None]:
-    """In a decode process: decode each job's image (``(offset, size)`` in tar ``src``) with
-    rule 1 into the ring at byte ``at`` as uint8 ``[h, w, 3]`` (h, w from its header). Per
-    job: None, ``"size"`` (the decoded size is not the header's: the stage decodes it), or
-    the error's text."""
-    _attach(_DEC, src, src, shm_name)
-    buf, read, out = _DEC["buf"], _DEC["reader"].read, []
-    for off, size, at, h, w in jobs:
-        view, into = buf[at:at + h * w * 3].reshape(h, w, 3), []
-
-        def alloc(shape: tuple[int, int, int]) -> np.ndarray:
-            if tuple(shape) == view.shape:
-                into.append(view)
-                return view
-            return np.empty(shape, np.uint8)
-
-        try:
-            decode_rgb_array(read((off, size)), alloc)
-        except Exception as e:  # noqa: BLE001 - the stage raises it, naming the sample
-            out.append(f"{type(e).__name__}: {e}")
-            continue
-        out.append(None if into else "size")
-    return out
 
 
 def _warm(_: int) -> int:
