@@ -336,9 +336,11 @@ def test_ingest_worker_killed_mid_task_still_identical(cluster, server, tmp_path
     from silverlabel.stages.ingest import run_ingest
 
     names = sorted(server.files)[:24]
-    # slow URLs (0.25 s each, 2 at a time): a unit takes ~0.75 s, long enough to be killed in
+    # slow URLs (0.5 s each, 2 at a time): a unit takes ~1.5 s, long enough to be killed in
+    # (at 0.25 s one clean-clone CI run saw no URL fetched again: the kill likely landed after
+    # the unit had committed its shard, so the retry had nothing to do)
     table = tmp_path / "slow.parquet"
-    urls = [server.url(f"/slow/{Path(n).name}?delay=0.25") for n in names]
+    urls = [server.url(f"/slow/{Path(n).name}?delay=0.5") for n in names]
     pq.write_table(pa.table({"url": urls}), table)
     ref = tmp_path / "ref"
     ref_prog = Counter2()
