@@ -283,15 +283,6 @@ def prep_rates(labeler, blobs: list[bytes], batch: int) -> dict[str, float]:
     return out
 
 
-def model_flops(labeler) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = [torch.randn(1, 3, tf.size, tf.size, device="cuda", dtype=labeler.dtype) for tf in labeler.transforms]
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        labeler.models[0](x[0])
-    return float(fc.get_total_flops())
-
-
 def synthetic_rate(labeler, batch: int, steps: int = 30) -> float:
     """What ``label`` runs per batch (model + probs + mapping + top-k), on one in-memory batch."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -455,6 +446,7 @@ def main() -> int:
     import timm
     from safetensors.torch import save_file
 
+    from silverlabel.inference import AUTO_HOST_FLOPS, AUTO_HOST_MIN_PROCS, flops_per_image
     from silverlabel.stages import label as label_mod
     from silverlabel.stages.label import LabelConfig, get_labeler
     from silverlabel.teachers import TeacherSpec
@@ -485,11 +477,14 @@ def main() -> int:
             spec = TeacherSpec(f"timm:{name}", checkpoint=str(ckpt))
         r: dict = {"teacher": name}
         for p, ds in pools.items():
-            cfg = LabelConfig(dataset=str(ds), teachers=(spec,), device="cuda", batch_size=args.batch,
+            cfg = LabelConfig(dataset=str(ds), teachers=(spec,), device="cuda", batch_size=args.batch, decode="gpu",
                               compile=args.compile, output_name=f"bench-{spec.slug}", precision=args.precision)
             labeler = get_labeler(cfg)
             if "synthetic_img_s" not in r:
-                r["gflops_per_img"] = model_flops(labeler) / 1e9
+                r["gflops_per_img"] = flops_per_image(labeler) / 1e9
+                procs = label_mod.host_procs(cfg)  # what label's default, --decode auto, picks here
+                r["auto_decode"] = "host" if procs >= AUTO_HOST_MIN_PROCS and \
+                    r["gflops_per_img"] * 1e9 * procs >= AUTO_HOST_FLOPS else "gpu"
                 r["synthetic_img_s"] = synthetic_rate(labeler, args.batch)
                 r["cuda_graphs"] = labeler.cuda_graphs
                 r["hw_decoder"] = labeler.decoders[0].use_hw
@@ -532,7 +527,7 @@ def main() -> int:
                 label_mod.close_labelers()  # the decode processes and ring of the last one
         first = next(iter(pools.values()))
         labeler = get_labeler(LabelConfig(dataset=str(first), teachers=(spec,), device="cuda", batch_size=args.batch,
-                                          compile=args.compile, output_name=f"bench-{spec.slug}",
+                                          decode="gpu", compile=args.compile, output_name=f"bench-{spec.slug}",
                                           precision=args.precision))
         r["naive_img_s"] = naive_rate(labeler.models[0], labeler.transforms[0], first, args.batch, args.workers,
                                       DTYPES[args.precision], args.naive_images)
@@ -605,6 +600,8 @@ def markdown(res: dict) -> str:
             lines.append(f"- {p}: a Python thread runs at {100 * res['pools'][p]['python_progress_during_hw_decode']:.0f}% "
                          "of its idle pace during the engines' batched decode (GIL released?)")
     for r in res["teachers"]:
+        if "auto_decode" in r:
+            lines.append(f"- {r['teacher']}: label's default (`--decode auto`) decodes on the {r['auto_decode']} here")
         lines.append(f"- {r['teacher']} decode paths (end to end): " + "; ".join(f"{p} {r[f'{p}_decode_counts']}" for p in pools))
     for p in pools:
         if "host_procs_img_s" in res["pools"][p]:

@@ -278,3 +278,29 @@ def test_host_decoder_lays_out_a_batch_from_the_sizes_given(pool_file):
         assert hd.start(len(locs), 2 * ring.slot_bytes) and hd.ring is not ring and hd.ring.slot_bytes > 2 * slot
     finally:
         hd.close()
+
+
+def test_decode_auto_rule_counts_the_teachers_flops(caplog):
+    """``label --decode auto``: the teacher's FLOPs per image, counted on the real model
+    (efficientnet_lite0: ~0.77 GFLOP at 224 px), times the decode processes against
+    AUTO_HOST_FLOPS; fewer than AUTO_HOST_MIN_PROCS processes never pick the host; a CPU
+    labeler stays on the CPU path whatever the rule says."""
+    import logging
+
+    from silverlabel.inference import AUTO_HOST_FLOPS, AUTO_HOST_MIN_PROCS, Labeler, auto_host_decode, flops_per_image
+    from silverlabel.teachers import TeacherSpec, create_teacher
+
+    lab = Labeler([create_teacher(TeacherSpec("efficientnet_lite0"))], "in1k", 5, device="cpu", decode_threads=1,
+                  host_procs=64, auto_decode=True)
+    try:
+        assert lab.decode_mode == "gpu" and lab.host_decoder is None
+        flops = flops_per_image(lab)
+        assert 0.6e9 < flops < 0.9e9, flops
+        light = max(AUTO_HOST_MIN_PROCS, int(AUTO_HOST_FLOPS / flops) - 1)  # just under the line
+        with caplog.at_level(logging.INFO, logger="silverlabel.inference"):
+            assert not auto_host_decode(lab, light)
+            assert auto_host_decode(lab, int(AUTO_HOST_FLOPS / flops) + 1)
+            assert not auto_host_decode(lab, AUTO_HOST_MIN_PROCS - 1)
+        assert "--decode auto: host" in caplog.text and "GFLOP per image" in caplog.text
+    finally:
+        lab.close()

@@ -122,6 +122,30 @@ def test_decode_both_splits_batches_between_host_and_gpu(dataset):
     assert np.mean([a["labels"][0] == b["labels"][0] for a, b in zip(rows, c)]) >= 0.95
 
 
+def test_decode_auto_picks_gpu_for_a_light_teacher_and_host_past_the_line(dataset, monkeypatch):
+    """``--decode auto`` (the default): efficientnet_lite0 stays on the GPU's decoders; with
+    the line lowered below its FLOPs x processes, the same run decodes on the host and
+    labels what ``--decode host`` labels."""
+    from dataclasses import replace
+
+    import silverlabel.inference as inference
+    from silverlabel.stages.label import close_labelers
+
+    cfg = LabelConfig(dataset=str(dataset), device="cuda", output_name="auto", batch_size=8, host_procs=8)
+    assert cfg.decode == "auto"
+    close_labelers()
+    assert get_labeler(cfg).decode_mode == "gpu" and get_labeler(cfg).host_decoder is None
+    close_labelers()
+    monkeypatch.setattr(inference, "AUTO_HOST_FLOPS", 1.0)
+    out = Path(run_label(cfg).output)
+    labeler = get_labeler(cfg)
+    assert labeler.decode_mode == "host" and labeler.host_decoder is not None
+    assert labeler.decode_counts["hw"] == labeler.decode_counts["nvjpeg"] == 0
+    host = run_label(replace(cfg, decode="host", output_name="auto-host"))
+    assert pq.read_table(out).to_pylist() == pq.read_table(Path(host.output)).to_pylist()
+    close_labelers()
+
+
 def test_gpu_decoder_host_mode_gives_pillows_pixels():
     import torch
 

@@ -70,6 +70,19 @@ log = logging.getLogger(__name__)
 #: autocast: fp16 matched every image, bf16 94.7%); tensor-core speed is the same on Hopper.
 PRECISIONS = ("fp16", "bf16", "fp32")
 
+#: ``label --decode auto`` (the default) decodes on the host, in the decode processes, when
+#: the teacher's FLOPs per image times the number of those processes reach this, else on
+#: the GPU (its JPEG engines). The host decode feeds the model when ``procs x r >= 1.25 x
+#: (0.5 x peak) / flops``, with r the images/s one process decodes and the model at half the
+#: GPU's bf16 peak: on the lent H200 (r ~ 500 for a 640x480 JPEG, peak ~780 TF/s) that is
+#: ``flops x procs >= ~1e12``. There ViT-L/16 (123 GFLOP, 14 processes: 1.7e12) ran 10-13%
+#: faster on the host (51% of the peak), ViT-B/16 (35 GFLOP: 0.5e12) and efficientnet_lite0
+#: 10-20% slower (BENCHMARKS.md, "label on the H200, eighth look"). On a slower GPU the
+#: host pays for lighter teachers too; ``--decode host`` says so. The rule reads nothing that
+#: changes run to run, so a run's choice is the same every time for the same machine.
+AUTO_HOST_FLOPS = 1e12
+AUTO_HOST_MIN_PROCS = 8  # fewer host cores than this never feed a GPU's teacher
+
 #: Pillow's filter supports (``ImagingResample``): bicubic (a = -0.5) and bilinear.
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
 
@@ -478,7 +491,7 @@ class GpuDecoder:
         stream = torch.cuda.current_stream(self.device)
         k = self._batch % self.SLOTS
         if self._batch:  # everything that reads the previous batch's images is on this stream by now
-            ev = torch.cuda.Event()
+            ev = torch.cuda.Event(blocking=True)  # waited on below: the thread sleeps, its core free
             ev.record(stream)
             self._slot_done[(self._batch - 1) % self.SLOTS] = ev
         self._batch += 1
@@ -700,6 +713,37 @@ def _largest_batch(sizes: dict[str, tuple[int, int]] | None, batch: int) -> int 
     return int((runs[n:] - runs[:-n]).max() + px.max())
 
 
+def flops_per_image(labeler: "Labeler") -> float:
+    """FLOPs of one image through every teacher of ``labeler`` at its input size (counted by
+    ``torch.utils.flop_counter`` on a batch of one, on the device; a compiled teacher is
+    counted on its module, so nothing is compiled for batch 1)."""
+    torch = labeler.torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0.0
+    for model, tf in zip(labeler.models, labeler.transforms):
+        model = getattr(model, "_orig_mod", model)
+        x = torch.zeros(1, 3, tf.size, tf.size, device=labeler.device, dtype=labeler.dtype)
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            model(x.contiguous(memory_format=torch.channels_last))
+        total += fc.get_total_flops()
+    return float(total)
+
+
+def auto_host_decode(labeler: "Labeler", procs: int) -> bool:
+    """``--decode auto``'s choice for ``labeler`` with ``procs`` decode processes: the host
+    when the teachers are slow enough for those processes to keep them fed
+    (:data:`AUTO_HOST_FLOPS`), else the GPU's decoders; logged."""
+    if procs < AUTO_HOST_MIN_PROCS:
+        log.info("--decode auto: gpu (%d host decode processes, fewer than %d)", procs, AUTO_HOST_MIN_PROCS)
+        return False
+    flops = flops_per_image(labeler)
+    host = flops * procs >= AUTO_HOST_FLOPS
+    log.info("--decode auto: %s (%.1f GFLOP per image x %d decode processes = %.2g, %s %.0g)",
+             "host" if host else "gpu", flops / 1e9, procs, flops * procs, ">=" if host else "<", AUTO_HOST_FLOPS)
+    return host
+
+
 def host_turn(i: int, share: float) -> bool:
     """Whether batch ``i`` of a run goes to the host decode with ``--decode both``: a share
     ``share`` of the batches, evenly spread (0.5: every other one)."""
@@ -828,7 +872,7 @@ class Labeler:
                  compile: bool = False, decode_threads: int = 4, overrides: dict[str, Any] | None = None,
                  precision: str = "fp16", gpu_decode_threads: int = 4, decode_procs: int = 0,
                  cuda_graphs: bool = True, hw_decode: bool = True, reserve_sms: int = 0, host_decode: bool = False,
-                 host_procs: int = 0, host_share: float = 0.0):
+                 host_procs: int = 0, host_share: float = 0.0, auto_decode: bool = False):
         import torch
 
         from silverlabel.teachers.labelspace import get_label_space, index_map
@@ -854,6 +898,10 @@ class Labeler:
         if not cuda:
             keep_heap_memory()
         self.models = [self._prepare(t.model, compile and cuda) for t in self.teachers]
+        if auto_decode and cuda and not host_decode and host_share <= 0:
+            host_decode = auto_host_decode(self, host_procs)
+        #: where a GPU run decodes: gpu (its decoders), host (decode processes) or both
+        self.decode_mode = "host" if host_decode else "both" if host_share > 0 and host_procs > 0 else "gpu"
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
         self.gpu_decode_threads = max(1, min(2, gpu_decode_threads))
         self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool, host=host_decode)
@@ -1233,7 +1281,9 @@ class Labeler:
                         idx, vals = runner(xs)
                         idx_h[:n].copy_(idx, non_blocking=True)
                         val_h[:n].copy_(vals, non_blocking=True)
-                done = torch.cuda.Event()
+                # waited on by _collect: a blocking event sleeps the thread, not spin on a core
+                # the host decode processes need
+                done = torch.cuda.Event(blocking=True)
                 done.record(current)
                 del xs
                 # hand back the previous batch while this one computes

@@ -59,7 +59,7 @@ LABELS_SCHEMA = pa.schema(
     ]
 )
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DECODES = ("gpu", "host", "both")  # label --decode
+DECODES = ("auto", "gpu", "host", "both")  # label --decode
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,13 @@ class LabelConfig:
     device: str = device_field()
     batch_size: int = opt(0, "", type=int, default_help="default: 256 on GPU, 16 on CPU")
     precision: str = precision_field("GPU autocast precision (fp16: matches the fp32 CPU path best)")
-    decode: str = opt("gpu", "on a GPU, where images are decoded: gpu (hardware JPEG engines, then nvJPEG, then "
+    decode: str = opt("auto", "on a GPU, where images are decoded: gpu (hardware JPEG engines, then nvJPEG, then "
                       "Pillow), host (Pillow's pixels in --host-procs processes, JPEGs by libjpeg-turbo: "
                       "the CPU path's pixels, reproducible run to run; the engines decoded the bottom blocks of "
-                      "some images differently between runs on the H200, see BENCHMARKS.md) or both "
-                      "(--host-share of the batches on the host, the rest on the GPU, side by side)",
+                      "some images differently between runs on the H200, see BENCHMARKS.md), both "
+                      "(--host-share of the batches on the host, the rest on the GPU, side by side) or auto "
+                      "(host when the teacher's GFLOPs per image times --host-procs reach 1,000, as ViT-L/16's "
+                      "with 8 or more processes, else gpu; logged)",
                       choices=DECODES)
     host_procs: int = opt(-1, "processes decoding images with --decode host or both on a GPU (0: threads in the "
                           "labeling process with host, the GPU alone with both)", type=int,
@@ -205,7 +207,8 @@ def get_labeler(cfg: LabelConfig):
                                       decode_procs=procs,
                                       reserve_sms=cfg.reserve_sms, host_decode=cfg.decode == "host",
                                       host_procs=host_procs(cfg),
-                                      host_share=cfg.host_share if cfg.decode == "both" else 0.0)
+                                      host_share=cfg.host_share if cfg.decode == "both" else 0.0,
+                                      auto_decode=cfg.decode == "auto")
     return _LABELER_CACHE[key]
 
 
