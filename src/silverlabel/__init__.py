@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 #: stage module -> the prefix of its names: ``IngestConfig`` and ``run_ingest`` for ``ingest``
 _STAGES = {"ingest": "Ingest", "label": "Label", "select": "Select", "shard": "Shard", "reinforce": "Reinforce",

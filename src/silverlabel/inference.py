@@ -75,11 +75,12 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 #: the GPU (its JPEG engines). The host decode feeds the model when ``procs x r >= 1.25 x
 #: (0.5 x peak) / flops``, with r the images/s one process decodes and the model at half the
 #: GPU's bf16 peak: on the lent H200 (r ~ 500 for a 640x480 JPEG, peak ~780 TF/s) that is
-#: ``flops x procs >= ~1e12``. There ViT-L/16 (123 GFLOP, 14 processes: 1.7e12) ran 10-13%
-#: faster on the host (51% of the peak), ViT-B/16 (35 GFLOP: 0.5e12) and efficientnet_lite0
-#: 10-20% slower (BENCHMARKS.md, "label on the H200, eighth look"). On a slower GPU the
-#: host pays for lighter teachers too; ``--decode host`` says so. The rule reads nothing that
-#: changes run to run, so a run's choice is the same every time for the same machine.
+#: ``flops x procs >= ~1e12``. There ViT-L/16 (123 GFLOP, 14 processes: 1.7e12) ran 11-15%
+#: faster on the host (48-51.5% of the peak); ViT-B/16 (35 GFLOP: 0.5e12) ran -20% to +3%
+#: and efficientnet_lite0 -29% to -6% against the engines (BENCHMARKS.md, "label on the
+#: H200, eighth look"). On a slower GPU the host pays for lighter teachers too: pass
+#: ``--decode host``. The rule reads nothing that changes run to run, so a run's choice is
+#: the same every time on the same machine.
 AUTO_HOST_FLOPS = 1e12
 AUTO_HOST_MIN_PROCS = 8  # fewer host cores than this never feed a GPU's teacher
 
