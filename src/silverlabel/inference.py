@@ -866,7 +866,9 @@ class Labeler:
     host threads (:class:`GpuDecoder` ``host``): the CPU path's pixels, reproducible run to
     run (the H200's JPEG engines were not, on the bottom blocks of some images). With
     ``host_share`` (and ``host_procs``) those processes decode that share of the batches and
-    the GPU's decoders the rest, side by side (``--decode both``).
+    the GPU's decoders the rest, side by side (``--decode both``). With ``auto_decode`` (and
+    neither of those asked for) :func:`auto_host_decode` decides ``host_decode`` from the
+    teachers' FLOPs and ``host_procs`` (``--decode auto``); ``decode_mode`` says what runs.
     """
 
     def __init__(self, teachers: Sequence[Teacher], target_space: str, topk: int, device: str = "cpu",
