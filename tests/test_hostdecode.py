@@ -293,7 +293,7 @@ def test_decode_auto_rule_counts_the_teachers_flops(caplog):
     lab = Labeler([create_teacher(TeacherSpec("efficientnet_lite0"))], "in1k", 5, device="cpu", decode_threads=1,
                   host_procs=64, auto_decode=True)
     try:
-        assert lab.decode_mode == "gpu" and lab.host_decoder is None
+        assert lab.decode_mode == "cpu" and lab.host_decoder is None
         flops = flops_per_image(lab)
         assert 0.6e9 < flops < 0.9e9, flops
         light = max(AUTO_HOST_MIN_PROCS, int(AUTO_HOST_FLOPS / flops) - 1)  # just under the line

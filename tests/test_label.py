@@ -68,6 +68,7 @@ def test_schema_is_coyo_plus_key(labeled, dataset):
     assert [f.name for f in files] == [p.name for p in sorted((dataset / "samples").glob("*.parquet"))]
     for f in files:
         assert pq.read_schema(f).remove_metadata() == LABELS_SCHEMA
+        assert pq.read_schema(f).metadata[b"silverlabel.decode"] == b"cpu"  # which decoder made the pixels
     assert len(rows) == 24  # every successful sample, not the failed one
     samples = {r["key"]: r for r in pq.read_table(dataset / "samples").to_pylist()}
     for r in rows:

@@ -109,6 +109,7 @@ def test_decode_both_splits_batches_between_host_and_gpu(dataset):
     out = Path(run_label(cfg).output)
     counts = get_labeler(cfg).decode_counts
     assert counts["pillow"] > 0 and counts["hw"] + counts["nvjpeg"] > 0 and counts["failed"] == 0, counts
+    assert {pq.read_schema(f).metadata[b"silverlabel.decode"] for f in out.glob("*.parquet")} == {b"both 0.5"}
     rows = pq.read_table(out).to_pylist()
     assert sum(counts.values()) == len(rows)
     close_labelers()
@@ -141,6 +142,7 @@ def test_decode_auto_picks_gpu_for_a_light_teacher_and_host_past_the_line(datase
     labeler = get_labeler(cfg)
     assert labeler.decode_mode == "host" and labeler.host_decoder is not None
     assert labeler.decode_counts["hw"] == labeler.decode_counts["nvjpeg"] == 0
+    assert {pq.read_schema(f).metadata[b"silverlabel.decode"] for f in out.glob("*.parquet")} == {b"host"}
     host = run_label(replace(cfg, decode="host", output_name="auto-host"))
     assert pq.read_table(out).to_pylist() == pq.read_table(Path(host.output)).to_pylist()
     close_labelers()

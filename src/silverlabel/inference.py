@@ -903,8 +903,10 @@ class Labeler:
         self.models = [self._prepare(t.model, compile and cuda) for t in self.teachers]
         if auto_decode and cuda and not host_decode and host_share <= 0:
             host_decode = auto_host_decode(self, host_procs)
-        #: where a GPU run decodes: gpu (its decoders), host (decode processes) or both
-        self.decode_mode = "host" if host_decode else "both" if host_share > 0 and host_procs > 0 else "gpu"
+        #: where images are decoded: cpu (a CPU labeler), or on a GPU run gpu (its decoders),
+        #: host (decode processes, or threads without them) or both
+        self.decode_mode = "cpu" if not cuda else "host" if host_decode \
+            else "both" if host_share > 0 and host_procs > 0 else "gpu"
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
         self.gpu_decode_threads = max(1, min(2, gpu_decode_threads))
         self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool, host=host_decode)

@@ -326,6 +326,10 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
             "silverlabel.missing_keys": json.dumps(missing[:100]),
             "silverlabel.limit": "" if unit.limit is None else str(unit.limit),
             "silverlabel.label_config": unit.published or json.dumps(cfg.published_config()),
+            # which decoder made the pixels (the H200's JPEG engines were not bit-reproducible):
+            # cpu, gpu, host, or both with its host share
+            "silverlabel.decode": labeler.decode_mode + (f" {labeler.host_share:g}" if labeler.decode_mode == "both"
+                                                         else ""),
             "silverlabel.version": __version__,
         },
     )
