@@ -446,7 +446,7 @@ def main() -> int:
     import timm
     from safetensors.torch import save_file
 
-    from silverlabel.inference import AUTO_HOST_FLOPS, AUTO_HOST_MIN_PROCS, flops_per_image
+    from silverlabel.inference import flops_per_image, host_feeds
     from silverlabel.stages import label as label_mod
     from silverlabel.stages.label import LabelConfig, get_labeler
     from silverlabel.teachers import TeacherSpec
@@ -483,8 +483,7 @@ def main() -> int:
             if "synthetic_img_s" not in r:
                 r["gflops_per_img"] = flops_per_image(labeler) / 1e9
                 procs = label_mod.host_procs(cfg)  # what label's default, --decode auto, picks here
-                r["auto_decode"] = "host" if procs >= AUTO_HOST_MIN_PROCS and \
-                    r["gflops_per_img"] * 1e9 * procs >= AUTO_HOST_FLOPS else "gpu"
+                r["auto_decode"] = "host" if host_feeds(r["gflops_per_img"] * 1e9, procs) else "gpu"
                 r["synthetic_img_s"] = synthetic_rate(labeler, args.batch)
                 r["cuda_graphs"] = labeler.cuda_graphs
                 r["hw_decoder"] = labeler.decoders[0].use_hw

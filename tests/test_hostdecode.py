@@ -304,3 +304,13 @@ def test_decode_auto_rule_counts_the_teachers_flops(caplog):
         assert "--decode auto: host" in caplog.text and "GFLOP per image" in caplog.text
     finally:
         lab.close()
+
+
+def test_decode_auto_line_puts_vit_l_on_the_host_of_an_h200_machine():
+    """The line as calibrated on the lent H200 (14 decode processes): ViT-L/16 (123 GFLOP per
+    image) on the host, ViT-B/16 (35) and efficientnet_lite0 (0.77) on the GPU's decoders; 7
+    processes never feed a teacher, 30 feed ViT-B/16 too."""
+    from silverlabel.inference import host_feeds
+
+    assert host_feeds(123.15e9, 14) and not host_feeds(35.16e9, 14) and not host_feeds(0.77e9, 14)
+    assert not host_feeds(1e15, 7) and host_feeds(35.16e9, 30)

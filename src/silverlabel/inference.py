@@ -731,15 +731,21 @@ def flops_per_image(labeler: "Labeler") -> float:
     return float(total)
 
 
+def host_feeds(flops: float, procs: int) -> bool:
+    """``--decode auto``'s rule: whether ``procs`` host decode processes keep a teacher of
+    ``flops`` per image fed (:data:`AUTO_HOST_FLOPS`, :data:`AUTO_HOST_MIN_PROCS`)."""
+    return procs >= AUTO_HOST_MIN_PROCS and flops * procs >= AUTO_HOST_FLOPS
+
+
 def auto_host_decode(labeler: "Labeler", procs: int) -> bool:
     """``--decode auto``'s choice for ``labeler`` with ``procs`` decode processes: the host
     when the teachers are slow enough for those processes to keep them fed
-    (:data:`AUTO_HOST_FLOPS`), else the GPU's decoders; logged."""
+    (:func:`host_feeds`), else the GPU's decoders; logged."""
     if procs < AUTO_HOST_MIN_PROCS:
         log.info("--decode auto: gpu (%d host decode processes, fewer than %d)", procs, AUTO_HOST_MIN_PROCS)
         return False
     flops = flops_per_image(labeler)
-    host = flops * procs >= AUTO_HOST_FLOPS
+    host = host_feeds(flops, procs)
     log.info("--decode auto: %s (%.1f GFLOP per image x %d decode processes = %.2g, %s %.0g)",
              "host" if host else "gpu", flops / 1e9, procs, flops * procs, ">=" if host else "<", AUTO_HOST_FLOPS)
     return host
