@@ -909,10 +909,6 @@ class Labeler:
         self.models = [self._prepare(t.model, compile and cuda) for t in self.teachers]
         if auto_decode and cuda and not host_decode and host_share <= 0:
             host_decode = auto_host_decode(self, host_procs)
-        #: where images are decoded: cpu (a CPU labeler), or on a GPU run gpu (its decoders),
-        #: host (decode processes, or threads without them) or both
-        self.decode_mode = "cpu" if not cuda else "host" if host_decode \
-            else "both" if host_share > 0 and host_procs > 0 else "gpu"
         self.pool = ThreadPoolExecutor(max(1, decode_threads))
         self.gpu_decode_threads = max(1, min(2, gpu_decode_threads))
         self.decoders = [GpuDecoder(self.device, use_hw=hw_decode, pool=self.pool, host=host_decode)
@@ -937,6 +933,18 @@ class Labeler:
             if cuda and self.host_share > 0 and host_procs > 0 else None
         self._stream = self._green = None
         self.model_sms = None
+
+    @property
+    def decode_mode(self) -> str:
+        """Where this labeler decodes images now: cpu (a CPU labeler), or on a GPU gpu (its
+        decoders), host (the decode processes, or host threads without them) or both
+        (``host_share`` of the batches in the processes); read from what runs, so a ring that
+        ``/dev/shm`` had no room for, which leaves ``both`` to the GPU's decoders, says gpu."""
+        if self.device.type != "cuda":
+            return "cpu"
+        if self.host_decoder is None:
+            return "host" if self.decoders and self.decoders[0].host else "gpu"
+        return "host" if self.host_share >= 1 else "both"
 
     def _prepare(self, model, compile: bool):
         torch = self.torch

@@ -285,7 +285,7 @@ def label_shard(unit: LabelUnit, cfg: LabelConfig, report: Report | None = None)
     try:
         # each image's stored size, for the host decode's layout (the samples table has them)
         sizes = {k: (r["height"], r["width"]) for k, r in meta.items()} \
-            if all(r["height"] and r["width"] for r in meta.values()) else None
+            if labeler.host_decoder is not None and all(r["height"] and r["width"] for r in meta.values()) else None
         for keys, idx, vals, failed in labeler.run(_read_batches(str(tar), meta, batch, unit.limit, report), sizes):
             keys_all.extend(keys)
             idx_parts.append(idx)
